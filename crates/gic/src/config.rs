@@ -1,0 +1,165 @@
+//! The configuration a [`crate::Gic`] is built from: PEs and their affinities, frame base
+//! addresses, interrupt counts and ITS parameters. Defaults follow QEMU's `virt` board.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::regs::{FRAME_SIZE, GICD_SIZE, GICR_STRIDE_V3, GITS_SIZE};
+
+/// Distributor base of QEMU's `virt` board.
+pub const VIRT_GICD_BASE: u64 = 0x0800_0000;
+/// ITS base of QEMU's `virt` board.
+pub const VIRT_GITS_BASE: u64 = 0x0808_0000;
+/// Redistributor region base of QEMU's `virt` board.
+pub const VIRT_GICR_BASE: u64 = 0x080A_0000;
+/// SPIs on QEMU's `virt` board (GICD_TYPER.ITLinesNumber = 7: 256 INTIDs).
+pub const VIRT_NUM_SPIS: u32 = 224;
+
+/// One ITS: where it is and how wide its identifiers are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItsConfig {
+    /// Base of the ITS control frame (the translation frame follows at +64 KiB).
+    pub base: u64,
+    /// DeviceID bits (GITS_TYPER.Devbits + 1), 1..=20.
+    pub device_bits: u8,
+    /// EventID bits (GITS_TYPER.IDbits + 1), 1..=20.
+    pub event_bits: u8,
+    /// GITS_TYPER.PTA: RDbase in commands is a physical address (true) or a processor number.
+    pub pta: bool,
+}
+
+impl Default for ItsConfig {
+    fn default() -> Self {
+        ItsConfig {
+            base: VIRT_GITS_BASE,
+            device_bits: 16,
+            event_bits: 16,
+            pta: false,
+        }
+    }
+}
+
+/// Complete model configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GicConfig {
+    /// Affinity of each PE as Aff3.Aff2.Aff1.Aff0 (the GICR_TYPER.Affinity_Value encoding);
+    /// the index in this vector is the PE's Processor_Number.
+    pub pe_affinities: Vec<u32>,
+    /// Distributor base.
+    pub gicd_base: u64,
+    /// Base of the redistributor region; PE n's RD_base is at `gicr_base + n * 128 KiB`.
+    pub gicr_base: u64,
+    /// Number of SPIs (multiple of 32, at most 988).
+    pub num_spis: u32,
+    /// LPI INTID bits supported (GICD_TYPER.IDbits + 1), 14..=16.
+    pub lpi_id_bits: u8,
+    /// The ITSs.
+    pub its: Vec<ItsConfig>,
+}
+
+impl Default for GicConfig {
+    fn default() -> Self {
+        GicConfig::virt(1)
+    }
+}
+
+impl GicConfig {
+    /// A configuration laid out like QEMU's `virt` board with `pes` PEs whose affinities
+    /// follow QEMU's (Aff0 = index % 16, Aff1 = index / 16).
+    pub fn virt(pes: usize) -> Self {
+        let pe_affinities = (0..pes)
+            .map(|i| {
+                let i = i as u32;
+                ((i / 16) << 8) | (i % 16)
+            })
+            .collect();
+        GicConfig {
+            pe_affinities,
+            gicd_base: VIRT_GICD_BASE,
+            gicr_base: VIRT_GICR_BASE,
+            num_spis: VIRT_NUM_SPIS,
+            lpi_id_bits: 16,
+            its: vec![ItsConfig::default()],
+        }
+    }
+
+    /// Number of PEs.
+    pub fn num_pes(&self) -> usize {
+        self.pe_affinities.len()
+    }
+
+    /// Number of INTIDs covered by the distributor (SGIs + PPIs + SPIs).
+    pub fn num_irqs(&self) -> u32 {
+        32 + self.num_spis
+    }
+
+    /// RD_base of PE `pe`.
+    pub fn rd_base(&self, pe: usize) -> u64 {
+        self.gicr_base + (pe as u64) * GICR_STRIDE_V3
+    }
+
+    /// Checks the configuration describes a GICv3 this model can build.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = self.pe_affinities.len();
+        if n == 0 {
+            return Err(ConfigError::NoPes);
+        }
+        if n > 0x1_0000 {
+            return Err(ConfigError::TooManyPes(n));
+        }
+        for (i, a) in self.pe_affinities.iter().enumerate() {
+            if let Some(j) = self.pe_affinities[..i].iter().position(|b| b == a) {
+                return Err(ConfigError::DuplicateAffinity {
+                    first: j,
+                    second: i,
+                    affinity: *a,
+                });
+            }
+        }
+        if self.num_spis & 31 != 0 || self.num_spis > 988 {
+            return Err(ConfigError::BadSpiCount(self.num_spis));
+        }
+        if !(14..=16).contains(&self.lpi_id_bits) {
+            return Err(ConfigError::BadLpiIdBits(self.lpi_id_bits));
+        }
+        let mut frames: Vec<(String, u64, u64)> = vec![
+            ("GICD".to_string(), self.gicd_base, GICD_SIZE),
+            (
+                "GICR region".to_string(),
+                self.gicr_base,
+                GICR_STRIDE_V3 * n as u64,
+            ),
+        ];
+        for (i, its) in self.its.iter().enumerate() {
+            for (what, bits) in [("device", its.device_bits), ("event", its.event_bits)] {
+                if !(1..=20).contains(&bits) {
+                    return Err(ConfigError::BadItsBits { its: i, what, bits });
+                }
+            }
+            frames.push((format!("ITS{i}"), its.base, GITS_SIZE));
+        }
+        for (i, (name, base, size)) in frames.iter().enumerate() {
+            if base & (FRAME_SIZE - 1) != 0 {
+                return Err(ConfigError::Misaligned {
+                    name: name.clone(),
+                    base: *base,
+                });
+            }
+            if base.checked_add(*size).is_none() {
+                return Err(ConfigError::Misaligned {
+                    name: name.clone(),
+                    base: *base,
+                });
+            }
+            for (other, obase, osize) in &frames[..i] {
+                if *base < obase + osize && *obase < base + size {
+                    return Err(ConfigError::Overlap {
+                        a: other.clone(),
+                        b: name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

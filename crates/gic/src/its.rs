@@ -1,0 +1,1024 @@
+//! The Interrupt Translation Service: GITS_* registers, the command queue in guest memory,
+//! the device / collection tables and ITTs in guest memory, command decoding
+//! ([`ItsCommand::decode`]) and execution, and MSI translation (GITS_TRANSLATER).
+//!
+//! The ITS keeps no table cache: every command and translation reads the tables from guest
+//! memory, so the only ITS state outside memory is its registers, the stall flag and the error
+//! records. Commands run synchronously when GITS_CWRITER is written, so SYNC has nothing to
+//! wait for. See `docs/gic.md` for the entry layouts.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::access::{half64, merge_part, only32, read_part};
+use crate::config::{GicConfig, ItsConfig};
+use crate::error::{MemError, MmioError, StateError};
+use crate::mem::{GuestMem, LoggedMem};
+use crate::redist::Redistributor;
+use crate::regs::*;
+
+/// Number of error records each ITS keeps (oldest dropped first).
+pub const ITS_ERROR_RECORDS: usize = 64;
+
+/// A decoded ITS command. Decoding never fails: unknown opcodes become [`ItsCommand::Unknown`];
+/// RES0 fields are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ItsCommand {
+    /// MOVI: retarget an event to collection `icid`.
+    Movi {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+        /// New collection.
+        icid: u16,
+    },
+    /// INT: make the event's LPI pending.
+    Int {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// CLEAR: clear the event's LPI pending state.
+    Clear {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// SYNC: complete all effects on a redistributor.
+    Sync {
+        /// RDbase field.
+        rdbase: u64,
+    },
+    /// MAPD: map (valid) or unmap a device.
+    Mapd {
+        /// DeviceID.
+        device: u32,
+        /// EventID bits - 1.
+        size: u8,
+        /// ITT physical address (256-byte aligned).
+        itt: u64,
+        /// V.
+        valid: bool,
+    },
+    /// MAPC: map (valid) or unmap a collection.
+    Mapc {
+        /// Collection ID.
+        icid: u16,
+        /// RDbase field.
+        rdbase: u64,
+        /// V.
+        valid: bool,
+    },
+    /// MAPTI: map an event to an LPI and collection.
+    Mapti {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+        /// Physical LPI INTID.
+        intid: u32,
+        /// Collection.
+        icid: u16,
+    },
+    /// MAPI: MAPTI with INTID = EventID.
+    Mapi {
+        /// DeviceID.
+        device: u32,
+        /// EventID (and INTID).
+        event: u32,
+        /// Collection.
+        icid: u16,
+    },
+    /// INV: reload the event's LPI configuration.
+    Inv {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// INVALL: reload the LPI configuration of a collection's redistributor.
+    Invall {
+        /// Collection.
+        icid: u16,
+    },
+    /// MOVALL: move every pending LPI from one redistributor to another.
+    Movall {
+        /// Source RDbase field.
+        rdbase1: u64,
+        /// Destination RDbase field.
+        rdbase2: u64,
+    },
+    /// DISCARD: clear the event's pending state and unmap it.
+    Discard {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// Any other opcode (including GICv4 virtual commands, not implemented yet).
+    Unknown {
+        /// DW0[7:0].
+        opcode: u8,
+    },
+}
+
+const RDBASE_SHIFT: u32 = 16;
+const RDBASE_FIELD: u64 = 0xF_FFFF_FFFF;
+
+impl ItsCommand {
+    /// Decodes the four little-endian doublewords of one command.
+    pub fn decode(dw: [u64; 4]) -> ItsCommand {
+        let opcode = dw[0] as u8;
+        let device = (dw[0] >> 32) as u32;
+        let event = dw[1] as u32;
+        let icid = dw[2] as u16;
+        let rdbase = (dw[2] >> RDBASE_SHIFT) & RDBASE_FIELD;
+        let valid = dw[2] >> 63 != 0;
+        match opcode {
+            CMD_MOVI => ItsCommand::Movi {
+                device,
+                event,
+                icid,
+            },
+            CMD_INT => ItsCommand::Int { device, event },
+            CMD_CLEAR => ItsCommand::Clear { device, event },
+            CMD_SYNC => ItsCommand::Sync { rdbase },
+            CMD_MAPD => ItsCommand::Mapd {
+                device,
+                size: (dw[1] & 0x1F) as u8,
+                itt: dw[2] & DTE_ITT_MASK,
+                valid,
+            },
+            CMD_MAPC => ItsCommand::Mapc {
+                icid,
+                rdbase,
+                valid,
+            },
+            CMD_MAPTI => ItsCommand::Mapti {
+                device,
+                event,
+                intid: (dw[1] >> 32) as u32,
+                icid,
+            },
+            CMD_MAPI => ItsCommand::Mapi {
+                device,
+                event,
+                icid,
+            },
+            CMD_INV => ItsCommand::Inv { device, event },
+            CMD_INVALL => ItsCommand::Invall { icid },
+            CMD_MOVALL => ItsCommand::Movall {
+                rdbase1: rdbase,
+                rdbase2: (dw[3] >> RDBASE_SHIFT) & RDBASE_FIELD,
+            },
+            CMD_DISCARD => ItsCommand::Discard { device, event },
+            opcode => ItsCommand::Unknown { opcode },
+        }
+    }
+
+    /// Encodes the command (inverse of [`ItsCommand::decode`] for the fields it keeps).
+    pub fn encode(&self) -> [u64; 4] {
+        let dev = |op: u8, d: u32| op as u64 | ((d as u64) << 32);
+        let rd = |r: u64| (r & RDBASE_FIELD) << RDBASE_SHIFT;
+        match *self {
+            ItsCommand::Movi {
+                device,
+                event,
+                icid,
+            } => [dev(CMD_MOVI, device), event as u64, icid as u64, 0],
+            ItsCommand::Int { device, event } => [dev(CMD_INT, device), event as u64, 0, 0],
+            ItsCommand::Clear { device, event } => [dev(CMD_CLEAR, device), event as u64, 0, 0],
+            ItsCommand::Sync { rdbase } => [CMD_SYNC as u64, 0, rd(rdbase), 0],
+            ItsCommand::Mapd {
+                device,
+                size,
+                itt,
+                valid,
+            } => [
+                dev(CMD_MAPD, device),
+                (size & 0x1F) as u64,
+                (itt & DTE_ITT_MASK) | ((valid as u64) << 63),
+                0,
+            ],
+            ItsCommand::Mapc {
+                icid,
+                rdbase,
+                valid,
+            } => [
+                CMD_MAPC as u64,
+                0,
+                icid as u64 | rd(rdbase) | ((valid as u64) << 63),
+                0,
+            ],
+            ItsCommand::Mapti {
+                device,
+                event,
+                intid,
+                icid,
+            } => [
+                dev(CMD_MAPTI, device),
+                event as u64 | ((intid as u64) << 32),
+                icid as u64,
+                0,
+            ],
+            ItsCommand::Mapi {
+                device,
+                event,
+                icid,
+            } => [dev(CMD_MAPI, device), event as u64, icid as u64, 0],
+            ItsCommand::Inv { device, event } => [dev(CMD_INV, device), event as u64, 0, 0],
+            ItsCommand::Invall { icid } => [CMD_INVALL as u64, 0, icid as u64, 0],
+            ItsCommand::Movall { rdbase1, rdbase2 } => {
+                [CMD_MOVALL as u64, 0, rd(rdbase1), rd(rdbase2)]
+            }
+            ItsCommand::Discard { device, event } => [dev(CMD_DISCARD, device), event as u64, 0, 0],
+            ItsCommand::Unknown { opcode } => [opcode as u64, 0, 0, 0],
+        }
+    }
+
+    /// Encodes the command as the 32 bytes software writes to the command queue.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, d) in self.encode().iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&d.to_le_bytes());
+        }
+        out
+    }
+}
+
+/// Why the ITS ignored a command or a translation request. The names follow the
+/// architecture's command error classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum ItsCommandError {
+    /// The DeviceID exceeds GITS_TYPER.Devbits or the device table.
+    #[error("DeviceID {0:#x} is out of range of the device table")]
+    DeviceOutOfRange(u32),
+    /// The device has no valid device table entry (or its level-2 page is missing).
+    #[error("DeviceID {0:#x} is not mapped")]
+    UnmappedDevice(u32),
+    /// MAPD asked for more EventID bits than GITS_TYPER.IDbits allows.
+    #[error("MAPD Size {0} exceeds the supported EventID bits")]
+    IttSizeOutOfRange(u8),
+    /// The EventID exceeds the size the device was mapped with.
+    #[error("EventID {event:#x} is out of range for DeviceID {device:#x}")]
+    EventOutOfRange {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// The event has no valid interrupt translation entry.
+    #[error("EventID {event:#x} of DeviceID {device:#x} is not mapped")]
+    UnmappedEvent {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+    /// The INTID is not a valid LPI INTID.
+    #[error("INTID {0:#x} is not a valid LPI")]
+    IntIdOutOfRange(u32),
+    /// The collection ID exceeds the collection table.
+    #[error("collection {0} is out of range of the collection table")]
+    CollectionOutOfRange(u16),
+    /// The collection has no valid collection table entry.
+    #[error("collection {0} is not mapped")]
+    UnmappedCollection(u16),
+    /// The RDbase field names no redistributor.
+    #[error("RDbase {0:#x} names no redistributor")]
+    RdbaseOutOfRange(u64),
+    /// The opcode is not a GICv3 physical command.
+    #[error("unknown or unsupported command opcode {0:#x}")]
+    UnknownCommand(u8),
+    /// GITS_CWRITER points outside the command queue.
+    #[error("GITS_CWRITER offset {0:#x} is outside the command queue")]
+    CwriterOutOfRange(u64),
+    /// A translation arrived while GITS_CTLR.Enabled = 0.
+    #[error("translation request while the ITS is disabled")]
+    Disabled,
+    /// A table or the command queue is not backed by guest memory: the ITS stalls.
+    #[error("guest memory at {0:#x} is not accessible")]
+    Memory(u64),
+}
+
+impl From<MemError> for ItsCommandError {
+    fn from(e: MemError) -> Self {
+        match e {
+            MemError::Unbacked { addr, .. } => ItsCommandError::Memory(addr),
+        }
+    }
+}
+
+/// Where an error record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ItsErrorSource {
+    /// A command at this command queue byte offset, with this opcode.
+    Command {
+        /// Offset of the command in the queue.
+        offset: u64,
+        /// DW0[7:0].
+        opcode: u8,
+    },
+    /// A GITS_TRANSLATER write or [`crate::Gic::send_msi`] call.
+    Translation {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+    },
+}
+
+/// One ITS error record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItsErrorRecord {
+    /// Where it came from.
+    pub source: ItsErrorSource,
+    /// What went wrong.
+    pub error: ItsCommandError,
+}
+
+/// Saved state of one ITS (everything it keeps outside guest memory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItsState {
+    /// GITS_CTLR.Enabled.
+    pub enabled: bool,
+    /// GITS_CBASER.
+    pub cbaser: u64,
+    /// GITS_CWRITER.
+    pub cwriter: u64,
+    /// GITS_CREADR offset.
+    pub creadr: u64,
+    /// GITS_CREADR.Stalled.
+    pub stalled: bool,
+    /// GITS_BASER<n>.
+    pub baser: Vec<u64>,
+    /// Error records, oldest first.
+    pub errors: Vec<ItsErrorRecord>,
+    /// Errors ever recorded.
+    pub error_count: u64,
+    /// Commands ever executed (including ignored ones).
+    pub commands_processed: u64,
+}
+
+/// Result of locating a table entry.
+enum Slot {
+    At(u64),
+    OutOfRange,
+    NoL2,
+}
+
+/// Where an event translates to.
+struct Translation {
+    ite_addr: u64,
+    intid: u32,
+    icid: u16,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Its {
+    cfg: ItsConfig,
+    enabled: bool,
+    cbaser: u64,
+    cwriter: u64,
+    creadr: u64,
+    stalled: bool,
+    baser: [u64; GITS_BASER_COUNT],
+    errors: VecDeque<ItsErrorRecord>,
+    error_count: u64,
+    commands_processed: u64,
+}
+
+/// Everything a command may touch besides the ITS itself.
+pub(crate) struct ItsEnv<'a, M> {
+    pub(crate) rds: &'a mut [Redistributor],
+    pub(crate) mem: &'a mut LoggedMem<M>,
+    pub(crate) gic: &'a GicConfig,
+}
+
+fn baser_type(n: usize) -> u64 {
+    match n {
+        0 => GITS_BASER_TYPE_DEVICE,
+        1 => GITS_BASER_TYPE_COLLECTION,
+        _ => GITS_BASER_TYPE_NONE,
+    }
+}
+
+fn baser_page_size(baser: u64) -> u64 {
+    match (baser >> GITS_BASER_PAGE_SIZE_SHIFT) & GITS_BASER_PAGE_SIZE_FIELD {
+        0 => 0x1000,
+        1 => 0x4000,
+        _ => 0x1_0000,
+    }
+}
+
+fn baser_address(baser: u64) -> u64 {
+    let page = baser_page_size(baser);
+    if page == 0x1_0000 {
+        // 64 KiB pages: PA[51:48] lives in bits [15:12].
+        (baser & GITS_BASER_PA_MASK & !0xFFFF) | (((baser >> 12) & 0xF) << 48)
+    } else {
+        baser & GITS_BASER_PA_MASK & !(page - 1)
+    }
+}
+
+impl Its {
+    pub(crate) fn new(cfg: ItsConfig) -> Self {
+        let mut its = Its {
+            cfg,
+            enabled: false,
+            cbaser: 0,
+            cwriter: 0,
+            creadr: 0,
+            stalled: false,
+            baser: [0; GITS_BASER_COUNT],
+            errors: VecDeque::new(),
+            error_count: 0,
+            commands_processed: 0,
+        };
+        for n in 0..GITS_BASER_COUNT {
+            // Reset Page_Size is 64 KiB for the implemented tables.
+            let page = if n < 2 {
+                2 << GITS_BASER_PAGE_SIZE_SHIFT
+            } else {
+                0
+            };
+            its.baser[n] = its.baser_ro_bits(n) | page;
+        }
+        its
+    }
+
+    pub(crate) fn config(&self) -> &ItsConfig {
+        &self.cfg
+    }
+
+    fn baser_ro_bits(&self, n: usize) -> u64 {
+        let ty = baser_type(n);
+        let esz = match ty {
+            GITS_BASER_TYPE_DEVICE => DTE_SIZE,
+            GITS_BASER_TYPE_COLLECTION => CTE_SIZE,
+            _ => return 0,
+        };
+        (ty << GITS_BASER_TYPE_SHIFT) | ((esz - 1) << GITS_BASER_ENTRY_SIZE_SHIFT)
+    }
+
+    pub(crate) fn typer(&self) -> u64 {
+        GITS_TYPER_PHYSICAL
+            | ((ITE_SIZE - 1) << GITS_TYPER_ITT_ENTRY_SIZE_SHIFT)
+            | (((self.cfg.event_bits - 1) as u64) << GITS_TYPER_IDBITS_SHIFT)
+            | (((self.cfg.device_bits - 1) as u64) << GITS_TYPER_DEVBITS_SHIFT)
+            | if self.cfg.pta { GITS_TYPER_PTA } else { 0 }
+            | (15 << GITS_TYPER_CIDBITS_SHIFT)
+            | GITS_TYPER_CIL
+    }
+
+    pub(crate) fn errors(&self) -> impl Iterator<Item = &ItsErrorRecord> {
+        self.errors.iter()
+    }
+
+    pub(crate) fn error_count(&self) -> u64 {
+        self.error_count
+    }
+
+    pub(crate) fn commands_processed(&self) -> u64 {
+        self.commands_processed
+    }
+
+    fn record(&mut self, source: ItsErrorSource, error: ItsCommandError) {
+        if self.errors.len() == ITS_ERROR_RECORDS {
+            self.errors.pop_front();
+        }
+        self.errors.push_back(ItsErrorRecord { source, error });
+        self.error_count += 1;
+    }
+
+    fn queue_size(&self) -> u64 {
+        ((self.cbaser & GITS_CBASER_SIZE_MASK) + 1) * 0x1000
+    }
+
+    pub(crate) fn read(&self, offset: u64, width: u8) -> Result<u64, MmioError> {
+        match offset {
+            GITS_CTLR => {
+                only32(offset, width)?;
+                Ok(if self.enabled {
+                    GITS_CTLR_ENABLED
+                } else {
+                    GITS_CTLR_QUIESCENT
+                } as u64)
+            }
+            GITS_IIDR => only32(offset, width).map(|_| IIDR_VALUE as u64),
+            o if (GITS_TYPER..GITS_TYPER + 8).contains(&o) => {
+                let pos = half64(GITS_TYPER, o, width)?;
+                Ok(read_part(self.typer(), pos, width))
+            }
+            o if (GITS_CBASER..GITS_CBASER + 8).contains(&o) => {
+                let pos = half64(GITS_CBASER, o, width)?;
+                Ok(read_part(self.cbaser, pos, width))
+            }
+            o if (GITS_CWRITER..GITS_CWRITER + 8).contains(&o) => {
+                let pos = half64(GITS_CWRITER, o, width)?;
+                Ok(read_part(self.cwriter, pos, width))
+            }
+            o if (GITS_CREADR..GITS_CREADR + 8).contains(&o) => {
+                let pos = half64(GITS_CREADR, o, width)?;
+                let v = self.creadr | if self.stalled { GITS_CREADR_STALLED } else { 0 };
+                Ok(read_part(v, pos, width))
+            }
+            o if (GITS_BASER..GITS_BASER + 8 * GITS_BASER_COUNT as u64).contains(&o) => {
+                let n = ((o - GITS_BASER) / 8) as usize;
+                let pos = half64(GITS_BASER + 8 * n as u64, o, width)?;
+                Ok(read_part(self.baser[n], pos, width))
+            }
+            PIDR2 => only32(offset, width).map(|_| PIDR2_VALUE_V3 as u64),
+            GITS_TRANSLATER => {
+                if width == 2 || width == 4 {
+                    Ok(0)
+                } else {
+                    Err(MmioError::WidthNotPermitted { offset, width })
+                }
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Handles a register write. Returns true when the command queue should be processed.
+    pub(crate) fn write_reg(
+        &mut self,
+        offset: u64,
+        width: u8,
+        value: u64,
+    ) -> Result<bool, MmioError> {
+        match offset {
+            GITS_CTLR => {
+                only32(offset, width)?;
+                let was = self.enabled;
+                self.enabled = value as u32 & GITS_CTLR_ENABLED != 0;
+                Ok(self.enabled && !was)
+            }
+            GITS_IIDR | PIDR2 => only32(offset, width).map(|_| false),
+            o if (GITS_TYPER..GITS_TYPER + 8).contains(&o) => {
+                half64(GITS_TYPER, o, width).map(|_| false)
+            }
+            o if (GITS_CBASER..GITS_CBASER + 8).contains(&o) => {
+                let pos = half64(GITS_CBASER, o, width)?;
+                // UNPREDICTABLE while enabled: ignored.
+                if !self.enabled {
+                    self.cbaser = merge_part(self.cbaser, value, pos, width) & GITS_CBASER_MASK;
+                    self.creadr = 0;
+                    self.stalled = false;
+                }
+                Ok(false)
+            }
+            o if (GITS_CWRITER..GITS_CWRITER + 8).contains(&o) => {
+                let pos = half64(GITS_CWRITER, o, width)?;
+                let v = merge_part(self.cwriter, value, pos, width);
+                self.cwriter = v & GITS_CMDQ_OFFSET_MASK;
+                if v & GITS_CWRITER_RETRY != 0 && pos == 0 {
+                    self.stalled = false;
+                }
+                Ok(true)
+            }
+            o if (GITS_CREADR..GITS_CREADR + 8).contains(&o) => {
+                half64(GITS_CREADR, o, width).map(|_| false)
+            }
+            o if (GITS_BASER..GITS_BASER + 8 * GITS_BASER_COUNT as u64).contains(&o) => {
+                let n = ((o - GITS_BASER) / 8) as usize;
+                let pos = half64(GITS_BASER + 8 * n as u64, o, width)?;
+                if baser_type(n) != GITS_BASER_TYPE_NONE && !self.enabled {
+                    let mut v = merge_part(self.baser[n], value, pos, width) & GITS_BASER_RW_MASK;
+                    // Page_Size 0b11 is reserved: the model treats it as 64 KiB.
+                    if (v >> GITS_BASER_PAGE_SIZE_SHIFT) & GITS_BASER_PAGE_SIZE_FIELD == 3 {
+                        v &= !(1 << GITS_BASER_PAGE_SIZE_SHIFT);
+                    }
+                    self.baser[n] = v | self.baser_ro_bits(n);
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Runs commands from GITS_CREADR up to GITS_CWRITER. Stops on a stall.
+    pub(crate) fn process<M: GuestMem>(&mut self, env: &mut ItsEnv<'_, M>) {
+        if !self.enabled || self.stalled || self.cbaser & GITS_CBASER_VALID == 0 {
+            return;
+        }
+        let size = self.queue_size();
+        if self.cwriter >= size {
+            self.stalled = true;
+            self.record(
+                ItsErrorSource::Command {
+                    offset: self.creadr,
+                    opcode: 0,
+                },
+                ItsCommandError::CwriterOutOfRange(self.cwriter),
+            );
+            return;
+        }
+        let base = self.cbaser & GITS_CBASER_PA_MASK;
+        // Bounded by the queue size even if state were inconsistent.
+        let mut budget = size / ITS_CMD_SIZE;
+        while self.creadr != self.cwriter && budget > 0 {
+            budget -= 1;
+            if self.creadr >= size {
+                self.creadr = 0;
+            }
+            let offset = self.creadr;
+            let mut raw = [0u8; 32];
+            if let Err(e) = env.mem.read(base + offset, &mut raw) {
+                self.stalled = true;
+                self.record(
+                    ItsErrorSource::Command { offset, opcode: 0 },
+                    ItsCommandError::from(e),
+                );
+                return;
+            }
+            let mut dw = [0u64; 4];
+            for (i, d) in dw.iter_mut().enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&raw[i * 8..i * 8 + 8]);
+                *d = u64::from_le_bytes(b);
+            }
+            let cmd = ItsCommand::decode(dw);
+            self.commands_processed += 1;
+            match self.execute(env, cmd) {
+                Ok(()) => {}
+                Err(ItsCommandError::Memory(a)) => {
+                    self.stalled = true;
+                    self.record(
+                        ItsErrorSource::Command {
+                            offset,
+                            opcode: dw[0] as u8,
+                        },
+                        ItsCommandError::Memory(a),
+                    );
+                    return;
+                }
+                Err(e) => self.record(
+                    ItsErrorSource::Command {
+                        offset,
+                        opcode: dw[0] as u8,
+                    },
+                    e,
+                ),
+            }
+            self.creadr = (offset + ITS_CMD_SIZE) % size;
+        }
+    }
+
+    /// Locates entry `index` of the table described by BASER<n>.
+    fn slot<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        n: usize,
+        index: u64,
+    ) -> Result<Slot, MemError> {
+        let baser = self.baser[n];
+        if baser & GITS_BASER_VALID == 0 {
+            return Ok(Slot::OutOfRange);
+        }
+        let esz = ((baser >> GITS_BASER_ENTRY_SIZE_SHIFT) & 0x1F) + 1;
+        let page = baser_page_size(baser);
+        let bytes = ((baser & GITS_BASER_SIZE_MASK) + 1) * page;
+        let base = baser_address(baser);
+        if baser & GITS_BASER_INDIRECT == 0 {
+            return Ok(if (index + 1) * esz <= bytes {
+                Slot::At(base + index * esz)
+            } else {
+                Slot::OutOfRange
+            });
+        }
+        let per_page = page / esz;
+        let l1 = index / per_page;
+        if (l1 + 1) * 8 > bytes {
+            return Ok(Slot::OutOfRange);
+        }
+        let l1e = mem.read_u64(base + l1 * 8)?;
+        if l1e & GITS_L1E_VALID == 0 {
+            return Ok(Slot::NoL2);
+        }
+        let l2 = l1e & GITS_L1E_PA_MASK & !(page - 1);
+        Ok(Slot::At(l2 + (index % per_page) * esz))
+    }
+
+    fn device_slot<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        device: u32,
+    ) -> Result<u64, ItsCommandError> {
+        if (device as u64) >> self.cfg.device_bits != 0 {
+            return Err(ItsCommandError::DeviceOutOfRange(device));
+        }
+        match self.slot(mem, 0, device as u64)? {
+            Slot::At(a) => Ok(a),
+            Slot::OutOfRange => Err(ItsCommandError::DeviceOutOfRange(device)),
+            Slot::NoL2 => Err(ItsCommandError::UnmappedDevice(device)),
+        }
+    }
+
+    fn collection_slot<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        icid: u16,
+    ) -> Result<u64, ItsCommandError> {
+        match self.slot(mem, 1, icid as u64)? {
+            Slot::At(a) => Ok(a),
+            Slot::OutOfRange | Slot::NoL2 => Err(ItsCommandError::CollectionOutOfRange(icid)),
+        }
+    }
+
+    /// Reads a DTE: returns (ITT address, EventID bits).
+    fn device<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        device: u32,
+    ) -> Result<(u64, u8), ItsCommandError> {
+        let dte = mem.read_u64(self.device_slot(mem, device)?)?;
+        if dte & DTE_VALID == 0 {
+            return Err(ItsCommandError::UnmappedDevice(device));
+        }
+        let bits = ((dte >> DTE_SIZE_SHIFT) & DTE_SIZE_FIELD) as u8 + 1;
+        Ok((dte & DTE_ITT_MASK, bits))
+    }
+
+    fn ite_addr<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        device: u32,
+        event: u32,
+    ) -> Result<u64, ItsCommandError> {
+        let (itt, bits) = self.device(mem, device)?;
+        if (event as u64) >> bits != 0 {
+            return Err(ItsCommandError::EventOutOfRange { device, event });
+        }
+        Ok(itt + event as u64 * ITE_SIZE)
+    }
+
+    fn translation<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        device: u32,
+        event: u32,
+    ) -> Result<Translation, ItsCommandError> {
+        let ite_addr = self.ite_addr(mem, device, event)?;
+        let ite = mem.read_u64(ite_addr)?;
+        if ite & ITE_VALID == 0 || (ite >> ITE_TYPE_SHIFT) & ITE_TYPE_FIELD != ITE_TYPE_PHYSICAL {
+            return Err(ItsCommandError::UnmappedEvent { device, event });
+        }
+        Ok(Translation {
+            ite_addr,
+            intid: (ite >> ITE_INTID_SHIFT) as u32,
+            icid: (ite >> ITE_ICID_SHIFT) as u16,
+        })
+    }
+
+    /// Maps an RDbase field to a PE index.
+    fn rd_index(&self, gic: &GicConfig, rdbase: u64) -> Result<usize, ItsCommandError> {
+        let pe = if self.cfg.pta {
+            let addr = rdbase << 16;
+            let off = addr
+                .checked_sub(gic.gicr_base)
+                .ok_or(ItsCommandError::RdbaseOutOfRange(rdbase))?;
+            if off % GICR_STRIDE_V3 != 0 {
+                return Err(ItsCommandError::RdbaseOutOfRange(rdbase));
+            }
+            off / GICR_STRIDE_V3
+        } else {
+            rdbase
+        };
+        if pe < gic.num_pes() as u64 {
+            Ok(pe as usize)
+        } else {
+            Err(ItsCommandError::RdbaseOutOfRange(rdbase))
+        }
+    }
+
+    /// Reads a CTE and returns the PE it targets.
+    fn collection_target<M: GuestMem>(
+        &self,
+        mem: &LoggedMem<M>,
+        gic: &GicConfig,
+        icid: u16,
+    ) -> Result<usize, ItsCommandError> {
+        let cte = mem.read_u64(self.collection_slot(mem, icid)?)?;
+        if cte & CTE_VALID == 0 {
+            return Err(ItsCommandError::UnmappedCollection(icid));
+        }
+        self.rd_index(gic, (cte >> CTE_RDBASE_SHIFT) & CTE_RDBASE_FIELD)
+    }
+
+    fn lpi_valid(gic: &GicConfig, intid: u32) -> bool {
+        intid >= LPI_BASE && (intid as u64) < (1u64 << gic.lpi_id_bits)
+    }
+
+    fn execute<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        cmd: ItsCommand,
+    ) -> Result<(), ItsCommandError> {
+        match cmd {
+            ItsCommand::Mapd {
+                device,
+                size,
+                itt,
+                valid,
+            } => {
+                let slot = self.device_slot(env.mem, device)?;
+                if size + 1 > self.cfg.event_bits {
+                    return Err(ItsCommandError::IttSizeOutOfRange(size));
+                }
+                let dte = if valid {
+                    DTE_VALID | ((size as u64) << DTE_SIZE_SHIFT) | (itt & DTE_ITT_MASK)
+                } else {
+                    0
+                };
+                env.mem.write_u64(slot, dte)?;
+                Ok(())
+            }
+            ItsCommand::Mapc {
+                icid,
+                rdbase,
+                valid,
+            } => {
+                let slot = self.collection_slot(env.mem, icid)?;
+                let cte = if valid {
+                    self.rd_index(env.gic, rdbase)?;
+                    CTE_VALID | ((rdbase & CTE_RDBASE_FIELD) << CTE_RDBASE_SHIFT)
+                } else {
+                    0
+                };
+                env.mem.write_u64(slot, cte)?;
+                Ok(())
+            }
+            ItsCommand::Mapti {
+                device,
+                event,
+                intid,
+                icid,
+            } => self.map_event(env, device, event, intid, icid),
+            ItsCommand::Mapi {
+                device,
+                event,
+                icid,
+            } => self.map_event(env, device, event, event, icid),
+            ItsCommand::Int { device, event } => self.deliver(env, device, event, true),
+            ItsCommand::Clear { device, event } => self.deliver(env, device, event, false),
+            ItsCommand::Inv { device, event } => {
+                let t = self.translation(env.mem, device, event)?;
+                let pe = self.collection_target(env.mem, env.gic, t.icid)?;
+                env.rds[pe].invalidate_one(env.mem, t.intid);
+                Ok(())
+            }
+            ItsCommand::Invall { icid } => {
+                let pe = self.collection_target(env.mem, env.gic, icid)?;
+                env.rds[pe].invalidate_all(env.mem);
+                Ok(())
+            }
+            ItsCommand::Discard { device, event } => {
+                let t = self.translation(env.mem, device, event)?;
+                let pe = self.collection_target(env.mem, env.gic, t.icid)?;
+                env.rds[pe].set_lpi_pending(env.mem, t.intid, false)?;
+                env.mem.write(t.ite_addr, &[0u8; ITE_SIZE as usize])?;
+                Ok(())
+            }
+            ItsCommand::Movi {
+                device,
+                event,
+                icid,
+            } => {
+                let t = self.translation(env.mem, device, event)?;
+                let old = self.collection_target(env.mem, env.gic, t.icid)?;
+                let new = self.collection_target(env.mem, env.gic, icid)?;
+                if old != new && env.rds[old].lpi_pending.contains(&t.intid) {
+                    env.rds[old].set_lpi_pending(env.mem, t.intid, false)?;
+                    env.rds[new].set_lpi_pending(env.mem, t.intid, true)?;
+                }
+                let ite = ITE_VALID
+                    | (ITE_TYPE_PHYSICAL << ITE_TYPE_SHIFT)
+                    | ((icid as u64) << ITE_ICID_SHIFT)
+                    | ((t.intid as u64) << ITE_INTID_SHIFT);
+                env.mem.write_u64(t.ite_addr, ite)?;
+                Ok(())
+            }
+            ItsCommand::Movall { rdbase1, rdbase2 } => {
+                let from = self.rd_index(env.gic, rdbase1)?;
+                let to = self.rd_index(env.gic, rdbase2)?;
+                if from != to {
+                    let moving: Vec<u32> = env.rds[from].lpi_pending.iter().copied().collect();
+                    for intid in moving {
+                        env.rds[from].set_lpi_pending(env.mem, intid, false)?;
+                        env.rds[to].set_lpi_pending(env.mem, intid, true)?;
+                    }
+                }
+                Ok(())
+            }
+            ItsCommand::Sync { rdbase } => self.rd_index(env.gic, rdbase).map(|_| ()),
+            ItsCommand::Unknown { opcode } => Err(ItsCommandError::UnknownCommand(opcode)),
+        }
+    }
+
+    fn map_event<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        device: u32,
+        event: u32,
+        intid: u32,
+        icid: u16,
+    ) -> Result<(), ItsCommandError> {
+        let addr = self.ite_addr(env.mem, device, event)?;
+        if !Self::lpi_valid(env.gic, intid) {
+            return Err(ItsCommandError::IntIdOutOfRange(intid));
+        }
+        self.collection_slot(env.mem, icid)?;
+        let ite = ITE_VALID
+            | (ITE_TYPE_PHYSICAL << ITE_TYPE_SHIFT)
+            | ((icid as u64) << ITE_ICID_SHIFT)
+            | ((intid as u64) << ITE_INTID_SHIFT);
+        let mut bytes = [0u8; ITE_SIZE as usize];
+        bytes[..8].copy_from_slice(&ite.to_le_bytes());
+        env.mem.write(addr, &bytes)?;
+        Ok(())
+    }
+
+    fn deliver<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        device: u32,
+        event: u32,
+        pending: bool,
+    ) -> Result<(), ItsCommandError> {
+        let t = self.translation(env.mem, device, event)?;
+        let pe = self.collection_target(env.mem, env.gic, t.icid)?;
+        env.rds[pe].set_lpi_pending(env.mem, t.intid, pending)?;
+        Ok(())
+    }
+
+    /// An MSI write to GITS_TRANSLATER from `device` with `event`. Errors are recorded.
+    pub(crate) fn translate<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        device: u32,
+        event: u32,
+    ) -> Result<(), ItsCommandError> {
+        let r = if self.enabled {
+            self.deliver(env, device, event, true)
+        } else {
+            Err(ItsCommandError::Disabled)
+        };
+        if let Err(e) = r {
+            self.record(ItsErrorSource::Translation { device, event }, e);
+        }
+        r
+    }
+
+    pub(crate) fn state(&self) -> ItsState {
+        ItsState {
+            enabled: self.enabled,
+            cbaser: self.cbaser,
+            cwriter: self.cwriter,
+            creadr: self.creadr,
+            stalled: self.stalled,
+            baser: self.baser.to_vec(),
+            errors: self.errors.iter().copied().collect(),
+            error_count: self.error_count,
+            commands_processed: self.commands_processed,
+        }
+    }
+
+    pub(crate) fn restore(&mut self, s: &ItsState) -> Result<(), StateError> {
+        if s.baser.len() != GITS_BASER_COUNT {
+            return Err(StateError::Length {
+                what: "GITS_BASER registers",
+                got: s.baser.len(),
+                want: GITS_BASER_COUNT,
+            });
+        }
+        self.enabled = s.enabled;
+        self.cbaser = s.cbaser & GITS_CBASER_MASK;
+        self.cwriter = s.cwriter & GITS_CMDQ_OFFSET_MASK;
+        self.creadr = s.creadr & GITS_CMDQ_OFFSET_MASK;
+        self.stalled = s.stalled;
+        for n in 0..GITS_BASER_COUNT {
+            self.baser[n] = if baser_type(n) == GITS_BASER_TYPE_NONE {
+                0
+            } else {
+                (s.baser[n] & GITS_BASER_RW_MASK) | self.baser_ro_bits(n)
+            };
+        }
+        self.errors = s
+            .errors
+            .iter()
+            .rev()
+            .take(ITS_ERROR_RECORDS)
+            .rev()
+            .copied()
+            .collect();
+        self.error_count = s.error_count;
+        self.commands_processed = s.commands_processed;
+        Ok(())
+    }
+}

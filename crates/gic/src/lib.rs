@@ -1,0 +1,729 @@
+//! An executable, register-accurate model of an Arm GICv3 interrupt controller with its
+//! Interrupt Translation Service (physical LPIs), written so that a driver written against the
+//! architecture works against it unchanged: the same MMIO frames and offsets, the same command
+//! queue in guest memory, the same tables in guest memory.
+//!
+//! Module map:
+//! - [`config`]: [`GicConfig`], the PEs, frame bases and sizes (defaults: QEMU `virt`).
+//! - [`regs`]: every register offset, bit field and table-format constant.
+//! - [`mem`]: the [`GuestMem`] trait, [`VecMem`], the vm-memory adapter and the write log.
+//! - `dist` (private): the distributor frame (SPIs, global enables).
+//! - `redist` (private): redistributors (SGIs/PPIs, LPI tables, configuration cache).
+//! - [`its`]: the ITS registers, command queue, tables and translation.
+//! - [`cpuif`]: the per-PE CPU interface registers ([`IccReg`]).
+//! - [`qtest`]: a QEMU-qtest-compatible line protocol front end.
+//! - [`bench`]: the model throughput benchmark.
+//! - [`fuzz`]: the byte-string entry point shared by the fuzz target and its smoke test.
+//!
+//! Data flow: an MMIO write to GITS_CWRITER (or GITS_TRANSLATER) runs the ITS, which reads
+//! its tables from guest memory and sets LPI pending state in a redistributor (written through
+//! to the pending table); after every state change the model recomputes each PE's highest
+//! priority pending interrupt and drives that PE's IRQ line ([`IrqLines`]); software
+//! acknowledges through [`Gic::icc_read`] (`ICC_IAR1_EL1`) and completes through
+//! [`Gic::icc_write`] (`ICC_EOIR1_EL1` / `ICC_DIR_EL1`). Every guest-memory write the model
+//! makes is recorded in its [`WriteLog`].
+//!
+//! ```
+//! use gic::{Gic, GicConfig, IccReg, VecMem};
+//! let mut gic = Gic::new(GicConfig::virt(2), VecMem::new(0x4000_0000, 1 << 20)).unwrap();
+//! // Enable Group 1 in the distributor, make SGI 3 Group 1 and enabled on PE 1.
+//! gic.write(0x0800_0000, 4, 0x2).unwrap();
+//! let sgi_base = 0x080a_0000 + 0x20000 + 0x10000;
+//! gic.write(sgi_base + 0x80, 4, 1 << 3).unwrap();
+//! gic.write(sgi_base + 0x100, 4, 1 << 3).unwrap();
+//! gic.icc_write(1, IccReg::Pmr, 0xff).unwrap();
+//! gic.icc_write(1, IccReg::Igrpen1, 1).unwrap();
+//! // PE 0 sends SGI 3 to PE 1 (Aff0 = 1).
+//! gic.icc_write(0, IccReg::Sgi1r, (3 << 24) | 0b10).unwrap();
+//! assert!(gic.irq_line(1));
+//! assert_eq!(gic.icc_read(1, IccReg::Iar1).unwrap(), 3);
+//! gic.icc_write(1, IccReg::Eoir1, 3).unwrap();
+//! assert!(!gic.irq_line(1));
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod access;
+pub mod bench;
+pub mod config;
+pub mod cpuif;
+mod dist;
+mod error;
+pub mod fuzz;
+pub mod its;
+pub mod mem;
+pub mod qtest;
+mod redist;
+pub mod regs;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use config::{GicConfig, ItsConfig};
+pub use cpuif::{CpuIfState, IccReg};
+pub use dist::DistState;
+pub use error::{ConfigError, MemError, MmioError, StateError};
+pub use its::{ItsCommand, ItsCommandError, ItsErrorRecord, ItsErrorSource, ItsState};
+pub use mem::{GuestMem, VecMem, VmMemory, WriteLog};
+pub use redist::RedistState;
+
+use cpuif::CpuIf;
+use dist::Distributor;
+use its::{Its, ItsEnv};
+use mem::LoggedMem;
+use redist::Redistributor;
+use regs::*;
+
+/// A CPU-interface access the model rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum CpuIfError {
+    /// The PE index is not configured.
+    #[error("PE {0} does not exist")]
+    NoSuchPe(usize),
+    /// The register is write-only and was read, or read-only and was written.
+    #[error("{reg:?} cannot be {op}")]
+    Direction {
+        /// The register.
+        reg: IccReg,
+        /// "read" or "written".
+        op: &'static str,
+    },
+}
+
+/// A GITS_TRANSLATER-equivalent request the model rejects before reaching an ITS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum MsiError {
+    /// The ITS index is not configured.
+    #[error("ITS {0} does not exist")]
+    NoSuchIts(usize),
+    /// The ITS dropped the request (also recorded in its error records).
+    #[error("ITS dropped the request: {0}")]
+    Dropped(#[from] ItsCommandError),
+}
+
+/// Saved state of the whole model (everything outside guest memory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GicState {
+    /// The configuration the model was built from.
+    pub config: GicConfig,
+    /// Distributor.
+    pub dist: DistState,
+    /// Redistributors, by PE index.
+    pub redists: Vec<RedistState>,
+    /// CPU interfaces, by PE index.
+    pub cpus: Vec<CpuIfState>,
+    /// ITSs, in configuration order.
+    pub its: Vec<ItsState>,
+    /// DeviceID used for GITS_TRANSLATER writes made through MMIO.
+    pub msi_device_id: u32,
+}
+
+/// Callback told about every IRQ line change: `(PE index, new level)`.
+pub type IrqHook = Box<dyn FnMut(usize, bool) + Send>;
+
+/// The IRQ output lines of all PEs, shareable with threads that wait on them.
+#[derive(Debug, Default)]
+pub struct IrqLines {
+    levels: Mutex<Vec<bool>>,
+    changed: Condvar,
+}
+
+impl IrqLines {
+    /// Current level of PE `pe`'s IRQ line (false for an unknown PE).
+    pub fn level(&self, pe: usize) -> bool {
+        match self.levels.lock() {
+            Ok(l) => l.get(pe).copied().unwrap_or(false),
+            Err(p) => p.into_inner().get(pe).copied().unwrap_or(false),
+        }
+    }
+
+    /// Blocks until PE `pe`'s line has level `level` or `timeout` passes; returns whether
+    /// the level was reached.
+    pub fn wait_for(&self, pe: usize, level: bool, timeout: Duration) -> bool {
+        let guard = match self.levels.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let res = self.changed.wait_timeout_while(guard, timeout, |l| {
+            l.get(pe).copied().unwrap_or(false) != level
+        });
+        match res {
+            Ok((g, _)) => g.get(pe).copied().unwrap_or(false) == level,
+            Err(p) => p.into_inner().0.get(pe).copied().unwrap_or(false) == level,
+        }
+    }
+
+    fn set_all(&self, levels: &[bool]) {
+        let mut g = match self.levels.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.clear();
+        g.extend_from_slice(levels);
+        drop(g);
+        self.changed.notify_all();
+    }
+}
+
+/// A pending interrupt candidate for a PE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    intid: u32,
+    prio: u8,
+}
+
+/// The GICv3 model.
+pub struct Gic<M> {
+    cfg: GicConfig,
+    mem: LoggedMem<M>,
+    dist: Distributor,
+    rds: Vec<Redistributor>,
+    cpus: Vec<CpuIf>,
+    its: Vec<Its>,
+    aff_to_pe: BTreeMap<u32, usize>,
+    levels: Vec<bool>,
+    lines: Arc<IrqLines>,
+    irq_hook: Option<IrqHook>,
+    msi_device_id: u32,
+}
+
+impl<M> std::fmt::Debug for Gic<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gic")
+            .field("config", &self.cfg)
+            .field("irq_levels", &self.levels)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which frame an address falls in.
+enum Frame {
+    Dist(u64),
+    RdBase(usize, u64),
+    SgiBase(usize, u64),
+    Its(usize, u64),
+}
+
+impl<M: GuestMem> Gic<M> {
+    /// Builds a model in its reset state.
+    pub fn new(cfg: GicConfig, mem: M) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let n = cfg.num_pes();
+        let rds = cfg
+            .pe_affinities
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Redistributor::new(i, *a, i + 1 == n, cfg.lpi_id_bits))
+            .collect();
+        let aff_to_pe = cfg
+            .pe_affinities
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (*a, i))
+            .collect();
+        let lines = Arc::new(IrqLines::default());
+        lines.set_all(&vec![false; n]);
+        Ok(Gic {
+            dist: Distributor::new(&cfg),
+            rds,
+            cpus: (0..n).map(|_| CpuIf::new()).collect(),
+            its: cfg.its.iter().cloned().map(Its::new).collect(),
+            aff_to_pe,
+            levels: vec![false; n],
+            lines,
+            irq_hook: None,
+            msi_device_id: 0,
+            mem: LoggedMem {
+                mem,
+                log: WriteLog::default(),
+            },
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GicConfig {
+        &self.cfg
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &M {
+        &self.mem.mem
+    }
+
+    /// Guest memory, mutably (writes made through this are not logged: they are not the
+    /// model's).
+    pub fn mem_mut(&mut self) -> &mut M {
+        &mut self.mem.mem
+    }
+
+    /// The log of guest-memory writes made by the model.
+    pub fn write_log(&mut self) -> &mut WriteLog {
+        &mut self.mem.log
+    }
+
+    /// The shared IRQ line object (clone the `Arc` to wait from another thread).
+    pub fn irq_lines(&self) -> Arc<IrqLines> {
+        Arc::clone(&self.lines)
+    }
+
+    /// Installs (or removes) a callback run on every IRQ line change.
+    pub fn set_irq_hook(&mut self, hook: Option<IrqHook>) {
+        self.irq_hook = hook;
+    }
+
+    /// Level of PE `pe`'s IRQ line (false for an unknown PE).
+    pub fn irq_line(&self, pe: usize) -> bool {
+        self.levels.get(pe).copied().unwrap_or(false)
+    }
+
+    /// Sets the DeviceID that GITS_TRANSLATER writes made through [`Gic::write`] carry
+    /// (a real bus supplies it as sideband; QEMU's qtest accesses carry 0).
+    pub fn set_msi_device_id(&mut self, device: u32) {
+        self.msi_device_id = device;
+    }
+
+    /// Error records of ITS `its` (oldest first) and the total number ever recorded.
+    pub fn its_errors(&self, its: usize) -> Option<(Vec<ItsErrorRecord>, u64)> {
+        self.its
+            .get(its)
+            .map(|i| (i.errors().copied().collect(), i.error_count()))
+    }
+
+    /// Commands ITS `its` has executed so far.
+    pub fn its_commands_processed(&self, its: usize) -> Option<u64> {
+        self.its.get(its).map(|i| i.commands_processed())
+    }
+
+    fn decode(&self, addr: u64) -> Option<Frame> {
+        if let Some(off) = addr.checked_sub(self.cfg.gicd_base) {
+            if off < GICD_SIZE {
+                return Some(Frame::Dist(off));
+            }
+        }
+        if let Some(off) = addr.checked_sub(self.cfg.gicr_base) {
+            let pe = off / GICR_STRIDE_V3;
+            if pe < self.rds.len() as u64 {
+                let inner = off % GICR_STRIDE_V3;
+                let pe = pe as usize;
+                return Some(if inner < GICR_SGI_OFFSET {
+                    Frame::RdBase(pe, inner)
+                } else {
+                    Frame::SgiBase(pe, inner - GICR_SGI_OFFSET)
+                });
+            }
+        }
+        for (i, its) in self.its.iter().enumerate() {
+            if let Some(off) = addr.checked_sub(its.config().base) {
+                if off < GITS_SIZE {
+                    return Some(Frame::Its(i, off));
+                }
+            }
+        }
+        None
+    }
+
+    fn check_access(addr: u64, width: u8) -> Result<(), MmioError> {
+        if !matches!(width, 1 | 2 | 4 | 8) {
+            return Err(MmioError::BadWidth { width });
+        }
+        if addr & (width as u64 - 1) != 0 {
+            return Err(MmioError::Unaligned { addr, width });
+        }
+        Ok(())
+    }
+
+    /// Whether `addr` is inside one of the model's register frames.
+    pub fn claims(&self, addr: u64) -> bool {
+        self.decode(addr).is_some()
+    }
+
+    /// An MMIO read of `width` bytes (1, 2, 4 or 8) at guest-physical `addr`.
+    pub fn read(&mut self, addr: u64, width: u8) -> Result<u64, MmioError> {
+        Self::check_access(addr, width)?;
+        let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
+        match frame {
+            Frame::Dist(off) => self.dist.read(off, width),
+            Frame::RdBase(pe, off) => self.rds[pe].read_rd(off, width),
+            Frame::SgiBase(pe, off) => self.rds[pe].read_sgi(off, width),
+            Frame::Its(i, off) => self.its[i].read(off, width),
+        }
+    }
+
+    /// An MMIO write of `width` bytes (1, 2, 4 or 8) of `value` at guest-physical `addr`.
+    /// Bits of `value` above `width` are ignored.
+    pub fn write(&mut self, addr: u64, width: u8, value: u64) -> Result<(), MmioError> {
+        Self::check_access(addr, width)?;
+        let value = if width == 8 {
+            value
+        } else {
+            value & ((1u64 << (width as u32 * 8)) - 1)
+        };
+        let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
+        let r = match frame {
+            Frame::Dist(off) => self.dist.write(off, width, value),
+            Frame::RdBase(pe, off) => self.rds[pe].write_rd(&mut self.mem, off, width, value),
+            Frame::SgiBase(pe, off) => self.rds[pe].write_sgi(off, width, value),
+            Frame::Its(i, off) => {
+                if off == GITS_TRANSLATER {
+                    if width == 2 || width == 4 {
+                        let dev = self.msi_device_id;
+                        // Errors are recorded by the ITS; the bus write itself succeeds.
+                        let _ = self.send_msi(i, dev, value as u32);
+                        Ok(())
+                    } else {
+                        Err(MmioError::WidthNotPermitted { offset: off, width })
+                    }
+                } else {
+                    match self.its[i].write_reg(off, width, value) {
+                        Ok(true) => {
+                            self.run_its(i);
+                            Ok(())
+                        }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
+        self.update();
+        r
+    }
+
+    fn run_its(&mut self, i: usize) {
+        let Gic {
+            its, rds, mem, cfg, ..
+        } = self;
+        if let Some(its) = its.get_mut(i) {
+            its.process(&mut ItsEnv { rds, mem, gic: cfg });
+        }
+    }
+
+    /// An MSI from `device` with `event` arriving at ITS `its` (what a GITS_TRANSLATER write
+    /// carrying that DeviceID does).
+    pub fn send_msi(&mut self, its: usize, device: u32, event: u32) -> Result<(), MsiError> {
+        let Gic {
+            its: all,
+            rds,
+            mem,
+            cfg,
+            ..
+        } = self;
+        let target = all.get_mut(its).ok_or(MsiError::NoSuchIts(its))?;
+        let r = target.translate(&mut ItsEnv { rds, mem, gic: cfg }, device, event);
+        self.update();
+        r.map_err(MsiError::from)
+    }
+
+    /// Sets the pending latch of an SPI (an edge on its input). Returns false (and does
+    /// nothing) for an INTID that is not an implemented SPI.
+    pub fn set_spi_pending(&mut self, intid: u32) -> bool {
+        if !self.dist.is_spi(intid) {
+            return false;
+        }
+        self.dist.set_pending(intid, true);
+        self.update();
+        true
+    }
+
+    /// Sets the pending latch of PPI `intid` (16..32) on PE `pe`. Returns false for an invalid
+    /// PE or INTID.
+    pub fn set_ppi_pending(&mut self, pe: usize, intid: u32) -> bool {
+        if !(NUM_SGIS..NUM_PRIVATE).contains(&intid) {
+            return false;
+        }
+        let Some(rd) = self.rds.get_mut(pe) else {
+            return false;
+        };
+        rd.pending |= 1 << intid;
+        self.update();
+        true
+    }
+
+    /// Whether INTID `intid` is pending for PE `pe` (SPIs: anywhere; LPIs: at `pe`'s
+    /// redistributor).
+    pub fn is_pending(&self, pe: usize, intid: u32) -> bool {
+        let Some(rd) = self.rds.get(pe) else {
+            return false;
+        };
+        if intid < NUM_PRIVATE {
+            rd.pending & (1 << intid) != 0
+        } else if intid >= LPI_BASE {
+            rd.lpi_pending.contains(&intid)
+        } else {
+            self.dist.is_pending(intid)
+        }
+    }
+
+    /// Whether INTID `intid` is active for PE `pe` (SPIs: anywhere; LPIs have no active
+    /// state).
+    pub fn is_active(&self, pe: usize, intid: u32) -> bool {
+        let Some(rd) = self.rds.get(pe) else {
+            return false;
+        };
+        if intid < NUM_PRIVATE {
+            rd.active & (1 << intid) != 0
+        } else if intid >= LPI_BASE {
+            false
+        } else {
+            self.dist.is_active(intid)
+        }
+    }
+
+    /// Every pending LPI at PE `pe`'s redistributor, ascending (empty for an unknown PE).
+    pub fn pending_lpis(&self, pe: usize) -> Vec<u32> {
+        self.rds
+            .get(pe)
+            .map(|r| r.lpi_pending.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn spi_target(&self, intid: u32) -> Option<usize> {
+        self.aff_to_pe
+            .get(&self.dist.route_affinity(intid))
+            .copied()
+    }
+
+    /// Highest priority pending Group 1 interrupt that can be forwarded to PE `pe`.
+    /// Ties go to the lowest INTID (the architecture leaves the choice IMPDEF).
+    fn hppi(&self, pe: usize) -> Option<Candidate> {
+        if self.dist.ctlr & GICD_CTLR_ENABLE_G1 == 0 {
+            return None;
+        }
+        let rd = &self.rds[pe];
+        let mut best: Option<Candidate> = None;
+        let mut offer = |intid: u32, prio: u8| {
+            if best.map_or(true, |b| prio < b.prio) {
+                best = Some(Candidate { intid, prio });
+            }
+        };
+        let mut bits = rd.pending & rd.enable & !rd.active & rd.group;
+        while bits != 0 {
+            let i = bits.trailing_zeros();
+            bits &= bits - 1;
+            offer(i, rd.priority[i as usize]);
+        }
+        let d = &self.dist;
+        for w in 1..d.pending.len() {
+            let mut bits = d.pending[w] & d.enable[w] & !d.active[w] & d.group[w];
+            while bits != 0 {
+                let i = bits.trailing_zeros();
+                bits &= bits - 1;
+                let intid = w as u32 * 32 + i;
+                if self.spi_target(intid) == Some(pe) {
+                    offer(intid, d.priority[intid as usize]);
+                }
+            }
+        }
+        if rd.enable_lpis {
+            for &intid in &rd.lpi_pending {
+                let c = rd.lpi_config(intid);
+                if c & LPI_PROP_ENABLE != 0 {
+                    offer(intid, c & LPI_PROP_PRIORITY_MASK & PRIORITY_MASK);
+                }
+            }
+        }
+        best
+    }
+
+    /// Recomputes every PE's IRQ line and reports changes.
+    fn update(&mut self) {
+        let mut changed = false;
+        for pe in 0..self.levels.len() {
+            let level = self
+                .hppi(pe)
+                .is_some_and(|c| self.cpus[pe].can_signal(c.prio));
+            if level != self.levels[pe] {
+                self.levels[pe] = level;
+                changed = true;
+                if let Some(h) = self.irq_hook.as_mut() {
+                    h(pe, level);
+                }
+            }
+        }
+        if changed {
+            self.lines.set_all(&self.levels);
+        }
+    }
+
+    /// Reads an ICC system register of PE `pe`. Reading ICC_IAR1_EL1 acknowledges.
+    pub fn icc_read(&mut self, pe: usize, reg: IccReg) -> Result<u64, CpuIfError> {
+        if pe >= self.cpus.len() {
+            return Err(CpuIfError::NoSuchPe(pe));
+        }
+        let v = match reg {
+            IccReg::Iar1 => {
+                let v = self.acknowledge(pe) as u64;
+                self.update();
+                v
+            }
+            IccReg::Hppir1 => {
+                if self.cpus[pe].igrpen1 {
+                    self.hppi(pe).map_or(INTID_SPURIOUS, |c| c.intid) as u64
+                } else {
+                    INTID_SPURIOUS as u64
+                }
+            }
+            IccReg::Rpr => self.cpus[pe].running_priority() as u64,
+            IccReg::Pmr => self.cpus[pe].pmr as u64,
+            IccReg::Bpr1 => self.cpus[pe].bpr1 as u64,
+            IccReg::Ctlr => self.cpus[pe].ctlr(),
+            IccReg::Igrpen1 => self.cpus[pe].igrpen1 as u64,
+            IccReg::Ap1r0 => self.cpus[pe].ap1r0 as u64,
+            IccReg::Eoir1 | IccReg::Dir | IccReg::Sgi1r => {
+                return Err(CpuIfError::Direction { reg, op: "read" })
+            }
+        };
+        Ok(v)
+    }
+
+    /// Writes an ICC system register of PE `pe`.
+    pub fn icc_write(&mut self, pe: usize, reg: IccReg, value: u64) -> Result<(), CpuIfError> {
+        if pe >= self.cpus.len() {
+            return Err(CpuIfError::NoSuchPe(pe));
+        }
+        match reg {
+            IccReg::Eoir1 => self.end_of_interrupt(pe, value as u32 & 0xFF_FFFF),
+            IccReg::Dir => {
+                // DIR with EOImode = 0 is UNPREDICTABLE: the model ignores it.
+                if self.cpus[pe].eoimode {
+                    self.deactivate(pe, value as u32 & 0xFF_FFFF);
+                }
+            }
+            IccReg::Pmr => self.cpus[pe].pmr = value as u8 & PRIORITY_MASK,
+            IccReg::Bpr1 => self.cpus[pe].set_bpr1(value),
+            IccReg::Ctlr => self.cpus[pe].set_ctlr(value),
+            IccReg::Igrpen1 => self.cpus[pe].igrpen1 = value & 1 != 0,
+            IccReg::Ap1r0 => self.cpus[pe].ap1r0 = value as u32,
+            IccReg::Sgi1r => self.generate_sgi(pe, value),
+            IccReg::Iar1 | IccReg::Hppir1 | IccReg::Rpr => {
+                return Err(CpuIfError::Direction { reg, op: "written" })
+            }
+        }
+        self.update();
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, pe: usize) -> u32 {
+        let Some(c) = self.hppi(pe) else {
+            return INTID_SPURIOUS;
+        };
+        if !self.cpus[pe].can_signal(c.prio) {
+            return INTID_SPURIOUS;
+        }
+        if c.intid < NUM_PRIVATE {
+            let rd = &mut self.rds[pe];
+            rd.pending &= !(1 << c.intid);
+            rd.active |= 1 << c.intid;
+        } else if c.intid >= LPI_BASE {
+            // LPIs have no active state: acknowledging only clears pending. If the pending
+            // table cannot be written the LPI stays pending and the acknowledge fails.
+            match self.rds[pe].set_lpi_pending(&mut self.mem, c.intid, false) {
+                Ok(true) => {}
+                _ => return INTID_SPURIOUS,
+            }
+        } else {
+            self.dist.set_pending(c.intid, false);
+            self.dist.set_active(c.intid, true);
+        }
+        self.cpus[pe].activate_priority(c.prio);
+        c.intid
+    }
+
+    fn end_of_interrupt(&mut self, pe: usize, intid: u32) {
+        if (INTID_SPECIAL_FIRST..=INTID_SPURIOUS).contains(&intid) {
+            return;
+        }
+        // EOI with no active priority is UNPREDICTABLE: the model ignores it entirely.
+        if !self.cpus[pe].drop_priority() {
+            return;
+        }
+        if !self.cpus[pe].eoimode {
+            self.deactivate(pe, intid);
+        }
+    }
+
+    fn deactivate(&mut self, pe: usize, intid: u32) {
+        if intid < NUM_PRIVATE {
+            self.rds[pe].active &= !(1 << intid);
+        } else if intid < self.dist.num_irqs() {
+            self.dist.set_active(intid, false);
+        }
+    }
+
+    fn generate_sgi(&mut self, sender: usize, value: u64) {
+        let intid = ((value >> ICC_SGI1R_INTID_SHIFT) & 0xF) as u32;
+        if value & ICC_SGI1R_IRM != 0 {
+            for pe in 0..self.rds.len() {
+                if pe != sender {
+                    self.rds[pe].pending |= 1 << intid;
+                }
+            }
+            return;
+        }
+        let aff3 = ((value >> ICC_SGI1R_AFF3_SHIFT) & 0xFF) as u32;
+        let aff2 = ((value >> ICC_SGI1R_AFF2_SHIFT) & 0xFF) as u32;
+        let aff1 = ((value >> ICC_SGI1R_AFF1_SHIFT) & 0xFF) as u32;
+        let rs = ((value >> ICC_SGI1R_RS_SHIFT) & 0xF) as u32;
+        let list = (value & ICC_SGI1R_TARGETLIST_MASK) as u32;
+        for b in 0..16 {
+            if list & (1 << b) == 0 {
+                continue;
+            }
+            let aff0 = rs * 16 + b;
+            if aff0 > 0xFF {
+                continue;
+            }
+            let aff = (aff3 << 24) | (aff2 << 16) | (aff1 << 8) | aff0;
+            if let Some(&pe) = self.aff_to_pe.get(&aff) {
+                self.rds[pe].pending |= 1 << intid;
+            }
+        }
+    }
+
+    /// Saves the model's state (guest memory is not included: the tables and command queue
+    /// live there and travel with it).
+    pub fn state(&self) -> GicState {
+        GicState {
+            config: self.cfg.clone(),
+            dist: self.dist.state(),
+            redists: self.rds.iter().map(|r| r.state()).collect(),
+            cpus: self.cpus.iter().map(|c| c.state()).collect(),
+            its: self.its.iter().map(|i| i.state()).collect(),
+            msi_device_id: self.msi_device_id,
+        }
+    }
+
+    /// Rebuilds a model from a saved state over `mem` (which must hold the guest memory the
+    /// state was saved with).
+    pub fn from_state(state: &GicState, mem: M) -> Result<Self, StateError> {
+        let mut gic = Gic::new(state.config.clone(), mem)?;
+        let n = gic.cfg.num_pes();
+        for (what, got, want) in [
+            ("redistributor states", state.redists.len(), n),
+            ("CPU interface states", state.cpus.len(), n),
+            ("ITS states", state.its.len(), gic.its.len()),
+        ] {
+            if got != want {
+                return Err(StateError::Length { what, got, want });
+            }
+        }
+        gic.dist.restore(&state.dist)?;
+        for (r, s) in gic.rds.iter_mut().zip(&state.redists) {
+            r.restore(s)?;
+        }
+        for (c, s) in gic.cpus.iter_mut().zip(&state.cpus) {
+            c.restore(s);
+        }
+        for (i, s) in gic.its.iter_mut().zip(&state.its) {
+            i.restore(s)?;
+        }
+        gic.msi_device_id = state.msi_device_id;
+        gic.update();
+        Ok(gic)
+    }
+}

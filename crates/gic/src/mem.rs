@@ -1,0 +1,206 @@
+//! Guest-memory access for the model: the [`GuestMem`] trait the model reads and writes its
+//! in-memory tables and command queue through, a simple in-crate backend ([`VecMem`]), an
+//! adapter for vm-memory's [`vm_memory::GuestMemory`] ([`VmMemory`]), and the write log
+//! ([`WriteLog`]) that records every guest page the model dirties so a VMM can merge those
+//! pages into its dirty tracking (the model's writes do not go through a vCPU, so KVM's dirty
+//! log cannot see them).
+
+use std::collections::BTreeSet;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::error::MemError;
+
+/// Page granule of the write log.
+pub const LOG_PAGE_SIZE: u64 = 4096;
+
+/// Guest-physical memory as the model sees it.
+pub trait GuestMem {
+    /// Reads `buf.len()` bytes at guest-physical `addr`.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError>;
+    /// Writes `data` at guest-physical `addr`.
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError>;
+}
+
+/// A flat RAM region `[base, base + data.len())` held in a `Vec<u8>`; everything else is
+/// unbacked. Used by tests, the qtest front end and the benchmark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecMem {
+    base: u64,
+    data: Vec<u8>,
+}
+
+impl VecMem {
+    /// A zero-filled region of `size` bytes at `base`.
+    pub fn new(base: u64, size: usize) -> Self {
+        VecMem {
+            base,
+            data: vec![0; size],
+        }
+    }
+
+    /// First guest-physical address of the region.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Size of the region in bytes.
+    pub fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// Whether `[addr, addr + len)` lies inside the region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        self.range(addr, len).is_some()
+    }
+
+    fn range(&self, addr: u64, len: u64) -> Option<std::ops::Range<usize>> {
+        let start = addr.checked_sub(self.base)?;
+        let end = start.checked_add(len)?;
+        if end > self.data.len() as u64 {
+            return None;
+        }
+        Some(start as usize..end as usize)
+    }
+}
+
+impl GuestMem for VecMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        let r = self
+            .range(addr, len)
+            .ok_or(MemError::Unbacked { addr, len })?;
+        buf.copy_from_slice(&self.data[r]);
+        Ok(())
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        let r = self
+            .range(addr, len)
+            .ok_or(MemError::Unbacked { addr, len })?;
+        self.data[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Adapter that lets the model use any vm-memory [`vm_memory::GuestMemory`] (for example a
+/// clone of the VMM's `GuestMemoryMmap`, which shares the mappings).
+#[derive(Debug, Clone)]
+pub struct VmMemory<M>(pub M);
+
+impl<M: vm_memory::GuestMemory> GuestMem for VmMemory<M> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| MemError::Unbacked {
+                addr,
+                len: buf.len() as u64,
+            })
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.0
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| MemError::Unbacked {
+                addr,
+                len: data.len() as u64,
+            })
+    }
+}
+
+/// Callback told about every guest-memory write the model makes: `(address, length)`.
+pub type WriteHook = Box<dyn FnMut(u64, u64) + Send>;
+
+/// Record of the guest pages the model has written since the last drain.
+#[derive(Default)]
+pub struct WriteLog {
+    pages: BTreeSet<u64>,
+    writes: u64,
+    hook: Option<WriteHook>,
+}
+
+impl std::fmt::Debug for WriteLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLog")
+            .field("pages", &self.pages.len())
+            .field("writes", &self.writes)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+impl WriteLog {
+    /// Notes a write of `len` bytes at `addr`.
+    pub(crate) fn record(&mut self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.writes += 1;
+        let first = addr / LOG_PAGE_SIZE;
+        let last = addr.saturating_add(len - 1) / LOG_PAGE_SIZE;
+        for p in first..=last {
+            self.pages.insert(p * LOG_PAGE_SIZE);
+        }
+        if let Some(h) = self.hook.as_mut() {
+            h(addr, len);
+        }
+    }
+
+    /// Moves the page-aligned addresses of every page written since the last drain into
+    /// `out` (appending, ascending) and forgets them.
+    pub fn drain_pages_into(&mut self, out: &mut Vec<u64>) {
+        out.extend(self.pages.iter().copied());
+        self.pages.clear();
+    }
+
+    /// Number of distinct pages currently recorded.
+    pub fn pending_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Total number of writes ever recorded.
+    pub fn total_writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Installs (or removes) a callback run on every write.
+    pub fn set_hook(&mut self, hook: Option<WriteHook>) {
+        self.hook = hook;
+    }
+}
+
+/// Guest memory plus the write log: the only path by which the model touches guest memory.
+#[derive(Debug)]
+pub(crate) struct LoggedMem<M> {
+    pub(crate) mem: M,
+    pub(crate) log: WriteLog,
+}
+
+impl<M: GuestMem> LoggedMem<M> {
+    pub(crate) fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read(addr, buf)
+    }
+
+    pub(crate) fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.mem.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub(crate) fn read_u8(&self, addr: u64) -> Result<u8, MemError> {
+        let mut b = [0u8; 1];
+        self.mem.read(addr, &mut b)?;
+        Ok(b[0])
+    }
+
+    pub(crate) fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+        self.mem.write(addr, data)?;
+        self.log.record(addr, data.len() as u64);
+        Ok(())
+    }
+
+    pub(crate) fn write_u64(&mut self, addr: u64, v: u64) -> Result<(), MemError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+}

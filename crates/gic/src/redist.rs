@@ -1,0 +1,496 @@
+//! Redistributors (GICR_* RD_base and SGI_base frames), one per PE: SGI/PPI state, the LPI
+//! enable, the property/pending table bases, the LPI configuration cache and the LPI pending
+//! state.
+//!
+//! LPI pending state is written through to the pending table in guest memory on every change
+//! (and recorded in the write log), and mirrored in an in-model set that is authoritative while
+//! GICR_CTLR.EnableLPIs is 1. LPI configuration (enable, priority) is read from the property
+//! table only when LPIs are enabled and when software invalidates (INV, INVALL, GICR_INVLPIR,
+//! GICR_INVALLR): software that edits the property table without invalidating does not see
+//! its change, as on hardware that caches configuration.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::access::{half64, merge_part, only32, read_bytes, read_part, set_or_clear, write_bytes};
+use crate::error::{MemError, MmioError, StateError};
+use crate::mem::{GuestMem, LoggedMem};
+use crate::regs::*;
+
+/// Saved state of one redistributor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedistState {
+    /// GICR_CTLR.EnableLPIs.
+    pub enable_lpis: bool,
+    /// GICR_WAKER.ProcessorSleep.
+    pub processor_sleep: bool,
+    /// GICR_PROPBASER.
+    pub propbaser: u64,
+    /// GICR_PENDBASER.
+    pub pendbaser: u64,
+    /// GICR_IGROUPR0.
+    pub group: u32,
+    /// GICR_ISENABLER0.
+    pub enable: u32,
+    /// SGI/PPI pending latches.
+    pub pending: u32,
+    /// SGI/PPI active bits.
+    pub active: u32,
+    /// GICR_ICFGR1 (PPI configuration).
+    pub icfgr1: u32,
+    /// GICR_IPRIORITYR bytes for INTIDs 0..31.
+    pub priority: Vec<u8>,
+    /// Cached LPI configuration: `(INTID, config byte)` for every non-zero cached byte.
+    pub lpi_config: Vec<(u32, u8)>,
+    /// Pending LPIs.
+    pub lpi_pending: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Redistributor {
+    pub(crate) enable_lpis: bool,
+    pub(crate) processor_sleep: bool,
+    pub(crate) propbaser: u64,
+    pub(crate) pendbaser: u64,
+    pub(crate) group: u32,
+    pub(crate) enable: u32,
+    pub(crate) pending: u32,
+    pub(crate) active: u32,
+    pub(crate) icfgr1: u32,
+    pub(crate) priority: [u8; 32],
+    /// LPI configuration cache, indexed by INTID - 8192; empty while LPIs are disabled.
+    pub(crate) lpi_cfg: Vec<u8>,
+    pub(crate) lpi_pending: BTreeSet<u32>,
+    typer: u64,
+    max_lpi_bits: u8,
+}
+
+impl Redistributor {
+    pub(crate) fn new(index: usize, affinity: u32, last: bool, max_lpi_bits: u8) -> Self {
+        let typer = GICR_TYPER_PLPIS
+            | GICR_TYPER_DIRECTLPI
+            | if last { GICR_TYPER_LAST } else { 0 }
+            | ((index as u64 & 0xFFFF) << GICR_TYPER_PROCNUM_SHIFT)
+            | ((affinity as u64) << GICR_TYPER_AFF_SHIFT);
+        Redistributor {
+            enable_lpis: false,
+            processor_sleep: true,
+            propbaser: 0,
+            pendbaser: 0,
+            group: 0,
+            enable: 0,
+            pending: 0,
+            active: 0,
+            icfgr1: 0,
+            priority: [0; 32],
+            lpi_cfg: Vec::new(),
+            lpi_pending: BTreeSet::new(),
+            typer,
+            max_lpi_bits,
+        }
+    }
+
+    /// Number of INTID bits the LPI tables cover: the smaller of PROPBASER.IDbits + 1 and
+    /// the GIC's own limit. Fewer than 14 bits means no LPI is in range.
+    pub(crate) fn lpi_id_bits(&self) -> u8 {
+        let prop = (self.propbaser & GICR_PROPBASER_IDBITS_MASK) as u8 + 1;
+        prop.min(self.max_lpi_bits)
+    }
+
+    /// One past the largest LPI INTID in range, or `LPI_BASE` if none is.
+    pub(crate) fn lpi_end(&self) -> u32 {
+        let bits = self.lpi_id_bits();
+        if bits < 14 {
+            LPI_BASE
+        } else {
+            1u32 << bits
+        }
+    }
+
+    fn prop_base(&self) -> u64 {
+        self.propbaser & GICR_PROPBASER_PA_MASK
+    }
+
+    fn pend_base(&self) -> u64 {
+        self.pendbaser & GICR_PENDBASER_PA_MASK
+    }
+
+    /// The cached configuration byte of an LPI (0 = disabled when not cached).
+    pub(crate) fn lpi_config(&self, intid: u32) -> u8 {
+        intid
+            .checked_sub(LPI_BASE)
+            .and_then(|i| self.lpi_cfg.get(i as usize))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Reloads the whole LPI configuration cache from the property table. A table that is
+    /// not backed by guest memory reads as all-disabled.
+    pub(crate) fn invalidate_all<M: GuestMem>(&mut self, mem: &LoggedMem<M>) {
+        if !self.enable_lpis {
+            return;
+        }
+        let n = (self.lpi_end() - LPI_BASE) as usize;
+        self.lpi_cfg.clear();
+        self.lpi_cfg.resize(n, 0);
+        if mem.read(self.prop_base(), &mut self.lpi_cfg).is_err() {
+            self.lpi_cfg.iter_mut().for_each(|b| *b = 0);
+        }
+    }
+
+    /// Reloads one LPI's configuration byte.
+    pub(crate) fn invalidate_one<M: GuestMem>(&mut self, mem: &LoggedMem<M>, intid: u32) {
+        if !self.enable_lpis {
+            return;
+        }
+        let Some(idx) = intid.checked_sub(LPI_BASE) else {
+            return;
+        };
+        let addr = self.prop_base() + idx as u64;
+        if let Some(slot) = self.lpi_cfg.get_mut(idx as usize) {
+            *slot = mem.read_u8(addr).unwrap_or(0);
+        }
+    }
+
+    /// Whether an LPI INTID is in range for this redistributor's tables.
+    pub(crate) fn lpi_in_range(&self, intid: u32) -> bool {
+        (LPI_BASE..self.lpi_end()).contains(&intid)
+    }
+
+    /// Sets or clears an LPI's pending state, writing the pending table. Returns whether the
+    /// redistributor accepted the change (LPIs enabled and INTID in range); LPIs sent to a
+    /// redistributor with EnableLPIs = 0 or out of range are dropped.
+    pub(crate) fn set_lpi_pending<M: GuestMem>(
+        &mut self,
+        mem: &mut LoggedMem<M>,
+        intid: u32,
+        pending: bool,
+    ) -> Result<bool, MemError> {
+        if !self.enable_lpis || !self.lpi_in_range(intid) {
+            return Ok(false);
+        }
+        let addr = self.pend_base() + (intid / 8) as u64;
+        let mut b = mem.read_u8(addr)?;
+        let m = 1u8 << (intid % 8);
+        let nb = if pending { b | m } else { b & !m };
+        if nb != b {
+            b = nb;
+            mem.write(addr, &[b])?;
+        }
+        if pending {
+            self.lpi_pending.insert(intid);
+        } else {
+            self.lpi_pending.remove(&intid);
+        }
+        Ok(true)
+    }
+
+    /// EnableLPIs 0 -> 1: load the configuration cache and the pending table.
+    fn enable_lpis_now<M: GuestMem>(&mut self, mem: &LoggedMem<M>, ptz: bool) {
+        self.enable_lpis = true;
+        self.invalidate_all(mem);
+        self.lpi_pending.clear();
+        if ptz {
+            return;
+        }
+        let end = self.lpi_end();
+        let first_byte = (LPI_BASE / 8) as u64;
+        let bytes = (end / 8) as u64 - first_byte;
+        let mut buf = vec![0u8; bytes as usize];
+        if mem.read(self.pend_base() + first_byte, &mut buf).is_err() {
+            return;
+        }
+        for (i, b) in buf.iter().enumerate() {
+            if *b == 0 {
+                continue;
+            }
+            for bitn in 0..8 {
+                if b & (1 << bitn) != 0 {
+                    self.lpi_pending
+                        .insert(((first_byte as u32 + i as u32) * 8) + bitn);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn read_rd(&self, offset: u64, width: u8) -> Result<u64, MmioError> {
+        match offset {
+            GICR_CTLR => {
+                only32(offset, width)?;
+                Ok(if self.enable_lpis {
+                    GICR_CTLR_ENABLE_LPIS as u64
+                } else {
+                    0
+                })
+            }
+            GICR_IIDR => {
+                only32(offset, width)?;
+                Ok(IIDR_VALUE as u64)
+            }
+            o if (GICR_TYPER..GICR_TYPER + 8).contains(&o) => {
+                let pos = half64(GICR_TYPER, o, width)?;
+                Ok(read_part(self.typer, pos, width))
+            }
+            GICR_WAKER => {
+                only32(offset, width)?;
+                Ok(if self.processor_sleep {
+                    (GICR_WAKER_PROCESSOR_SLEEP | GICR_WAKER_CHILDREN_ASLEEP) as u64
+                } else {
+                    0
+                })
+            }
+            o if (GICR_PROPBASER..GICR_PROPBASER + 8).contains(&o) => {
+                let pos = half64(GICR_PROPBASER, o, width)?;
+                Ok(read_part(self.propbaser, pos, width))
+            }
+            o if (GICR_PENDBASER..GICR_PENDBASER + 8).contains(&o) => {
+                let pos = half64(GICR_PENDBASER, o, width)?;
+                Ok(read_part(self.pendbaser, pos, width))
+            }
+            o if [GICR_SETLPIR, GICR_CLRLPIR, GICR_INVLPIR, GICR_INVALLR]
+                .iter()
+                .any(|r| (*r..*r + 8).contains(&o)) =>
+            {
+                // Write-only registers read as zero.
+                let reg = o & !7;
+                half64(reg, o, width)?;
+                Ok(0)
+            }
+            GICR_SYNCR => {
+                only32(offset, width)?;
+                Ok(0)
+            }
+            PIDR2 => {
+                only32(offset, width)?;
+                Ok(PIDR2_VALUE_V3 as u64)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Handles an RD_base write. LPI side effects that need memory are applied here.
+    pub(crate) fn write_rd<M: GuestMem>(
+        &mut self,
+        mem: &mut LoggedMem<M>,
+        offset: u64,
+        width: u8,
+        value: u64,
+    ) -> Result<(), MmioError> {
+        match offset {
+            GICR_CTLR => {
+                only32(offset, width)?;
+                let want = value as u32 & GICR_CTLR_ENABLE_LPIS != 0;
+                if want && !self.enable_lpis {
+                    let ptz = self.pendbaser & GICR_PENDBASER_PTZ != 0;
+                    self.enable_lpis_now(mem, ptz);
+                    // PTZ is a one-shot hint consumed by enabling.
+                    self.pendbaser &= !GICR_PENDBASER_PTZ;
+                } else if !want && self.enable_lpis {
+                    // IMPDEF: EnableLPIs may be cleared. Pending state is already in memory.
+                    self.enable_lpis = false;
+                    self.lpi_cfg.clear();
+                    self.lpi_pending.clear();
+                }
+                Ok(())
+            }
+            GICR_WAKER => {
+                only32(offset, width)?;
+                self.processor_sleep = value as u32 & GICR_WAKER_PROCESSOR_SLEEP != 0;
+                Ok(())
+            }
+            o if (GICR_PROPBASER..GICR_PROPBASER + 8).contains(&o) => {
+                let pos = half64(GICR_PROPBASER, o, width)?;
+                // UNPREDICTABLE while EnableLPIs = 1: the model ignores the write.
+                if !self.enable_lpis {
+                    self.propbaser =
+                        merge_part(self.propbaser, value, pos, width) & GICR_PROPBASER_MASK;
+                }
+                Ok(())
+            }
+            o if (GICR_PENDBASER..GICR_PENDBASER + 8).contains(&o) => {
+                let pos = half64(GICR_PENDBASER, o, width)?;
+                if !self.enable_lpis {
+                    self.pendbaser = merge_part(self.pendbaser, value, pos, width)
+                        & (GICR_PENDBASER_MASK | GICR_PENDBASER_PTZ);
+                }
+                Ok(())
+            }
+            o if (GICR_SETLPIR..GICR_SETLPIR + 8).contains(&o) => {
+                let pos = half64(GICR_SETLPIR, o, width)?;
+                if pos == 0 {
+                    // A table that is not backed drops the request (nothing to report to).
+                    let _ = self.set_lpi_pending(mem, value as u32, true);
+                }
+                Ok(())
+            }
+            o if (GICR_CLRLPIR..GICR_CLRLPIR + 8).contains(&o) => {
+                let pos = half64(GICR_CLRLPIR, o, width)?;
+                if pos == 0 {
+                    let _ = self.set_lpi_pending(mem, value as u32, false);
+                }
+                Ok(())
+            }
+            o if (GICR_INVLPIR..GICR_INVLPIR + 8).contains(&o) => {
+                let pos = half64(GICR_INVLPIR, o, width)?;
+                // V = 1 names a vPE (GICv4.1); not implemented, so ignored.
+                if pos == 0 && (width == 4 || value & GICR_INV_V == 0) {
+                    self.invalidate_one(mem, (value & GICR_INVLPIR_INTID_MASK) as u32);
+                }
+                Ok(())
+            }
+            o if (GICR_INVALLR..GICR_INVALLR + 8).contains(&o) => {
+                let pos = half64(GICR_INVALLR, o, width)?;
+                if pos == 0 && (width == 4 || value & GICR_INV_V == 0) {
+                    self.invalidate_all(mem);
+                }
+                Ok(())
+            }
+            o if (GICR_TYPER..GICR_TYPER + 8).contains(&o) => {
+                half64(GICR_TYPER, o, width)?;
+                Ok(())
+            }
+            GICR_IIDR | GICR_SYNCR | PIDR2 => only32(offset, width),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn read_sgi(&self, offset: u64, width: u8) -> Result<u64, MmioError> {
+        match offset {
+            GICR_IGROUPR0 => only32(offset, width).map(|_| self.group as u64),
+            GICR_ISENABLER0 | GICR_ICENABLER0 => only32(offset, width).map(|_| self.enable as u64),
+            GICR_ISPENDR0 | GICR_ICPENDR0 => only32(offset, width).map(|_| self.pending as u64),
+            GICR_ISACTIVER0 | GICR_ICACTIVER0 => only32(offset, width).map(|_| self.active as u64),
+            o if (GICR_IPRIORITYR..GICR_IPRIORITYR + 32).contains(&o) => {
+                if width != 1 && width != 4 {
+                    return Err(MmioError::WidthNotPermitted { offset, width });
+                }
+                Ok(read_bytes(
+                    &self.priority,
+                    (o - GICR_IPRIORITYR) as usize,
+                    width,
+                ))
+            }
+            GICR_ICFGR0 => only32(offset, width).map(|_| GICR_ICFGR0_VALUE as u64),
+            GICR_ICFGR1 => only32(offset, width).map(|_| self.icfgr1 as u64),
+            PIDR2 => only32(offset, width).map(|_| PIDR2_VALUE_V3 as u64),
+            _ => Ok(0),
+        }
+    }
+
+    pub(crate) fn write_sgi(
+        &mut self,
+        offset: u64,
+        width: u8,
+        value: u64,
+    ) -> Result<(), MmioError> {
+        let v = value as u32;
+        match offset {
+            GICR_IGROUPR0 => only32(offset, width).map(|_| self.group = v),
+            GICR_ISENABLER0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.enable, v, true))
+            }
+            GICR_ICENABLER0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.enable, v, false))
+            }
+            GICR_ISPENDR0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.pending, v, true))
+            }
+            GICR_ICPENDR0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.pending, v, false))
+            }
+            GICR_ISACTIVER0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.active, v, true))
+            }
+            GICR_ICACTIVER0 => {
+                only32(offset, width).map(|_| set_or_clear(&mut self.active, v, false))
+            }
+            o if (GICR_IPRIORITYR..GICR_IPRIORITYR + 32).contains(&o) => {
+                if width != 1 && width != 4 {
+                    return Err(MmioError::WidthNotPermitted { offset, width });
+                }
+                let start = (o - GICR_IPRIORITYR) as usize;
+                write_bytes(&mut self.priority, start, width, value, PRIORITY_MASK);
+                Ok(())
+            }
+            GICR_ICFGR1 => only32(offset, width).map(|_| self.icfgr1 = v & 0xAAAA_AAAA),
+            _ => {
+                if width == 4 || width == 1 {
+                    Ok(())
+                } else {
+                    only32(offset, width)
+                }
+            }
+        }
+    }
+
+    pub(crate) fn state(&self) -> RedistState {
+        RedistState {
+            enable_lpis: self.enable_lpis,
+            processor_sleep: self.processor_sleep,
+            propbaser: self.propbaser,
+            pendbaser: self.pendbaser,
+            group: self.group,
+            enable: self.enable,
+            pending: self.pending,
+            active: self.active,
+            icfgr1: self.icfgr1,
+            priority: self.priority.to_vec(),
+            lpi_config: self
+                .lpi_cfg
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b != 0)
+                .map(|(i, b)| (i as u32 + LPI_BASE, *b))
+                .collect(),
+            lpi_pending: self.lpi_pending.iter().copied().collect(),
+        }
+    }
+
+    pub(crate) fn restore(&mut self, s: &RedistState) -> Result<(), StateError> {
+        if s.priority.len() != 32 {
+            return Err(StateError::Length {
+                what: "GICR priorities",
+                got: s.priority.len(),
+                want: 32,
+            });
+        }
+        self.propbaser = s.propbaser & GICR_PROPBASER_MASK;
+        self.pendbaser = s.pendbaser & (GICR_PENDBASER_MASK | GICR_PENDBASER_PTZ);
+        self.enable_lpis = s.enable_lpis;
+        self.processor_sleep = s.processor_sleep;
+        self.group = s.group;
+        self.enable = s.enable;
+        self.pending = s.pending;
+        self.active = s.active;
+        self.icfgr1 = s.icfgr1 & 0xAAAA_AAAA;
+        for (d, p) in self.priority.iter_mut().zip(&s.priority) {
+            *d = p & PRIORITY_MASK;
+        }
+        self.lpi_cfg.clear();
+        self.lpi_pending.clear();
+        if self.enable_lpis {
+            let end = self.lpi_end();
+            self.lpi_cfg.resize((end - LPI_BASE) as usize, 0);
+            for (intid, b) in &s.lpi_config {
+                if !self.lpi_in_range(*intid) {
+                    return Err(StateError::Range {
+                        what: "cached LPI INTID",
+                        value: *intid as u64,
+                    });
+                }
+                self.lpi_cfg[(*intid - LPI_BASE) as usize] = *b;
+            }
+            for intid in &s.lpi_pending {
+                if !self.lpi_in_range(*intid) {
+                    return Err(StateError::Range {
+                        what: "pending LPI INTID",
+                        value: *intid as u64,
+                    });
+                }
+                self.lpi_pending.insert(*intid);
+            }
+        }
+        Ok(())
+    }
+}
