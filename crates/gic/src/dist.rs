@@ -78,9 +78,9 @@ impl Distributor {
     pub(crate) fn new(cfg: &GicConfig) -> Self {
         let num_irqs = cfg.num_irqs();
         let words = (num_irqs / 32) as usize;
-        let cpus = (cfg.num_pes().min(8) as u32).saturating_sub(1);
+        // CPUNumber counts the PEs usable without affinity routing; ARE is RAO/WI here, so
+        // none are, and the field reads 0 (as on QEMU).
         let typer = ((num_irqs / 32 - 1) << GICD_TYPER_ITLINES_SHIFT)
-            | (cpus << GICD_TYPER_CPUNUM_SHIFT)
             | GICD_TYPER_LPIS
             | (((cfg.lpi_id_bits as u32) - 1) << GICD_TYPER_IDBITS_SHIFT)
             | GICD_TYPER_A3V

@@ -504,11 +504,8 @@ impl Its {
         match offset {
             GITS_CTLR => {
                 only32(offset, width)?;
-                Ok(if self.enabled {
-                    GITS_CTLR_ENABLED
-                } else {
-                    GITS_CTLR_QUIESCENT
-                } as u64)
+                let en = if self.enabled { GITS_CTLR_ENABLED } else { 0 };
+                Ok((en | GITS_CTLR_QUIESCENT) as u64)
             }
             GITS_IIDR => only32(offset, width).map(|_| IIDR_VALUE as u64),
             o if (GITS_TYPER..GITS_TYPER + 8).contains(&o) => {

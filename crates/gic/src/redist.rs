@@ -218,11 +218,12 @@ impl Redistributor {
         match offset {
             GICR_CTLR => {
                 only32(offset, width)?;
-                Ok(if self.enable_lpis {
-                    GICR_CTLR_ENABLE_LPIS as u64
+                let en = if self.enable_lpis {
+                    GICR_CTLR_ENABLE_LPIS
                 } else {
                     0
-                })
+                };
+                Ok((en | GICR_CTLR_CES) as u64)
             }
             GICR_IIDR => {
                 only32(offset, width)?;

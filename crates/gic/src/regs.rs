@@ -103,8 +103,6 @@ pub const GICD_CTLR_RWP: u32 = 1 << 31;
 
 /// GICD_TYPER.ITLinesNumber shift: (number of INTIDs / 32) - 1.
 pub const GICD_TYPER_ITLINES_SHIFT: u32 = 0;
-/// GICD_TYPER.CPUNumber shift (bits [7:5]).
-pub const GICD_TYPER_CPUNUM_SHIFT: u32 = 5;
 /// GICD_TYPER.LPIS: LPIs are supported.
 pub const GICD_TYPER_LPIS: u32 = 1 << 17;
 /// GICD_TYPER.IDbits shift (bits [23:19]): INTID bits - 1.
@@ -150,6 +148,8 @@ pub const GICR_SYNCR: u64 = 0x00C0;
 
 /// GICR_CTLR.EnableLPIs.
 pub const GICR_CTLR_ENABLE_LPIS: u32 = 1 << 0;
+/// GICR_CTLR.CES: clear enable supported (RO 1: EnableLPIs can be cleared after being set).
+pub const GICR_CTLR_CES: u32 = 1 << 1;
 /// GICR_CTLR.RWP (always 0).
 pub const GICR_CTLR_RWP: u32 = 1 << 3;
 
@@ -294,7 +294,7 @@ pub const GITS_TRANSLATER: u64 = GITS_TRANSLATION_OFFSET + 0x40;
 
 /// GITS_CTLR.Enabled.
 pub const GITS_CTLR_ENABLED: u32 = 1 << 0;
-/// GITS_CTLR.Quiescent (RO): set while the ITS is disabled (all work is synchronous).
+/// GITS_CTLR.Quiescent (RO): always 1, because the model finishes all work synchronously.
 pub const GITS_CTLR_QUIESCENT: u32 = 1 << 31;
 
 /// GITS_TYPER.Physical: physical LPIs supported.
