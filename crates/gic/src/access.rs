@@ -91,3 +91,48 @@ pub(crate) fn write_bytes(bytes: &mut [u8], start: usize, width: u8, value: u64,
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half64_accepts_full_and_half_accesses_only() {
+        assert_eq!(half64(0x70, 0x70, 8), Ok(0));
+        assert_eq!(half64(0x70, 0x70, 4), Ok(0));
+        assert_eq!(half64(0x70, 0x74, 4), Ok(4));
+        assert!(half64(0x70, 0x74, 8).is_err());
+        assert!(half64(0x70, 0x72, 2).is_err());
+        assert!(half64(0x70, 0x70, 1).is_err());
+    }
+
+    #[test]
+    fn merge_part_replaces_only_the_written_half() {
+        let old = 0x1111_2222_3333_4444;
+        assert_eq!(merge_part(old, 0xAAAA_BBBB, 0, 4), 0x1111_2222_AAAA_BBBB);
+        assert_eq!(merge_part(old, 0xAAAA_BBBB, 4, 4), 0xAAAA_BBBB_3333_4444);
+        assert_eq!(merge_part(old, 5, 0, 8), 5);
+        assert_eq!(read_part(old, 4, 4), 0x1111_2222);
+        assert_eq!(read_part(old, 0, 4), 0x3333_4444);
+    }
+
+    #[test]
+    fn bitmap_helpers_ignore_out_of_range_bits() {
+        let mut w = [0u32; 2];
+        set_bit(&mut w, 33, true);
+        set_bit(&mut w, 64, true);
+        assert_eq!(w, [0, 2]);
+        assert!(bit(&w, 33));
+        assert!(!bit(&w, 64));
+        set_bit(&mut w, 33, false);
+        assert_eq!(w, [0, 0]);
+    }
+
+    #[test]
+    fn byte_helpers_mask_and_clip() {
+        let mut b = [0u8; 3];
+        write_bytes(&mut b, 1, 4, 0xFFFF_FFFF, 0xF8);
+        assert_eq!(b, [0, 0xF8, 0xF8]);
+        assert_eq!(read_bytes(&b, 1, 4), 0xF8F8);
+    }
+}

@@ -163,3 +163,56 @@ impl GicConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virt_layout_is_valid_and_follows_qemu() {
+        let c = GicConfig::virt(20);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.rd_base(1), 0x080C_0000);
+        assert_eq!(c.pe_affinities[17], 0x0101);
+        assert_eq!(c.num_irqs(), 256);
+    }
+
+    #[test]
+    fn invalid_configurations_are_rejected() {
+        let mut c = GicConfig::virt(2);
+        c.pe_affinities[1] = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::DuplicateAffinity { .. })
+        ));
+        let c = GicConfig {
+            num_spis: 1000,
+            ..GicConfig::virt(1)
+        };
+        assert_eq!(c.validate(), Err(ConfigError::BadSpiCount(1000)));
+        let c = GicConfig {
+            lpi_id_bits: 20,
+            ..GicConfig::virt(1)
+        };
+        assert_eq!(c.validate(), Err(ConfigError::BadLpiIdBits(20)));
+        let c = GicConfig {
+            gicd_base: 0x0808_0000,
+            ..GicConfig::virt(1)
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::Overlap { .. })));
+        let c = GicConfig {
+            gicd_base: 0x100,
+            ..GicConfig::virt(1)
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::Misaligned { .. })));
+        let c = GicConfig {
+            gicd_base: u64::MAX - 0xFFFF,
+            ..GicConfig::virt(1)
+        };
+        assert!(c.validate().is_err());
+        let mut c = GicConfig::virt(1);
+        c.its[0].device_bits = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::BadItsBits { .. })));
+        assert_eq!(GicConfig::virt(0).validate(), Err(ConfigError::NoPes));
+    }
+}

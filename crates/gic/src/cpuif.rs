@@ -159,3 +159,43 @@ impl CpuIf {
         self.ap1r0 = s.ap1r0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_priority_is_the_highest_active_group_priority() {
+        let mut c = CpuIf::new();
+        assert_eq!(c.running_priority(), 0xFF);
+        c.activate_priority(0xA0);
+        c.activate_priority(0x48);
+        assert_eq!(c.running_priority(), 0x48);
+        assert!(c.drop_priority());
+        assert_eq!(c.running_priority(), 0xA0);
+        assert!(c.drop_priority());
+        assert!(!c.drop_priority(), "nothing left to drop");
+    }
+
+    #[test]
+    fn binary_point_groups_priorities_for_preemption() {
+        let mut c = CpuIf::new();
+        c.igrpen1 = true;
+        c.pmr = 0xF8;
+        c.activate_priority(0x80);
+        assert!(c.can_signal(0x78));
+        c.set_bpr1(4);
+        // Group priority bits [7:4]: 0x78 -> 0x70 still beats 0x80; 0x88 -> 0x80 does not.
+        assert!(c.can_signal(0x78));
+        assert!(!c.can_signal(0x88));
+        // Group priority bit [7] only: 0x78 -> 0x00 preempts, 0xF0 -> 0x80 does not.
+        c.set_bpr1(7);
+        assert!(c.can_signal(0x78));
+        assert!(!c.can_signal(0xF0));
+        c.pmr = 0x70;
+        assert!(
+            !c.can_signal(0x78),
+            "the priority mask applies to the full priority"
+        );
+    }
+}

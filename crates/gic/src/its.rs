@@ -1019,3 +1019,57 @@ impl Its {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reads_the_architected_field_positions() {
+        // MAPTI DeviceID 0x12, EventID 0x34, pINTID 0x2005, ICID 7.
+        let c = ItsCommand::decode([0x12_0000_000A, 0x2005_0000_0034, 7, 0]);
+        assert_eq!(
+            c,
+            ItsCommand::Mapti {
+                device: 0x12,
+                event: 0x34,
+                intid: 0x2005,
+                icid: 7
+            }
+        );
+        // MAPD with V, Size 9, ITT 0x4413_0100.
+        let c = ItsCommand::decode([0x8, 9, (1 << 63) | 0x4413_0100, 0]);
+        assert_eq!(
+            c,
+            ItsCommand::Mapd {
+                device: 0,
+                size: 9,
+                itt: 0x4413_0100,
+                valid: true
+            }
+        );
+        // MOVALL RDbase1 3, RDbase2 5.
+        let c = ItsCommand::decode([0xE, 0, 3 << 16, 5 << 16]);
+        assert_eq!(
+            c,
+            ItsCommand::Movall {
+                rdbase1: 3,
+                rdbase2: 5
+            }
+        );
+        assert_eq!(
+            ItsCommand::decode([0x2A, 0, 0, 0]),
+            ItsCommand::Unknown { opcode: 0x2A }
+        );
+    }
+
+    #[test]
+    fn baser_address_handles_64k_page_high_bits() {
+        // 64 KiB pages: PA[51:48] in bits [15:12].
+        let b = (2 << GITS_BASER_PAGE_SIZE_SHIFT) | 0x0000_1234_5678_0000 | (0x3 << 12);
+        assert_eq!(baser_address(b), 0x0003_1234_5678_0000);
+        let b = (1 << GITS_BASER_PAGE_SIZE_SHIFT) | 0x4410_5000;
+        assert_eq!(baser_address(b), 0x4410_4000, "16 KiB alignment");
+        assert_eq!(baser_page_size(3 << GITS_BASER_PAGE_SIZE_SHIFT), 0x1_0000);
+    }
+}

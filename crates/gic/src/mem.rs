@@ -204,3 +204,39 @@ impl<M: GuestMem> LoggedMem<M> {
         self.write(addr, &v.to_le_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vecmem_rejects_accesses_outside_its_region() {
+        let mut m = VecMem::new(0x1000, 0x100);
+        assert!(m.write(0x10FF, &[1]).is_ok());
+        assert_eq!(
+            m.write(0x10FF, &[1, 2]),
+            Err(MemError::Unbacked {
+                addr: 0x10FF,
+                len: 2
+            })
+        );
+        let mut b = [0u8; 1];
+        assert!(m.read(0xFFF, &mut b).is_err());
+        assert!(m.read(u64::MAX, &mut b).is_err());
+        m.read(0x10FF, &mut b).unwrap();
+        assert_eq!(b, [1]);
+    }
+
+    #[test]
+    fn write_log_records_every_page_a_write_touches() {
+        let mut log = WriteLog::default();
+        log.record(0x1FFF, 2);
+        log.record(0x5000, 1);
+        log.record(0x5001, 0);
+        let mut out = Vec::new();
+        log.drain_pages_into(&mut out);
+        assert_eq!(out, vec![0x1000, 0x2000, 0x5000]);
+        assert_eq!(log.total_writes(), 2);
+        assert_eq!(log.pending_pages(), 0);
+    }
+}
