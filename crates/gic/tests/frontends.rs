@@ -220,3 +220,12 @@ fn vm_memory_backend_carries_tables_and_pending_bits() {
     gic.write(0x080a_0000 + GICR_SETLPIR, 8, 8200).unwrap();
     assert!(gic.pending_lpis(0).is_empty());
 }
+
+#[test]
+fn model_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Gic<gic::VecMem>>();
+    assert_send::<Gic<VmMemory<GuestMemoryMmap<()>>>>();
+    fn assert_sync<T: Send + Sync>() {}
+    assert_sync::<gic::IrqLines>();
+}

@@ -811,3 +811,71 @@ fn model_writes_are_reported_in_the_write_log() {
     d.gic.write_log().drain_pages_into(&mut pages);
     assert_eq!(pages.len(), 4, "drain empties the log");
 }
+
+#[test]
+fn two_its_instances_translate_independently() {
+    let mut cfg = GicConfig::virt(2);
+    let its1 = 0x0810_0000;
+    cfg.its.push(ItsConfig {
+        base: its1,
+        device_bits: 8,
+        event_bits: 8,
+        pta: false,
+    });
+    let mut d = Driver::bare_with(cfg);
+    d.fill_prop(true);
+    d.enable_cpus();
+    d.enable_lpis();
+    d.enable_its();
+    d.map_basic(1);
+    d.cmds(&[ItsCommand::Mapti {
+        device: 0,
+        event: 0,
+        intid: 8192,
+        icid: 0,
+    }]);
+    // Second ITS: its own tables and queue in a separate part of RAM.
+    let base = RAM + 0x30_0000;
+    let typer = d.r64(its1 + GITS_TYPER);
+    assert_eq!((typer >> 13) & 0x1F, 7, "8 DeviceID bits on ITS 1");
+    d.w64(its1 + GITS_BASER, GITS_BASER_VALID | base);
+    d.w64(its1 + GITS_BASER + 8, GITS_BASER_VALID | (base + 0x1000));
+    d.w64(its1 + GITS_CBASER, GITS_CBASER_VALID | (base + 0x2000));
+    d.w32(its1 + GITS_CTLR, GITS_CTLR_ENABLED);
+    let cmds = [
+        ItsCommand::Mapc {
+            icid: 0,
+            rdbase: 1,
+            valid: true,
+        },
+        ItsCommand::Mapd {
+            device: 0,
+            size: 3,
+            itt: base + 0x3000,
+            valid: true,
+        },
+        ItsCommand::Mapti {
+            device: 0,
+            event: 0,
+            intid: 8193,
+            icid: 0,
+        },
+    ];
+    for (i, c) in cmds.iter().enumerate() {
+        d.gic
+            .mem_mut()
+            .write(base + 0x2000 + 32 * i as u64, &c.to_bytes())
+            .unwrap();
+    }
+    d.w64(its1 + GITS_CWRITER, 32 * cmds.len() as u64);
+    assert_eq!(d.r64(its1 + GITS_CREADR), 32 * cmds.len() as u64);
+    // Same DeviceID/EventID, different ITS, different LPI and PE.
+    d.gic.send_msi(0, 0, 0).unwrap();
+    d.gic.send_msi(1, 0, 0).unwrap();
+    assert_eq!(d.drain(0), vec![8192]);
+    assert_eq!(d.drain(1), vec![8193]);
+    assert!(matches!(
+        d.gic.send_msi(2, 0, 0),
+        Err(gic::MsiError::NoSuchIts(2))
+    ));
+}
