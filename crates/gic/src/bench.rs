@@ -51,6 +51,8 @@ pub struct BenchReport {
     pub its_seconds: f64,
     /// Commands per second.
     pub its_commands_per_sec: f64,
+    /// Commands the ITS rejected (must be 0: the mix is valid).
+    pub its_command_errors: u64,
     /// LPIs acknowledged with the expected INTID and completed.
     pub lpis_delivered: u64,
     /// LPIs that were not acknowledged as expected (must be 0).
@@ -71,6 +73,7 @@ impl BenchReport {
              | PEs | {} |\n\
              | ITS commands executed | {} |\n\
              | ITS commands / s | {:.0} |\n\
+             | ITS command errors | {} |\n\
              | LPIs delivered (MSI -> IAR1 -> EOIR1) | {} |\n\
              | LPIs lost | {} |\n\
              | LPIs delivered / s | {:.0} |\n\
@@ -78,6 +81,7 @@ impl BenchReport {
             self.params.pes,
             self.its_commands,
             self.its_commands_per_sec,
+            self.its_command_errors,
             self.lpis_delivered,
             self.lpis_lost,
             self.lpis_per_sec,
@@ -257,11 +261,13 @@ pub fn run(p: &BenchParams) -> Result<BenchReport, BenchError> {
     let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let mut pages = Vec::new();
     gic.write_log().drain_pages_into(&mut pages);
+    let its_command_errors = gic.its_errors(0).map_or(0, |e| e.1);
     Ok(BenchReport {
         params: *p,
         its_commands,
         its_seconds,
         its_commands_per_sec: rate(its_commands, its_seconds),
+        its_command_errors,
         lpis_delivered: delivered,
         lpis_lost: lost,
         lpi_seconds,

@@ -183,6 +183,7 @@ fn bench_delivers_every_lpi_and_reports_rates() {
     assert_eq!(r.its_commands, 2_000);
     assert_eq!(r.lpis_delivered, 2_000);
     assert_eq!(r.lpis_lost, 0);
+    assert_eq!(r.its_command_errors, 0);
     assert!(r.its_commands_per_sec > 0.0 && r.lpis_per_sec > 0.0);
     assert!(r.dirty_pages > 0);
     let md = r.to_markdown();
