@@ -22,6 +22,9 @@ pub struct DistState {
     pub enable: Vec<u32>,
     /// Pending latches.
     pub pending: Vec<u32>,
+    /// Input line levels (used by level-sensitive SPIs).
+    #[serde(default)]
+    pub level: Vec<u32>,
     /// Active bits.
     pub active: Vec<u32>,
     /// GICD_ICFGR words (2 bits per INTID).
@@ -37,7 +40,12 @@ pub(crate) struct Distributor {
     pub(crate) ctlr: u32,
     pub(crate) group: Vec<u32>,
     pub(crate) enable: Vec<u32>,
+    /// Pending latches (edge events, GICD_ISPENDR writes).
     pub(crate) pending: Vec<u32>,
+    /// Input line levels.
+    pub(crate) level: Vec<u32>,
+    /// Derived from `cfg`: 1 = edge-triggered.
+    edge: Vec<u32>,
     pub(crate) active: Vec<u32>,
     pub(crate) cfg: Vec<u32>,
     pub(crate) priority: Vec<u8>,
@@ -90,6 +98,8 @@ impl Distributor {
             group: vec![0; words],
             enable: vec![0; words],
             pending: vec![0; words],
+            level: vec![0; words],
+            edge: vec![0; words],
             active: vec![0; words],
             cfg: vec![0; words * 2],
             priority: vec![0; num_irqs as usize],
@@ -105,6 +115,30 @@ impl Distributor {
 
     pub(crate) fn is_spi(&self, intid: u32) -> bool {
         (NUM_PRIVATE..self.num_irqs).contains(&intid)
+    }
+
+    /// Pending state of word `w`: the latch, plus the input level of level-sensitive INTIDs.
+    pub(crate) fn pending_word(&self, w: usize) -> u32 {
+        self.pending[w] | (self.level[w] & !self.edge[w])
+    }
+
+    /// Drives an SPI's input line. A rising edge of an edge-triggered SPI sets its latch.
+    pub(crate) fn set_level(&mut self, intid: u32, high: bool) {
+        if !self.is_spi(intid) {
+            return;
+        }
+        if high && !bit(&self.level, intid) && bit(&self.edge, intid) {
+            set_bit(&mut self.pending, intid, true);
+        }
+        set_bit(&mut self.level, intid, high);
+    }
+
+    fn recompute_edge(&mut self) {
+        for (w, e) in self.edge.iter_mut().enumerate() {
+            let lo = self.cfg.get(2 * w).copied().unwrap_or(0);
+            let hi = self.cfg.get(2 * w + 1).copied().unwrap_or(0);
+            *e = (edge_bits(lo) as u32) | ((edge_bits(hi) as u32) << 16);
+        }
     }
 
     pub(crate) fn set_pending(&mut self, intid: u32, v: bool) {
@@ -124,7 +158,7 @@ impl Distributor {
     }
 
     pub(crate) fn is_pending(&self, intid: u32) -> bool {
-        bit(&self.pending, intid)
+        self.is_spi(intid) && self.pending_word((intid / 32) as usize) & (1 << (intid % 32)) != 0
     }
 
     fn words(&self) -> u64 {
@@ -141,7 +175,7 @@ impl Distributor {
             let v = match bank {
                 Bank::Group => self.group[n],
                 Bank::SetEnable | Bank::ClearEnable => self.enable[n],
-                Bank::SetPending | Bank::ClearPending => self.pending[n],
+                Bank::SetPending | Bank::ClearPending => self.pending_word(n),
                 Bank::SetActive | Bank::ClearActive => self.active[n],
             };
             return Ok(v as u64);
@@ -256,6 +290,7 @@ impl Distributor {
                         // Bit 0 of each 2-bit field is RES0; bit 1 selects edge triggering.
                         *w = v32 & 0xAAAA_AAAA;
                     }
+                    self.recompute_edge();
                 }
                 Ok(())
             }
@@ -285,6 +320,7 @@ impl Distributor {
             group: self.group.clone(),
             enable: self.enable.clone(),
             pending: self.pending.clone(),
+            level: self.level.clone(),
             active: self.active.clone(),
             cfg: self.cfg.clone(),
             priority: self.priority.clone(),
@@ -311,10 +347,33 @@ impl Distributor {
         self.group = s.group.clone();
         self.enable = s.enable.clone();
         self.pending = s.pending.clone();
+        self.level = if s.level.is_empty() {
+            vec![0; words]
+        } else if s.level.len() == words {
+            s.level.clone()
+        } else {
+            return Err(StateError::Length {
+                what: "GICD level words",
+                got: s.level.len(),
+                want: words,
+            });
+        };
         self.active = s.active.clone();
         self.cfg = s.cfg.iter().map(|w| w & 0xAAAA_AAAA).collect();
         self.priority = s.priority.iter().map(|p| p & PRIORITY_MASK).collect();
         self.router = s.router.iter().map(|r| r & GICD_IROUTER_MASK).collect();
+        self.recompute_edge();
         Ok(())
     }
+}
+
+/// Collects the edge bits (bit 1 of each 2-bit ICFGR field) of 16 INTIDs.
+pub(crate) fn edge_bits(cfg: u32) -> u16 {
+    let mut r = 0u16;
+    for j in 0..16 {
+        if cfg & (1 << (2 * j + 1)) != 0 {
+            r |= 1 << j;
+        }
+    }
+    r
 }

@@ -430,6 +430,34 @@ impl<M: GuestMem> Gic<M> {
         true
     }
 
+    /// Drives the input line of SPI `intid`. For a level-sensitive SPI (GICD_ICFGR) the
+    /// interrupt is pending while the line is high; for an edge-triggered one a rising edge
+    /// sets the pending latch. Returns false (and does nothing) for an INTID that is not an
+    /// implemented SPI.
+    pub fn set_spi_level(&mut self, intid: u32, high: bool) -> bool {
+        if !self.dist.is_spi(intid) {
+            return false;
+        }
+        self.dist.set_level(intid, high);
+        self.update();
+        true
+    }
+
+    /// Drives the input line of PPI `intid` (16..32) on PE `pe`, with the same semantics as
+    /// [`Gic::set_spi_level`] (GICR_ICFGR1 selects the trigger). Returns false for an invalid
+    /// PE or INTID.
+    pub fn set_ppi_level(&mut self, pe: usize, intid: u32, high: bool) -> bool {
+        if !(NUM_SGIS..NUM_PRIVATE).contains(&intid) {
+            return false;
+        }
+        let Some(rd) = self.rds.get_mut(pe) else {
+            return false;
+        };
+        rd.set_ppi_line(intid, high);
+        self.update();
+        true
+    }
+
     /// Sets the pending latch of PPI `intid` (16..32) on PE `pe`. Returns false for an invalid
     /// PE or INTID.
     pub fn set_ppi_pending(&mut self, pe: usize, intid: u32) -> bool {
@@ -451,7 +479,7 @@ impl<M: GuestMem> Gic<M> {
             return false;
         };
         if intid < NUM_PRIVATE {
-            rd.pending & (1 << intid) != 0
+            rd.pending_word() & (1 << intid) != 0
         } else if intid >= LPI_BASE {
             rd.lpi_pending.contains(&intid)
         } else {
@@ -501,7 +529,7 @@ impl<M: GuestMem> Gic<M> {
                 best = Some(Candidate { intid, prio });
             }
         };
-        let mut bits = rd.pending & rd.enable & !rd.active & rd.group;
+        let mut bits = rd.pending_word() & rd.enable & !rd.active & rd.group;
         while bits != 0 {
             let i = bits.trailing_zeros();
             bits &= bits - 1;
@@ -509,7 +537,7 @@ impl<M: GuestMem> Gic<M> {
         }
         let d = &self.dist;
         for w in 1..d.pending.len() {
-            let mut bits = d.pending[w] & d.enable[w] & !d.active[w] & d.group[w];
+            let mut bits = d.pending_word(w) & d.enable[w] & !d.active[w] & d.group[w];
             while bits != 0 {
                 let i = bits.trailing_zeros();
                 bits &= bits - 1;

@@ -35,6 +35,9 @@ pub struct RedistState {
     pub enable: u32,
     /// SGI/PPI pending latches.
     pub pending: u32,
+    /// PPI input line levels.
+    #[serde(default)]
+    pub line: u32,
     /// SGI/PPI active bits.
     pub active: u32,
     /// GICR_ICFGR1 (PPI configuration).
@@ -55,7 +58,10 @@ pub(crate) struct Redistributor {
     pub(crate) pendbaser: u64,
     pub(crate) group: u32,
     pub(crate) enable: u32,
+    /// Pending latches (SGIs, edge events, GICR_ISPENDR0 writes).
     pub(crate) pending: u32,
+    /// PPI input line levels.
+    pub(crate) line: u32,
     pub(crate) active: u32,
     pub(crate) icfgr1: u32,
     pub(crate) priority: [u8; 32],
@@ -81,6 +87,7 @@ impl Redistributor {
             group: 0,
             enable: 0,
             pending: 0,
+            line: 0,
             active: 0,
             icfgr1: 0,
             priority: [0; 32],
@@ -88,6 +95,32 @@ impl Redistributor {
             lpi_pending: BTreeSet::new(),
             typer,
             max_lpi_bits,
+        }
+    }
+
+    /// 1 for every edge-triggered private INTID (SGIs always; PPIs per GICR_ICFGR1).
+    fn edge_mask(&self) -> u32 {
+        0xFFFF | ((crate::dist::edge_bits(self.icfgr1) as u32) << 16)
+    }
+
+    /// SGI/PPI pending state: the latch, plus the line of level-sensitive PPIs.
+    pub(crate) fn pending_word(&self) -> u32 {
+        self.pending | (self.line & !self.edge_mask())
+    }
+
+    /// Drives a PPI's input line; a rising edge of an edge-triggered PPI sets its latch.
+    pub(crate) fn set_ppi_line(&mut self, intid: u32, high: bool) {
+        if !(NUM_SGIS..NUM_PRIVATE).contains(&intid) {
+            return;
+        }
+        let m = 1u32 << intid;
+        if high && self.line & m == 0 && self.edge_mask() & m != 0 {
+            self.pending |= m;
+        }
+        if high {
+            self.line |= m;
+        } else {
+            self.line &= !m;
         }
     }
 
@@ -360,7 +393,9 @@ impl Redistributor {
         match offset {
             GICR_IGROUPR0 => only32(offset, width).map(|_| self.group as u64),
             GICR_ISENABLER0 | GICR_ICENABLER0 => only32(offset, width).map(|_| self.enable as u64),
-            GICR_ISPENDR0 | GICR_ICPENDR0 => only32(offset, width).map(|_| self.pending as u64),
+            GICR_ISPENDR0 | GICR_ICPENDR0 => {
+                only32(offset, width).map(|_| self.pending_word() as u64)
+            }
             GICR_ISACTIVER0 | GICR_ICACTIVER0 => only32(offset, width).map(|_| self.active as u64),
             o if (GICR_IPRIORITYR..GICR_IPRIORITYR + 32).contains(&o) => {
                 if width != 1 && width != 4 {
@@ -434,6 +469,7 @@ impl Redistributor {
             group: self.group,
             enable: self.enable,
             pending: self.pending,
+            line: self.line,
             active: self.active,
             icfgr1: self.icfgr1,
             priority: self.priority.to_vec(),
@@ -463,6 +499,7 @@ impl Redistributor {
         self.group = s.group;
         self.enable = s.enable;
         self.pending = s.pending;
+        self.line = s.line & 0xFFFF_0000;
         self.active = s.active;
         self.icfgr1 = s.icfgr1 & 0xAAAA_AAAA;
         for (d, p) in self.priority.iter_mut().zip(&s.priority) {

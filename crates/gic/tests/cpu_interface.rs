@@ -488,3 +488,77 @@ fn lpis_to_a_redistributor_with_lpis_disabled_are_dropped() {
     d.w32(rd1 + GICR_CTLR, GICR_CTLR_ENABLE_LPIS);
     assert!(d.drain(1).is_empty());
 }
+
+#[test]
+fn level_sensitive_spi_is_pending_while_its_line_is_high() {
+    let mut d = Driver::bare(1);
+    d.enable_cpus();
+    let n = 33u32;
+    d.w32(GICD + GICD_IGROUPR + 4, 1 << 1);
+    d.w32(GICD + GICD_ISENABLER + 4, 1 << 1);
+    // GICD_ICFGR reset value: level-sensitive.
+    assert!(d.gic.set_spi_level(n, true));
+    assert_eq!(
+        d.r32(GICD + GICD_ISPENDR + 4),
+        1 << 1,
+        "ISPENDR shows the line"
+    );
+    // ICPENDR cannot clear a level that is still asserted.
+    d.w32(GICD + GICD_ICPENDR + 4, 1 << 1);
+    assert!(d.gic.is_pending(0, n));
+    assert_eq!(d.iar(0), n);
+    assert!(
+        d.gic.is_active(0, n) && d.gic.is_pending(0, n),
+        "active and pending"
+    );
+    d.eoi(0, n);
+    assert_eq!(d.iar(0), n, "still asserted: delivered again");
+    d.gic.set_spi_level(n, false);
+    d.eoi(0, n);
+    assert!(!d.gic.is_pending(0, n));
+    assert_eq!(d.iar(0), INTID_SPURIOUS);
+    assert!(!d.gic.set_spi_level(1020, true));
+}
+
+#[test]
+fn edge_triggered_spi_latches_one_event_per_rising_edge() {
+    let mut d = Driver::bare(1);
+    d.enable_cpus();
+    let n = 34u32;
+    d.w32(GICD + GICD_IGROUPR + 4, 1 << 2);
+    d.w32(GICD + GICD_ISENABLER + 4, 1 << 2);
+    d.w32(GICD + GICD_ICFGR + 8, 0b10 << 4); // INTID 34 edge-triggered
+    d.gic.set_spi_level(n, true);
+    d.gic.set_spi_level(n, true); // no new edge
+    assert_eq!(d.drain(0), vec![n]);
+    d.gic.set_spi_level(n, false);
+    d.gic.set_spi_level(n, true);
+    d.gic.set_spi_level(n, false);
+    assert!(d.gic.is_pending(0, n), "the latch outlives the pulse");
+    assert_eq!(d.drain(0), vec![n]);
+}
+
+#[test]
+fn level_sensitive_ppi_follows_its_line_and_survives_migration() {
+    let mut d = Driver::bare(2);
+    d.enable_cpus();
+    for pe in 0..2 {
+        let sgi = d.sgi(pe);
+        d.w32(sgi + GICR_IGROUPR0, 1 << 27);
+        d.w32(sgi + GICR_ISENABLER0, 1 << 27);
+    }
+    assert!(d.gic.set_ppi_level(1, 27, true));
+    assert!(!d.gic.set_ppi_level(1, 3, true), "SGIs have no line");
+    assert!(d.drain(0).is_empty());
+    assert_eq!(d.iar(1), 27);
+    let st = d.gic.state();
+    let mut m = Driver {
+        gic: gic::Gic::from_state(&st, d.gic.mem().clone()).unwrap(),
+        slot: 0,
+    };
+    m.eoi(1, 27);
+    assert_eq!(m.iar(1), 27, "line still high after migration");
+    m.gic.set_ppi_level(1, 27, false);
+    m.eoi(1, 27);
+    assert_eq!(m.iar(1), INTID_SPURIOUS);
+}
