@@ -122,7 +122,7 @@ pub enum ItsCommand {
     },
     /// Any other opcode (including GICv4 virtual commands, not implemented yet).
     Unknown {
-        /// DW0[7:0].
+        /// DW0\[7:0\].
         opcode: u8,
     },
 }
@@ -321,7 +321,7 @@ pub enum ItsErrorSource {
     Command {
         /// Offset of the command in the queue.
         offset: u64,
-        /// DW0[7:0].
+        /// DW0\[7:0\].
         opcode: u8,
     },
     /// A GITS_TRANSLATER write or [`crate::Gic::send_msi`] call.
@@ -355,7 +355,7 @@ pub struct ItsState {
     pub creadr: u64,
     /// GITS_CREADR.Stalled.
     pub stalled: bool,
-    /// GITS_BASER<n>.
+    /// GITS_BASER`<n>`.
     pub baser: Vec<u64>,
     /// Error records, oldest first.
     pub errors: Vec<ItsErrorRecord>,
@@ -667,7 +667,7 @@ impl Its {
         }
     }
 
-    /// Locates entry `index` of the table described by BASER<n>.
+    /// Locates entry `index` of the table described by BASER`<n>`.
     fn slot<M: GuestMem>(
         &self,
         mem: &LoggedMem<M>,

@@ -12,7 +12,7 @@
 //! - [`its`]: the ITS registers, command queue, tables and translation.
 //! - [`cpuif`]: the per-PE CPU interface registers ([`IccReg`]).
 //! - [`qtest`]: a QEMU-qtest-compatible line protocol front end.
-//! - [`bench`]: the model throughput benchmark.
+//! - [`bench`](mod@bench): the model throughput benchmark.
 //! - [`fuzz`]: the byte-string entry point shared by the fuzz target and its smoke test.
 //!
 //! Data flow: an MMIO write to GITS_CWRITER (or GITS_TRANSLATER) runs the ITS, which reads
@@ -343,7 +343,7 @@ impl<M: GuestMem> Gic<M> {
     }
 
     /// An MMIO read of `width` bytes (1, 2, 4 or 8) at guest-physical `addr`.
-    pub fn read(&mut self, addr: u64, width: u8) -> Result<u64, MmioError> {
+    pub fn read(&self, addr: u64, width: u8) -> Result<u64, MmioError> {
         Self::check_access(addr, width)?;
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
         match frame {

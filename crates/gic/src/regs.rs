@@ -41,10 +41,10 @@ pub const INTID_SPECIAL_FIRST: u32 = 1020;
 
 /// Offset of the Peripheral ID2 register in every frame (GICD/GICR/GITS_PIDR2).
 pub const PIDR2: u64 = 0xFFE8;
-/// PIDR2 value: ArchRev[7:4] = 3 (GICv3), JEDEC bits = 0xB.
+/// PIDR2 value: ArchRev\[7:4\] = 3 (GICv3), JEDEC bits = 0xB.
 pub const PIDR2_VALUE_V3: u32 = 0x3B;
 /// Implementer/product identification used in GICD_IIDR, GICR_IIDR and GITS_IIDR:
-/// ProductID[31:24] = 0x52 ('R'), Variant/Revision 0, Implementer[11:0] = 0 (none claimed).
+/// ProductID\[31:24\] = 0x52 ('R'), Variant/Revision 0, Implementer\[11:0\] = 0 (none claimed).
 pub const IIDR_VALUE: u32 = 0x5200_0000;
 
 // ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ pub const GICD_CTLR_RWP: u32 = 1 << 31;
 pub const GICD_TYPER_ITLINES_SHIFT: u32 = 0;
 /// GICD_TYPER.LPIS: LPIs are supported.
 pub const GICD_TYPER_LPIS: u32 = 1 << 17;
-/// GICD_TYPER.IDbits shift (bits [23:19]): INTID bits - 1.
+/// GICD_TYPER.IDbits shift (bits \[23:19\]): INTID bits - 1.
 pub const GICD_TYPER_IDBITS_SHIFT: u32 = 19;
 /// GICD_TYPER.A3V: affinity level 3 values other than 0 are supported.
 pub const GICD_TYPER_A3V: u32 = 1 << 24;
@@ -114,7 +114,7 @@ pub const GICD_TYPER_NO1N: u32 = 1 << 25;
 
 /// GICD_IROUTER.IRM: 1-of-N routing mode (RAZ/WI because GICD_TYPER.No1N = 1).
 pub const GICD_IROUTER_IRM: u64 = 1 << 31;
-/// GICD_IROUTER writable bits: Aff3[39:32], Aff2[23:16], Aff1[15:8], Aff0[7:0].
+/// GICD_IROUTER writable bits: Aff3\[39:32\], Aff2\[23:16\], Aff1\[15:8\], Aff0\[7:0\].
 pub const GICD_IROUTER_MASK: u64 = 0xFF_00FF_FFFF;
 
 // ---------------------------------------------------------------------------------------------
@@ -161,11 +161,11 @@ pub const GICR_TYPER_VLPIS: u64 = 1 << 1;
 pub const GICR_TYPER_DIRECTLPI: u64 = 1 << 3;
 /// GICR_TYPER.Last: last redistributor of the region.
 pub const GICR_TYPER_LAST: u64 = 1 << 4;
-/// GICR_TYPER.Processor_Number shift (bits [23:8]).
+/// GICR_TYPER.Processor_Number shift (bits \[23:8\]).
 pub const GICR_TYPER_PROCNUM_SHIFT: u32 = 8;
-/// GICR_TYPER.CommonLPIAff shift (bits [25:24]); 0 = all RDs share LPI configuration.
+/// GICR_TYPER.CommonLPIAff shift (bits \[25:24\]); 0 = all RDs share LPI configuration.
 pub const GICR_TYPER_COMMONLPIAFF_SHIFT: u32 = 24;
-/// GICR_TYPER.Affinity_Value shift (bits [63:32]: Aff3.Aff2.Aff1.Aff0).
+/// GICR_TYPER.Affinity_Value shift (bits \[63:32\]: Aff3.Aff2.Aff1.Aff0).
 pub const GICR_TYPER_AFF_SHIFT: u32 = 32;
 
 /// GICR_WAKER.ProcessorSleep.
@@ -173,20 +173,20 @@ pub const GICR_WAKER_PROCESSOR_SLEEP: u32 = 1 << 1;
 /// GICR_WAKER.ChildrenAsleep (RO, follows ProcessorSleep immediately).
 pub const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;
 
-/// GICR_PROPBASER.IDbits mask (bits [4:0]: ID bits - 1).
+/// GICR_PROPBASER.IDbits mask (bits \[4:0\]: ID bits - 1).
 pub const GICR_PROPBASER_IDBITS_MASK: u64 = 0x1F;
-/// GICR_PROPBASER.Physical_Address mask (bits [51:12]).
+/// GICR_PROPBASER.Physical_Address mask (bits \[51:12\]).
 pub const GICR_PROPBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 /// GICR_PROPBASER writable bits: IDbits, InnerCache, Shareability, PA, OuterCache.
 pub const GICR_PROPBASER_MASK: u64 = 0x070F_FFFF_FFFF_FF9F;
-/// GICR_PENDBASER.Physical_Address mask (bits [51:16]).
+/// GICR_PENDBASER.Physical_Address mask (bits \[51:16\]).
 pub const GICR_PENDBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_0000;
 /// GICR_PENDBASER.PTZ: pending table is known to be zero (WO, reads as 0).
 pub const GICR_PENDBASER_PTZ: u64 = 1 << 62;
 /// GICR_PENDBASER stored bits: InnerCache, Shareability, PA, OuterCache.
 pub const GICR_PENDBASER_MASK: u64 = 0x070F_FFFF_FFFF_0F80;
 
-/// GICR_INVLPIR.INTID mask (bits [31:0]; V and vPEID are for GICv4.1).
+/// GICR_INVLPIR.INTID mask (bits \[31:0\]; V and vPEID are for GICv4.1).
 pub const GICR_INVLPIR_INTID_MASK: u64 = 0xFFFF_FFFF;
 /// GICR_INVLPIR.V / GICR_INVALLR.V: the request names a vPE (GICv4.1, ignored here).
 pub const GICR_INV_V: u64 = 1 << 63;
@@ -247,26 +247,26 @@ pub const BPR_MAX: u8 = 7;
 pub const ICC_CTLR_CBPR: u64 = 1 << 0;
 /// ICC_CTLR_EL1.EOImode: 1 = EOIR only drops priority, DIR deactivates.
 pub const ICC_CTLR_EOIMODE: u64 = 1 << 1;
-/// ICC_CTLR_EL1.PRIbits shift (bits [10:8]: priority bits - 1).
+/// ICC_CTLR_EL1.PRIbits shift (bits \[10:8\]: priority bits - 1).
 pub const ICC_CTLR_PRIBITS_SHIFT: u32 = 8;
-/// ICC_CTLR_EL1.IDbits shift (bits [13:11]: 0 = 16-bit INTIDs).
+/// ICC_CTLR_EL1.IDbits shift (bits \[13:11\]: 0 = 16-bit INTIDs).
 pub const ICC_CTLR_IDBITS_SHIFT: u32 = 11;
 /// ICC_CTLR_EL1.A3V: SGI1R Aff3 supported.
 pub const ICC_CTLR_A3V: u64 = 1 << 15;
 
-/// ICC_SGI1R_EL1.TargetList (bits [15:0]).
+/// ICC_SGI1R_EL1.TargetList (bits \[15:0\]).
 pub const ICC_SGI1R_TARGETLIST_MASK: u64 = 0xFFFF;
-/// ICC_SGI1R_EL1.Aff1 shift (bits [23:16]).
+/// ICC_SGI1R_EL1.Aff1 shift (bits \[23:16\]).
 pub const ICC_SGI1R_AFF1_SHIFT: u32 = 16;
-/// ICC_SGI1R_EL1.INTID shift (bits [27:24]).
+/// ICC_SGI1R_EL1.INTID shift (bits \[27:24\]).
 pub const ICC_SGI1R_INTID_SHIFT: u32 = 24;
-/// ICC_SGI1R_EL1.Aff2 shift (bits [39:32]).
+/// ICC_SGI1R_EL1.Aff2 shift (bits \[39:32\]).
 pub const ICC_SGI1R_AFF2_SHIFT: u32 = 32;
 /// ICC_SGI1R_EL1.IRM: 1 = every PE except the sender.
 pub const ICC_SGI1R_IRM: u64 = 1 << 40;
-/// ICC_SGI1R_EL1.RS shift (bits [47:44]): range selector, Aff0 = RS * 16 + bit.
+/// ICC_SGI1R_EL1.RS shift (bits \[47:44\]): range selector, Aff0 = RS * 16 + bit.
 pub const ICC_SGI1R_RS_SHIFT: u32 = 44;
-/// ICC_SGI1R_EL1.Aff3 shift (bits [55:48]).
+/// ICC_SGI1R_EL1.Aff3 shift (bits \[55:48\]).
 pub const ICC_SGI1R_AFF3_SHIFT: u32 = 48;
 
 // ---------------------------------------------------------------------------------------------
@@ -285,9 +285,9 @@ pub const GITS_CBASER: u64 = 0x0080;
 pub const GITS_CWRITER: u64 = 0x0088;
 /// Command queue read offset (64-bit, RO).
 pub const GITS_CREADR: u64 = 0x0090;
-/// First table base register; BASER<n> is at 0x100 + 8 * n.
+/// First table base register; BASER`<n>` is at 0x100 + 8 * n.
 pub const GITS_BASER: u64 = 0x0100;
-/// Number of GITS_BASER<n> registers.
+/// Number of GITS_BASER`<n>` registers.
 pub const GITS_BASER_COUNT: usize = 8;
 /// Translation register, in the translation frame (offset from ITS_base).
 pub const GITS_TRANSLATER: u64 = GITS_TRANSLATION_OFFSET + 0x40;
@@ -299,24 +299,24 @@ pub const GITS_CTLR_QUIESCENT: u32 = 1 << 31;
 
 /// GITS_TYPER.Physical: physical LPIs supported.
 pub const GITS_TYPER_PHYSICAL: u64 = 1 << 0;
-/// GITS_TYPER.ITT_entry_size shift (bits [7:4]: bytes - 1).
+/// GITS_TYPER.ITT_entry_size shift (bits \[7:4\]: bytes - 1).
 pub const GITS_TYPER_ITT_ENTRY_SIZE_SHIFT: u32 = 4;
-/// GITS_TYPER.IDbits shift (bits [12:8]: EventID bits - 1).
+/// GITS_TYPER.IDbits shift (bits \[12:8\]: EventID bits - 1).
 pub const GITS_TYPER_IDBITS_SHIFT: u32 = 8;
-/// GITS_TYPER.Devbits shift (bits [17:13]: DeviceID bits - 1).
+/// GITS_TYPER.Devbits shift (bits \[17:13\]: DeviceID bits - 1).
 pub const GITS_TYPER_DEVBITS_SHIFT: u32 = 13;
 /// GITS_TYPER.PTA: RDbase fields are physical addresses (else processor numbers).
 pub const GITS_TYPER_PTA: u64 = 1 << 19;
-/// GITS_TYPER.HCC shift (bits [31:24]): collections held in the ITS (0 here).
+/// GITS_TYPER.HCC shift (bits \[31:24\]): collections held in the ITS (0 here).
 pub const GITS_TYPER_HCC_SHIFT: u32 = 24;
-/// GITS_TYPER.CIDbits shift (bits [35:32]): collection ID bits - 1 when CIL = 1.
+/// GITS_TYPER.CIDbits shift (bits \[35:32\]): collection ID bits - 1 when CIL = 1.
 pub const GITS_TYPER_CIDBITS_SHIFT: u32 = 32;
 /// GITS_TYPER.CIL: CIDbits is valid.
 pub const GITS_TYPER_CIL: u64 = 1 << 36;
 
-/// GITS_CBASER.Size mask (bits [7:0]: 4 KiB pages - 1).
+/// GITS_CBASER.Size mask (bits \[7:0\]: 4 KiB pages - 1).
 pub const GITS_CBASER_SIZE_MASK: u64 = 0xFF;
-/// GITS_CBASER.Physical_Address mask (bits [51:12]).
+/// GITS_CBASER.Physical_Address mask (bits \[51:12\]).
 pub const GITS_CBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 /// GITS_CBASER.Valid.
 pub const GITS_CBASER_VALID: u64 = 1 << 63;
@@ -325,22 +325,22 @@ pub const GITS_CBASER_MASK: u64 = 0xB8EF_FFFF_FFFF_FCFF;
 
 /// GITS_CWRITER.Retry: restart a stalled command queue.
 pub const GITS_CWRITER_RETRY: u64 = 1 << 0;
-/// GITS_CWRITER / GITS_CREADR Offset mask (bits [19:5]).
+/// GITS_CWRITER / GITS_CREADR Offset mask (bits \[19:5\]).
 pub const GITS_CMDQ_OFFSET_MASK: u64 = 0x000F_FFE0;
 /// GITS_CREADR.Stalled: command processing stopped on an error.
 pub const GITS_CREADR_STALLED: u64 = 1 << 0;
 
-/// GITS_BASER.Size mask (bits [7:0]: pages - 1).
+/// GITS_BASER.Size mask (bits \[7:0\]: pages - 1).
 pub const GITS_BASER_SIZE_MASK: u64 = 0xFF;
-/// GITS_BASER.Page_Size shift (bits [9:8]: 0 = 4 KiB, 1 = 16 KiB, 2 = 64 KiB).
+/// GITS_BASER.Page_Size shift (bits \[9:8\]: 0 = 4 KiB, 1 = 16 KiB, 2 = 64 KiB).
 pub const GITS_BASER_PAGE_SIZE_SHIFT: u32 = 8;
 /// GITS_BASER.Page_Size field mask (after shift).
 pub const GITS_BASER_PAGE_SIZE_FIELD: u64 = 0x3;
-/// GITS_BASER.Physical_Address mask for 4 KiB and 16 KiB pages (bits [47:12]).
+/// GITS_BASER.Physical_Address mask for 4 KiB and 16 KiB pages (bits \[47:12\]).
 pub const GITS_BASER_PA_MASK: u64 = 0x0000_FFFF_FFFF_F000;
-/// GITS_BASER.Entry_Size shift (bits [52:48]: bytes - 1, RO).
+/// GITS_BASER.Entry_Size shift (bits \[52:48\]: bytes - 1, RO).
 pub const GITS_BASER_ENTRY_SIZE_SHIFT: u32 = 48;
-/// GITS_BASER.Type shift (bits [58:56], RO).
+/// GITS_BASER.Type shift (bits \[58:56\], RO).
 pub const GITS_BASER_TYPE_SHIFT: u32 = 56;
 /// GITS_BASER.Indirect: two-level table.
 pub const GITS_BASER_INDIRECT: u64 = 1 << 62;
@@ -359,7 +359,7 @@ pub const GITS_BASER_TYPE_VPE: u64 = 2;
 pub const GITS_BASER_TYPE_COLLECTION: u64 = 4;
 /// Level-1 entry of an indirect table: Valid bit.
 pub const GITS_L1E_VALID: u64 = 1 << 63;
-/// Level-1 entry of an indirect table: level-2 page address (bits [51:12]).
+/// Level-1 entry of an indirect table: level-2 page address (bits \[51:12\]).
 pub const GITS_L1E_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 
 /// Size in bytes of one ITS command.
@@ -373,18 +373,18 @@ pub const ITS_CMD_SIZE: u64 = 32;
 pub const DTE_SIZE: u64 = 8;
 /// DTE.Valid.
 pub const DTE_VALID: u64 = 1 << 0;
-/// DTE.Size shift (bits [5:1]: EventID bits - 1).
+/// DTE.Size shift (bits \[5:1\]: EventID bits - 1).
 pub const DTE_SIZE_SHIFT: u32 = 1;
 /// DTE.Size field mask (after shift).
 pub const DTE_SIZE_FIELD: u64 = 0x1F;
-/// DTE.ITT_addr mask: the ITT physical address itself, 256-byte aligned (bits [51:8]).
+/// DTE.ITT_addr mask: the ITT physical address itself, 256-byte aligned (bits \[51:8\]).
 pub const DTE_ITT_MASK: u64 = 0x000F_FFFF_FFFF_FF00;
 
 /// Collection table entry size in bytes.
 pub const CTE_SIZE: u64 = 8;
 /// CTE.Valid.
 pub const CTE_VALID: u64 = 1 << 0;
-/// CTE.RDbase shift (bits [51:16]: the RDbase field of MAPC as written).
+/// CTE.RDbase shift (bits \[51:16\]: the RDbase field of MAPC as written).
 pub const CTE_RDBASE_SHIFT: u32 = 16;
 /// CTE.RDbase field mask (after shift, 36 bits).
 pub const CTE_RDBASE_FIELD: u64 = 0xF_FFFF_FFFF;
@@ -393,22 +393,22 @@ pub const CTE_RDBASE_FIELD: u64 = 0xF_FFFF_FFFF;
 pub const ITE_SIZE: u64 = 16;
 /// ITE word 0: Valid.
 pub const ITE_VALID: u64 = 1 << 0;
-/// ITE word 0: interrupt type shift (bits [3:1]); 1 = physical LPI (others reserved for GICv4).
+/// ITE word 0: interrupt type shift (bits \[3:1\]); 1 = physical LPI (others reserved for GICv4).
 pub const ITE_TYPE_SHIFT: u32 = 1;
 /// ITE word 0: interrupt type field mask (after shift).
 pub const ITE_TYPE_FIELD: u64 = 0x7;
 /// ITE interrupt type: physical LPI.
 pub const ITE_TYPE_PHYSICAL: u64 = 1;
-/// ITE word 0: ICID shift (bits [31:16]).
+/// ITE word 0: ICID shift (bits \[31:16\]).
 pub const ITE_ICID_SHIFT: u32 = 16;
-/// ITE word 0: INTID shift (bits [63:32]).
+/// ITE word 0: INTID shift (bits \[63:32\]).
 pub const ITE_INTID_SHIFT: u32 = 32;
 
 /// LPI configuration byte: Enable.
 pub const LPI_PROP_ENABLE: u8 = 1 << 0;
 /// LPI configuration byte: Group1 (RES1 in software's view; ignored by the model).
 pub const LPI_PROP_GROUP1: u8 = 1 << 1;
-/// LPI configuration byte: priority bits [7:2].
+/// LPI configuration byte: priority bits \[7:2\].
 pub const LPI_PROP_PRIORITY_MASK: u8 = 0xFC;
 
 // ---------------------------------------------------------------------------------------------

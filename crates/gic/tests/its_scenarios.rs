@@ -879,3 +879,43 @@ fn two_its_instances_translate_independently() {
         Err(gic::MsiError::NoSuchIts(2))
     ));
 }
+
+#[test]
+fn write_hook_sees_every_model_write_with_its_length() {
+    use std::sync::{Arc, Mutex};
+    let mut d = Driver::booted(1);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = Arc::clone(&seen);
+    d.gic
+        .write_log()
+        .set_hook(Some(Box::new(move |a, l| s2.lock().unwrap().push((a, l)))));
+    d.map_basic(1);
+    d.cmds(&[
+        ItsCommand::Mapti {
+            device: 0,
+            event: 1,
+            intid: 8193,
+            icid: 0,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 1,
+        },
+    ]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (CT, 8),              // MAPC: CTE
+            (DT, 8),              // MAPD: DTE
+            (ITT + 16, 16),       // MAPTI: ITE
+            (PEND + 8193 / 8, 1), // INT: pending bit
+        ]
+    );
+    assert_eq!(d.drain(0), vec![8193]);
+    assert_eq!(
+        seen.lock().unwrap().last(),
+        Some(&(PEND + 8193 / 8, 1)),
+        "ack clears the bit"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 5);
+}
