@@ -924,6 +924,17 @@ fn random_command_streams_leave_the_same_pending_tables_as_qemu() {
                 .map(|_| random_command(&mut r))
                 .collect();
             queue(&mut s, &mut slot, &batch);
+            match r.below(6) {
+                // An MSI from DeviceID 0 (what qtest accesses carry).
+                0 | 1 => s.push(wl(GITS + GITS_TRANSLATER, r.below(10))),
+                // PE 1 turns LPIs off and on again: pending state survives in memory.
+                2 => {
+                    s.push(wl(RD0 + 0x2_0000 + GICR_CTLR, 0));
+                    s.push(wl(GITS + GITS_TRANSLATER, 1));
+                    s.push(wl(RD0 + 0x2_0000 + GICR_CTLR, 1));
+                }
+                _ => {}
+            }
             for pe in 0..SMP as u64 {
                 s.push(format!("read 0x{:x} 16", PEND + pe * 0x1_0000 + 1024));
             }
