@@ -5,8 +5,6 @@
 //! pages into its dirty tracking (the model's writes do not go through a vCPU, so KVM's dirty
 //! log cannot see them).
 
-use std::collections::BTreeSet;
-
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::MemError;
@@ -112,10 +110,18 @@ impl<M: vm_memory::GuestMemory> GuestMem for VmMemory<M> {
 /// Callback told about every guest-memory write the model makes: `(address, length)`.
 pub type WriteHook = Box<dyn FnMut(u64, u64) + Send>;
 
+/// Entries the log holds before it compacts itself (sort + dedup in place).
+const COMPACT_AT: usize = 4096;
+
 /// Record of the guest pages the model has written since the last drain.
+///
+/// Recording a write does not allocate once the log has grown to its working size: pages go
+/// into a vector (skipping a repeat of the last page), which is sorted and deduplicated in
+/// place when it fills up and when it is drained, so its length stays bounded by twice the
+/// number of distinct pages written (or [`COMPACT_AT`], whichever is larger).
 #[derive(Default)]
 pub struct WriteLog {
-    pages: BTreeSet<u64>,
+    pages: Vec<u64>,
     writes: u64,
     hook: Option<WriteHook>,
 }
@@ -140,22 +146,42 @@ impl WriteLog {
         let first = addr / LOG_PAGE_SIZE;
         let last = addr.saturating_add(len - 1) / LOG_PAGE_SIZE;
         for p in first..=last {
-            self.pages.insert(p * LOG_PAGE_SIZE);
+            let page = p * LOG_PAGE_SIZE;
+            if self.pages.last() != Some(&page) {
+                if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
+                    self.compact();
+                }
+                self.pages.push(page);
+            }
         }
         if let Some(h) = self.hook.as_mut() {
             h(addr, len);
         }
     }
 
+    fn compact(&mut self) {
+        self.pages.sort_unstable();
+        self.pages.dedup();
+        // Keep at least half the capacity free so compaction stays amortized O(1) per write.
+        let want = self.pages.len() * 2;
+        if self.pages.capacity() < want {
+            self.pages.reserve(want - self.pages.len());
+        }
+    }
+
     /// Moves the page-aligned addresses of every page written since the last drain into
-    /// `out` (appending, ascending) and forgets them.
+    /// `out` (appending, ascending, each page once) and forgets them.
     pub fn drain_pages_into(&mut self, out: &mut Vec<u64>) {
-        out.extend(self.pages.iter().copied());
+        self.pages.sort_unstable();
+        self.pages.dedup();
+        out.extend_from_slice(&self.pages);
         self.pages.clear();
     }
 
     /// Number of distinct pages currently recorded.
-    pub fn pending_pages(&self) -> usize {
+    pub fn pending_pages(&mut self) -> usize {
+        self.pages.sort_unstable();
+        self.pages.dedup();
         self.pages.len()
     }
 
@@ -233,10 +259,28 @@ mod tests {
         log.record(0x1FFF, 2);
         log.record(0x5000, 1);
         log.record(0x5001, 0);
+        log.record(0x1000, 1);
+        assert_eq!(log.pending_pages(), 3);
         let mut out = Vec::new();
         log.drain_pages_into(&mut out);
         assert_eq!(out, vec![0x1000, 0x2000, 0x5000]);
-        assert_eq!(log.total_writes(), 2);
+        assert_eq!(log.total_writes(), 3);
         assert_eq!(log.pending_pages(), 0);
+    }
+
+    #[test]
+    fn write_log_stays_bounded_by_distinct_pages() {
+        let mut log = WriteLog::default();
+        for i in 0..100_000u64 {
+            log.record((i % 3) * LOG_PAGE_SIZE, 1);
+        }
+        assert!(
+            log.pages.len() <= COMPACT_AT,
+            "compacted: {}",
+            log.pages.len()
+        );
+        let mut out = Vec::new();
+        log.drain_pages_into(&mut out);
+        assert_eq!(out, vec![0, LOG_PAGE_SIZE, 2 * LOG_PAGE_SIZE]);
     }
 }
