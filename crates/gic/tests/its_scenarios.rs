@@ -919,3 +919,96 @@ fn write_hook_sees_every_model_write_with_its_length() {
     );
     assert_eq!(seen.lock().unwrap().len(), 5);
 }
+
+#[test]
+fn mapc_with_v0_stops_delivery_until_the_collection_is_remapped() {
+    let mut d = Driver::booted(4);
+    d.map_basic(1);
+    d.cmds(&[
+        ItsCommand::Mapti {
+            device: 0,
+            event: 20,
+            intid: 8195,
+            icid: 3,
+        },
+        ItsCommand::Mapc {
+            icid: 3,
+            rdbase: 0,
+            valid: false,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 20,
+        },
+    ]);
+    assert_eq!(
+        d.last_its_error(),
+        Some(ItsCommandError::UnmappedCollection(3))
+    );
+    for pe in 0..4 {
+        assert!(d.drain(pe).is_empty(), "PE {pe}");
+    }
+    // Remapping the collection to another PE retargets the event without touching the ITE.
+    d.cmds(&[
+        ItsCommand::Mapc {
+            icid: 3,
+            rdbase: 2,
+            valid: true,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 20,
+        },
+    ]);
+    assert_eq!(d.drain(2), vec![8195]);
+    assert!(d.drain(3).is_empty());
+}
+
+#[test]
+fn reenabled_lpi_is_delivered_again_after_inv() {
+    let mut d = Driver::booted(1);
+    d.map_basic(1);
+    d.cmds(&[
+        ItsCommand::Mapti {
+            device: 0,
+            event: 0,
+            intid: 8196,
+            icid: 0,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 0,
+        },
+    ]);
+    assert_eq!(d.drain(0), vec![8196]);
+    d.set_lpi_config(8196, LPI_PRIO | LPI_PROP_GROUP1);
+    d.cmds(&[
+        ItsCommand::Inv {
+            device: 0,
+            event: 0,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 0,
+        },
+    ]);
+    assert!(
+        d.drain(0).is_empty(),
+        "disabled and invalidated: not delivered"
+    );
+    d.set_lpi_config(8196, LPI_PRIO | LPI_PROP_GROUP1 | LPI_PROP_ENABLE);
+    d.cmds(&[ItsCommand::Inv {
+        device: 0,
+        event: 0,
+    }]);
+    assert_eq!(
+        d.drain(0),
+        vec![8196],
+        "the pending LPI arrives once re-enabled"
+    );
+    d.cmds(&[ItsCommand::Int {
+        device: 0,
+        event: 0,
+    }]);
+    assert_eq!(d.drain(0), vec![8196]);
+}
