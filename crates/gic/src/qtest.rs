@@ -15,14 +15,17 @@
 //!   `igrpen1`, `ap1r0`, `sgi1r`)
 //! - `gic_ack PE` (= `gic_icc_read PE iar1`), `gic_eoi PE INTID` (= `gic_icc_write PE eoir1`)
 //! - `gic_irq PE` -> `OK 0|1`: the PE's IRQ line
-//! - `gic_msi ITS DEVICEID EVENTID` -> `OK` or `FAIL <reason>`
+//! - `gic_msi ITS DEVICEID EVENTID` -> `OK` or `ERR <reason>`
 //! - `gic_msi_devid DEVICEID` -> `OK`: DeviceID carried by GITS_TRANSLATER MMIO writes
 //! - `gic_its_errors ITS` -> `OK <total> <last error or ->`
 //! - `gic_dirty` -> `OK <n> <page>...`: drains the model's guest-memory write log
 //!
 //! Accesses outside the GIC frames and guest RAM read as zero and ignore writes, as on QEMU's
-//! bus; GIC accesses the model rejects (wrong width, ...) do the same. Malformed or unknown
-//! commands answer `FAIL <reason>` like QEMU's `FAIL Unknown command`.
+//! bus; GIC accesses the model rejects (wrong width, ...) do the same. An unknown command
+//! answers `FAIL Unknown command '<word>'`, exactly as QEMU does; a known command with bad
+//! arguments, or a model command that cannot be carried out (no such PE, MSI dropped),
+//! answers `ERR <reason>`, as QEMU does for its argument errors (QEMU aborts on some malformed
+//! numbers; the model never does).
 
 use std::io::{BufRead, Write};
 
@@ -62,7 +65,8 @@ impl Default for QtestConfig {
     }
 }
 
-/// Failure of the qtest server itself (protocol errors are answered with `FAIL`, not this).
+/// Failure of the qtest server itself (protocol errors are answered with `FAIL`/`ERR`, not
+/// this).
 #[derive(Debug, Error)]
 pub enum QtestError {
     /// The GIC configuration is invalid.
@@ -81,7 +85,7 @@ pub enum QtestError {
 pub struct QtestSummary {
     /// Commands answered `OK`.
     pub ok: u64,
-    /// Commands answered `FAIL`.
+    /// Commands answered `FAIL` or `ERR`.
     pub failed: u64,
 }
 
@@ -175,7 +179,8 @@ impl QtestSession {
         let cmd = *words.first()?;
         Some(match self.dispatch(cmd, &words[1..]) {
             Ok(s) => s,
-            Err(e) => format!("FAIL {e}"),
+            Err(e) if e.starts_with("Unknown command") => format!("FAIL {e}"),
+            Err(e) => format!("ERR {e}"),
         })
     }
 
@@ -230,6 +235,9 @@ impl QtestSession {
                 }
                 let hex = args.get(2).ok_or("missing data")?;
                 let hex = hex.strip_prefix("0x").ok_or("data must start with 0x")?;
+                if hex.is_empty() {
+                    return Err("invalid argument size".to_string());
+                }
                 let hb = hex.as_bytes();
                 let data: Vec<u8> = (0..len as usize)
                     .map(|i| {

@@ -46,8 +46,8 @@ fn qtest_memory_commands_round_trip_guest_ram() {
             "OK 0xababab00",
             "OK 0x0000000000000000",
             "OK",
-            "FAIL bad length 0",
-            "FAIL bad number 'zzz'",
+            "ERR bad length 0",
+            "ERR bad number 'zzz'",
             "OK",
         ]
     );
@@ -141,11 +141,11 @@ fn qtest_drives_the_its_and_the_cpu_interface_end_to_end() {
             "OK",
             "OK 0x0000000000002003",
             "OK",
-            "FAIL ITS dropped the request: DeviceID 0x9 is not mapped",
+            "ERR ITS dropped the request: DeviceID 0x9 is not mapped",
             "OK 1 UnmappedDevice(9)",
-            "FAIL PE 5 does not exist",
-            "FAIL unknown register bogus",
-            "FAIL PE 7 does not exist",
+            "ERR PE 5 does not exist",
+            "ERR unknown register bogus",
+            "ERR PE 7 does not exist",
             // CTE, DTE, ITT and pending-table pages, in address order.
             "OK 4 0x44010000 0x44100000 0x44110000 0x44130000",
             "OK 0",

@@ -181,7 +181,9 @@ fn run_qemu(script: &[String]) -> Vec<String> {
         let mut out = Vec::new();
         for line in BufReader::new(stdout).lines() {
             match line {
-                Ok(l) if l.starts_with("OK") || l.starts_with("FAIL") => out.push(l),
+                Ok(l) if l.starts_with("OK") || l.starts_with("FAIL") || l.starts_with("ERR") => {
+                    out.push(l)
+                }
                 Ok(_) => {}
                 Err(_) => break,
             }
@@ -957,4 +959,29 @@ fn random_command_streams_leave_the_same_pending_tables_as_qemu() {
         nonzero * 4 >= snapshots,
         "{nonzero} of {snapshots} snapshots non-empty"
     );
+}
+
+#[test]
+fn qtest_protocol_answers_match_qemu() {
+    if skip("qtest_protocol_answers_match_qemu") {
+        return;
+    }
+    let s: Vec<String> = [
+        "write 0x44000000 4 0x",
+        "write 0x44000000 4 0x01",
+        "read 0x44000000 4",
+        "write 0x44000000 2 0x01020304",
+        "read 0x44000000 4",
+        "readl 0x44000000 extra",
+        "memset 0x44000000 2 0x1ff",
+        "read 0x44000000 4",
+        "writeq 0x44000008 0x1122334455667788",
+        "readb 0x4400000f",
+        "readw 0x4400000e",
+        "readl 0x4400000c",
+        "nonsense 1 2",
+    ]
+    .map(String::from)
+    .to_vec();
+    compare(&s);
 }
