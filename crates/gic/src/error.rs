@@ -107,6 +107,14 @@ pub enum ConfigError {
 /// Restoring a saved state failed: the state does not fit the configuration it carries.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum StateError {
+    /// The state was written by an incompatible version of the model.
+    #[error("saved state has layout version {got}, this model reads version {want}")]
+    Version {
+        /// Version found.
+        got: u32,
+        /// Version supported.
+        want: u32,
+    },
     /// The embedded configuration is invalid.
     #[error("saved configuration is invalid: {0}")]
     Config(#[from] ConfigError),

@@ -105,9 +105,14 @@ pub enum MsiError {
     Dropped(#[from] ItsCommandError),
 }
 
+/// Version of the [`GicState`] layout written by this crate.
+pub const GIC_STATE_VERSION: u32 = 1;
+
 /// Saved state of the whole model (everything outside guest memory).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GicState {
+    /// Layout version ([`GIC_STATE_VERSION`]); restore refuses any other.
+    pub version: u32,
     /// The configuration the model was built from.
     pub config: GicConfig,
     /// Distributor.
@@ -717,6 +722,7 @@ impl<M: GuestMem> Gic<M> {
     /// live there and travel with it).
     pub fn state(&self) -> GicState {
         GicState {
+            version: GIC_STATE_VERSION,
             config: self.cfg.clone(),
             dist: self.dist.state(),
             redists: self.rds.iter().map(|r| r.state()).collect(),
@@ -729,6 +735,12 @@ impl<M: GuestMem> Gic<M> {
     /// Rebuilds a model from a saved state over `mem` (which must hold the guest memory the
     /// state was saved with).
     pub fn from_state(state: &GicState, mem: M) -> Result<Self, StateError> {
+        if state.version != GIC_STATE_VERSION {
+            return Err(StateError::Version {
+                got: state.version,
+                want: GIC_STATE_VERSION,
+            });
+        }
         let mut gic = Gic::new(state.config.clone(), mem)?;
         let n = gic.cfg.num_pes();
         for (what, got, want) in [

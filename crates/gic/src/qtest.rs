@@ -346,10 +346,18 @@ pub fn serve<R: BufRead, W: Write>(
     mut output: W,
     cfg: &QtestConfig,
 ) -> Result<QtestSummary, QtestError> {
+    let mut input = input;
     let mut session = QtestSession::new(cfg)?;
     let mut summary = QtestSummary::default();
-    for line in input.lines() {
-        let line = line?;
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        if input.read_until(b'\n', &mut raw)? == 0 {
+            break;
+        }
+        // Bytes that are not UTF-8 cannot form a valid command; they get an error answer
+        // rather than ending the session.
+        let line = String::from_utf8_lossy(&raw);
         if let Some(answer) = session.handle_line(&line) {
             if answer.starts_with("OK") {
                 summary.ok += 1;

@@ -306,6 +306,50 @@ proptest! {
     }
 
     #[test]
+    fn qtest_lines_never_panic(
+        lines in proptest::collection::vec(
+            (
+                prop_oneof![
+                    Just("readb"), Just("readw"), Just("readl"), Just("readq"), Just("writel"),
+                    Just("writeq"), Just("read"), Just("write"), Just("memset"), Just("gic_ack"),
+                    Just("gic_eoi"), Just("gic_icc_read"), Just("gic_icc_write"), Just("gic_irq"),
+                    Just("gic_msi"), Just("gic_its_errors"), Just("gic_dirty"), Just("bogus"),
+                ],
+                proptest::collection::vec(
+                    prop_oneof![
+                        any::<u64>().prop_map(|v| format!("0x{v:x}")),
+                        (0u64..0x100).prop_map(|v| v.to_string()),
+                        (0x0800_0000u64..0x0820_0000).prop_map(|v| format!("0x{v:x}")),
+                        Just("pmr".to_string()),
+                        Just("iar1".to_string()),
+                        "[ -~]{0,12}",
+                    ],
+                    0..4,
+                ),
+            ),
+            1..40,
+        ),
+        garbage in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut script = Vec::new();
+        for (cmd, args) in &lines {
+            script.extend_from_slice(cmd.as_bytes());
+            for a in args {
+                script.push(b' ');
+                script.extend_from_slice(a.as_bytes());
+            }
+            script.push(b'\n');
+        }
+        script.extend_from_slice(&garbage);
+        let cfg = gic::qtest::QtestConfig { ram_size: 1 << 20, ..Default::default() };
+        let mut out = Vec::new();
+        let summary = gic::qtest::serve(&script[..], &mut out, &cfg).unwrap();
+        // One answer per non-blank line.
+        let answered = String::from_utf8_lossy(&out).lines().count() as u64;
+        prop_assert_eq!(answered, summary.ok + summary.failed);
+    }
+
+    #[test]
     fn fuzz_entry_point_smoke(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
         gic::fuzz::run(&data);
     }

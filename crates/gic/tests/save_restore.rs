@@ -227,6 +227,15 @@ fn restore_rejects_inconsistent_state() {
         Err(StateError::Config(_))
     ));
     let mut st = d.gic.state();
+    st.version = 99;
+    assert_eq!(
+        Gic::from_state(&st, d.gic.mem().clone()).err(),
+        Some(StateError::Version {
+            got: 99,
+            want: gic::GIC_STATE_VERSION
+        })
+    );
+    let mut st = d.gic.state();
     st.dist.priority.push(0);
     assert!(Gic::from_state(&st, d.gic.mem().clone()).is_err());
 }
