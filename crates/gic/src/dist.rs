@@ -193,9 +193,9 @@ impl Distributor {
                 only32(offset, width)?;
                 Ok(IIDR_VALUE as u64)
             }
-            PIDR2 => {
+            o if id_register(o).is_some() => {
                 only32(offset, width)?;
-                Ok(PIDR2_VALUE_V3 as u64)
+                Ok(id_register(o).unwrap_or(0) as u64)
             }
             o if (GICD_IPRIORITYR..GICD_IPRIORITYR + 0x400).contains(&o) => {
                 if width != 1 && width != 4 {
@@ -265,7 +265,9 @@ impl Distributor {
                 self.ctlr = v32 & (GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1);
                 Ok(())
             }
-            GICD_TYPER | GICD_IIDR | PIDR2 => only32(offset, width),
+            o if o == GICD_TYPER || o == GICD_IIDR || id_register(o).is_some() => {
+                only32(offset, width)
+            }
             o if (GICD_IPRIORITYR..GICD_IPRIORITYR + 0x400).contains(&o) => {
                 if width != 1 && width != 4 {
                     return Err(MmioError::WidthNotPermitted { offset, width });

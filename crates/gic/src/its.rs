@@ -530,7 +530,9 @@ impl Its {
                 let pos = half64(GITS_BASER + 8 * n as u64, o, width)?;
                 Ok(read_part(self.baser[n], pos, width))
             }
-            PIDR2 => only32(offset, width).map(|_| PIDR2_VALUE_V3 as u64),
+            o if id_register(o).is_some() => {
+                only32(offset, width).map(|_| id_register(o).unwrap_or(0) as u64)
+            }
             GITS_TRANSLATER => {
                 if width == 2 || width == 4 {
                     Ok(0)
@@ -556,7 +558,7 @@ impl Its {
                 self.enabled = value as u32 & GITS_CTLR_ENABLED != 0;
                 Ok(self.enabled && !was)
             }
-            GITS_IIDR | PIDR2 => only32(offset, width).map(|_| false),
+            o if o == GITS_IIDR || id_register(o).is_some() => only32(offset, width).map(|_| false),
             o if (GITS_TYPER..GITS_TYPER + 8).contains(&o) => {
                 half64(GITS_TYPER, o, width).map(|_| false)
             }

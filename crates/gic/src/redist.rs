@@ -295,9 +295,9 @@ impl Redistributor {
                 only32(offset, width)?;
                 Ok(0)
             }
-            PIDR2 => {
+            o if id_register(o).is_some() => {
                 only32(offset, width)?;
-                Ok(PIDR2_VALUE_V3 as u64)
+                Ok(id_register(o).unwrap_or(0) as u64)
             }
             _ => Ok(0),
         }
@@ -384,7 +384,9 @@ impl Redistributor {
                 half64(GICR_TYPER, o, width)?;
                 Ok(())
             }
-            GICR_IIDR | GICR_SYNCR | PIDR2 => only32(offset, width),
+            o if o == GICR_IIDR || o == GICR_SYNCR || id_register(o).is_some() => {
+                only32(offset, width)
+            }
             _ => Ok(()),
         }
     }
@@ -409,7 +411,6 @@ impl Redistributor {
             }
             GICR_ICFGR0 => only32(offset, width).map(|_| GICR_ICFGR0_VALUE as u64),
             GICR_ICFGR1 => only32(offset, width).map(|_| self.icfgr1 as u64),
-            PIDR2 => only32(offset, width).map(|_| PIDR2_VALUE_V3 as u64),
             _ => Ok(0),
         }
     }

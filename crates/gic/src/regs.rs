@@ -43,6 +43,24 @@ pub const INTID_SPECIAL_FIRST: u32 = 1020;
 pub const PIDR2: u64 = 0xFFE8;
 /// PIDR2 value: ArchRev\[7:4\] = 3 (GICv3), JEDEC bits = 0xB.
 pub const PIDR2_VALUE_V3: u32 = 0x3B;
+/// First identification register (PIDR4) of the block at the top of GICD, GICR RD_base and
+/// GITS frames; the block runs to CIDR3 at 0xFFFC.
+pub const ID_REGS_START: u64 = 0xFFD0;
+/// Component ID registers CIDR0..CIDR3 (0xFFF0..0xFFFC): the architected preamble.
+pub const CIDR_VALUES: [u32; 4] = [0x0D, 0xF0, 0x05, 0xB1];
+
+/// Value of the 32-bit identification register at `offset` (0xFFD0..=0xFFFC) of a frame that
+/// has one: PIDR2 and the component IDs; PIDR0/1/3/4..7, which would name a JEP106
+/// implementer and part, read as zero.
+pub fn id_register(offset: u64) -> Option<u32> {
+    match offset {
+        PIDR2 => Some(PIDR2_VALUE_V3),
+        0xFFF0..=0xFFFC if offset % 4 == 0 => Some(CIDR_VALUES[((offset - 0xFFF0) / 4) as usize]),
+        ID_REGS_START..=0xFFEC if offset % 4 == 0 => Some(0),
+        _ => None,
+    }
+}
+
 /// Implementer/product identification used in GICD_IIDR, GICR_IIDR and GITS_IIDR:
 /// ProductID\[31:24\] = 0x52 ('R'), Variant/Revision 0, Implementer\[11:0\] = 0 (none claimed).
 pub const IIDR_VALUE: u32 = 0x5200_0000;

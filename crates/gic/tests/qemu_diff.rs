@@ -31,6 +31,69 @@ const ITT: u64 = 0x4413_0000; // + device * 4 KiB
 /// allows the difference). A difference must match an entry exactly.
 const KNOWN: &[(&str, &str, &str, &str)] = &[
     (
+        "readl 0x0800ffd0",
+        "OK 0x0000000000000044",
+        "OK 0x0000000000000000",
+        "GICD_PIDR4: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x0800ffe0",
+        "OK 0x0000000000000092",
+        "OK 0x0000000000000000",
+        "GICD_PIDR0: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x0800ffe4",
+        "OK 0x00000000000000b4",
+        "OK 0x0000000000000000",
+        "GICD_PIDR1: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x080affd0",
+        "OK 0x0000000000000044",
+        "OK 0x0000000000000000",
+        "GICR_PIDR4: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x080affe0",
+        "OK 0x0000000000000093",
+        "OK 0x0000000000000000",
+        "GICR_PIDR0: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x080affe4",
+        "OK 0x00000000000000b4",
+        "OK 0x0000000000000000",
+        "GICR_PIDR1: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x0808ffd0",
+        "OK 0x0000000000000044",
+        "OK 0x0000000000000000",
+        "GITS_PIDR4: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x0808ffe0",
+        "OK 0x0000000000000094",
+        "OK 0x0000000000000000",
+        "GITS_PIDR0: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
+        "readl 0x0808ffe4",
+        "OK 0x00000000000000b4",
+        "OK 0x0000000000000000",
+        "GITS_PIDR1: part number and JEP106 implementer code are IMPLEMENTATION DEFINED; QEMU \
+         names Arm's GIC part, the model names none (PIDR2.ArchRev and CIDR0-3 match)",
+    ),
+    (
         "readl 0x08000008",
         "OK 0x000000000000043b",
         "OK 0x0000000052000000",
@@ -329,6 +392,12 @@ fn reset_values_match_qemu_except_documented_impdef_fields() {
         s.push(rq(GITS + GITS_BASER + 8 * n));
     }
     s.push(rl(GITS + PIDR2));
+    // The whole identification block of every frame (the SGI_base frame has none).
+    for base in [GICD, RD0, RD0 + 0x1_0000, GITS] {
+        for off in (0xFFD0..=0xFFFC).step_by(4) {
+            s.push(rl(base + off));
+        }
+    }
     let known = compare(&s);
     // The IIDRs and TYPERs are the only differences, and they really differ.
     let cmds: Vec<&str> = known.iter().map(|k| k.0.as_str()).collect();
