@@ -775,7 +775,7 @@ fn queue_is_not_processed_while_disabled_and_resumes_on_enable() {
         valid: true,
     }]);
     assert_eq!(d.creadr(), 0);
-    // CBASER cannot change while... it is disabled here, so it may; but not while enabled.
+    // Enabling runs what was queued while disabled.
     d.w32(GITS + GITS_CTLR, GITS_CTLR_ENABLED);
     assert_eq!(d.creadr(), 32);
     let cb = d.r64(GITS + GITS_CBASER);
