@@ -250,6 +250,23 @@ impl<M: GuestMem> Gic<M> {
         })
     }
 
+    /// Returns every register, line and cache to its reset state (a system reset). Guest
+    /// memory, the write log, the IRQ hook and the MSI DeviceID are kept; IRQ lines drop.
+    pub fn reset(&mut self) {
+        let cfg = &self.cfg;
+        let n = cfg.num_pes();
+        self.dist = Distributor::new(cfg);
+        self.rds = cfg
+            .pe_affinities
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Redistributor::new(i, *a, i + 1 == n, cfg.lpi_id_bits))
+            .collect();
+        self.cpus = (0..n).map(|_| CpuIf::new()).collect();
+        self.its = cfg.its.iter().cloned().map(Its::new).collect();
+        self.update();
+    }
+
     /// The configuration.
     pub fn config(&self) -> &GicConfig {
         &self.cfg

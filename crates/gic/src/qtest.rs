@@ -17,6 +17,8 @@
 //! - `gic_irq PE` -> `OK 0|1`: the PE's IRQ line
 //! - `gic_msi ITS DEVICEID EVENTID` -> `OK` or `ERR <reason>`
 //! - `gic_msi_devid DEVICEID` -> `OK`: DeviceID carried by GITS_TRANSLATER MMIO writes
+//! - `gic_spi INTID 0|1` / `gic_ppi PE INTID 0|1` -> `OK`: drive an SPI / PPI input line
+//! - `gic_reset` -> `OK`: system reset of the model (guest RAM is kept)
 //! - `gic_its_errors ITS` -> `OK <total> <last error or ->`
 //! - `gic_dirty` -> `OK <n> <page>...`: drains the model's guest-memory write log
 //!
@@ -295,6 +297,27 @@ impl QtestSession {
                 let dev = Self::arg(args, 1)? as u32;
                 let ev = Self::arg(args, 2)? as u32;
                 self.gic.send_msi(its, dev, ev).map_err(|e| e.to_string())?;
+                Ok("OK".to_string())
+            }
+            "gic_spi" => {
+                let intid = u32::try_from(Self::arg(args, 0)?).map_err(|_| "bad INTID")?;
+                let level = Self::arg(args, 1)? != 0;
+                if !self.gic.set_spi_level(intid, level) {
+                    return Err(format!("INTID {intid} is not an implemented SPI"));
+                }
+                Ok("OK".to_string())
+            }
+            "gic_ppi" => {
+                let pe = Self::pe(args)?;
+                let intid = u32::try_from(Self::arg(args, 1)?).map_err(|_| "bad INTID")?;
+                let level = Self::arg(args, 2)? != 0;
+                if !self.gic.set_ppi_level(pe, intid, level) {
+                    return Err(format!("no PPI {intid} on PE {pe}"));
+                }
+                Ok("OK".to_string())
+            }
+            "gic_reset" => {
+                self.gic.reset();
                 Ok("OK".to_string())
             }
             "gic_msi_devid" => {

@@ -230,3 +230,45 @@ fn model_can_move_between_threads() {
     fn assert_sync<T: Send + Sync>() {}
     assert_sync::<gic::IrqLines>();
 }
+
+#[test]
+fn qtest_drives_input_lines_and_reset() {
+    let a = answers(
+        "writel 0x08000000 0x2\n\
+         writel 0x08000084 0x2\n\
+         writel 0x08000104 0x2\n\
+         gic_icc_write 0 pmr 0xff\n\
+         gic_icc_write 0 igrpen1 1\n\
+         gic_spi 33 1\n\
+         gic_irq 0\n\
+         gic_ack 0\n\
+         gic_spi 33 0\n\
+         gic_eoi 0 33\n\
+         gic_irq 0\n\
+         gic_spi 20 1\n\
+         gic_ppi 0 27 1\n\
+         gic_ppi 0 3 1\n\
+         gic_reset\n\
+         readl 0x08000000\n\
+         gic_icc_read 0 pmr\n",
+        &QtestConfig::default(),
+    );
+    let tail: Vec<&str> = a[5..].iter().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        vec![
+            "OK",
+            "OK 1",
+            "OK 0x0000000000000021",
+            "OK",
+            "OK",
+            "OK 0",
+            "ERR INTID 20 is not an implemented SPI",
+            "OK",
+            "ERR no PPI 3 on PE 0",
+            "OK",
+            "OK 0x0000000000000050",
+            "OK 0x0000000000000000",
+        ]
+    );
+}

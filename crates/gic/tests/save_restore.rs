@@ -239,3 +239,28 @@ fn restore_rejects_inconsistent_state() {
     st.dist.priority.push(0);
     assert!(Gic::from_state(&st, d.gic.mem().clone()).is_err());
 }
+
+#[test]
+fn reset_returns_every_register_to_its_reset_state() {
+    let fresh = Driver::bare(2).gic.state();
+    let mut d = Driver::booted(2);
+    d.map_basic(1);
+    d.cmds(&[
+        ItsCommand::Mapti {
+            device: 0,
+            event: 0,
+            intid: 8192,
+            icid: 1,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 0,
+        },
+    ]);
+    d.gic.icc_write(0, IccReg::Sgi1r, sgi1r(1, 1)).unwrap();
+    assert!(d.gic.irq_line(1));
+    d.gic.reset();
+    assert_eq!(d.gic.state(), fresh);
+    assert!(!d.gic.irq_line(0) && !d.gic.irq_line(1));
+    assert!(!d.gic.irq_lines().level(1));
+}
