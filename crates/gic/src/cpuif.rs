@@ -1,6 +1,7 @@
-//! The per-PE CPU interface (ICC_*_EL1 system registers, Group 1 only): priority mask,
-//! binary point, running priority via the active-priority bits, EOI mode and the Group 1
-//! enable. The interrupt-state side effects of acknowledge and deactivate are applied by
+//! The per-PE CPU interface (ICC_*_EL1 system registers of a single-security-state GIC):
+//! priority mask, binary points, running priority via the Group 0 and Group 1 active-priority
+//! bits, EOI mode and the group enables. Group 0 is signalled on the PE's FIQ line, Group 1 on
+//! its IRQ line. The interrupt-state side effects of acknowledge and deactivate are applied by
 //! [`crate::Gic`], which owns the distributor and redistributors.
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,18 @@ pub enum IccReg {
     Sgi1r,
     /// ICC_AP1R0_EL1: Group 1 active priorities (32 preemption levels).
     Ap1r0,
+    /// ICC_IAR0_EL1 (RO): acknowledge the highest priority pending Group 0 interrupt.
+    Iar0,
+    /// ICC_EOIR0_EL1 (WO): Group 0 priority drop (and deactivate when EOImode = 0).
+    Eoir0,
+    /// ICC_HPPIR0_EL1 (RO): highest priority pending Group 0 interrupt.
+    Hppir0,
+    /// ICC_BPR0_EL1: Group 0 binary point.
+    Bpr0,
+    /// ICC_IGRPEN0_EL1: Group 0 interrupt enable.
+    Igrpen0,
+    /// ICC_AP0R0_EL1: Group 0 active priorities.
+    Ap0r0,
 }
 
 impl IccReg {
@@ -49,6 +62,12 @@ impl IccReg {
             "igrpen1" => IccReg::Igrpen1,
             "sgi1r" => IccReg::Sgi1r,
             "ap1r0" => IccReg::Ap1r0,
+            "iar0" => IccReg::Iar0,
+            "eoir0" => IccReg::Eoir0,
+            "hppir0" => IccReg::Hppir0,
+            "bpr0" => IccReg::Bpr0,
+            "igrpen0" => IccReg::Igrpen0,
+            "ap0r0" => IccReg::Ap0r0,
             _ => return None,
         })
     }
@@ -67,6 +86,28 @@ pub struct CpuIfState {
     pub igrpen1: bool,
     /// ICC_AP1R0_EL1.
     pub ap1r0: u32,
+    /// ICC_BPR0_EL1.
+    #[serde(default = "bpr0_reset")]
+    pub bpr0: u8,
+    /// ICC_IGRPEN0_EL1.Enable.
+    #[serde(default)]
+    pub igrpen0: bool,
+    /// ICC_AP0R0_EL1.
+    #[serde(default)]
+    pub ap0r0: u32,
+}
+
+fn bpr0_reset() -> u8 {
+    BPR0_MIN
+}
+
+/// Interrupt group of a pending interrupt as the CPU interface sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Group {
+    /// Group 0: FIQ, ICC_*0_EL1 registers.
+    G0,
+    /// Group 1: IRQ, ICC_*1_EL1 registers.
+    G1,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +118,10 @@ pub(crate) struct CpuIf {
     pub(crate) igrpen1: bool,
     /// One bit per preemption level (group priority >> 3), bit 0 = highest priority.
     pub(crate) ap1r0: u32,
+    pub(crate) bpr0: u8,
+    pub(crate) igrpen0: bool,
+    /// Group 0 active priorities, same encoding as `ap1r0`.
+    pub(crate) ap0r0: u32,
 }
 
 impl CpuIf {
@@ -87,42 +132,70 @@ impl CpuIf {
             eoimode: false,
             igrpen1: false,
             ap1r0: 0,
+            bpr0: BPR0_MIN,
+            igrpen0: false,
+            ap0r0: 0,
         }
     }
 
-    /// Group priority of `prio` under the current binary point: bits [7:BPR1].
-    pub(crate) fn group_priority(&self, prio: u8) -> u8 {
-        prio & (0xFFu8 << self.bpr1.min(BPR_MAX))
+    /// Whether the CPU interface accepts interrupts of `group` (ICC_IGRPEN0/1).
+    pub(crate) fn group_enabled(&self, group: Group) -> bool {
+        match group {
+            Group::G0 => self.igrpen0,
+            Group::G1 => self.igrpen1,
+        }
     }
 
-    /// ICC_RPR_EL1: group priority of the highest priority active interrupt, or idle.
+    /// Group priority of `prio` under its group's binary point: bits \[7:BPR0+1\] for
+    /// Group 0, bits \[7:BPR1\] for Group 1.
+    pub(crate) fn group_priority(&self, group: Group, prio: u8) -> u8 {
+        let shift = match group {
+            Group::G0 => (self.bpr0 + 1).min(BPR_MAX + 1),
+            Group::G1 => self.bpr1.min(BPR_MAX),
+        };
+        (prio as u16 & (0xFFu16 << shift)) as u8
+    }
+
+    /// ICC_RPR_EL1: group priority of the highest priority active interrupt of either group,
+    /// or idle.
     pub(crate) fn running_priority(&self) -> u8 {
-        if self.ap1r0 == 0 {
+        let ap = self.ap0r0 | self.ap1r0;
+        if ap == 0 {
             PRIORITY_IDLE
         } else {
-            (self.ap1r0.trailing_zeros() << (8 - PRIORITY_BITS)) as u8
+            (ap.trailing_zeros() << (8 - PRIORITY_BITS)) as u8
         }
     }
 
-    /// Whether an interrupt of priority `prio` may be signalled now: enabled group, below the
-    /// priority mask, and able to preempt the running priority.
-    pub(crate) fn can_signal(&self, prio: u8) -> bool {
-        self.igrpen1 && prio < self.pmr && self.group_priority(prio) < self.running_priority()
+    /// Whether an interrupt of `group` and priority `prio` may be signalled now: below the
+    /// priority mask and able to preempt the running priority (group enables are applied
+    /// when the highest priority pending interrupt is chosen).
+    pub(crate) fn can_signal(&self, group: Group, prio: u8) -> bool {
+        prio < self.pmr && self.group_priority(group, prio) < self.running_priority()
     }
 
-    /// Records the activation of an interrupt of priority `prio` in the active priorities.
-    pub(crate) fn activate_priority(&mut self, prio: u8) {
-        let level = self.group_priority(prio) >> (8 - PRIORITY_BITS);
-        self.ap1r0 |= 1 << level;
+    /// Records the activation of an interrupt in its group's active priorities.
+    pub(crate) fn activate_priority(&mut self, group: Group, prio: u8) {
+        let level = self.group_priority(group, prio) >> (8 - PRIORITY_BITS);
+        match group {
+            Group::G0 => self.ap0r0 |= 1 << level,
+            Group::G1 => self.ap1r0 |= 1 << level,
+        }
     }
 
-    /// Priority drop: clears the highest priority active level. Returns false when no
-    /// priority was active.
-    pub(crate) fn drop_priority(&mut self) -> bool {
-        if self.ap1r0 == 0 {
+    /// Priority drop for `group`: clears the highest priority active level if it belongs to
+    /// that group. Returns false (and changes nothing) when no priority is active or the
+    /// highest active priority belongs to the other group (UNPREDICTABLE in the architecture).
+    pub(crate) fn drop_priority(&mut self, group: Group) -> bool {
+        let lowest = |v: u32| if v == 0 { 32 } else { v.trailing_zeros() };
+        let (mine, other) = match group {
+            Group::G0 => (&mut self.ap0r0, self.ap1r0),
+            Group::G1 => (&mut self.ap1r0, self.ap0r0),
+        };
+        if *mine == 0 || lowest(*mine) > lowest(other) {
             return false;
         }
-        self.ap1r0 &= self.ap1r0 - 1;
+        *mine &= *mine - 1;
         true
     }
 
@@ -141,6 +214,10 @@ impl CpuIf {
         self.bpr1 = ((v & 7) as u8).max(BPR1_MIN);
     }
 
+    pub(crate) fn set_bpr0(&mut self, v: u64) {
+        self.bpr0 = ((v & 7) as u8).max(BPR0_MIN);
+    }
+
     pub(crate) fn state(&self) -> CpuIfState {
         CpuIfState {
             pmr: self.pmr,
@@ -148,6 +225,9 @@ impl CpuIf {
             eoimode: self.eoimode,
             igrpen1: self.igrpen1,
             ap1r0: self.ap1r0,
+            bpr0: self.bpr0,
+            igrpen0: self.igrpen0,
+            ap0r0: self.ap0r0,
         }
     }
 
@@ -157,6 +237,9 @@ impl CpuIf {
         self.eoimode = s.eoimode;
         self.igrpen1 = s.igrpen1;
         self.ap1r0 = s.ap1r0;
+        self.bpr0 = (s.bpr0 & 7).max(BPR0_MIN);
+        self.igrpen0 = s.igrpen0;
+        self.ap0r0 = s.ap0r0;
     }
 }
 
@@ -168,33 +251,42 @@ mod tests {
     fn running_priority_is_the_highest_active_group_priority() {
         let mut c = CpuIf::new();
         assert_eq!(c.running_priority(), 0xFF);
-        c.activate_priority(0xA0);
-        c.activate_priority(0x48);
+        c.activate_priority(Group::G1, 0xA0);
+        c.activate_priority(Group::G0, 0x48);
         assert_eq!(c.running_priority(), 0x48);
-        assert!(c.drop_priority());
+        assert!(
+            !c.drop_priority(Group::G1),
+            "the highest active priority is Group 0's"
+        );
+        assert!(c.drop_priority(Group::G0));
         assert_eq!(c.running_priority(), 0xA0);
-        assert!(c.drop_priority());
-        assert!(!c.drop_priority(), "nothing left to drop");
+        assert!(c.drop_priority(Group::G1));
+        assert!(!c.drop_priority(Group::G1), "nothing left to drop");
     }
 
     #[test]
     fn binary_point_groups_priorities_for_preemption() {
         let mut c = CpuIf::new();
-        c.igrpen1 = true;
         c.pmr = 0xF8;
-        c.activate_priority(0x80);
-        assert!(c.can_signal(0x78));
+        c.activate_priority(Group::G1, 0x80);
+        assert!(c.can_signal(Group::G1, 0x78));
         c.set_bpr1(4);
         // Group priority bits [7:4]: 0x78 -> 0x70 still beats 0x80; 0x88 -> 0x80 does not.
-        assert!(c.can_signal(0x78));
-        assert!(!c.can_signal(0x88));
+        assert!(c.can_signal(Group::G1, 0x78));
+        assert!(!c.can_signal(Group::G1, 0x88));
         // Group priority bit [7] only: 0x78 -> 0x00 preempts, 0xF0 -> 0x80 does not.
         c.set_bpr1(7);
-        assert!(c.can_signal(0x78));
-        assert!(!c.can_signal(0xF0));
+        assert!(c.can_signal(Group::G1, 0x78));
+        assert!(!c.can_signal(Group::G1, 0xF0));
+        // BPR0 = n groups bits [7:n+1]: BPR0 = 6 keeps bit 7 only.
+        c.set_bpr0(6);
+        assert!(c.can_signal(Group::G0, 0x78));
+        assert!(!c.can_signal(Group::G0, 0xF0));
+        c.set_bpr0(0);
+        assert_eq!(c.bpr0, BPR0_MIN, "clamped to the minimum");
         c.pmr = 0x70;
         assert!(
-            !c.can_signal(0x78),
+            !c.can_signal(Group::G1, 0x78),
             "the priority mask applies to the full priority"
         );
     }

@@ -146,15 +146,25 @@ pub fn run_on(gic: &mut Gic<VecMem>, data: &[u8]) -> usize {
             }
             4 => {
                 let pe = inp.u8() as usize % npe;
-                let before_hppi = gic.icc_read(pe, IccReg::Hppir1).unwrap_or(1023) as u32;
-                let intid = gic.icc_read(pe, IccReg::Iar1).unwrap_or(1023) as u32;
+                let (hppir, iar) = if inp.u8() & 1 == 0 {
+                    (IccReg::Hppir1, IccReg::Iar1)
+                } else {
+                    (IccReg::Hppir0, IccReg::Iar0)
+                };
+                let before_hppi = gic.icc_read(pe, hppir).unwrap_or(1023) as u32;
+                let intid = gic.icc_read(pe, iar).unwrap_or(1023) as u32;
                 // An acknowledged interrupt must be the one HPPIR1 reported.
                 assert!(
                     intid == 1023 || intid == before_hppi,
                     "IAR1 {intid} != HPPIR1 {before_hppi}"
                 );
                 if inp.u8() & 1 == 0 && intid != 1023 {
-                    let _ = gic.icc_write(pe, IccReg::Eoir1, intid as u64);
+                    let eoir = if iar == IccReg::Iar0 {
+                        IccReg::Eoir0
+                    } else {
+                        IccReg::Eoir1
+                    };
+                    let _ = gic.icc_write(pe, eoir, intid as u64);
                 }
             }
             5 => {
@@ -168,7 +178,11 @@ pub fn run_on(gic: &mut Gic<VecMem>, data: &[u8]) -> usize {
                     IccReg::Igrpen1,
                     IccReg::Sgi1r,
                     IccReg::Ap1r0,
-                ][inp.u8() as usize % 8];
+                    IccReg::Eoir0,
+                    IccReg::Bpr0,
+                    IccReg::Igrpen0,
+                    IccReg::Ap0r0,
+                ][inp.u8() as usize % 12];
                 let v = inp.u64();
                 let _ = gic.icc_write(pe, reg, v);
             }

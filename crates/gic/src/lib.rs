@@ -71,7 +71,7 @@ pub use its::{ItsCommand, ItsCommandError, ItsErrorRecord, ItsErrorSource, ItsSt
 pub use mem::{GuestMem, VecMem, VmMemory, WriteLog};
 pub use redist::RedistState;
 
-use cpuif::CpuIf;
+use cpuif::{CpuIf, Group};
 use dist::Distributor;
 use its::{Its, ItsEnv};
 use mem::LoggedMem;
@@ -130,10 +130,11 @@ pub struct GicState {
 /// Callback told about every IRQ line change: `(PE index, new level)`.
 pub type IrqHook = Box<dyn FnMut(usize, bool) + Send>;
 
-/// The IRQ output lines of all PEs, shareable with threads that wait on them.
+/// The IRQ (and FIQ) output lines of all PEs, shareable with threads that wait on them.
 #[derive(Debug, Default)]
 pub struct IrqLines {
     levels: Mutex<Vec<bool>>,
+    fiq: Mutex<Vec<bool>>,
     changed: Condvar,
 }
 
@@ -162,13 +163,29 @@ impl IrqLines {
         }
     }
 
-    fn set_all(&self, levels: &[bool]) {
+    /// Current level of PE `pe`'s FIQ line (Group 0; false for an unknown PE).
+    pub fn fiq_level(&self, pe: usize) -> bool {
+        match self.fiq.lock() {
+            Ok(l) => l.get(pe).copied().unwrap_or(false),
+            Err(p) => p.into_inner().get(pe).copied().unwrap_or(false),
+        }
+    }
+
+    fn set_all(&self, irq: &[bool], fiq: &[bool]) {
+        {
+            let mut f = match self.fiq.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            f.clear();
+            f.extend_from_slice(fiq);
+        }
         let mut g = match self.levels.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         g.clear();
-        g.extend_from_slice(levels);
+        g.extend_from_slice(irq);
         drop(g);
         self.changed.notify_all();
     }
@@ -179,6 +196,7 @@ impl IrqLines {
 struct Candidate {
     intid: u32,
     prio: u8,
+    group: Group,
 }
 
 /// The GICv3 model.
@@ -191,6 +209,7 @@ pub struct Gic<M> {
     its: Vec<Its>,
     aff_to_pe: BTreeMap<u32, usize>,
     levels: Vec<bool>,
+    fiq_levels: Vec<bool>,
     lines: Arc<IrqLines>,
     irq_hook: Option<IrqHook>,
     msi_device_id: u32,
@@ -231,7 +250,7 @@ impl<M: GuestMem> Gic<M> {
             .map(|(i, a)| (*a, i))
             .collect();
         let lines = Arc::new(IrqLines::default());
-        lines.set_all(&vec![false; n]);
+        lines.set_all(&vec![false; n], &vec![false; n]);
         Ok(Gic {
             dist: Distributor::new(&cfg),
             rds,
@@ -239,6 +258,7 @@ impl<M: GuestMem> Gic<M> {
             its: cfg.its.iter().cloned().map(Its::new).collect(),
             aff_to_pe,
             levels: vec![false; n],
+            fiq_levels: vec![false; n],
             lines,
             irq_hook: None,
             msi_device_id: 0,
@@ -538,93 +558,131 @@ impl<M: GuestMem> Gic<M> {
             .copied()
     }
 
-    /// Highest priority pending Group 1 interrupt that can be forwarded to PE `pe`.
-    /// Ties go to the lowest INTID (the architecture leaves the choice IMPDEF).
+    /// Highest priority pending interrupt that can be forwarded to PE `pe`, among the groups
+    /// enabled both in GICD_CTLR and at the PE's CPU interface (the redistributor knows the
+    /// CPU interface's group enables). Ties go to the lowest INTID (the architecture leaves
+    /// the choice IMPLEMENTATION DEFINED).
     fn hppi(&self, pe: usize) -> Option<Candidate> {
-        if self.dist.ctlr & GICD_CTLR_ENABLE_G1 == 0 {
+        let cpu = &self.cpus[pe];
+        let g0 = self.dist.ctlr & GICD_CTLR_ENABLE_G0 != 0 && cpu.group_enabled(Group::G0);
+        let g1 = self.dist.ctlr & GICD_CTLR_ENABLE_G1 != 0 && cpu.group_enabled(Group::G1);
+        if !g0 && !g1 {
             return None;
         }
-        let rd = &self.rds[pe];
-        let mut best: Option<Candidate> = None;
-        let mut offer = |intid: u32, prio: u8| {
-            if best.map_or(true, |b| prio < b.prio) {
-                best = Some(Candidate { intid, prio });
+        // Selects, from a word of IGROUPR bits, the INTIDs whose group is enabled.
+        let sel = |group_bits: u32| {
+            (if g1 { group_bits } else { 0 }) | (if g0 { !group_bits } else { 0 })
+        };
+        let group_of = |group_bits: u32, i: u32| {
+            if group_bits & (1 << i) != 0 {
+                Group::G1
+            } else {
+                Group::G0
             }
         };
-        let mut bits = rd.pending_word() & rd.enable & !rd.active & rd.group;
+        let rd = &self.rds[pe];
+        let mut best: Option<Candidate> = None;
+        let mut offer = |intid: u32, prio: u8, group: Group| {
+            if best.map_or(true, |b| prio < b.prio) {
+                best = Some(Candidate { intid, prio, group });
+            }
+        };
+        let mut bits = rd.pending_word() & rd.enable & !rd.active & sel(rd.group);
         while bits != 0 {
             let i = bits.trailing_zeros();
             bits &= bits - 1;
-            offer(i, rd.priority[i as usize]);
+            offer(i, rd.priority[i as usize], group_of(rd.group, i));
         }
         let d = &self.dist;
         for w in 1..d.pending.len() {
-            let mut bits = d.pending_word(w) & d.enable[w] & !d.active[w] & d.group[w];
+            let mut bits = d.pending_word(w) & d.enable[w] & !d.active[w] & sel(d.group[w]);
             while bits != 0 {
                 let i = bits.trailing_zeros();
                 bits &= bits - 1;
                 let intid = w as u32 * 32 + i;
                 if self.spi_target(intid) == Some(pe) {
-                    offer(intid, d.priority[intid as usize]);
+                    offer(intid, d.priority[intid as usize], group_of(d.group[w], i));
                 }
             }
         }
-        if rd.enable_lpis {
+        // LPIs are always Group 1.
+        if g1 && rd.enable_lpis {
             for &intid in &rd.lpi_pending {
                 let c = rd.lpi_config(intid);
                 if c & LPI_PROP_ENABLE != 0 {
-                    offer(intid, c & LPI_PROP_PRIORITY_MASK & PRIORITY_MASK);
+                    offer(intid, c & LPI_PROP_PRIORITY_MASK & PRIORITY_MASK, Group::G1);
                 }
             }
         }
         best
     }
 
-    /// Recomputes every PE's IRQ line and reports changes.
+    /// Whether PE `pe` has an interrupt of `group` it may take now.
+    fn signalled(&self, pe: usize, group: Group) -> bool {
+        self.hppi(pe)
+            .is_some_and(|c| c.group == group && self.cpus[pe].can_signal(group, c.prio))
+    }
+
+    /// Recomputes every PE's IRQ and FIQ lines and reports changes.
     fn update(&mut self) {
         let mut changed = false;
         for pe in 0..self.levels.len() {
-            let level = self
-                .hppi(pe)
-                .is_some_and(|c| self.cpus[pe].can_signal(c.prio));
-            if level != self.levels[pe] {
-                self.levels[pe] = level;
+            let irq = self.signalled(pe, Group::G1);
+            let fiq = self.signalled(pe, Group::G0);
+            if fiq != self.fiq_levels[pe] {
+                self.fiq_levels[pe] = fiq;
+                changed = true;
+            }
+            if irq != self.levels[pe] {
+                self.levels[pe] = irq;
                 changed = true;
                 if let Some(h) = self.irq_hook.as_mut() {
-                    h(pe, level);
+                    h(pe, irq);
                 }
             }
         }
         if changed {
-            self.lines.set_all(&self.levels);
+            self.lines.set_all(&self.levels, &self.fiq_levels);
         }
     }
 
-    /// Reads an ICC system register of PE `pe`. Reading ICC_IAR1_EL1 acknowledges.
+    /// Level of PE `pe`'s FIQ line (Group 0 interrupts; false for an unknown PE).
+    pub fn fiq_line(&self, pe: usize) -> bool {
+        self.fiq_levels.get(pe).copied().unwrap_or(false)
+    }
+
+    /// Reads an ICC system register of PE `pe`. Reading ICC_IAR0/1_EL1 acknowledges.
     pub fn icc_read(&mut self, pe: usize, reg: IccReg) -> Result<u64, CpuIfError> {
         if pe >= self.cpus.len() {
             return Err(CpuIfError::NoSuchPe(pe));
         }
+        let hppir = |gic: &Self, group: Group| match gic.hppi(pe) {
+            Some(c) if c.group == group => c.intid as u64,
+            _ => INTID_SPURIOUS as u64,
+        };
         let v = match reg {
-            IccReg::Iar1 => {
-                let v = self.acknowledge(pe) as u64;
+            IccReg::Iar1 | IccReg::Iar0 => {
+                let group = if reg == IccReg::Iar0 {
+                    Group::G0
+                } else {
+                    Group::G1
+                };
+                let v = self.acknowledge(pe, group) as u64;
                 self.update();
                 v
             }
-            IccReg::Hppir1 => {
-                if self.cpus[pe].igrpen1 {
-                    self.hppi(pe).map_or(INTID_SPURIOUS, |c| c.intid) as u64
-                } else {
-                    INTID_SPURIOUS as u64
-                }
-            }
+            IccReg::Hppir1 => hppir(self, Group::G1),
+            IccReg::Hppir0 => hppir(self, Group::G0),
             IccReg::Rpr => self.cpus[pe].running_priority() as u64,
             IccReg::Pmr => self.cpus[pe].pmr as u64,
             IccReg::Bpr1 => self.cpus[pe].bpr1 as u64,
+            IccReg::Bpr0 => self.cpus[pe].bpr0 as u64,
             IccReg::Ctlr => self.cpus[pe].ctlr(),
             IccReg::Igrpen1 => self.cpus[pe].igrpen1 as u64,
+            IccReg::Igrpen0 => self.cpus[pe].igrpen0 as u64,
             IccReg::Ap1r0 => self.cpus[pe].ap1r0 as u64,
-            IccReg::Eoir1 | IccReg::Dir | IccReg::Sgi1r => {
+            IccReg::Ap0r0 => self.cpus[pe].ap0r0 as u64,
+            IccReg::Eoir1 | IccReg::Eoir0 | IccReg::Dir | IccReg::Sgi1r => {
                 return Err(CpuIfError::Direction { reg, op: "read" })
             }
         };
@@ -636,21 +694,26 @@ impl<M: GuestMem> Gic<M> {
         if pe >= self.cpus.len() {
             return Err(CpuIfError::NoSuchPe(pe));
         }
+        let intid = value as u32 & 0xFF_FFFF;
         match reg {
-            IccReg::Eoir1 => self.end_of_interrupt(pe, value as u32 & 0xFF_FFFF),
+            IccReg::Eoir1 => self.end_of_interrupt(pe, intid, Group::G1),
+            IccReg::Eoir0 => self.end_of_interrupt(pe, intid, Group::G0),
             IccReg::Dir => {
                 // DIR with EOImode = 0 is UNPREDICTABLE: the model ignores it.
                 if self.cpus[pe].eoimode {
-                    self.deactivate(pe, value as u32 & 0xFF_FFFF);
+                    self.deactivate(pe, intid);
                 }
             }
             IccReg::Pmr => self.cpus[pe].pmr = value as u8 & PRIORITY_MASK,
             IccReg::Bpr1 => self.cpus[pe].set_bpr1(value),
+            IccReg::Bpr0 => self.cpus[pe].set_bpr0(value),
             IccReg::Ctlr => self.cpus[pe].set_ctlr(value),
             IccReg::Igrpen1 => self.cpus[pe].igrpen1 = value & 1 != 0,
+            IccReg::Igrpen0 => self.cpus[pe].igrpen0 = value & 1 != 0,
             IccReg::Ap1r0 => self.cpus[pe].ap1r0 = value as u32,
+            IccReg::Ap0r0 => self.cpus[pe].ap0r0 = value as u32,
             IccReg::Sgi1r => self.generate_sgi(pe, value),
-            IccReg::Iar1 | IccReg::Hppir1 | IccReg::Rpr => {
+            IccReg::Iar1 | IccReg::Iar0 | IccReg::Hppir1 | IccReg::Hppir0 | IccReg::Rpr => {
                 return Err(CpuIfError::Direction { reg, op: "written" })
             }
         }
@@ -658,11 +721,14 @@ impl<M: GuestMem> Gic<M> {
         Ok(())
     }
 
-    fn acknowledge(&mut self, pe: usize) -> u32 {
+    /// ICC_IAR0/1_EL1: acknowledges the highest priority pending interrupt if it belongs to
+    /// `group` and may be signalled; 1023 otherwise (also when a higher priority interrupt of
+    /// the other group is pending).
+    fn acknowledge(&mut self, pe: usize, group: Group) -> u32 {
         let Some(c) = self.hppi(pe) else {
             return INTID_SPURIOUS;
         };
-        if !self.cpus[pe].can_signal(c.prio) {
+        if c.group != group || !self.cpus[pe].can_signal(group, c.prio) {
             return INTID_SPURIOUS;
         }
         if c.intid < NUM_PRIVATE {
@@ -680,16 +746,17 @@ impl<M: GuestMem> Gic<M> {
             self.dist.set_pending(c.intid, false);
             self.dist.set_active(c.intid, true);
         }
-        self.cpus[pe].activate_priority(c.prio);
+        self.cpus[pe].activate_priority(group, c.prio);
         c.intid
     }
 
-    fn end_of_interrupt(&mut self, pe: usize, intid: u32) {
+    fn end_of_interrupt(&mut self, pe: usize, intid: u32, group: Group) {
         if (INTID_SPECIAL_FIRST..=INTID_SPURIOUS).contains(&intid) {
             return;
         }
-        // EOI with no active priority is UNPREDICTABLE: the model ignores it entirely.
-        if !self.cpus[pe].drop_priority() {
+        // EOI with no active priority of this group (or when the other group holds the
+        // highest active priority) is UNPREDICTABLE: the model ignores it entirely.
+        if !self.cpus[pe].drop_priority(group) {
             return;
         }
         if !self.cpus[pe].eoimode {

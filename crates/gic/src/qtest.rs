@@ -9,10 +9,12 @@
 //!
 //! Model-only commands for the CPU interface and the ITS (QEMU cannot reach system registers
 //! through qtest):
-//! - `gic_icc_read PE REG` -> `OK 0x%016x` (REG: `iar1`, `hppir1`, `rpr`, `pmr`, `bpr1`,
-//!   `ctlr`, `igrpen1`, `ap1r0`; reading `iar1` acknowledges)
-//! - `gic_icc_write PE REG VALUE` -> `OK` (REG: `eoir1`, `dir`, `pmr`, `bpr1`, `ctlr`,
-//!   `igrpen1`, `ap1r0`, `sgi1r`)
+//! - `gic_icc_read PE REG` -> `OK 0x%016x` (REG: `iar1`, `iar0`, `hppir1`, `hppir0`, `rpr`,
+//!   `pmr`, `bpr1`, `bpr0`, `ctlr`, `igrpen1`, `igrpen0`, `ap1r0`, `ap0r0`; reading `iar1` or
+//!   `iar0` acknowledges)
+//! - `gic_icc_write PE REG VALUE` -> `OK` (REG: `eoir1`, `eoir0`, `dir`, `pmr`, `bpr1`, `bpr0`,
+//!   `ctlr`, `igrpen1`, `igrpen0`, `ap1r0`, `ap0r0`, `sgi1r`)
+//! - `gic_fiq PE` -> `OK 0|1`: the PE's FIQ line (Group 0)
 //! - `gic_ack PE` (= `gic_icc_read PE iar1`), `gic_eoi PE INTID` (= `gic_icc_write PE eoir1`)
 //! - `gic_irq PE` -> `OK 0|1`: the PE's IRQ line
 //! - `gic_msi ITS DEVICEID EVENTID` -> `OK` or `ERR <reason>`
@@ -285,12 +287,17 @@ impl QtestSession {
                 self.gic.icc_write(pe, reg, v).map_err(|e| e.to_string())?;
                 Ok("OK".to_string())
             }
-            "gic_irq" => {
+            "gic_irq" | "gic_fiq" => {
                 let pe = Self::pe(args)?;
                 if pe >= self.gic.config().num_pes() {
                     return Err(format!("PE {pe} does not exist"));
                 }
-                Ok(format!("OK {}", self.gic.irq_line(pe) as u8))
+                let level = if cmd == "gic_irq" {
+                    self.gic.irq_line(pe)
+                } else {
+                    self.gic.fiq_line(pe)
+                };
+                Ok(format!("OK {}", level as u8))
             }
             "gic_msi" => {
                 let its = Self::arg(args, 0)? as usize;

@@ -562,3 +562,105 @@ fn level_sensitive_ppi_follows_its_line_and_survives_migration() {
     m.eoi(1, 27);
     assert_eq!(m.iar(1), INTID_SPURIOUS);
 }
+
+/// SGI `intid` Group 0 (IGROUPR bit clear) at `prio`, everything else as `enable_private`.
+fn make_group0(d: &mut Driver, pe: usize, intid: u32, prio: u8) {
+    let sgi = d.sgi(pe);
+    let g = d.r32(sgi + GICR_IGROUPR0);
+    d.w32(sgi + GICR_IGROUPR0, g & !(1 << intid));
+    d.gic
+        .write(sgi + GICR_IPRIORITYR + intid as u64, 1, prio as u64)
+        .unwrap();
+}
+
+fn enable_group0(d: &mut Driver) {
+    d.w32(GICD + GICD_CTLR, GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1);
+    for pe in 0..d.gic.config().num_pes() {
+        d.gic.icc_write(pe, IccReg::Igrpen0, 1).unwrap();
+    }
+}
+
+#[test]
+fn group0_interrupts_are_signalled_on_fiq_and_acknowledged_through_iar0() {
+    let mut d = Driver::bare(1);
+    d.enable_cpus();
+    enable_private(&mut d, 0x80);
+    make_group0(&mut d, 0, 6, 0x40);
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(6, 0, 0, 1))
+        .unwrap();
+    assert!(!d.gic.fiq_line(0), "Group 0 disabled: nothing");
+    assert!(!d.gic.irq_line(0));
+    enable_group0(&mut d);
+    assert!(d.gic.fiq_line(0) && !d.gic.irq_line(0));
+    assert!(d.gic.irq_lines().fiq_level(0));
+    assert_eq!(d.gic.icc_read(0, IccReg::Hppir0).unwrap(), 6);
+    assert_eq!(d.gic.icc_read(0, IccReg::Hppir1).unwrap(), 1023);
+    assert_eq!(
+        d.iar(0),
+        INTID_SPURIOUS,
+        "IAR1 does not acknowledge Group 0"
+    );
+    assert_eq!(d.gic.icc_read(0, IccReg::Iar0).unwrap(), 6);
+    assert_eq!(d.gic.icc_read(0, IccReg::Ap0r0).unwrap(), 1 << 8);
+    assert_eq!(d.gic.icc_read(0, IccReg::Rpr).unwrap(), 0x40);
+    d.gic.icc_write(0, IccReg::Eoir0, 6).unwrap();
+    assert!(!d.gic.is_active(0, 6));
+    assert_eq!(d.gic.icc_read(0, IccReg::Rpr).unwrap(), 0xFF);
+    assert!(!d.gic.fiq_line(0));
+}
+
+#[test]
+fn higher_priority_group0_blocks_iar1_until_taken() {
+    let mut d = Driver::bare(1);
+    d.enable_cpus();
+    enable_private(&mut d, 0x80);
+    enable_group0(&mut d);
+    make_group0(&mut d, 0, 6, 0x40);
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(6, 0, 0, 1))
+        .unwrap();
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(1, 0, 0, 1))
+        .unwrap();
+    assert!(d.gic.fiq_line(0) && !d.gic.irq_line(0));
+    assert_eq!(d.iar(0), INTID_SPURIOUS);
+    // With Group 0 disabled at the CPU interface the Group 1 SGI is next in line.
+    d.gic.icc_write(0, IccReg::Igrpen0, 0).unwrap();
+    assert!(d.gic.irq_line(0) && !d.gic.fiq_line(0));
+    d.gic.icc_write(0, IccReg::Igrpen0, 1).unwrap();
+    // Take the FIQ first, then the IRQ cannot preempt it (0x80 vs running 0x40).
+    assert_eq!(d.gic.icc_read(0, IccReg::Iar0).unwrap(), 6);
+    assert!(!d.gic.irq_line(0));
+    // EOIR1 while Group 0 holds the highest active priority is ignored.
+    d.gic.icc_write(0, IccReg::Eoir1, 6).unwrap();
+    assert!(d.gic.is_active(0, 6));
+    d.gic.icc_write(0, IccReg::Eoir0, 6).unwrap();
+    assert_eq!(d.drain(0), vec![1]);
+}
+
+#[test]
+fn group0_preempts_an_active_group1_interrupt() {
+    let mut d = Driver::bare(1);
+    d.enable_cpus();
+    enable_private(&mut d, 0x80);
+    enable_group0(&mut d);
+    make_group0(&mut d, 0, 6, 0x40);
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(1, 0, 0, 1))
+        .unwrap();
+    assert_eq!(d.iar(0), 1);
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(6, 0, 0, 1))
+        .unwrap();
+    assert!(d.gic.fiq_line(0), "0x40 preempts the running 0x80");
+    assert_eq!(d.gic.icc_read(0, IccReg::Iar0).unwrap(), 6);
+    assert_eq!(d.gic.icc_read(0, IccReg::Rpr).unwrap(), 0x40);
+    d.gic.icc_write(0, IccReg::Eoir0, 6).unwrap();
+    assert_eq!(d.gic.icc_read(0, IccReg::Rpr).unwrap(), 0x80);
+    d.eoi(0, 1);
+    assert_eq!(d.gic.icc_read(0, IccReg::Rpr).unwrap(), 0xFF);
+    // BPR0 reads back its minimum after a too-small write.
+    d.gic.icc_write(0, IccReg::Bpr0, 0).unwrap();
+    assert_eq!(d.gic.icc_read(0, IccReg::Bpr0).unwrap(), BPR0_MIN as u64);
+}
