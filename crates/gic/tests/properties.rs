@@ -14,6 +14,9 @@ use proptest::prelude::*;
 const PES: usize = 2;
 const EVENTS: u32 = 8;
 const SGI_PRIO: u8 = 0x80;
+/// SGIs 4 and 5 are Group 0 (FIQ) at this higher priority; SGIs 0..3 are Group 1.
+const G0_SGIS: u16 = 0b11_0000;
+const G0_PRIO: u8 = 0x60;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -29,8 +32,10 @@ enum Op {
     Sgi(usize, u8, u16),
     /// Broadcast SGI.
     SgiAll(usize, u8),
-    /// Acknowledge on a PE.
+    /// Acknowledge on a PE (ICC_IAR1).
     Ack(usize),
+    /// Acknowledge a Group 0 interrupt on a PE (ICC_IAR0).
+    AckFiq(usize),
     /// EOI of the most recent acknowledged interrupt on a PE.
     Eoi(usize),
     /// Priority mask.
@@ -45,9 +50,10 @@ fn op() -> impl Strategy<Value = Op> {
         (0..EVENTS).prop_map(Op::Msi),
         (0..EVENTS).prop_map(Op::Clear),
         (0..EVENTS, 0..PES as u16).prop_map(|(e, c)| Op::Movi(e, c)),
-        (0..PES, 0..4u8, 0..4u16).prop_map(|(p, i, l)| Op::Sgi(p, i, l)),
-        (0..PES, 0..4u8).prop_map(|(p, i)| Op::SgiAll(p, i)),
+        (0..PES, 0..6u8, 0..4u16).prop_map(|(p, i, l)| Op::Sgi(p, i, l)),
+        (0..PES, 0..6u8).prop_map(|(p, i)| Op::SgiAll(p, i)),
         (0..PES).prop_map(Op::Ack),
+        (0..PES).prop_map(Op::AckFiq),
         (0..PES).prop_map(Op::Ack),
         (0..PES).prop_map(Op::Eoi),
         (0..PES, prop_oneof![Just(0u8), Just(0x90), Just(0xff)]).prop_map(|(p, v)| Op::Pmr(p, v)),
@@ -81,9 +87,10 @@ fn setup() -> Driver {
         })
         .collect();
     d.cmds(&cmds);
+    d.w32(GICD + GICD_CTLR, GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1);
     for pe in 0..PES {
         let sgi = d.sgi(pe);
-        d.w32(sgi + GICR_IGROUPR0, 0xFFFF);
+        d.w32(sgi + GICR_IGROUPR0, 0xFFFF & !(G0_SGIS as u32));
         d.w32(sgi + GICR_ISENABLER0, 0xFFFF);
         for i in 0..4 {
             d.w32(
@@ -91,8 +98,25 @@ fn setup() -> Driver {
                 u32::from_ne_bytes([SGI_PRIO; 4]),
             );
         }
+        d.gic
+            .write(sgi + GICR_IPRIORITYR + 4, 1, G0_PRIO as u64)
+            .unwrap();
+        d.gic
+            .write(sgi + GICR_IPRIORITYR + 5, 1, G0_PRIO as u64)
+            .unwrap();
+        d.gic.icc_write(pe, IccReg::Igrpen0, 1).unwrap();
     }
     d
+}
+
+/// Completes interrupt `i` through its group's EOI register.
+fn eoi(d: &mut Driver, pe: usize, i: u32) {
+    let reg = if i < 16 && G0_SGIS & (1 << i) != 0 {
+        IccReg::Eoir0
+    } else {
+        IccReg::Eoir1
+    };
+    d.gic.icc_write(pe, reg, i as u64).unwrap();
 }
 
 fn check_against_shadow(d: &Driver, s: &Shadow) {
@@ -180,20 +204,35 @@ fn run_ops(ops: &[Op]) {
                     }
                 }
             }
-            Op::Ack(pe) => {
-                let line = d.gic.irq_line(pe);
-                let i = d.iar(pe);
-                assert_eq!(line, i != INTID_SPURIOUS, "IRQ line predicts IAR1");
+            Op::Ack(pe) | Op::AckFiq(pe) => {
+                let fiq = matches!(op, Op::AckFiq(_));
+                let line = if fiq {
+                    d.gic.fiq_line(pe)
+                } else {
+                    d.gic.irq_line(pe)
+                };
+                let i = if fiq {
+                    d.gic.icc_read(pe, IccReg::Iar0).unwrap() as u32
+                } else {
+                    d.iar(pe)
+                };
+                assert_eq!(line, i != INTID_SPURIOUS, "the line predicts the IAR");
                 if i == INTID_SPURIOUS {
                     continue;
                 }
                 if i >= LPI_BASE {
+                    assert!(!fiq, "LPIs are Group 1");
                     assert!(
                         s.lpi[pe].remove(&i),
                         "LPI {i} acknowledged on PE {pe} was not pending there"
                     );
                 } else {
                     assert!(i < 16, "only SGIs and LPIs are in play");
+                    assert_eq!(
+                        fiq,
+                        G0_SGIS & (1 << i) != 0,
+                        "SGI {i} taken through its group's IAR"
+                    );
                     assert_ne!(s.sgi_pending[pe] & (1 << i), 0, "SGI {i} was pending");
                     assert_eq!(
                         s.sgi_active[pe] & (1 << i),
@@ -207,7 +246,7 @@ fn run_ops(ops: &[Op]) {
             }
             Op::Eoi(pe) => {
                 if let Some(i) = s.stack[pe].pop() {
-                    d.eoi(pe, i);
+                    eoi(&mut d, pe, i);
                     if i < 16 {
                         s.sgi_active[pe] &= !(1 << i);
                     }
@@ -226,13 +265,24 @@ fn run_ops(ops: &[Op]) {
     // Finish every handler, unmask, and drain: exactly the shadow's pending set arrives.
     for pe in 0..PES {
         while let Some(i) = s.stack[pe].pop() {
-            d.eoi(pe, i);
+            eoi(&mut d, pe, i);
             if i < 16 {
                 s.sgi_active[pe] &= !(1 << i);
             }
         }
         d.gic.icc_write(pe, IccReg::Pmr, 0xFF).unwrap();
-        let got: BTreeSet<u32> = d.drain(pe).into_iter().collect();
+        let mut got: BTreeSet<u32> = BTreeSet::new();
+        loop {
+            let i = d.gic.icc_read(pe, IccReg::Iar0).unwrap() as u32;
+            if i == INTID_SPURIOUS {
+                break;
+            }
+            assert!(got.insert(i), "Group 0 SGI {i} delivered twice");
+            d.gic.icc_write(pe, IccReg::Eoir0, i as u64).unwrap();
+        }
+        for i in d.drain(pe) {
+            assert!(got.insert(i), "interrupt {i} delivered twice");
+        }
         let mut want = s.lpi[pe].clone();
         want.extend((0..16).filter(|i| s.sgi_pending[pe] & (1 << i) != 0));
         assert_eq!(
