@@ -45,6 +45,9 @@ pub enum IccReg {
     Igrpen0,
     /// ICC_AP0R0_EL1: Group 0 active priorities.
     Ap0r0,
+    /// ICC_SGI0R_EL1 (WO): generate an SGI that only Group 0 targets accept (same layout as
+    /// ICC_SGI1R_EL1).
+    Sgi0r,
 }
 
 impl IccReg {
@@ -68,6 +71,7 @@ impl IccReg {
             "bpr0" => IccReg::Bpr0,
             "igrpen0" => IccReg::Igrpen0,
             "ap0r0" => IccReg::Ap0r0,
+            "sgi0r" => IccReg::Sgi0r,
             _ => return None,
         })
     }

@@ -182,7 +182,8 @@ pub fn run_on(gic: &mut Gic<VecMem>, data: &[u8]) -> usize {
                     IccReg::Bpr0,
                     IccReg::Igrpen0,
                     IccReg::Ap0r0,
-                ][inp.u8() as usize % 12];
+                    IccReg::Sgi0r,
+                ][inp.u8() as usize % 13];
                 let v = inp.u64();
                 let _ = gic.icc_write(pe, reg, v);
             }

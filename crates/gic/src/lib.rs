@@ -682,7 +682,7 @@ impl<M: GuestMem> Gic<M> {
             IccReg::Igrpen0 => self.cpus[pe].igrpen0 as u64,
             IccReg::Ap1r0 => self.cpus[pe].ap1r0 as u64,
             IccReg::Ap0r0 => self.cpus[pe].ap0r0 as u64,
-            IccReg::Eoir1 | IccReg::Eoir0 | IccReg::Dir | IccReg::Sgi1r => {
+            IccReg::Eoir1 | IccReg::Eoir0 | IccReg::Dir | IccReg::Sgi1r | IccReg::Sgi0r => {
                 return Err(CpuIfError::Direction { reg, op: "read" })
             }
         };
@@ -712,7 +712,8 @@ impl<M: GuestMem> Gic<M> {
             IccReg::Igrpen0 => self.cpus[pe].igrpen0 = value & 1 != 0,
             IccReg::Ap1r0 => self.cpus[pe].ap1r0 = value as u32,
             IccReg::Ap0r0 => self.cpus[pe].ap0r0 = value as u32,
-            IccReg::Sgi1r => self.generate_sgi(pe, value),
+            IccReg::Sgi1r => self.generate_sgi(pe, value, true),
+            IccReg::Sgi0r => self.generate_sgi(pe, value, false),
             IccReg::Iar1 | IccReg::Iar0 | IccReg::Hppir1 | IccReg::Hppir0 | IccReg::Rpr => {
                 return Err(CpuIfError::Direction { reg, op: "written" })
             }
@@ -772,12 +773,20 @@ impl<M: GuestMem> Gic<M> {
         }
     }
 
-    fn generate_sgi(&mut self, sender: usize, value: u64) {
+    /// ICC_SGI0R_EL1 (`group1_allowed` false) / ICC_SGI1R_EL1 (true). With a single security
+    /// state, SGI1R makes the SGI pending whatever its group at the target, while SGI0R only
+    /// reaches targets where that SGI is Group 0 (the reading KVM's vGIC also implements).
+    fn generate_sgi(&mut self, sender: usize, value: u64, group1_allowed: bool) {
         let intid = ((value >> ICC_SGI1R_INTID_SHIFT) & 0xF) as u32;
+        let deliver = |rd: &mut Redistributor| {
+            if group1_allowed || rd.group & (1 << intid) == 0 {
+                rd.pending |= 1 << intid;
+            }
+        };
         if value & ICC_SGI1R_IRM != 0 {
-            for pe in 0..self.rds.len() {
+            for (pe, rd) in self.rds.iter_mut().enumerate() {
                 if pe != sender {
-                    self.rds[pe].pending |= 1 << intid;
+                    deliver(rd);
                 }
             }
             return;
@@ -797,7 +806,7 @@ impl<M: GuestMem> Gic<M> {
             }
             let aff = (aff3 << 24) | (aff2 << 16) | (aff1 << 8) | aff0;
             if let Some(&pe) = self.aff_to_pe.get(&aff) {
-                self.rds[pe].pending |= 1 << intid;
+                deliver(&mut self.rds[pe]);
             }
         }
     }

@@ -13,7 +13,7 @@
 //!   `pmr`, `bpr1`, `bpr0`, `ctlr`, `igrpen1`, `igrpen0`, `ap1r0`, `ap0r0`; reading `iar1` or
 //!   `iar0` acknowledges)
 //! - `gic_icc_write PE REG VALUE` -> `OK` (REG: `eoir1`, `eoir0`, `dir`, `pmr`, `bpr1`, `bpr0`,
-//!   `ctlr`, `igrpen1`, `igrpen0`, `ap1r0`, `ap0r0`, `sgi1r`)
+//!   `ctlr`, `igrpen1`, `igrpen0`, `ap1r0`, `ap0r0`, `sgi1r`, `sgi0r`)
 //! - `gic_fiq PE` -> `OK 0|1`: the PE's FIQ line (Group 0)
 //! - `gic_ack PE` (= `gic_icc_read PE iar1`), `gic_eoi PE INTID` (= `gic_icc_write PE eoir1`)
 //! - `gic_irq PE` -> `OK 0|1`: the PE's IRQ line

@@ -664,3 +664,37 @@ fn group0_preempts_an_active_group1_interrupt() {
     d.gic.icc_write(0, IccReg::Bpr0, 0).unwrap();
     assert_eq!(d.gic.icc_read(0, IccReg::Bpr0).unwrap(), BPR0_MIN as u64);
 }
+
+#[test]
+fn sgi0r_reaches_only_targets_where_the_sgi_is_group0() {
+    let mut d = Driver::bare(2);
+    d.enable_cpus();
+    enable_private(&mut d, 0x80);
+    enable_group0(&mut d);
+    make_group0(&mut d, 1, 6, 0x40);
+    // SGI 6 is Group 0 on PE 1 only; SGI0R broadcast reaches PE 1, not PE 0.
+    d.gic
+        .icc_write(1, IccReg::Sgi0r, ICC_SGI1R_IRM | (6 << 24))
+        .unwrap();
+    d.gic
+        .icc_write(0, IccReg::Sgi0r, sgi1r(6, 0, 0, 0b11))
+        .unwrap();
+    assert!(
+        !d.gic.is_pending(0, 6),
+        "Group 1 on PE 0: SGI0R does not reach it"
+    );
+    assert!(d.gic.fiq_line(1));
+    assert_eq!(d.gic.icc_read(1, IccReg::Iar0).unwrap(), 6);
+    d.gic.icc_write(1, IccReg::Eoir0, 6).unwrap();
+    assert_eq!(
+        d.gic.icc_read(1, IccReg::Iar0).unwrap(),
+        INTID_SPURIOUS as u64,
+        "once"
+    );
+    // SGI1R reaches both, whatever the group.
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(6, 0, 0, 0b11))
+        .unwrap();
+    assert_eq!(d.drain(0), vec![6]);
+    assert_eq!(d.gic.icc_read(1, IccReg::Iar0).unwrap(), 6);
+}
