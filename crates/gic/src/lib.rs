@@ -18,7 +18,8 @@
 //! Data flow: an MMIO write to GITS_CWRITER (or GITS_TRANSLATER) runs the ITS, which reads
 //! its tables from guest memory and sets LPI pending state in a redistributor (written through
 //! to the pending table); after every state change the model recomputes each PE's highest
-//! priority pending interrupt and drives that PE's IRQ line ([`IrqLines`]); software
+//! priority pending interrupt and drives that PE's IRQ line ([`IrqLines`]; Group 0 drives the
+//! FIQ line instead); software
 //! acknowledges through [`Gic::icc_read`] (`ICC_IAR1_EL1`) and completes through
 //! [`Gic::icc_write`] (`ICC_EOIR1_EL1` / `ICC_DIR_EL1`). Every guest-memory write the model
 //! makes is recorded in its [`WriteLog`].

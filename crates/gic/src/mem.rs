@@ -118,7 +118,7 @@ const COMPACT_AT: usize = 4096;
 /// Recording a write does not allocate once the log has grown to its working size: pages go
 /// into a vector (skipping a repeat of the last page), which is sorted and deduplicated in
 /// place when it fills up and when it is drained, so its length stays bounded by twice the
-/// number of distinct pages written (or [`COMPACT_AT`], whichever is larger).
+/// number of distinct pages written (or 4096 entries, whichever is larger).
 #[derive(Default)]
 pub struct WriteLog {
     pages: Vec<u64>,

@@ -252,7 +252,7 @@ pub const PRIORITY_BITS: u32 = 5;
 pub const PRIORITY_MASK: u8 = 0xF8;
 /// Idle priority: no active interrupt / lowest possible.
 pub const PRIORITY_IDLE: u8 = 0xFF;
-/// Minimum ICC_BPR0 value with 5 priority bits (group priority bits [7:3]).
+/// Minimum ICC_BPR0 value with 5 priority bits (group priority bits \[7:3\]).
 pub const BPR0_MIN: u8 = 2;
 /// Minimum ICC_BPR1 value with 5 priority bits and a single security state (BPR0_MIN + 1).
 pub const BPR1_MIN: u8 = 3;
