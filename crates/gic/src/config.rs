@@ -14,6 +14,19 @@ pub const VIRT_GITS_BASE: u64 = 0x0808_0000;
 pub const VIRT_GICR_BASE: u64 = 0x080A_0000;
 /// SPIs on QEMU's `virt` board (GICD_TYPER.ITLinesNumber = 7: 256 INTIDs).
 pub const VIRT_NUM_SPIS: u32 = 224;
+/// Redistributors that fit in `virt`'s first region (0x080A_0000..0x0900_0000).
+pub const VIRT_GICR_REGION1_PES: usize = 123;
+/// Base of `virt`'s second redistributor region (256 GiB), used beyond 123 PEs.
+pub const VIRT_GICR2_BASE: u64 = 0x40_0000_0000;
+
+/// A contiguous redistributor region: `count` redistributors from `base`, 128 KiB apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedistRegion {
+    /// RD_base of the region's first redistributor.
+    pub base: u64,
+    /// Number of redistributors (PEs) in the region.
+    pub count: usize,
+}
 
 /// One ITS: where it is and how wide its identifiers are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,8 +60,9 @@ pub struct GicConfig {
     pub pe_affinities: Vec<u32>,
     /// Distributor base.
     pub gicd_base: u64,
-    /// Base of the redistributor region; PE n's RD_base is at `gicr_base + n * 128 KiB`.
-    pub gicr_base: u64,
+    /// Redistributor regions, filled with PEs in index order; their counts must add up to
+    /// the number of PEs. GICR_TYPER.Last marks the last redistributor of each region.
+    pub gicr_regions: Vec<RedistRegion>,
     /// Number of SPIs (multiple of 32, at most 988).
     pub num_spis: u32,
     /// LPI INTID bits supported (GICD_TYPER.IDbits + 1), 14..=16.
@@ -73,10 +87,21 @@ impl GicConfig {
                 ((i / 16) << 8) | (i % 16)
             })
             .collect();
+        let first = pes.min(VIRT_GICR_REGION1_PES);
+        let mut gicr_regions = vec![RedistRegion {
+            base: VIRT_GICR_BASE,
+            count: first,
+        }];
+        if pes > first {
+            gicr_regions.push(RedistRegion {
+                base: VIRT_GICR2_BASE,
+                count: pes - first,
+            });
+        }
         GicConfig {
             pe_affinities,
             gicd_base: VIRT_GICD_BASE,
-            gicr_base: VIRT_GICR_BASE,
+            gicr_regions,
             num_spis: VIRT_NUM_SPIS,
             lpi_id_bits: 16,
             its: vec![ItsConfig::default()],
@@ -93,9 +118,46 @@ impl GicConfig {
         32 + self.num_spis
     }
 
-    /// RD_base of PE `pe`.
+    /// RD_base of PE `pe` (0 for a PE no region holds).
     pub fn rd_base(&self, pe: usize) -> u64 {
-        self.gicr_base + (pe as u64) * GICR_STRIDE_V3
+        let mut first = 0;
+        for r in &self.gicr_regions {
+            if pe < first + r.count {
+                return r.base + ((pe - first) as u64) * GICR_STRIDE_V3;
+            }
+            first += r.count;
+        }
+        0
+    }
+
+    /// The PE whose redistributor frames contain `addr`, with the offset from its RD_base.
+    pub fn rd_at(&self, addr: u64) -> Option<(usize, u64)> {
+        let mut first = 0;
+        for r in &self.gicr_regions {
+            if let Some(off) = addr.checked_sub(r.base) {
+                let idx = off / GICR_STRIDE_V3;
+                if idx < r.count as u64 {
+                    return Some((first + idx as usize, off % GICR_STRIDE_V3));
+                }
+            }
+            first += r.count;
+        }
+        None
+    }
+
+    /// Whether PE `pe`'s redistributor is the last of its region (GICR_TYPER.Last).
+    pub fn rd_is_last(&self, pe: usize) -> bool {
+        let mut end = 0;
+        for r in &self.gicr_regions {
+            end += r.count;
+            if pe + 1 == end {
+                return true;
+            }
+            if pe < end {
+                return false;
+            }
+        }
+        false
     }
 
     /// Checks the configuration describes a GICv3 this model can build.
@@ -122,14 +184,18 @@ impl GicConfig {
         if !(14..=16).contains(&self.lpi_id_bits) {
             return Err(ConfigError::BadLpiIdBits(self.lpi_id_bits));
         }
-        let mut frames: Vec<(String, u64, u64)> = vec![
-            ("GICD".to_string(), self.gicd_base, GICD_SIZE),
-            (
-                "GICR region".to_string(),
-                self.gicr_base,
-                GICR_STRIDE_V3 * n as u64,
-            ),
-        ];
+        let covered: usize = self.gicr_regions.iter().map(|r| r.count).sum();
+        if covered != n {
+            return Err(ConfigError::RedistCount { covered, pes: n });
+        }
+        let mut frames: Vec<(String, u64, u64)> =
+            vec![("GICD".to_string(), self.gicd_base, GICD_SIZE)];
+        for (i, r) in self.gicr_regions.iter().enumerate() {
+            let size = GICR_STRIDE_V3
+                .checked_mul(r.count as u64)
+                .ok_or(ConfigError::TooManyPes(r.count))?;
+            frames.push((format!("GICR region {i}"), r.base, size));
+        }
         for (i, its) in self.its.iter().enumerate() {
             for (what, bits) in [("device", its.device_bits), ("event", its.event_bits)] {
                 if !(1..=20).contains(&bits) {
@@ -173,6 +239,16 @@ mod tests {
         let c = GicConfig::virt(20);
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.rd_base(1), 0x080C_0000);
+        assert_eq!(c.rd_at(0x080C_0010), Some((1, 0x10)));
+        assert!(c.rd_is_last(19) && !c.rd_is_last(18));
+        let big = GicConfig::virt(130);
+        assert_eq!(big.validate(), Ok(()));
+        assert_eq!(big.gicr_regions.len(), 2);
+        assert_eq!(big.rd_base(122), 0x080A_0000 + 122 * 0x2_0000);
+        assert_eq!(big.rd_base(123), VIRT_GICR2_BASE);
+        assert_eq!(big.rd_at(VIRT_GICR2_BASE + 0x2_0000 + 8), Some((124, 8)));
+        assert!(big.rd_is_last(122) && big.rd_is_last(129) && !big.rd_is_last(123));
+        assert_eq!(big.rd_base(130), 0);
         assert_eq!(c.pe_affinities[17], 0x0101);
         assert_eq!(c.num_irqs(), 256);
     }
@@ -214,5 +290,11 @@ mod tests {
         c.its[0].device_bits = 0;
         assert!(matches!(c.validate(), Err(ConfigError::BadItsBits { .. })));
         assert_eq!(GicConfig::virt(0).validate(), Err(ConfigError::NoPes));
+        let mut c = GicConfig::virt(2);
+        c.gicr_regions[0].count = 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::RedistCount { covered: 1, pes: 2 })
+        );
     }
 }

@@ -60,6 +60,14 @@ pub enum ConfigError {
     /// GICR_TYPER.Processor_Number is 16 bits wide.
     #[error("{0} PEs exceed the 65536 that GICR_TYPER.Processor_Number can number")]
     TooManyPes(usize),
+    /// The redistributor regions do not hold exactly one redistributor per PE.
+    #[error("redistributor regions hold {covered} redistributors for {pes} PEs")]
+    RedistCount {
+        /// Redistributors the regions hold.
+        covered: usize,
+        /// PEs configured.
+        pes: usize,
+    },
     /// Two PEs have the same affinity.
     #[error("PEs {first} and {second} share affinity {affinity:#x}")]
     DuplicateAffinity {

@@ -778,14 +778,10 @@ impl Its {
     /// Maps an RDbase field to a PE index.
     fn rd_index(&self, gic: &GicConfig, rdbase: u64) -> Result<usize, ItsCommandError> {
         let pe = if self.cfg.pta {
-            let addr = rdbase << 16;
-            let off = addr
-                .checked_sub(gic.gicr_base)
-                .ok_or(ItsCommandError::RdbaseOutOfRange(rdbase))?;
-            if off % GICR_STRIDE_V3 != 0 {
-                return Err(ItsCommandError::RdbaseOutOfRange(rdbase));
+            match gic.rd_at(rdbase << 16) {
+                Some((pe, 0)) => pe as u64,
+                _ => return Err(ItsCommandError::RdbaseOutOfRange(rdbase)),
             }
-            off / GICR_STRIDE_V3
         } else {
             rdbase
         };

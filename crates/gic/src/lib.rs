@@ -64,7 +64,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use config::{GicConfig, ItsConfig};
+pub use config::{GicConfig, ItsConfig, RedistRegion};
 pub use cpuif::{CpuIfState, IccReg};
 pub use dist::DistState;
 pub use error::{ConfigError, MemError, MmioError, StateError};
@@ -242,7 +242,7 @@ impl<M: GuestMem> Gic<M> {
             .pe_affinities
             .iter()
             .enumerate()
-            .map(|(i, a)| Redistributor::new(i, *a, i + 1 == n, cfg.lpi_id_bits))
+            .map(|(i, a)| Redistributor::new(i, *a, cfg.rd_is_last(i), cfg.lpi_id_bits))
             .collect();
         let aff_to_pe = cfg
             .pe_affinities
@@ -281,7 +281,7 @@ impl<M: GuestMem> Gic<M> {
             .pe_affinities
             .iter()
             .enumerate()
-            .map(|(i, a)| Redistributor::new(i, *a, i + 1 == n, cfg.lpi_id_bits))
+            .map(|(i, a)| Redistributor::new(i, *a, cfg.rd_is_last(i), cfg.lpi_id_bits))
             .collect();
         self.cpus = (0..n).map(|_| CpuIf::new()).collect();
         self.its = cfg.its.iter().cloned().map(Its::new).collect();
@@ -348,17 +348,12 @@ impl<M: GuestMem> Gic<M> {
                 return Some(Frame::Dist(off));
             }
         }
-        if let Some(off) = addr.checked_sub(self.cfg.gicr_base) {
-            let pe = off / GICR_STRIDE_V3;
-            if pe < self.rds.len() as u64 {
-                let inner = off % GICR_STRIDE_V3;
-                let pe = pe as usize;
-                return Some(if inner < GICR_SGI_OFFSET {
-                    Frame::RdBase(pe, inner)
-                } else {
-                    Frame::SgiBase(pe, inner - GICR_SGI_OFFSET)
-                });
-            }
+        if let Some((pe, inner)) = self.cfg.rd_at(addr) {
+            return Some(if inner < GICR_SGI_OFFSET {
+                Frame::RdBase(pe, inner)
+            } else {
+                Frame::SgiBase(pe, inner - GICR_SGI_OFFSET)
+            });
         }
         for (i, its) in self.its.iter().enumerate() {
             if let Some(off) = addr.checked_sub(its.config().base) {

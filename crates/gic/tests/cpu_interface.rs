@@ -698,3 +698,64 @@ fn sgi0r_reaches_only_targets_where_the_sgi_is_group0() {
     assert_eq!(d.drain(0), vec![6]);
     assert_eq!(d.gic.icc_read(1, IccReg::Iar0).unwrap(), 6);
 }
+
+#[test]
+fn second_redistributor_region_serves_pes_beyond_the_first() {
+    // Like QEMU's virt with more than 123 PEs: PEs 123.. live in the high region.
+    let mut cfg = GicConfig::virt(130);
+    cfg.its[0].pta = true;
+    let mut d = Driver::bare_with(cfg);
+    let rd125 = d.rd(125);
+    assert_eq!(rd125, gic::config::VIRT_GICR2_BASE + 2 * 0x2_0000);
+    let typer = d.r64(rd125 + GICR_TYPER);
+    assert_eq!((typer >> 8) & 0xFFFF, 125);
+    assert_eq!(typer >> 32, (7 << 8) | 13, "Aff1 7, Aff0 13");
+    assert_eq!(
+        d.r64(d.rd(122) + GICR_TYPER) & GICR_TYPER_LAST,
+        GICR_TYPER_LAST
+    );
+    assert_eq!(d.r64(d.rd(123) + GICR_TYPER) & GICR_TYPER_LAST, 0);
+    assert_eq!(
+        d.r64(d.rd(129) + GICR_TYPER) & GICR_TYPER_LAST,
+        GICR_TYPER_LAST
+    );
+    // The hole after the first region is not a redistributor.
+    assert!(d.gic.read(d.rd(122) + 0x2_0000, 4).is_err());
+    d.fill_prop(true);
+    d.enable_cpus();
+    enable_private(&mut d, 0x80);
+    d.gic
+        .icc_write(0, IccReg::Sgi1r, sgi1r(2, 7, 0, 1 << 13))
+        .unwrap();
+    assert_eq!(d.drain(125), vec![2]);
+    // An ITS with PTA targets the high region by address (only PE 125 gets LPI tables).
+    d.w64(rd125 + GICR_PROPBASER, PROP | 15);
+    d.w64(rd125 + GICR_PENDBASER, PEND);
+    d.w32(rd125 + GICR_CTLR, GICR_CTLR_ENABLE_LPIS);
+    d.enable_its();
+    d.cmds(&[
+        ItsCommand::Mapc {
+            icid: 0,
+            rdbase: rd125 >> 16,
+            valid: true,
+        },
+        ItsCommand::Mapd {
+            device: 0,
+            size: 2,
+            itt: ITT,
+            valid: true,
+        },
+        ItsCommand::Mapti {
+            device: 0,
+            event: 1,
+            intid: 8200,
+            icid: 0,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 1,
+        },
+    ]);
+    assert_eq!(d.its_error_count(), 0);
+    assert_eq!(d.drain(125), vec![8200]);
+}

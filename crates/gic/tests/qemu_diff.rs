@@ -355,6 +355,11 @@ fn skip(test: &str) -> bool {
 
 /// Runs a script through QEMU; returns one answer per command line.
 fn run_qemu(script: &[String]) -> Vec<String> {
+    run_qemu_smp(script, SMP)
+}
+
+/// Runs a script through QEMU with `smp` PEs.
+fn run_qemu_smp(script: &[String], smp: usize) -> Vec<String> {
     let mut child = Command::new(QEMU)
         .args([
             "-M",
@@ -370,7 +375,9 @@ fn run_qemu(script: &[String]) -> Vec<String> {
             "none",
             "-nodefaults",
             "-smp",
-            &SMP.to_string(),
+            &smp.to_string(),
+            "-m",
+            "128M",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -413,8 +420,12 @@ fn run_qemu(script: &[String]) -> Vec<String> {
 }
 
 fn run_model(script: &[String]) -> Vec<String> {
+    run_model_smp(script, SMP)
+}
+
+fn run_model_smp(script: &[String], smp: usize) -> Vec<String> {
     let cfg = QtestConfig {
-        gic: GicConfig::virt(SMP),
+        gic: GicConfig::virt(smp),
         ..QtestConfig::default()
     };
     let mut s = QtestSession::new(&cfg).expect("model");
@@ -1298,4 +1309,44 @@ fn random_value_write_sweep_matches_qemu() {
         }
         compare(&s);
     }
+}
+
+#[test]
+fn high_redistributor_region_layout_matches_qemu() {
+    if skip("high_redistributor_region_layout_matches_qemu") {
+        return;
+    }
+    // 125 PEs: 123 in the low region, two in the high region at 256 GiB.
+    let pes = 125;
+    let cfg = GicConfig::virt(pes);
+    let mut s = Vec::new();
+    for pe in [0, 1, 121, 122, 123, 124] {
+        s.push(rq(cfg.rd_base(pe) + GICR_TYPER));
+        s.push(rl(cfg.rd_base(pe) + GICR_WAKER));
+        s.push(rl(cfg.rd_base(pe) + 0x1_0000 + GICR_ICFGR0));
+    }
+    // Just past the last redistributor of each region: nothing there in either model.
+    s.push(rl(cfg.rd_base(122) + 0x2_0000 + 0x1_0000 + GICR_ICFGR0));
+    s.push(rl(cfg.rd_base(124) + 0x2_0000 + GICR_WAKER));
+    let q = run_qemu_smp(&s, pes);
+    let m = run_model_smp(&s, pes);
+    // GICR_TYPER differs only in the documented DirectLPI / CommonLPIAff bits.
+    let impdef = GICR_TYPER_DIRECTLPI | (3 << GICR_TYPER_COMMONLPIAFF_SHIFT);
+    for ((cmd, qa), ma) in s.iter().zip(&q).zip(&m) {
+        if cmd.starts_with("readq") {
+            let qv = u64::from_str_radix(&qa[5..], 16).unwrap();
+            let mv = u64::from_str_radix(&ma[5..], 16).unwrap();
+            assert_eq!(qv & !impdef, mv & !impdef, "{cmd}: QEMU {qa} model {ma}");
+        } else {
+            assert_eq!(qa, ma, "{cmd}");
+        }
+    }
+    // Last is set on PE 122 (end of the low region) and PE 124 (end of the high one).
+    let last: Vec<bool> = m
+        .iter()
+        .zip(&s)
+        .filter(|(_, c)| c.starts_with("readq"))
+        .map(|(a, _)| u64::from_str_radix(&a[5..], 16).unwrap() & GICR_TYPER_LAST != 0)
+        .collect();
+    assert_eq!(last, vec![false, false, false, true, false, true]);
 }
