@@ -1155,7 +1155,18 @@ fn random_command_streams_leave_the_same_pending_tables_as_qemu() {
             let batch: Vec<ItsCommand> = (0..1 + r.below(6))
                 .map(|_| random_command(&mut r))
                 .collect();
+            // Sometimes the batch is queued while the ITS is disabled (an MSI then is
+            // dropped) and runs when it is enabled again.
+            let disabled = r.below(8) == 0;
+            if disabled {
+                s.push(wl(GITS + GITS_CTLR, 0));
+                s.push(wl(GITS + GITS_TRANSLATER, r.below(10)));
+            }
             queue(&mut s, &mut slot, &batch);
+            if disabled {
+                s.push(wl(GITS + GITS_CTLR, 1));
+                s.push(rq(GITS + GITS_CREADR));
+            }
             match r.below(6) {
                 // An MSI from DeviceID 0 (what qtest accesses carry).
                 0 | 1 => s.push(wl(GITS + GITS_TRANSLATER, r.below(10))),
