@@ -280,7 +280,9 @@ impl Redistributor {
             }
             o if (GICR_PENDBASER..GICR_PENDBASER + 8).contains(&o) => {
                 let pos = half64(GICR_PENDBASER, o, width)?;
-                Ok(read_part(self.pendbaser, pos, width))
+                // PTZ is write-only: kept for the next enable, read as zero.
+                let v = self.pendbaser & !GICR_PENDBASER_PTZ;
+                Ok(read_part(v, pos, width))
             }
             o if [GICR_SETLPIR, GICR_CLRLPIR, GICR_INVLPIR, GICR_INVALLR]
                 .iter()

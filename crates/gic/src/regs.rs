@@ -199,7 +199,7 @@ pub const GICR_PROPBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 pub const GICR_PROPBASER_MASK: u64 = 0x070F_FFFF_FFFF_FF9F;
 /// GICR_PENDBASER.Physical_Address mask (bits \[51:16\]).
 pub const GICR_PENDBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_0000;
-/// GICR_PENDBASER.PTZ: pending table is known to be zero (WO, reads as 0).
+/// GICR_PENDBASER.PTZ: pending table is known to be zero (write-only, reads as 0).
 pub const GICR_PENDBASER_PTZ: u64 = 1 << 62;
 /// GICR_PENDBASER stored bits: InnerCache, Shareability, PA, OuterCache.
 pub const GICR_PENDBASER_MASK: u64 = 0x070F_FFFF_FFFF_0F80;
