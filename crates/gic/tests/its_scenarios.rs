@@ -1012,3 +1012,62 @@ fn reenabled_lpi_is_delivered_again_after_inv() {
     }]);
     assert_eq!(d.drain(0), vec![8196]);
 }
+
+#[test]
+fn two_level_collection_table_with_16k_pages() {
+    let mut d = Driver::bare(2);
+    d.fill_prop(true);
+    d.enable_cpus();
+    d.enable_lpis();
+    // 16 KiB pages: 2048 CTEs per level-2 page; L1 entry 1 covers ICIDs 2048..4095.
+    let l2 = RAM + 0x8_0000; // 16 KiB aligned
+    d.gic
+        .mem_mut()
+        .write(CT + 8, &(GITS_L1E_VALID | l2).to_le_bytes())
+        .unwrap();
+    d.w64(GITS + GITS_BASER, GITS_BASER_VALID | (2 << 8) | DT);
+    d.w64(
+        GITS + GITS_BASER + 8,
+        GITS_BASER_VALID | GITS_BASER_INDIRECT | (1 << 8) | CT,
+    );
+    assert_eq!((d.r64(GITS + GITS_BASER + 8) >> 8) & 3, 1, "16 KiB pages");
+    d.w64(GITS + GITS_CBASER, GITS_CBASER_VALID | CMDQ);
+    d.w32(GITS + GITS_CTLR, GITS_CTLR_ENABLED);
+    d.cmds(&[
+        ItsCommand::Mapc {
+            icid: 3000,
+            rdbase: 1,
+            valid: true,
+        },
+        ItsCommand::Mapc {
+            icid: 5,
+            rdbase: 0,
+            valid: true,
+        },
+        ItsCommand::Mapd {
+            device: 0,
+            size: 3,
+            itt: ITT,
+            valid: true,
+        },
+        ItsCommand::Mapti {
+            device: 0,
+            event: 0,
+            intid: 8192,
+            icid: 3000,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 0,
+        },
+    ]);
+    assert_eq!(d.its_error_count(), 1);
+    assert_eq!(
+        d.last_its_error(),
+        Some(ItsCommandError::CollectionOutOfRange(5))
+    );
+    let mut cte = [0u8; 8];
+    d.gic.mem().read(l2 + (3000 - 2048) * 8, &mut cte).unwrap();
+    assert_eq!(u64::from_le_bytes(cte), 1 | (1 << 16));
+    assert_eq!(d.drain(1), vec![8192]);
+}
