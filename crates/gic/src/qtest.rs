@@ -33,6 +33,7 @@
 
 use std::io::{BufRead, Write};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::GicConfig;
@@ -48,8 +49,8 @@ pub const DEFAULT_RAM_SIZE: u64 = 128 << 20;
 /// Largest `read`/`write`/`memset` length accepted (guards against absurd allocations).
 pub const MAX_BULK_LEN: u64 = 16 << 20;
 
-/// What `serve` builds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `serve` builds (serde-serializable, so a front end can read it from a file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QtestConfig {
     /// The GIC.
     pub gic: GicConfig,

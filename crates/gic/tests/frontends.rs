@@ -272,3 +272,16 @@ fn qtest_drives_input_lines_and_reset() {
         ]
     );
 }
+
+#[test]
+fn qtest_config_round_trips_through_json() {
+    let cfg = QtestConfig {
+        gic: GicConfig::virt(4),
+        ram_base: 0x4000_0000,
+        ram_size: 1 << 24,
+    };
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: QtestConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cfg);
+    assert!(QtestSession::new(&back).is_ok());
+}
