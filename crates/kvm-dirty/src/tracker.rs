@@ -1,0 +1,487 @@
+//! The [`DirtyTracker`] trait and its three KVM implementations.
+//!
+//! `collect` is additive: it ORs the pages dirtied since the previous collect (or `start`) into
+//! a caller-owned [`DirtyPageSet`], plus the pages the VMM wrote itself ([`VmmWriteLog`]). When
+//! `collect` returns, every page it reported has been re-protected, so the caller may read page
+//! contents: a later guest write to such a page is reported by a later collect.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::VmFd;
+
+use crate::bitmap::{self, ManualProtect};
+use crate::error::{DirtyError, Result};
+use crate::pageset::DirtyPageSet;
+pub use crate::pageset::SlotSpec;
+use crate::ring::{RingCapability, RingConsumer, UnresetEntries};
+use crate::sys::{self, MmapRing};
+use crate::vmm_log::VmmWriteLog;
+
+/// The three tracking modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrackerMode {
+    /// Per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`).
+    Ring,
+    /// `KVM_GET_DIRTY_LOG`, which also re-protects.
+    Bitmap,
+    /// `KVM_GET_DIRTY_LOG` + `KVM_CLEAR_DIRTY_LOG` (manual protect, initially set).
+    ClearLog,
+}
+
+impl TrackerMode {
+    /// Lower-case name as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackerMode::Ring => "ring",
+            TrackerMode::Bitmap => "bitmap",
+            TrackerMode::ClearLog => "clear-log",
+        }
+    }
+}
+
+/// What one collect did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CollectStats {
+    /// Ring entries harvested (ring mode), including those harvested by ring-full handlers
+    /// since the previous collect.
+    pub ring_entries: u64,
+    /// Entries `KVM_RESET_DIRTY_RINGS` reported reset.
+    pub reset: u64,
+    /// Pages taken from the VMM write log.
+    pub vmm_pages: u64,
+    /// Dirty-log ioctls issued (GET, CLEAR, RESET).
+    pub ioctls: u64,
+}
+
+/// Dirty page tracking over a VM's memslots.
+pub trait DirtyTracker: Send {
+    /// The mode.
+    fn mode(&self) -> TrackerMode;
+    /// Begins tracking: later collects report every page written from now on.
+    fn start(&mut self) -> Result<()>;
+    /// ORs the pages dirtied since the last collect into `out`; see the module docs.
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats>;
+    /// Ends tracking.
+    fn stop(&mut self) -> Result<()>;
+}
+
+fn check_logged(slots: &[SlotSpec]) -> Result<()> {
+    match slots.iter().find(|s| !s.log_dirty) {
+        Some(s) => Err(DirtyError::SlotNotLogged { slot: s.id.0 }),
+        None => Ok(()),
+    }
+}
+
+/// `KVM_GET_DIRTY_LOG` tracking (get-and-reprotect in one ioctl).
+#[derive(Debug)]
+pub struct BitmapTracker {
+    vm: Arc<VmFd>,
+    slots: Vec<SlotSpec>,
+    buf: Vec<u64>,
+    vmm_log: Option<Arc<VmmWriteLog>>,
+    started: bool,
+}
+
+impl BitmapTracker {
+    /// A tracker over `slots` (each registered with `KVM_MEM_LOG_DIRTY_PAGES`).
+    pub fn new(
+        vm: Arc<VmFd>,
+        slots: &[SlotSpec],
+        vmm_log: Option<Arc<VmmWriteLog>>,
+    ) -> Result<Self> {
+        check_logged(slots)?;
+        let words = slots.iter().map(|s| s.bitmap_words()).max().unwrap_or(0);
+        Ok(BitmapTracker {
+            vm,
+            slots: slots.to_vec(),
+            buf: vec![0; words],
+            vmm_log,
+            started: false,
+        })
+    }
+}
+
+impl DirtyTracker for BitmapTracker {
+    fn mode(&self) -> TrackerMode {
+        TrackerMode::Bitmap
+    }
+    fn start(&mut self) -> Result<()> {
+        // Discard what accumulated before start; the GET re-protects everything it returns.
+        for s in &self.slots {
+            bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
+        }
+        self.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        if !self.started {
+            return Err(DirtyError::NotStarted);
+        }
+        let mut st = CollectStats::default();
+        for s in &self.slots {
+            bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
+            st.ioctls += 1;
+            if let Some(i) = out.slot_index(s.id.0) {
+                out.or_words(i, &self.buf[..s.bitmap_words()]);
+            }
+        }
+        if let Some(l) = &self.vmm_log {
+            st.vmm_pages = l.drain_into(out);
+        }
+        Ok(st)
+    }
+    fn stop(&mut self) -> Result<()> {
+        self.started = false;
+        Ok(())
+    }
+}
+
+/// Manual-protect tracking: GET (no side effect) then CLEAR exactly the pages returned.
+///
+/// With `INITIALLY_SET`, the first collect reports every page of every slot; a migration's
+/// first pass therefore naturally covers all of memory.
+#[derive(Debug)]
+pub struct ClearLogTracker {
+    vm: Arc<VmFd>,
+    slots: Vec<SlotSpec>,
+    buf: Vec<u64>,
+    vmm_log: Option<Arc<VmmWriteLog>>,
+    started: bool,
+}
+
+impl ClearLogTracker {
+    /// A tracker over `slots`; `_proof` shows manual protect was enabled before the slots.
+    pub fn new(
+        vm: Arc<VmFd>,
+        _proof: ManualProtect,
+        slots: &[SlotSpec],
+        vmm_log: Option<Arc<VmmWriteLog>>,
+    ) -> Result<Self> {
+        check_logged(slots)?;
+        let words = slots.iter().map(|s| s.bitmap_words()).max().unwrap_or(0);
+        Ok(ClearLogTracker {
+            vm,
+            slots: slots.to_vec(),
+            buf: vec![0; words],
+            vmm_log,
+            started: false,
+        })
+    }
+}
+
+impl DirtyTracker for ClearLogTracker {
+    fn mode(&self) -> TrackerMode {
+        TrackerMode::ClearLog
+    }
+    fn start(&mut self) -> Result<()> {
+        self.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        if !self.started {
+            return Err(DirtyError::NotStarted);
+        }
+        let mut st = CollectStats::default();
+        for s in &self.slots {
+            let words = s.bitmap_words();
+            bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
+            st.ioctls += 1;
+            // Re-protect before publishing: a write after this point is reported next time.
+            st.ioctls += bitmap::clear_dirty_log(&self.vm, s, &self.buf[..words])?;
+            if let Some(i) = out.slot_index(s.id.0) {
+                out.or_words(i, &self.buf[..words]);
+            }
+        }
+        if let Some(l) = &self.vmm_log {
+            st.vmm_pages = l.drain_into(out);
+        }
+        Ok(st)
+    }
+    fn stop(&mut self) -> Result<()> {
+        self.started = false;
+        Ok(())
+    }
+}
+
+/// Result of one harvest-and-reset over a [`RingSet`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingCollect {
+    /// Entries harvested.
+    pub entries: u64,
+    /// Entries the kernel reset (equal to `entries`, checked).
+    pub reset: u64,
+    /// Entries whose slot/offset lay outside every tracked slot (counted, never trusted).
+    pub bad_entries: u64,
+    /// Whether `KVM_RESET_DIRTY_RINGS` was interrupted and retried.
+    pub interrupted: bool,
+}
+
+struct RingInner {
+    consumers: Vec<RingConsumer<MmapRing>>,
+    staged: DirtyPageSet,
+    staged_entries: u64,
+}
+
+/// All vCPU rings of a VM, shareable between the vCPU threads (ring-full exits) and a collector
+/// thread. One lock serialises harvest + reset so the kernel's reset count can be checked
+/// exactly against what was harvested.
+pub struct RingSet {
+    vm: Arc<VmFd>,
+    cap: RingCapability,
+    inner: Mutex<RingInner>,
+    per_vcpu: Vec<AtomicU64>,
+    ring_full_exits: Vec<AtomicU64>,
+    vmm_log: Option<Arc<VmmWriteLog>>,
+}
+
+impl std::fmt::Debug for RingSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingSet")
+            .field("cap", &self.cap)
+            .field("vcpus", &self.per_vcpu.len())
+            .finish()
+    }
+}
+
+impl RingSet {
+    /// Builds the set from each vCPU's mapped ring, in vCPU order.
+    pub fn new(
+        vm: Arc<VmFd>,
+        cap: RingCapability,
+        slots: &[SlotSpec],
+        rings: Vec<MmapRing>,
+        vmm_log: Option<Arc<VmmWriteLog>>,
+    ) -> Result<Self> {
+        check_logged(slots)?;
+        let n = rings.len();
+        Ok(RingSet {
+            vm,
+            cap,
+            inner: Mutex::new(RingInner {
+                consumers: rings.into_iter().map(RingConsumer::new).collect(),
+                staged: DirtyPageSet::new(slots),
+                staged_entries: 0,
+            }),
+            per_vcpu: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            ring_full_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            vmm_log,
+        })
+    }
+
+    /// The ring capability in use.
+    pub fn capability(&self) -> RingCapability {
+        self.cap
+    }
+
+    /// Number of vCPU rings.
+    pub fn vcpus(&self) -> usize {
+        self.per_vcpu.len()
+    }
+
+    /// Total entries ever harvested from vCPU `i`'s ring (monotonic; a dirty-rate source).
+    pub fn vcpu_entries(&self, i: usize) -> u64 {
+        self.per_vcpu
+            .get(i)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Ring-full exits handled for vCPU `i`.
+    pub fn vcpu_ring_full_exits(&self, i: usize) -> u64 {
+        self.ring_full_exits
+            .get(i)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RingInner> {
+        // A panic while holding the lock cannot leave the rings inconsistent (the kernel owns
+        // their state), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Harvests the ring of vCPU `only` (or every ring), calling `sink(vcpu, slot, offset)` per
+    /// entry in ring order, then resets. `sink` may record page numbers but must not read page
+    /// contents: those are only safe to read after this returns.
+    pub fn harvest_and_reset(
+        &self,
+        only: Option<usize>,
+        mut sink: impl FnMut(usize, u32, u64),
+    ) -> Result<RingCollect> {
+        let mut g = self.lock();
+        self.harvest_locked(&mut g, only, &mut sink)
+    }
+
+    fn harvest_locked(
+        &self,
+        g: &mut RingInner,
+        only: Option<usize>,
+        sink: &mut dyn FnMut(usize, u32, u64),
+    ) -> Result<RingCollect> {
+        let mut pending = UnresetEntries::default();
+        for (i, c) in g.consumers.iter_mut().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let (st, tok) = c.harvest(|slot, off| sink(i, slot, off));
+            self.per_vcpu[i].fetch_add(st.entries, Ordering::Relaxed);
+            pending = pending.merge(tok);
+        }
+        let mut out = RingCollect {
+            entries: pending.count,
+            ..Default::default()
+        };
+        if pending.count > 0 {
+            let (reset, interrupted) = self.reset_locked(g, pending)?;
+            out.reset = reset;
+            out.interrupted = interrupted;
+        }
+        Ok(out)
+    }
+
+    /// Resets and checks the count. On EINTR the kernel may have reset part of the rings
+    /// without reporting it, so the check falls back to reading every harvested entry's flags.
+    fn reset_locked(&self, g: &mut RingInner, pending: UnresetEntries) -> Result<(u64, bool)> {
+        let mut interrupted = false;
+        let mut reported = 0u64;
+        loop {
+            match sys::reset_dirty_rings(&*self.vm) {
+                Ok(n) => {
+                    reported += n;
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    interrupted = true;
+                }
+                Err(source) => {
+                    return Err(DirtyError::Ioctl {
+                        op: "KVM_RESET_DIRTY_RINGS",
+                        source,
+                    })
+                }
+            }
+        }
+        if !interrupted {
+            if reported != pending.count {
+                return Err(DirtyError::ResetCountMismatch {
+                    harvested: pending.count,
+                    reset: reported,
+                });
+            }
+            g.consumers.iter_mut().for_each(|c| c.assume_reset());
+            return Ok((reported, false));
+        }
+        let confirmed: u64 = g.consumers.iter_mut().map(|c| c.confirm_reset()).sum();
+        let left: u32 = g.consumers.iter().map(|c| c.unreset()).sum();
+        if left != 0 || confirmed != pending.count {
+            return Err(DirtyError::ResetCountMismatch {
+                harvested: pending.count,
+                reset: confirmed,
+            });
+        }
+        Ok((confirmed, true))
+    }
+
+    /// Harvests into the internal staged page set (what the next `collect` returns).
+    /// Called by the collector thread and by vCPU threads on `KVM_EXIT_DIRTY_RING_FULL`.
+    pub fn harvest_to_staged(&self, only: Option<usize>) -> Result<RingCollect> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut staged = std::mem::replace(&mut inner.staged, DirtyPageSet::new(&[]));
+        let mut bad = 0u64;
+        let r = self.harvest_locked(
+            inner,
+            only,
+            &mut |_, slot, off| match staged.slot_index(slot) {
+                Some(i) if staged.insert_at(i, off).is_some() => {}
+                _ => bad += 1,
+            },
+        );
+        inner.staged = staged;
+        let mut r = r?;
+        inner.staged_entries += r.entries;
+        r.bad_entries = bad;
+        Ok(r)
+    }
+
+    /// Handles `KVM_EXIT_DIRTY_RING_FULL` of vCPU `vcpu`: harvest its ring and reset, so the
+    /// vCPU can re-enter the guest.
+    pub fn handle_ring_full(&self, vcpu: usize) -> Result<RingCollect> {
+        if let Some(c) = self.ring_full_exits.get(vcpu) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.harvest_to_staged(Some(vcpu))
+    }
+
+    /// Harvests every ring, then moves all staged pages into `out`.
+    pub fn collect_into(&self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        let r = self.harvest_to_staged(None)?;
+        let mut g = self.lock();
+        out.merge(&g.staged);
+        g.staged.clear();
+        let mut st = CollectStats {
+            ring_entries: g.staged_entries,
+            reset: r.reset,
+            vmm_pages: 0,
+            ioctls: u64::from(r.entries > 0),
+        };
+        g.staged_entries = 0;
+        drop(g);
+        if let Some(l) = &self.vmm_log {
+            st.vmm_pages = l.drain_into(out);
+        }
+        Ok(st)
+    }
+
+    /// Drops every staged page and harvests-and-discards what is in the rings.
+    pub fn discard(&self) -> Result<()> {
+        self.harvest_to_staged(None)?;
+        let mut g = self.lock();
+        g.staged.clear();
+        g.staged_entries = 0;
+        Ok(())
+    }
+}
+
+/// Dirty-ring tracking through a shared [`RingSet`].
+#[derive(Debug)]
+pub struct RingTracker {
+    set: Arc<RingSet>,
+    started: bool,
+}
+
+impl RingTracker {
+    /// A tracker over the set (shared with vCPU threads for ring-full handling).
+    pub fn new(set: Arc<RingSet>) -> Self {
+        RingTracker {
+            set,
+            started: false,
+        }
+    }
+    /// The underlying ring set.
+    pub fn set(&self) -> &Arc<RingSet> {
+        &self.set
+    }
+}
+
+impl DirtyTracker for RingTracker {
+    fn mode(&self) -> TrackerMode {
+        TrackerMode::Ring
+    }
+    fn start(&mut self) -> Result<()> {
+        self.set.discard()?;
+        self.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        if !self.started {
+            return Err(DirtyError::NotStarted);
+        }
+        self.set.collect_into(out)
+    }
+    fn stop(&mut self) -> Result<()> {
+        self.started = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! Integration tests on real `/dev/kvm`. Without it each test prints a loud SKIP line (which
+//! `.ci/run` treats as a failure on a machine that has `/dev/kvm`).
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_dirty::bitmap::{enable_manual_protect, get_dirty_log};
+use kvm_dirty::{
+    enable_dirty_ring, ClearLogTracker, DirtyError, DirtyPageSet, DirtyTracker, MmapRing,
+    RingConsumer, RingSet, RingTracker, SlotId, SlotSpec,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+fn kvm() -> Option<Kvm> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP(kvm): /dev/kvm is absent; KVM integration test not run");
+        return None;
+    }
+    Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
+}
+
+/// Anonymous host memory for a memslot, unmapped on drop.
+struct HostMem {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl HostMem {
+    fn new(len: usize) -> Self {
+        // SAFETY: fresh anonymous private mapping, no MAP_FIXED; result checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        HostMem { ptr, len }
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; the VM using it is dropped first in every test.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+fn add_slot(vm: &VmFd, slot: u32, gpa: u64, mem: &HostMem, log: bool) -> SlotSpec {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: mem.len as u64,
+        userspace_addr: mem.ptr as u64,
+    };
+    // SAFETY: the host mapping outlives the VM in each test (declared before it).
+    unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
+    SlotSpec {
+        id: SlotId::new(0, slot as u16),
+        guest_phys_addr: gpa,
+        pages: mem.len as u64 / 4096,
+        log_dirty: log,
+    }
+}
+
+#[test]
+fn ring_enable_validates_size_and_rejects_enabling_after_vcpus() {
+    let Some(kvm) = kvm() else { return };
+    let vm = kvm.create_vm().unwrap();
+    assert!(matches!(
+        enable_dirty_ring(&vm, 1000, 0),
+        Err(DirtyError::RingSizeNotPowerOfTwo { entries: 1000 })
+    ));
+    assert!(matches!(
+        enable_dirty_ring(&vm, 64, 0),
+        Err(DirtyError::RingTooSmall { .. })
+    ));
+    let (_, max) = kvm_dirty::probe_ring(&vm).unwrap();
+    assert!(matches!(
+        enable_dirty_ring(&vm, max * 2, 0),
+        Err(DirtyError::RingTooLarge { .. })
+    ));
+    assert!(matches!(
+        enable_dirty_ring(&vm, 4096, 1),
+        Err(DirtyError::RingAfterVcpus { vcpus: 1 })
+    ));
+    // The kernel itself refuses once a vCPU exists, and we report it as a typed error.
+    let vm2 = kvm.create_vm().unwrap();
+    let _vcpu = vm2.create_vcpu(0).unwrap();
+    let e = enable_dirty_ring(&vm2, 4096, 0).unwrap_err();
+    assert!(
+        matches!(e, DirtyError::RingEnableRejected { entries: 4096, .. }),
+        "{e}"
+    );
+    // A valid size on a fresh VM works and prefers ACQ_REL.
+    let cap = enable_dirty_ring(&vm, 4096, 0).unwrap();
+    assert_eq!(cap.size.entries(), 4096);
+    // Enabling twice is refused by the kernel.
+    assert!(matches!(
+        enable_dirty_ring(&vm, 4096, 0),
+        Err(DirtyError::RingEnableRejected { .. })
+    ));
+}
+
+#[test]
+fn fresh_ring_maps_empty_and_harvest_of_empty_rings_resets_nothing() {
+    let Some(kvm) = kvm() else { return };
+    let mem = HostMem::new(16 * 4096);
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let cap = enable_dirty_ring(&vm, 1024, 0).unwrap();
+    let slot = add_slot(&vm, 0, 0x10_0000, &mem, true);
+    let v0 = vm.create_vcpu(0).unwrap();
+    let v1 = vm.create_vcpu(1).unwrap();
+    let r0 = MmapRing::map(&v0, cap.size.entries()).unwrap();
+    {
+        let mut c = RingConsumer::new(&r0);
+        let (st, tok) = c.harvest(|_, _| panic!("no entry expected"));
+        assert_eq!((st.entries, tok.count), (0, 0));
+    }
+    let r1 = MmapRing::map(&v1, cap.size.entries()).unwrap();
+    let set = Arc::new(RingSet::new(vm.clone(), cap, &[slot], vec![r0, r1], None).unwrap());
+    let r = set
+        .harvest_and_reset(None, |_, _, _| panic!("no entry expected"))
+        .unwrap();
+    assert_eq!((r.entries, r.reset), (0, 0));
+    let mut t = RingTracker::new(set.clone());
+    let mut out = DirtyPageSet::new(&[slot]);
+    assert!(matches!(t.collect(&mut out), Err(DirtyError::NotStarted)));
+    t.start().unwrap();
+    t.collect(&mut out).unwrap();
+    assert!(out.is_empty(), "no guest ran, so nothing is dirty");
+    // With the ring on and no backup bitmap, the bitmap ioctl is refused (ENXIO).
+    let mut buf = vec![0u64; 1];
+    let e = get_dirty_log(&vm, &slot, &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DirtyError::Ioctl {
+                op: "KVM_GET_DIRTY_LOG",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn clear_log_initially_set_reports_every_page_of_an_unaligned_slot_once() {
+    let Some(kvm) = kvm() else { return };
+    // 67 pages: not a multiple of 64, so the CLEAR of the tail must pass the exact length.
+    let mem = HostMem::new(67 * 4096);
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let proof = enable_manual_protect(&vm).unwrap();
+    let slot = add_slot(&vm, 1, 0x1_0000_0000, &mem, true);
+    let mut t = ClearLogTracker::new(vm.clone(), proof, &[slot], None).unwrap();
+    t.start().unwrap();
+    let mut out = DirtyPageSet::new(&[slot]);
+    let st = t.collect(&mut out).unwrap();
+    assert_eq!(out.count(), 67, "INITIALLY_SET reports every page exactly");
+    assert_eq!(
+        st.ioctls, 2,
+        "one GET and one CLEAR covering the run with the tail"
+    );
+    out.clear();
+    t.collect(&mut out).unwrap();
+    assert_eq!(
+        out.count(),
+        0,
+        "after CLEAR nothing is dirty until the guest writes"
+    );
+}
+
+#[test]
+fn trackers_refuse_slots_without_the_dirty_log_flag() {
+    let Some(kvm) = kvm() else { return };
+    let mem = HostMem::new(8 * 4096);
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let slot = add_slot(&vm, 0, 0, &mem, false);
+    let e = kvm_dirty::BitmapTracker::new(vm.clone(), &[slot], None).unwrap_err();
+    assert!(matches!(e, DirtyError::SlotNotLogged { slot: 0 }), "{e}");
+    let mut buf = vec![0u64; 1];
+    assert!(matches!(
+        get_dirty_log(&vm, &slot, &mut buf),
+        Err(DirtyError::SlotNotLogged { .. })
+    ));
+}

@@ -1,0 +1,145 @@
+//! The `ringvisor` command line. Libraries return typed errors; only this binary uses anyhow.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "ringvisor",
+    version,
+    about = "KVM dirty-ring tracking and a GICv3/ITS model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Report this host's KVM dirty-tracking capabilities (ring sizes, manual protect, PVM).
+    Caps {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve QEMU's qtest line protocol on stdin/stdout against the GICv3/ITS model.
+    GicQtest {
+        /// Number of PEs (redistributors) in the model.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
+        pes: u32,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// GIC model throughput: ITS commands/s and LPIs delivered (MSI to IAR/EOI) per second.
+    Gic {
+        /// Number of PEs.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=512))]
+        pes: u32,
+        /// ITS commands to execute.
+        #[arg(long, default_value_t = 2_000_000)]
+        its_commands: u64,
+        /// LPIs to deliver end to end.
+        #[arg(long, default_value_t = 1_000_000)]
+        lpis: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct Caps {
+    pvm: bool,
+    ring_flavor: Option<String>,
+    ring_max_entries: Option<u32>,
+    manual_protect2: i32,
+    ring_with_bitmap: i32,
+}
+
+fn caps(json: bool) -> Result<()> {
+    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    let ring = kvm_dirty::probe_ring(&vm).ok();
+    let c = Caps {
+        pvm: kvm_dirty::is_pvm_host(),
+        ring_flavor: ring.map(|(f, _)| format!("{f:?}")),
+        ring_max_entries: ring.map(|(_, m)| m),
+        manual_protect2: vm
+            .check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as libc::c_ulong),
+        ring_with_bitmap: vm
+            .check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP as libc::c_ulong),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!(
+            "host KVM:               {}",
+            if c.pvm {
+                "PVM (kvm_pvm, nested)"
+            } else {
+                "not PVM"
+            }
+        );
+        match ring {
+            Some((f, m)) => println!("dirty ring:             {f:?}, up to {m} entries per vCPU"),
+            None => println!("dirty ring:             not offered"),
+        }
+        println!("manual protect 2 flags: {:#x}", c.manual_protect2);
+        println!("ring with bitmap:       {}", c.ring_with_bitmap);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Caps { json } => caps(json),
+        Cmd::GicQtest { pes } => {
+            let cfg = gic::qtest::QtestConfig {
+                gic: gic::GicConfig::virt(pes as usize),
+                ..gic::qtest::QtestConfig::default()
+            };
+            let s = gic::qtest::serve(std::io::stdin().lock(), std::io::stdout().lock(), &cfg)
+                .context("gic-qtest")?;
+            eprintln!(
+                "gic-qtest: {} commands answered OK, {} failed",
+                s.ok, s.failed
+            );
+            Ok(())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Gic {
+                    pes,
+                    its_commands,
+                    lpis,
+                    json,
+                },
+        } => {
+            let p = gic::bench::BenchParams {
+                pes: pes as usize,
+                its_commands,
+                lpis,
+                ..gic::bench::BenchParams::default()
+            };
+            let r = gic::bench::run(&p).context("GIC benchmark")?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                writeln!(out, "{}", r.to_markdown())?;
+            }
+            Ok(())
+        }
+    }
+}
