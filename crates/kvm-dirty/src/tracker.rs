@@ -73,9 +73,9 @@ fn check_logged(slots: &[SlotSpec]) -> Result<()> {
     }
 }
 
-/// `KVM_GET_DIRTY_LOG` tracking (get-and-reprotect in one ioctl).
+/// State shared by the two bitmap-based trackers.
 #[derive(Debug)]
-pub struct BitmapTracker {
+struct LogCore {
     vm: Arc<VmFd>,
     slots: Vec<SlotSpec>,
     buf: Vec<u64>,
@@ -83,16 +83,11 @@ pub struct BitmapTracker {
     started: bool,
 }
 
-impl BitmapTracker {
-    /// A tracker over `slots` (each registered with `KVM_MEM_LOG_DIRTY_PAGES`).
-    pub fn new(
-        vm: Arc<VmFd>,
-        slots: &[SlotSpec],
-        vmm_log: Option<Arc<VmmWriteLog>>,
-    ) -> Result<Self> {
+impl LogCore {
+    fn new(vm: Arc<VmFd>, slots: &[SlotSpec], vmm_log: Option<Arc<VmmWriteLog>>) -> Result<Self> {
         check_logged(slots)?;
         let words = slots.iter().map(|s| s.bitmap_words()).max().unwrap_or(0);
-        Ok(BitmapTracker {
+        Ok(LogCore {
             vm,
             slots: slots.to_vec(),
             buf: vec![0; words],
@@ -100,85 +95,9 @@ impl BitmapTracker {
             started: false,
         })
     }
-}
 
-impl DirtyTracker for BitmapTracker {
-    fn mode(&self) -> TrackerMode {
-        TrackerMode::Bitmap
-    }
-    fn start(&mut self) -> Result<()> {
-        // Discard what accumulated before start; the GET re-protects everything it returns.
-        for s in &self.slots {
-            bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
-        }
-        self.started = true;
-        Ok(())
-    }
-    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
-        if !self.started {
-            return Err(DirtyError::NotStarted);
-        }
-        let mut st = CollectStats::default();
-        for s in &self.slots {
-            bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
-            st.ioctls += 1;
-            if let Some(i) = out.slot_index(s.id.0) {
-                out.or_words(i, &self.buf[..s.bitmap_words()]);
-            }
-        }
-        if let Some(l) = &self.vmm_log {
-            st.vmm_pages = l.drain_into(out);
-        }
-        Ok(st)
-    }
-    fn stop(&mut self) -> Result<()> {
-        self.started = false;
-        Ok(())
-    }
-}
-
-/// Manual-protect tracking: GET (no side effect) then CLEAR exactly the pages returned.
-///
-/// With `INITIALLY_SET`, the first collect reports every page of every slot; a migration's
-/// first pass therefore naturally covers all of memory.
-#[derive(Debug)]
-pub struct ClearLogTracker {
-    vm: Arc<VmFd>,
-    slots: Vec<SlotSpec>,
-    buf: Vec<u64>,
-    vmm_log: Option<Arc<VmmWriteLog>>,
-    started: bool,
-}
-
-impl ClearLogTracker {
-    /// A tracker over `slots`; `_proof` shows manual protect was enabled before the slots.
-    pub fn new(
-        vm: Arc<VmFd>,
-        _proof: ManualProtect,
-        slots: &[SlotSpec],
-        vmm_log: Option<Arc<VmmWriteLog>>,
-    ) -> Result<Self> {
-        check_logged(slots)?;
-        let words = slots.iter().map(|s| s.bitmap_words()).max().unwrap_or(0);
-        Ok(ClearLogTracker {
-            vm,
-            slots: slots.to_vec(),
-            buf: vec![0; words],
-            vmm_log,
-            started: false,
-        })
-    }
-}
-
-impl DirtyTracker for ClearLogTracker {
-    fn mode(&self) -> TrackerMode {
-        TrackerMode::ClearLog
-    }
-    fn start(&mut self) -> Result<()> {
-        self.started = true;
-        Ok(())
-    }
-    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+    /// GET every slot (and CLEAR what it returned when `clear`), then OR into `out`.
+    fn collect(&mut self, out: &mut DirtyPageSet, clear: bool) -> Result<CollectStats> {
         if !self.started {
             return Err(DirtyError::NotStarted);
         }
@@ -187,8 +106,10 @@ impl DirtyTracker for ClearLogTracker {
             let words = s.bitmap_words();
             bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
             st.ioctls += 1;
-            // Re-protect before publishing: a write after this point is reported next time.
-            st.ioctls += bitmap::clear_dirty_log(&self.vm, s, &self.buf[..words])?;
+            if clear {
+                // Re-protect before publishing: a write after this point is reported next time.
+                st.ioctls += bitmap::clear_dirty_log(&self.vm, s, &self.buf[..words])?;
+            }
             if let Some(i) = out.slot_index(s.id.0) {
                 out.or_words(i, &self.buf[..words]);
             }
@@ -198,8 +119,77 @@ impl DirtyTracker for ClearLogTracker {
         }
         Ok(st)
     }
+}
+
+/// `KVM_GET_DIRTY_LOG` tracking (get-and-reprotect in one ioctl).
+#[derive(Debug)]
+pub struct BitmapTracker(LogCore);
+
+impl BitmapTracker {
+    /// A tracker over `slots` (each registered with `KVM_MEM_LOG_DIRTY_PAGES`).
+    pub fn new(
+        vm: Arc<VmFd>,
+        slots: &[SlotSpec],
+        vmm_log: Option<Arc<VmmWriteLog>>,
+    ) -> Result<Self> {
+        Ok(BitmapTracker(LogCore::new(vm, slots, vmm_log)?))
+    }
+}
+
+impl DirtyTracker for BitmapTracker {
+    fn mode(&self) -> TrackerMode {
+        TrackerMode::Bitmap
+    }
+    fn start(&mut self) -> Result<()> {
+        // Discard what accumulated before start; the GET re-protects everything it returns.
+        let c = &mut self.0;
+        for s in &c.slots {
+            bitmap::get_dirty_log(&c.vm, s, &mut c.buf)?;
+        }
+        c.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        self.0.collect(out, false)
+    }
     fn stop(&mut self) -> Result<()> {
-        self.started = false;
+        self.0.started = false;
+        Ok(())
+    }
+}
+
+/// Manual-protect tracking: GET (no side effect) then CLEAR exactly the pages returned.
+///
+/// With `INITIALLY_SET`, the first collect reports every page of every slot; a migration's
+/// first pass therefore naturally covers all of memory.
+#[derive(Debug)]
+pub struct ClearLogTracker(LogCore);
+
+impl ClearLogTracker {
+    /// A tracker over `slots`; `_proof` shows manual protect was enabled before the slots.
+    pub fn new(
+        vm: Arc<VmFd>,
+        _proof: ManualProtect,
+        slots: &[SlotSpec],
+        vmm_log: Option<Arc<VmmWriteLog>>,
+    ) -> Result<Self> {
+        Ok(ClearLogTracker(LogCore::new(vm, slots, vmm_log)?))
+    }
+}
+
+impl DirtyTracker for ClearLogTracker {
+    fn mode(&self) -> TrackerMode {
+        TrackerMode::ClearLog
+    }
+    fn start(&mut self) -> Result<()> {
+        self.0.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
+        self.0.collect(out, true)
+    }
+    fn stop(&mut self) -> Result<()> {
+        self.0.started = false;
         Ok(())
     }
 }
