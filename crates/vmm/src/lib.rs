@@ -1,0 +1,27 @@
+//! A small VMM on real KVM: guest memory through vm-memory (sparse, `MAP_NORESERVE`), memslots
+//! with dirty logging, vCPUs started directly in 64-bit long mode at CPL3 (see
+//! `../shared/reference/pvm-host.md` for why), a run-time assembled workload program, and vCPU
+//! threads with a reliable kick.
+//!
+//! Unsafe code lives only in [`sys`] (memslot registration, the `immediate_exit` byte, the kick
+//! signal).
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod guest;
+pub mod memory;
+mod sys;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use error::{Result, VmmError};
+pub use guest::{Pattern, VcpuCtrl};
+pub use memory::{GuestRam, RegionSpec};
+pub use vcpu::{Parked, VcpuShared, Vcpus};
+pub use vm::{open_kvm, Tracking, Vm, VmConfig};
+
+/// Whether `/dev/kvm` exists (tests print a `SKIP(kvm)` line and return when it does not).
+pub fn kvm_available() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+}

@@ -1,0 +1,112 @@
+//! The only unsafe code of the VMM: memslot registration, the `immediate_exit` byte of a
+//! vCPU's `kvm_run` mapping, and the kick signal. Safe wrappers only leave this module.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Once;
+
+use kvm_bindings::{kvm_run, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::MmapRegion;
+
+use crate::error::{Result, VmmError};
+
+/// Registers `region` (which the caller keeps alive for as long as the VM exists) as memslot
+/// `slot` at `gpa`.
+pub(crate) fn register_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    region: &MmapRegion<()>,
+    log_dirty: bool,
+) -> Result<()> {
+    let r = kvm_userspace_memory_region {
+        slot,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: gpa,
+        memory_size: region.size() as u64,
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: `region` is a live anonymous mapping of `memory_size` bytes. The `Vm` that owns
+    // the VmFd also owns the `GuestMemoryMmap` holding this region, and drops the VmFd (and every
+    // vCPU) first (field order in `Vm`), so KVM never accesses the mapping after it is unmapped.
+    unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmmError::Kvm {
+        op: "KVM_SET_USER_MEMORY_REGION",
+        source,
+    })
+}
+
+/// A pointer to the `immediate_exit` byte of a vCPU's `kvm_run` page. Valid while the
+/// `VcpuFd` it came from lives; [`crate::vcpu`] keeps that `VcpuFd` in the same `Arc` as this.
+#[derive(Debug)]
+pub(crate) struct ImmediateExit(NonNull<u8>);
+
+// SAFETY: the byte is only accessed through `AtomicU8` operations (see `byte`), and the kernel
+// reads it once at KVM_RUN entry; sharing the pointer between threads is sound.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as above.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    pub(crate) fn of(vcpu: &mut VcpuFd) -> Self {
+        let run: &mut kvm_run = vcpu.get_kvm_run();
+        ImmediateExit(NonNull::from(&mut run.immediate_exit))
+    }
+
+    fn byte(&self) -> &AtomicU8 {
+        // SAFETY: the pointer targets a u8 inside the vCPU's kvm_run mapping, which outlives
+        // `self` (the owner keeps the VcpuFd alive), is suitably aligned (align 1), and is
+        // only accessed atomically from userspace.
+        unsafe { AtomicU8::from_ptr(self.0.as_ptr()) }
+    }
+
+    pub(crate) fn set(&self, v: bool) {
+        self.byte().store(u8::from(v), Ordering::SeqCst);
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub(crate) fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR, and the kicker has already set
+    // `immediate_exit` for the case where the thread was not inside KVM_RUN yet.
+}
+
+/// Installs the kick handler once per process.
+pub(crate) fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| {
+            VmmError::Signal {
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            }
+        });
+    });
+    res
+}
+
+/// Sends the kick signal to a vCPU thread that has not been joined yet.
+pub(crate) fn kick_thread<T>(h: &std::thread::JoinHandle<T>) {
+    let t = h.as_pthread_t();
+    // SAFETY: `h` is an unjoined JoinHandle, so the pthread_t is still valid (a thread that has
+    // exited but is not joined yields ESRCH, which is harmless). The signal has a handler.
+    unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn kick_signal_is_realtime() {
+        assert!(kick_signal() > libc::SIGSYS);
+    }
+}

@@ -1,0 +1,374 @@
+//! vCPU threads: the run loop, a reliable kick (signal + `immediate_exit`), parking at a guest
+//! sync point or on request, and ring-full handling.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_dirty::RingSet;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::error::{Result, VmmError};
+use crate::guest::SYNC_PORT;
+use crate::sys::{self, ImmediateExit};
+
+/// `KVM_EXIT_DIRTY_RING_FULL` (kvm-ioctls reports it as `Unsupported(31)`).
+const EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// Why a vCPU is parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// The guest reached its sync point (`out` to [`SYNC_PORT`]).
+    Sync,
+    /// The VMM asked it to pause (kick).
+    Paused,
+}
+
+#[derive(Debug, Default)]
+struct Ctl {
+    pause_req: bool,
+    parked: Option<Parked>,
+    /// Bumped by every resume, so a parked thread knows it was released.
+    epoch: u64,
+    quit: bool,
+    done: Option<std::result::Result<(), String>>,
+}
+
+/// Counters of one vCPU (monotonic).
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    /// KVM_RUN returns.
+    pub exits: AtomicU64,
+    /// Sync-port exits.
+    pub syncs: AtomicU64,
+    /// Ring-full exits.
+    pub ring_full: AtomicU64,
+    /// Nanoseconds spent handling ring-full exits (harvest + reset on this thread).
+    pub ring_full_ns: AtomicU64,
+    /// Returns with EINTR (kicks).
+    pub kicks: AtomicU64,
+}
+
+/// Hook called on the vCPU thread after every ring-full exit is handled (dirty-limit uses it
+/// to delay a vCPU). Gets the vCPU index.
+pub type RingFullHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// One vCPU shared between its thread and the controller.
+pub struct VcpuShared {
+    index: usize,
+    // Field order: `imm` points into `fd`'s kvm_run mapping; both live in this struct, so the
+    // pointer never outlives the mapping.
+    imm: ImmediateExit,
+    fd: Mutex<VcpuFd>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    /// Counters.
+    pub counters: VcpuCounters,
+}
+
+impl std::fmt::Debug for VcpuShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuShared")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl VcpuShared {
+    pub(crate) fn new(index: usize, mut fd: VcpuFd) -> Self {
+        let imm = ImmediateExit::of(&mut fd);
+        VcpuShared {
+            index,
+            imm,
+            fd: Mutex::new(fd),
+            ctl: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            counters: VcpuCounters::default(),
+        }
+    }
+
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the vCPU fd (for register access while the vCPU is parked or not started).
+    pub fn fd(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks this (vCPU) thread until resumed or told to quit. Returns false on quit.
+    fn park(&self, why: Parked) -> bool {
+        let mut c = self.ctl();
+        let epoch = c.epoch;
+        c.parked = Some(why);
+        self.cv.notify_all();
+        while c.epoch == epoch && !c.quit {
+            c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        c.parked = None;
+        !c.quit
+    }
+
+    fn finish(&self, r: std::result::Result<(), String>) {
+        let mut c = self.ctl();
+        c.done = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+fn exit_detail(fd: &VcpuFd, what: &str) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "{what}: rip={:#x} rsp={:#x} rax={:#x} rcx={:#x} rdx={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip, r.rsp, r.rax, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        ),
+        _ => what.to_string(),
+    }
+}
+
+fn run_loop(
+    v: &VcpuShared,
+    ring: Option<&RingSet>,
+    hook: Option<&RingFullHook>,
+) -> std::result::Result<(), String> {
+    loop {
+        {
+            let c = v.ctl();
+            if c.quit {
+                return Ok(());
+            }
+            if c.pause_req {
+                drop(c);
+                v.imm.set(false);
+                if !v.park(Parked::Paused) {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        let mut fd = v.fd();
+        let exit = fd.run();
+        v.counters.exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            Ok(VcpuExit::IoOut(port, _)) if port == SYNC_PORT => {
+                drop(fd);
+                v.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                if !v.park(Parked::Sync) {
+                    return Ok(());
+                }
+            }
+            Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
+                drop(fd);
+                let t = Instant::now();
+                v.counters.ring_full.fetch_add(1, Ordering::Relaxed);
+                let Some(ring) = ring else {
+                    return Err("dirty-ring-full exit but no ring set".into());
+                };
+                ring.handle_ring_full(v.index)
+                    .map_err(|e| format!("ring-full handling failed: {e}"))?;
+                v.counters
+                    .ring_full_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                if let Some(h) = hook {
+                    h(v.index);
+                }
+            }
+            Ok(VcpuExit::Intr) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                v.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                // A kick with no pause request behind it (or one already handled): clear it so
+                // the next KVM_RUN enters the guest.
+                if !v.ctl().pause_req {
+                    v.imm.set(false);
+                }
+            }
+            Ok(VcpuExit::Shutdown) => {
+                return Err(exit_detail(
+                    &fd,
+                    "guest crashed (triple fault, KVM_EXIT_SHUTDOWN)",
+                ))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err(exit_detail(
+                    &fd,
+                    "KVM_EXIT_INTERNAL_ERROR (on PVM: an instruction the emulator cannot run)",
+                ))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(format!(
+                    "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
+                ))
+            }
+            Ok(other) => {
+                let d = format!("unexpected exit {other:?}");
+                return Err(exit_detail(&fd, &d));
+            }
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+/// The running vCPUs of a VM.
+#[derive(Debug)]
+pub struct Vcpus {
+    shared: Vec<Arc<VcpuShared>>,
+    threads: Vec<Option<JoinHandle<()>>>,
+}
+
+impl Vcpus {
+    /// Spawns one thread per vCPU. They start running the guest immediately.
+    pub(crate) fn start(
+        shared: Vec<Arc<VcpuShared>>,
+        ring: Option<Arc<RingSet>>,
+        hook: Option<RingFullHook>,
+    ) -> Result<Self> {
+        sys::install_kick_handler()?;
+        let mut threads = Vec::with_capacity(shared.len());
+        for v in &shared {
+            let v = v.clone();
+            let ring = ring.clone();
+            let hook = hook.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.index))
+                .spawn(move || {
+                    let r = run_loop(&v, ring.as_deref(), hook.as_ref());
+                    v.finish(r);
+                })
+                .map_err(VmmError::Thread)?;
+            threads.push(Some(h));
+        }
+        Ok(Vcpus { shared, threads })
+    }
+
+    /// Number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_empty()
+    }
+
+    /// vCPU `i`.
+    pub fn get(&self, i: usize) -> &Arc<VcpuShared> {
+        &self.shared[i]
+    }
+
+    /// All vCPUs.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<VcpuShared>> {
+        self.shared.iter()
+    }
+
+    fn failure(&self) -> Option<VmmError> {
+        self.shared.iter().find_map(|v| match &v.ctl().done {
+            Some(Err(e)) => Some(VmmError::VcpuFailed {
+                vcpu: v.index,
+                what: e.clone(),
+            }),
+            Some(Ok(())) => Some(VmmError::VcpuFailed {
+                vcpu: v.index,
+                what: "vCPU thread ended".into(),
+            }),
+            None => None,
+        })
+    }
+
+    /// First vCPU failure, if any (a crashed guest, an emulation failure).
+    pub fn check(&self) -> Result<()> {
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Kicks vCPU `i` out of KVM_RUN (no pause): used to flush per-CPU state into the rings.
+    pub fn kick(&self, i: usize) {
+        self.shared[i].imm.set(true);
+        if let Some(h) = &self.threads[i] {
+            sys::kick_thread(h);
+        }
+    }
+
+    /// Asks every vCPU to park and waits until all are parked (at a sync point or paused).
+    pub fn pause_all(&self, timeout: Duration) -> Result<()> {
+        for (i, v) in self.shared.iter().enumerate() {
+            v.ctl().pause_req = true;
+            self.kick(i);
+        }
+        self.wait_parked(timeout, |p| p.is_some())
+    }
+
+    /// Waits until every vCPU is parked at its guest sync point.
+    pub fn wait_all_synced(&self, timeout: Duration) -> Result<()> {
+        self.wait_parked(timeout, |p| p == Some(Parked::Sync))
+    }
+
+    fn wait_parked(&self, timeout: Duration, ok: impl Fn(Option<Parked>) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for v in &self.shared {
+            let mut c = v.ctl();
+            loop {
+                if ok(c.parked) {
+                    break;
+                }
+                if c.done.is_some() {
+                    drop(c);
+                    return Err(self.failure().expect("done is set"));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(VmmError::VcpuFailed {
+                        vcpu: v.index,
+                        what: format!("did not park within {timeout:?}"),
+                    });
+                }
+                c =
+                    v.cv.wait_timeout(c, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every parked vCPU (and clears pause requests).
+    pub fn resume_all(&self) {
+        for v in &self.shared {
+            let mut c = v.ctl();
+            c.pause_req = false;
+            c.epoch += 1;
+            v.cv.notify_all();
+        }
+    }
+
+    /// Stops and joins every vCPU thread. Returns the first failure, if any.
+    pub fn shutdown(&mut self) -> Result<()> {
+        let failure = self.failure().filter(
+            |e| !matches!(e, VmmError::VcpuFailed { what, .. } if what == "vCPU thread ended"),
+        );
+        for (i, v) in self.shared.iter().enumerate() {
+            let mut c = v.ctl();
+            c.quit = true;
+            v.cv.notify_all();
+            drop(c);
+            self.kick(i);
+        }
+        for t in &mut self.threads {
+            if let Some(h) = t.take() {
+                let _ = h.join();
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

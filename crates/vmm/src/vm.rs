@@ -1,0 +1,295 @@
+//! Building a VM in the order KVM requires: dirty ring (or manual protect) before memslots
+//! and vCPUs, memslots before page tables, vCPUs last. [`Vm::create`] does every step, so the
+//! wrong order cannot be expressed.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, KVM_MAX_CPUID_ENTRIES};
+use kvm_dirty::bitmap::{enable_manual_protect, ManualProtect};
+use kvm_dirty::{
+    enable_dirty_ring, BitmapTracker, ClearLogTracker, DirtyTracker, MmapRing, RingCapability,
+    RingSet, RingTracker, TrackerMode,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::error::{Result, VmmError};
+use crate::guest::{self, VcpuCtrl};
+use crate::memory::{GuestRam, RegionSpec};
+use crate::sys;
+use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
+use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
+
+/// Dirty tracking the VM is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Tracking {
+    /// Per-vCPU dirty rings of this many entries.
+    Ring {
+        /// Entries per vCPU ring.
+        entries: u32,
+    },
+    /// `KVM_GET_DIRTY_LOG`.
+    Bitmap,
+    /// Manual protect + `KVM_CLEAR_DIRTY_LOG`.
+    ClearLog,
+}
+
+impl Tracking {
+    /// The tracker mode.
+    pub fn mode(self) -> TrackerMode {
+        match self {
+            Tracking::Ring { .. } => TrackerMode::Ring,
+            Tracking::Bitmap => TrackerMode::Bitmap,
+            Tracking::ClearLog => TrackerMode::ClearLog,
+        }
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM regions besides the system region (slot 0 at GPA 0, 4 MiB, always present).
+    pub memory: Vec<RegionSpec>,
+    /// Dirty tracking.
+    pub tracking: Tracking,
+}
+
+/// A VM with guest memory, page tables, the workload program and created (not yet running)
+/// vCPUs.
+pub struct Vm {
+    // Drop order matters: vCPUs (threads joined, fds closed), the rings, then the VM fd, and the
+    // guest memory last, so KVM never sees a slot whose mapping is gone while a vCPU can run.
+    vcpus: Option<Vcpus>,
+    created: Vec<Arc<VcpuShared>>,
+    ring: Option<Arc<RingSet>>,
+    manual: Option<ManualProtect>,
+    ring_cap: Option<RingCapability>,
+    vm: Arc<VmFd>,
+    _kvm: Kvm,
+    config: VmConfig,
+    ram: Arc<GuestRam>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish()
+    }
+}
+
+/// Opens `/dev/kvm` with a typed error.
+pub fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|source| VmmError::NoKvm { source })
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+impl Vm {
+    /// Creates the VM, its memory and its vCPUs (loaded with the workload program, parked
+    /// before their first instruction until [`Vm::start`]).
+    pub fn create(config: &VmConfig) -> Result<Vm> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "vcpus must be in 1..={MAX_VCPUS}, got {}",
+                config.vcpus
+            )));
+        }
+        if let Some(r) = config
+            .memory
+            .iter()
+            .find(|r| r.slot == 0 || r.gpa < x86::SYSTEM_BYTES)
+        {
+            return Err(VmmError::Config(format!(
+                "region at {:#x} (slot {}) collides with the system region (slot 0, below {:#x})",
+                r.gpa,
+                r.slot,
+                x86::SYSTEM_BYTES
+            )));
+        }
+        let kvm = open_kvm()?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        // 1. Tracking capabilities that must precede slots and vCPUs.
+        let (ring_cap, manual) = match config.tracking {
+            Tracking::Ring { entries } => (Some(enable_dirty_ring(&vm, entries, 0)?), None),
+            Tracking::ClearLog => (None, Some(enable_manual_protect(&vm)?)),
+            Tracking::Bitmap => (None, None),
+        };
+        // 2. Memory and memslots.
+        let mut specs = vec![x86::system_region()];
+        specs.extend_from_slice(&config.memory);
+        let ram = Arc::new(GuestRam::new(&specs)?);
+        for (s, region) in ram.mmap_regions() {
+            sys::register_slot(&vm, u32::from(s.slot), s.gpa, region, s.log_dirty)?;
+        }
+        // 3. Tables and program.
+        x86::write_gdt(&ram)?;
+        x86::build_page_tables(&ram)?;
+        let code = guest::dirty_workload(CODE_GPA)?;
+        ram.write(CODE_GPA, &code)?;
+        // 4. vCPUs.
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut created = Vec::with_capacity(config.vcpus);
+        let mut rings = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&x86::vcpu_cpuid(cpuid.clone(), i as u32))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            fd.set_sregs(&x86::long_mode_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            let regs = kvm_regs {
+                rip: CODE_GPA,
+                rsp: x86::stack_top(i),
+                rflags: x86::RFLAGS_IOPL3,
+                rdi: CTRL_GPA,
+                rsi: guest::vcpu_ctrl_gpa(i),
+                r8: 0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) * 0x1234_5678_9abc_def1),
+                ..Default::default()
+            };
+            fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            if let Some(cap) = ring_cap {
+                rings.push(MmapRing::map(&fd, cap.size.entries()).map_err(|e| {
+                    VmmError::Dirty(kvm_dirty::DirtyError::RingMmap { vcpu: i, source: e })
+                })?);
+            }
+            created.push(Arc::new(VcpuShared::new(i, fd)));
+        }
+        let ring = match ring_cap {
+            Some(cap) => Some(Arc::new(RingSet::new(
+                vm.clone(),
+                cap,
+                &ram.slot_specs(),
+                rings,
+                Some(ram.vmm_log().clone()),
+            )?)),
+            None => None,
+        };
+        Ok(Vm {
+            vcpus: None,
+            created,
+            ring,
+            manual,
+            ring_cap,
+            vm,
+            _kvm: kvm,
+            config: config.clone(),
+            ram,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The ring set (ring tracking only).
+    pub fn ring_set(&self) -> Option<&Arc<RingSet>> {
+        self.ring.as_ref()
+    }
+
+    /// The ring capability in use (ring tracking only).
+    pub fn ring_capability(&self) -> Option<RingCapability> {
+        self.ring_cap
+    }
+
+    /// A dirty tracker of the VM's mode over every slot, with VMM writes merged in.
+    pub fn tracker(&self) -> Result<Box<dyn DirtyTracker>> {
+        let slots = self.ram.slot_specs();
+        let log = Some(self.ram.vmm_log().clone());
+        Ok(match self.config.tracking {
+            Tracking::Ring { .. } => Box::new(RingTracker::new(
+                self.ring.clone().expect("ring VMs have a ring set"),
+            )),
+            Tracking::Bitmap => Box::new(BitmapTracker::new(self.vm.clone(), &slots, log)?),
+            Tracking::ClearLog => Box::new(ClearLogTracker::new(
+                self.vm.clone(),
+                self.manual.expect("clear-log VMs have manual protect"),
+                &slots,
+                log,
+            )?),
+        })
+    }
+
+    /// Sets the iteration value the workload writes.
+    pub fn set_iteration(&self, v: u64) -> Result<()> {
+        self.ram.write_u64(CTRL_GPA + guest::CTRL_ITERATION, v)
+    }
+
+    /// Sets or clears the stop flag (vCPUs park at their sync point while it is set).
+    pub fn set_stop(&self, stop: bool) -> Result<()> {
+        self.ram
+            .write_u64(CTRL_GPA + guest::CTRL_STOP, u64::from(stop))
+    }
+
+    /// Configures vCPU `i`'s workload.
+    pub fn set_workload(&self, i: usize, ctrl: &VcpuCtrl) -> Result<()> {
+        for (off, v) in ctrl.fields() {
+            self.ram.write_u64(guest::vcpu_ctrl_gpa(i) + off, v)?;
+        }
+        Ok(())
+    }
+
+    /// Writes vCPU `i` has done so far.
+    pub fn nr_writes(&self, i: usize) -> Result<u64> {
+        self.ram
+            .read_u64(guest::vcpu_ctrl_gpa(i) + guest::off::NR_WRITES)
+    }
+
+    /// Resets vCPU `i`'s write counter (a tracked VMM write).
+    pub fn reset_nr_writes(&self, i: usize) -> Result<()> {
+        self.ram
+            .write_u64(guest::vcpu_ctrl_gpa(i) + guest::off::NR_WRITES, 0)
+    }
+
+    /// The created vCPUs (for register access before start or while parked).
+    pub fn vcpu_handles(&self) -> &[Arc<VcpuShared>] {
+        &self.created
+    }
+
+    /// Starts the vCPU threads. `hook` runs on a vCPU thread after each ring-full exit.
+    pub fn start(&mut self, hook: Option<RingFullHook>) -> Result<()> {
+        if self.vcpus.is_some() {
+            return Err(VmmError::Config("vCPUs already started".into()));
+        }
+        let v = Vcpus::start(self.created.clone(), self.ring.clone(), hook)?;
+        self.vcpus = Some(v);
+        Ok(())
+    }
+
+    /// The running vCPUs (an error before [`Vm::start`]).
+    pub fn vcpus(&self) -> Result<&Vcpus> {
+        self.vcpus
+            .as_ref()
+            .ok_or_else(|| VmmError::Config("vCPUs not started".into()))
+    }
+
+    /// Stops and joins the vCPU threads (the VM stays, so it can be restarted or inspected).
+    pub fn stop(&mut self) -> Result<()> {
+        match self.vcpus.take() {
+            Some(mut v) => v.shutdown(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
