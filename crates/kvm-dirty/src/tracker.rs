@@ -222,6 +222,7 @@ pub struct RingSet {
     inner: Mutex<RingInner>,
     per_vcpu: Vec<AtomicU64>,
     ring_full_exits: Vec<AtomicU64>,
+    bad_entries: AtomicU64,
     vmm_log: Option<Arc<VmmWriteLog>>,
 }
 
@@ -255,6 +256,7 @@ impl RingSet {
             }),
             per_vcpu: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ring_full_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            bad_entries: AtomicU64::new(0),
             vmm_log,
         })
     }
@@ -283,6 +285,12 @@ impl RingSet {
             .get(i)
             .map(|c| c.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Entries ever harvested whose slot/offset lay outside every tracked slot (must stay 0;
+    /// such entries are counted and dropped, never trusted).
+    pub fn bad_entries(&self) -> u64 {
+        self.bad_entries.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, RingInner> {
@@ -392,6 +400,7 @@ impl RingSet {
         let mut r = r?;
         inner.staged_entries += r.entries;
         r.bad_entries = bad;
+        self.bad_entries.fetch_add(bad, Ordering::Relaxed);
         Ok(r)
     }
 

@@ -10,6 +10,7 @@
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod selftest;
 mod sys;
 pub mod vcpu;
 pub mod vm;

@@ -87,3 +87,47 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
     );
     vm.stop().unwrap();
 }
+
+fn selftest(
+    mode: kvm_dirty::TrackerMode,
+    ring_entries: u32,
+    vcpus: usize,
+) -> vmm::selftest::SelftestReport {
+    let p = vmm::selftest::SelftestParams {
+        mode,
+        iterations: 6,
+        slot_pages: (16 << 20) / 4096 + 3,
+        ring_entries,
+        vcpus,
+        ..Default::default()
+    };
+    let r = vmm::selftest::run(&p, |_| {}).unwrap();
+    let t = r.totals();
+    eprintln!(
+        "{} ring={ring_entries} vcpus={vcpus}: {t:?} {:?}",
+        r.mode, r.failure
+    );
+    assert!(r.passed(), "{:?}", r.failure);
+    assert_eq!(r.iterations.len(), 6);
+    assert!(t.dirty > 0 && t.writes >= 6 * 256);
+    r
+}
+
+#[test]
+fn dirty_log_test_bitmap_and_clear_log() {
+    if !have_kvm() {
+        return;
+    }
+    selftest(kvm_dirty::TrackerMode::Bitmap, 0, 1);
+    selftest(kvm_dirty::TrackerMode::ClearLog, 0, 2);
+}
+
+#[test]
+fn dirty_log_test_ring_tiny_ring_two_vcpus_forces_ring_full_exits() {
+    if !have_kvm() {
+        return;
+    }
+    // 1024 entries against a 4099-page slot: the rings fill up many times per iteration.
+    let r = selftest(kvm_dirty::TrackerMode::Ring, 1024, 2);
+    assert!(r.totals().ring_full_exits > 0, "{:?}", r.totals());
+}
