@@ -6,6 +6,33 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+mod selftest_cmd;
+
+/// Dirty tracking mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Every mode in turn (selftest only).
+    All,
+    /// Per-vCPU dirty ring.
+    Ring,
+    /// KVM_GET_DIRTY_LOG.
+    Bitmap,
+    /// KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (manual protect).
+    ClearLog,
+}
+
+impl ModeArg {
+    /// The tracker mode (None for `all`).
+    pub fn mode(self) -> Option<kvm_dirty::TrackerMode> {
+        match self {
+            ModeArg::All => None,
+            ModeArg::Ring => Some(kvm_dirty::TrackerMode::Ring),
+            ModeArg::Bitmap => Some(kvm_dirty::TrackerMode::Bitmap),
+            ModeArg::ClearLog => Some(kvm_dirty::TrackerMode::ClearLog),
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "ringvisor",
@@ -30,6 +57,34 @@ enum Cmd {
         /// Number of PEs (redistributors) in the model.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
         pes: u32,
+    },
+    /// Port of the kernel's dirty_log_test: a guest writes the iteration number into random
+    /// pages; every page must be reported exactly when it holds the current iteration.
+    Selftest {
+        /// Tracking mode(s) to test.
+        #[arg(long, value_enum, default_value_t = ModeArg::All)]
+        mode: ModeArg,
+        /// Iterations per mode.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        iterations: u32,
+        /// Host loop interval per iteration, in ms (collect points are chosen within it).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        interval_ms: u64,
+        /// Dirty ring entries per vCPU (power of two, 256..=host max).
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// vCPUs, each with its own ring.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+        vcpus: u64,
+        /// Test slot size in 4 KiB pages (default 1 GiB + 3 pages, deliberately not 64-page aligned).
+        #[arg(long, default_value_t = (1 << 18) + 3, value_parser = clap::value_parser!(u64).range(1..=(1 << 26)))]
+        slot_pages: u64,
+        /// Seed of the host's random collect points.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmarks.
     Bench {
@@ -101,9 +156,37 @@ fn caps(json: bool) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: restoring the default SIGPIPE disposition before any thread exists, so that
+    // `ringvisor ... | head` ends quietly instead of panicking on a closed stdout.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Caps { json } => caps(json),
+        Cmd::Selftest {
+            mode,
+            iterations,
+            interval_ms,
+            ring_entries,
+            vcpus,
+            slot_pages,
+            seed,
+            json,
+        } => {
+            let ok = selftest_cmd::run(selftest_cmd::Opts {
+                mode,
+                iterations,
+                interval_ms,
+                ring_entries,
+                vcpus: vcpus as usize,
+                slot_pages,
+                seed,
+                json,
+            })?;
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::GicQtest { pes } => {
             let cfg = gic::qtest::QtestConfig {
                 gic: gic::GicConfig::virt(pes as usize),
