@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
-use crate::regs::{FRAME_SIZE, GICD_SIZE, GICR_STRIDE_V3, GITS_SIZE};
+use crate::regs::{
+    FRAME_SIZE, GICD_SIZE, GICR_STRIDE_V3, GICR_STRIDE_V4, GITS_SIZE, GITS_SIZE_V41,
+};
 
 /// Distributor base of QEMU's `virt` board.
 pub const VIRT_GICD_BASE: u64 = 0x0800_0000;
@@ -69,6 +71,54 @@ pub struct GicConfig {
     pub lpi_id_bits: u8,
     /// The ITSs.
     pub its: Vec<ItsConfig>,
+    /// GICv4.1 (vPEs, direct vLPI and vSGI injection). `None` builds a GICv3 exactly as
+    /// before: 128 KiB redistributor stride, two-frame ITSs, no virtual features.
+    #[serde(default)]
+    pub v41: Option<V41Config>,
+}
+
+/// Redistributor region base of [`GicConfig::virt_v41`] (room for 128 GICv4 redistributors).
+pub const V41_GICR_BASE: u64 = 0x0A00_0000;
+/// Base of the first ITS of [`GicConfig::virt_v41`]; further ITSs follow 256 KiB apart.
+pub const V41_GITS_BASE: u64 = 0x0808_0000;
+
+/// GICv4.1 parameters of the whole GIC (all ITSs are GICv4.1 ITSs when this is set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct V41Config {
+    /// vPEID bits (GICD_TYPER2.VID + 1, with VIL = 1), 1..=16.
+    pub vpeid_bits: u8,
+    /// GICR_TYPER.CommonLPIAff of every redistributor (0..=3): redistributors whose
+    /// affinities agree on the levels above it share one vPE configuration table.
+    pub common_lpi_aff: u8,
+    /// GITS_TYPER.SVPET of every ITS (0..=3; 0 = the ITS's vPE table is its own).
+    pub svpet: u8,
+    /// GITS_TYPER.VMOVP: a single VMOVP suffices. When false, VMOVP must be sent to every
+    /// ITS with the same sequence number and an ITSList naming them.
+    pub vmovp: bool,
+    /// GICR_TYPER.Dirty: VPENDBASER.Dirty also reports VPT parsing after a load.
+    pub dirty: bool,
+    /// GICD_TYPER2.nASSGIcap (and GICR_TYPER.VSGI / GITS_TYPER.VSGI).
+    pub nassgi_cap: bool,
+    /// Reads for which GICR_SYNCR.Busy, GICR_VSGIPENDR.Busy and GICR_VPENDBASER.Dirty stay
+    /// set after the operation that starts them (models the latency a driver must poll out).
+    pub busy_reads: u32,
+    /// GITS_TYPER.nID: individual (per-vLPI) doorbells are not supported.
+    pub no_individual_doorbells: bool,
+}
+
+impl Default for V41Config {
+    fn default() -> Self {
+        V41Config {
+            vpeid_bits: 16,
+            common_lpi_aff: 0,
+            svpet: 1,
+            vmovp: true,
+            dirty: true,
+            nassgi_cap: true,
+            busy_reads: 1,
+            no_individual_doorbells: false,
+        }
+    }
 }
 
 impl Default for GicConfig {
@@ -105,6 +155,45 @@ impl GicConfig {
             num_spis: VIRT_NUM_SPIS,
             lpi_id_bits: 16,
             its: vec![ItsConfig::default()],
+            v41: None,
+        }
+    }
+
+    /// A GICv4.1 configuration with `pes` PEs (affinities as in [`GicConfig::virt`]) and
+    /// `its` ITSs: distributor at `virt`'s address, ITSs from [`V41_GITS_BASE`] 256 KiB
+    /// apart (three frames each), one redistributor region at [`V41_GICR_BASE`] with the
+    /// 256 KiB GICv4 stride.
+    pub fn virt_v41(pes: usize, its: usize) -> Self {
+        let mut c = GicConfig::virt(pes);
+        c.gicr_regions = vec![RedistRegion {
+            base: V41_GICR_BASE,
+            count: pes,
+        }];
+        c.its = (0..its)
+            .map(|i| ItsConfig {
+                base: V41_GITS_BASE + 4 * FRAME_SIZE * i as u64,
+                ..ItsConfig::default()
+            })
+            .collect();
+        c.v41 = Some(V41Config::default());
+        c
+    }
+
+    /// Distance between consecutive redistributors: 128 KiB (GICv3) or 256 KiB (GICv4).
+    pub fn rd_stride(&self) -> u64 {
+        if self.v41.is_some() {
+            GICR_STRIDE_V4
+        } else {
+            GICR_STRIDE_V3
+        }
+    }
+
+    /// Size of each ITS's register space: two frames, three with GICv4.1 (SGI frame).
+    pub fn its_size(&self) -> u64 {
+        if self.v41.is_some() {
+            GITS_SIZE_V41
+        } else {
+            GITS_SIZE
         }
     }
 
@@ -123,7 +212,7 @@ impl GicConfig {
         let mut first = 0;
         for r in &self.gicr_regions {
             if pe < first + r.count {
-                return r.base + ((pe - first) as u64) * GICR_STRIDE_V3;
+                return r.base + ((pe - first) as u64) * self.rd_stride();
             }
             first += r.count;
         }
@@ -135,9 +224,9 @@ impl GicConfig {
         let mut first = 0;
         for r in &self.gicr_regions {
             if let Some(off) = addr.checked_sub(r.base) {
-                let idx = off / GICR_STRIDE_V3;
+                let idx = off / self.rd_stride();
                 if idx < r.count as u64 {
-                    return Some((first + idx as usize, off % GICR_STRIDE_V3));
+                    return Some((first + idx as usize, off % self.rd_stride()));
                 }
             }
             first += r.count;
@@ -188,10 +277,37 @@ impl GicConfig {
         if covered != n {
             return Err(ConfigError::RedistCount { covered, pes: n });
         }
+        if let Some(v) = &self.v41 {
+            if !(1..=16).contains(&v.vpeid_bits) {
+                return Err(ConfigError::BadV41 {
+                    what: "vpeid_bits",
+                    value: v.vpeid_bits as u32,
+                });
+            }
+            if v.common_lpi_aff > 3 {
+                return Err(ConfigError::BadV41 {
+                    what: "common_lpi_aff",
+                    value: v.common_lpi_aff as u32,
+                });
+            }
+            if v.svpet > 3 {
+                return Err(ConfigError::BadV41 {
+                    what: "svpet",
+                    value: v.svpet as u32,
+                });
+            }
+            if self.its.len() > 16 {
+                return Err(ConfigError::BadV41 {
+                    what: "ITS count (ITS_Number is 4 bits)",
+                    value: self.its.len() as u32,
+                });
+            }
+        }
         let mut frames: Vec<(String, u64, u64)> =
             vec![("GICD".to_string(), self.gicd_base, GICD_SIZE)];
         for (i, r) in self.gicr_regions.iter().enumerate() {
-            let size = GICR_STRIDE_V3
+            let size = self
+                .rd_stride()
                 .checked_mul(r.count as u64)
                 .ok_or(ConfigError::TooManyPes(r.count))?;
             frames.push((format!("GICR region {i}"), r.base, size));
@@ -202,7 +318,7 @@ impl GicConfig {
                     return Err(ConfigError::BadItsBits { its: i, what, bits });
                 }
             }
-            frames.push((format!("ITS{i}"), its.base, GITS_SIZE));
+            frames.push((format!("ITS{i}"), its.base, self.its_size()));
         }
         for (i, (name, base, size)) in frames.iter().enumerate() {
             if base & (FRAME_SIZE - 1) != 0 {

@@ -52,6 +52,10 @@ pub(crate) struct Distributor {
     pub(crate) router: Vec<u64>,
     num_irqs: u32,
     typer: u32,
+    /// GICD_TYPER2 (0 without GICv4.1).
+    typer2: u32,
+    /// GICD_CTLR bits software may write.
+    ctlr_rw: u32,
 }
 
 /// Bank registers of one bit per INTID, 32 INTIDs per word.
@@ -106,6 +110,22 @@ impl Distributor {
             router: vec![0; num_irqs as usize],
             num_irqs,
             typer,
+            typer2: cfg.v41.as_ref().map_or(0, |v| {
+                ((v.vpeid_bits as u32 - 1) & GICD_TYPER2_VID_MASK)
+                    | GICD_TYPER2_VIL
+                    | if v.nassgi_cap {
+                        GICD_TYPER2_NASSGICAP
+                    } else {
+                        0
+                    }
+            }),
+            ctlr_rw: GICD_CTLR_ENABLE_G0
+                | GICD_CTLR_ENABLE_G1
+                | if cfg.v41.as_ref().is_some_and(|v| v.nassgi_cap) {
+                    GICD_CTLR_NASSGIREQ
+                } else {
+                    0
+                },
         }
     }
 
@@ -189,6 +209,10 @@ impl Distributor {
                 only32(offset, width)?;
                 Ok(self.typer as u64)
             }
+            GICD_TYPER2 => {
+                only32(offset, width)?;
+                Ok(self.typer2 as u64)
+            }
             GICD_IIDR => {
                 only32(offset, width)?;
                 Ok(IIDR_VALUE as u64)
@@ -262,7 +286,7 @@ impl Distributor {
         match offset {
             GICD_CTLR => {
                 only32(offset, width)?;
-                self.ctlr = v32 & (GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1);
+                self.ctlr = v32 & self.ctlr_rw;
                 Ok(())
             }
             o if o == GICD_TYPER || o == GICD_IIDR || id_register(o).is_some() => {
@@ -345,7 +369,7 @@ impl Distributor {
                 return Err(StateError::Length { what, got, want });
             }
         }
-        self.ctlr = s.ctlr & (GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1);
+        self.ctlr = s.ctlr & self.ctlr_rw;
         self.group = s.group.clone();
         self.enable = s.enable.clone();
         self.pending = s.pending.clone();

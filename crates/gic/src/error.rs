@@ -94,6 +94,14 @@ pub enum ConfigError {
         /// The value given.
         bits: u8,
     },
+    /// A GICv4.1 parameter is out of range.
+    #[error("GICv4.1 {what} = {value} is out of range")]
+    BadV41 {
+        /// Which parameter.
+        what: &'static str,
+        /// The value given.
+        value: u32,
+    },
     /// Two frames overlap.
     #[error("frames {a} and {b} overlap")]
     Overlap {

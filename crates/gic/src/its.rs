@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::access::{half64, merge_part, only32, read_part};
-use crate::config::{GicConfig, ItsConfig};
+use crate::config::{GicConfig, ItsConfig, V41Config};
 use crate::error::{MemError, MmioError, StateError};
 use crate::mem::{GuestMem, LoggedMem};
 use crate::redist::Redistributor;
 use crate::regs::*;
+use crate::v41::{vpe_entry, write_entry, VpeState, V41};
 
 /// Number of error records each ITS keeps (oldest dropped first).
 pub const ITS_ERROR_RECORDS: usize = 64;
@@ -120,7 +121,110 @@ pub enum ItsCommand {
         /// EventID.
         event: u32,
     },
-    /// Any other opcode (including GICv4 virtual commands, not implemented yet).
+    /// VMAPP (GICv4.1 layout): map (valid) or unmap a vPE.
+    Vmapp {
+        /// vPEID.
+        vpeid: u32,
+        /// RDbase field (target redistributor).
+        rdbase: u64,
+        /// V.
+        valid: bool,
+        /// Alloc: first map (V = 1) or last unmap (V = 0) of this vPE across all ITSs.
+        alloc: bool,
+        /// PTZ: the VPT is known to be zero.
+        ptz: bool,
+        /// VConf_Addr: the vLPI property table (64 KiB aligned).
+        vconf: u64,
+        /// Default_Doorbell pINTID (1023: none).
+        default_db: u32,
+        /// VPT_addr (64 KiB aligned).
+        vpt: u64,
+        /// VPT_size: vINTID bits - 1.
+        vpt_size: u8,
+    },
+    /// VMAPTI: map an event to vINTID `vintid` of vPE `vpeid`.
+    Vmapti {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+        /// vPEID.
+        vpeid: u32,
+        /// vINTID.
+        vintid: u32,
+        /// Individual doorbell pINTID (1023: none).
+        db: u32,
+    },
+    /// VMAPI: VMAPTI with vINTID = EventID.
+    Vmapi {
+        /// DeviceID.
+        device: u32,
+        /// EventID (and vINTID).
+        event: u32,
+        /// vPEID.
+        vpeid: u32,
+        /// Individual doorbell pINTID (1023: none).
+        db: u32,
+    },
+    /// VMOVI: move a vLPI to another vPE (and optionally change its doorbell).
+    Vmovi {
+        /// DeviceID.
+        device: u32,
+        /// EventID.
+        event: u32,
+        /// New vPEID.
+        vpeid: u32,
+        /// D: the doorbell field is valid.
+        db_valid: bool,
+        /// Individual doorbell pINTID.
+        db: u32,
+    },
+    /// VMOVP: move a vPE to another redistributor.
+    Vmovp {
+        /// vPEID.
+        vpeid: u32,
+        /// RDbase field (new redistributor).
+        rdbase: u64,
+        /// SequenceNumber (GITS_TYPER.VMOVP = 0 only).
+        seq: u16,
+        /// ITSList (GITS_TYPER.VMOVP = 0 only).
+        its_list: u16,
+        /// DB (v4.1): Default_Doorbell is valid.
+        db_valid: bool,
+        /// Default_Doorbell pINTID.
+        default_db: u32,
+    },
+    /// VSYNC: complete all effects on a vPE.
+    Vsync {
+        /// vPEID.
+        vpeid: u32,
+    },
+    /// VINVALL: reload the vLPI configuration of a vPE.
+    Vinvall {
+        /// vPEID.
+        vpeid: u32,
+    },
+    /// INVDB: reload the configuration of a vPE's default doorbell at every redistributor.
+    Invdb {
+        /// vPEID.
+        vpeid: u32,
+    },
+    /// VSGI: configure (Clear = 0) or clear the pending state of (Clear = 1) a vSGI.
+    Vsgi {
+        /// vPEID.
+        vpeid: u32,
+        /// vINTID 0..15.
+        sgi: u8,
+        /// Enable.
+        enable: bool,
+        /// Clear.
+        clear: bool,
+        /// Group (1 = Group 1).
+        group1: bool,
+        /// Priority (bits \[7:4\] are kept).
+        priority: u8,
+    },
+    /// Any other opcode (GICv4 virtual opcodes too when decoded by [`ItsCommand::decode`]).
     Unknown {
         /// DW0\[7:0\].
         opcode: u8,
@@ -181,6 +285,70 @@ impl ItsCommand {
         }
     }
 
+    /// Decodes a command for a GICv4.1 ITS: the physical commands as [`ItsCommand::decode`],
+    /// plus the virtual ones.
+    pub fn decode_v41(dw: [u64; 4]) -> ItsCommand {
+        let opcode = dw[0] as u8;
+        let device = (dw[0] >> 32) as u32;
+        let event = dw[1] as u32;
+        let vpeid = ((dw[1] >> 32) & 0xFFFF) as u32;
+        let rdbase = (dw[2] >> RDBASE_SHIFT) & RDBASE_FIELD;
+        let addr64k = |w: u64| w & 0x000F_FFFF_FFFF_0000;
+        match opcode {
+            CMD_VMAPP => ItsCommand::Vmapp {
+                vpeid,
+                rdbase,
+                valid: dw[2] >> 63 != 0,
+                alloc: dw[0] & (1 << 8) != 0,
+                ptz: dw[0] & (1 << 9) != 0,
+                vconf: addr64k(dw[0]),
+                default_db: dw[1] as u32,
+                vpt: addr64k(dw[3]),
+                vpt_size: dw[3] as u8,
+            },
+            CMD_VMAPTI => ItsCommand::Vmapti {
+                device,
+                event,
+                vpeid,
+                vintid: dw[2] as u32,
+                db: (dw[2] >> 32) as u32,
+            },
+            CMD_VMAPI => ItsCommand::Vmapi {
+                device,
+                event,
+                vpeid,
+                db: (dw[2] >> 32) as u32,
+            },
+            CMD_VMOVI => ItsCommand::Vmovi {
+                device,
+                event,
+                vpeid,
+                db_valid: dw[2] & 1 != 0,
+                db: (dw[2] >> 32) as u32,
+            },
+            CMD_VMOVP => ItsCommand::Vmovp {
+                vpeid,
+                rdbase,
+                seq: (dw[0] >> 32) as u16,
+                its_list: dw[1] as u16,
+                db_valid: dw[2] >> 63 != 0,
+                default_db: dw[3] as u32,
+            },
+            CMD_VSYNC => ItsCommand::Vsync { vpeid },
+            CMD_VINVALL => ItsCommand::Vinvall { vpeid },
+            CMD_INVDB => ItsCommand::Invdb { vpeid },
+            CMD_VSGI => ItsCommand::Vsgi {
+                vpeid,
+                sgi: ((dw[0] >> 32) & 0xF) as u8,
+                enable: dw[0] & (1 << 8) != 0,
+                clear: dw[0] & (1 << 9) != 0,
+                group1: dw[0] & (1 << 10) != 0,
+                priority: (((dw[0] >> 20) & 0xF) << 4) as u8,
+            },
+            _ => ItsCommand::decode(dw),
+        }
+    }
+
     /// Encodes the command (inverse of [`ItsCommand::decode`] for the fields it keeps).
     pub fn encode(&self) -> [u64; 4] {
         let dev = |op: u8, d: u32| op as u64 | ((d as u64) << 32);
@@ -237,6 +405,100 @@ impl ItsCommand {
                 [CMD_MOVALL as u64, 0, rd(rdbase1), rd(rdbase2)]
             }
             ItsCommand::Discard { device, event } => [dev(CMD_DISCARD, device), event as u64, 0, 0],
+            ItsCommand::Vmapp {
+                vpeid,
+                rdbase,
+                valid,
+                alloc,
+                ptz,
+                vconf,
+                default_db,
+                vpt,
+                vpt_size,
+            } => [
+                CMD_VMAPP as u64
+                    | ((alloc as u64) << 8)
+                    | ((ptz as u64) << 9)
+                    | (vconf & 0x000F_FFFF_FFFF_0000),
+                default_db as u64 | (((vpeid & 0xFFFF) as u64) << 32),
+                rd(rdbase) | ((valid as u64) << 63),
+                (vpt & 0x000F_FFFF_FFFF_0000) | vpt_size as u64,
+            ],
+            ItsCommand::Vmapti {
+                device,
+                event,
+                vpeid,
+                vintid,
+                db,
+            } => [
+                dev(CMD_VMAPTI, device),
+                event as u64 | (((vpeid & 0xFFFF) as u64) << 32),
+                vintid as u64 | ((db as u64) << 32),
+                0,
+            ],
+            ItsCommand::Vmapi {
+                device,
+                event,
+                vpeid,
+                db,
+            } => [
+                dev(CMD_VMAPI, device),
+                event as u64 | (((vpeid & 0xFFFF) as u64) << 32),
+                (db as u64) << 32,
+                0,
+            ],
+            ItsCommand::Vmovi {
+                device,
+                event,
+                vpeid,
+                db_valid,
+                db,
+            } => [
+                dev(CMD_VMOVI, device),
+                event as u64 | (((vpeid & 0xFFFF) as u64) << 32),
+                db_valid as u64 | ((db as u64) << 32),
+                0,
+            ],
+            ItsCommand::Vmovp {
+                vpeid,
+                rdbase,
+                seq,
+                its_list,
+                db_valid,
+                default_db,
+            } => [
+                CMD_VMOVP as u64 | ((seq as u64) << 32),
+                its_list as u64 | (((vpeid & 0xFFFF) as u64) << 32),
+                rd(rdbase) | ((db_valid as u64) << 63),
+                default_db as u64,
+            ],
+            ItsCommand::Vsync { vpeid } => {
+                [CMD_VSYNC as u64, ((vpeid & 0xFFFF) as u64) << 32, 0, 0]
+            }
+            ItsCommand::Vinvall { vpeid } => {
+                [CMD_VINVALL as u64, ((vpeid & 0xFFFF) as u64) << 32, 0, 0]
+            }
+            ItsCommand::Invdb { vpeid } => {
+                [CMD_INVDB as u64, ((vpeid & 0xFFFF) as u64) << 32, 0, 0]
+            }
+            ItsCommand::Vsgi {
+                vpeid,
+                sgi,
+                enable,
+                clear,
+                group1,
+                priority,
+            } => [
+                CMD_VSGI as u64
+                    | ((enable as u64) << 8)
+                    | ((clear as u64) << 9)
+                    | ((group1 as u64) << 10)
+                    | (((priority >> 4) as u64) << 20)
+                    | (((sgi & 0xF) as u64) << 32),
+                ((vpeid & 0xFFFF) as u64) << 32,
+                0,
+                0,
+            ],
             ItsCommand::Unknown { opcode } => [opcode as u64, 0, 0, 0],
         }
     }
@@ -292,6 +554,18 @@ pub enum ItsCommandError {
     /// The RDbase field names no redistributor.
     #[error("RDbase {0:#x} names no redistributor")]
     RdbaseOutOfRange(u64),
+    /// The vPEID exceeds the vPEID bits or the vPE table (or its level-2 page is missing).
+    #[error("vPEID {0} is out of range of the vPE table")]
+    VpeOutOfRange(u32),
+    /// The vPE is not mapped on this ITS.
+    #[error("vPEID {0} is not mapped on this ITS")]
+    UnmappedVpe(u32),
+    /// VMOVP (GITS_TYPER.VMOVP = 0) with an ITSList that does not name this ITS.
+    #[error("VMOVP ITSList {0:#06x} does not include this ITS")]
+    NotInItsList(u16),
+    /// An individual doorbell was requested on an ITS with GITS_TYPER.nID = 1.
+    #[error("individual doorbell {0} requested but GITS_TYPER.nID = 1")]
+    IndividualDoorbell(u32),
     /// The opcode is not a GICv3 physical command.
     #[error("unknown or unsupported command opcode {0:#x}")]
     UnknownCommand(u8),
@@ -323,6 +597,13 @@ pub enum ItsErrorSource {
         offset: u64,
         /// DW0\[7:0\].
         opcode: u8,
+    },
+    /// A GITS_SGIR write (GICv4.1).
+    Sgir {
+        /// vPEID.
+        vpeid: u32,
+        /// vINTID.
+        sgi: u8,
     },
     /// A GITS_TRANSLATER write or [`crate::Gic::send_msi`] call.
     Translation {
@@ -363,6 +644,9 @@ pub struct ItsState {
     pub error_count: u64,
     /// Commands ever executed (including ignored ones).
     pub commands_processed: u64,
+    /// GITS_CTLR.ITS_Number (GICv4 ITSs with GITS_TYPER.VMOVP = 0).
+    #[serde(default)]
+    pub its_number: u8,
 }
 
 /// Result of locating a table entry.
@@ -391,6 +675,9 @@ pub(crate) struct Its {
     errors: VecDeque<ItsErrorRecord>,
     error_count: u64,
     commands_processed: u64,
+    index: usize,
+    v41: Option<V41Config>,
+    its_number: u8,
 }
 
 /// Everything a command may touch besides the ITS itself.
@@ -398,14 +685,25 @@ pub(crate) struct ItsEnv<'a, M> {
     pub(crate) rds: &'a mut [Redistributor],
     pub(crate) mem: &'a mut LoggedMem<M>,
     pub(crate) gic: &'a GicConfig,
+    pub(crate) v41: Option<&'a mut V41>,
 }
 
-fn baser_type(n: usize) -> u64 {
-    match n {
-        0 => GITS_BASER_TYPE_DEVICE,
-        1 => GITS_BASER_TYPE_COLLECTION,
-        _ => GITS_BASER_TYPE_NONE,
-    }
+/// A virtual LPI mapping read from an ITE.
+struct VTranslation {
+    ite_addr: u64,
+    vpeid: u32,
+    vintid: u32,
+    db: u32,
+}
+
+fn virtual_ite(vpeid: u32, vintid: u32, db: u32) -> [u8; ITE_SIZE as usize] {
+    let w0 =
+        ITE_VALID | (ITE_TYPE_VIRTUAL << ITE_TYPE_SHIFT) | ((vintid as u64) << ITE_INTID_SHIFT);
+    let w1 = db as u64 | (((vpeid & 0xFFFF) as u64) << ITE_VPEID_SHIFT);
+    let mut b = [0u8; ITE_SIZE as usize];
+    b[..8].copy_from_slice(&w0.to_le_bytes());
+    b[8..].copy_from_slice(&w1.to_le_bytes());
+    b
 }
 
 fn baser_page_size(baser: u64) -> u64 {
@@ -427,8 +725,11 @@ fn baser_address(baser: u64) -> u64 {
 }
 
 impl Its {
-    pub(crate) fn new(cfg: ItsConfig) -> Self {
+    pub(crate) fn new(cfg: ItsConfig, index: usize, v41: Option<V41Config>) -> Self {
         let mut its = Its {
+            index,
+            v41,
+            its_number: index as u8 & 0xF,
             cfg,
             enabled: false,
             cbaser: 0,
@@ -442,7 +743,7 @@ impl Its {
         };
         for n in 0..GITS_BASER_COUNT {
             // Reset Page_Size is 64 KiB for the implemented tables.
-            let page = if n < 2 {
+            let page = if its.baser_type(n) != GITS_BASER_TYPE_NONE {
                 2 << GITS_BASER_PAGE_SIZE_SHIFT
             } else {
                 0
@@ -456,11 +757,21 @@ impl Its {
         &self.cfg
     }
 
+    fn baser_type(&self, n: usize) -> u64 {
+        match n {
+            0 => GITS_BASER_TYPE_DEVICE,
+            1 => GITS_BASER_TYPE_COLLECTION,
+            2 if self.v41.is_some() => GITS_BASER_TYPE_VPE,
+            _ => GITS_BASER_TYPE_NONE,
+        }
+    }
+
     fn baser_ro_bits(&self, n: usize) -> u64 {
-        let ty = baser_type(n);
+        let ty = self.baser_type(n);
         let esz = match ty {
             GITS_BASER_TYPE_DEVICE => DTE_SIZE,
             GITS_BASER_TYPE_COLLECTION => CTE_SIZE,
+            GITS_BASER_TYPE_VPE => VPE_ENTRY_SIZE,
             _ => return 0,
         };
         (ty << GITS_BASER_TYPE_SHIFT) | ((esz - 1) << GITS_BASER_ENTRY_SIZE_SHIFT)
@@ -474,6 +785,18 @@ impl Its {
             | if self.cfg.pta { GITS_TYPER_PTA } else { 0 }
             | (15 << GITS_TYPER_CIDBITS_SHIFT)
             | GITS_TYPER_CIL
+            | self.v41.as_ref().map_or(0, |v| {
+                GITS_TYPER_VIRTUAL
+                    | GITS_TYPER_VMAPP
+                    | if v.vmovp { GITS_TYPER_VMOVP } else { 0 }
+                    | if v.nassgi_cap { GITS_TYPER_VSGI } else { 0 }
+                    | ((v.svpet as u64 & 3) << GITS_TYPER_SVPET_SHIFT)
+                    | if v.no_individual_doorbells {
+                        1 << 43
+                    } else {
+                        0
+                    }
+            })
     }
 
     pub(crate) fn errors(&self) -> impl Iterator<Item = &ItsErrorRecord> {
@@ -505,7 +828,17 @@ impl Its {
             GITS_CTLR => {
                 only32(offset, width)?;
                 let en = if self.enabled { GITS_CTLR_ENABLED } else { 0 };
-                Ok((en | GITS_CTLR_QUIESCENT) as u64)
+                let v4 = if self.v41.is_some() {
+                    GITS_CTLR_IMDE | ((self.its_number as u32) << GITS_CTLR_ITS_NUMBER_SHIFT)
+                } else {
+                    0
+                };
+                Ok((en | v4 | GITS_CTLR_QUIESCENT) as u64)
+            }
+            GITS_MPIDR if self.v41.is_some() => {
+                // The ITS claims affinity 0.0.0: with SVPET it shares the vPE table with
+                // the redistributors of that group.
+                only32(offset, width).map(|_| 0)
             }
             GITS_IIDR => only32(offset, width).map(|_| IIDR_VALUE as u64),
             o if (GITS_TYPER..GITS_TYPER + 8).contains(&o) => {
@@ -556,6 +889,10 @@ impl Its {
                 only32(offset, width)?;
                 let was = self.enabled;
                 self.enabled = value as u32 & GITS_CTLR_ENABLED != 0;
+                // ITS_Number is writable (while disabled) only where VMOVP needs ITSLists.
+                if self.v41.as_ref().is_some_and(|v| !v.vmovp) && !was {
+                    self.its_number = ((value >> GITS_CTLR_ITS_NUMBER_SHIFT) & 0xF) as u8;
+                }
                 Ok(self.enabled && !was)
             }
             o if o == GITS_IIDR || id_register(o).is_some() => only32(offset, width).map(|_| false),
@@ -587,7 +924,7 @@ impl Its {
             o if (GITS_BASER..GITS_BASER + 8 * GITS_BASER_COUNT as u64).contains(&o) => {
                 let n = ((o - GITS_BASER) / 8) as usize;
                 let pos = half64(GITS_BASER + 8 * n as u64, o, width)?;
-                if baser_type(n) != GITS_BASER_TYPE_NONE && !self.enabled {
+                if self.baser_type(n) != GITS_BASER_TYPE_NONE && !self.enabled {
                     let mut v = merge_part(self.baser[n], value, pos, width) & GITS_BASER_RW_MASK;
                     // Page_Size 0b11 is reserved: the model treats it as 64 KiB.
                     if (v >> GITS_BASER_PAGE_SIZE_SHIFT) & GITS_BASER_PAGE_SIZE_FIELD == 3 {
@@ -642,7 +979,11 @@ impl Its {
                 b.copy_from_slice(&raw[i * 8..i * 8 + 8]);
                 *d = u64::from_le_bytes(b);
             }
-            let cmd = ItsCommand::decode(dw);
+            let cmd = if self.v41.is_some() {
+                ItsCommand::decode_v41(dw)
+            } else {
+                ItsCommand::decode(dw)
+            };
             self.commands_processed += 1;
             match self.execute(env, cmd) {
                 Ok(()) => {}
@@ -863,6 +1204,13 @@ impl Its {
             ItsCommand::Int { device, event } => self.deliver(env, device, event, true),
             ItsCommand::Clear { device, event } => self.deliver(env, device, event, false),
             ItsCommand::Inv { device, event } => {
+                if let Some(vt) = self.vtranslation(env, device, event)? {
+                    if let Some(v4) = env.v41.as_deref_mut() {
+                        v4.reload_one(env.mem, vt.vpeid, vt.vintid);
+                        v4.check_doorbell(env.rds, env.mem, vt.vpeid)?;
+                    }
+                    return Ok(());
+                }
                 let t = self.translation(env.mem, device, event)?;
                 let pe = self.collection_target(env.mem, env.gic, t.icid)?;
                 env.rds[pe].invalidate_one(env.mem, t.intid);
@@ -874,6 +1222,20 @@ impl Its {
                 Ok(())
             }
             ItsCommand::Discard { device, event } => {
+                if let Some(vt) = self.vtranslation(env, device, event)? {
+                    if let Some(v4) = env.v41.as_deref_mut() {
+                        v4.set_vlpi_pending(
+                            env.rds,
+                            env.mem,
+                            vt.vpeid,
+                            vt.vintid,
+                            false,
+                            INTID_NO_DOORBELL,
+                        )?;
+                    }
+                    env.mem.write(vt.ite_addr, &[0u8; ITE_SIZE as usize])?;
+                    return Ok(());
+                }
                 let t = self.translation(env.mem, device, event)?;
                 let pe = self.collection_target(env.mem, env.gic, t.icid)?;
                 env.rds[pe].set_lpi_pending(env.mem, t.intid, false)?;
@@ -913,6 +1275,7 @@ impl Its {
             }
             ItsCommand::Sync { rdbase } => self.rd_index(env.gic, rdbase).map(|_| ()),
             ItsCommand::Unknown { opcode } => Err(ItsCommandError::UnknownCommand(opcode)),
+            virt => self.execute_virtual(env, virt),
         }
     }
 
@@ -946,6 +1309,12 @@ impl Its {
         event: u32,
         pending: bool,
     ) -> Result<(), ItsCommandError> {
+        if let Some(vt) = self.vtranslation(env, device, event)? {
+            if let Some(v4) = env.v41.as_deref_mut() {
+                v4.set_vlpi_pending(env.rds, env.mem, vt.vpeid, vt.vintid, pending, vt.db)?;
+            }
+            return Ok(());
+        }
         let t = self.translation(env.mem, device, event)?;
         let pe = self.collection_target(env.mem, env.gic, t.icid)?;
         env.rds[pe].set_lpi_pending(env.mem, t.intid, pending)?;
@@ -970,6 +1339,346 @@ impl Its {
         r
     }
 
+    /// Reads an event's ITE when it maps a virtual LPI (`None` for a physical one; errors as
+    /// for any translation when the device or event is not mapped).
+    fn vtranslation<M: GuestMem>(
+        &self,
+        env: &ItsEnv<'_, M>,
+        device: u32,
+        event: u32,
+    ) -> Result<Option<VTranslation>, ItsCommandError> {
+        if env.v41.is_none() {
+            return Ok(None);
+        }
+        let ite_addr = self.ite_addr(env.mem, device, event)?;
+        let w0 = env.mem.read_u64(ite_addr)?;
+        if w0 & ITE_VALID == 0 || (w0 >> ITE_TYPE_SHIFT) & ITE_TYPE_FIELD != ITE_TYPE_VIRTUAL {
+            return Ok(None);
+        }
+        let w1 = env.mem.read_u64(ite_addr + 8)?;
+        Ok(Some(VTranslation {
+            ite_addr,
+            vpeid: ((w1 >> ITE_VPEID_SHIFT) & 0xFFFF) as u32,
+            vintid: (w0 >> ITE_INTID_SHIFT) as u32,
+            db: w1 as u32,
+        }))
+    }
+
+    /// Locates vPE `vpeid`'s entry in this ITS's vPE table (GITS_BASER2).
+    fn vpe_slot<M: GuestMem>(
+        &self,
+        v4: &V41,
+        mem: &LoggedMem<M>,
+        vpeid: u32,
+    ) -> Result<u64, ItsCommandError> {
+        if !v4.vpeid_valid(vpeid) {
+            return Err(ItsCommandError::VpeOutOfRange(vpeid));
+        }
+        match self.slot(mem, 2, vpeid as u64)? {
+            Slot::At(a) => Ok(a),
+            Slot::OutOfRange | Slot::NoL2 => Err(ItsCommandError::VpeOutOfRange(vpeid)),
+        }
+    }
+
+    fn mapped_here<'v>(&self, v4: &'v V41, vpeid: u32) -> Result<&'v VpeState, ItsCommandError> {
+        v4.vpes
+            .get(&vpeid)
+            .filter(|v| v.its_mapped & (1 << self.index) != 0)
+            .ok_or(ItsCommandError::UnmappedVpe(vpeid))
+    }
+
+    fn check_doorbell_intid(&self, gic: &GicConfig, db: u32) -> Result<(), ItsCommandError> {
+        if db == INTID_NO_DOORBELL {
+            return Ok(());
+        }
+        if self.v41.as_ref().is_some_and(|v| v.no_individual_doorbells) {
+            return Err(ItsCommandError::IndividualDoorbell(db));
+        }
+        if !Self::lpi_valid(gic, db) {
+            return Err(ItsCommandError::IntIdOutOfRange(db));
+        }
+        Ok(())
+    }
+
+    /// VMAPTI / VMAPI: `[device, event, vpeid, vintid, doorbell]`.
+    fn vmap_event<M: GuestMem>(
+        &self,
+        v4: &V41,
+        mem: &mut LoggedMem<M>,
+        gic: &GicConfig,
+        [device, event, vpeid, vintid, db]: [u32; 5],
+    ) -> Result<(), ItsCommandError> {
+        let addr = self.ite_addr(mem, device, event)?;
+        let v = self.mapped_here(v4, vpeid)?;
+        if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vintid) {
+            return Err(ItsCommandError::IntIdOutOfRange(vintid));
+        }
+        self.check_doorbell_intid(gic, db)?;
+        mem.write(addr, &virtual_ite(vpeid, vintid, db))?;
+        Ok(())
+    }
+
+    /// Executes a GICv4.1 virtual command.
+    fn execute_virtual<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        cmd: ItsCommand,
+    ) -> Result<(), ItsCommandError> {
+        let opcode = cmd.encode()[0] as u8;
+        let Some(v4) = env.v41.as_deref_mut() else {
+            return Err(ItsCommandError::UnknownCommand(opcode));
+        };
+        let bit = 1u16 << self.index;
+        match cmd {
+            ItsCommand::Vmapp {
+                vpeid,
+                rdbase,
+                valid,
+                alloc,
+                ptz,
+                vconf,
+                default_db,
+                vpt,
+                vpt_size,
+            } => {
+                let slot = self.vpe_slot(v4, env.mem, vpeid)?;
+                if !valid {
+                    if let Some(v) = v4.vpes.get_mut(&vpeid) {
+                        v.its_mapped &= !bit;
+                    }
+                    if alloc {
+                        if let Some(v) = v4.vpes.remove(&vpeid) {
+                            if let Some(pe) = v.resident_on {
+                                v4.record(crate::UnpredictableEvent::ChangedWhileResident {
+                                    vpeid,
+                                });
+                                v4.force_nonresident(pe);
+                            }
+                        }
+                        write_entry(env.mem, slot, [0; 4])?;
+                        v4.propagate_entry(env.mem, vpeid, [0; 4])?;
+                    }
+                    return Ok(());
+                }
+                let pe = self.rd_index(env.gic, rdbase)?;
+                let bits = vpt_size + 1;
+                if !(14..=env.gic.lpi_id_bits).contains(&bits) {
+                    return Err(ItsCommandError::IntIdOutOfRange(1u32 << bits.min(31)));
+                }
+                if default_db != INTID_NO_DOORBELL && !Self::lpi_valid(env.gic, default_db) {
+                    return Err(ItsCommandError::IntIdOutOfRange(default_db));
+                }
+                let exists = v4.vpes.contains_key(&vpeid);
+                if !alloc && !exists {
+                    v4.record(crate::UnpredictableEvent::MapWithoutAlloc { vpeid });
+                }
+                if alloc || !exists {
+                    let old = v4.vpes.remove(&vpeid);
+                    let v = VpeState {
+                        vpeid,
+                        rd: pe,
+                        vpt,
+                        vpt_bits: bits,
+                        vconf,
+                        default_db,
+                        its_mapped: bit | old.as_ref().map_or(0, |o| o.its_mapped),
+                        sgi_enable: 0,
+                        sgi_group: 0,
+                        sgi_priority: [0; 16],
+                        sgi_pending: 0,
+                        vlpi_pending: Default::default(),
+                        vlpi_cfg: Vec::new(),
+                        resident_on: old.as_ref().and_then(|o| o.resident_on),
+                        db_armed: false,
+                        doorbells: 0,
+                        icv: Default::default(),
+                    };
+                    v4.vpes.insert(vpeid, v);
+                    if !ptz {
+                        v4.load_vpt(env.mem, vpeid);
+                    }
+                    v4.reload_config(env.mem, vpeid);
+                } else if let Some(v) = v4.vpes.get_mut(&vpeid) {
+                    v.its_mapped |= bit;
+                    v.rd = pe;
+                    v.default_db = default_db;
+                }
+                let entry = match v4.vpes.get(&vpeid) {
+                    Some(v) => vpe_entry(v),
+                    None => [0; 4],
+                };
+                write_entry(env.mem, slot, entry)?;
+                v4.propagate_entry(env.mem, vpeid, entry)?;
+                Ok(())
+            }
+            ItsCommand::Vmapti {
+                device,
+                event,
+                vpeid,
+                vintid,
+                db,
+            } => self.vmap_event(v4, env.mem, env.gic, [device, event, vpeid, vintid, db]),
+            ItsCommand::Vmapi {
+                device,
+                event,
+                vpeid,
+                db,
+            } => self.vmap_event(v4, env.mem, env.gic, [device, event, vpeid, event, db]),
+            ItsCommand::Vmovi {
+                device,
+                event,
+                vpeid,
+                db_valid,
+                db,
+            } => {
+                let Some(vt) = self.vtranslation(env, device, event)? else {
+                    return Err(ItsCommandError::UnmappedEvent { device, event });
+                };
+                let Some(v4) = env.v41.as_deref_mut() else {
+                    return Err(ItsCommandError::UnknownCommand(opcode));
+                };
+                let v = self.mapped_here(v4, vpeid)?;
+                if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vt.vintid) {
+                    return Err(ItsCommandError::IntIdOutOfRange(vt.vintid));
+                }
+                let new_db = if db_valid { db } else { vt.db };
+                self.check_doorbell_intid(env.gic, new_db)?;
+                let was_pending = v4
+                    .vpes
+                    .get(&vt.vpeid)
+                    .is_some_and(|o| o.vlpi_pending.contains(&vt.vintid));
+                if was_pending && vt.vpeid != vpeid {
+                    v4.set_vlpi_pending(
+                        env.rds,
+                        env.mem,
+                        vt.vpeid,
+                        vt.vintid,
+                        false,
+                        INTID_NO_DOORBELL,
+                    )?;
+                    v4.set_vlpi_pending(env.rds, env.mem, vpeid, vt.vintid, true, new_db)?;
+                }
+                env.mem
+                    .write(vt.ite_addr, &virtual_ite(vpeid, vt.vintid, new_db))?;
+                Ok(())
+            }
+            ItsCommand::Vmovp {
+                vpeid,
+                rdbase,
+                its_list,
+                db_valid,
+                default_db,
+                ..
+            } => {
+                let slot = self.vpe_slot(v4, env.mem, vpeid)?;
+                self.mapped_here(v4, vpeid)?;
+                if self.v41.as_ref().is_some_and(|c| !c.vmovp)
+                    && its_list & (1 << self.its_number) == 0
+                {
+                    return Err(ItsCommandError::NotInItsList(its_list));
+                }
+                let pe = self.rd_index(env.gic, rdbase)?;
+                if db_valid
+                    && default_db != INTID_NO_DOORBELL
+                    && !Self::lpi_valid(env.gic, default_db)
+                {
+                    return Err(ItsCommandError::IntIdOutOfRange(default_db));
+                }
+                v4.vmovps += 1;
+                let entry = match v4.vpes.get_mut(&vpeid) {
+                    Some(v) => {
+                        if v.resident_on.is_some() {
+                            v4.record(crate::UnpredictableEvent::ChangedWhileResident { vpeid });
+                        }
+                        let v = v4
+                            .vpes
+                            .get_mut(&vpeid)
+                            .ok_or(ItsCommandError::UnmappedVpe(vpeid))?;
+                        v.rd = pe;
+                        if db_valid {
+                            v.default_db = default_db;
+                        }
+                        vpe_entry(v)
+                    }
+                    None => return Err(ItsCommandError::UnmappedVpe(vpeid)),
+                };
+                write_entry(env.mem, slot, entry)?;
+                v4.propagate_entry(env.mem, vpeid, entry)?;
+                Ok(())
+            }
+            ItsCommand::Vsync { vpeid } => self.mapped_here(v4, vpeid).map(|_| ()),
+            ItsCommand::Vinvall { vpeid } => {
+                self.mapped_here(v4, vpeid)?;
+                v4.reload_config(env.mem, vpeid);
+                v4.check_doorbell(env.rds, env.mem, vpeid)?;
+                Ok(())
+            }
+            ItsCommand::Invdb { vpeid } => {
+                let db = self.mapped_here(v4, vpeid)?.default_db;
+                if db != INTID_NO_DOORBELL {
+                    for rd in env.rds.iter_mut() {
+                        rd.invalidate_one(env.mem, db);
+                    }
+                }
+                Ok(())
+            }
+            ItsCommand::Vsgi {
+                vpeid,
+                sgi,
+                enable,
+                clear,
+                group1,
+                priority,
+            } => {
+                self.mapped_here(v4, vpeid)?;
+                if let Some(v) = v4.vpes.get_mut(&vpeid) {
+                    let m = 1u16 << (sgi & 0xF);
+                    if clear {
+                        v.sgi_pending &= !m;
+                    } else {
+                        v.sgi_enable = if enable {
+                            v.sgi_enable | m
+                        } else {
+                            v.sgi_enable & !m
+                        };
+                        v.sgi_group = if group1 {
+                            v.sgi_group | m
+                        } else {
+                            v.sgi_group & !m
+                        };
+                        v.sgi_priority[(sgi & 0xF) as usize] = priority & 0xF0;
+                    }
+                }
+                v4.check_doorbell(env.rds, env.mem, vpeid)?;
+                Ok(())
+            }
+            other => Err(ItsCommandError::UnknownCommand(other.encode()[0] as u8)),
+        }
+    }
+
+    /// A GITS_SGIR write: makes vSGI `value[3:0]` pending on vPE `value[47:32]`. Errors are
+    /// recorded.
+    pub(crate) fn sgir<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        value: u64,
+    ) -> Result<(), ItsCommandError> {
+        let vpeid = ((value >> 32) & 0xFFFF) as u32;
+        let sgi = (value & 0xF) as u8;
+        let r = match env.v41.as_deref_mut() {
+            None => Err(ItsCommandError::UnknownCommand(0)),
+            Some(_) if !self.enabled => Err(ItsCommandError::Disabled),
+            Some(v4) => match self.mapped_here(v4, vpeid) {
+                Ok(_) => v4.set_vsgi_pending(env.rds, env.mem, vpeid, sgi as u32),
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = r {
+            self.record(ItsErrorSource::Sgir { vpeid, sgi }, e);
+        }
+        r
+    }
+
     pub(crate) fn state(&self) -> ItsState {
         ItsState {
             enabled: self.enabled,
@@ -981,6 +1690,7 @@ impl Its {
             errors: self.errors.iter().copied().collect(),
             error_count: self.error_count,
             commands_processed: self.commands_processed,
+            its_number: self.its_number,
         }
     }
 
@@ -998,7 +1708,7 @@ impl Its {
         self.creadr = s.creadr & GITS_CMDQ_OFFSET_MASK;
         self.stalled = s.stalled;
         for n in 0..GITS_BASER_COUNT {
-            self.baser[n] = if baser_type(n) == GITS_BASER_TYPE_NONE {
+            self.baser[n] = if self.baser_type(n) == GITS_BASER_TYPE_NONE {
                 0
             } else {
                 (s.baser[n] & GITS_BASER_RW_MASK) | self.baser_ro_bits(n)
@@ -1014,6 +1724,9 @@ impl Its {
             .collect();
         self.error_count = s.error_count;
         self.commands_processed = s.commands_processed;
+        if self.v41.is_some() {
+            self.its_number = s.its_number & 0xF;
+        }
         Ok(())
     }
 }

@@ -56,6 +56,7 @@ pub mod mem;
 pub mod qtest;
 mod redist;
 pub mod regs;
+pub mod v41;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -64,13 +65,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use config::{GicConfig, ItsConfig, RedistRegion};
+pub use config::{GicConfig, ItsConfig, RedistRegion, V41Config};
 pub use cpuif::{CpuIfState, IccReg};
 pub use dist::DistState;
 pub use error::{ConfigError, MemError, MmioError, StateError};
 pub use its::{ItsCommand, ItsCommandError, ItsErrorRecord, ItsErrorSource, ItsState};
 pub use mem::{GuestMem, VecMem, VmMemory, WriteLog};
 pub use redist::RedistState;
+pub use v41::{IcvState, RdV41State, UnpredictableEvent, V41State, V41Stats, VpeState};
 
 use cpuif::{CpuIf, Group};
 use dist::Distributor;
@@ -78,6 +80,7 @@ use its::{Its, ItsEnv};
 use mem::LoggedMem;
 use redist::Redistributor;
 use regs::*;
+use v41::V41;
 
 /// A CPU-interface access the model rejects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -126,6 +129,9 @@ pub struct GicState {
     pub its: Vec<ItsState>,
     /// DeviceID used for GITS_TRANSLATER writes made through MMIO.
     pub msi_device_id: u32,
+    /// GICv4.1 state (absent for a GICv3 configuration).
+    #[serde(default)]
+    pub v41: Option<V41State>,
 }
 
 /// Callback told about every IRQ line change: `(PE index, new level)`.
@@ -214,6 +220,7 @@ pub struct Gic<M> {
     lines: Arc<IrqLines>,
     irq_hook: Option<IrqHook>,
     msi_device_id: u32,
+    v41: Option<V41>,
 }
 
 impl<M> std::fmt::Debug for Gic<M> {
@@ -230,7 +237,58 @@ enum Frame {
     Dist(u64),
     RdBase(usize, u64),
     SgiBase(usize, u64),
+    VlpiBase(usize, u64),
+    RdReserved,
     Its(usize, u64),
+}
+
+/// A virtual CPU interface register (`ICV_*_EL1`) of the vPE resident on a PE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IcvReg {
+    /// ICV_IAR1_EL1 (RO): acknowledge the highest priority pending Group 1 virtual interrupt.
+    Iar1,
+    /// ICV_EOIR1_EL1 (WO): priority drop (vLPIs and vSGIs have no active state).
+    Eoir1,
+    /// ICV_HPPIR1_EL1 (RO).
+    Hppir1,
+    /// ICV_IAR0_EL1 (RO).
+    Iar0,
+    /// ICV_EOIR0_EL1 (WO).
+    Eoir0,
+    /// ICV_HPPIR0_EL1 (RO).
+    Hppir0,
+    /// ICV_PMR_EL1.
+    Pmr,
+    /// ICV_RPR_EL1 (RO).
+    Rpr,
+    /// ICV_CTLR_EL1 (PRIbits and A3V read-only, EOImode RAZ/WI).
+    Ctlr,
+    /// ICV_IGRPEN0_EL1.
+    Igrpen0,
+    /// ICV_IGRPEN1_EL1.
+    Igrpen1,
+}
+
+/// A virtual CPU interface access the model rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum VcpuError {
+    /// The PE index is not configured.
+    #[error("PE {0} does not exist")]
+    NoSuchPe(usize),
+    /// The GIC has no GICv4.1 configuration.
+    #[error("the GIC is not configured for GICv4.1")]
+    NotV41,
+    /// No vPE is resident on the PE (no guest is running there).
+    #[error("no vPE is resident on PE {0}")]
+    NotResident(usize),
+    /// The register is write-only and was read, or read-only and was written.
+    #[error("{reg:?} cannot be {op}")]
+    Direction {
+        /// The register.
+        reg: IcvReg,
+        /// "read" or "written".
+        op: &'static str,
+    },
 }
 
 impl<M: GuestMem> Gic<M> {
@@ -238,12 +296,8 @@ impl<M: GuestMem> Gic<M> {
     pub fn new(cfg: GicConfig, mem: M) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let n = cfg.num_pes();
-        let rds = cfg
-            .pe_affinities
-            .iter()
-            .enumerate()
-            .map(|(i, a)| Redistributor::new(i, *a, cfg.rd_is_last(i), cfg.lpi_id_bits))
-            .collect();
+        let v41 = cfg.v41.clone().map(|v| V41::new(v, &cfg.pe_affinities));
+        let rds = Self::build_rds(&cfg, v41.as_ref());
         let aff_to_pe = cfg
             .pe_affinities
             .iter()
@@ -256,8 +310,9 @@ impl<M: GuestMem> Gic<M> {
             dist: Distributor::new(&cfg),
             rds,
             cpus: (0..n).map(|_| CpuIf::new()).collect(),
-            its: cfg.its.iter().cloned().map(Its::new).collect(),
+            its: Self::build_its(&cfg),
             aff_to_pe,
+            v41,
             levels: vec![false; n],
             fiq_levels: vec![false; n],
             lines,
@@ -277,15 +332,32 @@ impl<M: GuestMem> Gic<M> {
         let cfg = &self.cfg;
         let n = cfg.num_pes();
         self.dist = Distributor::new(cfg);
-        self.rds = cfg
-            .pe_affinities
+        self.v41 = cfg.v41.clone().map(|v| V41::new(v, &cfg.pe_affinities));
+        self.rds = Self::build_rds(cfg, self.v41.as_ref());
+        self.cpus = (0..n).map(|_| CpuIf::new()).collect();
+        self.its = Self::build_its(cfg);
+        self.update();
+    }
+
+    fn build_rds(cfg: &GicConfig, v41: Option<&V41>) -> Vec<Redistributor> {
+        let extra = v41.map_or(0, |v| v.typer_bits());
+        cfg.pe_affinities
             .iter()
             .enumerate()
-            .map(|(i, a)| Redistributor::new(i, *a, cfg.rd_is_last(i), cfg.lpi_id_bits))
-            .collect();
-        self.cpus = (0..n).map(|_| CpuIf::new()).collect();
-        self.its = cfg.its.iter().cloned().map(Its::new).collect();
-        self.update();
+            .map(|(i, a)| {
+                let mut r = Redistributor::new(i, *a, cfg.rd_is_last(i), cfg.lpi_id_bits);
+                r.add_typer_bits(extra);
+                r
+            })
+            .collect()
+    }
+
+    fn build_its(cfg: &GicConfig) -> Vec<Its> {
+        cfg.its
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Its::new(c.clone(), i, cfg.v41.clone()))
+            .collect()
     }
 
     /// The configuration.
@@ -351,13 +423,18 @@ impl<M: GuestMem> Gic<M> {
         if let Some((pe, inner)) = self.cfg.rd_at(addr) {
             return Some(if inner < GICR_SGI_OFFSET {
                 Frame::RdBase(pe, inner)
-            } else {
+            } else if inner < GICR_VLPI_OFFSET {
                 Frame::SgiBase(pe, inner - GICR_SGI_OFFSET)
+            } else if inner < GICR_VLPI_OFFSET + FRAME_SIZE {
+                Frame::VlpiBase(pe, inner - GICR_VLPI_OFFSET)
+            } else {
+                Frame::RdReserved
             });
         }
+        let its_size = self.cfg.its_size();
         for (i, its) in self.its.iter().enumerate() {
             if let Some(off) = addr.checked_sub(its.config().base) {
-                if off < GITS_SIZE {
+                if off < its_size {
                     return Some(Frame::Its(i, off));
                 }
             }
@@ -386,8 +463,27 @@ impl<M: GuestMem> Gic<M> {
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
         match frame {
             Frame::Dist(off) => self.dist.read(off, width),
+            Frame::RdBase(pe, GICR_SYNCR) if self.v41.is_some() => {
+                access::only32(GICR_SYNCR, width)?;
+                Ok(self.v41.as_ref().map_or(0, |v| v.read_syncr(pe)))
+            }
             Frame::RdBase(pe, off) => self.rds[pe].read_rd(off, width),
             Frame::SgiBase(pe, off) => self.rds[pe].read_sgi(off, width),
+            Frame::VlpiBase(pe, off) => match &self.v41 {
+                Some(v) => v.read_vlpi(pe, off, width),
+                None => Ok(0),
+            },
+            Frame::RdReserved => Ok(0),
+            Frame::Its(_, GITS_SGIR) if self.v41.is_some() => {
+                if width == 8 || width == 4 {
+                    Ok(0)
+                } else {
+                    Err(MmioError::WidthNotPermitted {
+                        offset: GITS_SGIR,
+                        width,
+                    })
+                }
+            }
             Frame::Its(i, off) => self.its[i].read(off, width),
         }
     }
@@ -403,9 +499,66 @@ impl<M: GuestMem> Gic<M> {
         };
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
         let r = match frame {
+            Frame::Dist(GICD_CTLR) if self.v41.is_some() && width == 4 => {
+                let old = self.dist.ctlr;
+                let enabled = old & (GICD_CTLR_ENABLE_G0 | GICD_CTLR_ENABLE_G1) != 0;
+                let changed = (old ^ value as u32) & GICD_CTLR_NASSGIREQ != 0;
+                let mut v = value;
+                if changed && enabled {
+                    if let Some(v4) = &self.v41 {
+                        v4.record(UnpredictableEvent::NassgireqWhileEnabled);
+                    }
+                    v = (v & !(GICD_CTLR_NASSGIREQ as u64)) | (old & GICD_CTLR_NASSGIREQ) as u64;
+                }
+                self.dist.write(GICD_CTLR, width, v)
+            }
             Frame::Dist(off) => self.dist.write(off, width, value),
+            Frame::RdBase(pe, off)
+                if self.v41.is_some()
+                    && width == 8
+                    && (off == GICR_INVLPIR || off == GICR_INVALLR)
+                    && value & GICR_INV_V != 0 =>
+            {
+                if let Some(v4) = self.v41.as_mut() {
+                    v4.invalidate(&self.mem, pe, value, off == GICR_INVALLR);
+                }
+                Ok(())
+            }
             Frame::RdBase(pe, off) => self.rds[pe].write_rd(&mut self.mem, off, width, value),
             Frame::SgiBase(pe, off) => self.rds[pe].write_sgi(off, width, value),
+            Frame::VlpiBase(pe, off) => match self.v41.as_mut() {
+                Some(v4) => v4.write_vlpi(&mut self.mem, pe, off, width, value),
+                None => Ok(()),
+            },
+            Frame::RdReserved => Ok(()),
+            Frame::Its(i, GITS_SGIR) if self.v41.is_some() => {
+                if width != 8 {
+                    Err(MmioError::WidthNotPermitted {
+                        offset: GITS_SGIR,
+                        width,
+                    })
+                } else {
+                    let Gic {
+                        its,
+                        rds,
+                        mem,
+                        cfg,
+                        v41,
+                        ..
+                    } = self;
+                    // Errors are recorded by the ITS; the bus write itself succeeds.
+                    let _ = its[i].sgir(
+                        &mut ItsEnv {
+                            rds,
+                            mem,
+                            gic: cfg,
+                            v41: v41.as_mut(),
+                        },
+                        value,
+                    );
+                    Ok(())
+                }
+            }
             Frame::Its(i, off) => {
                 if off == GITS_TRANSLATER {
                     if width == 2 || width == 4 {
@@ -434,10 +587,20 @@ impl<M: GuestMem> Gic<M> {
 
     fn run_its(&mut self, i: usize) {
         let Gic {
-            its, rds, mem, cfg, ..
+            its,
+            rds,
+            mem,
+            cfg,
+            v41,
+            ..
         } = self;
         if let Some(its) = its.get_mut(i) {
-            its.process(&mut ItsEnv { rds, mem, gic: cfg });
+            its.process(&mut ItsEnv {
+                rds,
+                mem,
+                gic: cfg,
+                v41: v41.as_mut(),
+            });
         }
     }
 
@@ -449,10 +612,20 @@ impl<M: GuestMem> Gic<M> {
             rds,
             mem,
             cfg,
+            v41,
             ..
         } = self;
         let target = all.get_mut(its).ok_or(MsiError::NoSuchIts(its))?;
-        let r = target.translate(&mut ItsEnv { rds, mem, gic: cfg }, device, event);
+        let r = target.translate(
+            &mut ItsEnv {
+                rds,
+                mem,
+                gic: cfg,
+                v41: v41.as_mut(),
+            },
+            device,
+            event,
+        );
         self.update();
         r.map_err(MsiError::from)
     }
@@ -729,9 +902,13 @@ impl<M: GuestMem> Gic<M> {
             return INTID_SPURIOUS;
         }
         if c.intid < NUM_PRIVATE {
+            let nassgi = self.dist.ctlr & GICD_CTLR_NASSGIREQ != 0;
             let rd = &mut self.rds[pe];
             rd.pending &= !(1 << c.intid);
-            rd.active |= 1 << c.intid;
+            // With nASSGIreq, SGIs have no active state.
+            if !(nassgi && c.intid < NUM_SGIS) {
+                rd.active |= 1 << c.intid;
+            }
         } else if c.intid >= LPI_BASE {
             // LPIs have no active state: acknowledging only clears pending. If the pending
             // table cannot be written the LPI stays pending and the acknowledge fails.
@@ -807,6 +984,109 @@ impl<M: GuestMem> Gic<M> {
         }
     }
 
+    /// Level of the virtual IRQ line of PE `pe`: the vPE resident there (and loaded: Dirty
+    /// clear) has a Group 1 virtual interrupt it may take now. Always false without GICv4.1.
+    pub fn virq_line(&self, pe: usize) -> bool {
+        self.v41.as_ref().is_some_and(|v| v.vsignalled(pe, true))
+    }
+
+    /// Level of the virtual FIQ line of PE `pe` (Group 0 virtual interrupts).
+    pub fn vfiq_line(&self, pe: usize) -> bool {
+        self.v41.as_ref().is_some_and(|v| v.vsignalled(pe, false))
+    }
+
+    /// vPEID resident on PE `pe` (GICR_VPENDBASER.Valid), if any.
+    pub fn resident_vpe(&self, pe: usize) -> Option<u32> {
+        self.v41.as_ref().and_then(|v| v.resident_vpeid(pe))
+    }
+
+    /// What the GIC knows about vPE `vpeid` (None if not allocated or no GICv4.1).
+    pub fn vpe(&self, vpeid: u32) -> Option<&VpeState> {
+        self.v41.as_ref().and_then(|v| v.vpes.get(&vpeid))
+    }
+
+    /// GICv4.1 activity counters (None without GICv4.1).
+    pub fn v41_stats(&self) -> Option<V41Stats> {
+        self.v41.as_ref().map(|v| v.stats())
+    }
+
+    /// CONSTRAINED UNPREDICTABLE situations recorded so far (oldest first, at most
+    /// [`v41::UNPREDICTABLE_RECORDS`]) and the total ever recorded.
+    pub fn unpredictable_events(&self) -> (Vec<UnpredictableEvent>, u64) {
+        self.v41.as_ref().map_or((Vec::new(), 0), |v| v.events())
+    }
+
+    fn icv_check(&self, pe: usize) -> Result<(), VcpuError> {
+        if pe >= self.cpus.len() {
+            return Err(VcpuError::NoSuchPe(pe));
+        }
+        let v = self.v41.as_ref().ok_or(VcpuError::NotV41)?;
+        if v.resident_vpeid(pe).is_none() {
+            return Err(VcpuError::NotResident(pe));
+        }
+        Ok(())
+    }
+
+    /// Reads a virtual CPU interface register of the vPE resident on PE `pe` (what the guest
+    /// running there reads). Reading ICV_IAR0/1 acknowledges.
+    pub fn icv_read(&mut self, pe: usize, reg: IcvReg) -> Result<u64, VcpuError> {
+        self.icv_check(pe)?;
+        let Some(v4) = self.v41.as_mut() else {
+            return Err(VcpuError::NotV41);
+        };
+        let hppir = |v4: &V41, g1: bool| match v4.vhppi(pe) {
+            Some(c) if c.group1 == g1 => c.intid as u64,
+            _ => INTID_SPURIOUS as u64,
+        };
+        let icv = v4.vpe_mut_resident(pe).map(|v| v.icv).unwrap_or_default();
+        Ok(match reg {
+            IcvReg::Iar1 => v4.acknowledge(&mut self.mem, pe, true) as u64,
+            IcvReg::Iar0 => v4.acknowledge(&mut self.mem, pe, false) as u64,
+            IcvReg::Hppir1 => hppir(v4, true),
+            IcvReg::Hppir0 => hppir(v4, false),
+            IcvReg::Pmr => icv.pmr as u64,
+            IcvReg::Rpr => v41::icv_running_priority(&icv) as u64,
+            IcvReg::Ctlr => (((PRIORITY_BITS - 1) as u64) << ICC_CTLR_PRIBITS_SHIFT) | ICC_CTLR_A3V,
+            IcvReg::Igrpen0 => icv.igrpen0 as u64,
+            IcvReg::Igrpen1 => icv.igrpen1 as u64,
+            IcvReg::Eoir1 | IcvReg::Eoir0 => return Err(VcpuError::Direction { reg, op: "read" }),
+        })
+    }
+
+    /// Writes a virtual CPU interface register of the vPE resident on PE `pe`.
+    pub fn icv_write(&mut self, pe: usize, reg: IcvReg, value: u64) -> Result<(), VcpuError> {
+        self.icv_check(pe)?;
+        let Some(v) = self.v41.as_mut().and_then(|v4| v4.vpe_mut_resident(pe)) else {
+            return Err(VcpuError::NotResident(pe));
+        };
+        let drop = |ap: &mut u32, other: u32| {
+            let lowest = |x: u32| if x == 0 { 32 } else { x.trailing_zeros() };
+            // EOI with nothing active, or when the other group holds the highest active
+            // priority, is UNPREDICTABLE: ignored.
+            if *ap != 0 && lowest(*ap) <= lowest(other) {
+                *ap &= *ap - 1;
+            }
+        };
+        match reg {
+            IcvReg::Eoir1 => {
+                let other = v.icv.ap0;
+                drop(&mut v.icv.ap1, other);
+            }
+            IcvReg::Eoir0 => {
+                let other = v.icv.ap1;
+                drop(&mut v.icv.ap0, other);
+            }
+            IcvReg::Pmr => v.icv.pmr = value as u8 & PRIORITY_MASK,
+            IcvReg::Igrpen0 => v.icv.igrpen0 = value & 1 != 0,
+            IcvReg::Igrpen1 => v.icv.igrpen1 = value & 1 != 0,
+            IcvReg::Ctlr => {}
+            IcvReg::Iar1 | IcvReg::Iar0 | IcvReg::Hppir1 | IcvReg::Hppir0 | IcvReg::Rpr => {
+                return Err(VcpuError::Direction { reg, op: "written" })
+            }
+        }
+        Ok(())
+    }
+
     /// Saves the model's state (guest memory is not included: the tables and command queue
     /// live there and travel with it).
     pub fn state(&self) -> GicState {
@@ -818,6 +1098,7 @@ impl<M: GuestMem> Gic<M> {
             cpus: self.cpus.iter().map(|c| c.state()).collect(),
             its: self.its.iter().map(|i| i.state()).collect(),
             msi_device_id: self.msi_device_id,
+            v41: self.v41.as_ref().map(|v| v.state()),
         }
     }
 
@@ -852,6 +1133,17 @@ impl<M: GuestMem> Gic<M> {
             i.restore(s)?;
         }
         gic.msi_device_id = state.msi_device_id;
+        match (gic.v41.as_mut(), &state.v41) {
+            (Some(v), Some(s)) => v.restore(s)?,
+            (None, None) | (Some(_), None) => {}
+            (None, Some(_)) => {
+                return Err(StateError::Length {
+                    what: "GICv4.1 states",
+                    got: 1,
+                    want: 0,
+                })
+            }
+        }
         gic.update();
         Ok(gic)
     }

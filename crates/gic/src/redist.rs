@@ -98,6 +98,11 @@ impl Redistributor {
         }
     }
 
+    /// ORs feature bits (GICv4.1) into GICR_TYPER.
+    pub(crate) fn add_typer_bits(&mut self, bits: u64) {
+        self.typer |= bits;
+    }
+
     /// 1 for every edge-triggered private INTID (SGIs always; PPIs per GICR_ICFGR1).
     fn edge_mask(&self) -> u32 {
         0xFFFF | ((crate::dist::edge_bits(self.icfgr1) as u32) << 16)

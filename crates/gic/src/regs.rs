@@ -459,3 +459,136 @@ pub const CMD_INVALL: u8 = 0x0D;
 pub const CMD_MOVALL: u8 = 0x0E;
 /// DISCARD: remove an event's mapping and pending state.
 pub const CMD_DISCARD: u8 = 0x0F;
+
+// ---------------------------------------------------------------------------------------------
+// GICv4.1 (enabled by `GicConfig::v41`)
+// ---------------------------------------------------------------------------------------------
+
+/// GICv4 redistributor stride: RD_base, SGI_base, VLPI_base and a reserved frame.
+pub const GICR_STRIDE_V4: u64 = 4 * FRAME_SIZE;
+/// Offset of VLPI_base inside one GICv4 redistributor.
+pub const GICR_VLPI_OFFSET: u64 = 2 * FRAME_SIZE;
+/// Size of a GICv4.1 ITS: control, translation and SGI frames.
+pub const GITS_SIZE_V41: u64 = 3 * FRAME_SIZE;
+/// Offset of the GICv4.1 SGI frame inside the ITS.
+pub const GITS_SGI_OFFSET: u64 = 2 * FRAME_SIZE;
+/// GITS_SGIR (64-bit, WO), offset from ITS_base: vINTID\[3:0\], vPEID\[47:32\].
+pub const GITS_SGIR: u64 = GITS_SGI_OFFSET + 0x20;
+/// GITS_MPIDR (v4.1): affinity of the ITS, Aff3.Aff2.Aff1 in bits \[31:8\].
+pub const GITS_MPIDR: u64 = 0x0018;
+
+/// GICD_CTLR.nASSGIreq: SGIs without an active state are requested.
+pub const GICD_CTLR_NASSGIREQ: u32 = 1 << 8;
+/// GICD_TYPER2.VID mask (bits \[4:0\]: vPEID bits - 1).
+pub const GICD_TYPER2_VID_MASK: u32 = 0x1F;
+/// GICD_TYPER2.VIL: VID is valid.
+pub const GICD_TYPER2_VIL: u32 = 1 << 7;
+/// GICD_TYPER2.nASSGIcap: SGIs without an active state can be provided.
+pub const GICD_TYPER2_NASSGICAP: u32 = 1 << 8;
+
+/// GICR_TYPER.Dirty: VPENDBASER.Dirty also reports VPT parsing on load.
+pub const GICR_TYPER_DIRTY: u64 = 1 << 2;
+/// GICR_TYPER.RVPEID: GICR_VPENDBASER records a vPEID (GICv4.1).
+pub const GICR_TYPER_RVPEID: u64 = 1 << 7;
+/// GICR_TYPER.VSGI: direct vSGI injection supported.
+pub const GICR_TYPER_VSGI: u64 = 1 << 26;
+
+/// VLPI_base: vPE configuration table base (GICv4.1 layout, 64-bit).
+pub const GICR_VPROPBASER: u64 = 0x0070;
+/// VLPI_base: vPE residency (GICv4.1 layout, 64-bit).
+pub const GICR_VPENDBASER: u64 = 0x0078;
+/// VLPI_base: vSGI pending query, vPEID\[15:0\] (32-bit).
+pub const GICR_VSGIR: u64 = 0x0080;
+/// VLPI_base: vSGI pending state, Busy bit 31, Pending\[15:0\] (32-bit, RO).
+pub const GICR_VSGIPENDR: u64 = 0x0088;
+
+/// GICR_VPROPBASER.Size mask (bits \[6:0\]: pages - 1).
+pub const VPROPBASER_SIZE_MASK: u64 = 0x7F;
+/// GICR_VPROPBASER.Physical_Address mask (bits \[51:12\]).
+pub const VPROPBASER_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+/// GICR_VPROPBASER.Z: the table is known to be zeroed.
+pub const VPROPBASER_Z: u64 = 1 << 52;
+/// GICR_VPROPBASER.Page_Size shift (bits \[54:53\]: 0 = 4 KiB, 1 = 16 KiB, 2 = 64 KiB).
+pub const VPROPBASER_PAGE_SIZE_SHIFT: u32 = 53;
+/// GICR_VPROPBASER.Indirect: two-level table.
+pub const VPROPBASER_INDIRECT: u64 = 1 << 55;
+/// GICR_VPROPBASER.Entry_Size shift (bits \[61:59\], RO: entry bytes / 8 - 1).
+pub const VPROPBASER_ENTRY_SIZE_SHIFT: u32 = 59;
+/// GICR_VPROPBASER.Valid.
+pub const VPROPBASER_VALID: u64 = 1 << 63;
+/// GICR_VPROPBASER writable bits (Size, caches, shareability, PA, Z, Page_Size, Indirect,
+/// Valid; Entry_Size is read-only).
+pub const VPROPBASER_RW_MASK: u64 = 0x87FF_FFFF_FFFF_FFFF;
+
+/// GICR_VPENDBASER.vPEID mask (bits \[15:0\]).
+pub const VPENDBASER_VPEID_MASK: u64 = 0xFFFF;
+/// GICR_VPENDBASER.vGrp1En.
+pub const VPENDBASER_VGRP1EN: u64 = 1 << 58;
+/// GICR_VPENDBASER.vGrp0En.
+pub const VPENDBASER_VGRP0EN: u64 = 1 << 59;
+/// GICR_VPENDBASER.Dirty (RO): the redistributor is still loading or saving vPE state.
+pub const VPENDBASER_DIRTY: u64 = 1 << 60;
+/// GICR_VPENDBASER.PendingLast.
+pub const VPENDBASER_PENDING_LAST: u64 = 1 << 61;
+/// GICR_VPENDBASER.Doorbell (DB): request the default doorbell when made non-resident.
+pub const VPENDBASER_DB: u64 = 1 << 62;
+/// GICR_VPENDBASER.Valid: the vPE is resident.
+pub const VPENDBASER_VALID: u64 = 1 << 63;
+
+/// GICR_INVLPIR / GICR_INVALLR vPEID shift (bits \[47:32\]).
+pub const GICR_INV_VPEID_SHIFT: u32 = 32;
+/// GICR_VSGIPENDR.Busy.
+pub const VSGIPENDR_BUSY: u32 = 1 << 31;
+
+/// GITS_CTLR.ImDe (RO 1 on a GICv4 ITS here).
+pub const GITS_CTLR_IMDE: u32 = 1 << 1;
+/// GITS_CTLR.ITS_Number shift (bits \[7:4\]).
+pub const GITS_CTLR_ITS_NUMBER_SHIFT: u32 = 4;
+/// GITS_TYPER.Virtual: virtual LPIs supported.
+pub const GITS_TYPER_VIRTUAL: u64 = 1 << 1;
+/// GITS_TYPER.VMOVP: one VMOVP suffices (no ITSList / sequence numbers).
+pub const GITS_TYPER_VMOVP: u64 = 1 << 37;
+/// GITS_TYPER.VSGI: VSGI command and GITS_SGIR supported.
+pub const GITS_TYPER_VSGI: u64 = 1 << 39;
+/// GITS_TYPER.VMAPP: GICv4.1 VMAPP layout (a GICv4.1 ITS).
+pub const GITS_TYPER_VMAPP: u64 = 1 << 40;
+/// GITS_TYPER.SVPET shift (bits \[42:41\]): vPE table shared with redistributors.
+pub const GITS_TYPER_SVPET_SHIFT: u32 = 41;
+
+/// Size of one vPE table entry in bytes (GICR_VPROPBASER.Entry_Size = 3, GITS_BASER2
+/// Entry_Size = 31: the largest entry GITS_BASER's 5-bit field can describe).
+pub const VPE_ENTRY_SIZE: u64 = 32;
+/// vPE entry word 1: VConf address mask (bits \[51:16\], in place); bits \[15:0\] hold the
+/// Processor_Number of the redistributor the vPE is mapped to.
+pub const VPTE_VCONF_MASK: u64 = 0x000F_FFFF_FFFF_0000;
+/// vPE entry word 0: Valid.
+pub const VPTE_VALID: u64 = 1 << 0;
+/// vPE entry word 0: VPT_size shift (bits \[5:1\]: vLPI ID bits - 1).
+pub const VPTE_VPT_SIZE_SHIFT: u32 = 1;
+/// vPE entry word 0: VPT address mask (bits \[51:16\], in place).
+pub const VPTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_0000;
+/// ITE interrupt type: virtual LPI.
+pub const ITE_TYPE_VIRTUAL: u64 = 2;
+/// ITE word 1 of a virtual LPI: vPEID shift (bits \[47:32\]; bits \[31:0\] hold the doorbell).
+pub const ITE_VPEID_SHIFT: u32 = 32;
+/// Doorbell value meaning "no doorbell" (VMAPTI/VMAPI/VMOVI, VMAPP Default_Doorbell).
+pub const INTID_NO_DOORBELL: u32 = 1023;
+
+/// VMOVI: move a virtual LPI to another vPE.
+pub const CMD_VMOVI: u8 = 0x21;
+/// VMOVP: move a vPE to another redistributor.
+pub const CMD_VMOVP: u8 = 0x22;
+/// VSGI: configure or clear a vSGI.
+pub const CMD_VSGI: u8 = 0x23;
+/// VSYNC: wait for effects on a vPE.
+pub const CMD_VSYNC: u8 = 0x25;
+/// VMAPP: map or unmap a vPE.
+pub const CMD_VMAPP: u8 = 0x29;
+/// VMAPTI: map an event to a vINTID of a vPE.
+pub const CMD_VMAPTI: u8 = 0x2A;
+/// VMAPI: VMAPTI with vINTID = EventID.
+pub const CMD_VMAPI: u8 = 0x2B;
+/// VINVALL: reload the vLPI configuration of a vPE.
+pub const CMD_VINVALL: u8 = 0x2D;
+/// INVDB: reload the configuration of a vPE's default doorbell.
+pub const CMD_INVDB: u8 = 0x2E;
