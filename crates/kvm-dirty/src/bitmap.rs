@@ -70,25 +70,36 @@ pub fn clear_dirty_log(vm: &VmFd, slot: &SlotSpec, bitmap: &[u64]) -> Result<u64
     let mut w = 0;
     // Runs are capped so num_pages fits the ioctl's u32.
     const MAX_RUN_WORDS: usize = (u32::MAX as usize / 64) & !63;
+    // A run bridges gaps of up to this many clean words: the kernel skips a zero word in about
+    // a nanosecond, while each ioctl costs about a microsecond (measured on PVM), so sparse
+    // dirty pages are cleared with few ioctls instead of one per dirty word.
+    const GAP_WORDS: usize = 256;
     while w < words {
         if bitmap[w] == 0 {
             w += 1;
             continue;
         }
         let start = w;
-        while w < words && bitmap[w] != 0 && w - start < MAX_RUN_WORDS {
+        let mut last = w; // last dirty word of the run
+        w += 1;
+        while w < words && w - start < MAX_RUN_WORDS && w - last <= GAP_WORDS {
+            if bitmap[w] != 0 {
+                last = w;
+            }
             w += 1;
         }
+        let end = last + 1;
         let first_page = start as u64 * 64;
-        let end_page = (w as u64 * 64).min(slot.pages);
+        let end_page = (end as u64 * 64).min(slot.pages);
         let num_pages = (end_page - first_page) as u32;
-        sys::clear_dirty_log(vm, slot.id.0, first_page, num_pages, &bitmap[start..w]).map_err(
+        sys::clear_dirty_log(vm, slot.id.0, first_page, num_pages, &bitmap[start..end]).map_err(
             |source| DirtyError::Ioctl {
                 op: "KVM_CLEAR_DIRTY_LOG",
                 source,
             },
         )?;
         calls += 1;
+        w = end;
     }
     Ok(calls)
 }

@@ -52,6 +52,10 @@ pub struct CollectStats {
     pub vmm_pages: u64,
     /// Dirty-log ioctls issued (GET, CLEAR, RESET).
     pub ioctls: u64,
+    /// Nanoseconds spent reading ring entries (ring mode, this collect's own harvest).
+    pub harvest_ns: u64,
+    /// Nanoseconds spent in `KVM_RESET_DIRTY_RINGS` (ring mode, this collect's own reset).
+    pub reset_ns: u64,
 }
 
 /// Dirty page tracking over a VM's memslots.
@@ -205,6 +209,10 @@ pub struct RingCollect {
     pub bad_entries: u64,
     /// Whether `KVM_RESET_DIRTY_RINGS` was interrupted and retried.
     pub interrupted: bool,
+    /// Nanoseconds spent reading entries.
+    pub harvest_ns: u64,
+    /// Nanoseconds spent in `KVM_RESET_DIRTY_RINGS` (with retries).
+    pub reset_ns: u64,
 }
 
 struct RingInner {
@@ -317,6 +325,7 @@ impl RingSet {
         only: Option<usize>,
         sink: &mut dyn FnMut(usize, u32, u64),
     ) -> Result<RingCollect> {
+        let t0 = std::time::Instant::now();
         let mut pending = UnresetEntries::default();
         for (i, c) in g.consumers.iter_mut().enumerate() {
             if only.is_some_and(|o| o != i) {
@@ -328,12 +337,15 @@ impl RingSet {
         }
         let mut out = RingCollect {
             entries: pending.count,
+            harvest_ns: t0.elapsed().as_nanos() as u64,
             ..Default::default()
         };
         if pending.count > 0 {
+            let t1 = std::time::Instant::now();
             let (reset, interrupted) = self.reset_locked(g, pending)?;
             out.reset = reset;
             out.interrupted = interrupted;
+            out.reset_ns = t1.elapsed().as_nanos() as u64;
         }
         Ok(out)
     }
@@ -424,6 +436,8 @@ impl RingSet {
             reset: r.reset,
             vmm_pages: 0,
             ioctls: u64::from(r.entries > 0),
+            harvest_ns: r.harvest_ns,
+            reset_ns: r.reset_ns,
         };
         g.staged_entries = 0;
         drop(g);

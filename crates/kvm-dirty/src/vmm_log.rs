@@ -11,6 +11,9 @@ use crate::PAGE_SIZE;
 pub struct VmmWriteLog {
     slots: Vec<SlotSpec>,
     bits: Vec<Box<[AtomicU64]>>,
+    /// One bit per word of `bits`, set after the word's bits (so draining costs O(marked words
+    /// + memory / 4096 pages)).
+    summary: Vec<Box<[AtomicU64]>>,
 }
 
 impl VmmWriteLog {
@@ -21,6 +24,14 @@ impl VmmWriteLog {
             bits: slots
                 .iter()
                 .map(|s| (0..s.bitmap_words()).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            summary: slots
+                .iter()
+                .map(|s| {
+                    (0..s.bitmap_words().div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
                 .collect(),
         }
     }
@@ -40,7 +51,9 @@ impl VmmWriteLog {
             let first = (gpa.max(s.guest_phys_addr) - s.guest_phys_addr) / PAGE_SIZE;
             let last = (end.min(s_end - 1) - s.guest_phys_addr) / PAGE_SIZE;
             for p in first..=last {
-                self.bits[i][(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
+                let wi = (p / 64) as usize;
+                self.bits[i][wi].fetch_or(1 << (p % 64), Ordering::Release);
+                self.summary[i][wi / 64].fetch_or(1 << (wi % 64), Ordering::Release);
             }
         }
     }
@@ -52,16 +65,21 @@ impl VmmWriteLog {
             let Some(dst) = out.slot_index(s.id.0) else {
                 continue;
             };
-            for (wi, w) in self.bits[i].iter().enumerate() {
-                if w.load(Ordering::Relaxed) == 0 {
+            for (si, sw) in self.summary[i].iter().enumerate() {
+                if sw.load(Ordering::Relaxed) == 0 {
                     continue;
                 }
-                let mut v = w.swap(0, Ordering::Acquire);
-                n += v.count_ones() as u64;
-                while v != 0 {
-                    let b = v.trailing_zeros() as u64;
-                    v &= v - 1;
-                    out.insert_at(dst, wi as u64 * 64 + b);
+                let mut m = sw.swap(0, Ordering::Acquire);
+                while m != 0 {
+                    let wi = si * 64 + m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let mut v = self.bits[i][wi].swap(0, Ordering::Acquire);
+                    n += v.count_ones() as u64;
+                    while v != 0 {
+                        let b = v.trailing_zeros() as u64;
+                        v &= v - 1;
+                        out.insert_at(dst, wi as u64 * 64 + b);
+                    }
                 }
             }
         }

@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+mod bench_sync_cmd;
+mod plot;
 mod selftest_cmd;
 
 /// Dirty tracking mode on the command line.
@@ -95,6 +97,27 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Dirty-log sync cost versus guest size: one collect + re-protect per mode (real KVM).
+    Sync {
+        /// Guest memory sizes in GiB (sparse; only touched pages cost RAM).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16, 64])]
+        sizes_gib: Vec<u64>,
+        /// Dirty pages per collect, spread evenly over the slot.
+        #[arg(long, default_value_t = 4096)]
+        dirty_pages: u64,
+        /// Measured collects per cell (median reported).
+        #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        runs: u64,
+        /// Dirty ring entries per vCPU.
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// GIC model throughput: ITS commands/s and LPIs delivered (MSI to IAR/EOI) per second.
     Gic {
         /// Number of PEs.
@@ -199,6 +222,29 @@ fn main() -> Result<()> {
                 s.ok, s.failed
             );
             Ok(())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Sync {
+                    sizes_gib,
+                    dirty_pages,
+                    runs,
+                    ring_entries,
+                    plot,
+                    json,
+                },
+        } => {
+            if let Some(bad) = sizes_gib.iter().find(|&&g| g == 0 || g > 256) {
+                anyhow::bail!("--sizes-gib: {bad} is out of range (1..=256 GiB)");
+            }
+            bench_sync_cmd::run(bench_sync_cmd::Opts {
+                sizes_gib,
+                dirty_pages,
+                runs: runs as usize,
+                ring_entries,
+                plot,
+                json,
+            })
         }
         Cmd::Bench {
             which:

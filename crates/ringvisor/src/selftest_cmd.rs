@@ -50,8 +50,8 @@ pub fn run(o: Opts) -> Result<bool> {
                 mode.name(),
                 p.iterations,
                 p.slot_pages,
-                p.slot_pages * 4096 >> 20,
-                p.slot_pages % 64 != 0,
+                (p.slot_pages * 4096) >> 20,
+                !p.slot_pages.is_multiple_of(64),
                 p.vcpus,
                 if mode == TrackerMode::Ring {
                     format!(" | ring {} entries", p.ring_entries)

@@ -7,6 +7,7 @@
 //! signal).
 #![deny(missing_docs)]
 
+pub mod bench_sync;
 pub mod error;
 pub mod guest;
 pub mod memory;

@@ -1,0 +1,246 @@
+//! Sync cost versus guest size: one full collect + re-protect cycle per tracking mode, with a
+//! fixed set of dirty pages spread evenly over a sparse slot of growing size.
+//!
+//! Per measurement: the guest sweeps its page set once (every page written since the previous
+//! collect), stops at its sync point, and the host times `DirtyTracker::collect` (GET, or
+//! GET + CLEAR, or ring harvest + `KVM_RESET_DIRTY_RINGS`). The guest is stopped while the
+//! collect runs, so only the host-side cost is measured.
+
+use std::time::{Duration, Instant};
+
+use kvm_dirty::{DirtyPageSet, TrackerMode, PAGE_SIZE};
+
+use crate::error::{Result, VmmError};
+use crate::guest::{Pattern, VcpuCtrl};
+use crate::memory::RegionSpec;
+use crate::vm::{Tracking, Vm, VmConfig};
+
+/// Data slot GPA.
+const GPA: u64 = 1 << 32;
+
+/// Benchmark parameters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncBenchParams {
+    /// Slot sizes in GiB.
+    pub sizes_gib: Vec<u64>,
+    /// Dirty pages per cycle.
+    pub dirty_pages: u64,
+    /// Measured cycles per cell (the median is reported).
+    pub runs: usize,
+    /// Ring entries per vCPU.
+    pub ring_entries: u32,
+}
+
+impl Default for SyncBenchParams {
+    fn default() -> Self {
+        SyncBenchParams {
+            sizes_gib: vec![1, 4, 16, 64],
+            dirty_pages: 4096,
+            runs: 9,
+            ring_entries: 65536,
+        }
+    }
+}
+
+/// One (size, mode) cell.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncCell {
+    /// Slot size in GiB.
+    pub size_gib: u64,
+    /// Mode name.
+    pub mode: &'static str,
+    /// Median collect + re-protect time, microseconds.
+    pub median_us: f64,
+    /// Fastest, microseconds.
+    pub min_us: f64,
+    /// Slowest, microseconds.
+    pub max_us: f64,
+    /// Dirty pages reported in the data slot per cycle (median run).
+    pub pages: u64,
+    /// Ring only: median harvest cost per entry, ns.
+    pub harvest_ns_per_entry: Option<f64>,
+    /// Ring only: median `KVM_RESET_DIRTY_RINGS` cost per entry, ns.
+    pub reset_ns_per_entry: Option<f64>,
+}
+
+/// The whole benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncBenchReport {
+    /// Parameters.
+    pub params: SyncBenchParams,
+    /// Whether the host KVM is PVM.
+    pub pvm_host: bool,
+    /// Cells in (size, mode) order.
+    pub cells: Vec<SyncCell>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn wait_writes(vm: &Vm, target: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vm.nr_writes(0)? < target {
+        vm.vcpus()?.check()?;
+        if Instant::now() > deadline {
+            return Err(VmmError::VcpuFailed {
+                vcpu: 0,
+                what: "guest made no progress for 120 s".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+/// Measures one cell. `tick` is called after every measured run.
+pub fn measure(
+    p: &SyncBenchParams,
+    size_gib: u64,
+    mode: TrackerMode,
+    mut tick: impl FnMut(),
+) -> Result<SyncCell> {
+    let bytes = size_gib << 30;
+    let pages = bytes / PAGE_SIZE;
+    if p.dirty_pages == 0 || p.dirty_pages > pages || p.runs == 0 {
+        return Err(VmmError::Config(format!(
+            "dirty pages must be in 1..={pages} and runs > 0"
+        )));
+    }
+    let tracking = match mode {
+        TrackerMode::Ring => Tracking::Ring {
+            entries: p.ring_entries,
+        },
+        TrackerMode::Bitmap => Tracking::Bitmap,
+        TrackerMode::ClearLog => Tracking::ClearLog,
+    };
+    let mut vm = Vm::create(&VmConfig {
+        vcpus: 1,
+        memory: vec![RegionSpec {
+            slot: 1,
+            gpa: GPA,
+            bytes,
+            log_dirty: true,
+        }],
+        tracking,
+    })?;
+    vm.set_workload(
+        0,
+        &VcpuCtrl {
+            base: GPA,
+            pages: p.dirty_pages,
+            stride: pages / p.dirty_pages,
+            pattern: Pattern::Sequential,
+            unique_values: true,
+            burst_pages: 0,
+            burst_tsc: 0,
+        },
+    )?;
+    let specs = vm.ram().slot_specs();
+    let data_idx = specs.iter().position(|s| s.id.0 == 1).expect("data slot");
+    let mut set = DirtyPageSet::new(&specs);
+    let mut tracker = vm.tracker()?;
+    tracker.start()?;
+    vm.start(None)?;
+    let park = Duration::from_secs(60);
+    // Warm-up: touch every page twice (first touch is expensive on this host), then discard.
+    wait_writes(&vm, 2 * p.dirty_pages)?;
+    vm.set_stop(true)?;
+    vm.vcpus()?.wait_all_synced(park)?;
+    tracker.collect(&mut set)?;
+    let (mut us, mut h, mut r, mut counts) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..p.runs {
+        set.clear();
+        let start = vm.nr_writes(0)?;
+        vm.set_stop(false)?;
+        vm.vcpus()?.resume_all();
+        // One full sweep after the previous collect: every page of the set is dirty again.
+        wait_writes(&vm, start + p.dirty_pages + 1)?;
+        vm.set_stop(true)?;
+        vm.vcpus()?.wait_all_synced(park)?;
+        let t = Instant::now();
+        let st = tracker.collect(&mut set)?;
+        let dt = t.elapsed();
+        us.push(dt.as_secs_f64() * 1e6);
+        let n = set
+            .words(data_idx)
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>();
+        counts.push(n);
+        if st.ring_entries > 0 {
+            h.push(st.harvest_ns as f64 / st.ring_entries as f64);
+            r.push(st.reset_ns as f64 / st.ring_entries as f64);
+        }
+        tick();
+    }
+    vm.stop()?;
+    let min = us.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = us.iter().cloned().fold(0.0, f64::max);
+    counts.sort_unstable();
+    Ok(SyncCell {
+        size_gib,
+        mode: mode.name(),
+        median_us: median(&mut us),
+        min_us: min,
+        max_us: max,
+        pages: counts[counts.len() / 2],
+        harvest_ns_per_entry: (!h.is_empty()).then(|| median(&mut h)),
+        reset_ns_per_entry: (!r.is_empty()).then(|| median(&mut r)),
+    })
+}
+
+/// Runs every (size, mode) cell.
+pub fn run(p: &SyncBenchParams, mut tick: impl FnMut()) -> Result<SyncBenchReport> {
+    let mut cells = Vec::new();
+    for &s in &p.sizes_gib {
+        for m in [
+            TrackerMode::Bitmap,
+            TrackerMode::ClearLog,
+            TrackerMode::Ring,
+        ] {
+            cells.push(measure(p, s, m, &mut tick)?);
+        }
+    }
+    Ok(SyncBenchReport {
+        params: p.clone(),
+        pvm_host: kvm_dirty::is_pvm_host(),
+        cells,
+    })
+}
+
+impl SyncBenchReport {
+    fn cell(&self, size: u64, mode: &str) -> Option<&SyncCell> {
+        self.cells
+            .iter()
+            .find(|c| c.size_gib == size && c.mode == mode)
+    }
+
+    /// A markdown table, one row per size, modes side by side, with ratios.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::from(
+            "| guest memory | bitmap (GET) | clear-log (GET+CLEAR) | ring (harvest+RESET) | bitmap / ring | ring harvest ns/entry | ring reset ns/entry | dirty pages |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for &g in &self.params.sizes_gib {
+            let (Some(b), Some(c), Some(r)) = (
+                self.cell(g, "bitmap"),
+                self.cell(g, "clear-log"),
+                self.cell(g, "ring"),
+            ) else {
+                continue;
+            };
+            s.push_str(&format!(
+                "| {g} GiB | {:.0} us | {:.0} us | {:.0} us | {:.2}x | {:.0} | {:.0} | {} |\n",
+                b.median_us,
+                c.median_us,
+                r.median_us,
+                b.median_us / r.median_us,
+                r.harvest_ns_per_entry.unwrap_or(0.0),
+                r.reset_ns_per_entry.unwrap_or(0.0),
+                r.pages
+            ));
+        }
+        s
+    }
+}
