@@ -206,6 +206,37 @@ mod tests {
     }
 
     #[test]
+    fn peek_counts_without_consuming_and_harvest_takes_over() {
+        let (mut p, mut c, mut r) = soft_ring(16, 4).unwrap();
+        for i in 0..5 {
+            p.push(1, i).unwrap();
+        }
+        assert_eq!(c.peek(), 5);
+        assert_eq!(c.peek(), 0, "nothing new");
+        assert_eq!((c.pending(), c.seen()), (5, 5));
+        assert_eq!(
+            r.reset(|_, _| {}),
+            0,
+            "peeked entries are not harvested, so not reset"
+        );
+        let mut got = vec![];
+        let (st, _) = c.harvest(|_, o| got.push(o));
+        assert_eq!(st.entries, 5);
+        assert_eq!(
+            got,
+            vec![0, 1, 2, 3, 4],
+            "harvest still sees every peeked entry in order"
+        );
+        assert_eq!((c.pending(), c.seen()), (0, 5));
+        assert_eq!(r.reset(|_, _| {}), 5);
+        for i in 0..3 {
+            p.push(1, 10 + i).unwrap();
+        }
+        assert_eq!(c.peek(), 3);
+        assert_eq!(c.seen(), 8);
+    }
+
+    #[test]
     fn reset_stops_at_first_unharvested_entry() {
         let (mut p, mut c, mut r) = soft_ring(4, 0).unwrap();
         p.push(0, 1).unwrap();

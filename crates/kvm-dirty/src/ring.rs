@@ -208,6 +208,8 @@ pub struct RingConsumer<S: RingStorage> {
     unreset_from: u32,
     /// Total entries harvested over the ring's life.
     total: u64,
+    /// How far [`RingConsumer::peek`] has looked (free-running, never behind `fetch`).
+    peek: u32,
 }
 
 impl<S: RingStorage> RingConsumer<S> {
@@ -221,7 +223,45 @@ impl<S: RingStorage> RingConsumer<S> {
             fetch: 0,
             unreset_from: 0,
             total: 0,
+            peek: 0,
         }
+    }
+
+    /// Counts entries the kernel published since the last peek, without harvesting them:
+    /// a cheap per-vCPU dirty-rate probe that leaves pages write-enabled (no reset, so a hot
+    /// page costs no new write-protect fault). Returns the number of newly seen entries.
+    pub fn peek(&mut self) -> u32 {
+        let len = self.len();
+        if self.peek.wrapping_sub(self.fetch) > len {
+            self.peek = self.fetch;
+        }
+        let entries = self.storage.entries();
+        let mut n = 0;
+        while self.peek.wrapping_sub(self.fetch) < len {
+            let e = &entries[(self.peek & self.mask) as usize];
+            // Acquire as in `harvest`; only the flags are read here.
+            if e.flags.load(Ordering::Acquire) != KVM_DIRTY_GFN_F_DIRTY {
+                break;
+            }
+            self.peek = self.peek.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+
+    /// Entries published but not yet harvested, as of the last peek or harvest.
+    pub fn pending(&self) -> u32 {
+        let d = self.peek.wrapping_sub(self.fetch);
+        if d > self.len() {
+            0
+        } else {
+            d
+        }
+    }
+
+    /// Entries ever seen (harvested, or peeked and waiting): monotonic.
+    pub fn seen(&self) -> u64 {
+        self.total + u64::from(self.pending())
     }
 
     /// Entries in this ring.

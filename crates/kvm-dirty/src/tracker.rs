@@ -230,6 +230,7 @@ pub struct RingSet {
     inner: Mutex<RingInner>,
     per_vcpu: Vec<AtomicU64>,
     ring_full_exits: Vec<AtomicU64>,
+    seen: Vec<AtomicU64>,
     bad_entries: AtomicU64,
     vmm_log: Option<Arc<VmmWriteLog>>,
 }
@@ -264,6 +265,7 @@ impl RingSet {
             }),
             per_vcpu: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ring_full_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..n).map(|_| AtomicU64::new(0)).collect(),
             bad_entries: AtomicU64::new(0),
             vmm_log,
         })
@@ -293,6 +295,37 @@ impl RingSet {
             .get(i)
             .map(|c| c.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Entries ever published by vCPU `i`'s ring and seen by a peek or a harvest (monotonic):
+    /// the per-vCPU dirty-page counter, cheap to poll often.
+    pub fn vcpu_dirty_seen(&self, i: usize) -> u64 {
+        self.seen
+            .get(i)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Peeks every ring (counting new entries without harvesting them) and harvests-and-resets
+    /// only the rings holding at least `high_water` pending entries, so a ring never reaches
+    /// its soft limit (no ring-full exit) while hot pages are re-protected only when needed.
+    /// Returns the number of rings harvested.
+    pub fn poll(&self, high_water: u32) -> Result<usize> {
+        let mut over = Vec::new();
+        {
+            let mut g = self.lock();
+            for (i, c) in g.consumers.iter_mut().enumerate() {
+                c.peek();
+                self.seen[i].store(c.seen(), Ordering::Relaxed);
+                if c.pending() >= high_water {
+                    over.push(i);
+                }
+            }
+        }
+        for &i in &over {
+            self.harvest_to_staged(Some(i))?;
+        }
+        Ok(over.len())
     }
 
     /// Entries ever harvested whose slot/offset lay outside every tracked slot (must stay 0;
@@ -333,6 +366,7 @@ impl RingSet {
             }
             let (st, tok) = c.harvest(|slot, off| sink(i, slot, off));
             self.per_vcpu[i].fetch_add(st.entries, Ordering::Relaxed);
+            self.seen[i].store(c.seen(), Ordering::Relaxed);
             pending = pending.merge(tok);
         }
         let mut out = RingCollect {

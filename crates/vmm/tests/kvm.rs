@@ -57,8 +57,18 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
     vm.set_stop(true).unwrap();
     vcpus.wait_all_synced(Duration::from_secs(10)).unwrap();
     assert!(vm.nr_writes(0).unwrap() >= 64, "the guest ran a full sweep");
+    // Peeking counts the entries per vCPU without harvesting (no reset, so no re-protect).
+    let rs = vm.ring_set().unwrap();
+    assert_eq!(rs.poll(u32::MAX).unwrap(), 0);
+    assert!(rs.vcpu_dirty_seen(0) >= 64, "{}", rs.vcpu_dirty_seen(0));
+    assert_eq!(rs.vcpu_entries(0), 0, "nothing harvested yet");
     let mut out = DirtyPageSet::new(&vm.ram().slot_specs());
     let st = tracker.collect(&mut out).unwrap();
+    assert_eq!(
+        st.ring_entries,
+        rs.vcpu_dirty_seen(0),
+        "harvest takes exactly the peeked entries"
+    );
     assert_eq!(st.reset, st.ring_entries, "{st:?}");
     let data: Vec<u64> = out.iter_gpa().filter(|&g| g >= DATA_GPA).collect();
     assert_eq!(data.len(), 64, "exactly the 64 written pages are dirty");
