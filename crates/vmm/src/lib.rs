@@ -12,6 +12,7 @@ pub mod error;
 pub mod guest;
 pub mod memory;
 pub mod selftest;
+pub mod state;
 mod sys;
 pub mod vcpu;
 pub mod vm;

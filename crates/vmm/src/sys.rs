@@ -102,6 +102,27 @@ pub(crate) fn kick_thread<T>(h: &std::thread::JoinHandle<T>) {
     unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
 }
 
+/// `KVM_SET_XSAVE` with the size check kvm-ioctls leaves to the caller: the kernel copies
+/// `KVM_CAP_XSAVE2` bytes, which must not exceed the 4 KiB `kvm_xsave` we pass (true unless
+/// this process enabled dynamic XSAVE features such as AMX, which it never does).
+pub(crate) fn set_xsave(
+    fd: &VcpuFd,
+    xsave: &kvm_bindings::kvm_xsave,
+    xsave2_bytes: usize,
+) -> Result<()> {
+    if xsave2_bytes > std::mem::size_of::<kvm_bindings::kvm_xsave>() {
+        return Err(VmmError::State(format!(
+            "this host's XSAVE area is {xsave2_bytes} bytes (> 4096); dynamic XSAVE features are not supported"
+        )));
+    }
+    // SAFETY: checked above that the kernel reads at most size_of::<kvm_xsave>() bytes from
+    // `xsave`, which is a valid, initialised kvm_xsave borrowed for the call.
+    unsafe { fd.set_xsave(xsave) }.map_err(|source| VmmError::Kvm {
+        op: "KVM_SET_XSAVE",
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -257,6 +257,34 @@ impl Vm {
             .write_u64(guest::vcpu_ctrl_gpa(i) + guest::off::NR_WRITES, 0)
     }
 
+    /// Saves every vCPU's state. The vCPUs must be parked (or not started).
+    pub fn save_vcpus(&self) -> Result<Vec<crate::state::VcpuState>> {
+        self.created
+            .iter()
+            .enumerate()
+            .map(|(i, v)| crate::state::VcpuState::save(i, &v.fd()))
+            .collect()
+    }
+
+    /// Restores every vCPU's state (before [`Vm::start`]).
+    pub fn restore_vcpus(&self, states: &[crate::state::VcpuState]) -> Result<()> {
+        if states.len() != self.created.len() {
+            return Err(VmmError::State(format!(
+                "{} vCPU states for {} vCPUs",
+                states.len(),
+                self.created.len()
+            )));
+        }
+        let xsave2 = self
+            .vm
+            .check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into())
+            .max(0) as usize;
+        for (v, s) in self.created.iter().zip(states) {
+            s.restore(&v.fd(), xsave2)?;
+        }
+        Ok(())
+    }
+
     /// The created vCPUs (for register access before start or while parked).
     pub fn vcpu_handles(&self) -> &[Arc<VcpuShared>] {
         &self.created

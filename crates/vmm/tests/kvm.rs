@@ -141,3 +141,60 @@ fn dirty_log_test_ring_tiny_ring_two_vcpus_forces_ring_full_exits() {
     let r = selftest(kvm_dirty::TrackerMode::Ring, 1024, 2);
     assert!(r.totals().ring_full_exits > 0, "{:?}", r.totals());
 }
+
+/// Save a running guest's vCPU and memory, restore both into a fresh VM, and check the guest
+/// continues from where it was (its write counter keeps growing from the saved value).
+#[test]
+fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
+    if !have_kvm() {
+        return;
+    }
+    let cfg = config(1, Tracking::Bitmap, 8 << 20);
+    let mut a = Vm::create(&cfg).unwrap();
+    a.set_workload(
+        0,
+        &VcpuCtrl {
+            base: DATA_GPA,
+            pages: 2048,
+            stride: 1,
+            pattern: Pattern::Random,
+            unique_values: true,
+            burst_pages: 0,
+            burst_tsc: 0,
+        },
+    )
+    .unwrap();
+    a.start(None).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    a.vcpus()
+        .unwrap()
+        .pause_all(Duration::from_secs(10))
+        .unwrap();
+    let states = a.save_vcpus().unwrap();
+    let blob = states[0].encode();
+    assert!(vmm::state::VcpuState::decode(&blob[..blob.len() / 2]).is_err());
+    let writes = a.nr_writes(0).unwrap();
+    assert!(writes > 0);
+    let b = Vm::create(&cfg).unwrap();
+    let mut page = vec![0u8; 4096];
+    for r in a.ram().regions() {
+        for p in 0..r.bytes / 4096 {
+            a.ram().read(r.gpa + p * 4096, &mut page).unwrap();
+            b.ram().write_untracked(r.gpa + p * 4096, &page).unwrap();
+        }
+    }
+    assert_eq!(a.ram().digest().unwrap(), b.ram().digest().unwrap());
+    let decoded = vmm::state::VcpuState::decode(&blob).unwrap();
+    b.restore_vcpus(&[decoded]).unwrap();
+    a.stop().unwrap();
+    drop(a);
+    let mut b = b;
+    b.start(None).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    b.vcpus().unwrap().check().unwrap();
+    assert!(
+        b.nr_writes(0).unwrap() > writes,
+        "the guest continues on the new VM"
+    );
+    b.stop().unwrap();
+}
