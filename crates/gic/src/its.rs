@@ -1491,6 +1491,7 @@ impl Its {
                         resident_on: old.as_ref().and_then(|o| o.resident_on),
                         db_armed: false,
                         doorbells: 0,
+                        individual_doorbells: 0,
                         icv: Default::default(),
                     };
                     v4.vpes.insert(vpeid, v);

@@ -163,6 +163,9 @@ pub struct VpeState {
     pub db_armed: bool,
     /// Default doorbells raised for this vPE.
     pub doorbells: u64,
+    /// Individual (per-vLPI) doorbells raised for this vPE's vLPIs.
+    #[serde(default)]
+    pub individual_doorbells: u64,
     /// The guest's virtual CPU interface.
     pub icv: IcvState,
 }
@@ -572,6 +575,7 @@ impl V41 {
         let nonres = v.resident_on.is_none();
         if newly && nonres && individual_db != INTID_NO_DOORBELL {
             self.individual_doorbells += 1;
+            v.individual_doorbells += 1;
             if let Some(r) = rds.get_mut(rd) {
                 r.set_lpi_pending(mem, individual_db, true)?;
             }
@@ -863,8 +867,7 @@ impl V41 {
                 if let Some(v) = self.vpes.get_mut(&vpeid) {
                     if v.resident_on == Some(pe) {
                         v.resident_on = None;
-                        pending =
-                            v.has_deliverable() || (!want_db && new & VPENDBASER_PENDING_LAST != 0);
+                        pending = v.has_deliverable();
                         // PendingLast read back 0 with DB = 1: the GIC guarantees a doorbell
                         // when an interrupt comes, and only one.
                         v.db_armed = want_db && !pending;

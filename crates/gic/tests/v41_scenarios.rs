@@ -417,8 +417,8 @@ fn no_doorbell_unless_requested_and_pending_last_reports_pending_work() {
     r.make_resident(0, 1);
     r.guest_enable(0);
     assert!(
-        r.make_nonresident(0, false),
-        "DB = 0: PendingLast as written"
+        !r.make_nonresident(0, false),
+        "PendingLast reports the real pending state"
     );
     r.sgir(0, 1, 4);
     assert!(r.host_drain(0).is_empty(), "no doorbell without DB");
