@@ -257,6 +257,50 @@ impl Vm {
             .write_u64(guest::vcpu_ctrl_gpa(i) + guest::off::NR_WRITES, 0)
     }
 
+    /// The guest TSC frequency in kHz (for pacing guest work in TSC ticks).
+    pub fn tsc_khz(&self) -> Result<u32> {
+        self.created[0]
+            .fd()
+            .get_tsc_khz()
+            .map_err(kvm_err("KVM_GET_TSC_KHZ"))
+    }
+
+    /// Configures every vCPU to dirty its share of `[base, base + pages)` at `rate` pages/s
+    /// in total (0 = as fast as it can), with unique values so every write changes memory.
+    pub fn set_dirty_workload(
+        &self,
+        base: u64,
+        pages: u64,
+        pattern: guest::Pattern,
+        rate_pages_per_s: u64,
+    ) -> Result<()> {
+        let n = self.created.len() as u64;
+        let per = (pages / n).max(1);
+        let tsc_hz = u64::from(self.tsc_khz()?) * 1000;
+        for i in 0..self.created.len() {
+            let per_vcpu_rate = rate_pages_per_s / n;
+            let burst = 16u64;
+            let (burst_pages, burst_tsc) = if rate_pages_per_s == 0 || per_vcpu_rate == 0 {
+                (0, 0)
+            } else {
+                (burst, (tsc_hz * burst / per_vcpu_rate).max(1))
+            };
+            self.set_workload(
+                i,
+                &VcpuCtrl {
+                    base: base + i as u64 * per * kvm_dirty::PAGE_SIZE,
+                    pages: per,
+                    stride: 1,
+                    pattern,
+                    unique_values: true,
+                    burst_pages,
+                    burst_tsc,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// Saves every vCPU's state. The vCPUs must be parked (or not started).
     pub fn save_vcpus(&self) -> Result<Vec<crate::state::VcpuState>> {
         self.created
