@@ -686,8 +686,10 @@ impl Sim {
                 }
             }
             drop(g);
+            // A migration is a load on another redistributor than the vPE is mapped to.
+            let from = vg.vm().col_idx(v)?;
             let moved = vg.vcpu_load(v, p)?;
-            if self.last_pcpu[v].is_some_and(|l| l != p) {
+            if from != p {
                 self.r.migrations += 1;
                 if !moved {
                     self.r.vmovps_skipped += 1;

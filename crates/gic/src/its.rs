@@ -1489,6 +1489,7 @@ impl Its {
                         vlpi_pending: Default::default(),
                         vlpi_cfg: Vec::new(),
                         resident_on: old.as_ref().and_then(|o| o.resident_on),
+                        last_resident: None,
                         db_armed: false,
                         doorbells: 0,
                         individual_doorbells: 0,
@@ -1596,6 +1597,7 @@ impl Its {
                             .get_mut(&vpeid)
                             .ok_or(ItsCommandError::UnmappedVpe(vpeid))?;
                         v.rd = pe;
+                        v.last_resident = None;
                         if db_valid {
                             v.default_db = default_db;
                         }

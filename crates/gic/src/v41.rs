@@ -158,6 +158,11 @@ pub struct VpeState {
     pub vlpi_cfg: Vec<u8>,
     /// Redistributor the vPE is resident on.
     pub resident_on: Option<usize>,
+    /// Redistributor the vPE was last resident on (cleared by VMAPP/VMOVP). Inside a
+    /// CommonLPIAff group software may skip VMOVP, so the default doorbell is raised where
+    /// the vPE last ran when that redistributor shares the vPE table with `rd`.
+    #[serde(default)]
+    pub last_resident: Option<usize>,
     /// A doorbell was requested and PendingLast read back 0: the next deliverable interrupt
     /// raises the default doorbell, once.
     pub db_armed: bool,
@@ -522,17 +527,24 @@ impl V41 {
         mem: &mut LoggedMem<M>,
         vpeid: u32,
     ) -> Result<(), MemError> {
-        let Some(v) = self.vpes.get_mut(&vpeid) else {
+        let Some(v) = self.vpes.get(&vpeid) else {
             return Ok(());
         };
         if v.resident_on.is_some() || !v.db_armed || !v.has_deliverable() {
             return Ok(());
         }
+        let target = match v.last_resident {
+            Some(l) if self.share_table(l, v.rd) => l,
+            _ => v.rd,
+        };
+        let Some(v) = self.vpes.get_mut(&vpeid) else {
+            return Ok(());
+        };
         v.db_armed = false;
         if v.default_db != INTID_NO_DOORBELL {
             v.doorbells += 1;
             self.doorbells += 1;
-            if let Some(rd) = rds.get_mut(v.rd) {
+            if let Some(rd) = rds.get_mut(target) {
                 rd.set_lpi_pending(mem, v.default_db, true)?;
             }
         }
@@ -853,6 +865,7 @@ impl V41 {
                 self.load_vpt(mem, vpeid);
                 if let Some(v) = self.vpes.get_mut(&vpeid) {
                     v.resident_on = Some(pe);
+                    v.last_resident = Some(pe);
                     v.db_armed = false;
                 }
                 let rd = &mut self.rds[pe];
