@@ -200,8 +200,15 @@ impl Host {
 
     /// Allocates `size` bytes of zeroed host memory aligned to `align` (a power of two).
     pub fn alloc(&self, size: u64, align: u64) -> Result<u64, HypError> {
+        if !align.is_power_of_two() {
+            return Err(HypError::Invalid("alignment must be a power of two"));
+        }
         let mut inner = lock(&self.inner);
-        let at = (inner.next + align - 1) & !(align - 1);
+        let at = inner
+            .next
+            .checked_add(align - 1)
+            .ok_or(HypError::OutOfMemory(size))?
+            & !(align - 1);
         let end = at.checked_add(size).ok_or(HypError::OutOfMemory(size))?;
         if end > inner.end {
             return Err(HypError::OutOfMemory(size));
@@ -343,6 +350,9 @@ impl Host {
 
     /// Maps a device on ITS `its` with an ITT for `event_bits` EventID bits.
     pub fn map_device(&self, its: usize, device: u32, event_bits: u8) -> Result<u64, HypError> {
+        if !(1..=20).contains(&event_bits) {
+            return Err(HypError::Invalid("EventID bits must be 1..=20"));
+        }
         let itt = self.alloc(16u64 << event_bits, 256)?;
         self.its_cmds(
             its,

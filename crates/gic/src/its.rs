@@ -1461,7 +1461,7 @@ impl Its {
                     return Ok(());
                 }
                 let pe = self.rd_index(env.gic, rdbase)?;
-                let bits = vpt_size + 1;
+                let bits = vpt_size.saturating_add(1);
                 if !(14..=env.gic.lpi_id_bits).contains(&bits) {
                     return Err(ItsCommandError::IntIdOutOfRange(1u32 << bits.min(31)));
                 }
