@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 mod bench_sync_cmd;
+mod guest_cmd;
 mod plot;
 mod selftest_cmd;
+mod units;
 
 /// Dirty tracking mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,6 +61,67 @@ enum Cmd {
         /// Number of PEs (redistributors) in the model.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
         pes: u32,
+    },
+    /// The main demo: start a destination process and a guest that dirties memory, live-migrate
+    /// it over loopback TCP with the dirty ring, print the summary.
+    Demo {
+        #[command(flatten)]
+        guest: guest_cmd::GuestArgs,
+        #[command(flatten)]
+        params: guest_cmd::MigrateArgs,
+        /// Machine-readable summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the workload guest (optionally migrating it, or taking commands on a control socket).
+    Run {
+        #[command(flatten)]
+        guest: guest_cmd::GuestArgs,
+        /// Unix socket accepting commands (`ringvisor migrate --control PATH`).
+        #[arg(long)]
+        control: Option<std::path::PathBuf>,
+        /// Migrate to this destination (ADDR:PORT) after --migrate-after seconds.
+        #[arg(long)]
+        migrate_to: Option<String>,
+        /// Seconds to run before migrating.
+        #[arg(long, default_value_t = 2.0)]
+        migrate_after: f64,
+        #[command(flatten)]
+        params: guest_cmd::MigrateArgs,
+        /// Stop after this many seconds (default: run until migrated, quit or killed).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for one incoming migration on ADDR:PORT, resume the guest and keep running it.
+    Incoming {
+        /// Address to listen on (port 0 picks a free port; the first stdout line names it).
+        #[arg(long)]
+        listen: String,
+        #[command(flatten)]
+        track: guest_cmd::TrackArgs,
+        /// Stop this many seconds after the resume (default: run until killed).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tell a running `ringvisor run --control PATH` to migrate its guest to ADDR:PORT.
+    Migrate {
+        /// The source's control socket.
+        #[arg(long)]
+        control: std::path::PathBuf,
+        /// Destination (a `ringvisor incoming --listen`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        params: guest_cmd::MigrateArgs,
+        /// Machine-readable summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Port of the kernel's dirty_log_test: a guest writes the iteration number into random
     /// pages; every page must be reported exactly when it holds the current iteration.
@@ -185,6 +248,55 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Caps { json } => caps(json),
+        Cmd::Demo {
+            guest,
+            params,
+            json,
+        } => {
+            if !guest_cmd::demo(guest, params, json)? {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Cmd::Run {
+            guest,
+            control,
+            migrate_to,
+            migrate_after,
+            params,
+            duration,
+            json,
+        } => guest_cmd::run(guest_cmd::RunOpts {
+            guest,
+            control,
+            migrate_to,
+            migrate_after,
+            params,
+            duration,
+            json,
+        }),
+        Cmd::Incoming {
+            listen,
+            track,
+            duration,
+            json,
+        } => guest_cmd::incoming(guest_cmd::IncomingOpts {
+            listen,
+            track,
+            duration,
+            json,
+        }),
+        Cmd::Migrate {
+            control,
+            to,
+            params,
+            json,
+        } => {
+            if !guest_cmd::migrate_cmd(&control, &to, params, json)? {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Cmd::Selftest {
             mode,
             iterations,

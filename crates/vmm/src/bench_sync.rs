@@ -135,6 +135,7 @@ pub fn measure(
             unique_values: true,
             burst_pages: 0,
             burst_tsc: 0,
+            sleep_min_tsc: 0,
         },
     )?;
     let specs = vm.ram().slot_specs();

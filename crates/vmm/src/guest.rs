@@ -18,6 +18,10 @@ use crate::x86::CTRL_GPA;
 
 /// Port the guest writes to at its stop point.
 pub const SYNC_PORT: u16 = 0x5e;
+/// Port the guest writes to when it is ahead of its pacing schedule: the VMM puts the vCPU
+/// thread to sleep for the TSC ticks stored at [`off::SLEEP_TSC`] (like a guest's HLT, this
+/// frees the host CPU instead of spinning).
+pub const SLEEP_PORT: u16 = 0x5f;
 
 /// Shared control: current iteration value.
 pub const CTRL_ITERATION: u64 = 0;
@@ -44,6 +48,10 @@ pub mod off {
     pub const MAX_LAG_TSC: u64 = 56;
     /// Page stride (page index multiplier).
     pub const STRIDE: u64 = 64;
+    /// Ticks to sleep, written by the guest before an `out` to the sleep port.
+    pub const SLEEP_TSC: u64 = 72;
+    /// Sleep through the VMM only when at least this many ticks ahead (0 = never sleep).
+    pub const SLEEP_MIN_TSC: u64 = 80;
 }
 
 /// GPA of vCPU `i`'s control page.
@@ -77,11 +85,14 @@ pub struct VcpuCtrl {
     pub burst_pages: u64,
     /// TSC ticks per burst.
     pub burst_tsc: u64,
+    /// When at least this many ticks ahead of schedule, sleep in the VMM instead of spinning
+    /// (0 = always spin).
+    pub sleep_min_tsc: u64,
 }
 
 impl VcpuCtrl {
     /// Serialises to (offset, value) pairs for the control page.
-    pub fn fields(&self) -> [(u64, u64); 8] {
+    pub fn fields(&self) -> [(u64, u64); 9] {
         [
             (off::BASE, self.base),
             (off::PAGES, self.pages),
@@ -94,6 +105,7 @@ impl VcpuCtrl {
             (off::BURST_TSC, self.burst_tsc),
             (off::MAX_LAG_TSC, self.burst_tsc.saturating_mul(8)),
             (off::STRIDE, self.stride.max(1)),
+            (off::SLEEP_MIN_TSC, self.sleep_min_tsc),
         ]
     }
 }
@@ -180,6 +192,22 @@ pub fn dirty_workload(ip: u64) -> Result<Vec<u8>> {
     a.jbe(pace_check).map_err(err)?;
     a.mov(r11, rax).map_err(err)?;
     a.set_label(&mut pace_check).map_err(err)?;
+    // Far enough ahead: store the ticks left and ask the VMM to sleep (frees the host CPU).
+    let mut spin_only = a.create_label();
+    a.mov(rcx, qword_ptr(rsi + off::SLEEP_MIN_TSC as i32))
+        .map_err(err)?;
+    a.test(rcx, rcx).map_err(err)?;
+    a.jz(spin_only).map_err(err)?;
+    a.mov(rdx, r11).map_err(err)?;
+    a.sub(rdx, rax).map_err(err)?;
+    a.jb(spin_only).map_err(err)?; // deadline already passed
+    a.cmp(rdx, rcx).map_err(err)?;
+    a.jb(spin_only).map_err(err)?;
+    a.mov(qword_ptr(rsi + off::SLEEP_TSC as i32), rdx)
+        .map_err(err)?;
+    a.mov(edx, u32::from(SLEEP_PORT)).map_err(err)?;
+    a.out(dx, al).map_err(err)?;
+    a.set_label(&mut spin_only).map_err(err)?;
     a.nop().map_err(err)?;
     a.set_label(&mut spin).map_err(err)?;
     a.cmp(stop, 0).map_err(err)?;

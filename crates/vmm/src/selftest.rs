@@ -170,6 +170,7 @@ pub fn run(
                 unique_values: false,
                 burst_pages: 0,
                 burst_tsc: 0,
+                sleep_min_tsc: 0,
             },
         )?;
     }

@@ -10,7 +10,8 @@ use kvm_dirty::RingSet;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::error::{Result, VmmError};
-use crate::guest::SYNC_PORT;
+use crate::guest::{off, vcpu_ctrl_gpa, SLEEP_PORT, SYNC_PORT};
+use crate::memory::GuestRam;
 use crate::sys::{self, ImmediateExit};
 
 /// `KVM_EXIT_DIRTY_RING_FULL` (kvm-ioctls reports it as `Unsupported(31)`).
@@ -48,6 +49,12 @@ pub struct VcpuCounters {
     pub ring_full_ns: AtomicU64,
     /// Returns with EINTR (kicks).
     pub kicks: AtomicU64,
+    /// Guest sleep requests (pacing) and nanoseconds slept.
+    pub sleeps: AtomicU64,
+    /// Nanoseconds slept on guest request.
+    pub sleep_ns: AtomicU64,
+    /// Nanoseconds the VMM delayed this vCPU (dirty-limit throttling).
+    pub throttle_ns: AtomicU64,
 }
 
 /// Hook called on the vCPU thread after every ring-full exit is handled (dirty-limit uses it
@@ -110,6 +117,23 @@ impl VcpuShared {
         !c.quit
     }
 
+    /// Sleeps up to `d` on this (vCPU) thread, waking early on a pause request or quit.
+    pub(crate) fn nap(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut c = self.ctl();
+        while !c.pause_req && !c.quit {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn finish(&self, r: std::result::Result<(), String>) {
         let mut c = self.ctl();
         c.done = Some(r);
@@ -127,11 +151,17 @@ fn exit_detail(fd: &VcpuFd, what: &str) -> String {
     }
 }
 
-fn run_loop(
-    v: &VcpuShared,
-    ring: Option<&RingSet>,
-    hook: Option<&RingFullHook>,
-) -> std::result::Result<(), String> {
+/// Per-thread context of the run loop.
+pub(crate) struct RunCtx {
+    pub(crate) ring: Option<Arc<RingSet>>,
+    pub(crate) hook: Option<RingFullHook>,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) tsc_khz: u64,
+}
+
+fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
+    let ring = cx.ring.as_deref();
+    let hook = cx.hook.as_ref();
     loop {
         {
             let c = v.ctl();
@@ -157,6 +187,18 @@ fn run_loop(
                 if !v.park(Parked::Sync) {
                     return Ok(());
                 }
+            }
+            Ok(VcpuExit::IoOut(port, _)) if port == SLEEP_PORT => {
+                drop(fd);
+                let ticks = cx
+                    .ram
+                    .read_u64(vcpu_ctrl_gpa(v.index) + off::SLEEP_TSC)
+                    .unwrap_or(0);
+                // At most 100 ms per request, whatever the guest asks.
+                let ns = (ticks.saturating_mul(1_000_000) / cx.tsc_khz.max(1)).min(100_000_000);
+                v.counters.sleeps.fetch_add(1, Ordering::Relaxed);
+                v.counters.sleep_ns.fetch_add(ns, Ordering::Relaxed);
+                v.nap(Duration::from_nanos(ns));
             }
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 drop(fd);
@@ -218,21 +260,17 @@ pub struct Vcpus {
 
 impl Vcpus {
     /// Spawns one thread per vCPU. They start running the guest immediately.
-    pub(crate) fn start(
-        shared: Vec<Arc<VcpuShared>>,
-        ring: Option<Arc<RingSet>>,
-        hook: Option<RingFullHook>,
-    ) -> Result<Self> {
+    pub(crate) fn start(shared: Vec<Arc<VcpuShared>>, cx: RunCtx) -> Result<Self> {
         sys::install_kick_handler()?;
+        let cx = Arc::new(cx);
         let mut threads = Vec::with_capacity(shared.len());
         for v in &shared {
             let v = v.clone();
-            let ring = ring.clone();
-            let hook = hook.clone();
+            let cx = cx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
                 .spawn(move || {
-                    let r = run_loop(&v, ring.as_deref(), hook.as_ref());
+                    let r = run_loop(&v, &cx);
                     v.finish(r);
                 })
                 .map_err(VmmError::Thread)?;
@@ -295,6 +333,7 @@ impl Vcpus {
     pub fn pause_all(&self, timeout: Duration) -> Result<()> {
         for (i, v) in self.shared.iter().enumerate() {
             v.ctl().pause_req = true;
+            v.cv.notify_all();
             self.kick(i);
         }
         self.wait_parked(timeout, |p| p.is_some())

@@ -279,7 +279,8 @@ impl Vm {
         let tsc_hz = u64::from(self.tsc_khz()?) * 1000;
         for i in 0..self.created.len() {
             let per_vcpu_rate = rate_pages_per_s / n;
-            let burst = 16u64;
+            // Bursts of about 1 ms of work; sleep in the VMM when 200 us or more ahead.
+            let burst = (per_vcpu_rate / 1000).clamp(4, 4096);
             let (burst_pages, burst_tsc) = if rate_pages_per_s == 0 || per_vcpu_rate == 0 {
                 (0, 0)
             } else {
@@ -295,6 +296,7 @@ impl Vm {
                     unique_values: true,
                     burst_pages,
                     burst_tsc,
+                    sleep_min_tsc: tsc_hz / 5000,
                 },
             )?;
         }
@@ -339,7 +341,16 @@ impl Vm {
         if self.vcpus.is_some() {
             return Err(VmmError::Config("vCPUs already started".into()));
         }
-        let v = Vcpus::start(self.created.clone(), self.ring.clone(), hook)?;
+        let tsc_khz = u64::from(self.tsc_khz()?);
+        let v = Vcpus::start(
+            self.created.clone(),
+            crate::vcpu::RunCtx {
+                ring: self.ring.clone(),
+                hook,
+                ram: self.ram.clone(),
+                tsc_khz,
+            },
+        )?;
         self.vcpus = Some(v);
         Ok(())
     }

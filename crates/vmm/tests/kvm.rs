@@ -45,6 +45,7 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
             unique_values: false,
             burst_pages: 0,
             burst_tsc: 0,
+            sleep_min_tsc: 0,
         },
     )
     .unwrap();
@@ -161,6 +162,7 @@ fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
             unique_values: true,
             burst_pages: 0,
             burst_tsc: 0,
+            sleep_min_tsc: 0,
         },
     )
     .unwrap();

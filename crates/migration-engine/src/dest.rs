@@ -1,0 +1,269 @@
+//! The destination side: accept one migration, restore, resume, report.
+
+use std::io::{BufReader, BufWriter};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use kvm_dirty::PAGE_SIZE;
+use migration::digest::IncrementalDigest;
+use migration::wire::{Ack, AckWriter, Decoder, Message, PageSink};
+use vmm::state::VcpuState;
+use vmm::{GuestRam, RegionSpec, Tracking, Vm, VmConfig};
+
+use crate::error::{MigrationError, Result};
+use crate::{unix_ns, STATE_KIND_VCPU};
+
+/// Destination parameters.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// Dirty tracking of the restored VM (so it can migrate again).
+    pub tracking: Tracking,
+    /// Give up if the source sends nothing for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        DestOptions {
+            tracking: Tracking::Ring { entries: 65536 },
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct IncomingSummary {
+    /// Source's tracker.
+    pub source_tracker: String,
+    /// Passes received.
+    pub iterations: u32,
+    /// Pages received (zero markers included).
+    pub pages: u64,
+    /// Zero markers received.
+    pub zero_pages: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// From the first byte to the resumed guest, ms.
+    pub total_ms: f64,
+    /// From Complete to resume (restore + commit round trip), ms.
+    pub restore_ms: f64,
+    /// When the guest resumed, ns since the Unix epoch.
+    pub resumed_unix_ns: u64,
+}
+
+/// Writes received pages into guest memory and keeps the incremental digest current.
+struct MemSink<'a> {
+    ram: &'a GuestRam,
+    digest: IncrementalDigest,
+    err: Option<vmm::VmmError>,
+    zero_buf: Vec<u8>,
+}
+
+impl PageSink for MemSink<'_> {
+    fn write_page(&mut self, gpa: u64, data: &[u8]) {
+        if let Err(e) = self.ram.write_untracked(gpa, data) {
+            self.err.get_or_insert(e);
+        }
+        self.digest.record_page(gpa, data);
+    }
+    fn zero_page(&mut self, gpa: u64) {
+        // Fresh memory is already zero (reading it maps the shared zero page, no allocation);
+        // only pages that hold something (e.g. written while building the VM) are cleared.
+        if self.ram.read(gpa, &mut self.zero_buf).is_ok()
+            && !migration::zero::is_zero_page(&self.zero_buf)
+        {
+            if let Err(e) = self.ram.zero_untracked(gpa, PAGE_SIZE) {
+                self.err.get_or_insert(e);
+            }
+        }
+        self.digest.record_zero(gpa);
+    }
+}
+
+/// Receives one migration from `stream` and returns the running VM. Errors before the commit
+/// are reported to the source (which keeps its guest).
+pub fn receive(
+    stream: TcpStream,
+    opts: &DestOptions,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<(Vm, IncomingSummary)> {
+    let t0 = Instant::now();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(opts.idle_timeout))?;
+    let mut acks = AckWriter::new(BufWriter::new(stream.try_clone()?));
+    let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, stream));
+    let r = receive_inner(&mut dec, &mut acks, opts, on_event, t0);
+    if let Err(e) = &r {
+        // Best effort: tell the source why, so it resumes its guest at once.
+        let _ = acks.send(&Ack::Error(e.to_string()));
+    }
+    r
+}
+
+struct NullSink;
+impl PageSink for NullSink {
+    fn write_page(&mut self, _: u64, _: &[u8]) {}
+    fn zero_page(&mut self, _: u64) {}
+}
+
+fn receive_inner(
+    dec: &mut Decoder<BufReader<TcpStream>>,
+    acks: &mut AckWriter<BufWriter<TcpStream>>,
+    opts: &DestOptions,
+    on_event: &mut dyn FnMut(&str),
+    t0: Instant,
+) -> Result<(Vm, IncomingSummary)> {
+    let mut sum = IncomingSummary::default();
+    let hello = match dec.recv(&mut NullSink)? {
+        Message::Hello(h) => h,
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Hello, got {m:?}"
+            )))
+        }
+    };
+    sum.source_tracker = format!("{:?}", hello.tracker);
+    let layout = match dec.recv(&mut NullSink)? {
+        Message::Layout(l) => l,
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Layout, got {m:?}"
+            )))
+        }
+    };
+    let memory: Vec<RegionSpec> = layout
+        .regions()
+        .iter()
+        .filter(|r| r.slot != 0)
+        .map(|r| {
+            Ok(RegionSpec {
+                slot: u16::try_from(r.slot).map_err(|_| {
+                    MigrationError::Protocol(format!("slot {} out of range", r.slot))
+                })?,
+                gpa: r.guest_phys_addr,
+                bytes: r.size,
+                log_dirty: true,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let vm = Vm::create(&VmConfig {
+        vcpus: hello.vcpus as usize,
+        memory,
+        tracking: opts.tracking,
+    })?;
+    if layout_matches(&vm, &layout).is_err() {
+        return Err(MigrationError::Protocol(
+            "the source's memory layout does not match this VMM's (system region)".into(),
+        ));
+    }
+    acks.send(&Ack::Accepted)?;
+    on_event(&format!(
+        "accepted: {} vCPU(s), {} MiB in {} regions, source tracker {:?}",
+        hello.vcpus,
+        layout.total_bytes() >> 20,
+        layout.regions().len(),
+        hello.tracker
+    ));
+    let mut sink = MemSink {
+        ram: vm.ram(),
+        digest: IncrementalDigest::new(&layout),
+        err: None,
+        zero_buf: vec![0u8; PAGE_SIZE as usize],
+    };
+    let mut states: Vec<Option<VcpuState>> = (0..hello.vcpus).map(|_| None).collect();
+    let t_complete;
+    loop {
+        match dec.recv(&mut sink)? {
+            Message::Pages(_) => {
+                if let Some(e) = sink.err.take() {
+                    return Err(e.into());
+                }
+            }
+            Message::Iteration(m) => {
+                sum.iterations = m.iteration + 1;
+                on_event(&format!(
+                    "pass {}: {} pages{}",
+                    m.iteration,
+                    m.pages,
+                    if m.final_pass {
+                        " (final, source paused)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            Message::State(b) if b.kind == STATE_KIND_VCPU => {
+                let st = VcpuState::decode(&b.data)?;
+                let slot = states.get_mut(b.instance as usize).ok_or_else(|| {
+                    MigrationError::Protocol(format!(
+                        "state for vCPU {} of {}",
+                        b.instance, hello.vcpus
+                    ))
+                })?;
+                if st.index != b.instance as usize {
+                    return Err(MigrationError::Protocol("vCPU state index mismatch".into()));
+                }
+                *slot = Some(st);
+            }
+            Message::State(b) => {
+                return Err(MigrationError::Protocol(format!(
+                    "unknown state kind {}",
+                    b.kind
+                )))
+            }
+            Message::Complete(_) => {
+                t_complete = Instant::now();
+                break;
+            }
+            Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
+            m => return Err(MigrationError::Protocol(format!("unexpected {m:?}"))),
+        }
+    }
+    let states: Vec<VcpuState> = states
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.ok_or_else(|| MigrationError::Protocol(format!("no state for vCPU {i}"))))
+        .collect::<Result<_>>()?;
+    vm.restore_vcpus(&states)?;
+    let digest = sink.digest.digest();
+    acks.send(&Ack::ReadyToResume {
+        digest: Some(digest),
+    })?;
+    match dec.recv(&mut NullSink)? {
+        Message::Commit => {}
+        Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Commit, got {m:?}"
+            )))
+        }
+    }
+    let mut vm = vm;
+    vm.start(None)?;
+    sum.resumed_unix_ns = unix_ns();
+    acks.send(&Ack::Resumed {
+        unix_ns: sum.resumed_unix_ns,
+    })?;
+    let st = dec.stats();
+    sum.pages = st.pages;
+    sum.zero_pages = st.zero_pages;
+    sum.bytes = st.bytes;
+    sum.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    sum.restore_ms = t_complete.elapsed().as_secs_f64() * 1e3;
+    on_event("resumed: the guest runs here");
+    Ok((vm, sum))
+}
+
+fn layout_matches(vm: &Vm, layout: &migration::wire::MemoryLayout) -> std::result::Result<(), ()> {
+    let ours = vm.ram().regions();
+    if ours.len() != layout.regions().len() {
+        return Err(());
+    }
+    for (a, b) in ours.iter().zip(layout.regions()) {
+        if u32::from(a.slot) != b.slot || a.gpa != b.guest_phys_addr || a.bytes != b.size {
+            return Err(());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! Engine errors.
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream broke or carried something invalid.
+    #[error(transparent)]
+    Wire(#[from] migration::wire::WireError),
+    /// Socket setup.
+    #[error("migration socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The VMM failed (creating the VM, reading memory, vCPU state).
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] kvm_dirty::DirtyError),
+    /// The layout was invalid.
+    #[error(transparent)]
+    Layout(#[from] migration::wire::LayoutError),
+    /// The memory digests differ: a page was lost or corrupted.
+    #[error("memory verification failed: {0}")]
+    Digest(migration::digest::DigestError),
+    /// The destination reported an error.
+    #[error("destination failed: {0}")]
+    Destination(String),
+    /// The source abandoned the migration.
+    #[error("the source aborted the migration: {0}")]
+    SourceAborted(String),
+    /// The peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, MigrationError>;

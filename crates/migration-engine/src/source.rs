@@ -1,0 +1,605 @@
+//! The source side: pre-copy passes driven by a dirty tracker, switchover, two-phase commit.
+
+use std::io::BufWriter;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_dirty::{DirtyPageSet, RingSet, TrackerMode, PAGE_SIZE};
+use migration::wire::{
+    Ack, AckReader, Complete, Encoder, Hello, IterationMarker, MemoryLayout, PageKind, Region,
+};
+use vmm::Vm;
+
+use crate::error::{MigrationError, Result};
+use crate::rate::RateMeter;
+use crate::summary::{IterationStats, MigrationSummary, Outcome};
+use crate::{unix_ns, wire_tracker, STATE_KIND_VCPU};
+
+/// What to do when `timeout` passes before the migration converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TimeoutAction {
+    /// Abort: the guest keeps running on the source.
+    Abort,
+    /// Switch over now, whatever the downtime.
+    ForceSwitchover,
+}
+
+/// Source parameters (QEMU names where QEMU has them).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceOptions {
+    /// `downtime-limit`: the longest pause allowed at switchover.
+    pub downtime_limit: Duration,
+    /// `max-bandwidth` in bytes/s (None = unlimited).
+    pub max_bandwidth: Option<u64>,
+    /// Give up (or force) after this long.
+    pub timeout: Option<Duration>,
+    /// What `timeout` does.
+    pub on_timeout: TimeoutAction,
+    /// Compare a digest of the source's paused memory with the destination's.
+    pub verify: bool,
+    /// Do that comparison before committing (a mismatch then aborts and the source keeps the
+    /// guest), at the price of the digest time inside the downtime. By default it runs right
+    /// after the commit, when the source's memory is still frozen, and only reports.
+    pub verify_before_commit: bool,
+    /// Ring mode: how often the collector thread peeks the rings.
+    pub poll_interval: Duration,
+    /// Ring mode: harvest and reset a ring early once this fraction of its soft limit is used.
+    pub high_water: f64,
+    /// Give up after this many passes (a safety net behind `timeout`).
+    pub max_iterations: u32,
+    /// Fault injection for tests: drop the TCP connection at this point.
+    #[serde(skip)]
+    pub fail_at: Option<FailPoint>,
+}
+
+/// Where [`SourceOptions::fail_at`] drops the connection (a real `shutdown(2)` of the socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// Right after sending Hello and Layout.
+    Handshake,
+    /// In the middle of the bulk pass.
+    BulkPass,
+    /// In the middle of the first dirty pass.
+    DirtyPass,
+    /// After pausing the vCPUs, during the final pass.
+    Switchover,
+    /// After Complete, before the destination's ReadyToResume arrives.
+    BeforeFinalAck,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            timeout: None,
+            on_timeout: TimeoutAction::Abort,
+            verify: true,
+            verify_before_commit: false,
+            poll_interval: Duration::from_millis(5),
+            high_water: 0.5,
+            max_iterations: 10_000,
+            fail_at: None,
+        }
+    }
+}
+
+/// A snapshot for progress displays.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Current pass (0 = bulk).
+    pub iteration: u32,
+    /// Pages sent in this pass so far.
+    pub pass_sent: u64,
+    /// Pages this pass carries.
+    pub pass_pages: u64,
+    /// Bytes sent so far.
+    pub bytes: u64,
+    /// Measured bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Pages dirty at the last collect.
+    pub dirty_pages: u64,
+}
+
+struct Collector {
+    stop: Arc<AtomicBool>,
+    meter: Arc<Mutex<RateMeter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    /// Peeks the rings continuously (per-vCPU counts), and harvests + resets a ring only at
+    /// the high-water mark, so hot pages are re-protected once per pass, not per peek.
+    fn start(rs: Arc<RingSet>, poll: Duration, high_water: u32) -> Collector {
+        let stop = Arc::new(AtomicBool::new(false));
+        let meter = Arc::new(Mutex::new(RateMeter::new(Duration::from_secs(1))));
+        let (s, m) = (stop.clone(), meter.clone());
+        let thread = std::thread::Builder::new()
+            .name("ring-collector".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    // A failure here resurfaces in the next collect, which reports it.
+                    let _ = rs.poll(high_water);
+                    let counts = (0..rs.vcpus()).map(|i| rs.vcpu_dirty_seen(i)).collect();
+                    if let Ok(mut m) = m.lock() {
+                        m.sample(Instant::now(), counts);
+                    }
+                    std::thread::sleep(poll);
+                }
+            })
+            .ok();
+        Collector {
+            stop,
+            meter,
+            thread,
+        }
+    }
+
+    fn rates(&self) -> Vec<f64> {
+        self.meter.lock().map(|m| m.rates()).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Token bucket for `max-bandwidth`.
+struct Limiter {
+    rate: Option<f64>,
+    start: Instant,
+    sent: u64,
+}
+
+impl Limiter {
+    fn new(rate: Option<u64>) -> Self {
+        Limiter {
+            rate: rate.map(|r| r as f64),
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+    fn account(&mut self, bytes: u64) {
+        self.sent += bytes;
+        if let Some(r) = self.rate {
+            let due = Duration::from_secs_f64(self.sent as f64 / r);
+            let el = self.start.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+        }
+    }
+}
+
+/// The layout of a VM's memory for the wire.
+pub fn layout_of(vm: &Vm) -> Result<MemoryLayout> {
+    let regions = vm
+        .ram()
+        .regions()
+        .iter()
+        .map(|r| Region {
+            slot: u32::from(r.slot),
+            guest_phys_addr: r.gpa,
+            size: r.bytes,
+        })
+        .collect();
+    Ok(MemoryLayout::new(regions)?)
+}
+
+/// Digest of the VM's memory as it is now (the vCPUs must be paused).
+pub fn memory_digest(vm: &Vm) -> Result<migration::digest::MemoryDigest> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut regions = Vec::new();
+    for r in vm.ram().regions() {
+        let mut sum = 0u64;
+        for p in 0..r.bytes / PAGE_SIZE {
+            let gpa = r.gpa + p * PAGE_SIZE;
+            vm.ram().read(gpa, &mut page)?;
+            sum = sum.wrapping_add(migration::digest::page_term(
+                gpa,
+                migration::digest::page_hash(&page),
+            ));
+        }
+        regions.push(sum);
+    }
+    Ok(migration::digest::MemoryDigest { regions })
+}
+
+struct Sender<'a> {
+    vm: &'a Vm,
+    sock: TcpStream,
+    fail_at: Option<FailPoint>,
+    enc: Encoder<BufWriter<TcpStream>>,
+    buf: Vec<u8>,
+    limiter: Limiter,
+    /// Bytes and seconds spent sending data, for the bandwidth estimate.
+    bw_bytes: u64,
+    bw_secs: f64,
+    /// Encoder byte count at the last limiter accounting.
+    accounted: u64,
+}
+
+impl Sender<'_> {
+    fn cut(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn bandwidth(&self, fallback: f64) -> f64 {
+        if self.bw_secs > 0.01 && self.bw_bytes > 0 {
+            self.bw_bytes as f64 / self.bw_secs
+        } else {
+            fallback
+        }
+    }
+
+    /// Sends one pass: a marker with the exact count, then every page. Returns
+    /// (pages, zero pages, bytes, seconds).
+    fn pass(
+        &mut self,
+        iteration: u32,
+        pages: u64,
+        final_pass: bool,
+        gpas: &mut dyn Iterator<Item = u64>,
+        progress: &mut dyn FnMut(&Progress),
+        dirty_pages: u64,
+    ) -> Result<(u64, u64, u64, f64)> {
+        let t = Instant::now();
+        let s0 = self.enc.stats();
+        self.enc.begin_iteration(&IterationMarker {
+            iteration,
+            pages,
+            final_pass,
+        })?;
+        let mut n = 0u64;
+        let mut zero = 0u64;
+        let mut last_report = Instant::now();
+        let fail_here = match self.fail_at {
+            Some(FailPoint::BulkPass) => iteration == 0,
+            Some(FailPoint::DirtyPass) => iteration == 1 && !final_pass,
+            Some(FailPoint::Switchover) => final_pass,
+            _ => false,
+        };
+        for gpa in gpas {
+            if fail_here && n == pages / 2 {
+                self.cut();
+            }
+            self.vm.ram().read(gpa, &mut self.buf)?;
+            if self.enc.push_page(gpa, &self.buf)? == PageKind::Zero {
+                zero += 1;
+            }
+            n += 1;
+            if n.is_multiple_of(256) {
+                let b = self.enc.stats().bytes;
+                self.limiter.account(b - self.accounted);
+                self.accounted = b;
+                if last_report.elapsed() > Duration::from_millis(100) {
+                    last_report = Instant::now();
+                    progress(&Progress {
+                        iteration,
+                        pass_sent: n,
+                        pass_pages: pages,
+                        bytes: b,
+                        bandwidth: self.bandwidth(0.0),
+                        dirty_pages,
+                    });
+                }
+            }
+        }
+        if n != pages {
+            return Err(MigrationError::Internal(format!(
+                "pass {iteration} announced {pages} pages but produced {n}"
+            )));
+        }
+        self.enc.flush()?;
+        let bytes = self.enc.stats().bytes - s0.bytes;
+        let secs = t.elapsed().as_secs_f64();
+        if pages - zero > 0 {
+            self.bw_bytes += bytes;
+            self.bw_secs += secs;
+        }
+        Ok((n, zero, bytes, secs))
+    }
+}
+
+/// Migrates `vm` (running) over `stream`. On success the source VM is stopped and the guest
+/// runs on the destination. On any failure before commit the guest keeps running here, and
+/// the summary says why (`Outcome::Aborted` / `Outcome::Failed`).
+pub fn migrate(
+    vm: &mut Vm,
+    stream: TcpStream,
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationSummary> {
+    let t_start = Instant::now();
+    let mut summary = MigrationSummary::new(vm.config().tracking.mode().name(), opts);
+    let mut paused = false;
+    let r = run_source(
+        vm,
+        stream,
+        opts,
+        progress,
+        &mut summary,
+        &mut paused,
+        t_start,
+    );
+    summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    match r {
+        Ok(()) => Ok(summary),
+        Err(e) => {
+            // Nothing lost: the guest continues on the source.
+            if paused {
+                if let Ok(v) = vm.vcpus() {
+                    v.resume_all();
+                }
+            }
+            summary.outcome = Outcome::Failed {
+                reason: e.to_string(),
+                source_running: vm.vcpus().map(|v| v.check().is_ok()).unwrap_or(false),
+            };
+            Ok(summary)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_source(
+    vm: &mut Vm,
+    stream: TcpStream,
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&Progress),
+    summary: &mut MigrationSummary,
+    paused: &mut bool,
+    t_start: Instant,
+) -> Result<()> {
+    let io_timeout = Duration::from_secs(60);
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(io_timeout))?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    let mut acks = AckReader::new(std::io::BufReader::new(stream.try_clone()?));
+    let layout = layout_of(vm)?;
+    let mode = vm.config().tracking.mode();
+    let mut s = Sender {
+        vm: &*vm,
+        sock: stream.try_clone()?,
+        fail_at: opts.fail_at,
+        enc: Encoder::new(BufWriter::with_capacity(1 << 20, stream)),
+        buf: vec![0u8; PAGE_SIZE as usize],
+        limiter: Limiter::new(opts.max_bandwidth),
+        bw_bytes: 0,
+        bw_secs: 0.0,
+        accounted: 0,
+    };
+    s.enc
+        .send_hello(&Hello::new(wire_tracker(mode), s.vm.config().vcpus as u32))?;
+    s.enc.send_layout(&layout)?;
+    s.enc.flush()?;
+    if s.fail_at == Some(FailPoint::Handshake) {
+        s.cut();
+    }
+    match acks.recv()? {
+        Ack::Accepted => {}
+        Ack::Error(e) => return Err(MigrationError::Destination(e)),
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Accepted, got {other:?}"
+            )))
+        }
+    }
+    // Tracking starts before the bulk pass: a page written during it is sent again later.
+    let mut tracker = s.vm.tracker()?;
+    tracker.start()?;
+    let mut collector = match (mode, s.vm.ring_set()) {
+        (TrackerMode::Ring, Some(rs)) => {
+            let soft = rs.capability().size.soft_limit();
+            let hw = ((f64::from(soft) * opts.high_water) as u32).max(1);
+            Some(Collector::start(rs.clone(), opts.poll_interval, hw))
+        }
+        _ => None,
+    };
+    summary.setup_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    let specs = s.vm.ram().slot_specs();
+    let mut dirty = DirtyPageSet::new(&specs);
+    let total_pages = layout.total_pages();
+    let fallback_bw = opts.max_bandwidth.map(|b| b as f64).unwrap_or(1e9);
+    // Pass 0: all of memory.
+    let t_pass = Instant::now();
+    let mut all = layout
+        .regions()
+        .to_vec()
+        .into_iter()
+        .flat_map(|r| (0..r.size / PAGE_SIZE).map(move |p| r.guest_phys_addr + p * PAGE_SIZE));
+    let (n, z, b, secs) = s.pass(0, total_pages, false, &mut all, progress, total_pages)?;
+    summary.push_iteration(IterationStats {
+        iteration: 0,
+        pages: n,
+        zero_pages: z,
+        bytes: b,
+        ms: secs * 1e3,
+        dirty_rate_pages_per_s: 0.0,
+        vcpu_dirty_rates: collector.as_ref().map(|c| c.rates()),
+        bandwidth_bytes_per_s: s.bandwidth(fallback_bw),
+    });
+    let mut last_collect = t_pass;
+    let mut iteration = 0u32;
+    let forced;
+    loop {
+        dirty.clear();
+        tracker.collect(&mut dirty)?;
+        let now = Instant::now();
+        let pages = dirty.count();
+        let rate = pages as f64 / now.duration_since(last_collect).as_secs_f64().max(1e-6);
+        last_collect = now;
+        let bw = s.bandwidth(fallback_bw);
+        let expected_downtime = (pages * PAGE_SIZE) as f64 / bw;
+        if expected_downtime <= opts.downtime_limit.as_secs_f64() {
+            forced = false;
+            break;
+        }
+        let timed_out = opts.timeout.is_some_and(|t| t_start.elapsed() >= t)
+            || iteration + 1 >= opts.max_iterations;
+        if timed_out {
+            match opts.on_timeout {
+                TimeoutAction::Abort => {
+                    s.enc.send_abort("source timed out before convergence")?;
+                    drop(collector.take());
+                    tracker.stop()?;
+                    summary.outcome = Outcome::Aborted {
+                        reason: format!(
+                            "not converged after {:.1} s ({} passes): {} dirty pages need {:.0} ms at {:.0} MB/s, limit {} ms; the guest keeps running on the source",
+                            t_start.elapsed().as_secs_f64(),
+                            iteration + 1,
+                            pages,
+                            expected_downtime * 1e3,
+                            bw / 1e6,
+                            opts.downtime_limit.as_millis()
+                        ),
+                    };
+                    return Ok(());
+                }
+                TimeoutAction::ForceSwitchover => {
+                    forced = true;
+                    break;
+                }
+            }
+        }
+        iteration += 1;
+        let mut it = dirty.iter_gpa();
+        let (n, z, b, secs) = s.pass(iteration, pages, false, &mut it, progress, pages)?;
+        summary.push_iteration(IterationStats {
+            iteration,
+            pages: n,
+            zero_pages: z,
+            bytes: b,
+            ms: secs * 1e3,
+            dirty_rate_pages_per_s: rate,
+            vcpu_dirty_rates: collector.as_ref().map(|c| c.rates()),
+            bandwidth_bytes_per_s: s.bandwidth(fallback_bw),
+        });
+    }
+    // Switchover: pause (the kick also flushes any per-CPU dirty logs into the rings), collect
+    // what the last collect left plus anything since, send it with the vCPU state.
+    let pause_ns = unix_ns();
+    let t_pause = Instant::now();
+    let vcpu_rates = collector.as_ref().map(|c| c.rates());
+    if let Some(mut c) = collector.take() {
+        c.stop();
+    }
+    s.vm.vcpus()?.pause_all(Duration::from_secs(10))?;
+    *paused = true;
+    tracker.collect(&mut dirty)?;
+    let pages = dirty.count();
+    iteration += 1;
+    let mut it = dirty.iter_gpa();
+    let (n, z, b, secs) = s.pass(iteration, pages, true, &mut it, progress, pages)?;
+    summary.push_iteration(IterationStats {
+        iteration,
+        pages: n,
+        zero_pages: z,
+        bytes: b,
+        ms: secs * 1e3,
+        dirty_rate_pages_per_s: 0.0,
+        vcpu_dirty_rates: vcpu_rates,
+        bandwidth_bytes_per_s: s.bandwidth(fallback_bw),
+    });
+    for st in s.vm.save_vcpus()? {
+        s.enc
+            .send_state(STATE_KIND_VCPU, st.index as u32, &st.encode())?;
+    }
+    let sent = s.enc.stats();
+    s.enc.send_complete(&Complete {
+        pages_sent: sent.pages,
+        digest: None,
+    })?;
+    if s.fail_at == Some(FailPoint::BeforeFinalAck) {
+        s.cut();
+    }
+    let t_verify = Instant::now();
+    let own = if opts.verify && opts.verify_before_commit {
+        Some(memory_digest(s.vm)?)
+    } else {
+        None
+    };
+    let verify_ms = t_verify.elapsed().as_secs_f64() * 1e3;
+    let dest_digest = match acks.recv()? {
+        Ack::ReadyToResume { digest } => digest,
+        Ack::Error(e) => return Err(MigrationError::Destination(e)),
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected ReadyToResume, got {other:?}"
+            )))
+        }
+    };
+    if let Some(own) = &own {
+        match &dest_digest {
+            Some(d) => own.verify(d).map_err(MigrationError::Digest)?,
+            None => {
+                return Err(MigrationError::Protocol(
+                    "destination sent no memory digest to verify".into(),
+                ))
+            }
+        }
+        summary.verified = Some(true);
+        summary.verify_ms = Some(verify_ms);
+    }
+    // Point of no return: after Commit the destination owns the guest.
+    s.enc.send_commit()?;
+    let t_commit = Instant::now();
+    summary.forced_switchover = forced;
+    match acks.recv() {
+        Ok(Ack::Resumed { unix_ns: resumed }) => {
+            summary.downtime_ms = resumed.saturating_sub(pause_ns) as f64 / 1e6;
+            summary.outcome = Outcome::Completed;
+        }
+        Ok(other) => {
+            summary.outcome = Outcome::CommittedUnconfirmed {
+                reason: format!("expected Resumed, got {other:?}"),
+            }
+        }
+        Err(e) => {
+            summary.outcome = Outcome::CommittedUnconfirmed {
+                reason: e.to_string(),
+            }
+        }
+    }
+    summary.downtime_source_ms = t_commit.duration_since(t_pause).as_secs_f64() * 1e3;
+    if opts.verify && !opts.verify_before_commit {
+        // The source's vCPUs stay paused for good, so its memory is still the memory at pause.
+        let t = Instant::now();
+        let own = memory_digest(s.vm)?;
+        summary.verified = Some(match &dest_digest {
+            Some(d) => own.verify(d).is_ok(),
+            None => false,
+        });
+        summary.verify_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let st = s.enc.stats();
+    let send_secs: f64 = summary.iterations.iter().map(|i| i.ms).sum::<f64>() / 1e3;
+    summary.bandwidth_bytes_per_s = if send_secs > 0.0 {
+        st.bytes as f64 / send_secs
+    } else {
+        0.0
+    };
+    summary.pages_sent = st.pages;
+    summary.zero_pages = st.zero_pages;
+    summary.bytes_sent = st.bytes;
+    if let Some(rs) = s.vm.ring_set() {
+        summary.ring_full_exits = (0..rs.vcpus()).map(|i| rs.vcpu_ring_full_exits(i)).sum();
+    }
+    tracker.stop()?;
+    // The guest now lives on the destination.
+    *paused = false;
+    drop(s);
+    vm.stop()?;
+    Ok(())
+}
