@@ -15,6 +15,30 @@
 //!   ICC_SGI1R dispatch, save/restore.
 //! - [`sim`]: `gic-sim`, N vCPUs over M pCPUs in three delivery modes.
 //!
+//! ```
+//! use std::sync::Arc;
+//! use gic::regs::*;
+//! use gic::IcvReg;
+//! use gic_hyp::{Host, HostParams, VGic, Vm, VmParams};
+//!
+//! let host = Arc::new(Host::boot(HostParams::default()).unwrap());
+//! let vm = Vm::create(Arc::clone(&host), VmParams::default()).unwrap();
+//! let vgic = VGic::new(vm, true);
+//! // The guest makes its SGIs Group 1 and enabled, then asks for active-less SGIs.
+//! vgic.sgi_write(1, GICR_IGROUPR0, 0xFFFF).unwrap();
+//! vgic.sgi_write(1, GICR_ISENABLER0, 0xFFFF).unwrap();
+//! vgic.gicd_write_ctlr(GICD_CTLR_ENABLE_G1 | GICD_CTLR_NASSGIREQ).unwrap();
+//! vgic.vcpu_load(1, 2).unwrap();
+//! {
+//!     let mut g = host.gic();
+//!     g.icv_write(2, IcvReg::Pmr, 0xff).unwrap();
+//!     g.icv_write(2, IcvReg::Igrpen1, 1).unwrap();
+//! }
+//! // vCPU 0 sends SGI 3 to vCPU 1: one GITS_SGIR write, nothing to inject in software.
+//! assert!(vgic.dispatch_sgi1r(0, (3 << 24) | 0b10).unwrap().is_empty());
+//! assert_eq!(host.gic().icv_read(2, IcvReg::Iar1).unwrap(), 3);
+//! ```
+//!
 //! Locking follows the series' fixes: a per-vPE lock pins a vPE's redistributor
 //! (`col_idx`) for every redistributor access and for affinity changes (f3a059219bc7), and a
 //! per-redistributor lock serialises invalidations and VSGIPENDR reads on one redistributor

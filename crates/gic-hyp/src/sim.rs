@@ -22,6 +22,14 @@
 //! "Without hypervisor" counts interrupts sent while the target vCPU was loaded and taken
 //! through the virtual CPU interface: nothing on the receiving side ran in the hypervisor.
 
+//!
+//! ```
+//! use gic_hyp::sim::{self, SimParams};
+//! let r = sim::run(&SimParams { ticks: 500, ..SimParams::default() }).unwrap();
+//! assert!(r.ok());
+//! println!("{}", r.to_markdown());
+//! ```
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
