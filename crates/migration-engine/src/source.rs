@@ -155,33 +155,6 @@ impl Drop for Collector {
     }
 }
 
-/// Token bucket for `max-bandwidth`.
-struct Limiter {
-    rate: Option<f64>,
-    start: Instant,
-    sent: u64,
-}
-
-impl Limiter {
-    fn new(rate: Option<u64>) -> Self {
-        Limiter {
-            rate: rate.map(|r| r as f64),
-            start: Instant::now(),
-            sent: 0,
-        }
-    }
-    fn account(&mut self, bytes: u64) {
-        self.sent += bytes;
-        if let Some(r) = self.rate {
-            let due = Duration::from_secs_f64(self.sent as f64 / r);
-            let el = self.start.elapsed();
-            if due > el {
-                std::thread::sleep(due - el);
-            }
-        }
-    }
-}
-
 /// The layout of a VM's memory for the wire.
 pub fn layout_of(vm: &Vm) -> Result<MemoryLayout> {
     let regions = vm
@@ -222,7 +195,7 @@ struct Sender<'a> {
     fail_at: Option<FailPoint>,
     enc: Encoder<BufWriter<TcpStream>>,
     buf: Vec<u8>,
-    limiter: Limiter,
+    limiter: migration::bandwidth::TokenBucket,
     /// Bytes and seconds spent sending data, for the bandwidth estimate.
     bw_bytes: u64,
     bw_secs: f64,
@@ -281,7 +254,7 @@ impl Sender<'_> {
             n += 1;
             if n.is_multiple_of(256) {
                 let b = self.enc.stats().bytes;
-                self.limiter.account(b - self.accounted);
+                self.limiter.throttle(b - self.accounted);
                 self.accounted = b;
                 if last_report.elapsed() > Duration::from_millis(100) {
                     last_report = Instant::now();
@@ -375,7 +348,7 @@ fn run_source(
         fail_at: opts.fail_at,
         enc: Encoder::new(BufWriter::with_capacity(1 << 20, stream)),
         buf: vec![0u8; PAGE_SIZE as usize],
-        limiter: Limiter::new(opts.max_bandwidth),
+        limiter: migration::bandwidth::TokenBucket::new(opts.max_bandwidth.unwrap_or(0)),
         bw_bytes: 0,
         bw_secs: 0.0,
         accounted: 0,

@@ -13,7 +13,7 @@ use migration_engine::{DestOptions, MigrationSummary, SourceOptions, TimeoutActi
 use serde::{Deserialize, Serialize};
 use vmm::{Pattern, RegionSpec, Tracking, Vm, VmConfig};
 
-use crate::units::size_arg;
+use crate::size_arg;
 use crate::ModeArg;
 
 /// GPA of the workload's data region (slot 1).
@@ -57,7 +57,7 @@ pub struct GuestArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub vcpus: u64,
     /// Bytes the guest dirties per second in total (0 = as fast as it can).
-    #[arg(long, default_value = "200M", value_parser = size_arg)]
+    #[arg(long, default_value = "200M", value_parser = crate::bandwidth_arg)]
     pub dirty_rate: u64,
     /// Hot set the guest writes to (at most --memory).
     #[arg(long, default_value = "256M", value_parser = size_arg)]
@@ -76,7 +76,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub downtime_limit: u64,
     /// max-bandwidth in bytes/s (e.g. 128M); 0 = unlimited.
-    #[arg(long, default_value = "0", value_parser = size_arg)]
+    #[arg(long, default_value = "0", value_parser = crate::bandwidth_arg)]
     pub max_bandwidth: u64,
     /// Give up (or force the switchover) after this many seconds without converging.
     #[arg(long)]

@@ -10,7 +10,16 @@ mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
 mod selftest_cmd;
-mod units;
+
+/// clap parser for sizes (`4096`, `256M`, `1G`, `1.5GiB`).
+pub fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    migration::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// clap parser for rates (`800MiB/s`, `1Gbit/s`, `128M`, `0` or `unlimited`).
+pub fn bandwidth_arg(s: &str) -> std::result::Result<u64, String> {
+    migration::units::parse_bandwidth(s).map_err(|e| e.to_string())
+}
 
 /// Dirty tracking mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
