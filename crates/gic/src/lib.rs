@@ -520,7 +520,12 @@ impl<M: GuestMem> Gic<M> {
                     && value & GICR_INV_V != 0 =>
             {
                 if let Some(v4) = self.v41.as_mut() {
-                    v4.invalidate(&self.mem, pe, value, off == GICR_INVALLR);
+                    if let Some(vpeid) = v4.invalidate(&self.mem, pe, value, off == GICR_INVALLR) {
+                        // A newly enabled vLPI may be what an armed doorbell waits for. A
+                        // pending table that cannot be written drops the doorbell (nothing
+                        // to report an MMIO write's side effect to).
+                        let _ = v4.check_doorbell(&mut self.rds, &mut self.mem, vpeid);
+                    }
                 }
                 Ok(())
             }

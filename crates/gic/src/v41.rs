@@ -908,24 +908,25 @@ impl V41 {
         }
     }
 
-    /// GICR_INVLPIR (`all` false) / GICR_INVALLR (`all` true) with V = 1 on `pe`.
+    /// GICR_INVLPIR (`all` false) / GICR_INVALLR (`all` true) with V = 1 on `pe`. Returns
+    /// the vPEID whose configuration was reloaded (None when the write was ignored).
     pub(crate) fn invalidate<M: GuestMem>(
         &mut self,
         mem: &LoggedMem<M>,
         pe: usize,
         value: u64,
         all: bool,
-    ) {
+    ) -> Option<u32> {
         let vpeid = ((value >> GICR_INV_VPEID_SHIFT) & 0xFFFF) as u32;
         if self.rds[pe].syncr_busy.load(Ordering::Relaxed) != 0 {
             self.record(UnpredictableEvent::InvalidateWhileBusy { rd: pe, vpeid });
-            return;
+            return None;
         }
         match self.vpes.get(&vpeid) {
             Some(v) if self.share_table(v.rd, pe) => {}
             _ => {
                 self.record(UnpredictableEvent::InvalidateWrongRd { rd: pe, vpeid });
-                return;
+                return None;
             }
         }
         if all {
@@ -936,6 +937,7 @@ impl V41 {
         self.rds[pe]
             .syncr_busy
             .store(self.cfg.busy_reads, Ordering::Relaxed);
+        Some(vpeid)
     }
 
     // ----------------------------------------------------------------------------------

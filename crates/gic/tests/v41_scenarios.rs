@@ -1074,3 +1074,34 @@ fn virtual_commands_round_trip_through_their_encoding() {
     assert_eq!(dw[0], 0x23 | (1 << 8) | (5 << 20) | (3 << 32));
     assert_eq!(dw[1], 1 << 32);
 }
+
+#[test]
+fn enabling_a_pending_vlpi_by_invalidation_rings_an_armed_doorbell_once() {
+    let mut r = Rig::new(1, 1);
+    r.arm_example_map(1, 0);
+    r.map_vlpi(1, 0, VLPI);
+    r.gic
+        .mem_mut()
+        .write(VCONF + (VLPI - LPI_BASE) as u64, &[LPI_PROP_GROUP1])
+        .unwrap();
+    let rd = r.rd(0);
+    let inv = GICR_INV_V | (1 << GICR_INV_VPEID_SHIFT) | VLPI as u64;
+    r.w64(rd + GICR_INVLPIR, inv);
+    while r.r32(rd + GICR_SYNCR) & GICR_SYNCR_BUSY != 0 {}
+    r.make_resident(0, 1);
+    assert!(!r.make_nonresident(0, true));
+    r.gic.send_msi(0, 1, 0).unwrap();
+    assert!(r.host_drain(0).is_empty(), "a disabled vLPI does not ring");
+    r.gic
+        .mem_mut()
+        .write(
+            VCONF + (VLPI - LPI_BASE) as u64,
+            &[LPI_PROP_GROUP1 | LPI_PROP_ENABLE],
+        )
+        .unwrap();
+    r.w64(rd + GICR_INVLPIR, inv);
+    assert_eq!(r.host_drain(0), vec![DOORBELL + 1]);
+    while r.r32(rd + GICR_SYNCR) & GICR_SYNCR_BUSY != 0 {}
+    r.w64(rd + GICR_INVLPIR, inv);
+    assert!(r.host_drain(0).is_empty(), "once per phase");
+}
