@@ -143,6 +143,10 @@ impl Vm {
             vlpis: Mutex::new(BTreeMap::new()),
         };
         for i in 0..vm.vpes.len() {
+            if params.doorbells == DoorbellStyle::PerVlpi {
+                let db = lock(vm.vpe(i)?).db;
+                vm.set_v40_doorbell(db, false)?;
+            }
             vm.map_everywhere(i, true)?;
             if vm.host.info().vsgi {
                 for sgi in 0..16 {
@@ -312,11 +316,32 @@ impl Vm {
             return Err(HypError::Invalid("vCPU already loaded"));
         }
         let val = VPENDBASER_VALID | if g1en { VPENDBASER_VGRP1EN } else { 0 } | v.vpeid as u64;
+        if self.params.doorbells == DoorbellStyle::PerVlpi {
+            // GICv4.0: the doorbell is only wanted while blocked; drop a stale one.
+            self.set_v40_doorbell(v.db, false)?;
+        }
         self.host
             .write(self.host.vlpi(pcpu)? + GICR_VPENDBASER, 8, val)?;
         v.resident = true;
         v.pending_last = false;
         Ok(moved)
+    }
+
+    /// GICv4.0-style doorbell mask/unmask: rewrite the doorbell LPI's enable bit and
+    /// invalidate it at every redistributor (GICv4.0 has no INVDB; DirectLPI's INVLPIR does
+    /// the job). Masking also clears a doorbell left pending.
+    fn set_v40_doorbell(&self, db: u32, enabled: bool) -> Result<(), HypError> {
+        let byte = crate::host::HOST_LPI_CONFIG & if enabled { 0xFF } else { !LPI_PROP_ENABLE };
+        self.host.set_lpi_config(db, byte)?;
+        for pe in 0..self.host.info().pes {
+            let rd = self.host.rd(pe)?;
+            let _rd = self.host.rd_lock(pe)?;
+            self.host.write(rd + GICR_INVLPIR, 8, db as u64)?;
+            if !enabled {
+                self.host.write(rd + GICR_CLRLPIR, 8, db as u64)?;
+            }
+        }
+        Ok(())
     }
 
     /// COMMIT_VPE: poll VPENDBASER.Dirty until the redistributor has parsed the VPT (only
@@ -362,6 +387,9 @@ impl Vm {
             Err(_) => VPENDBASER_PENDING_LAST,
         };
         v.resident = false;
+        if blocking && self.params.doorbells == DoorbellStyle::PerVlpi {
+            self.set_v40_doorbell(v.db, true)?;
+        }
         // v4.1 without a doorbell: "we'll be back", the vCPU is not going to sleep.
         v.pending_last = r & VPENDBASER_PENDING_LAST != 0
             || (!blocking && self.params.doorbells == DoorbellStyle::PerVpe);
