@@ -269,6 +269,26 @@ pub enum IcvReg {
     Igrpen1,
 }
 
+impl IcvReg {
+    /// Parses a register name as used by the qtest front end (`iar1`, `eoir1`, ...).
+    pub fn from_name(s: &str) -> Option<IcvReg> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "iar1" => IcvReg::Iar1,
+            "eoir1" => IcvReg::Eoir1,
+            "hppir1" => IcvReg::Hppir1,
+            "iar0" => IcvReg::Iar0,
+            "eoir0" => IcvReg::Eoir0,
+            "hppir0" => IcvReg::Hppir0,
+            "pmr" => IcvReg::Pmr,
+            "rpr" => IcvReg::Rpr,
+            "ctlr" => IcvReg::Ctlr,
+            "igrpen0" => IcvReg::Igrpen0,
+            "igrpen1" => IcvReg::Igrpen1,
+            _ => return None,
+        })
+    }
+}
+
 /// A virtual CPU interface access the model rejects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum VcpuError {

@@ -23,6 +23,9 @@
 //! - `gic_reset` -> `OK`: system reset of the model (guest RAM is kept)
 //! - `gic_its_errors ITS` -> `OK <total> <last error or ->`
 //! - `gic_dirty` -> `OK <n> <page>...`: drains the model's guest-memory write log
+//! - GICv4.1 configurations: `gic_icv_read PE REG` / `gic_icv_write PE REG VALUE` (REG:
+//!   `iar1`, `eoir1`, `hppir1`, `iar0`, `eoir0`, `hppir0`, `pmr`, `rpr`, `ctlr`, `igrpen0`,
+//!   `igrpen1`) for the vPE resident on PE, and `gic_virq PE` -> `OK 0|1`
 //!
 //! Accesses outside the GIC frames and guest RAM read as zero and ignore writes, as on QEMU's
 //! bus; GIC accesses the model rejects (wrong width, ...) do the same. An unknown command
@@ -287,6 +290,27 @@ impl QtestSession {
                 };
                 self.gic.icc_write(pe, reg, v).map_err(|e| e.to_string())?;
                 Ok("OK".to_string())
+            }
+            "gic_icv_read" | "gic_icv_write" => {
+                let pe = Self::pe(args)?;
+                let name = args.get(1).ok_or("missing register")?;
+                let reg = crate::IcvReg::from_name(name)
+                    .ok_or_else(|| format!("unknown register {name}"))?;
+                if cmd == "gic_icv_read" {
+                    let v = self.gic.icv_read(pe, reg).map_err(|e| e.to_string())?;
+                    Ok(format!("OK 0x{v:016x}"))
+                } else {
+                    let v = Self::arg(args, 2)?;
+                    self.gic.icv_write(pe, reg, v).map_err(|e| e.to_string())?;
+                    Ok("OK".to_string())
+                }
+            }
+            "gic_virq" => {
+                let pe = Self::pe(args)?;
+                if pe >= self.gic.config().num_pes() {
+                    return Err(format!("PE {pe} does not exist"));
+                }
+                Ok(format!("OK {}", self.gic.virq_line(pe) as u8))
             }
             "gic_irq" | "gic_fiq" => {
                 let pe = Self::pe(args)?;

@@ -17,6 +17,7 @@ const VCONF: u64 = RAM + 0x30_0000;
 const ITT: u64 = RAM + 0x40_0000;
 const L2: u64 = RAM + 0x50_0000;
 const GICD: u64 = 0x0800_0000;
+const V41_GICR: u64 = gic::config::V41_GICR_BASE;
 const DOORBELL: u32 = 8192;
 const VLPI: u32 = 8200;
 
@@ -1104,4 +1105,33 @@ fn enabling_a_pending_vlpi_by_invalidation_rings_an_armed_doorbell_once() {
     while r.r32(rd + GICR_SYNCR) & GICR_SYNCR_BUSY != 0 {}
     r.w64(rd + GICR_INVLPIR, inv);
     assert!(r.host_drain(0).is_empty(), "once per phase");
+}
+
+#[test]
+fn qtest_front_end_reaches_the_v41_registers_and_the_virtual_cpu_interface() {
+    use gic::qtest::{QtestConfig, QtestSession};
+    let cfg = QtestConfig {
+        gic: GicConfig::virt_v41(2, 1),
+        ..QtestConfig::default()
+    };
+    let mut s = QtestSession::new(&cfg).unwrap();
+    assert_eq!(
+        s.handle_line("readl 0x0800000c").as_deref(),
+        Some("OK 0x000000000000018f"),
+        "GICD_TYPER2: nASSGIcap, VIL, VID = 15"
+    );
+    assert_eq!(s.handle_line("gic_virq 1").as_deref(), Some("OK 0"));
+    let r = s.handle_line("gic_icv_read 0 iar1").unwrap_or_default();
+    assert!(r.starts_with("ERR"), "{r}");
+    let r = s.handle_line("gic_icv_read 0 bogus").unwrap_or_default();
+    assert!(r.starts_with("ERR unknown register"), "{r}");
+    let r = s.handle_line("gic_virq 9").unwrap_or_default();
+    assert!(r.starts_with("ERR"), "{r}");
+    // The VLPI frame of PE 1 is at RD_base + 128 KiB with the 256 KiB stride.
+    let vprop = V41_GICR + GICR_STRIDE_V4 + GICR_VLPI_OFFSET + GICR_VPROPBASER;
+    assert_eq!(
+        s.handle_line(&format!("readq {vprop:#x}")).as_deref(),
+        Some("OK 0x1800000000000000"),
+        "Entry_Size = 3"
+    );
 }
