@@ -531,6 +531,7 @@ fn run_source(
     summary.forced_switchover = forced;
     match acks.recv() {
         Ok(Ack::Resumed { unix_ns: resumed }) => {
+            summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
             summary.downtime_ms = resumed.saturating_sub(pause_ns) as f64 / 1e6;
             summary.outcome = Outcome::Completed;
         }

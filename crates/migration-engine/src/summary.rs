@@ -61,7 +61,8 @@ pub struct MigrationSummary {
     pub downtime_limit_ms: u64,
     /// `max-bandwidth` in bytes/s (null = unlimited).
     pub max_bandwidth: Option<u64>,
-    /// From start to the end of the migration, ms.
+    /// From start to the destination's resume (or to the failure / abort), ms; the
+    /// post-commit digest check is not included.
     pub total_ms: f64,
     /// Connection, handshake and tracker start, ms.
     pub setup_ms: f64,

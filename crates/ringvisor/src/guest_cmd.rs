@@ -241,6 +241,7 @@ pub struct RunOpts {
     pub migrate_after: f64,
     pub params: MigrateArgs,
     pub duration: Option<f64>,
+    pub exit_after_migrate: bool,
     pub json: bool,
 }
 
@@ -304,6 +305,10 @@ pub fn run(o: RunOpts) -> Result<()> {
                 let s = migrate_vm(&mut vm, &to, &opts, o.json)?;
                 print_summary(&s, o.json)?;
                 if s.completed() {
+                    return Ok(());
+                }
+                if o.exit_after_migrate {
+                    vm.stop()?;
                     return Ok(());
                 }
                 eprintln!("migration did not complete; the guest keeps running here");

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+mod bench_migrate_cmd;
 mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
@@ -100,6 +101,9 @@ enum Cmd {
         /// Stop after this many seconds (default: run until migrated, quit or killed).
         #[arg(long)]
         duration: Option<f64>,
+        /// With --migrate-to: exit after the migration attempt even if it did not complete.
+        #[arg(long)]
+        exit_after_migrate: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -169,6 +173,43 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Live-migration matrix: every (memory, dirty rate, written set, tracker), each a real
+    /// source and destination process, on loopback or a tc-shaped veth between namespaces.
+    Migrate {
+        /// Guest memory sizes in GiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
+        memory_gib: Vec<u64>,
+        /// Guest dirty rates in MB/s (10^6 bytes).
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800])]
+        rates: Vec<u64>,
+        /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
+        #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
+        sets: Vec<String>,
+        /// Trackers to compare.
+        #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
+        trackers: Vec<String>,
+        /// Dirty ring entries per vCPU.
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u64,
+        /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
+        #[arg(long, default_value = "loopback")]
+        link: String,
+        /// Seconds before a non-converging migration is aborted.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// downtime-limit in ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_limit: u64,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dirty-log sync cost versus guest size: one collect + re-protect per mode (real KVM).
     Sync {
         /// Guest memory sizes in GiB (sparse; only touched pages cost RAM).
@@ -274,6 +315,7 @@ fn main() -> Result<()> {
             migrate_after,
             params,
             duration,
+            exit_after_migrate,
             json,
         } => guest_cmd::run(guest_cmd::RunOpts {
             guest,
@@ -282,6 +324,7 @@ fn main() -> Result<()> {
             migrate_after,
             params,
             duration,
+            exit_after_migrate,
             json,
         }),
         Cmd::Incoming {
@@ -343,6 +386,49 @@ fn main() -> Result<()> {
                 s.ok, s.failed
             );
             Ok(())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Migrate {
+                    memory_gib,
+                    rates,
+                    sets,
+                    trackers,
+                    ring_entries,
+                    vcpus,
+                    link,
+                    timeout,
+                    downtime_limit,
+                    plot,
+                    json,
+                },
+        } => {
+            for t in &trackers {
+                if !["ring", "bitmap", "clear-log"].contains(&t.as_str()) {
+                    anyhow::bail!("--trackers: unknown tracker {t:?} (ring, bitmap, clear-log)");
+                }
+            }
+            for s in &sets {
+                if s != "all" {
+                    size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
+                }
+            }
+            if link != "loopback" && !link.ends_with("bit") {
+                anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
+            }
+            bench_migrate_cmd::run(bench_migrate_cmd::Opts {
+                memory_gib,
+                rates_mb: rates,
+                sets,
+                trackers,
+                ring_entries,
+                vcpus,
+                link,
+                timeout,
+                downtime_limit,
+                plot,
+                json,
+            })
         }
         Cmd::Bench {
             which:
