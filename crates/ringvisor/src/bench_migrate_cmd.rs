@@ -69,16 +69,27 @@ fn command(exe: &std::path::Path, ep: &Endpoint) -> Command {
     }
 }
 
+/// One cell of the matrix.
+struct Cell<'a> {
+    mem: u64,
+    rate: u64,
+    set: &'a str,
+    tracker: &'a str,
+}
+
 fn one(
     exe: &std::path::Path,
     o: &Opts,
     src: &Endpoint,
     dst: &Endpoint,
-    mem: u64,
-    rate: u64,
-    set: &str,
-    tracker: &str,
+    c: Cell<'_>,
 ) -> Result<Row> {
+    let Cell {
+        mem,
+        rate,
+        set,
+        tracker,
+    } = c;
     let mut dest = command(exe, dst)
         .args([
             "incoming",
@@ -220,7 +231,18 @@ pub fn run(o: Opts) -> Result<()> {
             for set in &o.sets {
                 for t in &o.trackers {
                     pb.set_message(format!("{mem} GiB, {rate} MB/s, {set}, {t}"));
-                    let r = one(&exe, &o, &src, &dst, mem, rate, set, t);
+                    let r = one(
+                        &exe,
+                        &o,
+                        &src,
+                        &dst,
+                        Cell {
+                            mem,
+                            rate,
+                            set,
+                            tracker: t,
+                        },
+                    );
                     let r = match r {
                         Ok(r) => r,
                         Err(e) => {
