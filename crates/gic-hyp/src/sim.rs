@@ -687,7 +687,8 @@ impl Sim {
         if let Some(vg) = &self.vgic {
             let g = self.host.gic();
             if let Some(vpe) = vg.vm().vpeid(v).ok().and_then(|id| g.vpe(id)) {
-                let in_phase = vpe.doorbells + vpe.individual_doorbells - self.phase_start[v];
+                let in_phase =
+                    (vpe.doorbells + vpe.individual_doorbells).saturating_sub(self.phase_start[v]);
                 self.r.max_doorbells_per_phase = self.r.max_doorbells_per_phase.max(in_phase);
                 if in_phase > 1 {
                     self.r.phases_with_repeat_doorbells += 1;
