@@ -68,6 +68,20 @@ impl SimMode {
     }
 }
 
+impl std::str::FromStr for SimMode {
+    type Err = SimError;
+
+    /// Parses `v3`, `v40` / `v4.0` or `v41` / `v4.1` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, SimError> {
+        match s.to_ascii_lowercase().as_str() {
+            "v3" | "gicv3" => Ok(SimMode::V3),
+            "v40" | "v4.0" | "gicv4.0" => Ok(SimMode::V40),
+            "v41" | "v4.1" | "gicv4.1" => Ok(SimMode::V41),
+            _ => Err(SimError::Params("mode must be v3, v4.0 or v4.1")),
+        }
+    }
+}
+
 /// Simulation parameters. `Default` is the configuration `BENCHMARKS.md` reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimParams {

@@ -625,3 +625,30 @@ fn driver_errors_are_typed_not_panics() {
         .unwrap_err();
     assert!(matches!(e, HypError::Command { its: 0, .. }));
 }
+
+#[test]
+fn without_the_vpe_lock_a_vsgipendr_read_racing_a_vmovp_is_detected() {
+    // The negative control for f3a059219bc7: sample col_idx, let an affinity change to the
+    // other cluster slip in between VSGIR and VSGIPENDR, and the GIC reports the access.
+    let h = host(1);
+    let vm = vm(&h, 1);
+    let id = vm.vpeid(0).unwrap() as u64;
+    let pe = vm.col_idx(0).unwrap();
+    let vl = h.vlpi(pe).unwrap();
+    h.write(vl + GICR_VSGIR, 4, id).unwrap();
+    assert!(vm.set_affinity(0, 2).unwrap(), "VMOVP to the other cluster");
+    h.poll(vl + GICR_VSGIPENDR, 4, "busy", |r| {
+        r as u32 & VSGIPENDR_BUSY == 0
+    })
+    .unwrap();
+    assert_eq!(
+        unpredictable(&h),
+        vec![UnpredictableEvent::VsgiReadWrongRd {
+            rd: pe,
+            vpeid: id as u32
+        }]
+    );
+    // The locked driver path asks the right redistributor.
+    vm.vsgi_pending(0).unwrap();
+    assert_eq!(unpredictable(&h).len(), 1);
+}

@@ -111,3 +111,11 @@ fn invalid_parameters_are_rejected_with_typed_errors() {
         assert!(matches!(sim::run(&p), Err(SimError::Params(_))), "{p:?}");
     }
 }
+
+#[test]
+fn modes_parse_from_their_cli_names() {
+    assert_eq!("v3".parse::<SimMode>(), Ok(SimMode::V3));
+    assert_eq!("V4.0".parse::<SimMode>(), Ok(SimMode::V40));
+    assert_eq!("gicv4.1".parse::<SimMode>(), Ok(SimMode::V41));
+    assert!("v5".parse::<SimMode>().is_err());
+}
