@@ -1135,3 +1135,109 @@ fn qtest_front_end_reaches_the_v41_registers_and_the_virtual_cpu_interface() {
         "Entry_Size = 3"
     );
 }
+
+#[test]
+fn icv_groups_priorities_and_preemption_follow_the_resident_vpe() {
+    let mut r = Rig::new(1, 1);
+    r.vmapp(0, 1, 0, true);
+    let vsgi = |sgi, group1, priority| ItsCommand::Vsgi {
+        vpeid: 1,
+        sgi,
+        enable: true,
+        clear: false,
+        group1,
+        priority,
+    };
+    r.cmds(
+        0,
+        &[
+            vsgi(1, true, 0x80),
+            vsgi(2, true, 0x40),
+            vsgi(3, false, 0x20),
+        ],
+    );
+    // vGrp0En and vGrp1En both set.
+    let a = r.vlpi(0) + GICR_VPENDBASER;
+    r.w64(
+        a,
+        VPENDBASER_VALID | VPENDBASER_VGRP0EN | VPENDBASER_VGRP1EN | 1,
+    );
+    while r.r64(a) & VPENDBASER_DIRTY != 0 {}
+    r.guest_enable(0);
+    r.gic.icv_write(0, IcvReg::Igrpen0, 1).unwrap();
+    r.sgir(0, 1, 1);
+    assert_eq!(r.gic.icv_read(0, IcvReg::Iar1).unwrap(), 1);
+    assert_eq!(r.gic.icv_read(0, IcvReg::Rpr).unwrap(), 0x80);
+    // A higher-priority vSGI preempts; an equal or lower one waits.
+    r.sgir(0, 1, 2);
+    assert!(r.gic.virq_line(0));
+    assert_eq!(r.gic.icv_read(0, IcvReg::Iar1).unwrap(), 2);
+    r.sgir(0, 1, 1);
+    assert!(!r.gic.virq_line(0), "0x80 cannot preempt 0x40");
+    // Group 0 goes to the virtual FIQ and ICV_IAR0.
+    r.sgir(0, 1, 3);
+    assert!(r.gic.vfiq_line(0));
+    assert_eq!(r.gic.icv_read(0, IcvReg::Hppir0).unwrap(), 3);
+    assert_eq!(
+        r.gic.icv_read(0, IcvReg::Iar1).unwrap(),
+        INTID_SPURIOUS as u64
+    );
+    assert_eq!(r.gic.icv_read(0, IcvReg::Iar0).unwrap(), 3);
+    r.gic.icv_write(0, IcvReg::Eoir0, 3).unwrap();
+    r.gic.icv_write(0, IcvReg::Eoir1, 2).unwrap();
+    r.gic.icv_write(0, IcvReg::Eoir1, 1).unwrap();
+    assert_eq!(r.gic.icv_read(0, IcvReg::Rpr).unwrap(), 0xFF);
+    assert_eq!(r.guest_drain(0), vec![1]);
+    // PMR masks; ICV_IGRPEN1 = 0 masks Group 1.
+    r.gic.icv_write(0, IcvReg::Pmr, 0x40).unwrap();
+    r.sgir(0, 1, 1);
+    assert!(!r.gic.virq_line(0));
+    r.gic.icv_write(0, IcvReg::Pmr, 0xFF).unwrap();
+    r.gic.icv_write(0, IcvReg::Igrpen1, 0).unwrap();
+    assert!(!r.gic.virq_line(0));
+    r.gic.icv_write(0, IcvReg::Igrpen1, 1).unwrap();
+    assert!(r.gic.virq_line(0));
+    // vGrp1En = 0 in VPENDBASER hides Group 1 whatever the guest enables.
+    r.make_nonresident(0, false);
+    r.w64(a, VPENDBASER_VALID | 1);
+    while r.r64(a) & VPENDBASER_DIRTY != 0 {}
+    assert!(!r.gic.virq_line(0));
+    assert_eq!(
+        r.gic.icv_read(0, IcvReg::Pmr).unwrap(),
+        0xF8,
+        "ICV state followed the vPE"
+    );
+}
+
+#[test]
+fn invdb_makes_a_doorbell_configuration_change_visible() {
+    let mut r = Rig::new(1, 1);
+    r.arm_example_map(1, 0);
+    // The host disables the doorbell LPI; without INVDB the cached configuration still
+    // has it enabled.
+    r.gic
+        .mem_mut()
+        .write(
+            PROP + (DOORBELL + 1 - LPI_BASE) as u64,
+            &[0x80 | LPI_PROP_GROUP1],
+        )
+        .unwrap();
+    r.cmds(0, &[ItsCommand::Invdb { vpeid: 1 }]);
+    r.make_resident(0, 1);
+    assert!(!r.make_nonresident(0, true));
+    r.sgir(0, 1, 0);
+    assert!(r.gic.is_pending(0, DOORBELL + 1), "the doorbell is raised");
+    assert!(
+        r.host_drain(0).is_empty(),
+        "but masked by its configuration"
+    );
+    r.gic
+        .mem_mut()
+        .write(
+            PROP + (DOORBELL + 1 - LPI_BASE) as u64,
+            &[0x80 | LPI_PROP_GROUP1 | 1],
+        )
+        .unwrap();
+    r.cmds(0, &[ItsCommand::Invdb { vpeid: 1 }]);
+    assert_eq!(r.host_drain(0), vec![DOORBELL + 1]);
+}
