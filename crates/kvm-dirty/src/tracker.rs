@@ -384,16 +384,29 @@ impl RingSet {
         Ok(out)
     }
 
-    /// Resets and checks the count. On EINTR the kernel may have reset part of the rings
-    /// without reporting it, so the check falls back to reading every harvested entry's flags.
+    /// Resets and checks the count. A signal can cut the reset short: the kernel then returns
+    /// `EINTR`, or (measured on Linux 6.18) the partial count of entries it did reset. Either
+    /// way the remaining harvested entries still carry RESET, so the ioctl is repeated until
+    /// the counts add up; after any interruption the check falls back to reading every
+    /// harvested entry's flags.
     fn reset_locked(&self, g: &mut RingInner, pending: UnresetEntries) -> Result<(u64, bool)> {
         let mut interrupted = false;
         let mut reported = 0u64;
-        loop {
+        let mut idle_calls = 0;
+        while reported < pending.count {
             match sys::reset_dirty_rings(&*self.vm) {
                 Ok(n) => {
                     reported += n;
-                    break;
+                    if reported < pending.count {
+                        // Cut short by a signal (or nothing left to reset: checked below).
+                        interrupted = true;
+                        if n == 0 {
+                            idle_calls += 1;
+                            if idle_calls >= 3 {
+                                break;
+                            }
+                        }
+                    }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
                     interrupted = true;
@@ -418,10 +431,10 @@ impl RingSet {
         }
         let confirmed: u64 = g.consumers.iter_mut().map(|c| c.confirm_reset()).sum();
         let left: u32 = g.consumers.iter().map(|c| c.unreset()).sum();
-        if left != 0 || confirmed != pending.count {
+        if left != 0 || confirmed != pending.count || reported != pending.count {
             return Err(DirtyError::ResetCountMismatch {
                 harvested: pending.count,
-                reset: confirmed,
+                reset: confirmed.min(reported),
             });
         }
         Ok((confirmed, true))

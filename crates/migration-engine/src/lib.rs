@@ -8,14 +8,17 @@
 #![deny(missing_docs)]
 
 pub mod dest;
+pub mod dirtylimit;
+pub mod dirtyrate;
 pub mod error;
 pub mod rate;
 pub mod source;
 pub mod summary;
 
 pub use dest::{receive, DestOptions, IncomingSummary};
+pub use dirtylimit::{DirtyLimiter, LimiterConfig};
 pub use error::{MigrationError, Result};
-pub use source::{migrate, FailPoint, Progress, SourceOptions, TimeoutAction};
+pub use source::{migrate, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction};
 pub use summary::{IterationStats, MigrationSummary, Outcome};
 
 /// State blob kind of a vCPU.

@@ -12,6 +12,7 @@ use migration::wire::{
 };
 use vmm::Vm;
 
+use crate::dirtylimit::{DirtyLimiter, LimiterConfig};
 use crate::error::{MigrationError, Result};
 use crate::rate::RateMeter;
 use crate::summary::{IterationStats, MigrationSummary, Outcome};
@@ -49,9 +50,28 @@ pub struct SourceOptions {
     pub high_water: f64,
     /// Give up after this many passes (a safety net behind `timeout`).
     pub max_iterations: u32,
+    /// `dirty-limit`: per-vCPU dirty quota (ring tracker only), fixed or applied automatically
+    /// to the fastest vCPUs when pre-copy does not converge.
+    pub dirty_limit: DirtyLimitMode,
+    /// Bitmap trackers: QEMU's auto-converge (CPU throttle 20%, +10% per non-converging
+    /// check, at most 99%) when pre-copy does not converge.
+    pub auto_converge: bool,
     /// Fault injection for tests: drop the TCP connection at this point.
     #[serde(skip)]
     pub fail_at: Option<FailPoint>,
+}
+
+/// The dirty limit during a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DirtyLimitMode {
+    /// No limit.
+    Off,
+    /// This many bytes/s per vCPU, from the start of the migration.
+    Fixed(u64),
+    /// When pre-copy stops converging (the dirty bytes of a pass exceed half of what the
+    /// previous pass sent, twice in a row), limit the vCPUs dirtying faster than average so
+    /// the guest dirties at most half the measured bandwidth; lifted at switchover.
+    Auto,
 }
 
 /// Where [`SourceOptions::fail_at`] drops the connection (a real `shutdown(2)` of the socket).
@@ -81,6 +101,8 @@ impl Default for SourceOptions {
             poll_interval: Duration::from_millis(5),
             high_water: 0.5,
             max_iterations: 10_000,
+            dirty_limit: DirtyLimitMode::Off,
+            auto_converge: false,
             fail_at: None,
         }
     }
@@ -310,7 +332,10 @@ pub fn migrate(
     match r {
         Ok(()) => Ok(summary),
         Err(e) => {
-            // Nothing lost: the guest continues on the source.
+            // Nothing lost: the guest continues on the source, unthrottled.
+            for v in vm.vcpu_handles() {
+                v.set_throttle(0.0);
+            }
             if paused {
                 if let Ok(v) = vm.vcpus() {
                     v.resume_all();
@@ -380,6 +405,27 @@ fn run_source(
         }
         _ => None,
     };
+    let mut limiter = match (opts.dirty_limit, s.vm.ring_set()) {
+        (DirtyLimitMode::Off, _) => None,
+        (_, Some(rs)) => Some(DirtyLimiter::start(
+            rs.clone(),
+            s.vm.vcpu_handles().to_vec(),
+            LimiterConfig::default(),
+        )),
+        (_, None) => {
+            return Err(MigrationError::Protocol(
+                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),
+            ))
+        }
+    };
+    if let (DirtyLimitMode::Fixed(q), Some(l)) = (opts.dirty_limit, limiter.as_ref()) {
+        l.set_quota(Some(q), None);
+        summary.dirty_limit_events += 1;
+    }
+    let mut streak = 0u32;
+    let mut limited: Vec<usize> = Vec::new();
+    let mut last_pass_bytes = u64::MAX;
+    let mut cpu_throttle = 0.0f64;
     summary.setup_ms = t_start.elapsed().as_secs_f64() * 1e3;
     let specs = s.vm.ram().slot_specs();
     let mut dirty = DirtyPageSet::new(&specs);
@@ -419,6 +465,52 @@ fn run_source(
             forced = false;
             break;
         }
+        // Non-convergence (QEMU's rule): dirtied more than half of what the last pass sent,
+        // twice in a row.
+        if (pages * PAGE_SIZE) as f64 > 0.5 * last_pass_bytes as f64 {
+            streak += 1;
+        } else {
+            streak = 0;
+        }
+        if streak >= 2 {
+            streak = 0;
+            if let (DirtyLimitMode::Auto, Some(l)) = (opts.dirty_limit, limiter.as_ref()) {
+                // Limit the vCPUs dirtying at least the average (once limited, a vCPU stays
+                // limited until the switchover), so that the guest dirties at most half the
+                // bandwidth; if that still does not converge, halve the quota.
+                let rates = l.rates();
+                let n = rates.len().max(1) as f64;
+                let mean = rates.iter().sum::<f64>() / n;
+                for (i, &r) in rates.iter().enumerate() {
+                    if r >= mean && !limited.contains(&i) {
+                        limited.push(i);
+                    }
+                }
+                let free_bytes: f64 = (0..rates.len())
+                    .filter(|i| !limited.contains(i))
+                    .map(|i| rates[i] * PAGE_SIZE as f64)
+                    .sum();
+                let budget = (0.5 * bw - free_bytes).max(0.0);
+                let mut quota = (budget / limited.len().max(1) as f64).max(256.0 * 1024.0) as u64;
+                if let Some(prev) = summary.dirty_limit_bytes_per_s {
+                    quota = quota.min(prev / 2).max(64 * 1024);
+                }
+                l.set_quota(Some(quota), Some(limited.clone()));
+                summary.dirty_limit_events += 1;
+                summary.dirty_limit_bytes_per_s = Some(quota);
+            } else if opts.auto_converge {
+                cpu_throttle = if cpu_throttle == 0.0 {
+                    0.2
+                } else {
+                    (cpu_throttle + 0.1).min(vmm::vcpu::MAX_THROTTLE)
+                };
+                for v in s.vm.vcpu_handles() {
+                    v.set_throttle(cpu_throttle);
+                }
+                summary.dirty_limit_events += 1;
+                summary.cpu_throttle = cpu_throttle;
+            }
+        }
         let timed_out = opts.timeout.is_some_and(|t| t_start.elapsed() >= t)
             || iteration + 1 >= opts.max_iterations;
         if timed_out {
@@ -426,6 +518,8 @@ fn run_source(
                 TimeoutAction::Abort => {
                     s.enc.send_abort("source timed out before convergence")?;
                     drop(collector.take());
+                    drop(limiter.take());
+                    s.vm.vcpu_handles().iter().for_each(|v| v.set_throttle(0.0));
                     tracker.stop()?;
                     summary.outcome = Outcome::Aborted {
                         reason: format!(
@@ -449,6 +543,7 @@ fn run_source(
         iteration += 1;
         let mut it = dirty.iter_gpa();
         let (n, z, b, secs) = s.pass(iteration, pages, false, &mut it, progress, pages)?;
+        last_pass_bytes = b;
         summary.push_iteration(IterationStats {
             iteration,
             pages: n,
@@ -470,6 +565,10 @@ fn run_source(
     }
     s.vm.vcpus()?.pause_all(Duration::from_secs(10))?;
     *paused = true;
+    // The limit ends with the switchover (the guest does not take it along); lifted only
+    // now that the vCPUs are paused, so no unthrottled burst lands in the final pass.
+    drop(limiter.take());
+    s.vm.vcpu_handles().iter().for_each(|v| v.set_throttle(0.0));
     tracker.collect(&mut dirty)?;
     let pages = dirty.count();
     iteration += 1;

@@ -89,6 +89,12 @@ pub struct MigrationSummary {
     pub bandwidth_bytes_per_s: f64,
     /// Ring-full exits during the migration (ring mode).
     pub ring_full_exits: u64,
+    /// Times a dirty limit or CPU throttle was applied or raised.
+    pub dirty_limit_events: u32,
+    /// The last automatic per-vCPU dirty quota, bytes/s.
+    pub dirty_limit_bytes_per_s: Option<u64>,
+    /// The last auto-converge CPU throttle (0..=0.99).
+    pub cpu_throttle: f64,
 }
 
 impl MigrationSummary {
@@ -111,6 +117,9 @@ impl MigrationSummary {
             bytes_sent: 0,
             bandwidth_bytes_per_s: 0.0,
             ring_full_exits: 0,
+            dirty_limit_events: 0,
+            dirty_limit_bytes_per_s: None,
+            cpu_throttle: 0.0,
         }
     }
 

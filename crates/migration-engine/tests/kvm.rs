@@ -193,7 +193,7 @@ fn timeout_abort_keeps_the_guest_on_the_source() {
     }
     let tracking = Tracking::Bitmap;
     // 1 MiB/s link, a guest dirtying 16 MiB as fast as it can: never converges.
-    let mut src = guest(tracking, 32, 16, 0);
+    let mut src = guest(tracking, 32, 16, vmm::UNPACED);
     let (addr, dest) = destination(tracking);
     let s = migration_engine::migrate(
         &mut src,
@@ -309,5 +309,134 @@ fn version_mismatch_and_garbage_are_typed_errors_on_the_destination() {
         // The destination told us why.
         let mut reply = Vec::new();
         let _ = c.read_to_end(&mut reply);
+    }
+}
+
+/// The dirty limit holds a vCPU's dirty rate within 10% of its quota with a small and a large
+/// ring, and leaves a vCPU under the quota alone.
+#[test]
+fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
+    if !have_kvm() {
+        return;
+    }
+    use migration_engine::{DirtyLimiter, LimiterConfig};
+    for entries in [4096u32, 65536] {
+        let mut vm = Vm::create(&VmConfig {
+            vcpus: 2,
+            memory: vec![RegionSpec {
+                slot: 1,
+                gpa: DATA_GPA,
+                bytes: 512 << 20,
+                log_dirty: true,
+            }],
+            tracking: Tracking::Ring { entries },
+        })
+        .unwrap();
+        let tsc_hz = u64::from(vm.tsc_khz().unwrap()) * 1000;
+        let pages = (256u64 << 20) / 4096;
+        // vCPU 0: sequential, as fast as it can. vCPU 1: 2000 pages/s (8 MB/s), under quota.
+        for (i, rate) in [(0usize, 0u64), (1, 2000)] {
+            vm.set_workload(
+                i,
+                &vmm::VcpuCtrl {
+                    base: DATA_GPA + i as u64 * (pages * 4096),
+                    pages,
+                    stride: 1,
+                    pattern: Pattern::Sequential,
+                    unique_values: true,
+                    burst_pages: if rate > 0 { 20 } else { 0 },
+                    burst_tsc: (tsc_hz * 20).checked_div(rate).unwrap_or(0),
+                    sleep_min_tsc: tsc_hz / 5000,
+                },
+            )
+            .unwrap();
+        }
+        vm.start(None).unwrap();
+        let quota = 20_000_000u64; // 20 MB/s = 4883 pages/s
+        let mut l = DirtyLimiter::start(
+            vm.ring_set().unwrap().clone(),
+            vm.vcpu_handles().to_vec(),
+            LimiterConfig::default(),
+        );
+        l.set_quota(Some(quota), None);
+        std::thread::sleep(Duration::from_secs(3));
+        let w0: Vec<u64> = (0..2).map(|i| vm.nr_writes(i).unwrap()).collect();
+        let t = std::time::Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let secs = t.elapsed().as_secs_f64();
+        let rate: Vec<f64> = (0..2)
+            .map(|i| (vm.nr_writes(i).unwrap() - w0[i]) as f64 / secs)
+            .collect();
+        let q = quota as f64 / 4096.0;
+        eprintln!(
+            "ring {entries}: quota {q:.0} pages/s, vCPU0 {:.0} pages/s (throttle {:.2}), vCPU1 {:.0} pages/s (throttle {:.2})",
+            rate[0],
+            vm.vcpu_handles()[0].throttle(),
+            rate[1],
+            vm.vcpu_handles()[1].throttle()
+        );
+        assert!(
+            (rate[0] - q).abs() <= 0.1 * q,
+            "ring {entries}: vCPU0 at {:.0} pages/s, quota {q:.0}",
+            rate[0]
+        );
+        assert_eq!(
+            vm.vcpu_handles()[1].throttle(),
+            0.0,
+            "a vCPU under quota is not slowed"
+        );
+        assert!(
+            (rate[1] - 2000.0).abs() < 200.0,
+            "vCPU1 keeps its own pace: {:.0}",
+            rate[1]
+        );
+        // Cancelling lifts the throttle at once.
+        l.set_quota(None, None);
+        assert_eq!(vm.vcpu_handles()[0].throttle(), 0.0);
+        l.stop();
+        vm.stop().unwrap();
+    }
+}
+
+/// On a slow link a dirtying guest does not converge by itself; with `dirty-limit auto` (ring)
+/// or auto-converge (bitmap) it does, and the throttle is gone after the switchover.
+#[test]
+fn auto_dirty_limit_and_auto_converge_make_a_slow_link_converge() {
+    if !have_kvm() {
+        return;
+    }
+    for (tracking, limit, ac) in [
+        (
+            Tracking::Ring { entries: 65536 },
+            migration_engine::DirtyLimitMode::Auto,
+            false,
+        ),
+        (
+            Tracking::Bitmap,
+            migration_engine::DirtyLimitMode::Off,
+            true,
+        ),
+    ] {
+        let mut src = guest(tracking, 64, 32, 15_000); // ~60 MB/s over 32 MiB
+        let (addr, dest) = destination(tracking);
+        let s = migration_engine::migrate(
+            &mut src,
+            TcpStream::connect(&addr).unwrap(),
+            &SourceOptions {
+                max_bandwidth: Some(16 << 20),
+                timeout: Some(Duration::from_secs(40)),
+                dirty_limit: limit,
+                auto_converge: ac,
+                ..SourceOptions::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        eprintln!("{}", s.to_text());
+        assert_eq!(s.outcome, Outcome::Completed, "{:?}", s.outcome);
+        assert!(s.dirty_limit_events >= 1, "the throttle was applied");
+        assert_eq!(s.verified, Some(true));
+        let (vm, _) = dest.join().unwrap().unwrap();
+        assert!(vm.vcpu_handles().iter().all(|v| v.throttle() == 0.0));
     }
 }

@@ -23,6 +23,9 @@ pub struct Opts {
     pub timeout: f64,
     pub downtime_limit: u64,
     pub plot: Option<std::path::PathBuf>,
+    pub max_bandwidth: Option<String>,
+    pub dirty_limit: Option<String>,
+    pub auto_converge: bool,
     pub json: bool,
 }
 
@@ -45,6 +48,7 @@ pub struct Row {
 #[derive(Serialize)]
 pub struct Report {
     pub link: String,
+    pub extra: String,
     pub pvm_host: bool,
     pub vcpus: u64,
     pub ring_entries: u32,
@@ -119,7 +123,18 @@ fn one(
     } else {
         set.to_string()
     };
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(b) = &o.max_bandwidth {
+        extra.extend(["--max-bandwidth".into(), b.clone()]);
+    }
+    if let Some(d) = &o.dirty_limit {
+        extra.extend(["--dirty-limit".into(), d.clone()]);
+    }
+    if o.auto_converge {
+        extra.push("--auto-converge".into());
+    }
     let out = command(exe, src)
+        .args(&extra)
         .args([
             "run",
             "--memory",
@@ -267,6 +282,22 @@ pub fn run(o: Opts) -> Result<()> {
         let _ = Command::new("bash").arg(&script).arg("down").status();
     }
     let rep = Report {
+        extra: format!(
+            "{}{}{}",
+            o.max_bandwidth
+                .as_ref()
+                .map(|b| format!(" | max-bandwidth {b}"))
+                .unwrap_or_default(),
+            o.dirty_limit
+                .as_ref()
+                .map(|d| format!(" | dirty-limit {d}"))
+                .unwrap_or_default(),
+            if o.auto_converge {
+                " | auto-converge"
+            } else {
+                ""
+            }
+        ),
         link: o.link.clone(),
         pvm_host: kvm_dirty::is_pvm_host(),
         vcpus: o.vcpus,
@@ -288,8 +319,9 @@ pub fn run(o: Opts) -> Result<()> {
 
 fn markdown(r: &Report, trackers: &[String]) -> String {
     let mut s = format!(
-        "link: {} | {} vCPUs | ring {} entries | downtime-limit {} ms | timeout {} s (then abort) | host KVM {}\n\n",
+        "link: {}{} | {} vCPUs | ring {} entries | downtime-limit {} ms | timeout {} s (then abort) | host KVM {}\n\n",
         r.link,
+        r.extra,
         r.vcpus,
         r.ring_entries,
         r.downtime_limit_ms,

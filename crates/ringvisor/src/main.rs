@@ -66,6 +66,44 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// GICv4.1 simulation: N vCPUs over M physical CPUs with IPIs, device MSIs and WFI, run
+    /// with GICv3 software delivery, GICv4.0-style direct vLPIs and GICv4.1 (vSGIs, per-vPE
+    /// doorbells); checks that no interrupt is lost or duplicated.
+    GicSim {
+        /// vCPUs of the VM.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+        vcpus: u64,
+        /// Physical CPUs.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+        pcpus: u64,
+        /// Redistributor groups sharing a vPE table (CommonLPIAff), 1..=pcpus.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        clusters: u64,
+        /// Simulated ticks.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        ticks: u64,
+        /// Scheduler time slice in ticks.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+        slice: u64,
+        /// IPI probability per running vCPU per tick.
+        #[arg(long, default_value_t = 0.02)]
+        ipi_prob: f64,
+        /// MSI probability per vCPU per tick.
+        #[arg(long, default_value_t = 0.005)]
+        msi_prob: f64,
+        /// WFI probability per idle running vCPU per tick.
+        #[arg(long, default_value_t = 0.05)]
+        wfi_prob: f64,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Modes to run (v3, v4.0, v4.1).
+        #[arg(long, value_delimiter = ',', default_values_t = ["v3".to_string(), "v4.0".to_string(), "v4.1".to_string()])]
+        modes: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve QEMU's qtest line protocol on stdin/stdout against the GICv3/ITS model.
     GicQtest {
         /// Number of PEs (redistributors) in the model.
@@ -104,6 +142,10 @@ enum Cmd {
         /// With --migrate-to: exit after the migration attempt even if it did not complete.
         #[arg(long)]
         exit_after_migrate: bool,
+        /// Per-vCPU dirty limit from the start (QEMU's set-vcpu-dirty-limit; ring tracker),
+        /// e.g. 50M; change it later with `ringvisor dirty-limit --control PATH`.
+        #[arg(long = "vcpu-dirty-limit", value_parser = bandwidth_arg)]
+        vcpu_dirty_limit: Option<u64>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -135,6 +177,40 @@ enum Cmd {
         /// Machine-readable summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Dirty rate of a guest, measured three ways: the ring (exact, per vCPU), the bitmap (per
+    /// VM) and page sampling. With --control, of a running `ringvisor run`; otherwise of a
+    /// fresh workload guest run once with the ring and once with the bitmap.
+    Dirtyrate {
+        #[command(flatten)]
+        guest: guest_cmd::GuestArgs,
+        /// A running guest's control socket.
+        #[arg(long)]
+        control: Option<std::path::PathBuf>,
+        /// Measurement window in ms.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        window_ms: u64,
+        /// Pages sampled per GiB for the sampling method (QEMU's default is 512).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=262_144))]
+        samples_per_gib: u64,
+        /// Repeat this many times (continuous measurement).
+        #[arg(long, default_value_t = 1)]
+        watch: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set or cancel the per-vCPU dirty limit of a running `ringvisor run --control PATH`.
+    DirtyLimit {
+        /// The guest's control socket.
+        #[arg(long)]
+        control: std::path::PathBuf,
+        /// Per-vCPU quota, e.g. 50M (bytes/s).
+        #[arg(long, value_parser = bandwidth_arg, conflicts_with = "cancel")]
+        set: Option<u64>,
+        /// Remove the limit.
+        #[arg(long)]
+        cancel: bool,
     },
     /// Port of the kernel's dirty_log_test: a guest writes the iteration number into random
     /// pages; every page must be reported exactly when it holds the current iteration.
@@ -206,6 +282,15 @@ enum BenchCmd {
         /// Write an SVG plot here.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// max-bandwidth for every migration (e.g. 128M).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// dirty-limit for every migration: off, auto or a per-vCPU rate.
+        #[arg(long)]
+        dirty_limit: Option<String>,
+        /// auto-converge for bitmap trackers.
+        #[arg(long)]
+        auto_converge: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -298,6 +383,93 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Caps { json } => caps(json),
+        Cmd::Dirtyrate {
+            guest,
+            control,
+            window_ms,
+            samples_per_gib,
+            watch,
+            json,
+        } => guest_cmd::dirtyrate(guest_cmd::DirtyrateOpts {
+            guest,
+            control,
+            window_ms,
+            samples_per_gib,
+            watch,
+            json,
+        }),
+        Cmd::DirtyLimit {
+            control,
+            set,
+            cancel,
+        } => {
+            if set.is_none() && !cancel {
+                anyhow::bail!("give --set RATE or --cancel");
+            }
+            let v = guest_cmd::control(
+                &control,
+                &guest_cmd::ControlRequest::SetDirtyLimit { bytes_per_s: set },
+            )?;
+            println!("{v}");
+            Ok(())
+        }
+        Cmd::GicSim {
+            vcpus,
+            pcpus,
+            clusters,
+            ticks,
+            slice,
+            ipi_prob,
+            msi_prob,
+            wfi_prob,
+            seed,
+            modes,
+            json,
+        } => {
+            for (name, p) in [
+                ("ipi-prob", ipi_prob),
+                ("msi-prob", msi_prob),
+                ("wfi-prob", wfi_prob),
+            ] {
+                if !(0.0..=1.0).contains(&p) {
+                    anyhow::bail!("--{name} must be a probability in 0..=1, got {p}");
+                }
+            }
+            let modes = modes
+                .iter()
+                .map(|m| {
+                    m.parse::<gic_hyp::sim::SimMode>().map_err(|_| {
+                        anyhow::anyhow!("--modes: unknown mode {m:?} (v3, v4.0, v4.1)")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let p = gic_hyp::sim::SimParams {
+                vcpus: vcpus as usize,
+                pcpus: pcpus as usize,
+                clusters: clusters as usize,
+                ticks,
+                slice,
+                ipi_prob,
+                msi_prob,
+                wfi_prob,
+                seed,
+                modes,
+                ..gic_hyp::sim::SimParams::default()
+            };
+            let r = gic_hyp::sim::run(&p).context("gic-sim")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.to_markdown());
+            }
+            if !r.ok() {
+                eprintln!(
+                    "gic-sim: FAILED: an interrupt was lost or duplicated, or a doorbell repeated"
+                );
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Demo {
             guest,
             params,
@@ -316,8 +488,10 @@ fn main() -> Result<()> {
             params,
             duration,
             exit_after_migrate,
+            vcpu_dirty_limit,
             json,
         } => guest_cmd::run(guest_cmd::RunOpts {
+            dirty_limit: vcpu_dirty_limit,
             guest,
             control,
             migrate_to,
@@ -400,9 +574,15 @@ fn main() -> Result<()> {
                     timeout,
                     downtime_limit,
                     plot,
+                    max_bandwidth,
+                    dirty_limit,
+                    auto_converge,
                     json,
                 },
         } => {
+            if let Some(b) = &max_bandwidth {
+                bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+            }
             for t in &trackers {
                 if !["ring", "bitmap", "clear-log"].contains(&t.as_str()) {
                     anyhow::bail!("--trackers: unknown tracker {t:?} (ring, bitmap, clear-log)");
@@ -427,6 +607,9 @@ fn main() -> Result<()> {
                 timeout,
                 downtime_limit,
                 plot,
+                max_bandwidth,
+                dirty_limit,
+                auto_converge,
                 json,
             })
         }

@@ -22,7 +22,7 @@ pub use error::{Result, VmmError};
 pub use guest::{Pattern, VcpuCtrl};
 pub use memory::{GuestRam, RegionSpec};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
-pub use vm::{open_kvm, Tracking, Vm, VmConfig};
+pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};
 
 /// Whether `/dev/kvm` exists (tests print a `SKIP(kvm)` line and return when it does not).
 pub fn kvm_available() -> bool {

@@ -102,6 +102,22 @@ pub(crate) fn kick_thread<T>(h: &std::thread::JoinHandle<T>) {
     unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
 }
 
+/// The pthread id of a spawned thread, for [`kick_pthread`].
+pub(crate) fn pthread_id<T>(h: &std::thread::JoinHandle<T>) -> u64 {
+    #[allow(clippy::unnecessary_cast)] // pthread_t is u64 on x86_64 glibc, not everywhere
+    let id = h.as_pthread_t() as u64;
+    id
+}
+
+/// Sends the kick signal to a thread by pthread id. The caller guarantees the thread has not
+/// been joined (the throttle ticker is joined before the vCPU threads).
+pub(crate) fn kick_pthread(id: u64) {
+    // SAFETY: `id` came from `pthread_id` of a vCPU thread that is joined only after the
+    // caller (the throttle ticker) has stopped, so it names a live or exited-unjoined thread
+    // (ESRCH, harmless). The signal has a handler installed.
+    unsafe { libc::pthread_kill(id as libc::pthread_t, kick_signal()) };
+}
+
 /// `KVM_SET_XSAVE` with the size check kvm-ioctls leaves to the caller: the kernel copies
 /// `KVM_CAP_XSAVE2` bytes, which must not exceed the 4 KiB `kvm_xsave` we pass (true unless
 /// this process enabled dynamic XSAVE features such as AMX, which it never does).

@@ -70,9 +70,20 @@ pub struct VcpuShared {
     fd: Mutex<VcpuFd>,
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// Fraction of each throttle period this vCPU must sleep, in parts per million.
+    throttle_ppm: AtomicU64,
+    /// Set by the vCPU thread while it waits out a hold (so the ticker need not kick it).
+    in_hold: std::sync::atomic::AtomicBool,
     /// Counters.
     pub counters: VcpuCounters,
 }
+
+/// Throttle period: a throttled vCPU is kicked once per period and sleeps its share of it.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+/// Most of a period a vCPU can be made to sleep (QEMU caps its CPU throttle at 99%).
+pub const MAX_THROTTLE: f64 = 0.99;
+/// `throttle_ppm` value meaning "held": the vCPU does not run until released.
+const HOLD_PPM: u64 = 1_000_000;
 
 impl std::fmt::Debug for VcpuShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,12 +102,48 @@ impl VcpuShared {
             fd: Mutex::new(fd),
             ctl: Mutex::new(Ctl::default()),
             cv: Condvar::new(),
+            throttle_ppm: AtomicU64::new(0),
+            in_hold: std::sync::atomic::AtomicBool::new(false),
             counters: VcpuCounters::default(),
         }
     }
 
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes this vCPU sleep `fraction` (0..=0.99) of its time, in [`THROTTLE_PERIOD`] slices
+    /// (0 removes the throttle). Takes effect while its VM's vCPUs run.
+    pub fn set_throttle(&self, fraction: f64) {
+        let f = if fraction.is_finite() {
+            fraction.clamp(0.0, MAX_THROTTLE)
+        } else {
+            0.0
+        };
+        self.throttle_ppm
+            .store((f * 1e6).round() as u64, Ordering::Relaxed);
+    }
+
+    /// Holds this vCPU (it stops running within one [`THROTTLE_PERIOD`]) or releases it.
+    /// A hold replaces any throttle fraction; releasing leaves the vCPU unthrottled.
+    pub fn set_hold(&self, hold: bool) {
+        self.throttle_ppm
+            .store(if hold { HOLD_PPM } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// Whether this vCPU is held.
+    pub fn held(&self) -> bool {
+        self.throttle_ppm.load(Ordering::Relaxed) >= HOLD_PPM
+    }
+
+    /// The current throttle fraction (1.0 while held).
+    pub fn throttle(&self) -> f64 {
+        self.throttle_ppm.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Index of this vCPU.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// Locks the vCPU fd (for register access while the vCPU is parked or not started).
@@ -162,6 +209,7 @@ pub(crate) struct RunCtx {
 fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
     let ring = cx.ring.as_deref();
     let hook = cx.hook.as_ref();
+    let mut last_wake = Instant::now();
     loop {
         {
             let c = v.ctl();
@@ -223,6 +271,37 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
                 // the next KVM_RUN enters the guest.
                 if !v.ctl().pause_req {
                     v.imm.set(false);
+                    // Throttled (dirty limit or auto-converge): sleep in proportion to the
+                    // time run since the last throttle sleep, so that run : sleep equals
+                    // (1 - f) : f whatever the kick period and its jitter.
+                    let ppm = v.throttle_ppm.load(Ordering::Relaxed);
+                    if ppm >= HOLD_PPM {
+                        // Held (dirty limit out of budget): wait until released.
+                        let t = Instant::now();
+                        v.in_hold.store(true, Ordering::Relaxed);
+                        while v.throttle_ppm.load(Ordering::Relaxed) >= HOLD_PPM {
+                            {
+                                let c = v.ctl();
+                                if c.pause_req || c.quit {
+                                    break;
+                                }
+                            }
+                            v.nap(Duration::from_millis(1));
+                        }
+                        v.in_hold.store(false, Ordering::Relaxed);
+                        v.counters
+                            .throttle_ns
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    } else if ppm > 0 {
+                        let f = ppm as f64 / 1e6;
+                        let ran = last_wake.elapsed();
+                        let d = ran.mul_f64(f / (1.0 - f)).min(Duration::from_millis(200));
+                        v.nap(d);
+                        v.counters
+                            .throttle_ns
+                            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    last_wake = Instant::now();
                 }
             }
             Ok(VcpuExit::Shutdown) => {
@@ -256,6 +335,31 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
 pub struct Vcpus {
     shared: Vec<Arc<VcpuShared>>,
     threads: Vec<Option<JoinHandle<()>>>,
+    ticker_stop: Arc<std::sync::atomic::AtomicBool>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+/// Kicks every throttled vCPU once per [`THROTTLE_PERIOD`], and a held vCPU that is still
+/// running within a millisecond. Holds the vCPU threads' pthread ids; it is stopped and
+/// joined before those threads are joined.
+fn ticker(shared: Vec<Arc<VcpuShared>>, ids: Vec<u64>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut last_period = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(1));
+        let period = last_period.elapsed() >= THROTTLE_PERIOD;
+        if period {
+            last_period = Instant::now();
+        }
+        for (v, &id) in shared.iter().zip(&ids) {
+            let ppm = v.throttle_ppm.load(Ordering::Relaxed);
+            let held = ppm >= HOLD_PPM;
+            let kick = (held && !v.in_hold.load(Ordering::Relaxed)) || (ppm > 0 && !held && period);
+            if kick {
+                v.imm.set(true);
+                sys::kick_pthread(id);
+            }
+        }
+    }
 }
 
 impl Vcpus {
@@ -276,7 +380,23 @@ impl Vcpus {
                 .map_err(VmmError::Thread)?;
             threads.push(Some(h));
         }
-        Ok(Vcpus { shared, threads })
+        let ids = threads
+            .iter()
+            .flatten()
+            .map(sys::pthread_id)
+            .collect();
+        let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sh, st) = (shared.clone(), ticker_stop.clone());
+        let ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || ticker(sh, ids, st))
+            .map_err(VmmError::Thread)?;
+        Ok(Vcpus {
+            shared,
+            threads,
+            ticker_stop,
+            ticker: Some(ticker),
+        })
     }
 
     /// Number of vCPUs.
@@ -327,6 +447,19 @@ impl Vcpus {
         if let Some(h) = &self.threads[i] {
             sys::kick_thread(h);
         }
+    }
+
+    /// Makes vCPU `i` sleep `fraction` (0..=0.99) of its time, in [`THROTTLE_PERIOD`] slices
+    /// (0 removes the throttle). Used by the dirty limit and by auto-converge.
+    pub fn set_throttle(&self, i: usize, fraction: f64) {
+        if let Some(v) = self.shared.get(i) {
+            v.set_throttle(fraction);
+        }
+    }
+
+    /// vCPU `i`'s current throttle fraction.
+    pub fn throttle(&self, i: usize) -> f64 {
+        self.shared.get(i).map(|v| v.throttle()).unwrap_or(0.0)
     }
 
     /// Asks every vCPU to park and waits until all are parked (at a sync point or paused).
@@ -384,6 +517,10 @@ impl Vcpus {
 
     /// Stops and joins every vCPU thread. Returns the first failure, if any.
     pub fn shutdown(&mut self) -> Result<()> {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
         let failure = self.failure().filter(
             |e| !matches!(e, VmmError::VcpuFailed { what, .. } if what == "vCPU thread ended"),
         );

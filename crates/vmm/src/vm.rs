@@ -19,6 +19,9 @@ use crate::sys;
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
 use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
 
+/// `rate_pages_per_s` of [`Vm::set_dirty_workload`] for a guest that writes as fast as it can.
+pub const UNPACED: u64 = u64::MAX;
+
 /// Dirty tracking the VM is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Tracking {
@@ -266,7 +269,9 @@ impl Vm {
     }
 
     /// Configures every vCPU to dirty its share of `[base, base + pages)` at `rate` pages/s
-    /// in total (0 = as fast as it can), with unique values so every write changes memory.
+    /// in total, with unique values so every write changes memory. [`UNPACED`] runs as fast
+    /// as the vCPUs can; 0 is an idle guest (one write per second per vCPU, so it still shows
+    /// progress, sleeping in between).
     pub fn set_dirty_workload(
         &self,
         base: u64,
@@ -278,10 +283,10 @@ impl Vm {
         let per = (pages / n).max(1);
         let tsc_hz = u64::from(self.tsc_khz()?) * 1000;
         for i in 0..self.created.len() {
-            let per_vcpu_rate = rate_pages_per_s / n;
+            let per_vcpu_rate = (rate_pages_per_s / n).max(1);
             // Bursts of about 1 ms of work; sleep in the VMM when 200 us or more ahead.
-            let burst = (per_vcpu_rate / 1000).clamp(4, 4096);
-            let (burst_pages, burst_tsc) = if rate_pages_per_s == 0 || per_vcpu_rate == 0 {
+            let burst = (per_vcpu_rate / 1000).clamp(1, 4096);
+            let (burst_pages, burst_tsc) = if rate_pages_per_s == UNPACED {
                 (0, 0)
             } else {
                 (burst, (tsc_hz * burst / per_vcpu_rate).max(1))
