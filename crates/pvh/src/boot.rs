@@ -1,0 +1,260 @@
+//! The PVH boot protocol: where the loader puts `hvm_start_info`, the e820 memory map and the
+//! command line, and loading an image's segments into guest RAM.
+//!
+//! Layout (all below the first kernel segment a sane PVH kernel uses):
+//! - [`START_INFO_GPA`]: `struct hvm_start_info` (Xen `start_info.h`, version 1, 56 bytes)
+//! - [`MEMMAP_GPA`]: `struct hvm_memmap_table_entry[]` (24 bytes each)
+//! - [`CMDLINE_GPA`]: the NUL-terminated command line (at most [`CMDLINE_MAX`] bytes)
+
+use crate::elf::PvhImage;
+use crate::error::{LoadError, Result};
+use crate::memory::GuestRam;
+
+/// `XEN_HVM_START_MAGIC_VALUE`.
+pub const START_MAGIC: u32 = 0x336e_c578;
+/// Address of `hvm_start_info`.
+pub const START_INFO_GPA: u64 = 0x6000;
+/// Address of the memory map.
+pub const MEMMAP_GPA: u64 = 0x6040;
+/// Address of the command line.
+pub const CMDLINE_GPA: u64 = 0x7000;
+/// Longest command line, without its NUL.
+pub const CMDLINE_MAX: usize = 4095;
+/// End of the boot data.
+pub const BOOT_DATA_END: u64 = 0x8000;
+/// End of conventional memory (the 640 KiB - 1 MiB legacy range is not RAM in the map).
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// Start of extended memory.
+pub const EXT_RAM_START: u64 = 0x10_0000;
+/// `XEN_HVM_MEMMAP_TYPE_RAM` (e820 type 1).
+pub const E820_RAM: u32 = 1;
+
+/// One memory map entry (`hvm_memmap_table_entry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start.
+    pub addr: u64,
+    /// Length.
+    pub size: u64,
+    /// Type (1 = RAM).
+    pub ty: u32,
+}
+
+/// The memory map the guest sees: conventional memory, extended memory up to the hole, and
+/// RAM above 4 GiB when there is any.
+pub fn memory_map(ram: &GuestRam) -> Vec<E820Entry> {
+    let mut v = Vec::new();
+    for r in ram.ranges() {
+        if r.gpa == 0 {
+            v.push(E820Entry {
+                addr: 0,
+                size: r.bytes.min(LOW_RAM_END),
+                ty: E820_RAM,
+            });
+            if r.end() > EXT_RAM_START {
+                v.push(E820Entry {
+                    addr: EXT_RAM_START,
+                    size: r.end() - EXT_RAM_START,
+                    ty: E820_RAM,
+                });
+            }
+        } else {
+            v.push(E820Entry {
+                addr: r.gpa,
+                size: r.bytes,
+                ty: E820_RAM,
+            });
+        }
+    }
+    v
+}
+
+fn is_ram(map: &[E820Entry], start: u64, end: u64) -> bool {
+    map.iter()
+        .any(|e| e.ty == E820_RAM && start >= e.addr && end <= e.addr + e.size)
+}
+
+/// Checks that `image` fits `ram` and does not collide with the boot data.
+pub fn check_placement(image: &PvhImage, ram: &GuestRam) -> std::result::Result<(), LoadError> {
+    let needed: u64 = image.segments.iter().map(|s| s.memsz).sum();
+    if needed > ram.total_bytes() {
+        return Err(LoadError::DoesNotFit {
+            needed,
+            memory: ram.total_bytes(),
+        });
+    }
+    let map = memory_map(ram);
+    for s in &image.segments {
+        if s.paddr < BOOT_DATA_END && s.end() > START_INFO_GPA {
+            return Err(LoadError::OverlapsBootData {
+                start: s.paddr,
+                end: s.end(),
+                boot_start: START_INFO_GPA,
+                boot_end: BOOT_DATA_END,
+            });
+        }
+        if !is_ram(&map, s.paddr, s.end()) {
+            return Err(LoadError::OutsideMemory {
+                start: s.paddr,
+                end: s.end(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loads `image` (parsed from `file`) into `ram` and writes the start info, memory map and
+/// command line. Returns the address of `hvm_start_info` (the guest's EBX).
+pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Result<u64> {
+    check_placement(image, ram)?;
+    if cmdline.len() > CMDLINE_MAX {
+        return Err(LoadError::Cmdline("longer than 4095 bytes").into());
+    }
+    if cmdline.as_bytes().contains(&0) {
+        return Err(LoadError::Cmdline("contains a NUL byte").into());
+    }
+    for s in &image.segments {
+        // Parse-time checks guarantee these bounds lie inside `file`.
+        let data = file
+            .get(s.offset as usize..(s.offset + s.filesz) as usize)
+            .ok_or(LoadError::Truncated {
+                what: "segment contents",
+                offset: s.offset,
+                len: s.filesz,
+                file_len: file.len() as u64,
+            })?;
+        ram.write(s.paddr, data)?;
+        let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
+        ram.write(s.paddr + s.filesz, &zeros)?;
+    }
+    let mut c = cmdline.as_bytes().to_vec();
+    c.push(0);
+    ram.write(CMDLINE_GPA, &c)?;
+    let map = memory_map(ram);
+    let mut m = Vec::with_capacity(map.len() * 24);
+    for e in &map {
+        m.extend_from_slice(&e.addr.to_le_bytes());
+        m.extend_from_slice(&e.size.to_le_bytes());
+        m.extend_from_slice(&e.ty.to_le_bytes());
+        m.extend_from_slice(&0u32.to_le_bytes());
+    }
+    ram.write(MEMMAP_GPA, &m)?;
+    let mut si = [0u8; 56];
+    si[0..4].copy_from_slice(&START_MAGIC.to_le_bytes());
+    si[4..8].copy_from_slice(&1u32.to_le_bytes()); // version 1: has the memory map
+                                                   // flags (8), nr_modules (12), modlist_paddr (16): zero.
+    si[24..32].copy_from_slice(&CMDLINE_GPA.to_le_bytes());
+    // rsdp_paddr (32): zero, no ACPI tables.
+    si[40..48].copy_from_slice(&MEMMAP_GPA.to_le_bytes());
+    si[48..52].copy_from_slice(&(map.len() as u32).to_le_bytes());
+    ram.write(START_INFO_GPA, &si)?;
+    Ok(START_INFO_GPA)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::elf::{self, Class, OutSegment};
+    use crate::error::PvhError;
+
+    fn image(paddr: u64, memsz: u64) -> (Vec<u8>, PvhImage) {
+        let f = elf::write(
+            Class::Elf64,
+            &[OutSegment {
+                paddr,
+                data: vec![0xf4; 16],
+                memsz,
+            }],
+            Some(paddr as u32),
+        );
+        let img = elf::parse(&f).unwrap();
+        (f, img)
+    }
+
+    #[test]
+    fn start_info_has_magic_version_cmdline_and_memmap() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let (f, img) = image(0x10_0000, 0x1000);
+        let si = load(&img, &f, &ram, "ws_mb=3").unwrap();
+        assert_eq!(si, START_INFO_GPA);
+        let mut b = [0u8; 56];
+        ram.read(si, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b[0..4].try_into().unwrap()), START_MAGIC);
+        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 1);
+        assert_eq!(
+            u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            CMDLINE_GPA
+        );
+        assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), 2);
+        let mut c = [0u8; 8];
+        ram.read(CMDLINE_GPA, &mut c).unwrap();
+        assert_eq!(&c, b"ws_mb=3\0");
+        assert_eq!(ram.read_u64(MEMMAP_GPA + 24).unwrap(), EXT_RAM_START);
+        assert_eq!(
+            ram.read_u64(MEMMAP_GPA + 32).unwrap(),
+            (16 << 20) - EXT_RAM_START
+        );
+    }
+
+    #[test]
+    fn memory_map_covers_ram_below_and_above_the_hole() {
+        let ram = GuestRam::new(5 << 30).unwrap();
+        let m = memory_map(&ram);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1].addr + m[1].size, 3 << 30);
+        assert_eq!((m[2].addr, m[2].size), (4 << 30, 2 << 30));
+    }
+
+    #[test]
+    fn segment_outside_ram_is_rejected() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let (f, img) = image(0x200_0000, 0x1000);
+        assert!(matches!(
+            load(&img, &f, &ram, ""),
+            Err(PvhError::Load(LoadError::OutsideMemory {
+                start: 0x200_0000,
+                ..
+            }))
+        ));
+        let (f, img) = image(0xa_0000, 0x1000);
+        assert!(matches!(
+            load(&img, &f, &ram, ""),
+            Err(PvhError::Load(LoadError::OutsideMemory { .. }))
+        ));
+    }
+
+    #[test]
+    fn kernel_larger_than_memory_does_not_fit() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let (f, img) = image(0x10_0000, 8 << 20);
+        assert!(matches!(
+            load(&img, &f, &ram, ""),
+            Err(PvhError::Load(LoadError::DoesNotFit { needed, memory: 0x40_0000 })) if needed == 8 << 20
+        ));
+    }
+
+    #[test]
+    fn segment_over_the_boot_data_is_rejected() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let (f, img) = image(0x7000, 0x100);
+        assert!(matches!(
+            load(&img, &f, &ram, ""),
+            Err(PvhError::Load(LoadError::OverlapsBootData { .. }))
+        ));
+    }
+
+    #[test]
+    fn overlong_or_nul_command_lines_are_rejected() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let (f, img) = image(0x10_0000, 0x100);
+        let long = "x".repeat(CMDLINE_MAX + 1);
+        assert!(matches!(
+            load(&img, &f, &ram, &long),
+            Err(PvhError::Load(LoadError::Cmdline(_)))
+        ));
+        assert!(matches!(
+            load(&img, &f, &ram, "a\0b"),
+            Err(PvhError::Load(LoadError::Cmdline(_)))
+        ));
+    }
+}
