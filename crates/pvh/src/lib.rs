@@ -16,3 +16,4 @@ pub mod vm;
 
 pub use serial::SerialOutput;
 pub use vm::{boot, ExitStatus, PvhConfig, PvhVm, EXIT_PORT};
+pub mod test_kernel;

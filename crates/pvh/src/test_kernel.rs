@@ -1,0 +1,761 @@
+//! The project's PVH test kernel, assembled at run time with iced-x86 and wrapped into an ELF
+//! with a `XEN_ELFNOTE_PHYS32_ENTRY` note by [`crate::elf::write`] (no cross toolchain).
+//!
+//! What it does, keeping CPL0 work minimal because PVM emulates every CPL0 instruction:
+//! 1. BSP, 32-bit entry (CPL0): saves EBX (start info), loads its GDT, enables PAE, long mode
+//!    and paging with static identity page tables (first 4 GiB, 2 MiB pages, User bit set),
+//!    far-jumps to 64-bit code.
+//! 2. 64-bit CPL0 (BSP and APs): APIC ID from CPUID = CPU index, per-CPU stack,
+//!    `IA32_SYSENTER_CS`, RFLAGS.IOPL = 3, then `sysexit` with REX.W to ring 3.
+//! 3. Ring 3 (native speed): the BSP prints [`BANNER`], checks the start-info magic, parses
+//!    its command line (see [`Cmdline`]), prints the parameters and the RAM it found in the
+//!    e820 map, starts `cpus - 1` APs with INIT/SIPI (xAPIC ICR, all-excluding-self), and
+//!    waits until they report in. Every CPU then dirties `dirty_mb` MiB of its own `ws_mb` MiB
+//!    working set per report, `reports` times, printing a progress line after each; the BSP
+//!    waits for all CPUs and writes `exit` to [`crate::EXIT_PORT`].
+//!
+//! APs start in real mode at [`TRAMPOLINE_GPA`] (below 1 MiB), switch to 32-bit protected
+//! mode and join step 1 after its GDT load. Serial output is `out` from ring 3 (IOPL = 3), with
+//! a ring-3 spinlock so lines do not interleave.
+//!
+//! Output lines (each ends with `\n`):
+//! - `ringvisor PVH test kernel v1`
+//! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E`
+//! - `memmap entries=N ram_kib=K`
+//! - `cpu I up` (each AP)
+//! - `cpu I progress R pages P` (P = pages written by that CPU so far)
+//! - `poweroff E`
+//!
+//! A ring-3 fault has no handler (no IDT): it ends in a triple fault, reported by the VMM as
+//! `ExitStatus::Crashed` with the registers.
+
+use iced_x86::code_asm::*;
+
+use crate::elf::{self, Class, OutSegment};
+use crate::error::{PvhError, Result};
+
+/// First line the kernel prints.
+pub const BANNER: &str = "ringvisor PVH test kernel v1";
+/// Where the AP trampoline is loaded (real mode, SIPI vector 0x08).
+pub const TRAMPOLINE_GPA: u64 = 0x8000;
+/// The 32-bit entry (the PVH entry point).
+pub const KERNEL_GPA: u64 = 0x10_0000;
+/// 64-bit code.
+const CODE64_GPA: u64 = 0x10_0400;
+/// Data page: GDT, variables, strings.
+const DATA_GPA: u64 = 0x10_3000;
+/// PML4, PDPT, then four page directories.
+const PML4_GPA: u64 = 0x10_4000;
+const PDPT_GPA: u64 = 0x10_5000;
+const PD_GPA: u64 = 0x10_6000;
+/// Per-CPU stacks (bss).
+const STACKS_GPA: u64 = 0x10_a000;
+const STACK_BYTES: u64 = 0x4000;
+/// Most CPUs the kernel runs on.
+pub const MAX_CPUS: u64 = 8;
+/// Start of the working sets: CPU `i` dirties `[WS_GPA + i * ws, WS_GPA + (i + 1) * ws)`.
+pub const WS_GPA: u64 = 0x100_0000;
+
+// Data page offsets.
+const GDTR: u64 = 0x40;
+const SI_PTR: u64 = 0x50;
+const CPUS_UP: u64 = 0x58;
+const LOCK: u64 = 0x60;
+const DONE: u64 = 0x68;
+const P_WS: u64 = 0x80;
+const P_DIRTY: u64 = 0x88;
+const P_REPORTS: u64 = 0x90;
+const P_CPUS: u64 = 0x98;
+const P_EXIT: u64 = 0xa0;
+const STRINGS: u64 = 0x100;
+/// GDT: the fixed descriptors, then one 16-byte TSS descriptor per CPU (a TSS descriptor goes
+/// busy on LTR, so CPUs cannot share one), all pointing at the same TSS.
+const GDT_OFF: u64 = 0x800;
+const TSS_OFF: u64 = 0x900;
+const SEL_TSS0: u16 = 0x38;
+/// TSS with an I/O permission bitmap allowing ports 0..IO_PORTS from ring 3.
+const IO_PORTS: usize = 0x600;
+const TSS_LIMIT: usize = 0x68 + IO_PORTS / 8;
+const GDT_BYTES: usize = GDT.len() * 8 + MAX_CPUS as usize * 16;
+
+// GDT selectors. SYSENTER_CS = 0x08, so 64-bit SYSEXIT loads CS = 0x28|3 and SS = 0x30|3.
+const SEL_CODE64: u16 = 0x08;
+const SEL_DATA: u16 = 0x10;
+const SEL_CODE32: u16 = 0x18;
+const GDT: [u64; 7] = [
+    0,
+    0x00af_9a00_0000_ffff, // 0x08 code64 DPL0
+    0x00cf_9200_0000_ffff, // 0x10 data DPL0
+    0x00cf_9a00_0000_ffff, // 0x18 code32 DPL0 (AP trampoline)
+    0x00cf_f200_0000_ffff, // 0x20 data DPL3 (unused: 32-bit SYSEXIT's SS)
+    0x00af_fa00_0000_ffff, // 0x28 code64 DPL3
+    0x00cf_f200_0000_ffff, // 0x30 data DPL3
+];
+
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_SYSENTER_CS: u32 = 0x174;
+const EFER_LME: u32 = 0x100;
+const EFER_SCE: u32 = 0x1;
+const MSR_STAR: u32 = 0xc000_0081;
+/// STAR: SYSCALL CS = 0x08; SYSRET base 0x18, so 64-bit SYSRET loads SS = 0x20|3, CS = 0x28|3.
+const STAR_HI: u32 = 0x0018_0008;
+const CR4_PAE: u32 = 0x20;
+/// PG | WP | NE | ET | MP | PE.
+const CR0_LONG: u32 = 0x8001_0033;
+/// RFLAGS with IOPL = 3 (ring-3 port I/O exits to the VMM) and IF = 0.
+const RFLAGS_USER: i32 = 0x3002;
+const LAPIC: u64 = 0xfee0_0000;
+/// ICR: all excluding self, level assert, INIT.
+const ICR_INIT_ALL: u32 = 0x000c_4500;
+/// ICR: all excluding self, level assert, start-up with the trampoline's page.
+const ICR_SIPI_ALL: u32 = 0x000c_4600 | (TRAMPOLINE_GPA >> 12) as u32;
+const SYSRET: bool = true;
+const START_MAGIC: u32 = crate::boot::START_MAGIC;
+
+/// Build-time options of the test kernel (its workload comes from the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TestKernelParams {
+    /// Wrap the kernel into an ELF32 file instead of ELF64.
+    pub elf32: bool,
+}
+
+/// The test kernel's command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cmdline {
+    /// Working set per CPU, MiB.
+    pub ws_mb: u64,
+    /// MiB written per progress report.
+    pub dirty_mb: u64,
+    /// Progress reports per CPU before power-off.
+    pub reports: u64,
+    /// CPUs to run on (the BSP starts `cpus - 1` APs; clamped to 1..=8).
+    pub cpus: u64,
+    /// Power-off status.
+    pub exit: u8,
+}
+
+impl Default for Cmdline {
+    /// The values the kernel uses for keys missing from its command line.
+    fn default() -> Self {
+        Cmdline {
+            ws_mb: 4,
+            dirty_mb: 1,
+            reports: 3,
+            cpus: 1,
+            exit: 0,
+        }
+    }
+}
+
+impl Cmdline {
+    /// The command-line string.
+    pub fn render(&self) -> String {
+        format!(
+            "ws_mb={} dirty_mb={} reports={} cpus={} exit={}",
+            self.ws_mb, self.dirty_mb, self.reports, self.cpus, self.exit
+        )
+    }
+
+    /// RAM the kernel needs for this command line.
+    pub fn memory_needed(&self) -> u64 {
+        WS_GPA + self.cpus.clamp(1, MAX_CPUS) * (self.ws_mb.max(1) << 20)
+    }
+}
+
+/// Data page builder: fixed variables, then NUL-terminated strings.
+struct Data {
+    page: Vec<u8>,
+    next: u64,
+}
+
+impl Data {
+    fn new() -> Self {
+        let mut page = vec![0u8; 4096];
+        let g = GDT_OFF as usize;
+        for (i, d) in GDT.iter().enumerate() {
+            page[g + i * 8..g + i * 8 + 8].copy_from_slice(&d.to_le_bytes());
+        }
+        let base = DATA_GPA + TSS_OFF;
+        let tss_lo = TSS_LIMIT as u64
+            | ((base & 0xff_ffff) << 16)
+            | (0x89 << 40) // present, 64-bit TSS (available)
+            | (((base >> 24) & 0xff) << 56);
+        for c in 0..MAX_CPUS as usize {
+            let o = g + GDT.len() * 8 + c * 16;
+            page[o..o + 8].copy_from_slice(&tss_lo.to_le_bytes());
+            page[o + 8..o + 16].copy_from_slice(&(base >> 32).to_le_bytes());
+        }
+        // TSS: I/O map base at 0x66 = 0x68; the bitmap (all zero: allowed) and its 0xff end.
+        let t = TSS_OFF as usize;
+        page[t + 0x66..t + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
+        page[t + TSS_LIMIT] = 0xff;
+        let limit = (GDT_BYTES - 1) as u16;
+        page[GDTR as usize..GDTR as usize + 2].copy_from_slice(&limit.to_le_bytes());
+        page[GDTR as usize + 2..GDTR as usize + 10]
+            .copy_from_slice(&(DATA_GPA + GDT_OFF).to_le_bytes());
+        Data {
+            page,
+            next: STRINGS,
+        }
+    }
+
+    /// Adds a NUL-terminated string; returns its guest address.
+    fn string(&mut self, s: &str) -> Result<u64> {
+        let at = self.next as usize;
+        let end = at + s.len() + 1;
+        if end > self.page.len() {
+            return Err(PvhError::Assemble("data page full".into()));
+        }
+        self.page[at..at + s.len()].copy_from_slice(s.as_bytes());
+        self.next = end as u64;
+        Ok(DATA_GPA + at as u64)
+    }
+}
+
+fn asm_err(e: IcedError) -> PvhError {
+    PvhError::Assemble(e.to_string())
+}
+
+/// Real-mode AP trampoline at `TRAMPOLINE_GPA` (CS = 0x0800, IP = 0 after the SIPI).
+fn trampoline(ap_entry32: u32) -> std::result::Result<Vec<u8>, IcedError> {
+    const GDTR16: u64 = 0x40;
+    let mut a = CodeAssembler::new(16)?;
+    a.cli()?;
+    a.xor(ax, ax)?;
+    a.mov(ds, ax)?;
+    a.lgdt(ptr((TRAMPOLINE_GPA + GDTR16) as u16))?;
+    a.mov(eax, cr0)?;
+    a.or(eax, 1)?;
+    a.mov(cr0, eax)?;
+    // jmp far dword SEL_CODE32:ap_entry32 (operand-size prefix: 32-bit offset).
+    let mut far = vec![0x66, 0xea];
+    far.extend_from_slice(&ap_entry32.to_le_bytes());
+    far.extend_from_slice(&SEL_CODE32.to_le_bytes());
+    a.db(&far)?;
+    let mut code = a.assemble(0)?;
+    code.resize(GDTR16 as usize, 0xcc);
+    // 16-bit LGDT reads a 16-bit limit and a 24-bit base.
+    code.extend_from_slice(&((GDT_BYTES - 1) as u16).to_le_bytes());
+    code.extend_from_slice(&((DATA_GPA + GDT_OFF) as u32).to_le_bytes());
+    Ok(code)
+}
+
+/// 32-bit entry: returns the code and the offset of the AP entry in it.
+fn entry32() -> std::result::Result<(Vec<u8>, u32), IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let mut ap = a.create_label();
+    a.mov(dword_ptr((DATA_GPA + SI_PTR) as u32), ebx)?;
+    a.lgdt(ptr((DATA_GPA + GDTR) as u32))?;
+    a.set_label(&mut ap)?;
+    a.mov(eax, cr4)?;
+    a.or(eax, CR4_PAE as i32)?;
+    a.mov(cr4, eax)?;
+    a.mov(eax, PML4_GPA as u32)?;
+    a.mov(cr3, eax)?;
+    a.mov(ecx, MSR_EFER)?;
+    a.rdmsr()?;
+    a.or(eax, (EFER_LME | EFER_SCE) as i32)?;
+    a.wrmsr()?;
+    a.mov(eax, CR0_LONG)?;
+    a.mov(cr0, eax)?;
+    a.jmp_far(SEL_CODE64, CODE64_GPA as u32)?;
+    let r = a.assemble_options(
+        KERNEL_GPA,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let ap_ip = r.label_ip(&ap)?;
+    Ok((r.inner.code_buffer, (ap_ip - KERNEL_GPA) as u32))
+}
+
+/// Addresses of the strings the 64-bit code prints or matches.
+struct Strings {
+    banner: u64,
+    bad_magic: u64,
+    params: u64,
+    keys: [(u64, usize, u64, u64); 5], // (address, length, data offset, default)
+    memmap: u64,
+    ram_kib: u64,
+    cpu: u64,
+    up: u64,
+    progress: u64,
+    pages: u64,
+    poweroff: u64,
+    empty: u64,
+}
+
+fn strings(d: &mut Data) -> Result<Strings> {
+    let def = Cmdline::default();
+    let mut key = |k: &str, off: u64, default: u64| -> Result<(u64, usize, u64, u64)> {
+        Ok((d.string(k)?, k.len(), off, default))
+    };
+    let keys = [
+        key("ws_mb=", P_WS, def.ws_mb)?,
+        key("dirty_mb=", P_DIRTY, def.dirty_mb)?,
+        key("reports=", P_REPORTS, def.reports)?,
+        key("cpus=", P_CPUS, def.cpus)?,
+        key("exit=", P_EXIT, u64::from(def.exit))?,
+    ];
+    Ok(Strings {
+        banner: d.string(&format!("{BANNER}\n"))?,
+        bad_magic: d.string("bad start info magic\n")?,
+        params: d.string("params")?,
+        keys,
+        memmap: d.string("memmap entries=")?,
+        ram_kib: d.string(" ram_kib=")?,
+        cpu: d.string("cpu ")?,
+        up: d.string(" up\n")?,
+        progress: d.string(" progress ")?,
+        pages: d.string(" pages ")?,
+        poweroff: d.string("poweroff ")?,
+        empty: d.string("")?,
+    })
+}
+
+/// 64-bit code: the CPL0 prologue at `CODE64_GPA`, then the ring-3 program.
+fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut park = a.create_label();
+    let mut user = a.create_label();
+    let mut putc = a.create_label();
+    let mut puts = a.create_label();
+    let mut putdec = a.create_label();
+    let mut lock = a.create_label();
+    let mut unlock = a.create_label();
+    let mut param = a.create_label();
+
+    // ---- CPL0 (emulated on PVM: keep it short) ----
+    a.mov(eax, u32::from(SEL_DATA))?;
+    a.mov(ds, ax)?;
+    a.mov(es, ax)?;
+    a.mov(ss, ax)?;
+    a.mov(eax, 1u32)?;
+    a.cpuid()?;
+    a.shr(ebx, 24)?;
+    a.mov(r15d, ebx)?;
+    a.cmp(r15d, MAX_CPUS as i32)?;
+    a.jae(park)?;
+    // TR = this CPU's TSS descriptor (for the I/O permission bitmap).
+    a.lea(eax, ptr(r15 * 2))?;
+    a.shl(eax, 3)?;
+    a.add(eax, i32::from(SEL_TSS0))?;
+    a.ltr(ax)?;
+    a.mov(ecx, MSR_SYSENTER_CS)?;
+    a.mov(eax, u32::from(SEL_CODE64))?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    a.lea(rax, qword_ptr(r15 + 1))?;
+    a.shl(rax, 14)?;
+    a.mov(rcx, STACKS_GPA)?;
+    a.add(rax, rcx)?;
+    a.mov(rsp, rax)?;
+    if SYSRET {
+        a.mov(ecx, MSR_STAR)?;
+        a.mov(edx, STAR_HI)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.mov(r11d, RFLAGS_USER as u32)?;
+        a.lea(rcx, ptr(user))?;
+        a.sysretq()?;
+    } else {
+        a.push(RFLAGS_USER)?;
+        a.popfq()?;
+        a.mov(rcx, rsp)?;
+        a.lea(rdx, ptr(user))?;
+        a.sysexitq()?;
+    }
+    a.set_label(&mut park)?;
+    a.cli()?;
+    a.hlt()?;
+    a.jmp(park)?;
+
+    // ---- ring 3 ----
+    let mut ap_main = a.create_label();
+    let mut magic_ok = a.create_label();
+    let mut have_cmdline = a.create_label();
+    let mut worker = a.create_label();
+    let mut poweroff = a.create_label();
+    a.set_label(&mut user)?;
+    a.mov(r13, DATA_GPA)?;
+    a.test(r15, r15)?;
+    a.jnz(ap_main)?;
+    // BSP.
+    a.mov(rsi, s.banner)?;
+    a.call(puts)?;
+    a.mov(rbx, qword_ptr(r13 + SI_PTR as i32))?;
+    a.cmp(dword_ptr(rbx), START_MAGIC as i32)?;
+    a.je(magic_ok)?;
+    a.mov(rsi, s.bad_magic)?;
+    a.call(puts)?;
+    a.mov(qword_ptr(r13 + P_EXIT as i32), 0xee)?;
+    a.jmp(poweroff)?;
+    a.set_label(&mut magic_ok)?;
+    a.mov(r12, qword_ptr(rbx + 24))?;
+    a.test(r12, r12)?;
+    a.jnz(have_cmdline)?;
+    a.mov(r12, s.empty)?;
+    a.set_label(&mut have_cmdline)?;
+    for &(key, len, off, default) in &s.keys {
+        a.mov(rsi, key)?;
+        a.mov(edi, len as u32)?;
+        a.mov(rax, default)?;
+        a.call(param)?;
+        a.mov(qword_ptr(r13 + off as i32), rax)?;
+    }
+    // cpus clamped to 1..=MAX_CPUS.
+    let mut cpus_lo = a.create_label();
+    let mut cpus_hi = a.create_label();
+    a.mov(rax, qword_ptr(r13 + P_CPUS as i32))?;
+    a.test(rax, rax)?;
+    a.jnz(cpus_lo)?;
+    a.mov(qword_ptr(r13 + P_CPUS as i32), 1)?;
+    a.set_label(&mut cpus_lo)?;
+    a.cmp(rax, MAX_CPUS as i32)?;
+    a.jbe(cpus_hi)?;
+    a.mov(qword_ptr(r13 + P_CPUS as i32), MAX_CPUS as i32)?;
+    a.set_label(&mut cpus_hi)?;
+    // "params k=v ..."
+    a.mov(rsi, s.params)?;
+    a.call(puts)?;
+    for &(key, _, off, _) in &s.keys {
+        a.mov(al, b' ' as u32)?;
+        a.call(putc)?;
+        a.mov(rsi, key)?;
+        a.call(puts)?;
+        a.mov(rax, qword_ptr(r13 + off as i32))?;
+        a.call(putdec)?;
+    }
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    // Memory map: count RAM (type 1) bytes.
+    let mut mm_loop = a.create_label();
+    let mut mm_skip = a.create_label();
+    let mut mm_done = a.create_label();
+    a.mov(rsi, qword_ptr(rbx + 40))?;
+    a.mov(ecx, dword_ptr(rbx + 48))?;
+    a.mov(r9, rcx)?;
+    a.xor(r8d, r8d)?;
+    a.set_label(&mut mm_loop)?;
+    a.test(ecx, ecx)?;
+    a.jz(mm_done)?;
+    a.cmp(dword_ptr(rsi + 16), 1)?;
+    a.jne(mm_skip)?;
+    a.add(r8, qword_ptr(rsi + 8))?;
+    a.set_label(&mut mm_skip)?;
+    a.add(rsi, 24)?;
+    a.dec(ecx)?;
+    a.jmp(mm_loop)?;
+    a.set_label(&mut mm_done)?;
+    a.mov(rsi, s.memmap)?;
+    a.call(puts)?;
+    a.mov(rax, r9)?;
+    a.call(putdec)?;
+    a.mov(rsi, s.ram_kib)?;
+    a.call(puts)?;
+    a.mov(rax, r8)?;
+    a.shr(rax, 10)?;
+    a.call(putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
+    let mut wait_up = a.create_label();
+    a.cmp(qword_ptr(r13 + P_CPUS as i32), 1)?;
+    a.jbe(worker)?;
+    a.mov(rax, LAPIC)?;
+    a.mov(dword_ptr(rax + 0xf0), 0x1ff)?;
+    a.mov(dword_ptr(rax + 0x310), 0)?;
+    a.mov(dword_ptr(rax + 0x300), ICR_INIT_ALL as i32)?;
+    a.mov(dword_ptr(rax + 0x300), ICR_SIPI_ALL as i32)?;
+    a.set_label(&mut wait_up)?;
+    a.pause()?;
+    a.mov(rcx, qword_ptr(r13 + P_CPUS as i32))?;
+    a.dec(rcx)?;
+    a.cmp(qword_ptr(r13 + CPUS_UP as i32), rcx)?;
+    a.jb(wait_up)?;
+    a.jmp(worker)?;
+
+    // AP: count in, say so.
+    a.set_label(&mut ap_main)?;
+    a.lock().inc(qword_ptr(r13 + CPUS_UP as i32))?;
+    a.call(lock)?;
+    a.mov(rsi, s.cpu)?;
+    a.call(puts)?;
+    a.mov(rax, r15)?;
+    a.call(putdec)?;
+    a.mov(rsi, s.up)?;
+    a.call(puts)?;
+    a.call(unlock)?;
+
+    // Worker: r12 = working set base, r14 = its pages, rbx = position, rbp = report number,
+    // r10 = pages written.
+    let mut report = a.create_label();
+    let mut write = a.create_label();
+    let mut nowrap = a.create_label();
+    let mut print = a.create_label();
+    let mut finished = a.create_label();
+    let mut idle = a.create_label();
+    let mut wait_done = a.create_label();
+    let mut ws_ok = a.create_label();
+    a.set_label(&mut worker)?;
+    a.mov(r14, qword_ptr(r13 + P_WS as i32))?;
+    a.shl(r14, 8)?;
+    a.test(r14, r14)?;
+    a.jnz(ws_ok)?;
+    a.mov(r14d, 1)?;
+    a.set_label(&mut ws_ok)?;
+    a.mov(rax, r14)?;
+    a.shl(rax, 12)?;
+    a.imul_2(rax, r15)?;
+    a.mov(r12, WS_GPA)?;
+    a.add(r12, rax)?;
+    a.xor(ebx, ebx)?;
+    a.xor(ebp, ebp)?;
+    a.xor(r10d, r10d)?;
+    a.set_label(&mut report)?;
+    a.cmp(rbp, qword_ptr(r13 + P_REPORTS as i32))?;
+    a.jae(finished)?;
+    a.inc(rbp)?;
+    a.mov(rcx, qword_ptr(r13 + P_DIRTY as i32))?;
+    a.shl(rcx, 8)?;
+    a.jz(print)?;
+    a.set_label(&mut write)?;
+    a.cmp(rbx, r14)?;
+    a.jb(nowrap)?;
+    a.xor(ebx, ebx)?;
+    a.set_label(&mut nowrap)?;
+    a.mov(rax, rbx)?;
+    a.shl(rax, 12)?;
+    a.add(rax, r12)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rax), r10)?;
+    a.inc(rbx)?;
+    a.dec(rcx)?;
+    a.jnz(write)?;
+    a.set_label(&mut print)?;
+    a.call(lock)?;
+    a.mov(rsi, s.cpu)?;
+    a.call(puts)?;
+    a.mov(rax, r15)?;
+    a.call(putdec)?;
+    a.mov(rsi, s.progress)?;
+    a.call(puts)?;
+    a.mov(rax, rbp)?;
+    a.call(putdec)?;
+    a.mov(rsi, s.pages)?;
+    a.call(puts)?;
+    a.mov(rax, r10)?;
+    a.call(putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    a.call(unlock)?;
+    a.jmp(report)?;
+    a.set_label(&mut finished)?;
+    a.lock().inc(qword_ptr(r13 + DONE as i32))?;
+    a.test(r15, r15)?;
+    a.jnz(idle)?;
+    a.set_label(&mut wait_done)?;
+    a.pause()?;
+    a.mov(rax, qword_ptr(r13 + DONE as i32))?;
+    a.cmp(rax, qword_ptr(r13 + P_CPUS as i32))?;
+    a.jb(wait_done)?;
+    a.set_label(&mut poweroff)?;
+    a.call(lock)?;
+    a.mov(rsi, s.poweroff)?;
+    a.call(puts)?;
+    a.mov(rax, qword_ptr(r13 + P_EXIT as i32))?;
+    a.call(putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    a.mov(rax, qword_ptr(r13 + P_EXIT as i32))?;
+    a.mov(edx, u32::from(crate::vm::EXIT_PORT))?;
+    a.out(dx, al)?;
+    a.set_label(&mut idle)?;
+    a.pause()?;
+    a.jmp(idle)?;
+
+    // putc: al -> COM1. Clobbers edx.
+    a.set_label(&mut putc)?;
+    a.mov(edx, u32::from(crate::serial::COM1_PORT))?;
+    a.out(dx, al)?;
+    a.ret()?;
+    // puts: rsi = NUL-terminated string. Clobbers rax, rdx, rsi.
+    let mut puts_done = a.create_label();
+    a.set_label(&mut puts)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.test(al, al)?;
+    a.jz(puts_done)?;
+    a.call(putc)?;
+    a.inc(rsi)?;
+    a.jmp(puts)?;
+    a.set_label(&mut puts_done)?;
+    a.ret()?;
+    // putdec: rax in decimal. Clobbers rax, rcx, rdx, rdi, rsi.
+    let mut dec_loop = a.create_label();
+    a.set_label(&mut putdec)?;
+    a.sub(rsp, 32)?;
+    a.lea(rdi, qword_ptr(rsp + 31))?;
+    a.mov(byte_ptr(rdi), 0)?;
+    a.mov(ecx, 10u32)?;
+    a.set_label(&mut dec_loop)?;
+    a.xor(edx, edx)?;
+    a.div(rcx)?;
+    a.add(dl, b'0' as u32)?;
+    a.dec(rdi)?;
+    a.mov(byte_ptr(rdi), dl)?;
+    a.test(rax, rax)?;
+    a.jnz(dec_loop)?;
+    a.mov(rsi, rdi)?;
+    a.call(puts)?;
+    a.add(rsp, 32)?;
+    a.ret()?;
+    // lock / unlock: the print spinlock. Clobber eax.
+    let mut lock_got = a.create_label();
+    a.set_label(&mut lock)?;
+    a.mov(eax, 1u32)?;
+    a.xchg(dword_ptr(r13 + LOCK as i32), eax)?;
+    a.test(eax, eax)?;
+    a.jz(lock_got)?;
+    a.pause()?;
+    a.jmp(lock)?;
+    a.set_label(&mut lock_got)?;
+    a.ret()?;
+    a.set_label(&mut unlock)?;
+    a.mov(dword_ptr(r13 + LOCK as i32), 0)?;
+    a.ret()?;
+    // param: value of key rsi (length rdi, including '=') in the command line r12, in
+    // decimal, or rax if absent. A key matches at the start or after a space.
+    // Clobbers rcx, r8, r9.
+    let mut scan = a.create_label();
+    let mut check = a.create_label();
+    let mut cmp_loop = a.create_label();
+    let mut next = a.create_label();
+    let mut matched = a.create_label();
+    let mut digit = a.create_label();
+    let mut param_ret = a.create_label();
+    a.set_label(&mut param)?;
+    a.mov(r8, r12)?;
+    a.set_label(&mut scan)?;
+    a.cmp(byte_ptr(r8), 0)?;
+    a.je(param_ret)?;
+    a.cmp(r8, r12)?;
+    a.je(check)?;
+    a.cmp(byte_ptr(r8 - 1), b' ' as i32)?;
+    a.jne(next)?;
+    a.set_label(&mut check)?;
+    a.xor(ecx, ecx)?;
+    a.set_label(&mut cmp_loop)?;
+    a.cmp(rcx, rdi)?;
+    a.je(matched)?;
+    a.mov(r9b, byte_ptr(rsi + rcx))?;
+    a.cmp(r9b, byte_ptr(r8 + rcx))?;
+    a.jne(next)?;
+    a.inc(rcx)?;
+    a.jmp(cmp_loop)?;
+    a.set_label(&mut next)?;
+    a.inc(r8)?;
+    a.jmp(scan)?;
+    a.set_label(&mut matched)?;
+    a.add(r8, rdi)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut digit)?;
+    a.movzx(ecx, byte_ptr(r8))?;
+    a.sub(ecx, b'0' as i32)?;
+    a.cmp(ecx, 9)?;
+    a.ja(param_ret)?;
+    a.imul_3(rax, rax, 10)?;
+    a.add(rax, rcx)?;
+    a.inc(r8)?;
+    a.jmp(digit)?;
+    a.set_label(&mut param_ret)?;
+    a.ret()?;
+    a.assemble(CODE64_GPA)
+}
+
+/// Static identity page tables for the first 4 GiB: 2 MiB pages, present, writable, user.
+fn page_tables() -> Vec<u8> {
+    const P_RW_US: u64 = 0x7;
+    const PS: u64 = 0x80;
+    let mut t = vec![0u8; 6 * 4096];
+    let mut put = |page: usize, idx: usize, v: u64| {
+        let o = page * 4096 + idx * 8;
+        t[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    put(0, 0, PDPT_GPA | P_RW_US);
+    for g in 0..4usize {
+        put(1, g, (PD_GPA + 4096 * g as u64) | P_RW_US);
+        for m in 0..512usize {
+            let addr = ((g as u64) << 30) | ((m as u64) << 21);
+            put(2 + g, m, addr | P_RW_US | PS);
+        }
+    }
+    t
+}
+
+/// Assembles the test kernel and returns its ELF bytes.
+pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
+    let mut data = Data::new();
+    let strs = strings(&mut data)?;
+    let (e32, ap_off) = entry32().map_err(asm_err)?;
+    let c64 = code64(&strs).map_err(asm_err)?;
+    let tramp = trampoline(KERNEL_GPA as u32 + ap_off).map_err(asm_err)?;
+    if KERNEL_GPA + e32.len() as u64 > CODE64_GPA || CODE64_GPA + c64.len() as u64 > DATA_GPA {
+        return Err(PvhError::Assemble("code larger than its slot".into()));
+    }
+    let mut image = vec![0u8; (STACKS_GPA - KERNEL_GPA) as usize];
+    let at = |a: u64| (a - KERNEL_GPA) as usize;
+    image[..e32.len()].copy_from_slice(&e32);
+    image[at(CODE64_GPA)..at(CODE64_GPA) + c64.len()].copy_from_slice(&c64);
+    image[at(DATA_GPA)..at(DATA_GPA) + 4096].copy_from_slice(&data.page);
+    image[at(PML4_GPA)..at(STACKS_GPA)].copy_from_slice(&page_tables());
+    let class = if params.elf32 {
+        Class::Elf32
+    } else {
+        Class::Elf64
+    };
+    Ok(elf::write(
+        class,
+        &[
+            OutSegment {
+                paddr: TRAMPOLINE_GPA,
+                memsz: tramp.len() as u64,
+                data: tramp,
+            },
+            OutSegment {
+                paddr: KERNEL_GPA,
+                data: image,
+                memsz: STACKS_GPA + MAX_CPUS * STACK_BYTES - KERNEL_GPA,
+            },
+        ],
+        Some(KERNEL_GPA as u32),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_kernel_is_a_pvh_elf_with_trampoline_and_kernel_segments() {
+        for elf32 in [false, true] {
+            let f = build(&TestKernelParams { elf32 }).unwrap();
+            let img = elf::parse(&f).unwrap();
+            assert_eq!(img.entry, KERNEL_GPA as u32);
+            assert_eq!(img.class == Class::Elf32, elf32);
+            assert_eq!(img.segments.len(), 2);
+            assert_eq!(img.segments[0].paddr, TRAMPOLINE_GPA);
+            assert!(img.segments[1].memsz > img.segments[1].filesz);
+        }
+    }
+
+    #[test]
+    fn cmdline_renders_every_key() {
+        let c = Cmdline {
+            ws_mb: 2,
+            dirty_mb: 1,
+            reports: 5,
+            cpus: 2,
+            exit: 7,
+        };
+        assert_eq!(c.render(), "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7");
+        assert_eq!(c.memory_needed(), WS_GPA + (4 << 20));
+    }
+}
