@@ -15,10 +15,19 @@ fn kvm_available() -> bool {
 
 /// Boots the kernel with `cmdline` on `vcpus` vCPUs; returns the status and the serial text.
 fn run(params: TestKernelParams, cmdline: &str, vcpus: usize) -> (ExitStatus, String, Duration) {
+    run_mem(params, cmdline, vcpus, 64 << 20)
+}
+
+fn run_mem(
+    params: TestKernelParams,
+    cmdline: &str,
+    vcpus: usize,
+    memory: u64,
+) -> (ExitStatus, String, Duration) {
     let kernel = test_kernel::build(&params).expect("assemble the test kernel");
     let cfg = PvhConfig {
         cmdline: cmdline.to_string(),
-        memory: 64 << 20,
+        memory,
         vcpus,
         ..PvhConfig::new(kernel)
     };
@@ -64,4 +73,126 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
     }
     assert_eq!(lines[7], "poweroff 42");
     assert_eq!(lines.len(), 8);
+}
+
+#[test]
+fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
+    if !kvm_available() {
+        return;
+    }
+    let c = Cmdline {
+        ws_mb: 2,
+        dirty_mb: 1,
+        reports: 3,
+        cpus: 2,
+        exit: 7,
+    };
+    let (status, out, took) = run(TestKernelParams::default(), &c.render(), 2);
+    println!("took {took:?}\n{out}");
+    assert_eq!(status, ExitStatus::PowerOff(7), "serial:\n{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"cpu 1 up"), "{out}");
+    for cpu in 0..2 {
+        for r in 1..=3u64 {
+            let l = format!("cpu {cpu} progress {r} pages {}", r * 256);
+            assert!(lines.contains(&l.as_str()), "missing {l:?}:\n{out}");
+        }
+    }
+    assert_eq!(lines.last(), Some(&"poweroff 7"));
+}
+
+#[test]
+fn elf32_image_boots_and_missing_keys_take_their_defaults() {
+    if !kvm_available() {
+        return;
+    }
+    let (status, out, took) = run(TestKernelParams { elf32: true }, "", 1);
+    println!("took {took:?}\n{out}");
+    let d = Cmdline::default();
+    assert_eq!(status, ExitStatus::PowerOff(d.exit), "serial:\n{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], BANNER);
+    assert_eq!(
+        lines[1],
+        format!(
+            "params ws_mb={} dirty_mb={} reports={} cpus={} exit={}",
+            d.ws_mb, d.dirty_mb, d.reports, d.cpus, d.exit
+        )
+    );
+    let progress = lines
+        .iter()
+        .filter(|l| l.starts_with("cpu 0 progress"))
+        .count();
+    assert_eq!(progress as u64, d.reports);
+}
+
+#[test]
+fn guest_larger_than_the_hole_sees_ram_above_4g_in_its_e820_map() {
+    if !kvm_available() {
+        return;
+    }
+    // 3 GiB below the hole, 1 GiB above 4 GiB; MAP_NORESERVE keeps the host cost to what the
+    // guest touches.
+    let mem = 4u64 << 30;
+    let (status, out, _) = run_mem(TestKernelParams::default(), "reports=1 exit=3", 1, mem);
+    assert_eq!(status, ExitStatus::PowerOff(3), "serial:\n{out}");
+    let kib = (mem >> 10) - 384;
+    assert!(
+        out.lines()
+            .any(|l| l == format!("memmap entries=3 ram_kib={kib}")),
+        "{out}"
+    );
+}
+
+#[test]
+fn dirtying_writes_reach_guest_memory_in_each_cpus_working_set() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    let c = Cmdline {
+        ws_mb: 1,
+        dirty_mb: 1,
+        reports: 2,
+        cpus: 2,
+        exit: 0,
+    };
+    let cfg = PvhConfig {
+        cmdline: c.render(),
+        memory: 64 << 20,
+        vcpus: 2,
+        ..PvhConfig::new(kernel)
+    };
+    let mut vm = pvh::boot(&cfg).expect("boot");
+    let st = vm
+        .run_until_exit(Some(Duration::from_secs(60)))
+        .expect("run");
+    assert_eq!(st, ExitStatus::PowerOff(0));
+    // Each CPU wrote its 256-page working set twice; page i holds 256 + i + 1 (the counter of
+    // the second sweep).
+    for cpu in 0..2u64 {
+        let base = test_kernel::WS_GPA + cpu * (1 << 20);
+        for page in [0u64, 1, 255] {
+            let v = vm.ram().read_u64(base + page * 4096).expect("read");
+            assert_eq!(v, 256 + page + 1, "cpu {cpu} page {page}");
+        }
+    }
+}
+
+#[test]
+fn non_pvh_elf_is_rejected_with_a_typed_error_before_kvm_is_touched() {
+    let mut kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    // Corrupt the note type (the PT_NOTE follows the three program headers in the test ELF).
+    let img = pvh::elf::parse(&kernel).expect("parse");
+    assert_eq!(img.entry, test_kernel::KERNEL_GPA as u32);
+    let pos = kernel
+        .windows(4)
+        .position(|w| w == b"Xen\0")
+        .expect("note name");
+    kernel[pos - 4] = 0x11;
+    let err = pvh::boot(&PvhConfig::new(kernel)).expect_err("must fail");
+    assert!(
+        matches!(err, pvh::PvhError::Load(pvh::LoadError::NoPvhNote)),
+        "{err}"
+    );
 }
