@@ -49,7 +49,12 @@ const PML4_GPA: u64 = 0x10_4000;
 const PDPT_GPA: u64 = 0x10_5000;
 const PD_GPA: u64 = 0x10_6000;
 /// Per-CPU stacks (bss).
-const STACKS_GPA: u64 = 0x10_a000;
+/// IDT page (256 gates).
+const IDT_GPA: u64 = 0x10_a000;
+/// Per-CPU TSSes (RSP0 and the I/O permission bitmap), `TSS_STRIDE` apart.
+const TSS_GPA: u64 = 0x10_b000;
+const TSS_STRIDE: u64 = 0x140;
+const STACKS_GPA: u64 = 0x10_c000;
 const STACK_BYTES: u64 = 0x4000;
 /// Most CPUs the kernel runs on.
 pub const MAX_CPUS: u64 = 8;
@@ -58,6 +63,9 @@ pub const WS_GPA: u64 = 0x100_0000;
 
 // Data page offsets.
 const GDTR: u64 = 0x40;
+const IDTR: u64 = 0x70;
+/// Per-CPU timer ticks (u64 each).
+const TICKS: u64 = 0x600;
 const SI_PTR: u64 = 0x50;
 const CPUS_UP: u64 = 0x58;
 const LOCK: u64 = 0x60;
@@ -67,18 +75,18 @@ const P_DIRTY: u64 = 0x88;
 const P_REPORTS: u64 = 0x90;
 const P_CPUS: u64 = 0x98;
 const P_EXIT: u64 = 0xa0;
+const P_TICK_US: u64 = 0xa8;
+const P_PERIOD: u64 = 0xb0;
 const STRINGS: u64 = 0x100;
-/// GDT: the fixed descriptors, then one 16-byte TSS descriptor per CPU (a TSS descriptor goes
-/// busy on LTR, so CPUs cannot share one), all pointing at the same TSS.
+/// GDT: the fixed descriptors, then one 16-byte TSS descriptor per CPU.
 const GDT_OFF: u64 = 0x800;
-const TSS_OFF: u64 = 0x900;
 const SEL_TSS0: u16 = 0x38;
 /// TSS with an I/O permission bitmap allowing ports 0..IO_PORTS from ring 3.
 const IO_PORTS: usize = 0x600;
 const TSS_LIMIT: usize = 0x68 + IO_PORTS / 8;
 const GDT_BYTES: usize = GDT.len() * 8 + MAX_CPUS as usize * 16;
 
-// GDT selectors. SYSENTER_CS = 0x08, so 64-bit SYSEXIT loads CS = 0x28|3 and SS = 0x30|3.
+// GDT selectors; see `STAR_HI` for the ring-3 pair SYSRET loads.
 const SEL_CODE64: u16 = 0x08;
 const SEL_DATA: u16 = 0x10;
 const SEL_CODE32: u16 = 0x18;
@@ -87,13 +95,12 @@ const GDT: [u64; 7] = [
     0x00af_9a00_0000_ffff, // 0x08 code64 DPL0
     0x00cf_9200_0000_ffff, // 0x10 data DPL0
     0x00cf_9a00_0000_ffff, // 0x18 code32 DPL0 (AP trampoline)
-    0x00cf_f200_0000_ffff, // 0x20 data DPL3 (unused: 32-bit SYSEXIT's SS)
-    0x00af_fa00_0000_ffff, // 0x28 code64 DPL3
-    0x00cf_f200_0000_ffff, // 0x30 data DPL3
+    0x00cf_f200_0000_ffff, // 0x20 data DPL3 (SYSRET's SS)
+    0x00af_fa00_0000_ffff, // 0x28 code64 DPL3 (SYSRET's CS)
+    0x00cf_f200_0000_ffff, // 0x30 data DPL3 (unused)
 ];
 
 const MSR_EFER: u32 = 0xc000_0080;
-const MSR_SYSENTER_CS: u32 = 0x174;
 const EFER_LME: u32 = 0x100;
 const EFER_SCE: u32 = 0x1;
 const MSR_STAR: u32 = 0xc000_0081;
@@ -102,14 +109,18 @@ const STAR_HI: u32 = 0x0018_0008;
 const CR4_PAE: u32 = 0x20;
 /// PG | WP | NE | ET | MP | PE.
 const CR0_LONG: u32 = 0x8001_0033;
-/// RFLAGS with IOPL = 3 (ring-3 port I/O exits to the VMM) and IF = 0.
-const RFLAGS_USER: i32 = 0x3002;
+/// Ring-3 RFLAGS: IF = 1 (timer interrupts) and IOPL = 3 (PVM does not honour IOPL on this
+/// path, so port access really goes through the TSS I/O bitmap).
+const RFLAGS_USER: i32 = 0x3202;
+/// Timer interrupt vector and the LAPIC's spurious vector.
+const TIMER_VECTOR: u64 = 0x20;
+const SPURIOUS_VECTOR: u64 = 0xff;
+const IDT_GATES: usize = 256;
 const LAPIC: u64 = 0xfee0_0000;
 /// ICR: all excluding self, level assert, INIT.
 const ICR_INIT_ALL: u32 = 0x000c_4500;
 /// ICR: all excluding self, level assert, start-up with the trampoline's page.
 const ICR_SIPI_ALL: u32 = 0x000c_4600 | (TRAMPOLINE_GPA >> 12) as u32;
-const SYSRET: bool = true;
 const START_MAGIC: u32 = crate::boot::START_MAGIC;
 
 /// Build-time options of the test kernel (its workload comes from the command line).
@@ -132,6 +143,10 @@ pub struct Cmdline {
     pub cpus: u64,
     /// Power-off status.
     pub exit: u8,
+    /// LAPIC timer period in microseconds (0 = timer off).
+    pub tick_us: u64,
+    /// Pace reports: report `r` waits for `r * period_ticks` timer ticks (0 = unpaced).
+    pub period_ticks: u64,
 }
 
 impl Default for Cmdline {
@@ -143,6 +158,8 @@ impl Default for Cmdline {
             reports: 3,
             cpus: 1,
             exit: 0,
+            tick_us: 1000,
+            period_ticks: 0,
         }
     }
 }
@@ -151,8 +168,14 @@ impl Cmdline {
     /// The command-line string.
     pub fn render(&self) -> String {
         format!(
-            "ws_mb={} dirty_mb={} reports={} cpus={} exit={}",
-            self.ws_mb, self.dirty_mb, self.reports, self.cpus, self.exit
+            "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={}",
+            self.ws_mb,
+            self.dirty_mb,
+            self.reports,
+            self.cpus,
+            self.exit,
+            self.tick_us,
+            self.period_ticks
         )
     }
 
@@ -175,20 +198,19 @@ impl Data {
         for (i, d) in GDT.iter().enumerate() {
             page[g + i * 8..g + i * 8 + 8].copy_from_slice(&d.to_le_bytes());
         }
-        let base = DATA_GPA + TSS_OFF;
-        let tss_lo = TSS_LIMIT as u64
-            | ((base & 0xff_ffff) << 16)
-            | (0x89 << 40) // present, 64-bit TSS (available)
-            | (((base >> 24) & 0xff) << 56);
-        for c in 0..MAX_CPUS as usize {
-            let o = g + GDT.len() * 8 + c * 16;
+        for c in 0..MAX_CPUS {
+            let base = TSS_GPA + c * TSS_STRIDE;
+            let tss_lo = TSS_LIMIT as u64
+                | ((base & 0xff_ffff) << 16)
+                | (0x89 << 40) // present, 64-bit TSS (available)
+                | (((base >> 24) & 0xff) << 56);
+            let o = g + GDT.len() * 8 + c as usize * 16;
             page[o..o + 8].copy_from_slice(&tss_lo.to_le_bytes());
             page[o + 8..o + 16].copy_from_slice(&(base >> 32).to_le_bytes());
         }
-        // TSS: I/O map base at 0x66 = 0x68; the bitmap (all zero: allowed) and its 0xff end.
-        let t = TSS_OFF as usize;
-        page[t + 0x66..t + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
-        page[t + TSS_LIMIT] = 0xff;
+        let limit = (IDT_GATES * 16 - 1) as u16;
+        page[IDTR as usize..IDTR as usize + 2].copy_from_slice(&limit.to_le_bytes());
+        page[IDTR as usize + 2..IDTR as usize + 10].copy_from_slice(&IDT_GPA.to_le_bytes());
         let limit = (GDT_BYTES - 1) as u16;
         page[GDTR as usize..GDTR as usize + 2].copy_from_slice(&limit.to_le_bytes());
         page[GDTR as usize + 2..GDTR as usize + 10]
@@ -203,7 +225,7 @@ impl Data {
     fn string(&mut self, s: &str) -> Result<u64> {
         let at = self.next as usize;
         let end = at + s.len() + 1;
-        if end > self.page.len() {
+        if end > TICKS as usize {
             return Err(PvhError::Assemble("data page full".into()));
         }
         self.page[at..at + s.len()].copy_from_slice(s.as_bytes());
@@ -272,13 +294,14 @@ struct Strings {
     banner: u64,
     bad_magic: u64,
     params: u64,
-    keys: [(u64, usize, u64, u64); 5], // (address, length, data offset, default)
+    keys: [(u64, usize, u64, u64); 7], // (address, length, data offset, default)
     memmap: u64,
     ram_kib: u64,
     cpu: u64,
     up: u64,
     progress: u64,
     pages: u64,
+    ticks: u64,
     poweroff: u64,
     empty: u64,
 }
@@ -294,6 +317,8 @@ fn strings(d: &mut Data) -> Result<Strings> {
         key("reports=", P_REPORTS, def.reports)?,
         key("cpus=", P_CPUS, def.cpus)?,
         key("exit=", P_EXIT, u64::from(def.exit))?,
+        key("tick_us=", P_TICK_US, def.tick_us)?,
+        key("period_ticks=", P_PERIOD, def.period_ticks)?,
     ];
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
@@ -306,13 +331,14 @@ fn strings(d: &mut Data) -> Result<Strings> {
         up: d.string(" up\n")?,
         progress: d.string(" progress ")?,
         pages: d.string(" pages ")?,
+        ticks: d.string(" ticks ")?,
         poweroff: d.string("poweroff ")?,
         empty: d.string("")?,
     })
 }
 
 /// 64-bit code: the CPL0 prologue at `CODE64_GPA`, then the ring-3 program.
-fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
+fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut park = a.create_label();
     let mut user = a.create_label();
@@ -339,30 +365,20 @@ fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
     a.shl(eax, 3)?;
     a.add(eax, i32::from(SEL_TSS0))?;
     a.ltr(ax)?;
-    a.mov(ecx, MSR_SYSENTER_CS)?;
-    a.mov(eax, u32::from(SEL_CODE64))?;
-    a.xor(edx, edx)?;
-    a.wrmsr()?;
+    a.lidt(ptr(DATA_GPA + IDTR))?;
     a.lea(rax, qword_ptr(r15 + 1))?;
     a.shl(rax, 14)?;
     a.mov(rcx, STACKS_GPA)?;
     a.add(rax, rcx)?;
     a.mov(rsp, rax)?;
-    if SYSRET {
-        a.mov(ecx, MSR_STAR)?;
-        a.mov(edx, STAR_HI)?;
-        a.xor(eax, eax)?;
-        a.wrmsr()?;
-        a.mov(r11d, RFLAGS_USER as u32)?;
-        a.lea(rcx, ptr(user))?;
-        a.sysretq()?;
-    } else {
-        a.push(RFLAGS_USER)?;
-        a.popfq()?;
-        a.mov(rcx, rsp)?;
-        a.lea(rdx, ptr(user))?;
-        a.sysexitq()?;
-    }
+    // SYSRET to ring 3: RIP = RCX, RFLAGS = R11.
+    a.mov(ecx, MSR_STAR)?;
+    a.mov(edx, STAR_HI)?;
+    a.xor(eax, eax)?;
+    a.wrmsr()?;
+    a.mov(r11d, RFLAGS_USER as u32)?;
+    a.lea(rcx, ptr(user))?;
+    a.sysretq()?;
     a.set_label(&mut park)?;
     a.cli()?;
     a.hlt()?;
@@ -510,6 +526,17 @@ fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
     a.xor(ebx, ebx)?;
     a.xor(ebp, ebp)?;
     a.xor(r10d, r10d)?;
+    // This CPU's LAPIC timer: periodic, vector TIMER_VECTOR, divide by 1. KVM's APIC bus runs
+    // at 1 GHz, so the initial count is the period in ns.
+    a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
+    a.test(rax, rax)?;
+    a.jz(report)?;
+    a.imul_3(rax, rax, 1000)?;
+    a.mov(rcx, LAPIC)?;
+    a.mov(dword_ptr(rcx + 0xf0), 0x100 | SPURIOUS_VECTOR as i32)?;
+    a.mov(dword_ptr(rcx + 0x3e0), 0xb)?;
+    a.mov(dword_ptr(rcx + 0x320), 0x2_0000 | TIMER_VECTOR as i32)?;
+    a.mov(dword_ptr(rcx + 0x380), eax)?;
     a.set_label(&mut report)?;
     a.cmp(rbp, qword_ptr(r13 + P_REPORTS as i32))?;
     a.jae(finished)?;
@@ -531,6 +558,17 @@ fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
     a.dec(rcx)?;
     a.jnz(write)?;
     a.set_label(&mut print)?;
+    // Pacing: wait until this CPU has seen report * period_ticks ticks.
+    let mut pace = a.create_label();
+    let mut paced = a.create_label();
+    a.mov(rax, qword_ptr(r13 + P_PERIOD as i32))?;
+    a.imul_2(rax, rbp)?;
+    a.set_label(&mut pace)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), rax)?;
+    a.jae(paced)?;
+    a.pause()?;
+    a.jmp(pace)?;
+    a.set_label(&mut paced)?;
     a.call(lock)?;
     a.mov(rsi, s.cpu)?;
     a.call(puts)?;
@@ -543,6 +581,10 @@ fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
     a.mov(rsi, s.pages)?;
     a.call(puts)?;
     a.mov(rax, r10)?;
+    a.call(putdec)?;
+    a.mov(rsi, s.ticks)?;
+    a.call(puts)?;
+    a.mov(rax, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
     a.call(putdec)?;
     a.mov(al, b'\n' as u32)?;
     a.call(putc)?;
@@ -667,7 +709,56 @@ fn code64(s: &Strings) -> std::result::Result<Vec<u8>, IcedError> {
     a.jmp(digit)?;
     a.set_label(&mut param_ret)?;
     a.ret()?;
-    a.assemble(CODE64_GPA)
+
+    // ---- CPL0 interrupt handlers (from ring 3 through the IDT, on the TSS's RSP0) ----
+    let mut timer_isr = a.create_label();
+    let mut spurious_isr = a.create_label();
+    a.set_label(&mut timer_isr)?;
+    a.push(rax)?;
+    a.mov(rax, LAPIC)?;
+    a.mov(dword_ptr(rax + 0xb0), 0)?; // EOI
+    a.mov(rax, DATA_GPA + TICKS)?;
+    a.inc(qword_ptr(rax + r15 * 8))?;
+    a.pop(rax)?;
+    a.iretq()?;
+    a.set_label(&mut spurious_isr)?;
+    a.iretq()?;
+    let r = a.assemble_options(
+        CODE64_GPA,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let timer = r.label_ip(&timer_isr)?;
+    let spurious = r.label_ip(&spurious_isr)?;
+    Ok((r.inner.code_buffer, timer, spurious))
+}
+
+/// An IDT page with 64-bit interrupt gates (DPL 0) for the timer and spurious vectors.
+fn idt(timer: u64, spurious: u64) -> Vec<u8> {
+    let mut t = vec![0u8; IDT_GATES * 16];
+    for (v, off) in [(TIMER_VECTOR, timer), (SPURIOUS_VECTOR, spurious)] {
+        let lo = (off & 0xffff)
+            | (u64::from(SEL_CODE64) << 16)
+            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+            | (((off >> 16) & 0xffff) << 48);
+        let o = v as usize * 16;
+        t[o..o + 8].copy_from_slice(&lo.to_le_bytes());
+        t[o + 8..o + 16].copy_from_slice(&(off >> 32).to_le_bytes());
+    }
+    t
+}
+
+/// Per-CPU TSSes: RSP0 = the middle of the CPU's stack (ring 3 uses the upper half), and an
+/// I/O permission bitmap allowing ports below `IO_PORTS`.
+fn tsses() -> Vec<u8> {
+    let mut t = vec![0u8; 4096];
+    for c in 0..MAX_CPUS {
+        let o = (c * TSS_STRIDE) as usize;
+        let rsp0 = STACKS_GPA + c * STACK_BYTES + STACK_BYTES / 2;
+        t[o + 4..o + 12].copy_from_slice(&rsp0.to_le_bytes());
+        t[o + 0x66..o + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
+        t[o + TSS_LIMIT] = 0xff;
+    }
+    t
 }
 
 /// Static identity page tables for the first 4 GiB: 2 MiB pages, present, writable, user.
@@ -695,7 +786,7 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     let mut data = Data::new();
     let strs = strings(&mut data)?;
     let (e32, ap_off) = entry32().map_err(asm_err)?;
-    let c64 = code64(&strs).map_err(asm_err)?;
+    let (c64, timer_ip, spurious_ip) = code64(&strs).map_err(asm_err)?;
     let tramp = trampoline(KERNEL_GPA as u32 + ap_off).map_err(asm_err)?;
     if KERNEL_GPA + e32.len() as u64 > CODE64_GPA || CODE64_GPA + c64.len() as u64 > DATA_GPA {
         return Err(PvhError::Assemble("code larger than its slot".into()));
@@ -705,7 +796,9 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     image[..e32.len()].copy_from_slice(&e32);
     image[at(CODE64_GPA)..at(CODE64_GPA) + c64.len()].copy_from_slice(&c64);
     image[at(DATA_GPA)..at(DATA_GPA) + 4096].copy_from_slice(&data.page);
-    image[at(PML4_GPA)..at(STACKS_GPA)].copy_from_slice(&page_tables());
+    image[at(PML4_GPA)..at(IDT_GPA)].copy_from_slice(&page_tables());
+    image[at(IDT_GPA)..at(TSS_GPA)].copy_from_slice(&idt(timer_ip, spurious_ip));
+    image[at(TSS_GPA)..at(STACKS_GPA)].copy_from_slice(&tsses());
     let class = if params.elf32 {
         Class::Elf32
     } else {
@@ -754,8 +847,13 @@ mod tests {
             reports: 5,
             cpus: 2,
             exit: 7,
+            tick_us: 500,
+            period_ticks: 10,
         };
-        assert_eq!(c.render(), "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7");
+        assert_eq!(
+            c.render(),
+            "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7 tick_us=500 period_ticks=10"
+        );
         assert_eq!(c.memory_needed(), WS_GPA + (4 << 20));
     }
 }

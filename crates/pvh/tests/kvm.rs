@@ -14,6 +14,24 @@ fn kvm_available() -> bool {
 }
 
 /// Boots the kernel with `cmdline` on `vcpus` vCPUs; returns the status and the serial text.
+/// Progress lines as (cpu, report, pages, ticks).
+fn progress(out: &str) -> Vec<(u64, u64, u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            match w.as_slice() {
+                ["cpu", c, "progress", r, "pages", p, "ticks", t] => Some((
+                    c.parse().ok()?,
+                    r.parse().ok()?,
+                    p.parse().ok()?,
+                    t.parse().ok()?,
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn run(params: TestKernelParams, cmdline: &str, vcpus: usize) -> (ExitStatus, String, Duration) {
     run_mem(params, cmdline, vcpus, 64 << 20)
 }
@@ -50,6 +68,8 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
         reports: 4,
         cpus: 1,
         exit: 42,
+        tick_us: 0,
+        period_ticks: 0,
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 1);
     println!("took {took:?}\n{out}");
@@ -58,7 +78,7 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
     assert_eq!(lines[0], BANNER);
     assert_eq!(
         lines[1],
-        "params ws_mb=2 dirty_mb=1 reports=4 cpus=1 exit=42"
+        "params ws_mb=2 dirty_mb=1 reports=4 cpus=1 exit=42 tick_us=0 period_ticks=0"
     );
     // 64 MiB minus the 640 KiB - 1 MiB legacy range, from the e820 map in the start info.
     assert_eq!(
@@ -68,7 +88,7 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
     for r in 1..=4u64 {
         assert_eq!(
             lines[2 + r as usize],
-            format!("cpu 0 progress {r} pages {}", r * 256)
+            format!("cpu 0 progress {r} pages {} ticks 0", r * 256)
         );
     }
     assert_eq!(lines[7], "poweroff 42");
@@ -86,17 +106,26 @@ fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
         reports: 3,
         cpus: 2,
         exit: 7,
+        tick_us: 1000,
+        period_ticks: 0,
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 2);
     println!("took {took:?}\n{out}");
     assert_eq!(status, ExitStatus::PowerOff(7), "serial:\n{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines.contains(&"cpu 1 up"), "{out}");
+    let p = progress(&out);
     for cpu in 0..2 {
-        for r in 1..=3u64 {
-            let l = format!("cpu {cpu} progress {r} pages {}", r * 256);
-            assert!(lines.contains(&l.as_str()), "missing {l:?}:\n{out}");
-        }
+        let mine: Vec<(u64, u64)> = p
+            .iter()
+            .filter(|x| x.0 == cpu)
+            .map(|x| (x.1, x.2))
+            .collect();
+        assert_eq!(
+            mine,
+            vec![(1, 256), (2, 512), (3, 768)],
+            "cpu {cpu}:\n{out}"
+        );
     }
     assert_eq!(lines.last(), Some(&"poweroff 7"));
 }
@@ -112,18 +141,8 @@ fn elf32_image_boots_and_missing_keys_take_their_defaults() {
     assert_eq!(status, ExitStatus::PowerOff(d.exit), "serial:\n{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], BANNER);
-    assert_eq!(
-        lines[1],
-        format!(
-            "params ws_mb={} dirty_mb={} reports={} cpus={} exit={}",
-            d.ws_mb, d.dirty_mb, d.reports, d.cpus, d.exit
-        )
-    );
-    let progress = lines
-        .iter()
-        .filter(|l| l.starts_with("cpu 0 progress"))
-        .count();
-    assert_eq!(progress as u64, d.reports);
+    assert_eq!(lines[1], format!("params {}", d.render()));
+    assert_eq!(progress(&out).len() as u64, d.reports);
 }
 
 #[test]
@@ -156,6 +175,7 @@ fn dirtying_writes_reach_guest_memory_in_each_cpus_working_set() {
         reports: 2,
         cpus: 2,
         exit: 0,
+        ..Cmdline::default()
     };
     let cfg = PvhConfig {
         cmdline: c.render(),
@@ -194,5 +214,36 @@ fn non_pvh_elf_is_rejected_with_a_typed_error_before_kvm_is_touched() {
     assert!(
         matches!(err, pvh::PvhError::Load(pvh::LoadError::NoPvhNote)),
         "{err}"
+    );
+}
+
+#[test]
+fn lapic_timer_fires_in_ring_3_and_paces_the_reports() {
+    if !kvm_available() {
+        return;
+    }
+    // 1 ms ticks, one report per 20 ticks: 5 reports take about 100 ms of guest time.
+    let c = Cmdline {
+        reports: 5,
+        tick_us: 1000,
+        period_ticks: 20,
+        exit: 9,
+        ..Cmdline::default()
+    };
+    let (status, out, took) = run(TestKernelParams::default(), &c.render(), 1);
+    println!("took {took:?}\n{out}");
+    assert_eq!(status, ExitStatus::PowerOff(9), "serial:\n{out}");
+    let p = progress(&out);
+    assert_eq!(p.len(), 5, "{out}");
+    for (i, &(_, r, _, ticks)) in p.iter().enumerate() {
+        assert_eq!(r, i as u64 + 1);
+        assert!(
+            ticks >= r * 20,
+            "report {r} came after only {ticks} ticks:\n{out}"
+        );
+    }
+    assert!(
+        took >= Duration::from_millis(90),
+        "100 ticks of 1 ms passed in {took:?}"
     );
 }
