@@ -114,6 +114,17 @@ impl DirtyPageSet {
         }
     }
 
+    /// Whether the page holding guest physical address `gpa` is in the set.
+    pub fn contains_gpa(&self, gpa: u64) -> bool {
+        self.slots
+            .iter()
+            .position(|s| s.contains_gpa(gpa))
+            .is_some_and(|i| {
+                let off = (gpa - self.slots[i].guest_phys_addr) / PAGE_SIZE;
+                self.bits[i][(off / 64) as usize] & (1u64 << (off % 64)) != 0
+            })
+    }
+
     /// Whether page `offset` of `slot` is in the set.
     pub fn contains(&self, slot: u32, offset: u64) -> bool {
         match self.slot_index(slot) {

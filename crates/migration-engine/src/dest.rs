@@ -57,7 +57,11 @@ struct MemSink<'a> {
     ram: &'a GuestRam,
     digest: IncrementalDigest,
     err: Option<vmm::VmmError>,
-    zero_buf: Vec<u8>,
+    /// Pages that may hold non-zero data: written while building the VM (the system region)
+    /// or received. A zero marker for any other page costs nothing (fresh `MAP_NORESERVE`
+    /// memory is zero), so the destination keeps up with a bulk pass of zero pages instead of
+    /// faulting each one in, which would otherwise land in the downtime.
+    touched: kvm_dirty::DirtyPageSet,
 }
 
 impl PageSink for MemSink<'_> {
@@ -65,14 +69,11 @@ impl PageSink for MemSink<'_> {
         if let Err(e) = self.ram.write_untracked(gpa, data) {
             self.err.get_or_insert(e);
         }
+        self.touched.insert_gpa(gpa);
         self.digest.record_page(gpa, data);
     }
     fn zero_page(&mut self, gpa: u64) {
-        // Fresh memory is already zero (reading it maps the shared zero page, no allocation);
-        // only pages that hold something (e.g. written while building the VM) are cleared.
-        if self.ram.read(gpa, &mut self.zero_buf).is_ok()
-            && !migration::zero::is_zero_page(&self.zero_buf)
-        {
+        if self.touched.contains_gpa(gpa) {
             if let Err(e) = self.ram.zero_untracked(gpa, PAGE_SIZE) {
                 self.err.get_or_insert(e);
             }
@@ -165,11 +166,18 @@ fn receive_inner(
         layout.regions().len(),
         hello.tracker
     ));
+    let specs = vm.ram().slot_specs();
+    let mut touched = kvm_dirty::DirtyPageSet::new(&specs);
+    for r in vm.ram().regions().iter().filter(|r| r.slot == 0) {
+        for p in 0..r.bytes / PAGE_SIZE {
+            touched.insert_gpa(r.gpa + p * PAGE_SIZE);
+        }
+    }
     let mut sink = MemSink {
         ram: vm.ram(),
         digest: IncrementalDigest::new(&layout),
         err: None,
-        zero_buf: vec![0u8; PAGE_SIZE as usize],
+        touched,
     };
     let mut states: Vec<Option<VcpuState>> = (0..hello.vcpus).map(|_| None).collect();
     let t_complete;

@@ -517,6 +517,10 @@ fn run_source(
             match opts.on_timeout {
                 TimeoutAction::Abort => {
                     s.enc.send_abort("source timed out before convergence")?;
+                    let st = s.enc.stats();
+                    summary.pages_sent = st.pages;
+                    summary.zero_pages = st.zero_pages;
+                    summary.bytes_sent = st.bytes;
                     drop(collector.take());
                     drop(limiter.take());
                     s.vm.vcpu_handles().iter().for_each(|v| v.set_throttle(0.0));
@@ -563,17 +567,21 @@ fn run_source(
     if let Some(mut c) = collector.take() {
         c.stop();
     }
+    let mut marks: Vec<(&'static str, Instant)> = Vec::with_capacity(8);
     s.vm.vcpus()?.pause_all(Duration::from_secs(10))?;
     *paused = true;
+    marks.push(("pause", Instant::now()));
     // The limit ends with the switchover (the guest does not take it along); lifted only
     // now that the vCPUs are paused, so no unthrottled burst lands in the final pass.
     drop(limiter.take());
     s.vm.vcpu_handles().iter().for_each(|v| v.set_throttle(0.0));
     tracker.collect(&mut dirty)?;
+    marks.push(("final collect", Instant::now()));
     let pages = dirty.count();
     iteration += 1;
     let mut it = dirty.iter_gpa();
     let (n, z, b, secs) = s.pass(iteration, pages, true, &mut it, progress, pages)?;
+    marks.push(("final pass", Instant::now()));
     summary.push_iteration(IterationStats {
         iteration,
         pages: n,
@@ -593,6 +601,7 @@ fn run_source(
         pages_sent: sent.pages,
         digest: None,
     })?;
+    marks.push(("vCPU state + complete", Instant::now()));
     if s.fail_at == Some(FailPoint::BeforeFinalAck) {
         s.cut();
     }
@@ -624,12 +633,21 @@ fn run_source(
         summary.verified = Some(true);
         summary.verify_ms = Some(verify_ms);
     }
+    marks.push(("destination restore (ReadyToResume)", Instant::now()));
     // Point of no return: after Commit the destination owns the guest.
     s.enc.send_commit()?;
     let t_commit = Instant::now();
     summary.forced_switchover = forced;
     match acks.recv() {
         Ok(Ack::Resumed { unix_ns: resumed }) => {
+            marks.push(("commit + resume (Resumed)", Instant::now()));
+            let mut prev = t_pause;
+            for (what, t) in &marks {
+                summary
+                    .downtime_breakdown_ms
+                    .push((what.to_string(), t.duration_since(prev).as_secs_f64() * 1e3));
+                prev = *t;
+            }
             summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
             summary.downtime_ms = resumed.saturating_sub(pause_ns) as f64 / 1e6;
             summary.outcome = Outcome::Completed;

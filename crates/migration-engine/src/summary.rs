@@ -75,6 +75,8 @@ pub struct MigrationSummary {
     pub verify_ms: Option<f64>,
     /// Whether source and destination memory digests matched.
     pub verified: Option<bool>,
+    /// Where the downtime went, in order: (step, ms) as the source saw it.
+    pub downtime_breakdown_ms: Vec<(String, f64)>,
     /// Whether the switchover was forced by the timeout.
     pub forced_switchover: bool,
     /// Passes.
@@ -110,6 +112,7 @@ impl MigrationSummary {
             downtime_source_ms: 0.0,
             verify_ms: None,
             verified: None,
+            downtime_breakdown_ms: Vec::new(),
             forced_switchover: false,
             iterations: Vec::new(),
             pages_sent: 0,
@@ -163,6 +166,18 @@ impl MigrationSummary {
                 None => "not checked",
             }
         ));
+        if !self.downtime_breakdown_ms.is_empty() {
+            s.push_str("downtime: ");
+            s.push_str(
+                &self
+                    .downtime_breakdown_ms
+                    .iter()
+                    .map(|(w, ms)| format!("{w} {ms:.1} ms"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            s.push('\n');
+        }
         s.push_str("pass | pages | zero | MiB | ms | dirty pages/s | per-vCPU pages/s\n");
         for it in &self.iterations {
             s.push_str(&format!(

@@ -43,6 +43,10 @@ pub struct Row {
     pub passes: usize,
     pub verified: Option<bool>,
     pub ring_full_exits: u64,
+    pub dirty_limit_events: u64,
+    /// Guest progress (writes/s per vCPU) in the second before and during the migration.
+    pub progress_before: Vec<f64>,
+    pub progress_during: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -79,6 +83,8 @@ struct Cell<'a> {
     rate: u64,
     set: &'a str,
     tracker: &'a str,
+    /// Extra `ringvisor run` arguments (beyond the matrix-wide ones).
+    extra: Vec<String>,
 }
 
 fn one(
@@ -93,6 +99,7 @@ fn one(
         rate,
         set,
         tracker,
+        extra: cell_extra,
     } = c;
     let mut dest = command(exe, dst)
         .args([
@@ -133,6 +140,7 @@ fn one(
     if o.auto_converge {
         extra.push("--auto-converge".into());
     }
+    extra.extend(cell_extra);
     let out = command(exe, src)
         .args(&extra)
         .args([
@@ -186,7 +194,16 @@ fn one(
         passes: v["iterations"].as_array().map(|a| a.len()).unwrap_or(0),
         verified: v["verified"].as_bool(),
         ring_full_exits: v["ring_full_exits"].as_u64().unwrap_or(0),
+        dirty_limit_events: v["dirty_limit_events"].as_u64().unwrap_or(0),
+        progress_before: floats(&v["progress_before"]),
+        progress_during: floats(&v["progress_during"]),
     })
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default()
 }
 
 pub fn run(o: Opts) -> Result<()> {
@@ -194,42 +211,7 @@ pub fn run(o: Opts) -> Result<()> {
         bail!("/dev/kvm is absent: bench migrate needs real KVM");
     }
     let exe = std::env::current_exe()?;
-    let (src, dst) = if o.link == "loopback" {
-        (
-            Endpoint {
-                netns: None,
-                ip: "127.0.0.1",
-            },
-            Endpoint {
-                netns: None,
-                ip: "127.0.0.1",
-            },
-        )
-    } else {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns.sh");
-        let st = Command::new("bash")
-            .arg(&script)
-            .args(["up", &o.link])
-            .status()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !st.success() {
-            bail!(
-                "scripts/netns.sh up {} failed (needs root and iproute2)",
-                o.link
-            );
-        }
-        (
-            Endpoint {
-                netns: Some("rv-src"),
-                ip: "10.77.0.1",
-            },
-            Endpoint {
-                netns: Some("rv-dst"),
-                ip: "10.77.0.2",
-            },
-        )
-    };
+    let (src, dst) = endpoints(&o.link)?;
     let total = o.memory_gib.len() * o.rates_mb.len() * o.sets.len() * o.trackers.len();
     let pb = if o.json {
         ProgressBar::hidden()
@@ -256,6 +238,7 @@ pub fn run(o: Opts) -> Result<()> {
                             rate,
                             set,
                             tracker: t,
+                            extra: Vec::new(),
                         },
                     );
                     let r = match r {
@@ -313,6 +296,186 @@ pub fn run(o: Opts) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         print!("{}", markdown(&rep, &o.trackers));
+    }
+    Ok(())
+}
+
+fn netns_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns.sh")
+}
+
+fn netns_down(link: &str) {
+    if link != "loopback" {
+        let _ = Command::new("bash")
+            .arg(netns_script())
+            .arg("down")
+            .status();
+    }
+}
+
+/// Source and destination endpoints: loopback, or two namespaces joined by a veth pair shaped
+/// to `link` (set up here with scripts/netns.sh).
+fn endpoints(link: &str) -> Result<(Endpoint, Endpoint)> {
+    if link == "loopback" {
+        return Ok((
+            Endpoint {
+                netns: None,
+                ip: "127.0.0.1",
+            },
+            Endpoint {
+                netns: None,
+                ip: "127.0.0.1",
+            },
+        ));
+    }
+    let script = netns_script();
+    let st = Command::new("bash")
+        .arg(&script)
+        .args(["up", link])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !st.success() {
+        bail!("scripts/netns.sh up {link} failed (needs root and iproute2)");
+    }
+    Ok((
+        Endpoint {
+            netns: Some("rv-src"),
+            ip: "10.77.0.1",
+        },
+        Endpoint {
+            netns: Some("rv-dst"),
+            ip: "10.77.0.2",
+        },
+    ))
+}
+
+/// `ringvisor bench dirtylimit`: QEMU's dirty-limit table shape. For each dirty rate, a guest
+/// whose vCPU 0 dirties memory continuously while vCPU 1 only computes is migrated over the
+/// link with (a) the ring and `--dirty-limit auto`, (b) the bitmap and `--auto-converge`,
+/// (c) the ring without throttling; reports total time, downtime, convergence and how much the
+/// computing vCPU was slowed.
+pub struct LimitOpts {
+    pub rates_mb: Vec<u64>,
+    pub memory_gib: u64,
+    pub link: String,
+    pub timeout: f64,
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+pub struct LimitRow {
+    pub method: String,
+    pub row: Row,
+    /// 1 - (progress of the computing vCPU during the migration / before), in percent.
+    pub compute_vcpu_slowdown_pct: Option<f64>,
+}
+
+pub fn run_dirtylimit(o: LimitOpts) -> Result<()> {
+    if !vmm::kvm_available() {
+        bail!("/dev/kvm is absent: bench dirtylimit needs real KVM");
+    }
+    let exe = std::env::current_exe()?;
+    let (src, dst) = endpoints(&o.link)?;
+    let mo = Opts {
+        memory_gib: vec![o.memory_gib],
+        rates_mb: o.rates_mb.clone(),
+        sets: vec!["all".into()],
+        trackers: vec![],
+        ring_entries: 65536,
+        vcpus: 2,
+        link: o.link.clone(),
+        timeout: o.timeout,
+        downtime_limit: 300,
+        plot: None,
+        max_bandwidth: None,
+        dirty_limit: None,
+        auto_converge: false,
+        json: o.json,
+    };
+    let methods: [(&str, &str, &[&str]); 3] = [
+        ("dirty-limit", "ring", &["--dirty-limit", "auto"]),
+        ("auto-converge", "bitmap", &["--auto-converge"]),
+        ("none", "ring", &[]),
+    ];
+    let pb = if o.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((o.rates_mb.len() * methods.len()) as u64)
+    };
+    let mut rows = Vec::new();
+    for &rate in &o.rates_mb {
+        for (name, tracker, args) in methods {
+            pb.set_message(format!("{rate} MB/s {name}"));
+            let mut extra: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            extra.extend(["--dirty-vcpus".into(), "1".into()]);
+            match one(
+                &exe,
+                &mo,
+                &src,
+                &dst,
+                Cell {
+                    mem: o.memory_gib,
+                    rate,
+                    set: "all",
+                    tracker,
+                    extra,
+                },
+            ) {
+                Ok(r) => {
+                    let slow = match (r.progress_before.get(1), r.progress_during.get(1)) {
+                        (Some(&b), Some(&d)) if b > 0.0 => Some((1.0 - d / b) * 100.0),
+                        _ => None,
+                    };
+                    rows.push(LimitRow {
+                        method: name.to_string(),
+                        row: r,
+                        compute_vcpu_slowdown_pct: slow,
+                    });
+                }
+                Err(e) => pb.println(format!("{rate} MB/s {name}: {e:#}")),
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    netns_down(&o.link);
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "link {} | {} GiB guest, vCPU 0 dirties random pages over all memory, vCPU 1 only computes | timeout {} s | host KVM {}\n",
+        o.link,
+        o.memory_gib,
+        o.timeout,
+        if kvm_dirty::is_pvm_host() { "PVM" } else { "not PVM" }
+    );
+    println!("| dirty rate | method | converged | total ms | downtime ms | passes | throttle events | computing vCPU slowed |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} MB/s | {} ({}) | {} | {} | {} | {} | {} | {} |",
+            r.row.dirty_rate_mb_s,
+            r.method,
+            r.row.tracker,
+            if r.row.converged { "yes" } else { "no" },
+            if r.row.converged {
+                format!("{:.0}", r.row.total_s * 1e3)
+            } else {
+                format!("> {:.0} (timeout)", o.timeout * 1e3)
+            },
+            if r.row.converged {
+                format!("{:.0}", r.row.downtime_ms)
+            } else {
+                "-".into()
+            },
+            r.row.passes,
+            r.row.dirty_limit_events,
+            r.compute_vcpu_slowdown_pct
+                .map(|p| format!("{p:.0}%"))
+                .unwrap_or_else(|| "-".into())
+        );
     }
     Ok(())
 }

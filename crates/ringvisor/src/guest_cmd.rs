@@ -65,6 +65,10 @@ pub struct GuestArgs {
     /// Access pattern inside the working set.
     #[arg(long, value_enum, default_value_t = PatternArg::Random)]
     pub pattern: PatternArg,
+    /// Only the first N vCPUs dirty memory; the others run a compute loop whose progress
+    /// shows how much a throttle slows a vCPU that does not dirty (default: all dirty).
+    #[arg(long)]
+    pub dirty_vcpus: Option<u64>,
     #[command(flatten)]
     pub track: TrackArgs,
 }
@@ -176,7 +180,7 @@ pub fn start_guest(g: &GuestArgs) -> Result<Vm> {
         tracking: g.track.tracking()?,
     })
     .context("creating the VM")?;
-    vm.set_dirty_workload(
+    vm.set_split_workload(
         DATA_GPA,
         g.working_set / 4096,
         match g.pattern {
@@ -188,6 +192,7 @@ pub fn start_guest(g: &GuestArgs) -> Result<Vm> {
         } else {
             g.dirty_rate / 4096
         },
+        g.dirty_vcpus.unwrap_or(g.vcpus) as usize,
     )?;
     vm.start(None)?;
     Ok(vm)
@@ -422,8 +427,35 @@ pub fn run(o: RunOpts) -> Result<()> {
                 if let Some(mut l) = limiter.take() {
                     l.stop();
                 }
+                // Guest progress (writes/s per vCPU) in the last second before and during the
+                // migration: what the migration's throttling costs each vCPU.
+                let b0 = writes(&vm);
+                std::thread::sleep(Duration::from_secs(1));
+                let b1 = writes(&vm);
+                let before: Vec<f64> = b0.iter().zip(&b1).map(|(a, b)| (b - a) as f64).collect();
+                let tm = Instant::now();
+                let m0 = writes(&vm);
                 let s = migrate_vm(&mut vm, &to, &opts, o.json)?;
-                print_summary(&s, o.json)?;
+                // Until the pause: the counters at the source's stop are its last values.
+                let m1 = writes(&vm);
+                let secs = (tm.elapsed().as_secs_f64() - s.downtime_ms / 1e3).max(1e-3);
+                let during: Vec<f64> = m0
+                    .iter()
+                    .zip(&m1)
+                    .map(|(a, b)| b.saturating_sub(*a) as f64 / secs)
+                    .collect();
+                if o.json {
+                    let mut v = serde_json::to_value(&s)?;
+                    v["progress_before"] = serde_json::json!(before);
+                    v["progress_during"] = serde_json::json!(during);
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_summary(&s, false)?;
+                    eprintln!(
+                        "guest progress (writes/s per vCPU): before {before:?}, during the migration {:?}",
+                        during.iter().map(|x| x.round()).collect::<Vec<_>>()
+                    );
+                }
                 if s.completed() {
                     return Ok(());
                 }

@@ -249,6 +249,26 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// QEMU's dirty-limit table shape: migration time versus dirty rate with `--dirty-limit
+    /// auto` (ring), `--auto-converge` (bitmap) and no throttle, on a shaped link, plus the
+    /// slowdown of a vCPU that does not dirty.
+    Dirtylimit {
+        /// Dirty rates of vCPU 0 in MB/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [60u64, 70, 90, 110])]
+        rates: Vec<u64>,
+        /// Guest memory in GiB (vCPU 0 dirties random pages over all of it).
+        #[arg(long, default_value_t = 1)]
+        memory_gib: u64,
+        /// `loopback` or a tc rate for two namespaces joined by a veth pair.
+        #[arg(long, default_value = "1gbit")]
+        link: String,
+        /// Seconds before a non-converging migration is aborted.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Live-migration matrix: every (memory, dirty rate, written set, tracker), each a real
     /// source and destination process, on loopback or a tc-shaped veth between namespaces.
     Migrate {
@@ -560,6 +580,27 @@ fn main() -> Result<()> {
                 s.ok, s.failed
             );
             Ok(())
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Dirtylimit {
+                    rates,
+                    memory_gib,
+                    link,
+                    timeout,
+                    json,
+                },
+        } => {
+            if link != "loopback" && !link.ends_with("bit") {
+                anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
+            }
+            bench_migrate_cmd::run_dirtylimit(bench_migrate_cmd::LimitOpts {
+                rates_mb: rates,
+                memory_gib,
+                link,
+                timeout,
+                json,
+            })
         }
         Cmd::Bench {
             which:

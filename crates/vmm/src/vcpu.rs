@@ -380,11 +380,7 @@ impl Vcpus {
                 .map_err(VmmError::Thread)?;
             threads.push(Some(h));
         }
-        let ids = threads
-            .iter()
-            .flatten()
-            .map(sys::pthread_id)
-            .collect();
+        let ids = threads.iter().flatten().map(sys::pthread_id).collect();
         let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (sh, st) = (shared.clone(), ticker_stop.clone());
         let ticker = std::thread::Builder::new()

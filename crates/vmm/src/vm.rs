@@ -279,10 +279,42 @@ impl Vm {
         pattern: guest::Pattern,
         rate_pages_per_s: u64,
     ) -> Result<()> {
-        let n = self.created.len() as u64;
+        self.set_split_workload(base, pages, pattern, rate_pages_per_s, self.created.len())
+    }
+
+    /// Like [`Vm::set_dirty_workload`], but only the first `dirtying` vCPUs dirty the working
+    /// set; the others run a compute loop that rewrites one page of their own (their progress
+    /// counter then measures how much CPU they get, e.g. under a throttle).
+    pub fn set_split_workload(
+        &self,
+        base: u64,
+        pages: u64,
+        pattern: guest::Pattern,
+        rate_pages_per_s: u64,
+        dirtying: usize,
+    ) -> Result<()> {
+        let dirtying = dirtying.clamp(1, self.created.len());
+        let n = dirtying as u64;
         let per = (pages / n).max(1);
         let tsc_hz = u64::from(self.tsc_khz()?) * 1000;
-        for i in 0..self.created.len() {
+        for i in dirtying..self.created.len() {
+            // One page of the vCPU's (otherwise unused) stack area in the system region.
+            let page = x86::stack_top(i) & !0xfff;
+            self.set_workload(
+                i,
+                &VcpuCtrl {
+                    base: page,
+                    pages: 1,
+                    stride: 1,
+                    pattern: guest::Pattern::Sequential,
+                    unique_values: true,
+                    burst_pages: 0,
+                    burst_tsc: 0,
+                    sleep_min_tsc: 0,
+                },
+            )?;
+        }
+        for i in 0..dirtying {
             let per_vcpu_rate = (rate_pages_per_s / n).max(1);
             // Bursts of about 1 ms of work; sleep in the VMM when 200 us or more ahead.
             let burst = (per_vcpu_rate / 1000).clamp(1, 4096);
