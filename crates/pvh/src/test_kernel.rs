@@ -115,6 +115,8 @@ const RFLAGS_USER: i32 = 0x3202;
 /// Timer interrupt vector and the LAPIC's spurious vector.
 const TIMER_VECTOR: u64 = 0x20;
 const SPURIOUS_VECTOR: u64 = 0xff;
+/// #UD: ring 3's `ud2` is its "halt until the next interrupt" call.
+const HALT_VECTOR: u64 = 6;
 const IDT_GATES: usize = 256;
 const LAPIC: u64 = 0xfee0_0000;
 /// ICR: all excluding self, level assert, INIT.
@@ -338,7 +340,14 @@ fn strings(d: &mut Data) -> Result<Strings> {
 }
 
 /// 64-bit code: the CPL0 prologue at `CODE64_GPA`, then the ring-3 program.
-fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
+/// Addresses of the interrupt handlers, for the IDT.
+struct Isrs {
+    timer: u64,
+    spurious: u64,
+    halt: u64,
+}
+
+fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut park = a.create_label();
     let mut user = a.create_label();
@@ -348,6 +357,9 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     let mut lock = a.create_label();
     let mut unlock = a.create_label();
     let mut param = a.create_label();
+    let mut halt_isr = a.create_label();
+    let mut wait_tick = a.create_label();
+    let mut timer_start = a.create_label();
 
     // ---- CPL0 (emulated on PVM: keep it short) ----
     a.mov(eax, u32::from(SEL_DATA))?;
@@ -472,6 +484,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.call(putdec)?;
     a.mov(al, b'\n' as u32)?;
     a.call(putc)?;
+    a.call(timer_start)?;
     // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
     let mut wait_up = a.create_label();
     a.cmp(qword_ptr(r13 + P_CPUS as i32), 1)?;
@@ -482,7 +495,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.mov(dword_ptr(rax + 0x300), ICR_INIT_ALL as i32)?;
     a.mov(dword_ptr(rax + 0x300), ICR_SIPI_ALL as i32)?;
     a.set_label(&mut wait_up)?;
-    a.pause()?;
+    a.call(wait_tick)?;
     a.mov(rcx, qword_ptr(r13 + P_CPUS as i32))?;
     a.dec(rcx)?;
     a.cmp(qword_ptr(r13 + CPUS_UP as i32), rcx)?;
@@ -491,6 +504,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
 
     // AP: count in, say so.
     a.set_label(&mut ap_main)?;
+    a.call(timer_start)?;
     a.lock().inc(qword_ptr(r13 + CPUS_UP as i32))?;
     a.call(lock)?;
     a.mov(rsi, s.cpu)?;
@@ -526,17 +540,6 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.xor(ebx, ebx)?;
     a.xor(ebp, ebp)?;
     a.xor(r10d, r10d)?;
-    // This CPU's LAPIC timer: periodic, vector TIMER_VECTOR, divide by 1. KVM's APIC bus runs
-    // at 1 GHz, so the initial count is the period in ns.
-    a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
-    a.test(rax, rax)?;
-    a.jz(report)?;
-    a.imul_3(rax, rax, 1000)?;
-    a.mov(rcx, LAPIC)?;
-    a.mov(dword_ptr(rcx + 0xf0), 0x100 | SPURIOUS_VECTOR as i32)?;
-    a.mov(dword_ptr(rcx + 0x3e0), 0xb)?;
-    a.mov(dword_ptr(rcx + 0x320), 0x2_0000 | TIMER_VECTOR as i32)?;
-    a.mov(dword_ptr(rcx + 0x380), eax)?;
     a.set_label(&mut report)?;
     a.cmp(rbp, qword_ptr(r13 + P_REPORTS as i32))?;
     a.jae(finished)?;
@@ -566,7 +569,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.set_label(&mut pace)?;
     a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), rax)?;
     a.jae(paced)?;
-    a.pause()?;
+    a.call(wait_tick)?;
     a.jmp(pace)?;
     a.set_label(&mut paced)?;
     a.call(lock)?;
@@ -595,7 +598,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.test(r15, r15)?;
     a.jnz(idle)?;
     a.set_label(&mut wait_done)?;
-    a.pause()?;
+    a.call(wait_tick)?;
     a.mov(rax, qword_ptr(r13 + DONE as i32))?;
     a.cmp(rax, qword_ptr(r13 + P_CPUS as i32))?;
     a.jb(wait_done)?;
@@ -610,9 +613,37 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.mov(rax, qword_ptr(r13 + P_EXIT as i32))?;
     a.mov(edx, u32::from(crate::vm::EXIT_PORT))?;
     a.out(dx, al)?;
+    // Idle (an AP that is done, or after power-off): halt in the in-kernel LAPIC.
     a.set_label(&mut idle)?;
-    a.pause()?;
+    a.ud2()?;
     a.jmp(idle)?;
+
+    // timer_start: this CPU's LAPIC timer, periodic, vector TIMER_VECTOR, divide by 1 (KVM's
+    // APIC bus runs at 1 GHz, so the initial count is the period in ns). Clobbers rax, rcx.
+    let mut timer_off = a.create_label();
+    a.set_label(&mut timer_start)?;
+    a.mov(rcx, LAPIC)?;
+    a.mov(dword_ptr(rcx + 0xf0), 0x100 | SPURIOUS_VECTOR as i32)?;
+    a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
+    a.test(rax, rax)?;
+    a.jz(timer_off)?;
+    a.imul_3(rax, rax, 1000)?;
+    a.mov(dword_ptr(rcx + 0x3e0), 0xb)?;
+    a.mov(dword_ptr(rcx + 0x320), 0x2_0000 | TIMER_VECTOR as i32)?;
+    a.mov(dword_ptr(rcx + 0x380), eax)?;
+    a.set_label(&mut timer_off)?;
+    a.ret()?;
+    // wait_tick: with the timer on, halt until the next interrupt (`ud2`, whose #UD handler is
+    // the CPL0 halt below); without it, `pause`.
+    let mut no_tick = a.create_label();
+    a.set_label(&mut wait_tick)?;
+    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
+    a.je(no_tick)?;
+    a.ud2()?;
+    a.ret()?;
+    a.set_label(&mut no_tick)?;
+    a.pause()?;
+    a.ret()?;
 
     // putc: al -> COM1. Clobbers edx.
     a.set_label(&mut putc)?;
@@ -723,22 +754,39 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, u64, u64), IcedError> {
     a.iretq()?;
     a.set_label(&mut spurious_isr)?;
     a.iretq()?;
+    // #UD from ring 3's `ud2`: halt until an interrupt (handled by the ISR above, which returns
+    // here), then back to ring 3 past the `ud2`. HLT at CPL0 is handled by KVM's in-kernel
+    // LAPIC: the vCPU thread blocks in KVM_RUN. On PVM neither `syscall` (it reached LSTAR
+    // still at CPL 3) nor `int 0x80` (triple fault) gets ring 3 into ring 0; exceptions and
+    // interrupts do.
+    a.set_label(&mut halt_isr)?;
+    a.sti()?;
+    a.hlt()?;
+    a.add(qword_ptr(rsp), 2)?;
+    a.iretq()?;
     let r = a.assemble_options(
         CODE64_GPA,
         iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )?;
-    let timer = r.label_ip(&timer_isr)?;
-    let spurious = r.label_ip(&spurious_isr)?;
-    Ok((r.inner.code_buffer, timer, spurious))
+    let isrs = Isrs {
+        timer: r.label_ip(&timer_isr)?,
+        spurious: r.label_ip(&spurious_isr)?,
+        halt: r.label_ip(&halt_isr)?,
+    };
+    Ok((r.inner.code_buffer, isrs))
 }
 
-/// An IDT page with 64-bit interrupt gates (DPL 0) for the timer and spurious vectors.
-fn idt(timer: u64, spurious: u64) -> Vec<u8> {
+/// An IDT page with 64-bit interrupt gates (DPL 0): timer, spurious, and #UD (the halt call).
+fn idt(isrs: &Isrs) -> Vec<u8> {
     let mut t = vec![0u8; IDT_GATES * 16];
-    for (v, off) in [(TIMER_VECTOR, timer), (SPURIOUS_VECTOR, spurious)] {
+    for (v, off, dpl) in [
+        (TIMER_VECTOR, isrs.timer, 0u64),
+        (SPURIOUS_VECTOR, isrs.spurious, 0),
+        (HALT_VECTOR, isrs.halt, 0),
+    ] {
         let lo = (off & 0xffff)
             | (u64::from(SEL_CODE64) << 16)
-            | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+            | ((0x8e | (dpl << 5)) << 40) // present, DPL, 64-bit interrupt gate
             | (((off >> 16) & 0xffff) << 48);
         let o = v as usize * 16;
         t[o..o + 8].copy_from_slice(&lo.to_le_bytes());
@@ -786,7 +834,7 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     let mut data = Data::new();
     let strs = strings(&mut data)?;
     let (e32, ap_off) = entry32().map_err(asm_err)?;
-    let (c64, timer_ip, spurious_ip) = code64(&strs).map_err(asm_err)?;
+    let (c64, isrs) = code64(&strs).map_err(asm_err)?;
     let tramp = trampoline(KERNEL_GPA as u32 + ap_off).map_err(asm_err)?;
     if KERNEL_GPA + e32.len() as u64 > CODE64_GPA || CODE64_GPA + c64.len() as u64 > DATA_GPA {
         return Err(PvhError::Assemble("code larger than its slot".into()));
@@ -797,7 +845,7 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     image[at(CODE64_GPA)..at(CODE64_GPA) + c64.len()].copy_from_slice(&c64);
     image[at(DATA_GPA)..at(DATA_GPA) + 4096].copy_from_slice(&data.page);
     image[at(PML4_GPA)..at(IDT_GPA)].copy_from_slice(&page_tables());
-    image[at(IDT_GPA)..at(TSS_GPA)].copy_from_slice(&idt(timer_ip, spurious_ip));
+    image[at(IDT_GPA)..at(TSS_GPA)].copy_from_slice(&idt(&isrs));
     image[at(TSS_GPA)..at(STACKS_GPA)].copy_from_slice(&tsses());
     let class = if params.elf32 {
         Class::Elf32
