@@ -15,5 +15,5 @@ mod sys;
 pub mod vm;
 
 pub use serial::SerialOutput;
-pub use vm::{boot, ExitStatus, PvhConfig, PvhVm, EXIT_PORT};
+pub use vm::{boot, read_kernel, ExitStatus, PvhConfig, PvhVm, EXIT_PORT, MAX_VCPUS};
 pub mod test_kernel;

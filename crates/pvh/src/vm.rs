@@ -46,6 +46,27 @@ pub struct PvhConfig {
     pub serial: SerialOutput,
 }
 
+/// Largest kernel image [`read_kernel`] accepts.
+pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
+
+/// Reads a kernel image from `path`, refusing files larger than [`MAX_KERNEL_BYTES`].
+pub fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)
+        .map_err(|e| PvhError::Host(format!("opening {}: {e}", path.display())))?;
+    let mut buf = Vec::new();
+    f.take(MAX_KERNEL_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| PvhError::Host(format!("reading {}: {e}", path.display())))?;
+    if buf.len() as u64 > MAX_KERNEL_BYTES {
+        return Err(PvhError::Config(format!(
+            "{} is larger than {MAX_KERNEL_BYTES} bytes",
+            path.display()
+        )));
+    }
+    Ok(buf)
+}
+
 impl PvhConfig {
     /// A config with 128 MiB, one vCPU, an empty command line and captured serial output.
     pub fn new(kernel: Vec<u8>) -> Self {
@@ -141,11 +162,22 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PvhError {
     move |source| PvhError::Kvm { op, source }
 }
 
-/// The host's supported CPUID with vCPU `id`'s APIC ID (leaf 1 and the x2APIC leaves).
-pub fn vcpu_cpuid(mut cpuid: CpuId, id: u32) -> CpuId {
+/// CPUID.1:ECX bit 24: TSC-deadline mode of the LAPIC timer.
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// The host's supported CPUID (`KVM_GET_SUPPORTED_CPUID`: only what KVM and the host can
+/// give) with vCPU `id`'s APIC ID in leaf 1 and the x2APIC topology leaves, and the
+/// TSC-deadline timer advertised when KVM emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`; KVM
+/// leaves that bit to the VMM).
+pub fn vcpu_cpuid(mut cpuid: CpuId, id: u32, tsc_deadline: bool) -> CpuId {
     for e in cpuid.as_mut_slice() {
         match e.function {
-            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                if tsc_deadline {
+                    e.ecx |= CPUID1_ECX_TSC_DEADLINE;
+                }
+            }
             0xb | 0x1f => e.edx = id,
             _ => {}
         }
@@ -211,12 +243,13 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(cfg.vcpus);
     for i in 0..cfg.vcpus {
         let mut fd = vm
             .create_vcpu(i as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&vcpu_cpuid(cpuid.clone(), i as u32))
+        fd.set_cpuid2(&vcpu_cpuid(cpuid.clone(), i as u32, tsc_deadline))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
@@ -479,5 +512,55 @@ impl PvhVm {
     /// Number of vCPUs.
     pub fn vcpus(&self) -> usize {
         self.vcpus.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn vcpu_cpuid_sets_the_apic_id_and_tsc_deadline_and_keeps_the_rest() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0002_0800,
+                ecx: 0x8120_2000,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+        ];
+        let c = CpuId::from_entries(&entries).unwrap();
+        let out = vcpu_cpuid(c.clone(), 3, true);
+        let e = out.as_slice();
+        assert_eq!(e[0].ebx, 0x0302_0800);
+        assert_eq!(e[0].ecx, 0x8120_2000 | CPUID1_ECX_TSC_DEADLINE);
+        assert_eq!(e[1].edx, 3);
+        let e = vcpu_cpuid(c, 1, false);
+        assert_eq!(e.as_slice()[0].ecx, 0x8120_2000);
+    }
+
+    #[test]
+    fn bad_vcpu_counts_are_config_errors() {
+        for n in [0, MAX_VCPUS + 1] {
+            let cfg = PvhConfig {
+                vcpus: n,
+                ..PvhConfig::new(Vec::new())
+            };
+            assert!(matches!(boot(&cfg), Err(PvhError::Config(_))));
+        }
+    }
+
+    #[test]
+    fn missing_kernel_file_is_a_host_error() {
+        assert!(matches!(
+            read_kernel(std::path::Path::new("/nonexistent/kernel.elf")),
+            Err(PvhError::Host(_))
+        ));
     }
 }
