@@ -247,3 +247,137 @@ fn lapic_timer_fires_in_ring_3_and_paces_the_reports() {
         "100 ticks of 1 ms passed in {took:?}"
     );
 }
+
+/// A one-segment PVH kernel at 1 MiB from 32-bit code (`body` gets the assembler positioned
+/// at the entry), with a flat GDT (code 0x08, data 0x10) at 0x101000 and an IDT at 0x101100
+/// whose gate 0x20 points at label `isr` if the body sets it; ESP at the image's end.
+fn tiny_kernel(
+    body: impl FnOnce(&mut iced_x86::code_asm::CodeAssembler, &mut iced_x86::code_asm::CodeLabel),
+) -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    const BASE: u64 = 0x10_0000;
+    const GDT: u64 = 0x10_1000;
+    const IDT: u64 = 0x10_1100;
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut isr = a.create_label();
+    a.lgdt(ptr(GDT as u32 + 0x20)).unwrap();
+    a.lidt(ptr(GDT as u32 + 0x30)).unwrap();
+    a.mov(esp, BASE as u32 + 0x1ff0).unwrap();
+    body(&mut a, &mut isr);
+    let r = a
+        .assemble_options(
+            BASE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    let isr_ip = r.label_ip(&isr).unwrap_or(0);
+    let mut img = r.inner.code_buffer;
+    img.resize(0x2000, 0);
+    let put = |img: &mut Vec<u8>, at: u64, b: &[u8]| {
+        let o = (at - BASE) as usize;
+        img[o..o + b.len()].copy_from_slice(b);
+    };
+    put(&mut img, GDT + 8, &0x00cf_9a00_0000_ffffu64.to_le_bytes());
+    put(&mut img, GDT + 16, &0x00cf_9200_0000_ffffu64.to_le_bytes());
+    put(&mut img, GDT + 0x20, &23u16.to_le_bytes());
+    put(&mut img, GDT + 0x22, &(GDT as u32).to_le_bytes());
+    put(&mut img, GDT + 0x30, &(256u16 * 8 - 1).to_le_bytes());
+    put(&mut img, GDT + 0x32, &(IDT as u32).to_le_bytes());
+    if isr_ip != 0 {
+        // 32-bit interrupt gate, DPL 0, selector 0x08.
+        let gate = (isr_ip & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((isr_ip >> 16) << 48);
+        put(&mut img, IDT + 0x20 * 8, &gate.to_le_bytes());
+    }
+    pvh::elf::write(
+        pvh::elf::Class::Elf32,
+        &[pvh::elf::OutSegment {
+            paddr: BASE,
+            data: img,
+            memsz: 0x2000,
+        }],
+        Some(BASE as u32),
+    )
+}
+
+fn boot_tiny(kernel: Vec<u8>, timeout: Duration) -> (pvh::Result<ExitStatus>, Duration) {
+    let mut vm = pvh::boot(&PvhConfig::new(kernel)).expect("boot");
+    let t = Instant::now();
+    let r = vm.run_until_exit(Some(timeout));
+    (r, t.elapsed())
+}
+
+#[test]
+fn guest_fault_without_a_handler_is_reported_as_a_crash_with_registers() {
+    if !kvm_available() {
+        return;
+    }
+    // #UD with an empty IDT: #UD -> #GP/#DF -> triple fault.
+    let k = tiny_kernel(|a, _| {
+        a.mov(iced_x86::code_asm::eax, 0x1234_5678u32).unwrap();
+        a.ud2().unwrap();
+    });
+    let (r, _) = boot_tiny(k, Duration::from_secs(30));
+    match r {
+        Ok(ExitStatus::Crashed { vcpu: 0, detail }) => {
+            assert!(detail.contains("rax=0x12345678"), "{detail}")
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+}
+
+#[test]
+fn timeout_stops_a_vcpu_halted_with_interrupts_off() {
+    if !kvm_available() {
+        return;
+    }
+    // cli; hlt blocks in the in-kernel LAPIC forever: only the kick gets the thread out.
+    let k = tiny_kernel(|a, _| {
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let (r, took) = boot_tiny(k, Duration::from_millis(200));
+    assert_eq!(r.expect("run"), ExitStatus::TimedOut);
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+}
+
+#[test]
+fn tsc_deadline_timer_in_x2apic_mode_wakes_a_halted_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    use iced_x86::code_asm::*;
+    let k = tiny_kernel(|a, isr| {
+        // x2APIC on (IA32_APIC_BASE.EN|EXTD), software-enabled (SVR), LVT timer in
+        // TSC-deadline mode with vector 0x20, deadline = now + 2^24 TSC ticks, then halt.
+        a.mov(ecx, 0x1bu32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0xc00).unwrap();
+        a.wrmsr().unwrap();
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 0x80fu32).unwrap();
+        a.mov(eax, 0x1ffu32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x832u32).unwrap();
+        a.mov(eax, 0x4_0020u32).unwrap();
+        a.wrmsr().unwrap();
+        a.rdtsc().unwrap();
+        a.add(eax, 1 << 24).unwrap();
+        a.adc(edx, 0).unwrap();
+        a.mov(ecx, 0x6e0u32).unwrap();
+        a.wrmsr().unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        // Woken without the interrupt: status 1.
+        a.mov(al, 1u32).unwrap();
+        a.mov(edx, u32::from(pvh::EXIT_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+        a.set_label(isr).unwrap();
+        a.mov(al, 42u32).unwrap();
+        a.mov(edx, u32::from(pvh::EXIT_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+        a.hlt().unwrap();
+    });
+    let (r, took) = boot_tiny(k, Duration::from_secs(30));
+    println!("took {took:?}");
+    assert_eq!(r.expect("run"), ExitStatus::PowerOff(42));
+}
