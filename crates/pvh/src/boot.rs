@@ -124,8 +124,14 @@ pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Res
                 file_len: file.len() as u64,
             })?;
         ram.write(s.paddr, data)?;
-        let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
-        ram.write(s.paddr + s.filesz, &zeros)?;
+        // Zero the bss in bounded chunks: `memsz` comes from the file and may be huge.
+        let zeros = [0u8; 64 << 10];
+        let mut at = s.paddr + s.filesz;
+        while at < s.end() {
+            let n = (s.end() - at).min(zeros.len() as u64);
+            ram.write(at, &zeros[..n as usize])?;
+            at += n;
+        }
     }
     let mut c = cmdline.as_bytes().to_vec();
     c.push(0);
@@ -194,6 +200,19 @@ mod tests {
             ram.read_u64(MEMMAP_GPA + 32).unwrap(),
             (16 << 20) - EXT_RAM_START
         );
+    }
+
+    #[test]
+    fn bss_is_zeroed_even_over_old_contents() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write(0x10_0010, &[0xaa; 0x30000]).unwrap();
+        let (f, img) = image(0x10_0000, 0x3_0000);
+        load(&img, &f, &ram, "").unwrap();
+        let mut b = vec![0u8; 0x3_0000];
+        ram.read(0x10_0000, &mut b).unwrap();
+        assert!(b[..16].iter().all(|&x| x == 0xf4));
+        assert!(b[16..].iter().all(|&x| x == 0));
+        assert_eq!(ram.read_u64(0x13_0000).unwrap(), 0xaaaa_aaaa_aaaa_aaaa);
     }
 
     #[test]

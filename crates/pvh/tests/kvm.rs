@@ -131,6 +131,18 @@ fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
 }
 
 #[test]
+fn an_ap_the_guest_never_starts_does_not_keep_the_vm_from_stopping() {
+    if !kvm_available() {
+        return;
+    }
+    // Two vCPUs, but the kernel is told to use one: vCPU 1 stays UNINITIALIZED in KVM_RUN.
+    let (status, out, took) = run(TestKernelParams::default(), "cpus=1 exit=11", 2);
+    assert_eq!(status, ExitStatus::PowerOff(11), "{out}");
+    assert!(!out.contains("cpu 1"), "{out}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
 fn elf32_image_boots_and_missing_keys_take_their_defaults() {
     if !kvm_available() {
         return;
