@@ -14,8 +14,9 @@
 //!    working set per report, `reports` times, printing a progress line after each; the BSP
 //!    waits for all CPUs and writes `exit` to [`crate::EXIT_PORT`].
 //!
-//! APs start in real mode at [`TRAMPOLINE_GPA`] (below 1 MiB), switch to 32-bit protected
-//! mode and join step 1 after its GDT load. Serial output is `out` from ring 3 (IOPL = 3), with
+//! APs start in real mode at [`TRAMPOLINE_GPA`] (below 1 MiB; the BSP copies the trampoline
+//! there from its data page), switch to 32-bit protected mode and join step 1 after its GDT
+//! load. Serial output is `out` from ring 3 (IOPL = 3), with
 //! a ring-3 spinlock so lines do not interleave.
 //!
 //! Output lines (each ends with `\n`):
@@ -36,8 +37,14 @@ use crate::error::{PvhError, Result};
 
 /// First line the kernel prints.
 pub const BANNER: &str = "ringvisor PVH test kernel v1";
-/// Where the AP trampoline is loaded (real mode, SIPI vector 0x08).
+/// Where the BSP copies the AP trampoline before the SIPI (real mode, SIPI vector 0x08). The
+/// image itself has one segment at 1 MiB: memory below 1 MiB belongs to the firmware until the
+/// kernel runs (SeaBIOS under QEMU), so the kernel places its trampoline itself, as Linux does.
 pub const TRAMPOLINE_GPA: u64 = 0x8000;
+/// Trampoline bytes copied.
+const TRAMPOLINE_BYTES: usize = 0x100;
+/// Where the trampoline sits in the data page.
+const TRAMPOLINE_COPY: u64 = 0xc00;
 /// The 32-bit entry (the PVH entry point).
 pub const KERNEL_GPA: u64 = 0x10_0000;
 /// 64-bit code.
@@ -489,6 +496,10 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut wait_up = a.create_label();
     a.cmp(qword_ptr(r13 + P_CPUS as i32), 1)?;
     a.jbe(worker)?;
+    a.mov(rsi, DATA_GPA + TRAMPOLINE_COPY)?;
+    a.mov(edi, TRAMPOLINE_GPA as u32)?;
+    a.mov(ecx, TRAMPOLINE_BYTES as u32)?;
+    a.rep().movsb()?;
     a.mov(rax, LAPIC)?;
     a.mov(dword_ptr(rax + 0xf0), 0x1ff)?;
     a.mov(dword_ptr(rax + 0x310), 0)?;
@@ -836,6 +847,11 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     let (e32, ap_off) = entry32().map_err(asm_err)?;
     let (c64, isrs) = code64(&strs).map_err(asm_err)?;
     let tramp = trampoline(KERNEL_GPA as u32 + ap_off).map_err(asm_err)?;
+    if tramp.len() > TRAMPOLINE_BYTES {
+        return Err(PvhError::Assemble("trampoline larger than its slot".into()));
+    }
+    let t = TRAMPOLINE_COPY as usize;
+    data.page[t..t + tramp.len()].copy_from_slice(&tramp);
     if KERNEL_GPA + e32.len() as u64 > CODE64_GPA || CODE64_GPA + c64.len() as u64 > DATA_GPA {
         return Err(PvhError::Assemble("code larger than its slot".into()));
     }
@@ -854,18 +870,11 @@ pub fn build(params: &TestKernelParams) -> Result<Vec<u8>> {
     };
     Ok(elf::write(
         class,
-        &[
-            OutSegment {
-                paddr: TRAMPOLINE_GPA,
-                memsz: tramp.len() as u64,
-                data: tramp,
-            },
-            OutSegment {
-                paddr: KERNEL_GPA,
-                data: image,
-                memsz: STACKS_GPA + MAX_CPUS * STACK_BYTES - KERNEL_GPA,
-            },
-        ],
+        &[OutSegment {
+            paddr: KERNEL_GPA,
+            data: image,
+            memsz: STACKS_GPA + MAX_CPUS * STACK_BYTES - KERNEL_GPA,
+        }],
         Some(KERNEL_GPA as u32),
     ))
 }
@@ -875,15 +884,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_kernel_is_a_pvh_elf_with_trampoline_and_kernel_segments() {
+    fn test_kernel_is_a_pvh_elf_with_one_segment_at_1mib_and_a_bss() {
         for elf32 in [false, true] {
             let f = build(&TestKernelParams { elf32 }).unwrap();
             let img = elf::parse(&f).unwrap();
             assert_eq!(img.entry, KERNEL_GPA as u32);
             assert_eq!(img.class == Class::Elf32, elf32);
-            assert_eq!(img.segments.len(), 2);
-            assert_eq!(img.segments[0].paddr, TRAMPOLINE_GPA);
-            assert!(img.segments[1].memsz > img.segments[1].filesz);
+            assert_eq!(img.segments.len(), 1);
+            assert_eq!(img.segments[0].paddr, KERNEL_GPA);
+            assert!(img.segments[0].memsz > img.segments[0].filesz);
         }
     }
 

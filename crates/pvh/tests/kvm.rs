@@ -214,7 +214,7 @@ fn dirtying_writes_reach_guest_memory_in_each_cpus_working_set() {
 #[test]
 fn non_pvh_elf_is_rejected_with_a_typed_error_before_kvm_is_touched() {
     let mut kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
-    // Corrupt the note type (the PT_NOTE follows the three program headers in the test ELF).
+    // Corrupt the type of the note named "Xen" (the 4 bytes before its name).
     let img = pvh::elf::parse(&kernel).expect("parse");
     assert_eq!(img.entry, test_kernel::KERNEL_GPA as u32);
     let pos = kernel
