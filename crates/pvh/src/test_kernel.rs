@@ -35,6 +35,10 @@ use iced_x86::code_asm::*;
 use crate::elf::{self, Class, OutSegment};
 use crate::error::{PvhError, Result};
 
+/// Power-off status when the start info magic is wrong.
+pub const BAD_MAGIC_STATUS: u8 = 0xee;
+/// Power-off status when `WS_GPA + cpus * ws_mb` MiB exceeds the RAM below 4 GiB.
+pub const NO_FIT_STATUS: u8 = 0xef;
 /// First line the kernel prints.
 pub const BANNER: &str = "ringvisor PVH test kernel v1";
 /// Where the BSP copies the AP trampoline before the SIPI (real mode, SIPI vector 0x08). The
@@ -188,9 +192,10 @@ impl Cmdline {
         )
     }
 
-    /// RAM the kernel needs for this command line.
+    /// RAM the kernel needs for this command line (below 4 GiB; with less it powers off with
+    /// [`NO_FIT_STATUS`]).
     pub fn memory_needed(&self) -> u64 {
-        WS_GPA + self.cpus.clamp(1, MAX_CPUS) * (self.ws_mb.max(1) << 20)
+        WS_GPA + self.cpus.clamp(1, MAX_CPUS) * (self.ws_mb << 20).max(4096)
     }
 }
 
@@ -302,6 +307,7 @@ fn entry32() -> std::result::Result<(Vec<u8>, u32), IcedError> {
 struct Strings {
     banner: u64,
     bad_magic: u64,
+    no_fit: u64,
     params: u64,
     keys: [(u64, usize, u64, u64); 7], // (address, length, data offset, default)
     memmap: u64,
@@ -332,6 +338,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
         bad_magic: d.string("bad start info magic\n")?,
+        no_fit: d.string("working sets do not fit in RAM below 4 GiB\n")?,
         params: d.string("params")?,
         keys,
         memmap: d.string("memmap entries=")?,
@@ -421,7 +428,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.je(magic_ok)?;
     a.mov(rsi, s.bad_magic)?;
     a.call(puts)?;
-    a.mov(qword_ptr(r13 + P_EXIT as i32), 0xee)?;
+    a.mov(qword_ptr(r13 + P_EXIT as i32), i32::from(BAD_MAGIC_STATUS))?;
     a.jmp(poweroff)?;
     a.set_label(&mut magic_ok)?;
     a.mov(r12, qword_ptr(rbx + 24))?;
@@ -469,12 +476,22 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(ecx, dword_ptr(rbx + 48))?;
     a.mov(r9, rcx)?;
     a.xor(r8d, r8d)?;
+    a.xor(r10d, r10d)?;
     a.set_label(&mut mm_loop)?;
     a.test(ecx, ecx)?;
     a.jz(mm_done)?;
     a.cmp(dword_ptr(rsi + 16), 1)?;
     a.jne(mm_skip)?;
     a.add(r8, qword_ptr(rsi + 8))?;
+    // r10 = highest end of a RAM entry below 4 GiB (the page tables map only 4 GiB).
+    a.mov(rax, qword_ptr(rsi))?;
+    a.add(rax, qword_ptr(rsi + 8))?;
+    a.mov(rdx, 1u64 << 32)?;
+    a.cmp(rax, rdx)?;
+    a.ja(mm_skip)?;
+    a.cmp(rax, r10)?;
+    a.jbe(mm_skip)?;
+    a.mov(r10, rax)?;
     a.set_label(&mut mm_skip)?;
     a.add(rsi, 24)?;
     a.dec(ecx)?;
@@ -491,6 +508,23 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.call(putdec)?;
     a.mov(al, b'\n' as u32)?;
     a.call(putc)?;
+    // The working sets must lie in RAM: WS_GPA + cpus * ws_mb MiB <= r10.
+    let mut fits = a.create_label();
+    a.mov(rax, qword_ptr(r13 + P_WS as i32))?;
+    a.shl(rax, 20)?;
+    a.mov(ecx, 4096u32)?;
+    a.cmp(rax, rcx)?;
+    a.cmovb(rax, rcx)?;
+    a.imul_2(rax, qword_ptr(r13 + P_CPUS as i32))?;
+    a.mov(rcx, WS_GPA)?;
+    a.add(rax, rcx)?;
+    a.cmp(rax, r10)?;
+    a.jbe(fits)?;
+    a.mov(rsi, s.no_fit)?;
+    a.call(puts)?;
+    a.mov(qword_ptr(r13 + P_EXIT as i32), i32::from(NO_FIT_STATUS))?;
+    a.jmp(poweroff)?;
+    a.set_label(&mut fits)?;
     a.call(timer_start)?;
     // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
     let mut wait_up = a.create_label();

@@ -393,3 +393,25 @@ fn tsc_deadline_timer_in_x2apic_mode_wakes_a_halted_vcpu() {
     println!("took {took:?}");
     assert_eq!(r.expect("run"), ExitStatus::PowerOff(42));
 }
+
+#[test]
+fn working_sets_larger_than_ram_make_the_kernel_refuse_with_its_status() {
+    if !kvm_available() {
+        return;
+    }
+    // 16 MiB + 2 * 32 MiB > 64 MiB of RAM.
+    let (status, out, _) = run(TestKernelParams::default(), "ws_mb=32 cpus=2", 2);
+    assert_eq!(
+        status,
+        ExitStatus::PowerOff(test_kernel::NO_FIT_STATUS),
+        "{out}"
+    );
+    assert!(
+        out.contains("working sets do not fit in RAM below 4 GiB"),
+        "{out}"
+    );
+    assert!(!out.contains("progress"), "{out}");
+    // Exactly at the limit (16 + 2 * 24 = 64 MiB) it runs.
+    let (status, out, _) = run(TestKernelParams::default(), "ws_mb=24 cpus=2 reports=1", 2);
+    assert_eq!(status, ExitStatus::PowerOff(0), "{out}");
+}
