@@ -247,7 +247,7 @@ fn find_pvh_note(notes: &[u8]) -> Result<Option<u32>, LoadError> {
     Ok(None)
 }
 
-/// A segment for [`write`].
+/// A segment for [`fn@write`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutSegment {
     /// Load address (both `p_vaddr` and `p_paddr`).
