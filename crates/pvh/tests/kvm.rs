@@ -415,3 +415,34 @@ fn working_sets_larger_than_ram_make_the_kernel_refuse_with_its_status() {
     let (status, out, _) = run(TestKernelParams::default(), "ws_mb=24 cpus=2 reports=1", 2);
     assert_eq!(status, ExitStatus::PowerOff(0), "{out}");
 }
+
+#[test]
+fn cpl0_int_n_is_an_emulation_error_on_pvm_and_runs_elsewhere() {
+    if !kvm_available() {
+        return;
+    }
+    use iced_x86::code_asm::*;
+    // `int 0x20` at CPL0 through a valid gate to a handler that powers off with 42. PVM's
+    // instruction emulator cannot execute protected-mode INT n: KVM_EXIT_INTERNAL_ERROR.
+    let k = tiny_kernel(|a, isr| {
+        a.int(0x20).unwrap();
+        a.mov(al, 1u32).unwrap();
+        a.mov(edx, u32::from(pvh::EXIT_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+        a.set_label(isr).unwrap();
+        a.mov(al, 42u32).unwrap();
+        a.mov(edx, u32::from(pvh::EXIT_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+    });
+    let (r, _) = boot_tiny(k, Duration::from_secs(30));
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        match r {
+            Err(pvh::PvhError::Emulation { vcpu: 0, detail }) => {
+                assert!(detail.contains("cpl=0"), "{detail}")
+            }
+            other => panic!("expected an emulation error on PVM, got {other:?}"),
+        }
+    } else {
+        assert_eq!(r.expect("run"), ExitStatus::PowerOff(42));
+    }
+}
