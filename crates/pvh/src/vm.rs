@@ -373,10 +373,13 @@ fn run_vcpu(slot: &VcpuSlot, shared: &Shared) {
                 vcpu,
                 detail: format!("system event {ty}: {}", regs_detail(&fd)),
             })),
-            Ok(VcpuExit::InternalError) => Next::Stop(Outcome::Error(PvhError::Emulation {
-                vcpu,
-                detail: regs_detail(&fd),
-            })),
+            Ok(VcpuExit::InternalError) => {
+                let (sub, data) = sys::internal_error(&mut fd);
+                Next::Stop(Outcome::Error(PvhError::Emulation {
+                    vcpu,
+                    detail: format!("suberror {sub} data {data:x?}: {}", regs_detail(&fd)),
+                }))
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 Next::Stop(Outcome::Error(PvhError::VcpuFailed {
                     vcpu,
