@@ -42,4 +42,4 @@ pub mod vm;
 
 pub use error::{LoadError, PvhError, Result};
 pub use serial::SerialOutput;
-pub use vm::{boot, read_kernel, ExitStatus, PvhConfig, PvhVm, EXIT_PORT, MAX_VCPUS};
+pub use vm::{boot, read_kernel, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS};

@@ -39,6 +39,8 @@ use crate::error::{PvhError, Result};
 pub const BAD_MAGIC_STATUS: u8 = 0xee;
 /// Power-off status when `WS_GPA + cpus * ws_mb` MiB exceeds the RAM below 4 GiB.
 pub const NO_FIT_STATUS: u8 = 0xef;
+/// A byte the kernel reads on COM1 that makes it power off (checked after every report).
+pub const POWER_OFF_KEY: u8 = b'q';
 /// First line the kernel prints.
 pub const BANNER: &str = "ringvisor PVH test kernel v1";
 /// Where the BSP copies the AP trampoline before the SIPI (real mode, SIPI vector 0x08). The
@@ -150,7 +152,8 @@ pub struct Cmdline {
     pub ws_mb: u64,
     /// MiB written per progress report.
     pub dirty_mb: u64,
-    /// Progress reports per CPU before power-off.
+    /// Progress reports per CPU before power-off (0 = until [`POWER_OFF_KEY`] arrives on
+    /// the serial port).
     pub reports: u64,
     /// CPUs to run on (the BSP starts `cpus - 1` APs; clamped to 1..=8).
     pub cpus: u64,
@@ -586,8 +589,14 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.xor(ebp, ebp)?;
     a.xor(r10d, r10d)?;
     a.set_label(&mut report)?;
-    a.cmp(rbp, qword_ptr(r13 + P_REPORTS as i32))?;
+    // reports = 0: run until asked to power off.
+    let mut more = a.create_label();
+    a.mov(rax, qword_ptr(r13 + P_REPORTS as i32))?;
+    a.test(rax, rax)?;
+    a.jz(more)?;
+    a.cmp(rbp, rax)?;
     a.jae(finished)?;
+    a.set_label(&mut more)?;
     a.inc(rbp)?;
     a.mov(rcx, qword_ptr(r13 + P_DIRTY as i32))?;
     a.shl(rcx, 8)?;
@@ -637,7 +646,16 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(al, b'\n' as u32)?;
     a.call(putc)?;
     a.call(unlock)?;
-    a.jmp(report)?;
+    // Power-off request: a `q` received on COM1 (LSR.DR set, then read RBR).
+    a.mov(edx, u32::from(crate::serial::COM1_PORT) + 5)?;
+    a.in_(al, dx)?;
+    a.test(al, 1)?;
+    a.jz(report)?;
+    a.mov(edx, u32::from(crate::serial::COM1_PORT))?;
+    a.in_(al, dx)?;
+    a.cmp(al, i32::from(POWER_OFF_KEY))?;
+    a.jne(report)?;
+    a.jmp(poweroff)?;
     a.set_label(&mut finished)?;
     a.lock().inc(qword_ptr(r13 + DONE as i32))?;
     a.test(r15, r15)?;

@@ -516,6 +516,30 @@ impl PvhVm {
     pub fn vcpus(&self) -> usize {
         self.vcpus.len()
     }
+
+    /// A handle that feeds the guest's serial input, usable from other threads while
+    /// [`PvhVm::run_until_exit`] runs.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput(self.shared.clone())
+    }
+}
+
+/// Feeds bytes to the UART's receive FIFO (what a user would type on the console).
+#[derive(Clone)]
+pub struct SerialInput(Arc<Shared>);
+
+impl std::fmt::Debug for SerialInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SerialInput")
+    }
+}
+
+impl SerialInput {
+    /// Queues `bytes` for the guest; returns how many fit in the 64-byte FIFO.
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        let mut u = self.0.uart.lock().unwrap_or_else(|p| p.into_inner());
+        u.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
 }
 
 #[cfg(test)]

@@ -449,3 +449,44 @@ fn cpl0_int_n_is_an_emulation_error_on_pvm_and_runs_elsewhere() {
         assert_eq!(r.expect("run"), ExitStatus::PowerOff(42));
     }
 }
+
+#[test]
+fn unbounded_run_powers_off_when_q_arrives_on_the_serial_port() {
+    if !kvm_available() {
+        return;
+    }
+    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    let c = Cmdline {
+        cpus: 2,
+        reports: 0,
+        ws_mb: 1,
+        period_ticks: 10,
+        exit: 21,
+        ..Cmdline::default()
+    };
+    let cfg = PvhConfig {
+        cmdline: c.render(),
+        memory: 64 << 20,
+        vcpus: 2,
+        ..PvhConfig::new(kernel)
+    };
+    let mut vm = pvh::boot(&cfg).expect("boot");
+    let input = vm.serial_input();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        input.send(&[test_kernel::POWER_OFF_KEY])
+    });
+    let st = vm
+        .run_until_exit(Some(Duration::from_secs(30)))
+        .expect("run");
+    assert_eq!(sender.join().expect("sender"), 1);
+    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert_eq!(st, ExitStatus::PowerOff(21), "{out}");
+    // ~150 ms at one report per 10 ms per CPU: several reports from each CPU before the stop.
+    let p = progress(&out);
+    for cpu in 0..2 {
+        let n = p.iter().filter(|x| x.0 == cpu).count();
+        assert!(n >= 3, "cpu {cpu} reported {n} times:\n{out}");
+    }
+    assert_eq!(out.lines().last(), Some("poweroff 21"), "{out}");
+}
