@@ -3,32 +3,39 @@
 //!
 //! What it does, keeping CPL0 work minimal because PVM emulates every CPL0 instruction:
 //! 1. BSP, 32-bit entry (CPL0): saves EBX (start info), loads its GDT, enables PAE, long mode
-//!    and paging with static identity page tables (first 4 GiB, 2 MiB pages, User bit set),
-//!    far-jumps to 64-bit code.
-//! 2. 64-bit CPL0 (BSP and APs): APIC ID from CPUID = CPU index, per-CPU stack,
-//!    `IA32_SYSENTER_CS`, RFLAGS.IOPL = 3, then `sysexit` with REX.W to ring 3.
+//!    (and SYSCALL/SYSRET) and paging with static identity page tables (first 4 GiB, 2 MiB
+//!    pages, User bit set), far-jumps to 64-bit code.
+//! 2. 64-bit CPL0 (BSP and APs): APIC ID from CPUID = CPU index, per-CPU stack, LTR (per-CPU
+//!    TSS: RSP0 and an I/O permission bitmap), LIDT, STAR, then SYSRETQ to ring 3 with
+//!    RFLAGS.IF = 1.
 //! 3. Ring 3 (native speed): the BSP prints [`BANNER`], checks the start-info magic, parses
 //!    its command line (see [`Cmdline`]), prints the parameters and the RAM it found in the
-//!    e820 map, starts `cpus - 1` APs with INIT/SIPI (xAPIC ICR, all-excluding-self), and
+//!    e820 map, checks the working sets fit, starts its LAPIC timer, copies the AP trampoline
+//!    below 1 MiB, starts `cpus - 1` APs with INIT/SIPI (xAPIC ICR, all-excluding-self), and
 //!    waits until they report in. Every CPU then dirties `dirty_mb` MiB of its own `ws_mb` MiB
-//!    working set per report, `reports` times, printing a progress line after each; the BSP
-//!    waits for all CPUs and writes `exit` to [`crate::EXIT_PORT`].
+//!    working set per report (paced by `period_ticks` timer ticks), printing a progress line
+//!    after each, `reports` times or until [`POWER_OFF_KEY`] arrives on COM1; the BSP waits
+//!    for all CPUs and writes `exit` to [`crate::EXIT_PORT`].
+//!
+//! Ring 0 is entered again only by interrupts (the timer ISR: EOI, per-CPU tick count, IRETQ)
+//! and by `ud2`, whose #UD handler halts until the next interrupt: the kernel's "wait" call
+//! (on PVM neither `syscall` nor `int n` gets ring 3 into ring 0; see `docs/pvh.md`).
 //!
 //! APs start in real mode at [`TRAMPOLINE_GPA`] (below 1 MiB; the BSP copies the trampoline
 //! there from its data page), switch to 32-bit protected mode and join step 1 after its GDT
-//! load. Serial output is `out` from ring 3 (IOPL = 3), with
-//! a ring-3 spinlock so lines do not interleave.
+//! load. Serial output is `out` from ring 3, allowed by the TSS I/O permission bitmap (PVM
+//! does not honour RFLAGS.IOPL here), with a ring-3 spinlock so lines do not interleave.
 //!
 //! Output lines (each ends with `\n`):
 //! - `ringvisor PVH test kernel v1`
-//! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E`
+//! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P`
 //! - `memmap entries=N ram_kib=K`
 //! - `cpu I up` (each AP)
-//! - `cpu I progress R pages P` (P = pages written by that CPU so far)
+//! - `cpu I progress R pages P ticks T` (P = pages written by that CPU so far, T = its ticks)
 //! - `poweroff E`
 //!
-//! A ring-3 fault has no handler (no IDT): it ends in a triple fault, reported by the VMM as
-//! `ExitStatus::Crashed` with the registers.
+//! Exceptions other than #UD have no handler: they end in a triple fault, reported by the VMM
+//! as `ExitStatus::Crashed` with the registers.
 
 use iced_x86::code_asm::*;
 
