@@ -251,6 +251,7 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(&vcpu_cpuid(cpuid.clone(), i as u32, tsc_deadline))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        // The x87 control word and MXCSR values after FNINIT / reset (all exceptions masked).
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -258,10 +259,13 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
         };
         fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         if i == 0 {
+            // PVH entry state: flat 4 GiB segments (code: execute/read accessed, data:
+            // read/write accessed); the selectors are nominal, the kernel loads its own GDT.
             let mut s = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             s.cs = flat(0x08, 0xb);
             let d = flat(0x10, 0x3);
             (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
+            // A busy 32-bit TSS (type 0xb): VM entry requires a usable TR.
             s.tr = kvm_segment {
                 limit: 0x67,
                 selector: 0x18,
