@@ -46,7 +46,9 @@ pub struct SourceOptions {
     pub verify_before_commit: bool,
     /// Ring mode: how often the collector thread peeks the rings.
     pub poll_interval: Duration,
-    /// Ring mode: harvest and reset a ring early once this fraction of its soft limit is used.
+    /// Ring mode: harvest and reset a ring early once this fraction of its soft limit is used
+    /// (high, so a hot set is re-protected once per pass rather than mid-pass; the collector
+    /// polls every few ms, well before the soft limit is reached).
     pub high_water: f64,
     /// Give up after this many passes (a safety net behind `timeout`).
     pub max_iterations: u32,
@@ -99,7 +101,7 @@ impl Default for SourceOptions {
             verify: true,
             verify_before_commit: false,
             poll_interval: Duration::from_millis(5),
-            high_water: 0.5,
+            high_water: 0.95,
             max_iterations: 10_000,
             dirty_limit: DirtyLimitMode::Off,
             auto_converge: false,
