@@ -152,6 +152,8 @@ fn control_loop(
     let mut held_ns = vec![0u64; n];
     let mut last_reset = Instant::now();
     let mut last = Instant::now();
+    // Entries already waiting in the rings were dirtied before the limit: not charged.
+    let _ = rs.poll(u32::MAX);
     let mut prev_seen: Vec<u64> = (0..n).map(|i| rs.vcpu_dirty_seen(i)).collect();
     let mut tokens = vec![0.0f64; n];
     while !stop.load(Ordering::Relaxed) {

@@ -344,8 +344,13 @@ pub struct Vcpus {
 /// joined before those threads are joined.
 fn ticker(shared: Vec<Arc<VcpuShared>>, ids: Vec<u64>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let mut last_period = Instant::now();
+    let mut active = false;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(1));
+        // Fine-grained only while some vCPU is limited; otherwise wake rarely.
+        std::thread::sleep(Duration::from_millis(if active { 1 } else { 5 }));
+        active = shared
+            .iter()
+            .any(|v| v.throttle_ppm.load(Ordering::Relaxed) > 0);
         let period = last_period.elapsed() >= THROTTLE_PERIOD;
         if period {
             last_period = Instant::now();
