@@ -360,6 +360,7 @@ pub struct LimitOpts {
     pub memory_gib: u64,
     pub link: String,
     pub timeout: f64,
+    pub plot: Option<std::path::PathBuf>,
     pub json: bool,
 }
 
@@ -440,6 +441,41 @@ pub fn run_dirtylimit(o: LimitOpts) -> Result<()> {
     }
     pb.finish_and_clear();
     netns_down(&o.link);
+    if let Some(path) = &o.plot {
+        // Total time per method versus dirty rate; a run that did not converge is drawn at
+        // the timeout.
+        let series: Vec<Series> = methods
+            .iter()
+            .map(|(name, _, _)| Series {
+                name: name.to_string(),
+                points: rows
+                    .iter()
+                    .filter(|r| r.method == *name)
+                    .map(|r| {
+                        let t = if r.row.converged {
+                            r.row.total_s
+                        } else {
+                            o.timeout
+                        };
+                        (r.row.dirty_rate_mb_s as f64, t)
+                    })
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        if !series.is_empty() {
+            line_plot_log_x(
+                path,
+                &format!(
+                    "migration time vs dirty rate ({}; {} s = did not converge)",
+                    o.link, o.timeout
+                ),
+                "dirty rate of vCPU 0 (MB/s)",
+                "total migration time (s)",
+                &series,
+            )?;
+        }
+    }
     if o.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

@@ -290,6 +290,9 @@ enum BenchCmd {
         /// Seconds before a non-converging migration is aborted.
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -655,6 +658,7 @@ fn main() -> Result<()> {
                     memory_gib,
                     link,
                     timeout,
+                    plot,
                     json,
                 },
         } => {
@@ -666,6 +670,7 @@ fn main() -> Result<()> {
                 memory_gib,
                 link,
                 timeout,
+                plot,
                 json,
             })
         }
