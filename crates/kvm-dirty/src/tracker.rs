@@ -164,8 +164,9 @@ impl DirtyTracker for BitmapTracker {
 
 /// Manual-protect tracking: GET (no side effect) then CLEAR exactly the pages returned.
 ///
-/// With `INITIALLY_SET`, the first collect reports every page of every slot; a migration's
-/// first pass therefore naturally covers all of memory.
+/// The slots start with every bit set (`INITIALLY_SET`, which spares KVM write-protecting all
+/// memory when logging is enabled); `start` collects and clears that initial set, so later
+/// collects report only pages written after `start`, as in the other modes.
 #[derive(Debug)]
 pub struct ClearLogTracker(LogCore);
 
@@ -186,7 +187,17 @@ impl DirtyTracker for ClearLogTracker {
         TrackerMode::ClearLog
     }
     fn start(&mut self) -> Result<()> {
-        self.0.started = true;
+        // Discard the initially-set bits (and everything dirtied before start): GET, then
+        // CLEAR exactly what was returned, which write-protects those pages. Without this the
+        // first collect would report every page, and a migration would resend all of memory
+        // right after its bulk pass.
+        let c = &mut self.0;
+        for s in &c.slots {
+            let words = s.bitmap_words();
+            bitmap::get_dirty_log(&c.vm, s, &mut c.buf)?;
+            bitmap::clear_dirty_log(&c.vm, s, &c.buf[..words])?;
+        }
+        c.started = true;
         Ok(())
     }
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
