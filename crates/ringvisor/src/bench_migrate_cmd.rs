@@ -170,16 +170,37 @@ fn one(
             "--exit-after-migrate",
             "--json",
         ])
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .output()
         .context("running the source")?;
-    // The destination exits on its own after a resume, or with an error after an abort.
+    // The destination exits on its own after a resume, or with an error after an abort; if
+    // the source never reached it, it would wait forever: give it 10 s, then stop it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match dest.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            _ => {
+                let _ = dest.kill();
+                let _ = dest.wait();
+                break;
+            }
+        }
+    }
     let mut rest = String::new();
     let _ = dout.read_to_string(&mut rest);
-    let _ = dest.wait();
     let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim())
-        .with_context(|| format!("source output was not a summary: {text}"))?;
+    let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(6).collect();
+        format!(
+            "source ({}) printed no summary; its last stderr lines: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )
+    })?;
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     Ok(Row {
         memory_gib: mem,
