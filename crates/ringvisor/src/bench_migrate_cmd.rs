@@ -61,6 +61,15 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
 struct Endpoint {
     netns: Option<&'static str>,
     ip: &'static str,
@@ -142,7 +151,6 @@ fn one(
     }
     extra.extend(cell_extra);
     let out = command(exe, src)
-        .args(&extra)
         .args([
             "run",
             "--memory",
@@ -170,6 +178,7 @@ fn one(
             "--exit-after-migrate",
             "--json",
         ])
+        .args(&extra)
         .stderr(Stdio::piped())
         .output()
         .context("running the source")?;
@@ -265,12 +274,12 @@ pub fn run(o: Opts) -> Result<()> {
                     let r = match r {
                         Ok(r) => r,
                         Err(e) => {
-                            pb.println(format!("{mem} GiB {rate} MB/s {set} {t}: {e:#}"));
+                            say(&pb, format!("{mem} GiB {rate} MB/s {set} {t}: {e:#}"));
                             continue;
                         }
                     };
                     if r.verified == Some(false) {
-                        pb.println(format!("WARNING: memory digest mismatch in {r:?}"));
+                        say(&pb, format!("WARNING: memory digest mismatch in {r:?}"));
                     }
                     rows.push(r);
                     pb.inc(1);
@@ -455,7 +464,7 @@ pub fn run_dirtylimit(o: LimitOpts) -> Result<()> {
                         compute_vcpu_slowdown_pct: slow,
                     });
                 }
-                Err(e) => pb.println(format!("{rate} MB/s {name}: {e:#}")),
+                Err(e) => say(&pb, format!("{rate} MB/s {name}: {e:#}")),
             }
             pb.inc(1);
         }
