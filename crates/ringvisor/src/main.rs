@@ -22,6 +22,14 @@ pub fn bandwidth_arg(s: &str) -> std::result::Result<u64, String> {
     migration::units::parse_bandwidth(s).map_err(|e| e.to_string())
 }
 
+/// `--link`: `loopback` or a tc rate such as `1gbit`.
+fn check_link(link: &str) -> Result<()> {
+    if link != "loopback" && !link.ends_with("bit") {
+        anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
+    }
+    Ok(())
+}
+
 /// Dirty tracking mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeArg {
@@ -662,9 +670,7 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
-            if link != "loopback" && !link.ends_with("bit") {
-                anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
-            }
+            check_link(&link)?;
             bench_migrate_cmd::run_dirtylimit(bench_migrate_cmd::LimitOpts {
                 rates_mb: rates,
                 memory_gib,
@@ -706,9 +712,7 @@ fn main() -> Result<()> {
                     size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
                 }
             }
-            if link != "loopback" && !link.ends_with("bit") {
-                anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
-            }
+            check_link(&link)?;
             bench_migrate_cmd::run(bench_migrate_cmd::Opts {
                 memory_gib,
                 rates_mb: rates,
