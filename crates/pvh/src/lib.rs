@@ -5,11 +5,13 @@
 //! - [`elf`]: ELF32/ELF64 program headers, the `XEN_ELFNOTE_PHYS32_ENTRY` note; the writer.
 //! - [`mod@boot`]: the PVH boot protocol (start info, e820 map, command line) and image loading.
 //! - [`memory`]: guest RAM below the 3 GiB MMIO hole and above 4 GiB.
-//! - [`serial`]: the 16550 UART on 0x3f8 (vm-superio) and where its output goes.
-//! - [`vm`]: the KVM VM (in-kernel irqchip and PIT, CPUID, vCPU threads with a kick, the exit
-//!   port, APs waiting for INIT/SIPI).
+//! - [`vm`]: the PVH VM: a `vmm::Vm` on the PVH platform (in-kernel irqchip and PIT, COM1 and
+//!   the exit port in `vmm::devices`, vCPU threads), the kernel loaded, the boot vCPU at the
+//!   PVH entry and the APs waiting for INIT/SIPI. Being a `vmm::Vm`, it has dirty tracking
+//!   and live-migrates with `migration-engine` like any other ringvisor guest.
 //! - [`test_kernel`]: the run-time assembled PVH test kernel (iced-x86; ring-3 workload).
-//! - `sys`: the crate's only `unsafe` code (memslots, `immediate_exit`, the kick signal).
+//!
+//! This crate has no `unsafe` code: KVM access goes through `vmm`.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -29,17 +31,22 @@
 //! ```
 
 #![deny(missing_docs)]
-#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
 
 pub mod boot;
 pub mod elf;
 pub mod error;
 pub mod memory;
-pub mod serial;
-mod sys;
 pub mod test_kernel;
+/// COM1 (the 16550 UART model lives in `vmm::devices`).
+pub mod serial {
+    pub use vmm::devices::{COM1_GSI, COM1_LEN, COM1_PORT};
+    pub use vmm::SerialOutput;
+}
 pub mod vm;
 
 pub use error::{LoadError, PvhError, Result};
-pub use serial::SerialOutput;
-pub use vm::{boot, read_kernel, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS};
+pub use vm::{
+    boot, read_kernel, wait_exit, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS,
+};
+pub use vmm::SerialOutput;

@@ -1,14 +1,12 @@
 //! Guest RAM: one region below the 32-bit MMIO hole and, for guests larger than the hole's
-//! start, one above 4 GiB. Backed by anonymous `MAP_NORESERVE` mappings through vm-memory.
+//! start, one above 4 GiB (memslots 0 and 1 of a `vmm::Vm` on the PVH platform).
 
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
+use std::sync::Arc;
 
 use crate::error::{PvhError, Result};
 
 /// Start of the 32-bit MMIO hole (LAPIC at 0xfee00000 and IOAPIC at 0xfec00000 live in it).
-pub const MMIO_HOLE_START: u64 = 3 << 30;
+pub const MMIO_HOLE_START: u64 = vmm::machine::MMIO_HOLE_START;
 /// Start of RAM above the hole.
 pub const HIGH_RAM_START: u64 = 4 << 30;
 /// Smallest guest this loader builds.
@@ -43,38 +41,58 @@ pub fn ram_ranges(memory: u64) -> Vec<RamRange> {
     v
 }
 
-/// Guest RAM.
-#[derive(Debug)]
+/// The memslot regions of a guest with `memory` bytes of RAM (slot 0 below the hole, slot 1
+/// above 4 GiB), with dirty logging when `log_dirty` (for a guest that may be migrated).
+pub fn region_specs(memory: u64, log_dirty: bool) -> Result<Vec<vmm::RegionSpec>> {
+    if memory < MIN_MEMORY || memory & 0xfff != 0 {
+        return Err(PvhError::Config(format!(
+            "memory must be a multiple of 4 KiB and at least {MIN_MEMORY} bytes, got {memory}"
+        )));
+    }
+    Ok(ram_ranges(memory)
+        .iter()
+        .enumerate()
+        .map(|(i, r)| vmm::RegionSpec {
+            slot: i as u16,
+            gpa: r.gpa,
+            bytes: r.bytes,
+            log_dirty,
+        })
+        .collect())
+}
+
+/// Guest RAM as the loader sees it: the RAM ranges over the VM's memory.
+#[derive(Debug, Clone)]
 pub struct GuestRam {
-    mem: GuestMemoryMmap<()>,
+    ram: Arc<vmm::GuestRam>,
     ranges: Vec<RamRange>,
 }
 
+fn mem_err(e: vmm::VmmError) -> PvhError {
+    PvhError::Memory(e.to_string())
+}
+
 impl GuestRam {
-    /// Maps `memory` bytes (a multiple of 4 KiB, at least [`MIN_MEMORY`]).
+    /// Maps `memory` bytes (a multiple of 4 KiB, at least [`MIN_MEMORY`]) outside any VM
+    /// (for building and checking images).
     pub fn new(memory: u64) -> Result<GuestRam> {
-        if memory < MIN_MEMORY || memory & 0xfff != 0 {
-            return Err(PvhError::Config(format!(
-                "memory must be a multiple of 4 KiB and at least {MIN_MEMORY} bytes, got {memory}"
-            )));
-        }
-        let ranges = ram_ranges(memory);
-        let mut regions = Vec::new();
-        for r in &ranges {
-            let len = usize::try_from(r.bytes)
-                .map_err(|_| PvhError::Memory(format!("{} bytes is too large", r.bytes)))?;
-            let region = vm_memory::mmap::MmapRegionBuilder::new(len)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| PvhError::Memory(e.to_string()))?;
-            let g = GuestRegionMmap::new(region, GuestAddress(r.gpa))
-                .ok_or_else(|| PvhError::Memory("region wraps the address space".into()))?;
-            regions.push(g);
-        }
-        let mem =
-            GuestMemoryMmap::from_regions(regions).map_err(|e| PvhError::Memory(e.to_string()))?;
-        Ok(GuestRam { mem, ranges })
+        let specs = region_specs(memory, false)?;
+        Ok(Self::of(Arc::new(
+            vmm::GuestRam::new(&specs).map_err(mem_err)?,
+        )))
+    }
+
+    /// The loader's view of a VM's memory.
+    pub fn of(ram: Arc<vmm::GuestRam>) -> GuestRam {
+        let ranges = ram
+            .regions()
+            .iter()
+            .map(|r| RamRange {
+                gpa: r.gpa,
+                bytes: r.bytes,
+            })
+            .collect();
+        GuestRam { ram, ranges }
     }
 
     /// The RAM ranges, ascending.
@@ -95,35 +113,17 @@ impl GuestRam {
 
     /// Copies `data` to `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
-        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|e| {
-            PvhError::Memory(format!("write of {} bytes at {gpa:#x}: {e}", data.len()))
-        })
+        self.ram.write(gpa, data).map_err(mem_err)
     }
 
     /// Fills `buf` from `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| PvhError::Memory(format!("read of {} bytes at {gpa:#x}: {e}", buf.len())))
+        self.ram.read(gpa, buf).map_err(mem_err)
     }
 
     /// Reads a little-endian u64.
     pub fn read_u64(&self, gpa: u64) -> Result<u64> {
-        let mut b = [0u8; 8];
-        self.read(gpa, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    /// The host mappings with their guest addresses, for memslot registration.
-    pub(crate) fn mappings(&self) -> Vec<(u64, &MmapRegion<()>)> {
-        self.ranges
-            .iter()
-            .filter_map(|r| {
-                self.mem
-                    .find_region(GuestAddress(r.gpa))
-                    .map(|g| (r.gpa, &**g))
-            })
-            .collect()
+        self.ram.read_u64(gpa).map_err(mem_err)
     }
 }
 

@@ -5,31 +5,26 @@
 //! registers) -> the BSP runnable, the APs `UNINITIALIZED` so that they wait in `KVM_RUN` for
 //! the INIT/SIPI the guest's BSP sends through its LAPIC.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_pit_config, kvm_regs, kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    kvm_mp_state, kvm_regs, kvm_segment, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
+use vmm::vcpu::{CRASH_PREFIX, INTERNAL_ERROR_PREFIX};
+use vmm::{Devices, Tracking, VmConfig, VmmError};
 
 use crate::boot as protocol;
 use crate::elf;
 use crate::error::{PvhError, Result};
-use crate::memory::GuestRam;
-use crate::serial::{self, SerialOutput, Uart, COM1_GSI, COM1_LEN, COM1_PORT};
-use crate::sys::{self, ImmediateExit};
+use crate::memory::{self, GuestRam};
+use crate::SerialOutput;
 
 /// The power-off port: a byte written here stops the VM with that byte as its status
 /// (ringvisor's convention; QEMU's `isa-debug-exit` at the same port reports `(v << 1) | 1`).
-pub const EXIT_PORT: u16 = 0x501;
+pub const EXIT_PORT: u16 = vmm::EXIT_PORT;
 /// Most vCPUs (the LAPIC IDs must fit the xAPIC's 8 bits and the test kernel's stacks).
 pub const MAX_VCPUS: usize = 8;
-/// KVM's real-mode TSS area (Intel VMX needs three pages inside the 4 GiB space, not RAM).
-const TSS_ADDR: usize = 0xfffb_d000;
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +39,8 @@ pub struct PvhConfig {
     pub vcpus: usize,
     /// Where serial output goes.
     pub serial: SerialOutput,
+    /// Dirty tracking for a guest that may be live-migrated (`None`: no dirty logging).
+    pub tracking: Option<Tracking>,
 }
 
 /// Largest kernel image [`read_kernel`] accepts.
@@ -68,7 +65,8 @@ pub fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 impl PvhConfig {
-    /// A config with 128 MiB, one vCPU, an empty command line and captured serial output.
+    /// A config with 128 MiB, one vCPU, an empty command line, captured serial output and
+    /// no dirty tracking.
     pub fn new(kernel: Vec<u8>) -> Self {
         PvhConfig {
             kernel,
@@ -76,6 +74,7 @@ impl PvhConfig {
             memory: 128 << 20,
             vcpus: 1,
             serial: SerialOutput::Capture,
+            tracking: None,
         }
     }
 }
@@ -96,95 +95,6 @@ pub enum ExitStatus {
     TimedOut,
 }
 
-/// One vCPU: the fd and the pointer into its `kvm_run` page live and die together.
-struct VcpuSlot {
-    index: usize,
-    imm: ImmediateExit,
-    fd: Mutex<VcpuFd>,
-}
-
-impl VcpuSlot {
-    fn fd(&self) -> MutexGuard<'_, VcpuFd> {
-        self.fd.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// What vCPU threads report to the waiter (first one wins).
-enum Outcome {
-    Exit(ExitStatus),
-    Error(PvhError),
-}
-
-struct Shared {
-    stop: AtomicBool,
-    outcome: Mutex<Option<Outcome>>,
-    cv: Condvar,
-    uart: Mutex<Uart>,
-}
-
-impl Shared {
-    fn report(&self, o: Outcome) {
-        let mut g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(o);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        self.cv.notify_all();
-    }
-}
-
-/// A booted (not yet running) PVH VM.
-pub struct PvhVm {
-    // Drop order: vCPUs, then the VM fd, then guest RAM (KVM never sees a slot whose mapping
-    // is gone).
-    vcpus: Vec<Arc<VcpuSlot>>,
-    shared: Arc<Shared>,
-    capture: Arc<Mutex<Vec<u8>>>,
-    _irq: EventFd,
-    _vm: VmFd,
-    _kvm: Kvm,
-    ram: GuestRam,
-    image: elf::PvhImage,
-    start_info: u64,
-    ran: bool,
-}
-
-impl std::fmt::Debug for PvhVm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PvhVm")
-            .field("vcpus", &self.vcpus.len())
-            .field("entry", &self.image.entry)
-            .finish()
-    }
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PvhError {
-    move |source| PvhError::Kvm { op, source }
-}
-
-/// CPUID.1:ECX bit 24: TSC-deadline mode of the LAPIC timer.
-const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
-
-/// The host's supported CPUID (`KVM_GET_SUPPORTED_CPUID`: only what KVM and the host can
-/// give) with vCPU `id`'s APIC ID in leaf 1 and the x2APIC topology leaves, and the
-/// TSC-deadline timer advertised when KVM emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`; KVM
-/// leaves that bit to the VMM).
-pub fn vcpu_cpuid(mut cpuid: CpuId, id: u32, tsc_deadline: bool) -> CpuId {
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
-                if tsc_deadline {
-                    e.ecx |= CPUID1_ECX_TSC_DEADLINE;
-                }
-            }
-            0xb | 0x1f => e.edx = id,
-            _ => {}
-        }
-    }
-    cpuid
-}
-
 fn flat(selector: u16, type_: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -203,6 +113,43 @@ fn flat(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
+fn vmm_err(e: VmmError) -> PvhError {
+    match e {
+        VmmError::Kvm { op, source } => PvhError::Kvm { op, source },
+        VmmError::NoKvm { source } => PvhError::NoKvm(source),
+        VmmError::Config(s) => PvhError::Config(s),
+        VmmError::Memory { .. } | VmmError::OutOfBounds { .. } => PvhError::Memory(e.to_string()),
+        VmmError::VcpuFailed { vcpu, what } => match what.strip_prefix(INTERNAL_ERROR_PREFIX) {
+            Some(detail) => PvhError::Emulation {
+                vcpu,
+                detail: detail.to_string(),
+            },
+            None => PvhError::VcpuFailed { vcpu, detail: what },
+        },
+        other => PvhError::Host(other.to_string()),
+    }
+}
+
+/// A PVH VM: a `vmm::Vm` on the PVH platform with the kernel loaded, the boot vCPU at the
+/// PVH entry and the other vCPUs waiting for INIT/SIPI.
+pub struct PvhVm {
+    vm: vmm::Vm,
+    ram: GuestRam,
+    devices: Arc<Devices>,
+    entry: u32,
+    start_info: u64,
+    ran: bool,
+}
+
+impl std::fmt::Debug for PvhVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvhVm")
+            .field("vcpus", &self.vcpus())
+            .field("entry", &self.entry)
+            .finish()
+    }
+}
+
 /// Loads the kernel and builds the VM: the BSP at the PVH entry in 32-bit protected mode
 /// (paging off, flat CS/DS, EBX = start info), the APs waiting for INIT/SIPI.
 pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
@@ -212,56 +159,31 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
             cfg.vcpus
         )));
     }
+    // Everything about the image is checked before KVM is touched.
     let image = elf::parse(&cfg.kernel)?;
-    let ram = GuestRam::new(cfg.memory)?;
-    let start_info = protocol::load(&image, &cfg.kernel, &ram, &cfg.cmdline)?;
-    sys::install_kick_handler()?;
-
-    let kvm = Kvm::new().map_err(PvhError::NoKvm)?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(TSS_ADDR)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    for (slot, (gpa, region)) in ram.mappings().into_iter().enumerate() {
-        sys::register_slot(&vm, slot as u32, gpa, region)?;
+    let specs = memory::region_specs(cfg.memory, cfg.tracking.is_some())?;
+    {
+        let probe = GuestRam::new(cfg.memory)?;
+        protocol::check_placement(&image, &probe)?;
     }
-    let irq =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PvhError::Host(format!("eventfd: {e}")))?;
-    vm.register_irqfd(&irq, COM1_GSI)
-        .map_err(kvm_err("KVM_IRQFD"))?;
-    let irq2 = irq
-        .try_clone()
-        .map_err(|e| PvhError::Host(format!("eventfd clone: {e}")))?;
-    let (uart, capture) = serial::build(&cfg.serial, irq2)?;
-
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-    let mut vcpus = Vec::with_capacity(cfg.vcpus);
-    for i in 0..cfg.vcpus {
-        let mut fd = vm
-            .create_vcpu(i as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&vcpu_cpuid(cpuid.clone(), i as u32, tsc_deadline))
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        // The x87 control word and MXCSR values after FNINIT / reset (all exceptions masked).
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    let vm = vmm::Vm::create_pvh(
+        &VmConfig {
+            vcpus: cfg.vcpus,
+            memory: specs,
+            tracking: cfg.tracking.unwrap_or(Tracking::Bitmap),
+        },
+        &cfg.serial,
+    )
+    .map_err(vmm_err)?;
+    let ram = GuestRam::of(vm.ram().clone());
+    let start_info = protocol::load(&image, &cfg.kernel, &ram, &cfg.cmdline)?;
+    for (i, v) in vm.vcpu_handles().iter().enumerate() {
+        let fd = v.fd();
+        let kvm = |op: &'static str| move |source| PvhError::Kvm { op, source };
         if i == 0 {
             // PVH entry state: flat 4 GiB segments (code: execute/read accessed, data:
             // read/write accessed); the selectors are nominal, the kernel loads its own GDT.
-            let mut s = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            let mut s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
             s.cs = flat(0x08, 0xb);
             let d = flat(0x10, 0x3);
             (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
@@ -276,229 +198,109 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
             s.cr0 = 0x11; // PE | ET: protected mode, paging off
             s.cr4 = 0;
             s.efer = 0;
-            fd.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
             let r = kvm_regs {
                 rip: u64::from(image.entry),
                 rbx: start_info,
                 rflags: 0x2,
                 ..Default::default()
             };
-            fd.set_regs(&r).map_err(kvm_err("KVM_SET_REGS"))?;
+            fd.set_regs(&r).map_err(kvm("KVM_SET_REGS"))?;
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
         } else {
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_UNINITIALIZED,
             })
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
         }
-        let imm = ImmediateExit::of(&mut fd);
-        vcpus.push(Arc::new(VcpuSlot {
-            index: i,
-            imm,
-            fd: Mutex::new(fd),
-        }));
     }
+    let devices = vm
+        .devices()
+        .cloned()
+        .ok_or_else(|| PvhError::Host("a PVH VM without devices".into()))?;
     Ok(PvhVm {
-        vcpus,
-        shared: Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            outcome: Mutex::new(None),
-            cv: Condvar::new(),
-            uart: Mutex::new(uart),
-        }),
-        capture,
-        _irq: irq,
-        _vm: vm,
-        _kvm: kvm,
+        vm,
         ram,
-        image,
+        devices,
+        entry: image.entry,
         start_info,
         ran: false,
     })
 }
 
-fn regs_detail(fd: &VcpuFd) -> String {
-    match (fd.get_regs(), fd.get_sregs()) {
-        (Ok(r), Ok(s)) => format!(
-            "rip={:#x} rsp={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rflags={:#x} cs={:#x} cpl={} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            r.rip, r.rsp, r.rax, r.rbx, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cs.dpl, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-        ),
-        _ => "registers unavailable".into(),
+/// What a vCPU failure means for a run: a guest crash is an exit status, the rest errors.
+fn classify(e: VmmError) -> Result<ExitStatus> {
+    match e {
+        VmmError::VcpuFailed { vcpu, what } if what.starts_with(CRASH_PREFIX) => {
+            Ok(ExitStatus::Crashed { vcpu, detail: what })
+        }
+        other => Err(vmm_err(other)),
     }
 }
 
-/// What one exit asks the run loop to do.
-enum Next {
-    Continue,
-    Stop(Outcome),
-}
-
-fn run_vcpu(slot: &VcpuSlot, shared: &Shared) {
-    let mut fd = slot.fd();
-    let vcpu = slot.index;
-    while !shared.stop.load(Ordering::SeqCst) {
-        let next = match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let v = data.first().copied().unwrap_or(0);
-                if port == EXIT_PORT {
-                    Next::Stop(Outcome::Exit(ExitStatus::PowerOff(v)))
-                } else if (COM1_PORT..COM1_PORT + COM1_LEN).contains(&port) {
-                    let mut u = shared.uart.lock().unwrap_or_else(|p| p.into_inner());
-                    // An interrupt that cannot be signalled is not fatal to the output.
-                    let _ = u.write((port - COM1_PORT) as u8, v);
-                    Next::Continue
-                } else {
-                    Next::Continue
-                }
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let v = if (COM1_PORT..COM1_PORT + COM1_LEN).contains(&port) {
-                    let mut u = shared.uart.lock().unwrap_or_else(|p| p.into_inner());
-                    u.read((port - COM1_PORT) as u8)
-                } else {
-                    0xff
-                };
-                data.fill(v);
-                Next::Continue
-            }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
-                Next::Continue
-            }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => Next::Continue,
-            Ok(VcpuExit::Shutdown) => Next::Stop(Outcome::Exit(ExitStatus::Crashed {
-                vcpu,
-                detail: format!("triple fault: {}", regs_detail(&fd)),
-            })),
-            Ok(VcpuExit::SystemEvent(ty, _)) => Next::Stop(Outcome::Exit(ExitStatus::Crashed {
-                vcpu,
-                detail: format!("system event {ty}: {}", regs_detail(&fd)),
-            })),
-            Ok(VcpuExit::InternalError) => {
-                let (sub, data) = sys::internal_error(&mut fd);
-                Next::Stop(Outcome::Error(PvhError::Emulation {
-                    vcpu,
-                    detail: format!("suberror {sub} data {data:x?}: {}", regs_detail(&fd)),
-                }))
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Next::Stop(Outcome::Error(PvhError::VcpuFailed {
-                    vcpu,
-                    detail: format!("KVM_EXIT_FAIL_ENTRY reason {reason:#x} on host cpu {cpu}"),
-                }))
-            }
-            Ok(other) => {
-                let what = format!("unexpected exit {other:?}");
-                Next::Stop(Outcome::Error(PvhError::VcpuFailed {
-                    vcpu,
-                    detail: format!("{what}: {}", regs_detail(&fd)),
-                }))
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                slot.imm.set(false);
-                Next::Continue
-            }
-            Err(source) => Next::Stop(Outcome::Error(PvhError::Kvm {
-                op: "KVM_RUN",
-                source,
-            })),
-        };
-        if let Next::Stop(o) = next {
-            shared.report(o);
-            break;
+/// Waits for `vm` (running) to power off, crash or fail, or for `timeout`; then stops its
+/// vCPUs. Works for a booted [`PvhVm`] and for a PVH guest received by migration.
+pub fn wait_exit(vm: &mut vmm::Vm, timeout: Option<Duration>) -> Result<ExitStatus> {
+    let devices = vm
+        .devices()
+        .cloned()
+        .ok_or_else(|| PvhError::Config("not a PVH-platform VM".into()))?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let outcome = loop {
+        if let Some(s) = devices.wait_power_off(Duration::from_millis(2)) {
+            break Ok(ExitStatus::PowerOff(s));
         }
+        match vm.vcpus().map_err(vmm_err)?.check() {
+            Ok(()) | Err(VmmError::PoweredOff { .. }) => {}
+            Err(e) => break classify(e),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break Ok(ExitStatus::TimedOut);
+        }
+    };
+    // Stopping joins every vCPU thread (a halted or never-started one is kicked out).
+    match (vm.stop(), outcome) {
+        (_, Ok(s @ ExitStatus::Crashed { .. })) => Ok(s),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => classify(e),
+        (Ok(()), Ok(s)) => Ok(s),
     }
 }
 
 impl PvhVm {
-    /// Runs every vCPU until the guest powers off, crashes or fails, or until `timeout`;
-    /// then stops and joins the vCPU threads. A VM runs once.
-    pub fn run_until_exit(&mut self, timeout: Option<Duration>) -> Result<ExitStatus> {
+    /// Starts the vCPU threads (the guest runs until [`PvhVm::wait_exit`] or a migration).
+    pub fn start(&mut self) -> Result<()> {
         if self.ran {
             return Err(PvhError::Config("this VM has already run".into()));
         }
         self.ran = true;
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for slot in &self.vcpus {
-            let slot = slot.clone();
-            let shared = self.shared.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("pvh-vcpu{}", slot.index))
-                .spawn(move || run_vcpu(&slot, &shared));
-            match h {
-                Ok(h) => threads.push(h),
-                Err(e) => {
-                    self.shared
-                        .report(Outcome::Error(PvhError::Host(format!("spawn: {e}"))));
-                    break;
-                }
-            }
-        }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        {
-            let mut g = self
-                .shared
-                .outcome
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            while g.is_none() {
-                match deadline {
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            *g = Some(Outcome::Exit(ExitStatus::TimedOut));
-                            break;
-                        }
-                        g = self
-                            .shared
-                            .cv
-                            .wait_timeout(g, d - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    None => g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
-                }
-            }
-        }
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Kick until every thread is out: a thread blocked in KVM_RUN (an AP never started,
-        // a halted vCPU) returns EINTR; one about to enter sees immediate_exit.
-        for slot in &self.vcpus {
-            slot.imm.set(true);
-        }
-        while threads.iter().any(|h| !h.is_finished()) {
-            for h in threads.iter().filter(|h| !h.is_finished()) {
-                sys::kick_thread(h);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for h in threads {
-            if h.join().is_err() {
-                return Err(PvhError::Host("a vCPU thread panicked".into()));
-            }
-        }
-        let o = self
-            .shared
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match o {
-            Some(Outcome::Exit(s)) => Ok(s),
-            Some(Outcome::Error(e)) => Err(e),
-            None => Err(PvhError::Host("no outcome recorded".into())),
-        }
+        self.vm.start(None).map_err(vmm_err)
+    }
+
+    /// Waits for the started guest to power off, crash or fail, or for `timeout`; then stops
+    /// the vCPU threads.
+    pub fn wait_exit(&mut self, timeout: Option<Duration>) -> Result<ExitStatus> {
+        wait_exit(&mut self.vm, timeout)
+    }
+
+    /// Runs every vCPU until the guest powers off, crashes or fails, or until `timeout`;
+    /// then stops and joins the vCPU threads. A VM runs once.
+    pub fn run_until_exit(&mut self, timeout: Option<Duration>) -> Result<ExitStatus> {
+        self.start()?;
+        self.wait_exit(timeout)
     }
 
     /// Everything the guest wrote to the serial port so far (up to 64 MiB).
     pub fn serial_output(&self) -> Vec<u8> {
-        self.capture
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.devices.serial_output()
+    }
+
+    /// The console output with the time each line ended.
+    pub fn serial_capture(&self) -> vmm::Capture {
+        self.devices.capture()
     }
 
     /// Guest RAM.
@@ -508,7 +310,7 @@ impl PvhVm {
 
     /// The PVH entry point.
     pub fn entry(&self) -> u32 {
-        self.image.entry
+        self.entry
     }
 
     /// The guest-physical address of `hvm_start_info`.
@@ -518,19 +320,29 @@ impl PvhVm {
 
     /// Number of vCPUs.
     pub fn vcpus(&self) -> usize {
-        self.vcpus.len()
+        self.vm.vcpu_handles().len()
     }
 
     /// A handle that feeds the guest's serial input, usable from other threads while
-    /// [`PvhVm::run_until_exit`] runs.
+    /// the guest runs.
     pub fn serial_input(&self) -> SerialInput {
-        SerialInput(self.shared.clone())
+        SerialInput(self.devices.clone())
+    }
+
+    /// The underlying VM (for migration: `migration_engine::source::migrate` takes it).
+    pub fn vm_mut(&mut self) -> &mut vmm::Vm {
+        &mut self.vm
+    }
+
+    /// The underlying VM.
+    pub fn vm(&self) -> &vmm::Vm {
+        &self.vm
     }
 }
 
 /// Feeds bytes to the UART's receive FIFO (what a user would type on the console).
 #[derive(Clone)]
-pub struct SerialInput(Arc<Shared>);
+pub struct SerialInput(Arc<Devices>);
 
 impl std::fmt::Debug for SerialInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -539,42 +351,20 @@ impl std::fmt::Debug for SerialInput {
 }
 
 impl SerialInput {
+    /// The handle of a VM's devices (for example a PVH guest received by migration).
+    pub fn of(devices: Arc<Devices>) -> Self {
+        SerialInput(devices)
+    }
+
     /// Queues `bytes` for the guest; returns how many fit in the 64-byte FIFO.
     pub fn send(&self, bytes: &[u8]) -> usize {
-        let mut u = self.0.uart.lock().unwrap_or_else(|p| p.into_inner());
-        u.enqueue_raw_bytes(bytes).unwrap_or(0)
+        self.0.serial_input(bytes)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
-
-    #[test]
-    fn vcpu_cpuid_sets_the_apic_id_and_tsc_deadline_and_keeps_the_rest() {
-        let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ebx: 0x0002_0800,
-                ecx: 0x8120_2000,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 1,
-                ..Default::default()
-            },
-        ];
-        let c = CpuId::from_entries(&entries).unwrap();
-        let out = vcpu_cpuid(c.clone(), 3, true);
-        let e = out.as_slice();
-        assert_eq!(e[0].ebx, 0x0302_0800);
-        assert_eq!(e[0].ecx, 0x8120_2000 | CPUID1_ECX_TSC_DEADLINE);
-        assert_eq!(e[1].edx, 3);
-        let e = vcpu_cpuid(c, 1, false);
-        assert_eq!(e.as_slice()[0].ecx, 0x8120_2000);
-    }
 
     #[test]
     fn bad_vcpu_counts_are_config_errors() {

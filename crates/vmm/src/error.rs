@@ -71,6 +71,12 @@ pub enum VmmError {
         /// What happened, with registers where known.
         what: String,
     },
+    /// The guest powered off (wrote its status to the PVH platform's exit port).
+    #[error("vCPU {vcpu}: the guest powered off")]
+    PoweredOff {
+        /// The vCPU that wrote the exit port.
+        vcpu: usize,
+    },
     /// Saved vCPU state could not be decoded.
     #[error("bad vCPU state blob: {0}")]
     State(String),

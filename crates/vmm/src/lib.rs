@@ -8,8 +8,10 @@
 #![deny(missing_docs)]
 
 pub mod bench_sync;
+pub mod devices;
 pub mod error;
 pub mod guest;
+pub mod machine;
 pub mod memory;
 pub mod selftest;
 pub mod state;
@@ -18,8 +20,10 @@ pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
+pub use devices::{Capture, Devices, SerialOutput, EXIT_PORT};
 pub use error::{Result, VmmError};
 pub use guest::{Pattern, VcpuCtrl};
+pub use machine::{MachineState, Platform};
 pub use memory::{GuestRam, RegionSpec};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
 pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};

@@ -3,7 +3,8 @@
 //! the blob self-describing and versionable; a corrupt blob is a typed error.
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 
@@ -25,7 +26,36 @@ pub const SAVED_MSRS: &[u32] = &[
     0xc000_0084, // FMASK
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0103, // TSC_AUX
+    0x1a0,       // MISC_ENABLE
+    0x3b,        // TSC_ADJUST
+    0x4b56_4d00, // kvmclock WALL_CLOCK_NEW
+    0x4b56_4d01, // kvmclock SYSTEM_TIME_NEW
+    0x4b56_4d02, // ASYNC_PF_EN
+    0x4b56_4d03, // STEAL_TIME
+    0x4b56_4d04, // PV_EOI_EN
 ];
+
+/// IA32_TSC_DEADLINE: restored after the LAPIC (KVM ignores it unless the LAPIC timer is in
+/// TSC-deadline mode), so it is kept apart from [`SAVED_MSRS`].
+pub const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs of [`SAVED_MSRS`] (and [`MSR_TSC_DEADLINE`] for VMs with an in-kernel LAPIC) that
+/// this host's KVM exposes (`KVM_GET_MSR_INDEX_LIST`), in save order.
+pub fn msrs_to_save(sys: &kvm_ioctls::Kvm, irqchip: bool) -> Result<Vec<u32>> {
+    let list = sys
+        .get_msr_index_list()
+        .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
+    let have = list.as_slice();
+    let mut v: Vec<u32> = SAVED_MSRS
+        .iter()
+        .copied()
+        .filter(|m| have.contains(m))
+        .collect();
+    if irqchip && have.contains(&MSR_TSC_DEADLINE) {
+        v.push(MSR_TSC_DEADLINE);
+    }
+    Ok(v)
+}
 
 /// Everything needed to continue a vCPU elsewhere.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -46,6 +76,12 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// (index, value) of each saved MSR.
     pub msrs: Vec<(u32, u64)>,
+    /// The in-kernel LAPIC's registers (VMs with an in-kernel irqchip).
+    #[serde(default)]
+    pub lapic: Option<kvm_lapic_state>,
+    /// Multiprocessing state (running, halted, waiting for INIT/SIPI), with an irqchip.
+    #[serde(default)]
+    pub mp_state: Option<kvm_mp_state>,
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -58,8 +94,10 @@ fn msr_list(entries: &[kvm_msr_entry]) -> Result<Msrs> {
 
 impl VcpuState {
     /// Reads the state of a vCPU that is not running (parked or stopped).
-    pub fn save(index: usize, fd: &VcpuFd) -> Result<Self> {
-        let wanted: Vec<kvm_msr_entry> = SAVED_MSRS
+    /// `msrs` comes from [`msrs_to_save`]; `irqchip` says whether the VM has an in-kernel
+    /// LAPIC (whose registers and the MP state are then saved too).
+    pub fn save(index: usize, fd: &VcpuFd, msr_indices: &[u32], irqchip: bool) -> Result<Self> {
+        let wanted: Vec<kvm_msr_entry> = msr_indices
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
@@ -68,6 +106,21 @@ impl VcpuState {
             .collect();
         let mut msrs = msr_list(&wanted)?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if n != wanted.len() {
+            return Err(VmmError::State(format!(
+                "KVM_GET_MSRS read {n} of {} MSRs (first refused: {:#x})",
+                wanted.len(),
+                wanted[n].index
+            )));
+        }
+        let (lapic, mp_state) = if irqchip {
+            (
+                Some(fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?),
+                Some(fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(VcpuState {
             version: STATE_VERSION,
             index,
@@ -80,6 +133,8 @@ impl VcpuState {
                 .iter()
                 .map(|e| (e.index, e.data))
                 .collect(),
+            lapic,
+            mp_state,
         })
     }
 
@@ -96,6 +151,11 @@ impl VcpuState {
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         crate::sys::set_xsave(fd, &self.xsave, xsave_bytes)?;
         fd.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        // The LAPIC before the MSRs: the TSC-deadline MSR only sticks once the LAPIC timer is
+        // in TSC-deadline mode (the order QEMU uses too).
+        if let Some(l) = &self.lapic {
+            fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
+        }
         let entries: Vec<kvm_msr_entry> = self
             .msrs
             .iter()
@@ -116,6 +176,9 @@ impl VcpuState {
         }
         fd.set_vcpu_events(&self.events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        if let Some(m) = self.mp_state {
+            fd.set_mp_state(m).map_err(kvm("KVM_SET_MP_STATE"))?;
+        }
         Ok(())
     }
 

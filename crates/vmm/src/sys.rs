@@ -139,6 +139,20 @@ pub(crate) fn set_xsave(
     })
 }
 
+/// `kvm_run.internal` after a `KVM_EXIT_INTERNAL_ERROR`: the sub-error (1 = emulation
+/// failure) and up to 16 data words (for emulation failures, the instruction bytes and more).
+pub(crate) fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        return (0, Vec::new());
+    }
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled the `internal`
+    // member of the exit union; every bit pattern is a valid value of its integer fields.
+    let i = unsafe { run.__bindgen_anon_1.internal };
+    let n = (i.ndata as usize).min(i.data.len());
+    (i.suberror, i.data[..n].to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,13 @@ pub struct VcpuCounters {
     pub throttle_ns: AtomicU64,
 }
 
+/// How a [`VmmError::VcpuFailed`] text for `KVM_EXIT_INTERNAL_ERROR` starts (followed by
+/// `suberror N data [...]`, then the registers).
+pub const INTERNAL_ERROR_PREFIX: &str = "KVM_EXIT_INTERNAL_ERROR: ";
+/// How a [`VmmError::VcpuFailed`] text for a guest crash (triple fault, reset or shutdown
+/// request) starts.
+pub const CRASH_PREFIX: &str = "guest crashed: ";
+
 /// Hook called on the vCPU thread after every ring-full exit is handled (dirty-limit uses it
 /// to delay a vCPU). Gets the vCPU index.
 pub type RingFullHook = Arc<dyn Fn(usize) + Send + Sync>;
@@ -74,6 +81,8 @@ pub struct VcpuShared {
     throttle_ppm: AtomicU64,
     /// Set by the vCPU thread while it waits out a hold (so the ticker need not kick it).
     in_hold: std::sync::atomic::AtomicBool,
+    /// Set when this vCPU's thread ended because the guest powered off.
+    powered_off: std::sync::atomic::AtomicBool,
     /// Counters.
     pub counters: VcpuCounters,
 }
@@ -104,6 +113,7 @@ impl VcpuShared {
             cv: Condvar::new(),
             throttle_ppm: AtomicU64::new(0),
             in_hold: std::sync::atomic::AtomicBool::new(false),
+            powered_off: std::sync::atomic::AtomicBool::new(false),
             counters: VcpuCounters::default(),
         }
     }
@@ -191,8 +201,8 @@ impl VcpuShared {
 fn exit_detail(fd: &VcpuFd, what: &str) -> String {
     match (fd.get_regs(), fd.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
-            "{what}: rip={:#x} rsp={:#x} rax={:#x} rcx={:#x} rdx={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            r.rip, r.rsp, r.rax, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            "{what}: rip={:#x} rsp={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rflags={:#x} cs={:#x} cpl={} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip, r.rsp, r.rax, r.rbx, r.rcx, r.rdx, r.rflags, s.cs.selector, s.cs.dpl, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
         ),
         _ => what.to_string(),
     }
@@ -204,6 +214,36 @@ pub(crate) struct RunCtx {
     pub(crate) hook: Option<RingFullHook>,
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) tsc_khz: u64,
+    /// The PVH platform's devices (`None` on the workload machine, whose only ports are the
+    /// sync and sleep ports).
+    pub(crate) devices: Option<Arc<crate::devices::Devices>>,
+}
+
+/// Handles the exits of the PVH platform; `None` when the exit is not a platform one.
+fn platform_exit(
+    exit: &mut std::result::Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    dev: &crate::devices::Devices,
+) -> Option<std::result::Result<bool, String>> {
+    use crate::devices::PioAction;
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => Some(Ok(matches!(
+            dev.pio_write(*port, data),
+            PioAction::PowerOff(_)
+        ))),
+        Ok(VcpuExit::IoIn(port, data)) => {
+            dev.pio_read(*port, data);
+            Some(Ok(false))
+        }
+        Ok(VcpuExit::MmioRead(_, data)) => {
+            data.fill(0xff);
+            Some(Ok(false))
+        }
+        Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => Some(Ok(false)),
+        Ok(VcpuExit::SystemEvent(ty, _)) => Some(Err(format!(
+            "{CRASH_PREFIX}the guest asked for a reset or shutdown (system event {ty})"
+        ))),
+        _ => None,
+    }
 }
 
 fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
@@ -226,17 +266,32 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
             }
         }
         let mut fd = v.fd();
-        let exit = fd.run();
+        let mut exit = fd.run();
         v.counters.exits.fetch_add(1, Ordering::Relaxed);
+        if let Some(dev) = cx.devices.as_deref() {
+            match platform_exit(&mut exit, dev) {
+                Some(Ok(false)) => continue,
+                Some(Ok(true)) => {
+                    v.powered_off
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(());
+                }
+                Some(Err(e)) => {
+                    drop(exit);
+                    return Err(exit_detail(&fd, &e));
+                }
+                None => {}
+            }
+        }
         match exit {
-            Ok(VcpuExit::IoOut(port, _)) if port == SYNC_PORT => {
+            Ok(VcpuExit::IoOut(port, _)) if port == SYNC_PORT && cx.devices.is_none() => {
                 drop(fd);
                 v.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 if !v.park(Parked::Sync) {
                     return Ok(());
                 }
             }
-            Ok(VcpuExit::IoOut(port, _)) if port == SLEEP_PORT => {
+            Ok(VcpuExit::IoOut(port, _)) if port == SLEEP_PORT && cx.devices.is_none() => {
                 drop(fd);
                 let ticks = cx
                     .ram
@@ -307,14 +362,15 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
             Ok(VcpuExit::Shutdown) => {
                 return Err(exit_detail(
                     &fd,
-                    "guest crashed (triple fault, KVM_EXIT_SHUTDOWN)",
+                    "guest crashed: triple fault (KVM_EXIT_SHUTDOWN)",
                 ))
             }
             Ok(VcpuExit::InternalError) => {
+                let (sub, data) = sys::internal_error(&mut fd);
                 return Err(exit_detail(
                     &fd,
-                    "KVM_EXIT_INTERNAL_ERROR (on PVM: an instruction the emulator cannot run)",
-                ))
+                    &format!("{INTERNAL_ERROR_PREFIX}suberror {sub} data {data:x?} (on PVM: an instruction the emulator cannot run)"),
+                ));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(format!(
@@ -426,6 +482,9 @@ impl Vcpus {
                 vcpu: v.index,
                 what: e.clone(),
             }),
+            Some(Ok(())) if v.powered_off.load(Ordering::SeqCst) => {
+                Some(VmmError::PoweredOff { vcpu: v.index })
+            }
             Some(Ok(())) => Some(VmmError::VcpuFailed {
                 vcpu: v.index,
                 what: "vCPU thread ended".into(),
@@ -522,9 +581,10 @@ impl Vcpus {
         if let Some(t) = self.ticker.take() {
             let _ = t.join();
         }
-        let failure = self.failure().filter(
-            |e| !matches!(e, VmmError::VcpuFailed { what, .. } if what == "vCPU thread ended"),
-        );
+        let failure = self.failure().filter(|e| {
+            !matches!(e, VmmError::VcpuFailed { what, .. } if what == "vCPU thread ended")
+                && !matches!(e, VmmError::PoweredOff { .. })
+        });
         for (i, v) in self.shared.iter().enumerate() {
             let mut c = v.ctl();
             c.quit = true;

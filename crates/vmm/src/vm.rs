@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_regs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_regs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_dirty::bitmap::{enable_manual_protect, ManualProtect};
 use kvm_dirty::{
     enable_dirty_ring, BitmapTracker, ClearLogTracker, DirtyTracker, MmapRing, RingCapability,
@@ -12,8 +14,10 @@ use kvm_dirty::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::devices::{Devices, SerialOutput, COM1_GSI};
 use crate::error::{Result, VmmError};
 use crate::guest::{self, VcpuCtrl};
+use crate::machine::{MachineState, Platform, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::memory::{GuestRam, RegionSpec};
 use crate::sys;
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
@@ -71,8 +75,18 @@ pub struct Vm {
     vm: Arc<VmFd>,
     _kvm: Kvm,
     config: VmConfig,
+    platform: Platform,
+    devices: Option<Arc<Devices>>,
+    msrs: Vec<u32>,
     ram: Arc<GuestRam>,
 }
+
+/// KVM's real-mode TSS area on the PVH platform (three pages in the MMIO hole, not RAM; Intel
+/// VMX needs it inside the 4 GiB space).
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// CPUID.1:ECX bit 24: the LAPIC timer's TSC-deadline mode.
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,16 +107,43 @@ impl Vm {
     /// Creates the VM, its memory and its vCPUs (loaded with the workload program, parked
     /// before their first instruction until [`Vm::start`]).
     pub fn create(config: &VmConfig) -> Result<Vm> {
+        Self::build(config, None)
+    }
+
+    /// Creates a PVH-platform VM: `config.memory` is all of its RAM (no system region; no
+    /// region may overlap the 3-4 GiB MMIO hole), with KVM's in-kernel LAPIC/IOAPIC/PIC and PIT,
+    /// COM1 writing to `serial`, and the power-off port. The vCPUs are at their reset state
+    /// (with CPUID and an initialised FPU); the caller sets the boot vCPU's entry state and
+    /// the other vCPUs' MP state, or restores migrated state.
+    pub fn create_pvh(config: &VmConfig, serial: &SerialOutput) -> Result<Vm> {
+        Self::build(config, Some(serial))
+    }
+
+    fn build(config: &VmConfig, pvh: Option<&SerialOutput>) -> Result<Vm> {
+        let platform = if pvh.is_some() {
+            Platform::Pvh
+        } else {
+            Platform::Workload
+        };
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmmError::Config(format!(
                 "vcpus must be in 1..={MAX_VCPUS}, got {}",
                 config.vcpus
             )));
         }
+        if let Some(r) = config.memory.iter().find(|r| {
+            platform == Platform::Pvh && r.gpa < MMIO_HOLE_END && r.end() > MMIO_HOLE_START
+        }) {
+            return Err(VmmError::Config(format!(
+                "region [{:#x}, {:#x}) overlaps the MMIO hole [{MMIO_HOLE_START:#x}, {MMIO_HOLE_END:#x})",
+                r.gpa,
+                r.end()
+            )));
+        }
         if let Some(r) = config
             .memory
             .iter()
-            .find(|r| r.slot == 0 || r.gpa < x86::SYSTEM_BYTES)
+            .find(|r| platform == Platform::Workload && (r.slot == 0 || r.gpa < x86::SYSTEM_BYTES))
         {
             return Err(VmmError::Config(format!(
                 "region at {:#x} (slot {}) collides with the system region (slot 0, below {:#x})",
@@ -119,30 +160,77 @@ impl Vm {
             Tracking::ClearLog => (None, Some(enable_manual_protect(&vm)?)),
             Tracking::Bitmap => (None, None),
         };
-        // 2. Memory and memslots.
-        let mut specs = vec![x86::system_region()];
+        // 2. The PVH platform's in-kernel irqchip and PIT (before any vCPU).
+        let mut devices = None;
+        if let Some(serial) = pvh {
+            vm.set_tss_address(TSS_ADDR)
+                .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+            vm.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            vm.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+            let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmmError::Config(format!("eventfd: {e}")))?;
+            vm.register_irqfd(&irq, COM1_GSI)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            devices = Some(Arc::new(Devices::new(serial, irq)?));
+        }
+        // 3. Memory and memslots.
+        let mut specs = Vec::new();
+        if platform == Platform::Workload {
+            specs.push(x86::system_region());
+        }
         specs.extend_from_slice(&config.memory);
         let ram = Arc::new(GuestRam::new(&specs)?);
         for (s, region) in ram.mmap_regions() {
             sys::register_slot(&vm, u32::from(s.slot), s.gpa, region, s.log_dirty)?;
         }
-        // 3. Tables and program.
-        x86::write_gdt(&ram)?;
-        x86::build_page_tables(&ram)?;
-        let code = guest::dirty_workload(CODE_GPA)?;
-        ram.write(CODE_GPA, &code)?;
-        // 4. vCPUs.
+        // 4. Tables and program (workload machine).
+        if platform == Platform::Workload {
+            x86::write_gdt(&ram)?;
+            x86::build_page_tables(&ram)?;
+            let code = guest::dirty_workload(CODE_GPA)?;
+            ram.write(CODE_GPA, &code)?;
+        }
+        // 5. vCPUs.
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        let msrs = crate::state::msrs_to_save(&kvm, platform.has_irqchip())?;
         let mut created = Vec::with_capacity(config.vcpus);
         let mut rings = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(i as u64)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&x86::vcpu_cpuid(cpuid.clone(), i as u32))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let mut c = x86::vcpu_cpuid(cpuid.clone(), i as u32);
+            if platform == Platform::Pvh && tsc_deadline {
+                // KVM emulates the TSC-deadline timer but leaves advertising it to the VMM.
+                for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                    e.ecx |= CPUID1_ECX_TSC_DEADLINE;
+                }
+            }
+            fd.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if platform == Platform::Pvh {
+                // x87 control word and MXCSR as after FNINIT / reset (all exceptions masked).
+                let fpu = kvm_fpu {
+                    fcw: 0x37f,
+                    mxcsr: 0x1f80,
+                    ..Default::default()
+                };
+                fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+                if let Some(cap) = ring_cap {
+                    rings.push(MmapRing::map(&fd, cap.size.entries()).map_err(|e| {
+                        VmmError::Dirty(kvm_dirty::DirtyError::RingMmap { vcpu: i, source: e })
+                    })?);
+                }
+                created.push(Arc::new(VcpuShared::new(i, fd)));
+                continue;
+            }
             let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             fd.set_sregs(&x86::long_mode_sregs(sregs))
                 .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -182,8 +270,44 @@ impl Vm {
             vm,
             _kvm: kvm,
             config: config.clone(),
+            platform,
+            devices,
+            msrs,
             ram,
         })
+    }
+
+    /// Which machine this is.
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    /// The PVH platform's port-I/O devices (console, power-off).
+    pub fn devices(&self) -> Option<&Arc<Devices>> {
+        self.devices.as_ref()
+    }
+
+    /// Saves the VM-wide device state of a PVH machine (vCPUs paused); `None` for the
+    /// workload machine, which has none.
+    pub fn save_machine(&self) -> Result<Option<MachineState>> {
+        match &self.devices {
+            Some(d) => Ok(Some(MachineState::save(&self.vm, d)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Restores the interrupt controllers, PIT and UART of a PVH machine (before
+    /// [`Vm::restore_vcpus`]).
+    pub fn restore_machine_devices(&self, st: &MachineState) -> Result<()> {
+        let d = self.devices.as_ref().ok_or_else(|| {
+            VmmError::State("machine state for a VM without the PVH platform".into())
+        })?;
+        st.restore_devices(&self.vm, d)
+    }
+
+    /// Restores the KVM clock of a PVH machine (after the vCPUs, just before they run).
+    pub fn restore_machine_clock(&self, st: &MachineState) -> Result<()> {
+        st.restore_clock(&self.vm)
     }
 
     /// The configuration.
@@ -345,7 +469,9 @@ impl Vm {
         self.created
             .iter()
             .enumerate()
-            .map(|(i, v)| crate::state::VcpuState::save(i, &v.fd()))
+            .map(|(i, v)| {
+                crate::state::VcpuState::save(i, &v.fd(), &self.msrs, self.platform.has_irqchip())
+            })
             .collect()
     }
 
@@ -386,6 +512,7 @@ impl Vm {
                 hook,
                 ram: self.ram.clone(),
                 tsc_khz,
+                devices: self.devices.clone(),
             },
         )?;
         self.vcpus = Some(v);
