@@ -8,10 +8,10 @@ use kvm_dirty::PAGE_SIZE;
 use migration::digest::IncrementalDigest;
 use migration::wire::{Ack, AckWriter, Decoder, Message, PageSink};
 use vmm::state::VcpuState;
-use vmm::{GuestRam, RegionSpec, Tracking, Vm, VmConfig};
+use vmm::{GuestRam, MachineState, Platform, RegionSpec, SerialOutput, Tracking, Vm, VmConfig};
 
 use crate::error::{MigrationError, Result};
-use crate::{unix_ns, STATE_KIND_VCPU};
+use crate::{unix_ns, STATE_KIND_MACHINE, STATE_KIND_VCPU};
 
 /// Destination parameters.
 #[derive(Debug, Clone)]
@@ -20,6 +20,8 @@ pub struct DestOptions {
     pub tracking: Tracking,
     /// Give up if the source sends nothing for this long.
     pub idle_timeout: Duration,
+    /// Where a PVH guest's console output goes here.
+    pub serial: SerialOutput,
 }
 
 impl Default for DestOptions {
@@ -27,6 +29,7 @@ impl Default for DestOptions {
         DestOptions {
             tracking: Tracking::Ring { entries: 65536 },
             idle_timeout: Duration::from_secs(60),
+            serial: SerialOutput::Capture,
         }
     }
 }
@@ -36,6 +39,8 @@ impl Default for DestOptions {
 pub struct IncomingSummary {
     /// Source's tracker.
     pub source_tracker: String,
+    /// The guest's machine (`workload` or `pvh`).
+    pub machine: String,
     /// Passes received.
     pub iterations: u32,
     /// Pages received (zero markers included).
@@ -125,6 +130,13 @@ fn receive_inner(
         }
     };
     sum.source_tracker = format!("{:?}", hello.tracker);
+    let platform = Platform::from_wire(hello.machine).ok_or_else(|| {
+        MigrationError::Protocol(format!(
+            "the source's machine type {} is unknown to this VMM",
+            hello.machine
+        ))
+    })?;
+    sum.machine = platform.name().into();
     let layout = match dec.recv(&mut NullSink)? {
         Message::Layout(l) => l,
         m => {
@@ -136,7 +148,7 @@ fn receive_inner(
     let memory: Vec<RegionSpec> = layout
         .regions()
         .iter()
-        .filter(|r| r.slot != 0)
+        .filter(|r| platform == Platform::Pvh || r.slot != 0)
         .map(|r| {
             Ok(RegionSpec {
                 slot: u16::try_from(r.slot).map_err(|_| {
@@ -148,11 +160,15 @@ fn receive_inner(
             })
         })
         .collect::<Result<_>>()?;
-    let vm = Vm::create(&VmConfig {
+    let config = VmConfig {
         vcpus: hello.vcpus as usize,
         memory,
         tracking: opts.tracking,
-    })?;
+    };
+    let vm = match platform {
+        Platform::Workload => Vm::create(&config)?,
+        Platform::Pvh => Vm::create_pvh(&config, &opts.serial)?,
+    };
     if layout_matches(&vm, &layout).is_err() {
         return Err(MigrationError::Protocol(
             "the source's memory layout does not match this VMM's (system region)".into(),
@@ -180,6 +196,7 @@ fn receive_inner(
         touched,
     };
     let mut states: Vec<Option<VcpuState>> = (0..hello.vcpus).map(|_| None).collect();
+    let mut machine: Option<MachineState> = None;
     let t_complete;
     loop {
         match dec.recv(&mut sink)? {
@@ -214,6 +231,16 @@ fn receive_inner(
                 }
                 *slot = Some(st);
             }
+            Message::State(b) if b.kind == STATE_KIND_MACHINE => {
+                if platform != Platform::Pvh || b.instance != 0 || machine.is_some() {
+                    return Err(MigrationError::Protocol(format!(
+                        "unexpected machine state (instance {}) for a {} guest",
+                        b.instance,
+                        platform.name()
+                    )));
+                }
+                machine = Some(MachineState::decode(&b.data)?);
+            }
             Message::State(b) => {
                 return Err(MigrationError::Protocol(format!(
                     "unknown state kind {}",
@@ -233,7 +260,19 @@ fn receive_inner(
         .enumerate()
         .map(|(i, s)| s.ok_or_else(|| MigrationError::Protocol(format!("no state for vCPU {i}"))))
         .collect::<Result<_>>()?;
+    if platform == Platform::Pvh && machine.is_none() {
+        return Err(MigrationError::Protocol(
+            "no machine state for a PVH guest".into(),
+        ));
+    }
+    // Devices first (the LAPICs deliver into them), then vCPUs, the clock last.
+    if let Some(m) = &machine {
+        vm.restore_machine_devices(m)?;
+    }
     vm.restore_vcpus(&states)?;
+    if let Some(m) = &machine {
+        vm.restore_machine_clock(m)?;
+    }
     let digest = sink.digest.digest();
     acks.send(&Ack::ReadyToResume {
         digest: Some(digest),

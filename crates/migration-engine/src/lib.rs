@@ -23,6 +23,9 @@ pub use summary::{IterationStats, MigrationSummary, Outcome};
 
 /// State blob kind of a vCPU.
 pub const STATE_KIND_VCPU: u32 = 1;
+/// State blob kind: the PVH platform's VM-wide device state (`vmm::MachineState`: PICs,
+/// IOAPIC, PIT, KVM clock, UART), instance 0.
+pub const STATE_KIND_MACHINE: u32 = 2;
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME, the same clock on both sides of a
 /// same-host migration).

@@ -16,7 +16,7 @@ use crate::dirtylimit::{DirtyLimiter, LimiterConfig};
 use crate::error::{MigrationError, Result};
 use crate::rate::RateMeter;
 use crate::summary::{IterationStats, MigrationSummary, Outcome};
-use crate::{unix_ns, wire_tracker, STATE_KIND_VCPU};
+use crate::{unix_ns, wire_tracker, STATE_KIND_MACHINE, STATE_KIND_VCPU};
 
 /// What to do when `timeout` passes before the migration converged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -381,7 +381,10 @@ fn run_source(
         accounted: 0,
     };
     s.enc
-        .send_hello(&Hello::new(wire_tracker(mode), s.vm.config().vcpus as u32))?;
+        .send_hello(
+            &Hello::new(wire_tracker(mode), s.vm.config().vcpus as u32)
+                .with_machine(s.vm.platform().wire()),
+        )?;
     s.enc.send_layout(&layout)?;
     s.enc.flush()?;
     if s.fail_at == Some(FailPoint::Handshake) {
@@ -597,6 +600,9 @@ fn run_source(
     for st in s.vm.save_vcpus()? {
         s.enc
             .send_state(STATE_KIND_VCPU, st.index as u32, &st.encode())?;
+    }
+    if let Some(ms) = s.vm.save_machine()? {
+        s.enc.send_state(STATE_KIND_MACHINE, 0, &ms.encode())?;
     }
     let sent = s.enc.stats();
     s.enc.send_complete(&Complete {

@@ -60,6 +60,7 @@ fn destination(tracking: Tracking) -> (String, DestThread) {
             &DestOptions {
                 tracking,
                 idle_timeout: Duration::from_secs(20),
+                ..DestOptions::default()
             },
             &mut |_| {},
         )

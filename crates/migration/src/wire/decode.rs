@@ -267,11 +267,8 @@ impl<R: Read> Decoder<R> {
         }
         let page_size = c.u32()?;
         let vcpus = c.u32()?;
-        let reserved = c.u32()?;
+        let machine = c.u32()?;
         c.end()?;
-        if reserved != 0 {
-            return Err(WireError::Malformed { what });
-        }
         if page_size != WIRE_PAGE_SIZE {
             return Err(WireError::UnsupportedPageSize(page_size));
         }
@@ -285,6 +282,7 @@ impl<R: Read> Decoder<R> {
             tracker,
             page_size,
             vcpus,
+            machine,
         };
         self.hello = Some(hello);
         self.state = RxState::AwaitLayout;

@@ -95,7 +95,7 @@ impl<W: Write> Encoder<W> {
         self.fw.buf.extend_from_slice(&[0u8; 3]);
         self.fw.put_u32(hello.page_size);
         self.fw.put_u32(hello.vcpus);
-        self.fw.put_u32(0);
+        self.fw.put_u32(hello.machine);
         self.fw.finish()
     }
 

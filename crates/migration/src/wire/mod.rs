@@ -89,6 +89,9 @@ pub struct Hello {
     pub page_size: u32,
     /// Number of vCPUs the destination must create.
     pub vcpus: u32,
+    /// The machine the guest runs on (0: ringvisor's workload machine, 1: the PVH platform);
+    /// the destination builds the same one or refuses.
+    pub machine: u32,
 }
 
 impl Hello {
@@ -99,7 +102,14 @@ impl Hello {
             tracker,
             page_size: WIRE_PAGE_SIZE,
             vcpus,
+            machine: 0,
         }
+    }
+
+    /// The same Hello for another machine type.
+    pub fn with_machine(mut self, machine: u32) -> Self {
+        self.machine = machine;
+        self
     }
 }
 
