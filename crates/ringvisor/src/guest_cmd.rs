@@ -608,6 +608,8 @@ pub fn incoming(o: IncomingOpts) -> Result<()> {
     eprintln!("[dest] migration from {peer}");
     let dopts = DestOptions {
         tracking: o.track.tracking()?,
+        // A PVH guest's console continues on this process's stdout.
+        serial: vmm::SerialOutput::Stdout,
         ..DestOptions::default()
     };
     let json = o.json;
@@ -628,6 +630,10 @@ pub fn incoming(o: IncomingOpts) -> Result<()> {
             sum.bytes as f64 / (1 << 20) as f64,
             sum.restore_ms
         );
+    }
+    if vm.platform() == vmm::Platform::Pvh {
+        let code = crate::pvh_cmd::run_received(&mut vm, o.duration, o.json)?;
+        std::process::exit(code);
     }
     let t0 = Instant::now();
     let mut prev = writes(&vm);

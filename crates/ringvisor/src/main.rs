@@ -10,6 +10,7 @@ mod bench_migrate_cmd;
 mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
+mod pvh_cmd;
 mod selftest_cmd;
 
 /// clap parser for sizes (`4096`, `256M`, `1G`, `1.5GiB`).
@@ -131,6 +132,15 @@ enum Cmd {
     },
     /// Run the workload guest (optionally migrating it, or taking commands on a control socket).
     Run {
+        /// Boot this PVH kernel (ELF32/ELF64 with a XEN_ELFNOTE_PHYS32_ENTRY note) on the PVH
+        /// platform instead of the workload guest; its console goes to stdout, and the process
+        /// exits with the guest's power-off status. Uses --memory, --vcpus (1..=8), --tracker
+        /// and the migration flags; the workload flags do not apply.
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// Kernel command line (with --kernel).
+        #[arg(long, default_value = "", requires = "kernel")]
+        cmdline: String,
         #[command(flatten)]
         guest: guest_cmd::GuestArgs,
         /// Unix socket accepting commands (`ringvisor migrate --control PATH`).
@@ -579,6 +589,40 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Run {
+            kernel: Some(kernel),
+            cmdline,
+            guest,
+            control,
+            migrate_to,
+            migrate_after,
+            params,
+            duration,
+            exit_after_migrate,
+            vcpu_dirty_limit,
+            json,
+        } => {
+            if vcpu_dirty_limit.is_some() {
+                anyhow::bail!("--vcpu-dirty-limit is not supported with --kernel yet");
+            }
+            let code = pvh_cmd::run(pvh_cmd::PvhRunOpts {
+                kernel,
+                cmdline,
+                memory: guest.memory,
+                vcpus: guest.vcpus,
+                track: guest.track,
+                control,
+                migrate_to,
+                migrate_after,
+                params,
+                duration,
+                exit_after_migrate,
+                json,
+            })?;
+            std::process::exit(code);
+        }
+        Cmd::Run {
+            kernel: None,
+            cmdline: _,
             guest,
             control,
             migrate_to,
