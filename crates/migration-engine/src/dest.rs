@@ -55,6 +55,8 @@ pub struct IncomingSummary {
     pub restore_ms: f64,
     /// When the guest resumed, ns since the Unix epoch.
     pub resumed_unix_ns: u64,
+    /// Where the restore time went (devices, vCPUs, clock, digest), ms.
+    pub restore_breakdown_ms: Vec<(String, f64)>,
 }
 
 /// Writes received pages into guest memory and keeps the incremental digest current.
@@ -184,7 +186,14 @@ fn receive_inner(
     ));
     let specs = vm.ram().slot_specs();
     let mut touched = kvm_dirty::DirtyPageSet::new(&specs);
-    for r in vm.ram().regions().iter().filter(|r| r.slot == 0) {
+    // The workload machine's system region (slot 0) was written while building the VM; a
+    // PVH machine's RAM is all fresh, untouched memory.
+    for r in vm
+        .ram()
+        .regions()
+        .iter()
+        .filter(|r| platform == Platform::Workload && r.slot == 0)
+    {
         for p in 0..r.bytes / PAGE_SIZE {
             touched.insert_gpa(r.gpa + p * PAGE_SIZE);
         }
@@ -266,14 +275,27 @@ fn receive_inner(
         ));
     }
     // Devices first (the LAPICs deliver into them), then vCPUs, the clock last.
+    let mut mark = Instant::now();
+    let mut lap = |what: &str, sum: &mut IncomingSummary| {
+        let now = Instant::now();
+        sum.restore_breakdown_ms.push((
+            what.to_string(),
+            now.duration_since(mark).as_secs_f64() * 1e3,
+        ));
+        mark = now;
+    };
     if let Some(m) = &machine {
         vm.restore_machine_devices(m)?;
+        lap("devices", &mut sum);
     }
     vm.restore_vcpus(&states)?;
+    lap("vCPUs", &mut sum);
     if let Some(m) = &machine {
         vm.restore_machine_clock(m)?;
+        lap("clock", &mut sum);
     }
     let digest = sink.digest.digest();
+    lap("digest", &mut sum);
     acks.send(&Ack::ReadyToResume {
         digest: Some(digest),
     })?;

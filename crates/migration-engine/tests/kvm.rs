@@ -143,8 +143,11 @@ fn connection_dropped_at_each_point_keeps_the_source_running_and_it_can_migrate_
         let (addr, dest) = destination(tracking);
         let opts = SourceOptions {
             fail_at: Some(fp),
-            // Keep at least one dirty pass so DirtyPass is reached.
+            // Keep at least one dirty pass so DirtyPass is reached: a 1 ms limit and a
+            // 50 MB/s cap (the bulk pass then lasts long enough for the guest to dirty its
+            // hot set again).
             downtime_limit: Duration::from_millis(1),
+            max_bandwidth: Some(50_000_000),
             timeout: Some(Duration::from_secs(3)),
             on_timeout: TimeoutAction::ForceSwitchover,
             ..SourceOptions::default()

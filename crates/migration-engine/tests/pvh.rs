@@ -144,7 +144,11 @@ fn check_continuity(all: &[Vec<Report>], cpu: u64, downtimes_ms: &[f64]) -> f64 
         );
         for (i, r) in mine.iter().enumerate() {
             if let Some(p) = prev {
-                assert_eq!(r.report, p.report + 1, "cpu {cpu} host {hop}: {p:?} -> {r:?}");
+                assert_eq!(
+                    r.report,
+                    p.report + 1,
+                    "cpu {cpu} host {hop}: {p:?} -> {r:?}"
+                );
                 assert!(r.pages > p.pages, "cpu {cpu}: pages {p:?} -> {r:?}");
                 // Report r waits for r * PERIOD_TICKS ticks of this CPU's timer.
                 assert!(

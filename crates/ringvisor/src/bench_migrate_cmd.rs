@@ -62,7 +62,7 @@ pub struct Report {
 }
 
 /// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
-fn say(pb: &ProgressBar, line: String) {
+pub(crate) fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {

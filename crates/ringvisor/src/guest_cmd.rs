@@ -592,6 +592,7 @@ pub struct IncomingOpts {
     pub listen: String,
     pub track: TrackArgs,
     pub duration: Option<f64>,
+    pub console: Option<std::path::PathBuf>,
     pub json: bool,
 }
 
@@ -608,8 +609,11 @@ pub fn incoming(o: IncomingOpts) -> Result<()> {
     eprintln!("[dest] migration from {peer}");
     let dopts = DestOptions {
         tracking: o.track.tracking()?,
-        // A PVH guest's console continues on this process's stdout.
-        serial: vmm::SerialOutput::Stdout,
+        // A PVH guest's console continues on this process's stdout (or the --console file).
+        serial: match &o.console {
+            Some(p) => vmm::SerialOutput::File(p.clone()),
+            None => vmm::SerialOutput::Stdout,
+        },
         ..DestOptions::default()
     };
     let json = o.json;
@@ -623,12 +627,17 @@ pub fn incoming(o: IncomingOpts) -> Result<()> {
         println!("{}", serde_json::to_string(&sum)?);
     } else {
         eprintln!(
-            "[dest] guest resumed: {} passes, {} pages ({} zero), {:.1} MiB received, restore {:.1} ms",
+            "[dest] guest resumed: {} passes, {} pages ({} zero), {:.1} MiB received, restore {:.1} ms ({})",
             sum.iterations,
             sum.pages,
             sum.zero_pages,
             sum.bytes as f64 / (1 << 20) as f64,
-            sum.restore_ms
+            sum.restore_ms,
+            sum.restore_breakdown_ms
+                .iter()
+                .map(|(w, ms)| format!("{w} {ms:.1} ms"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if vm.platform() == vmm::Platform::Pvh {

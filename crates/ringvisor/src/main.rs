@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 mod bench_migrate_cmd;
+mod bench_pvh_cmd;
 mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
@@ -141,6 +142,9 @@ enum Cmd {
         /// Kernel command line (with --kernel).
         #[arg(long, default_value = "", requires = "kernel")]
         cmdline: String,
+        /// With --kernel: append the guest console to this file instead of stdout.
+        #[arg(long, requires = "kernel")]
+        console: Option<std::path::PathBuf>,
         #[command(flatten)]
         guest: guest_cmd::GuestArgs,
         /// Unix socket accepting commands (`ringvisor migrate --control PATH`).
@@ -203,6 +207,9 @@ enum Cmd {
         /// Stop this many seconds after the resume (default: run until killed).
         #[arg(long)]
         duration: Option<f64>,
+        /// A received PVH guest's console is appended to this file (default: stdout).
+        #[arg(long)]
+        console: Option<std::path::PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -357,6 +364,30 @@ enum BenchCmd {
         /// auto-converge for bitmap trackers.
         #[arg(long)]
         auto_converge: bool,
+        /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
+        /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
+        /// -kernel`), idle and dirtying, per tracker, with the same downtime-limit and
+        /// max-bandwidth (default 1G for this comparison).
+        #[arg(long)]
+        pvh: bool,
+        /// PVH rows: guest memory.
+        #[arg(long, default_value = "512M", value_parser = size_arg)]
+        pvh_memory: u64,
+        /// PVH rows: working set per vCPU in MiB (test kernel `ws_mb`).
+        #[arg(long, default_value_t = 32)]
+        pvh_ws_mb: u64,
+        /// PVH rows, dirtying: MiB each vCPU writes per report (`dirty_mb`).
+        #[arg(long, default_value_t = 2)]
+        pvh_dirty_mb: u64,
+        /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
+        #[arg(long, default_value_t = 20)]
+        pvh_period_ticks: u64,
+        /// PVH rows: seconds the guest runs before the migration.
+        #[arg(long, default_value_t = 1.0)]
+        pvh_warmup: f64,
+        /// PVH rows: migrations per cell (the table shows medians).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        repeat: u32,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -591,6 +622,7 @@ fn main() -> Result<()> {
         Cmd::Run {
             kernel: Some(kernel),
             cmdline,
+            console,
             guest,
             control,
             migrate_to,
@@ -607,6 +639,7 @@ fn main() -> Result<()> {
             let code = pvh_cmd::run(pvh_cmd::PvhRunOpts {
                 kernel,
                 cmdline,
+                console,
                 memory: guest.memory,
                 vcpus: guest.vcpus,
                 track: guest.track,
@@ -623,6 +656,7 @@ fn main() -> Result<()> {
         Cmd::Run {
             kernel: None,
             cmdline: _,
+            console: _,
             guest,
             control,
             migrate_to,
@@ -647,11 +681,13 @@ fn main() -> Result<()> {
             listen,
             track,
             duration,
+            console,
             json,
         } => guest_cmd::incoming(guest_cmd::IncomingOpts {
             listen,
             track,
             duration,
+            console,
             json,
         }),
         Cmd::Migrate {
@@ -740,9 +776,50 @@ fn main() -> Result<()> {
                     max_bandwidth,
                     dirty_limit,
                     auto_converge,
+                    pvh,
+                    pvh_memory,
+                    pvh_ws_mb,
+                    pvh_dirty_mb,
+                    pvh_period_ticks,
+                    pvh_warmup,
+                    repeat,
                     json,
                 },
         } => {
+            if pvh {
+                let bw = match &max_bandwidth {
+                    Some(b) => {
+                        bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?
+                    }
+                    None => 1_000_000_000,
+                };
+                if bw == 0 {
+                    anyhow::bail!("--max-bandwidth must be a finite rate for the QEMU comparison");
+                }
+                for t in &trackers {
+                    if !["ring", "bitmap", "clear-log"].contains(&t.as_str()) {
+                        anyhow::bail!(
+                            "--trackers: unknown tracker {t:?} (ring, bitmap, clear-log)"
+                        );
+                    }
+                }
+                return bench_pvh_cmd::run(bench_pvh_cmd::Opts {
+                    memory: pvh_memory,
+                    vcpus,
+                    trackers,
+                    ring_entries,
+                    downtime_limit,
+                    max_bandwidth: bw,
+                    timeout,
+                    warmup: pvh_warmup,
+                    ws_mb: pvh_ws_mb,
+                    dirty_mb: pvh_dirty_mb,
+                    period_ticks: pvh_period_ticks,
+                    repeat,
+                    plot,
+                    json,
+                });
+            }
             if let Some(b) = &max_bandwidth {
                 bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
             }

@@ -16,6 +16,7 @@ use crate::guest_cmd::{migrate_vm, print_summary, ControlRequest, MigrateArgs, T
 pub struct PvhRunOpts {
     pub kernel: std::path::PathBuf,
     pub cmdline: String,
+    pub console: Option<std::path::PathBuf>,
     pub memory: u64,
     pub vcpus: u64,
     pub track: TrackArgs,
@@ -164,7 +165,10 @@ pub fn run(o: PvhRunOpts) -> Result<i32> {
         cmdline: o.cmdline.clone(),
         memory: o.memory,
         vcpus: o.vcpus as usize,
-        serial: pvh::SerialOutput::Stdout,
+        serial: match &o.console {
+            Some(p) => pvh::SerialOutput::File(p.clone()),
+            None => pvh::SerialOutput::Stdout,
+        },
         tracking: Some(o.track.tracking()?),
         ..pvh::PvhConfig::new(kernel)
     };
