@@ -10,6 +10,7 @@ mod bench_migrate_cmd;
 mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
+mod qemu;
 mod selftest_cmd;
 
 /// clap parser for sizes (`4096`, `256M`, `1G`, `1.5GiB`).
