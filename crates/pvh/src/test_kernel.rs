@@ -2,7 +2,8 @@
 //! with a `XEN_ELFNOTE_PHYS32_ENTRY` note by [`crate::elf::write`] (no cross toolchain).
 //!
 //! What it does, keeping CPL0 work minimal because PVM emulates every CPL0 instruction:
-//! 1. BSP, 32-bit entry (CPL0): saves EBX (start info), loads its GDT, enables PAE, long mode
+//! 1. BSP, 32-bit entry (CPL0): saves EBX (start info), masks the 8259 PICs (firmware such as
+//!    SeaBIOS leaves the PIT ticking on them), loads its GDT, enables PAE, long mode
 //!    (and SYSCALL/SYSRET) and paging with static identity page tables (first 4 GiB, 2 MiB
 //!    pages, User bit set), far-jumps to 64-bit code.
 //! 2. 64-bit CPL0 (BSP and APs): APIC ID from CPUID = CPU index, per-CPU stack, LTR (per-CPU
@@ -144,6 +145,10 @@ const ICR_INIT_ALL: u32 = 0x000c_4500;
 /// ICR: all excluding self, level assert, start-up with the trampoline's page.
 const ICR_SIPI_ALL: u32 = 0x000c_4600 | (TRAMPOLINE_GPA >> 12) as u32;
 const START_MAGIC: u32 = crate::boot::START_MAGIC;
+/// 8259 PIC interrupt-mask registers (OCW1) and the value that masks every IRQ line.
+const PIC_MASTER_DATA: u32 = 0x21;
+const PIC_SLAVE_DATA: u32 = 0xa1;
+const PIC_MASK_ALL: u32 = 0xff;
 
 /// Build-time options of the test kernel (its workload comes from the command line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -291,6 +296,13 @@ fn entry32() -> std::result::Result<(Vec<u8>, u32), IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut ap = a.create_label();
     a.mov(dword_ptr((DATA_GPA + SI_PTR) as u32), ebx)?;
+    // Firmware may leave the 8259 PICs unmasked with the PIT ticking (SeaBIOS under QEMU:
+    // IRQ 0 on vector 0x08, through LAPIC LINT0 in ExtINT mode). Ring 3 runs with IF = 1 and
+    // the IDT has no gate for those vectors, so the first PIT tick would triple-fault the BSP
+    // right after SYSRET. Mask both PICs (BSP only; the kernel never uses them).
+    a.mov(al, PIC_MASK_ALL)?;
+    a.out(PIC_SLAVE_DATA, al)?;
+    a.out(PIC_MASTER_DATA, al)?;
     a.lgdt(ptr((DATA_GPA + GDTR) as u32))?;
     a.set_label(&mut ap)?;
     a.mov(eax, cr4)?;

@@ -12,6 +12,7 @@ mod bench_sync_cmd;
 mod guest_cmd;
 mod plot;
 mod pvh_cmd;
+mod qemu;
 mod selftest_cmd;
 
 /// clap parser for sizes (`4096`, `256M`, `1G`, `1.5GiB`).

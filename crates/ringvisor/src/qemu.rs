@@ -1,0 +1,1048 @@
+//! The QEMU comparison row of `ringvisor bench migrate`: live-migrates the project's PVH test
+//! kernel between two `qemu-system-x86_64` processes over loopback TCP, driven through QMP,
+//! and reports QEMU's own numbers (`query-migrate`).
+//!
+//! Owns: launching both QEMU processes (always killed again, on every path), the QMP client
+//! (JSON lines over a unix socket), the migration state machine on the source, and the check
+//! that the guest keeps running on the destination. It does not touch `/dev/kvm` itself.
+//!
+//! Machine: `microvm` with its qboot firmware (the PVH entry is reached ~40 ms after QEMU
+//! starts, where the `pc` machine's SeaBIOS takes ~3 s under PVM, which emulates every CPL0
+//! instruction), without PIT, PIC and RTC, which the test kernel does not use. See
+//! `docs/qemu.md`.
+
+// `bench migrate` calls `migrate` once it grows its QEMU row; until then only tests do.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+/// The QEMU binary looked up in `PATH`.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// microvm without the legacy timer and interrupt controllers (the kernel uses the LAPIC).
+const MACHINE: &str = "microvm,pit=off,pic=off,rtc=off";
+/// The exit device the test kernel writes its power-off status to (QEMU exits with
+/// `(status << 1) | 1`).
+const EXIT_DEVICE: &str = "isa-debug-exit,iobase=0x501,iosize=1";
+/// Launch to QMP and to the first progress line of the source's kernel.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+/// One QMP command's reply.
+const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// `query-migrate` polling period on the source.
+const POLL: Duration = Duration::from_millis(20);
+/// How long the destination gets to show every CPU making progress after the switchover.
+const DEST_CHECK: Duration = Duration::from_secs(5);
+/// `migrate_cancel` to `cancelled`, and `quit` to process exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// QEMU's largest `downtime-limit` (ms).
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+/// `max-bandwidth` when the caller sets none: 1 TiB/s, i.e. unlimited on any link. (QEMU 7.2's
+/// default is 128 MiB/s; 0 is not "unlimited" there.)
+const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
+
+/// One QEMU migration: the guest and the migration parameters.
+#[derive(Debug, Clone)]
+pub struct QemuRun {
+    /// A PVH ELF kernel (the project's test kernel: `ringvisor boot --write-test-kernel`).
+    pub kernel: PathBuf,
+    /// Its command line. The kernel must keep running until migrated (test kernel:
+    /// `reports=0`) and print `cpu I progress R ...` lines on COM1.
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// Dirty ring entries per vCPU (`-accel kvm,dirty-ring-size=N`); `None` = the bitmap.
+    pub dirty_ring: Option<u32>,
+    pub downtime_limit_ms: u64,
+    /// `max-bandwidth` in bytes/s; `None` = unlimited.
+    pub max_bandwidth: Option<u64>,
+    /// Time the guest runs on the source, after its first progress line, before `migrate`.
+    pub warmup: Duration,
+    /// Bound on the migration itself (`migrate` to `completed`); past it the migration is
+    /// cancelled and reported as not completed.
+    pub timeout: Duration,
+}
+
+/// What QEMU reported for one migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QemuResult {
+    /// `query-migrate` reached `completed`.
+    pub completed: bool,
+    /// `completed`, `failed: <QEMU's error>`, `cancelled`, or `timeout after S s (cancelled)`.
+    pub status: String,
+    /// QEMU's `total-time` (ms; whole milliseconds), or the wall time until the cancel.
+    pub total_ms: f64,
+    /// QEMU's `downtime` (ms; whole milliseconds; 0 when not completed).
+    pub downtime_ms: f64,
+    /// QEMU's `setup-time` (ms).
+    pub setup_ms: f64,
+    /// Bytes of the migration stream as QEMU accounts them: `precopy-bytes + downtime-bytes +
+    /// postcopy-bytes` (RAM pages, their headers and zero-page markers; QEMU 7.2 counts no
+    /// device state), or `ram.transferred` where those fields are missing (QEMU < 7.1).
+    pub bytes_sent: u64,
+    /// QEMU's `ram.transferred`.
+    pub ram_transferred: u64,
+    /// QEMU's `ram.dirty-sync-count` (dirty-log syncs, i.e. pre-copy passes + the final one).
+    pub passes: u64,
+    /// After the switchover the destination was `running` and every CPU that reported on the
+    /// source printed a later report on the destination within 5 s.
+    pub dest_progress_ok: bool,
+    /// From the source's QMP greeting, e.g. `7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`.
+    pub qemu_version: String,
+}
+
+/// QEMU's version (`7.2.22 (Debian ...)`) if `qemu-system-x86_64` runs here with `-accel kvm`
+/// and the microvm machine; probed once per process.
+pub fn available() -> Option<String> {
+    static PROBE: OnceLock<Option<String>> = OnceLock::new();
+    PROBE.get_or_init(probe).clone()
+}
+
+fn probe() -> Option<String> {
+    let out = Command::new(QEMU)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let version = version_from_banner(&String::from_utf8_lossy(&out.stdout))?;
+    // A paused microvm with KVM, told to quit over QMP on stdio: fails fast without KVM.
+    let mut child = Command::new(QEMU)
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            MACHINE,
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-display", "none", "-S", "-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let quit = b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n";
+    let wrote = child.stdin.take().map(|mut s| s.write_all(quit));
+    let status = wait_timeout(&mut child, STOP_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    match (wrote, status) {
+        (Some(Ok(())), Some(s)) if s.success() => Some(version),
+        _ => None,
+    }
+}
+
+/// `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)` -> `7.2.22 (Debian ...)`.
+fn version_from_banner(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let v = line.split_once("version ")?.1.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// Checks the parameters QEMU would otherwise reject late (or misread).
+fn validate(run: &QemuRun) -> Result<()> {
+    if run.vcpus == 0 || run.vcpus > 255 {
+        bail!("vcpus must be 1..=255, got {}", run.vcpus);
+    }
+    if run.memory_mib < 16 {
+        bail!("memory must be at least 16 MiB, got {} MiB", run.memory_mib);
+    }
+    if let Some(n) = run.dirty_ring {
+        if !n.is_power_of_two() || n < 256 {
+            bail!("dirty ring entries must be a power of two >= 256 (QEMU/KVM), got {n}");
+        }
+    }
+    if run.downtime_limit_ms > MAX_DOWNTIME_LIMIT_MS {
+        bail!(
+            "downtime limit {} ms exceeds QEMU's maximum of {MAX_DOWNTIME_LIMIT_MS} ms",
+            run.downtime_limit_ms
+        );
+    }
+    if run.max_bandwidth == Some(0) {
+        bail!("max bandwidth 0 would stall QEMU's migration; use None for unlimited");
+    }
+    if !run.kernel.is_file() {
+        bail!("kernel {} is not a file", run.kernel.display());
+    }
+    Ok(())
+}
+
+/// QEMU's command line for one side (`incoming`: the destination, waiting for
+/// `migrate-incoming`).
+fn qemu_args(run: &QemuRun, qmp: &Path, serial: &Path, incoming: bool) -> Vec<String> {
+    let accel = match run.dirty_ring {
+        Some(n) => format!("kvm,dirty-ring-size={n}"),
+        None => "kvm".to_string(),
+    };
+    let mut a: Vec<String> = [
+        "-accel",
+        &accel,
+        "-M",
+        MACHINE,
+        "-cpu",
+        "qemu64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-device",
+        EXIT_DEVICE,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "-m".into(),
+        format!("{}M", run.memory_mib),
+        "-smp".into(),
+        run.vcpus.to_string(),
+        "-kernel".into(),
+        run.kernel.display().to_string(),
+        "-append".into(),
+        run.cmdline.clone(),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            opt_escape(&qmp.display().to_string())
+        ),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+    ]);
+    if incoming {
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    a
+}
+
+/// QEMU option syntax: a literal comma is written twice.
+fn opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+/// Live-migrates `run.kernel` from one QEMU to another over loopback TCP and returns QEMU's
+/// numbers. A migration that fails or times out is a result (`completed: false`); errors are
+/// for runs that could not be measured (QEMU missing or crashing, the guest not booting,
+/// QMP not answering).
+pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
+    validate(run)?;
+    // Declared first so it is dropped last, after both processes are dead.
+    let scratch = Scratch::new()?;
+    let mut dest = Qemu::spawn("destination", run, &scratch, true)?;
+    let mut src = Qemu::spawn("source", run, &scratch, false)?;
+    let boot_deadline = Instant::now() + BOOT_TIMEOUT;
+    let (mut dq, _) = dest.connect(boot_deadline)?;
+    let (mut sq, greeting) = src.connect(boot_deadline)?;
+    let qemu_version = version_from_greeting(&greeting)
+        .ok_or_else(|| anyhow!("source QMP greeting has no version: {greeting}"))?;
+
+    dq.execute("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))
+        .context("destination: migrate-incoming")?;
+    let listening = dq.execute("query-migrate", json!({}))?;
+    let port = listen_port(&listening).ok_or_else(|| {
+        anyhow!("destination reports no listening port in query-migrate: {listening}")
+    })?;
+
+    src.wait_for_progress(boot_deadline)?;
+    std::thread::sleep(run.warmup);
+    src.check_running()?;
+
+    let bandwidth = run.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH);
+    sq.execute(
+        "migrate-set-parameters",
+        json!({ "downtime-limit": run.downtime_limit_ms, "max-bandwidth": bandwidth }),
+    )
+    .context("source: migrate-set-parameters")?;
+    let started = Instant::now();
+    sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
+        .context("source: migrate")?;
+
+    let mut info;
+    let mut timed_out = false;
+    loop {
+        let reply = sq
+            .execute("query-migrate", json!({}))
+            .with_context(|| src.describe_exit())?;
+        info = parse_migrate_info(&reply)?;
+        if info.is_final() {
+            break;
+        }
+        if started.elapsed() >= run.timeout {
+            timed_out = true;
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    if timed_out {
+        let waited = started.elapsed();
+        sq.execute("migrate_cancel", json!({}))
+            .context("source: migrate_cancel")?;
+        let cancel_deadline = Instant::now() + STOP_TIMEOUT;
+        while !info.is_final() && Instant::now() < cancel_deadline {
+            std::thread::sleep(POLL);
+            info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
+        }
+        let result = QemuResult {
+            completed: info.status == "completed",
+            status: if info.status == "completed" {
+                "completed".into()
+            } else {
+                format!(
+                    "timeout after {:.1} s ({})",
+                    waited.as_secs_f64(),
+                    info.status
+                )
+            },
+            total_ms: info
+                .total_ms
+                .map_or(waited.as_secs_f64() * 1e3, |t| t as f64),
+            ..info.result(qemu_version, false)
+        };
+        dq.quit();
+        sq.quit();
+        return Ok(result);
+    }
+
+    // QEMU 7.2 sets `completed` before it computes total-time and downtime (both read 0 in
+    // that window, seen under load): poll until total-time is set.
+    let settle_deadline = Instant::now() + STOP_TIMEOUT;
+    while info.status == "completed"
+        && info.total_ms.unwrap_or(0) == 0
+        && Instant::now() < settle_deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+        info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
+    }
+    let mut dest_progress_ok = false;
+    if info.status == "completed" {
+        let before = latest_reports(&src.serial());
+        let deadline = Instant::now() + DEST_CHECK;
+        let status = dq.execute("query-status", json!({}))?;
+        let running = status.get("status").and_then(Value::as_str) == Some("running");
+        while running && Instant::now() < deadline {
+            if all_advanced(&before, &latest_reports(&dest.serial())) {
+                dest_progress_ok = true;
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    let result = info.result(qemu_version, dest_progress_ok);
+    sq.quit();
+    dq.quit();
+    src.reap(STOP_TIMEOUT);
+    dest.reap(STOP_TIMEOUT);
+    Ok(result)
+}
+
+/// `{"QMP": {"version": {"qemu": {major, minor, micro}, "package": P}}}` -> `7.2.22 (P)`.
+fn version_from_greeting(g: &Value) -> Option<String> {
+    let v = g.get("QMP")?.get("version")?;
+    let q = v.get("qemu")?;
+    let n = |k: &str| q.get(k).and_then(Value::as_u64);
+    let base = format!("{}.{}.{}", n("major")?, n("minor")?, n("micro")?);
+    match v.get("package").and_then(Value::as_str).map(str::trim) {
+        Some(p) if !p.is_empty() => Some(format!("{base} ({p})")),
+        _ => Some(base),
+    }
+}
+
+/// The port the destination listens on, from its `query-migrate` (`socket-address`; QEMU
+/// sends the port as a string).
+fn listen_port(reply: &Value) -> Option<u16> {
+    let addrs = reply.get("socket-address")?.as_array()?;
+    let port = addrs
+        .iter()
+        .find(|a| a.get("type").and_then(Value::as_str) == Some("inet"))?
+        .get("port")?;
+    match port {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
+        _ => None,
+    }
+}
+
+/// The fields of a `query-migrate` reply this harness uses.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct MigrateInfo {
+    status: String,
+    total_ms: Option<u64>,
+    downtime_ms: Option<u64>,
+    setup_ms: Option<u64>,
+    transferred: u64,
+    phase_bytes: Option<u64>,
+    dirty_sync_count: u64,
+    error_desc: Option<String>,
+}
+
+impl MigrateInfo {
+    /// No more changes without a new command.
+    fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+
+    fn result(&self, qemu_version: String, dest_progress_ok: bool) -> QemuResult {
+        let status = match (&*self.status, &self.error_desc) {
+            ("failed", Some(e)) => format!("failed: {e}"),
+            (s, _) => s.to_string(),
+        };
+        QemuResult {
+            completed: self.status == "completed",
+            status,
+            total_ms: self.total_ms.unwrap_or(0) as f64,
+            downtime_ms: self.downtime_ms.unwrap_or(0) as f64,
+            setup_ms: self.setup_ms.unwrap_or(0) as f64,
+            bytes_sent: self.phase_bytes.unwrap_or(self.transferred),
+            ram_transferred: self.transferred,
+            passes: self.dirty_sync_count,
+            dest_progress_ok,
+            qemu_version,
+        }
+    }
+}
+
+/// Parses the `return` value of `query-migrate` (QEMU omits fields that do not apply yet).
+fn parse_migrate_info(v: &Value) -> Result<MigrateInfo> {
+    let status = v
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("query-migrate reply without a status: {v}"))?;
+    let u = |o: Option<&Value>, k: &str| o.and_then(|o| o.get(k)).and_then(Value::as_u64);
+    let ram = v.get("ram");
+    let phases = ["precopy-bytes", "downtime-bytes", "postcopy-bytes"];
+    let phase_bytes = phases
+        .iter()
+        .map(|k| u(ram, k))
+        .try_fold(0u64, |sum, b| Some(sum + b?));
+    Ok(MigrateInfo {
+        status: status.to_string(),
+        total_ms: u(Some(v), "total-time"),
+        downtime_ms: u(Some(v), "downtime"),
+        setup_ms: u(Some(v), "setup-time"),
+        transferred: u(ram, "transferred").unwrap_or(0),
+        phase_bytes,
+        dirty_sync_count: u(ram, "dirty-sync-count").unwrap_or(0),
+        error_desc: v
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+/// Per CPU, the last report number in complete `cpu I progress R ...` lines.
+fn latest_reports(serial: &str) -> BTreeMap<u32, u64> {
+    let mut last = BTreeMap::new();
+    let complete = serial.rfind('\n').map_or("", |end| &serial[..end]);
+    for line in complete.lines() {
+        let mut w = line.split_ascii_whitespace();
+        let (Some("cpu"), Some(cpu), Some("progress"), Some(r)) =
+            (w.next(), w.next(), w.next(), w.next())
+        else {
+            continue;
+        };
+        if let (Ok(cpu), Ok(r)) = (cpu.parse::<u32>(), r.parse::<u64>()) {
+            last.insert(cpu, r);
+        }
+    }
+    last
+}
+
+/// Every CPU that reported before reported later after (and there was at least one).
+fn all_advanced(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> bool {
+    !before.is_empty()
+        && before
+            .iter()
+            .all(|(cpu, r)| after.get(cpu).is_some_and(|a| a > r))
+}
+
+/// A QMP reply line, classified.
+#[derive(Debug, PartialEq)]
+enum Reply {
+    Greeting(Value),
+    Return {
+        id: Option<u64>,
+        value: Value,
+    },
+    Error {
+        id: Option<u64>,
+        class: String,
+        desc: String,
+    },
+    Event(String),
+}
+
+fn parse_reply(line: &str) -> Result<Reply> {
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("QMP sent invalid JSON: {line}"))?;
+    let id = v.get("id").and_then(Value::as_u64);
+    if let Some(e) = v.get("event") {
+        return Ok(Reply::Event(e.as_str().unwrap_or("?").to_string()));
+    }
+    if v.get("QMP").is_some() {
+        return Ok(Reply::Greeting(v));
+    }
+    if let Some(e) = v.get("error") {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        return Ok(Reply::Error {
+            id,
+            class: s("class"),
+            desc: s("desc"),
+        });
+    }
+    match v.get("return") {
+        Some(r) => Ok(Reply::Return {
+            id,
+            value: r.clone(),
+        }),
+        None => bail!("unexpected QMP message: {line}"),
+    }
+}
+
+/// A QMP client: one command at a time, events skipped.
+struct Qmp {
+    name: &'static str,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl Qmp {
+    /// Reads the greeting, negotiates capabilities; returns the greeting.
+    fn start(name: &'static str, stream: UnixStream) -> Result<(Qmp, Value)> {
+        stream.set_read_timeout(Some(QMP_REPLY_TIMEOUT))?;
+        stream.set_write_timeout(Some(QMP_REPLY_TIMEOUT))?;
+        let mut q = Qmp {
+            name,
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+            next_id: 1,
+        };
+        let greeting = match q.read()? {
+            Reply::Greeting(g) => g,
+            other => bail!("{name}: expected the QMP greeting, got {other:?}"),
+        };
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok((q, greeting))
+    }
+
+    fn read(&mut self) -> Result<Reply> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .with_context(|| format!("{}: no QMP reply within {QMP_REPLY_TIMEOUT:?}", self.name))?;
+        if n == 0 {
+            bail!("{}: QMP connection closed (QEMU exited?)", self.name);
+        }
+        parse_reply(line.trim_end())
+    }
+
+    /// Runs `cmd` and returns its `return` value; a QMP error is an error.
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": cmd, "id": id });
+        if args.as_object().is_some_and(|a| !a.is_empty()) {
+            msg["arguments"] = args;
+        }
+        let mut text = msg.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .with_context(|| format!("{}: sending {cmd} over QMP", self.name))?;
+        loop {
+            match self.read()? {
+                Reply::Event(_) => continue,
+                Reply::Return { id: Some(r), value } if r == id => return Ok(value),
+                Reply::Error {
+                    id: Some(r),
+                    class,
+                    desc,
+                } if r == id => bail!("{}: {cmd} failed: {class}: {desc}", self.name),
+                other => bail!("{}: unexpected QMP reply to {cmd}: {other:?}", self.name),
+            }
+        }
+    }
+
+    /// Asks QEMU to exit; errors are irrelevant here (it may be gone already).
+    fn quit(&mut self) {
+        let _ = self.execute("quit", json!({}));
+    }
+}
+
+/// One QEMU process with its QMP socket, serial file and stderr log; killed on drop.
+struct Qemu {
+    name: &'static str,
+    child: Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+    log: PathBuf,
+}
+
+impl Qemu {
+    fn spawn(name: &'static str, run: &QemuRun, dir: &Scratch, incoming: bool) -> Result<Qemu> {
+        let qmp = dir.0.join(format!("{name}.qmp"));
+        let serial = dir.0.join(format!("{name}.serial"));
+        let log = dir.0.join(format!("{name}.log"));
+        let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(QEMU)
+            .args(qemu_args(run, &qmp, &serial, incoming))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {QEMU} ({name})"))?;
+        Ok(Qemu {
+            name,
+            child,
+            qmp,
+            serial,
+            log,
+        })
+    }
+
+    /// Connects to QMP once QEMU has created its socket.
+    fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
+        loop {
+            if let Ok(s) = UnixStream::connect(&self.qmp) {
+                return Qmp::start(self.name, s);
+            }
+            self.check_running()?;
+            if Instant::now() >= deadline {
+                bail!("{}: no QMP socket within {BOOT_TIMEOUT:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the kernel's first `cpu I progress` line on the serial port.
+    fn wait_for_progress(&mut self, deadline: Instant) -> Result<()> {
+        loop {
+            if !latest_reports(&self.serial()).is_empty() {
+                return Ok(());
+            }
+            self.check_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: no progress line from the kernel within {BOOT_TIMEOUT:?}; serial:\n{}",
+                    self.name,
+                    tail(&self.serial(), 10)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Fails with the exit status, the serial tail and the stderr tail if QEMU has exited.
+    fn check_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            _ => Err(anyhow!(self.describe_exit())),
+        }
+    }
+
+    fn describe_exit(&mut self) -> String {
+        let how = match self.child.try_wait() {
+            Ok(Some(s)) => match s.code() {
+                // isa-debug-exit: QEMU exits with (status << 1) | 1.
+                Some(c) if c & 1 == 1 => {
+                    format!("exited: the guest powered off with status {}", c >> 1)
+                }
+                _ => format!("exited: {s}"),
+            },
+            Ok(None) => "is still running".to_string(),
+            Err(e) => format!("cannot be waited for: {e}"),
+        };
+        format!(
+            "QEMU ({}) {how}\n-- serial (last lines) --\n{}\n-- stderr (last lines) --\n{}",
+            self.name,
+            tail(&self.serial(), 10),
+            tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 10)
+        )
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits for an exit after `quit`; the drop kills it if it does not come.
+    fn reap(&mut self, limit: Duration) {
+        let _ = wait_timeout(&mut self.child, limit);
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls for a child's exit for at most `limit`.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => return None,
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A private directory for sockets, serial files and logs; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ringvisor-qemu-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        // A leftover of an earlier process with the same pid is ours to replace.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `query-migrate` reply of QEMU 7.2 after a completed migration (as sent on this
+    /// host, trimmed).
+    const COMPLETED: &str = r#"{"return": {"status": "completed", "setup-time": 1,
+        "downtime": 12, "total-time": 734, "ram": {"total": 134295552,
+        "dirty-sync-count": 3, "downtime-bytes": 12324, "remaining": 0,
+        "postcopy-bytes": 0, "transferred": 409872, "precopy-bytes": 397548,
+        "duplicate": 32762, "normal-bytes": 114688, "normal": 28}}, "id": 7}"#;
+
+    fn value_of(line: &str) -> Value {
+        match parse_reply(line).unwrap() {
+            Reply::Return { value, .. } => value,
+            other => panic!("not a return: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn completed_query_migrate_maps_to_every_result_field() {
+        let info = parse_migrate_info(&value_of(COMPLETED)).unwrap();
+        assert!(info.is_final());
+        let r = info.result("7.2.22".into(), true);
+        assert_eq!(
+            r,
+            QemuResult {
+                completed: true,
+                status: "completed".into(),
+                total_ms: 734.0,
+                downtime_ms: 12.0,
+                setup_ms: 1.0,
+                bytes_sent: 397548 + 12324,
+                ram_transferred: 409872,
+                passes: 3,
+                dest_progress_ok: true,
+                qemu_version: "7.2.22".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn active_and_failed_replies_parse_with_missing_fields_as_absent() {
+        let active = parse_migrate_info(&json!({"status": "active", "total-time": 40,
+            "ram": {"transferred": 5}}))
+        .unwrap();
+        assert!(!active.is_final());
+        assert_eq!(active.downtime_ms, None);
+        assert_eq!(active.phase_bytes, None);
+        assert_eq!(active.result(String::new(), false).bytes_sent, 5);
+        let failed = parse_migrate_info(&json!({"status": "failed",
+            "error-desc": "Unable to write to socket: Broken pipe"}))
+        .unwrap();
+        assert!(failed.is_final());
+        let r = failed.result(String::new(), false);
+        assert!(!r.completed);
+        assert_eq!(r.status, "failed: Unable to write to socket: Broken pipe");
+        assert!(parse_migrate_info(&json!({"ram": {}})).is_err());
+    }
+
+    #[test]
+    fn qmp_lines_are_classified_with_their_ids() {
+        let g = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},
+            "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
+        let Reply::Greeting(v) = parse_reply(g).unwrap() else {
+            panic!("greeting not recognised")
+        };
+        assert_eq!(
+            version_from_greeting(&v).as_deref(),
+            Some("7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+        );
+        assert_eq!(
+            parse_reply(r#"{"return": {}, "id": 3}"#).unwrap(),
+            Reply::Return {
+                id: Some(3),
+                value: json!({})
+            }
+        );
+        assert_eq!(
+            parse_reply(r#"{"id": 4, "error": {"class": "GenericError", "desc": "no"}}"#).unwrap(),
+            Reply::Error {
+                id: Some(4),
+                class: "GenericError".into(),
+                desc: "no".into()
+            }
+        );
+        let ev = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#;
+        assert_eq!(parse_reply(ev).unwrap(), Reply::Event("STOP".into()));
+        assert!(parse_reply("{\"return\": ").is_err());
+        assert!(parse_reply("{\"neither\": 1}").is_err());
+    }
+
+    #[test]
+    fn listening_port_is_read_from_socket_address_as_string_or_number() {
+        let r = json!({"socket-address": [{"port": "40135", "ipv4": true,
+            "host": "127.0.0.1", "type": "inet"}]});
+        assert_eq!(listen_port(&r), Some(40135));
+        let r = json!({"socket-address": [{"type": "inet", "port": 5}]});
+        assert_eq!(listen_port(&r), Some(5));
+        assert_eq!(listen_port(&json!({"status": "setup"})), None);
+        let r = json!({"socket-address": [{"type": "inet", "port": "99999"}]});
+        assert_eq!(listen_port(&r), None);
+    }
+
+    #[test]
+    fn version_banner_is_reduced_to_the_version() {
+        let out = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n\
+                   Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(
+            version_from_banner(out).as_deref(),
+            Some("7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+        );
+        assert_eq!(version_from_banner("something else"), None);
+    }
+
+    #[test]
+    fn progress_counts_only_complete_lines_and_every_cpu_must_advance() {
+        let src = "ringvisor PVH test kernel v1\ncpu 1 up\ncpu 0 progress 3 pages 0 ticks 300\n\
+                   cpu 1 progress 2 pages 0 ticks 200\ncpu 0 progress 4 pages 0 ti";
+        let before = latest_reports(src);
+        assert_eq!(before, BTreeMap::from([(0, 3), (1, 2)]));
+        let one_cpu = latest_reports("cpu 0 progress 5 pages 0 ticks 500\n");
+        assert!(!all_advanced(&before, &one_cpu));
+        let both = latest_reports("cpu 0 progress 5 p\ncpu 1 progress 3 p\n");
+        assert!(all_advanced(&before, &both));
+        let stale = latest_reports("cpu 0 progress 3 p\ncpu 1 progress 3 p\n");
+        assert!(!all_advanced(&before, &stale));
+        assert!(!all_advanced(&BTreeMap::new(), &both));
+    }
+
+    fn run_for(kernel: &Path) -> QemuRun {
+        QemuRun {
+            kernel: kernel.to_path_buf(),
+            cmdline: "reports=0 dirty_mb=0 period_ticks=50".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            dirty_ring: Some(4096),
+            downtime_limit_ms: 300,
+            max_bandwidth: None,
+            warmup: Duration::from_millis(200),
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_rejected_before_qemu_starts() {
+        let scratch = Scratch::new().unwrap();
+        let kernel = scratch.0.join("k");
+        std::fs::write(&kernel, b"x").unwrap();
+        let ok = run_for(&kernel);
+        assert!(validate(&ok).is_ok());
+        for (bad, what) in [
+            (
+                QemuRun {
+                    vcpus: 0,
+                    ..ok.clone()
+                },
+                "vcpus",
+            ),
+            (
+                QemuRun {
+                    memory_mib: 8,
+                    ..ok.clone()
+                },
+                "memory",
+            ),
+            (
+                QemuRun {
+                    dirty_ring: Some(3000),
+                    ..ok.clone()
+                },
+                "dirty ring",
+            ),
+            (
+                QemuRun {
+                    dirty_ring: Some(128),
+                    ..ok.clone()
+                },
+                "dirty ring",
+            ),
+            (
+                QemuRun {
+                    downtime_limit_ms: 3_000_000,
+                    ..ok.clone()
+                },
+                "downtime",
+            ),
+            (
+                QemuRun {
+                    max_bandwidth: Some(0),
+                    ..ok.clone()
+                },
+                "bandwidth",
+            ),
+            (
+                QemuRun {
+                    kernel: scratch.0.join("missing"),
+                    ..ok.clone()
+                },
+                "not a file",
+            ),
+        ] {
+            let e = migrate(&bad).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn qemu_arguments_select_the_tracker_and_wait_for_incoming_only_on_the_destination() {
+        let run = run_for(Path::new("/k"));
+        let a = qemu_args(&run, Path::new("/d/a,b.qmp"), Path::new("/d/s"), true);
+        let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
+        assert_eq!(after("-accel"), "kvm,dirty-ring-size=4096");
+        assert_eq!(after("-qmp"), "unix:/d/a,,b.qmp,server=on,wait=off");
+        assert_eq!(after("-incoming"), "defer");
+        assert_eq!(after("-m"), "128M");
+        assert_eq!(after("-append"), run.cmdline);
+        let bitmap = QemuRun {
+            dirty_ring: None,
+            ..run
+        };
+        let a = qemu_args(&bitmap, Path::new("/q"), Path::new("/s"), false);
+        assert!(a.contains(&"kvm".to_string()));
+        assert!(!a.contains(&"-incoming".to_string()));
+    }
+
+    /// Real QEMU with KVM: an idle 128 MiB, 1-vCPU guest migrated with the ring and with the
+    /// bitmap completes, and the kernel keeps reporting on the destination.
+    #[test]
+    fn idle_guest_migrates_with_ring_and_bitmap_and_keeps_running_on_the_destination() {
+        let Some(version) = available() else {
+            eprintln!("SKIP(qemu): {QEMU} with -accel kvm and -M microvm is not usable here");
+            return;
+        };
+        let scratch = Scratch::new().unwrap();
+        let kernel = test_kernel(&scratch);
+        for ring in [Some(4096), None] {
+            let run = QemuRun {
+                dirty_ring: ring,
+                ..run_for(&kernel)
+            };
+            let r = migrate(&run).unwrap();
+            eprintln!("qemu {version} ring={ring:?}: {r:?}");
+            assert!(r.completed, "{r:?}");
+            assert_eq!(r.status, "completed");
+            assert!(r.dest_progress_ok, "{r:?}");
+            assert!(r.passes >= 2, "a bulk pass and the final sync: {r:?}");
+            // Idle: the kernel image and a few touched pages; zero pages are markers only.
+            assert!(
+                r.ram_transferred > 0 && r.ram_transferred < 16 << 20,
+                "{r:?}"
+            );
+            assert!(
+                r.bytes_sent > 0 && r.bytes_sent <= r.ram_transferred,
+                "{r:?}"
+            );
+            assert!(r.total_ms >= r.downtime_ms, "{r:?}");
+            assert_eq!(r.qemu_version, version);
+        }
+    }
+
+    fn test_kernel(scratch: &Scratch) -> PathBuf {
+        let kernel = scratch.0.join("test-kernel.elf");
+        let image = pvh::test_kernel::build(&pvh::test_kernel::TestKernelParams::default());
+        std::fs::write(&kernel, image.unwrap()).unwrap();
+        kernel
+    }
+
+    /// Real QEMU: a dirtying guest behind a 1 MiB/s bandwidth limit cannot finish in 1 s; the
+    /// migration is cancelled and reported, not an error.
+    #[test]
+    fn migration_past_its_timeout_is_cancelled_and_reported_as_not_completed() {
+        if available().is_none() {
+            eprintln!("SKIP(qemu): {QEMU} with -accel kvm and -M microvm is not usable here");
+            return;
+        }
+        let scratch = Scratch::new().unwrap();
+        let run = QemuRun {
+            cmdline: "reports=0 ws_mb=8 dirty_mb=1 period_ticks=20".into(),
+            max_bandwidth: Some(1 << 20),
+            timeout: Duration::from_secs(1),
+            ..run_for(&test_kernel(&scratch))
+        };
+        let r = migrate(&run).unwrap();
+        assert!(!r.completed, "{r:?}");
+        assert!(r.status.starts_with("timeout after 1."), "{r:?}");
+        assert!(r.status.ends_with("(cancelled)"), "{r:?}");
+        assert!(!r.dest_progress_ok);
+        assert!(r.total_ms >= 1000.0, "{r:?}");
+    }
+
+    /// Real QEMU: a kernel that powers off before the migration is an error naming its status.
+    #[test]
+    fn guest_that_powers_off_before_the_migration_is_an_error_with_its_status() {
+        if available().is_none() {
+            eprintln!("SKIP(qemu): {QEMU} with -accel kvm and -M microvm is not usable here");
+            return;
+        }
+        let scratch = Scratch::new().unwrap();
+        let run = QemuRun {
+            cmdline: "reports=1 exit=5".into(),
+            warmup: Duration::from_millis(500),
+            ..run_for(&test_kernel(&scratch))
+        };
+        let e = format!("{:#}", migrate(&run).unwrap_err());
+        assert!(e.contains("the guest powered off with status 5"), "{e}");
+        assert!(e.contains("poweroff 5"), "serial tail in the error: {e}");
+    }
+}
