@@ -101,7 +101,11 @@ pub fn receive(
     stream.set_read_timeout(Some(opts.idle_timeout))?;
     let mut acks = AckWriter::new(BufWriter::new(stream.try_clone()?));
     let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, stream));
+    let old_nice = vmm::renice_current_thread(crate::source::MIGRATION_NICE);
     let r = receive_inner(&mut dec, &mut acks, opts, on_event, t0);
+    if let Some(n) = old_nice {
+        vmm::renice_current_thread(n);
+    }
     if let Err(e) = &r {
         // Best effort: tell the source why, so it resumes its guest at once.
         let _ = acks.send(&Ack::Error(e.to_string()));

@@ -29,7 +29,7 @@
 //!
 //! Output lines (each ends with `\n`):
 //! - `ringvisor PVH test kernel v1`
-//! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P`
+//! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P pace=0|1`
 //! - `memmap entries=N ram_kib=K`
 //! - `cpu I up` (each AP)
 //! - `cpu I progress R pages P ticks T` (P = pages written by that CPU so far, T = its ticks)
@@ -98,6 +98,13 @@ const P_CPUS: u64 = 0x98;
 const P_EXIT: u64 = 0xa0;
 const P_TICK_US: u64 = 0xa8;
 const P_PERIOD: u64 = 0xb0;
+const P_PACE: u64 = 0xb8;
+/// Per-CPU TSC at the start of the report schedule, and TSC ticks per timer tick (u64 each),
+/// for `pace=1`.
+const TSC_BASE: u64 = 0x680;
+const TSC_PER_TICK: u64 = 0x6c0;
+/// Timer ticks over which `pace=1` measures the TSC rate.
+const CALIBRATION_TICKS: i32 = 32;
 const STRINGS: u64 = 0x100;
 /// GDT: the fixed descriptors, then one 16-byte TSS descriptor per CPU.
 const GDT_OFF: u64 = 0x800;
@@ -175,6 +182,11 @@ pub struct Cmdline {
     pub tick_us: u64,
     /// Pace reports: report `r` waits for `r * period_ticks` timer ticks (0 = unpaced).
     pub period_ticks: u64,
+    /// `pace=1`: report `r` waits until the TSC has advanced by `r * period_ticks` ticks'
+    /// worth (the TSC rate measured over the first 32 ticks), as a kernel keeps time with a
+    /// clocksource: ticks the host coalesced (a vCPU that did not run when its timer fired)
+    /// then do not delay the schedule. `pace=0` (the default) counts ticks.
+    pub tsc_pace: bool,
 }
 
 impl Default for Cmdline {
@@ -188,6 +200,7 @@ impl Default for Cmdline {
             exit: 0,
             tick_us: 1000,
             period_ticks: 0,
+            tsc_pace: false,
         }
     }
 }
@@ -196,14 +209,15 @@ impl Cmdline {
     /// The command-line string.
     pub fn render(&self) -> String {
         format!(
-            "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={}",
+            "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={} pace={}",
             self.ws_mb,
             self.dirty_mb,
             self.reports,
             self.cpus,
             self.exit,
             self.tick_us,
-            self.period_ticks
+            self.period_ticks,
+            u8::from(self.tsc_pace)
         )
     }
 
@@ -331,7 +345,7 @@ struct Strings {
     bad_magic: u64,
     no_fit: u64,
     params: u64,
-    keys: [(u64, usize, u64, u64); 7], // (address, length, data offset, default)
+    keys: [(u64, usize, u64, u64); 8], // (address, length, data offset, default)
     memmap: u64,
     ram_kib: u64,
     cpu: u64,
@@ -356,6 +370,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
         key("exit=", P_EXIT, u64::from(def.exit))?,
         key("tick_us=", P_TICK_US, def.tick_us)?,
         key("period_ticks=", P_PERIOD, def.period_ticks)?,
+        key("pace=", P_PACE, u64::from(def.tsc_pace))?,
     ];
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
@@ -593,6 +608,47 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut wait_done = a.create_label();
     let mut ws_ok = a.create_label();
     a.set_label(&mut worker)?;
+    // pace=1 (with the timer on and reports paced): measure TSC ticks per timer tick over
+    // CALIBRATION_TICKS ticks, from a tick edge, and start the schedule there.
+    let mut no_calibration = a.create_label();
+    let mut edge = a.create_label();
+    let mut span = a.create_label();
+    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
+    a.je(no_calibration)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.set_label(&mut edge)?;
+    a.call(wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.je(edge)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r9, rax)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.add(r8, CALIBRATION_TICKS)?;
+    a.set_label(&mut span)?;
+    a.call(wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.jb(span)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r9)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, CALIBRATION_TICKS as u32)?;
+    a.div(rcx)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
+    // The schedule starts now (report r is due r periods from here).
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
+    a.set_label(&mut no_calibration)?;
     a.mov(r14, qword_ptr(r13 + P_WS as i32))?;
     a.shl(r14, 8)?;
     a.test(r14, r14)?;
@@ -634,9 +690,29 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.dec(rcx)?;
     a.jnz(write)?;
     a.set_label(&mut print)?;
-    // Pacing: wait until this CPU has seen report * period_ticks ticks.
+    // Pacing: wait until this CPU has seen report * period_ticks ticks (pace=0), or until its
+    // TSC has advanced by that many ticks' worth (pace=1).
     let mut pace = a.create_label();
     let mut paced = a.create_label();
+    let mut tick_pace = a.create_label();
+    let mut tsc_wait = a.create_label();
+    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
+    a.je(tick_pace)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), 0)?;
+    a.je(tick_pace)?;
+    a.mov(r8, qword_ptr(r13 + P_PERIOD as i32))?;
+    a.imul_2(r8, rbp)?;
+    a.imul_2(r8, qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32))?;
+    a.add(r8, qword_ptr(r13 + r15 * 8 + TSC_BASE as i32))?;
+    a.set_label(&mut tsc_wait)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.cmp(rax, r8)?;
+    a.jae(paced)?;
+    a.call(wait_tick)?;
+    a.jmp(tsc_wait)?;
+    a.set_label(&mut tick_pace)?;
     a.mov(rax, qword_ptr(r13 + P_PERIOD as i32))?;
     a.imul_2(rax, rbp)?;
     a.set_label(&mut pace)?;
@@ -977,10 +1053,11 @@ mod tests {
             exit: 7,
             tick_us: 500,
             period_ticks: 10,
+            tsc_pace: true,
         };
         assert_eq!(
             c.render(),
-            "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7 tick_us=500 period_ticks=10"
+            "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7 tick_us=500 period_ticks=10 pace=1"
         );
         assert_eq!(c.memory_needed(), WS_GPA + (4 << 20));
     }

@@ -70,6 +70,7 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
         exit: 42,
         tick_us: 0,
         period_ticks: 0,
+        tsc_pace: false,
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 1);
     println!("took {took:?}\n{out}");
@@ -78,7 +79,7 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
     assert_eq!(lines[0], BANNER);
     assert_eq!(
         lines[1],
-        "params ws_mb=2 dirty_mb=1 reports=4 cpus=1 exit=42 tick_us=0 period_ticks=0"
+        "params ws_mb=2 dirty_mb=1 reports=4 cpus=1 exit=42 tick_us=0 period_ticks=0 pace=0"
     );
     // 64 MiB minus the 640 KiB - 1 MiB legacy range, from the e820 map in the start info.
     assert_eq!(
@@ -108,6 +109,7 @@ fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
         exit: 7,
         tick_us: 1000,
         period_ticks: 0,
+        tsc_pace: false,
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 2);
     println!("took {took:?}\n{out}");
@@ -257,6 +259,42 @@ fn lapic_timer_fires_in_ring_3_and_paces_the_reports() {
     assert!(
         took >= Duration::from_millis(90),
         "100 ticks of 1 ms passed in {took:?}"
+    );
+}
+
+#[test]
+fn tsc_paced_reports_keep_the_schedule_and_the_timer_still_ticks() {
+    if !kvm_available() {
+        return;
+    }
+    // pace=1: 32 ticks of TSC calibration, then report r is due r * 20 ticks' worth of TSC
+    // after that: 5 reports take about 32 + 100 ms.
+    let c = Cmdline {
+        reports: 5,
+        tick_us: 1000,
+        period_ticks: 20,
+        exit: 11,
+        tsc_pace: true,
+        ..Cmdline::default()
+    };
+    let (status, out, took) = run(TestKernelParams::default(), &c.render(), 1);
+    println!("took {took:?}\n{out}");
+    assert_eq!(status, ExitStatus::PowerOff(11), "serial:\n{out}");
+    assert!(out.contains(" pace=1\n"), "{out}");
+    let p = progress(&out);
+    assert_eq!(p.len(), 5, "{out}");
+    for w in p.windows(2) {
+        // The timer keeps ticking between reports (about 20 ticks each).
+        assert!(
+            w[1].3 >= w[0].3 + 10,
+            "ticks {:?} -> {:?}:\n{out}",
+            w[0],
+            w[1]
+        );
+    }
+    assert!(
+        took >= Duration::from_millis(125),
+        "132 ms of schedule passed in {took:?}"
     );
 }
 

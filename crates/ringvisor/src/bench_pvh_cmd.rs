@@ -40,7 +40,12 @@ pub struct Row {
     pub completed: bool,
     pub outcome: String,
     pub total_ms: f64,
+    /// ringvisor: from the pause to the destination's Resumed (the guest runs again); QEMU:
+    /// its `downtime` (from the stop until the source has sent everything).
     pub downtime_ms: f64,
+    /// ringvisor: from the pause until the source commits (after the destination restored
+    /// and answered ReadyToResume); QEMU: same as `downtime_ms`.
+    pub downtime_source_ms: f64,
     pub mib_sent: f64,
     pub passes: u64,
     /// The destination's console kept printing progress after the resume.
@@ -72,6 +77,7 @@ fn cmdline(o: &Opts, dirty: bool) -> String {
         exit: 0,
         tick_us: 1000,
         period_ticks: o.period_ticks,
+        tsc_pace: true,
     }
     .render()
 }
@@ -190,6 +196,7 @@ fn ringvisor_one(
             outcome: kind,
             total_ms: v["total_ms"].as_f64().unwrap_or(0.0),
             downtime_ms: v["downtime_ms"].as_f64().unwrap_or(0.0),
+            downtime_source_ms: v["downtime_source_ms"].as_f64().unwrap_or(0.0),
             mib_sent: v["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             passes: v["iterations"]
                 .as_array()
@@ -223,6 +230,7 @@ fn qemu_one(o: &Opts, kernel: &std::path::Path, cmdline: &str, tracker: &str) ->
         outcome: r.status.clone(),
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
+        downtime_source_ms: r.downtime_ms,
         mib_sent: r.bytes_sent as f64 / (1 << 20) as f64,
         passes: r.passes,
         dest_progress: r.dest_progress_ok,
@@ -323,8 +331,21 @@ pub fn run(o: Opts) -> Result<()> {
     Ok(())
 }
 
-/// Medians per (scenario, tracker, vmm) over the repeats.
-fn medians(rep: &Report) -> Vec<(String, String, String, usize, usize, f64, f64, f64, bool)> {
+/// One table cell: medians over the repeats of (scenario, tracker, VMM).
+struct Med {
+    scenario: String,
+    tracker: String,
+    vmm: String,
+    completed: usize,
+    runs: usize,
+    total_ms: f64,
+    downtime_ms: f64,
+    downtime_source_ms: f64,
+    mib_sent: f64,
+    dest_progress: bool,
+}
+
+fn medians(rep: &Report) -> Vec<Med> {
     let mut keys: Vec<(String, String, String)> = Vec::new();
     for r in &rep.rows {
         let k = (r.scenario.clone(), r.tracker.clone(), r.vmm.clone());
@@ -337,19 +358,24 @@ fn medians(rep: &Report) -> Vec<(String, String, String, usize, usize, f64, f64,
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     keys.into_iter()
-        .map(|(s, t, m)| {
+        .map(|(scenario, tracker, vmm)| {
             let rs: Vec<&Row> = rep
                 .rows
                 .iter()
-                .filter(|r| r.scenario == s && r.tracker == t && r.vmm == m)
+                .filter(|r| r.scenario == scenario && r.tracker == tracker && r.vmm == vmm)
                 .collect();
-            let ok = rs.iter().filter(|r| r.completed).count();
-            let n = rs.len();
-            let total = med(rs.iter().map(|r| r.total_ms).collect());
-            let down = med(rs.iter().map(|r| r.downtime_ms).collect());
-            let mib = med(rs.iter().map(|r| r.mib_sent).collect());
-            let progress = rs.iter().all(|r| r.dest_progress);
-            (s, t, m, ok, n, total, down, mib, progress)
+            Med {
+                completed: rs.iter().filter(|r| r.completed).count(),
+                runs: rs.len(),
+                total_ms: med(rs.iter().map(|r| r.total_ms).collect()),
+                downtime_ms: med(rs.iter().map(|r| r.downtime_ms).collect()),
+                downtime_source_ms: med(rs.iter().map(|r| r.downtime_source_ms).collect()),
+                mib_sent: med(rs.iter().map(|r| r.mib_sent).collect()),
+                dest_progress: rs.iter().all(|r| r.dest_progress),
+                scenario,
+                tracker,
+                vmm,
+            }
         })
         .collect()
 }
@@ -359,8 +385,8 @@ fn markdown(rep: &Report) -> String {
         "PVH test kernel, {} MiB, {} vCPU(s), downtime-limit {} ms, max-bandwidth {} MB/s, ring {} entries/vCPU, loopback{}\n\
          idle: `{}`; dirtying: `{}`\n\
          QEMU: {}\n\n\
-         | scenario | tracker | VMM | completed | total ms | downtime ms | MiB sent | dest progress | total vs QEMU | downtime vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         | scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | dest progress | total vs QEMU | downtime vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         rep.memory_mib,
         rep.vcpus,
         rep.downtime_limit_ms,
@@ -372,23 +398,34 @@ fn markdown(rep: &Report) -> String {
         rep.qemu.as_deref().unwrap_or("not available"),
     );
     let m = medians(rep);
-    for (sc, t, vmm, ok, n, total, down, mib, progress) in &m {
+    for c in &m {
         let q = m.iter().find(|x| {
-            &x.0 == sc && (x.1 == *t || (t == "clear-log" && x.1 == "bitmap")) && x.2 == "qemu"
+            x.scenario == c.scenario
+                && (x.tracker == c.tracker || (c.tracker == "clear-log" && x.tracker == "bitmap"))
+                && x.vmm == "qemu"
         });
-        let (rt, rd) = match (q, vmm.as_str()) {
+        let (rt, rd) = match (q, c.vmm.as_str()) {
             (Some(q), "ringvisor") => (
-                format!("{:.2}x", total / q.5),
-                format!("{:.2}x", down / q.6),
+                format!("{:.2}x", c.total_ms / q.total_ms),
+                format!("{:.2}x", c.downtime_ms / q.downtime_ms.max(0.1)),
             ),
-            _ => ("".into(), "".into()),
+            _ => (String::new(), String::new()),
         };
         s += &format!(
-            "| {sc} | {t} | {vmm} | {ok}/{n} | {total:.0} | {down:.1} | {mib:.1} | {} | {rt} | {rd} |\n",
-            if *progress { "yes" } else { "NO" }
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {rt} | {rd} |\n",
+            c.scenario,
+            c.tracker,
+            c.vmm,
+            c.completed,
+            c.runs,
+            c.total_ms,
+            c.downtime_ms,
+            c.downtime_source_ms,
+            c.mib_sent,
+            if c.dest_progress { "yes" } else { "NO" }
         );
     }
-    s += "\nCells are medians over the repeats. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too.\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`).\n";
     s
 }
 
@@ -397,10 +434,10 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
     let m = medians(rep);
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max = m.iter().map(|x| x.6).fold(1.0f64, f64::max) * 1.15;
+    let max = m.iter().map(|x| x.downtime_ms).fold(1.0f64, f64::max) * 1.15;
     let labels: Vec<String> = m
         .iter()
-        .map(|x| format!("{} {} {}", x.0, x.1, x.2))
+        .map(|x| format!("{} {} {}", x.scenario, x.tracker, x.vmm))
         .collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -425,11 +462,11 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
         .y_desc("downtime ms")
         .draw()?;
     chart.draw_series(m.iter().enumerate().map(|(i, x)| {
-        let color = if x.2 == "qemu" { RED } else { BLUE };
+        let color = if x.vmm == "qemu" { RED } else { BLUE };
         Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), x.6),
+                (SegmentValue::Exact(i + 1), x.downtime_ms),
             ],
             color.mix(0.6).filled(),
         )

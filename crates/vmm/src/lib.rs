@@ -28,6 +28,14 @@ pub use memory::{GuestRam, RegionSpec};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
 pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};
 
+/// Lowers (or restores) the calling thread's CPU priority: migration threads run at a higher
+/// nice value than vCPU threads, so that on a host with few cores the guest keeps its CPU (and
+/// its timer ticks) while it is being migrated. Returns the previous nice value, or `None` if
+/// it could not be changed.
+pub fn renice_current_thread(nice: i32) -> Option<i32> {
+    sys::renice_current_thread(nice)
+}
+
 /// Whether `/dev/kvm` exists (tests print a `SKIP(kvm)` line and return when it does not).
 pub fn kvm_available() -> bool {
     std::path::Path::new("/dev/kvm").exists()

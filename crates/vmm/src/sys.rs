@@ -139,6 +139,25 @@ pub(crate) fn set_xsave(
     })
 }
 
+/// The calling thread's nice value, then sets it to `nice` (Linux: per thread). Returns the
+/// old value, or `None` if either call failed (the thread keeps running as it was).
+pub(crate) fn renice_current_thread(nice: i32) -> Option<i32> {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // getpriority can return -1 legitimately: clear errno first and check it after.
+    // SAFETY: __errno_location returns this thread's errno slot, valid for writes.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: plain syscalls on this thread's own id; no memory is passed.
+    let old = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+    // SAFETY: as above, reading this thread's errno slot.
+    if old == -1 && unsafe { *libc::__errno_location() } != 0 {
+        return None;
+    }
+    // SAFETY: plain syscall on this thread's own id.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+    (r == 0).then_some(old)
+}
+
 /// `kvm_run.internal` after a `KVM_EXIT_INTERNAL_ERROR`: the sub-error (1 = emulation
 /// failure) and up to 16 data words (for emulation failures, the instruction bytes and more).
 pub(crate) fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
