@@ -1,0 +1,163 @@
+//! `ringvisor run --kernel` and `ringvisor incoming` as real processes: a PVH guest's exit
+//! status, a kernel without the PVH note refused, and a PVH guest live-migrated between two
+//! processes over loopback TCP with its console continuing in the destination's file.
+//! Needs /dev/kvm (else `SKIP(kvm)`).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const EXE: &str = env!("CARGO_BIN_EXE_ringvisor");
+
+fn have_kvm() -> bool {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP(kvm): /dev/kvm is absent; PVH CLI test not run");
+        return false;
+    }
+    true
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ringvisor-pvh-cli-{}-{name}", std::process::id()))
+}
+
+fn test_kernel() -> std::path::PathBuf {
+    let k = tmp("kernel.elf");
+    let st = Command::new(EXE)
+        .args(["boot", "--write-test-kernel"])
+        .arg(&k)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ringvisor boot --write-test-kernel");
+    assert!(st.success());
+    k
+}
+
+/// (cpu, report) of every progress line.
+fn reports(text: &str) -> Vec<(u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            match w.as_slice() {
+                ["cpu", c, "progress", r, ..] => Some((c.parse().ok()?, r.parse().ok()?)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn run_kernel_exits_with_the_guest_status_and_refuses_a_non_pvh_elf() {
+    if !have_kvm() {
+        return;
+    }
+    let k = test_kernel();
+    let out = Command::new(EXE)
+        .args(["run", "--kernel"])
+        .arg(&k)
+        .args(["--cmdline", "cpus=2 reports=2 exit=5", "--vcpus", "2"])
+        .args(["--memory", "64M"])
+        .output()
+        .expect("run --kernel");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    assert!(text.starts_with("ringvisor PVH test kernel v1\n"), "{text}");
+    assert_eq!(reports(&text).len(), 4, "{text}");
+    // The ringvisor binary itself is an ELF without the PVH note.
+    let out = Command::new(EXE)
+        .args(["run", "--kernel", EXE])
+        .output()
+        .expect("run --kernel");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("XEN_ELFNOTE_PHYS32_ENTRY"), "{err}");
+    let _ = std::fs::remove_file(k);
+}
+
+#[test]
+fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
+    if !have_kvm() {
+        return;
+    }
+    let k = test_kernel();
+    let (src_console, dst_console) = (tmp("src.console"), tmp("dst.console"));
+    let _ = std::fs::remove_file(&dst_console);
+    let mut dest = Command::new(EXE)
+        .args(["incoming", "--listen", "127.0.0.1:0", "--tracker", "ring"])
+        .args([
+            "--ring-entries",
+            "4096",
+            "--duration",
+            "1",
+            "--json",
+            "--console",
+        ])
+        .arg(&dst_console)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the destination");
+    let mut out = BufReader::new(dest.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("listening ")
+        .expect("listening line")
+        .to_string();
+    let cmdline = "cpus=2 reports=0 ws_mb=16 dirty_mb=1 period_ticks=40 pace=1";
+    let src = Command::new(EXE)
+        .args(["run", "--kernel"])
+        .arg(&k)
+        .args(["--cmdline", cmdline, "--vcpus", "2", "--memory", "256M"])
+        .args(["--tracker", "ring", "--ring-entries", "4096", "--console"])
+        .arg(&src_console)
+        .args(["--migrate-to", &addr, "--migrate-after", "0.5"])
+        .args(["--downtime-limit", "50", "--exit-after-migrate", "--json"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("running the source");
+    let st = dest.wait().expect("destination");
+    let mut rest = String::new();
+    for l in out.lines().map_while(|l| l.ok()) {
+        rest = l;
+    }
+    let text = String::from_utf8_lossy(&src.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("summary: {e}: {text}"));
+    eprintln!(
+        "{} in {} ms, downtime {} ms; destination: {rest}",
+        v["outcome"], v["total_ms"], v["downtime_ms"]
+    );
+    assert!(src.status.success());
+    assert_eq!(v["outcome"]["kind"], "completed", "{}", v["outcome"]);
+    assert_eq!(v["verified"], true);
+    assert!(st.success(), "destination exit {st:?}");
+    let incoming: serde_json::Value = serde_json::from_str(&rest).expect("incoming summary");
+    assert_eq!(incoming["machine"], "pvh");
+    // Each CPU's reports continue on the destination's console where the source's stopped.
+    let a = std::fs::read_to_string(&src_console).expect("source console");
+    let b = std::fs::read_to_string(&dst_console).expect("destination console");
+    assert!(a.starts_with("ringvisor PVH test kernel v1\n"), "{a}");
+    // The two files are one console: a line the pause cut is finished in the second. Every
+    // CPU's reports run on without a gap or a repeat, and the destination printed many.
+    let joined = format!("{a}{b}");
+    for cpu in 0..2u64 {
+        let all: Vec<u64> = reports(&joined)
+            .iter()
+            .filter(|r| r.0 == cpu)
+            .map(|r| r.1)
+            .collect();
+        assert!(
+            all.windows(2).all(|w| w[1] == w[0] + 1),
+            "cpu {cpu}: {all:?}"
+        );
+        let here = reports(&b).iter().filter(|r| r.0 == cpu).count();
+        assert!(
+            here >= 10,
+            "cpu {cpu}: {here} reports on the destination:\n{b}"
+        );
+    }
+    for f in [k, src_console, dst_console] {
+        let _ = std::fs::remove_file(f);
+    }
+}
