@@ -260,6 +260,7 @@ fn receive_inner(
                     b.kind
                 )))
             }
+            Message::Sync(token) => acks.send(&Ack::Synced(token))?,
             Message::Complete(_) => {
                 t_complete = Instant::now();
                 break;

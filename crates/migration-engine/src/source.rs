@@ -224,6 +224,8 @@ pub const MIGRATION_NICE: i32 = 10;
 
 /// A final pass of at most this many pages (1 MiB) is sent without trying another pass.
 const SMALL_FINAL_PAGES: u64 = 256;
+/// Nor is one expected to take at most this long (seconds; or a tenth of the limit).
+const TINY_FINAL_PASS: f64 = 0.001;
 
 /// Pages per `/proc/self/pagemap` query in the bulk pass (64 MiB, 128 KiB of pagemap).
 const POPULATED_CHUNK: u64 = 16384;
@@ -543,7 +545,8 @@ fn run_source(
             // The limit is a ceiling, not a target: while each pass still halves what is left
             // to send, one more (short) pass makes the downtime smaller at little cost; stop
             // once the rest is tiny or the guest dirties as fast as a pass sends.
-            let tiny = expected_downtime <= limit / 10.0 || pages <= SMALL_FINAL_PAGES;
+            let tiny = expected_downtime <= TINY_FINAL_PASS.min(limit / 10.0)
+                || pages <= SMALL_FINAL_PAGES;
             let halving = (pages as f64) < 0.5 * last_pass_data_pages as f64;
             let out_of_passes = iteration + 2 >= opts.max_iterations
                 || opts.timeout.is_some_and(|t| t_start.elapsed() >= t);
@@ -649,6 +652,24 @@ fn run_source(
     }
     // Switchover: pause (the kick also flushes any per-CPU dirty logs into the rings), collect
     // what the last collect left plus anything since, send it with the vCPU state.
+    // Barrier: wait until the destination has processed everything sent so far (decoding,
+    // writing pages), so its backlog does not land in the downtime. The guest runs on; what
+    // it dirties meanwhile goes into the final pass.
+    let t_sync = Instant::now();
+    s.enc.send_sync(u64::from(iteration))?;
+    loop {
+        match acks.recv()? {
+            Ack::Synced(t) if t == u64::from(iteration) => break,
+            Ack::Synced(_) => {}
+            Ack::Error(e) => return Err(MigrationError::Destination(e)),
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Synced, got {other:?}"
+                )))
+            }
+        }
+    }
+    summary.switchover_sync_ms = t_sync.elapsed().as_secs_f64() * 1e3;
     // The collector thread is stopped (joined: up to one poll interval) before the pause, so
     // its exit is not downtime; a ring that fills meanwhile is handled by its vCPU thread.
     let vcpu_rates = collector.as_ref().map(|c| c.rates());
@@ -758,6 +779,9 @@ fn run_source(
     }
     summary.downtime_source_ms = t_commit.duration_since(t_pause).as_secs_f64() * 1e3;
     if opts.verify && !opts.verify_before_commit {
+        // Off the critical path, and the resumed guest may share this host's cores: lowest
+        // priority, so it never delays the guest's vCPUs.
+        vmm::renice_current_thread(19);
         // The source's vCPUs stay paused for good, so its memory is still the memory at pause.
         let t = Instant::now();
         let own = memory_digest(s.vm)?;

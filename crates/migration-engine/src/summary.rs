@@ -97,6 +97,9 @@ pub struct MigrationSummary {
     pub dirty_limit_bytes_per_s: Option<u64>,
     /// The last auto-converge CPU throttle (0..=0.99).
     pub cpu_throttle: f64,
+    /// Time the source waited, before the pause, for the destination to process everything
+    /// sent so far (the Sync barrier), ms. This backlog would otherwise be downtime.
+    pub switchover_sync_ms: f64,
 }
 
 impl MigrationSummary {
@@ -123,6 +126,7 @@ impl MigrationSummary {
             dirty_limit_events: 0,
             dirty_limit_bytes_per_s: None,
             cpu_throttle: 0.0,
+            switchover_sync_ms: 0.0,
         }
     }
 
@@ -167,6 +171,10 @@ impl MigrationSummary {
             }
         ));
         if !self.downtime_breakdown_ms.is_empty() {
+            s.push_str(&format!(
+                "before the pause: destination caught up in {:.1} ms\n",
+                self.switchover_sync_ms
+            ));
             s.push_str("downtime: ");
             s.push_str(
                 &self

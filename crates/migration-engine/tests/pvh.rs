@@ -237,7 +237,7 @@ fn pvh_guest_migrates_with_the_ring_while_dirtying_and_its_console_and_timer_con
     }
     let _one_at_a_time = serial();
     let mut src = boot(Tracking::Ring { entries: 4096 }, 2);
-    wait_reports(src.vm(), 1, 4);
+    wait_reports(src.vm(), 1, 12);
     let opts = SourceOptions {
         downtime_limit: Duration::from_millis(50),
         ..SourceOptions::default()
@@ -246,13 +246,13 @@ fn pvh_guest_migrates_with_the_ring_while_dirtying_and_its_console_and_timer_con
     eprintln!("{}", sum.to_text());
     // The guest dirtied memory during the migration: more than one pass.
     assert!(sum.iterations.len() >= 2, "{}", sum.to_text());
-    // The destination keeps reporting for at least 6 more periods on each CPU.
+    // The destination keeps reporting for at least 12 more periods on each CPU.
     for c in 0..2u64 {
         let before = reports(&dest.devices().unwrap().capture())
             .iter()
             .filter(|r| r.cpu == c)
             .count();
-        wait_reports(&dest, c, before as u64 + 6);
+        wait_reports(&dest, c, before as u64 + 12);
     }
     let caps = vec![src.serial_capture(), dest.devices().unwrap().capture()];
     let all = joined_reports(&caps);

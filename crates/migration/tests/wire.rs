@@ -108,15 +108,15 @@ fn foreign_stream_is_rejected_as_bad_magic() {
 fn other_protocol_version_is_rejected_before_any_frame() {
     let mut enc = Encoder::new(Vec::new());
     let mut hello = Hello::new(TrackerMode::Ring, 1);
-    hello.version = 2;
+    hello.version = 1;
     enc.send_hello(&hello).unwrap();
     let (res, _) = decode(&enc.into_inner());
     assert!(matches!(
         res,
         Err(WireError::VersionMismatch {
-            found: 2,
-            min: 1,
-            max: 1
+            found: 1,
+            min: 2,
+            max: 2
         })
     ));
 }
@@ -535,6 +535,75 @@ fn batches_split_at_the_batch_size() {
         Encoder::with_batch_pages(Vec::<u8>::new(), 0).pending_pages(),
         0
     );
+}
+
+#[test]
+fn sync_is_a_barrier_between_passes_and_synced_comes_before_ready() {
+    let mut enc = Encoder::new(Vec::new());
+    enc.send_hello(&Hello::new(TrackerMode::Ring, 1)).unwrap();
+    enc.send_layout(&layout()).unwrap();
+    enc.send_sync(7).unwrap();
+    enc.begin_iteration(&IterationMarker {
+        iteration: 0,
+        pages: 1,
+        final_pass: false,
+    })
+    .unwrap();
+    enc.push_zero_page(0).unwrap();
+    enc.send_sync(8).unwrap();
+    enc.begin_iteration(&IterationMarker {
+        iteration: 1,
+        pages: 0,
+        final_pass: true,
+    })
+    .unwrap();
+    enc.send_complete(&Complete {
+        pages_sent: 1,
+        digest: None,
+    })
+    .unwrap();
+    enc.send_commit().unwrap();
+    let (res, _) = decode(&enc.into_inner());
+    let msgs = res.unwrap();
+    let syncs: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Message::Sync(t) => Some(*t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(syncs, vec![7, 8]);
+    // Not before the layout.
+    let mut enc = Encoder::new(Vec::new());
+    enc.send_hello(&Hello::new(TrackerMode::Ring, 1)).unwrap();
+    enc.send_sync(1).unwrap();
+    assert!(matches!(
+        decode(&enc.into_inner()).0,
+        Err(WireError::OutOfOrder {
+            message: "Sync",
+            state: "AwaitLayout"
+        })
+    ));
+    // Acks: Synced any number of times between Accepted and ReadyToResume, not after.
+    let mut w = AckWriter::new(Vec::new());
+    w.send(&Ack::Accepted).unwrap();
+    w.send(&Ack::Synced(7)).unwrap();
+    w.send(&Ack::Synced(8)).unwrap();
+    w.send(&Ack::ReadyToResume { digest: None }).unwrap();
+    w.send(&Ack::Synced(9)).unwrap();
+    let bytes = w.into_inner();
+    let mut r = AckReader::new(bytes.as_slice());
+    assert_eq!(r.recv().unwrap(), Ack::Accepted);
+    assert_eq!(r.recv().unwrap(), Ack::Synced(7));
+    assert_eq!(r.recv().unwrap(), Ack::Synced(8));
+    assert_eq!(r.recv().unwrap(), Ack::ReadyToResume { digest: None });
+    assert!(matches!(
+        r.recv(),
+        Err(WireError::OutOfOrder {
+            message: "Synced",
+            state: "awaiting Resumed"
+        })
+    ));
 }
 
 #[test]

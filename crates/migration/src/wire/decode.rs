@@ -86,6 +86,8 @@ fn tag_name(t: u8) -> &'static str {
         tag::COMPLETE => "Complete",
         tag::ABORT => "Abort",
         tag::COMMIT => "Commit",
+        tag::SYNC => "Sync",
+        tag::SYNCED => "Synced",
         tag::ACCEPTED => "Accepted",
         tag::READY => "ReadyToResume",
         tag::RESUMED => "Resumed",
@@ -210,6 +212,7 @@ impl<R: Read> Decoder<R> {
             tag::COMPLETE => Some(16 + MAX_REGIONS * 8),
             tag::ABORT => Some(MAX_REASON_LEN),
             tag::COMMIT => Some(0),
+            tag::SYNC => Some(8),
             _ => None,
         }
     }
@@ -251,6 +254,12 @@ impl<R: Read> Decoder<R> {
             (tag::COMMIT, RxState::Completed) => {
                 self.state = RxState::Committed;
                 Ok(Message::Commit)
+            }
+            (tag::SYNC, RxState::AwaitPass | RxState::InPass) => {
+                let mut c = Cursor::new(&self.fr.buf, "Sync payload");
+                let token = c.u64()?;
+                c.end()?;
+                Ok(Message::Sync(token))
             }
             _ => Err(self.out_of_order(t)),
         }
@@ -553,8 +562,8 @@ impl AckState {
     }
 }
 
-/// Reads the destination's answers on the source, enforcing Accepted → ReadyToResume →
-/// Resumed (an Error may come at any point and ends the exchange).
+/// Reads the destination's answers on the source, enforcing Accepted → (Synced)* →
+/// ReadyToResume → Resumed (an Error may come at any point and ends the exchange).
 #[derive(Debug)]
 pub struct AckReader<R: Read> {
     fr: FrameReader<R>,
@@ -600,6 +609,7 @@ impl<R: Read> AckReader<R> {
             tag::READY => Some(8 + MAX_REGIONS * 8),
             tag::RESUMED => Some(8),
             tag::ERROR => Some(MAX_REASON_LEN),
+            tag::SYNCED => Some(8),
             _ => None,
         })?;
         let mut c = Cursor::new(&self.fr.buf, "ack payload");
@@ -621,6 +631,7 @@ impl<R: Read> AckReader<R> {
             (tag::RESUMED, AckState::AwaitResumed) => {
                 (Ack::Resumed { unix_ns: c.u64()? }, AckState::Done)
             }
+            (tag::SYNCED, AckState::AwaitReady) => (Ack::Synced(c.u64()?), AckState::AwaitReady),
             _ => {
                 return Err(WireError::OutOfOrder {
                     message: tag_name(t),

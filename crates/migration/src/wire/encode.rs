@@ -279,6 +279,18 @@ impl<W: Write> Encoder<W> {
         Ok(())
     }
 
+    /// Writes a Sync barrier with `token` and flushes (the destination answers
+    /// [`Ack::Synced`] once it has processed everything before it).
+    pub fn send_sync(&mut self, token: u64) -> Result<(), WireError> {
+        self.require_open("Sync")?;
+        self.flush_batch()?;
+        self.fw.start(tag::SYNC);
+        self.fw.put_u64(token);
+        self.fw.finish()?;
+        self.fw.w.flush()?;
+        Ok(())
+    }
+
     /// Writes the open batch and flushes the underlying writer.
     pub fn flush(&mut self) -> Result<(), WireError> {
         self.flush_batch()?;
@@ -377,6 +389,10 @@ impl<W: Write> AckWriter<W> {
             Ack::Error(reason) => {
                 self.fw.start(tag::ERROR);
                 self.fw.buf.extend_from_slice(cut_reason(reason).as_bytes());
+            }
+            Ack::Synced(token) => {
+                self.fw.start(tag::SYNCED);
+                self.fw.put_u64(*token);
             }
         }
         self.fw.finish()?;

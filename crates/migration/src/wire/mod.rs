@@ -30,9 +30,9 @@ use crate::TrackerMode;
 /// First 8 bytes of each direction of a migration stream.
 pub const MAGIC: [u8; 8] = *b"RVMIGRAT";
 /// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Oldest peer version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Bytes of the preamble (magic, version, reserved).
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes of a frame header (tag, flags, reserved, sequence, length, crc).
@@ -68,6 +68,9 @@ pub mod tag {
     pub const ABORT: u8 = 0x07;
     /// The source gives up the guest: the destination may resume it.
     pub const COMMIT: u8 = 0x08;
+    /// A barrier: the destination answers [`SYNCED`] once it has processed everything sent
+    /// before it.
+    pub const SYNC: u8 = 0x09;
     /// [`Ack::Accepted`](super::Ack::Accepted).
     pub const ACCEPTED: u8 = 0x81;
     /// [`Ack::ReadyToResume`](super::Ack::ReadyToResume).
@@ -76,6 +79,8 @@ pub mod tag {
     pub const RESUMED: u8 = 0x83;
     /// [`Ack::Error`](super::Ack::Error).
     pub const ERROR: u8 = 0x84;
+    /// [`Ack::Synced`](super::Ack::Synced).
+    pub const SYNCED: u8 = 0x85;
 }
 
 /// The source's first message.
@@ -173,6 +178,10 @@ pub enum Message {
     Abort(String),
     /// The source gave up the guest; the destination may resume it.
     Commit,
+    /// A barrier: answer [`Ack::Synced`] with the same token once everything before it has
+    /// been processed (the source uses it so that the destination has caught up before the
+    /// guest is paused, keeping the destination's backlog out of the downtime).
+    Sync(u64),
 }
 
 /// A destination-to-source answer.
@@ -193,6 +202,8 @@ pub enum Ack {
     },
     /// The destination failed; the source must keep the guest.
     Error(String),
+    /// The destination processed everything up to the [`Message::Sync`] with this token.
+    Synced(u64),
 }
 
 /// Everything that can go wrong reading or writing a migration stream.
