@@ -226,6 +226,11 @@ pub const MIGRATION_NICE: i32 = 10;
 const SMALL_FINAL_PAGES: u64 = 256;
 /// Nor is one expected to take at most this long (seconds; or a tenth of the limit).
 const TINY_FINAL_PASS: f64 = 0.001;
+/// Once the rest fits the downtime limit, another pass is sent while each collect finds at
+/// most this fraction of the one before ...
+const REFINE_SHRINK: f64 = 0.5;
+/// ... for at most this many passes.
+const MAX_REFINING_PASSES: u32 = 8;
 
 /// Pages per `/proc/self/pagemap` query in the bulk pass (64 MiB, 128 KiB of pagemap).
 const POPULATED_CHUNK: u64 = 16384;
@@ -500,6 +505,8 @@ fn run_source(
         summary.dirty_limit_events += 1;
     }
     let mut streak = 0u32;
+    let mut refining_passes = 0u32;
+    let mut refine_prev: Option<u64> = None;
     let mut limited: Vec<usize> = Vec::new();
     let mut last_pass_bytes = u64::MAX;
     let mut cpu_throttle = 0.0f64;
@@ -516,8 +523,6 @@ fn run_source(
         .into_iter()
         .flat_map(|r| (0..r.size / PAGE_SIZE).map(move |p| r.guest_phys_addr + p * PAGE_SIZE));
     let (n, z, b, secs) = s.pass(0, total_pages, false, &mut all, progress, total_pages)?;
-    // Pages with data the last pass sent (what the next collect is compared with).
-    let mut last_pass_data_pages = n - z;
     summary.push_iteration(IterationStats {
         iteration: 0,
         pages: n,
@@ -541,23 +546,31 @@ fn run_source(
         let bw = s.bandwidth(fallback_bw);
         let expected_downtime = (pages * PAGE_SIZE) as f64 / bw;
         let limit = opts.downtime_limit.as_secs_f64();
-        if expected_downtime <= limit {
-            // The limit is a ceiling, not a target: while each pass still halves what is left
-            // to send, one more (short) pass makes the downtime smaller at little cost; stop
-            // once the rest is tiny or the guest dirties as fast as a pass sends.
+        let within_limit = expected_downtime <= limit;
+        if within_limit {
+            // The limit is a ceiling, not a target: while each pass still shrinks what is left
+            // to send by half or more, one more pass makes the downtime smaller; stop once
+            // the rest is tiny, stops shrinking (the guest dirties about as fast as a pass
+            // sends), or after MAX_REFINING_PASSES such passes.
             let tiny = expected_downtime <= TINY_FINAL_PASS.min(limit / 10.0)
                 || pages <= SMALL_FINAL_PAGES;
-            let halving = (pages as f64) < 0.5 * last_pass_data_pages as f64;
-            let out_of_passes = iteration + 2 >= opts.max_iterations
+            // The first time the rest fits, one refining pass is always worth a try.
+            let shrinking = refine_prev.is_none_or(|p| (pages as f64) < REFINE_SHRINK * p as f64);
+            let out_of_passes = refining_passes >= MAX_REFINING_PASSES
+                || iteration + 2 >= opts.max_iterations
                 || opts.timeout.is_some_and(|t| t_start.elapsed() >= t);
-            if tiny || !halving || out_of_passes {
+            if tiny || !shrinking || out_of_passes {
                 forced = false;
                 break;
             }
+            refining_passes += 1;
+            refine_prev = Some(pages);
         }
         // Non-convergence (QEMU's rule): dirtied more than half of what the last pass sent,
-        // twice in a row.
-        if (pages * PAGE_SIZE) as f64 > 0.5 * last_pass_bytes as f64 {
+        // twice in a row (not while refining a pass set that already fits the limit).
+        if within_limit {
+            streak = 0;
+        } else if (pages * PAGE_SIZE) as f64 > 0.5 * last_pass_bytes as f64 {
             streak += 1;
         } else {
             streak = 0;
@@ -638,7 +651,6 @@ fn run_source(
         let mut it = dirty.iter_gpa();
         let (n, z, b, secs) = s.pass(iteration, pages, false, &mut it, progress, pages)?;
         last_pass_bytes = b;
-        last_pass_data_pages = n - z;
         summary.push_iteration(IterationStats {
             iteration,
             pages: n,
