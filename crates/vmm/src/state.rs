@@ -92,6 +92,17 @@ fn msr_list(entries: &[kvm_msr_entry]) -> Result<Msrs> {
     Msrs::from_entries(entries).map_err(|e| VmmError::State(format!("MSR list: {e:?}")))
 }
 
+/// Whether `KVM_GET_MSRS` reads MSR `index` on this vCPU.
+pub fn msr_readable(fd: &VcpuFd, index: u32) -> bool {
+    let Ok(mut one) = msr_list(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    matches!(fd.get_msrs(&mut one), Ok(1))
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is not running (parked or stopped).
     /// `msrs` comes from [`msrs_to_save`]; `irqchip` says whether the VM has an in-kernel

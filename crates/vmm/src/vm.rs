@@ -200,7 +200,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
-        let msrs = crate::state::msrs_to_save(&kvm, platform.has_irqchip())?;
+        let mut msrs = crate::state::msrs_to_save(&kvm, platform.has_irqchip())?;
         let mut created = Vec::with_capacity(config.vcpus);
         let mut rings = Vec::new();
         for i in 0..config.vcpus {
@@ -261,6 +261,13 @@ impl Vm {
             )?)),
             None => None,
         };
+        // Keep only the MSRs this host's KVM reads for this vCPU configuration (one listed
+        // in KVM_GET_MSR_INDEX_LIST may still be refused, e.g. a PV MSR without its CPUID
+        // bit), so saving never fails on one of them.
+        if let Some(v0) = created.first() {
+            let fd = v0.fd();
+            msrs.retain(|&m| crate::state::msr_readable(&fd, m));
+        }
         Ok(Vm {
             vcpus: None,
             created,
