@@ -322,7 +322,7 @@ pub struct RunOpts {
     pub json: bool,
 }
 
-fn start_limiter(vm: &Vm) -> Result<migration_engine::DirtyLimiter> {
+pub(crate) fn start_limiter(vm: &Vm) -> Result<migration_engine::DirtyLimiter> {
     let rs = vm
         .ring_set()
         .context("the dirty limit needs the ring tracker (--tracker ring)")?;

@@ -634,9 +634,6 @@ fn main() -> Result<()> {
             vcpu_dirty_limit,
             json,
         } => {
-            if vcpu_dirty_limit.is_some() {
-                anyhow::bail!("--vcpu-dirty-limit is not supported with --kernel yet");
-            }
             let code = pvh_cmd::run(pvh_cmd::PvhRunOpts {
                 kernel,
                 cmdline,
@@ -650,6 +647,7 @@ fn main() -> Result<()> {
                 params,
                 duration,
                 exit_after_migrate,
+                dirty_limit: vcpu_dirty_limit,
                 json,
             })?;
             std::process::exit(code);

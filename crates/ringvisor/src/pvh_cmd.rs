@@ -26,6 +26,7 @@ pub struct PvhRunOpts {
     pub params: MigrateArgs,
     pub duration: Option<f64>,
     pub exit_after_migrate: bool,
+    pub dirty_limit: Option<u64>,
     pub json: bool,
 }
 
@@ -80,6 +81,7 @@ fn supervise(
     control: Option<mpsc::Receiver<(ControlRequest, std::os::unix::net::UnixStream)>>,
     mut auto_migrate: Option<(String, f64, MigrateArgs, bool)>,
     duration: Option<f64>,
+    mut limiter: Option<migration_engine::DirtyLimiter>,
     json: bool,
 ) -> Result<i32> {
     let t0 = Instant::now();
@@ -98,6 +100,10 @@ fn supervise(
         if let Some((to, after, params, exit_after)) = auto_migrate.clone() {
             if t0.elapsed().as_secs_f64() >= after {
                 auto_migrate = None;
+                // A standing dirty limit would fight the migration's own policy.
+                if let Some(mut l) = limiter.take() {
+                    l.stop();
+                }
                 let s = migrate_vm(vm, &to, &params.options()?, json)?;
                 print_summary(&s, json)?;
                 if s.completed() {
@@ -115,6 +121,9 @@ fn supervise(
             while let Ok((req, mut c)) = rx.try_recv() {
                 let reply = match req {
                     ControlRequest::Migrate { to, params } => {
+                        if let Some(mut l) = limiter.take() {
+                            l.stop();
+                        }
                         match params.options().and_then(|o| migrate_vm(vm, &to, &o, true)) {
                             Ok(s) => {
                                 let _ = writeln!(c, "{}", serde_json::to_string(&s)?);
@@ -136,8 +145,41 @@ fn supervise(
                         "machine": "pvh",
                         "tracker": vm.config().tracking.mode().name(),
                         "console_bytes": vm.devices().map(|d| d.serial_output().len()),
+                        "throttle": vm.vcpu_handles().iter().map(|v| v.throttle()).collect::<Vec<_>>(),
+                        "ring_dirty_pages_per_s": limiter.as_ref().map(|l| l.rates()),
                     }}),
-                    _ => serde_json::json!({"error": "not supported for PVH guests"}),
+                    ControlRequest::Dirtyrate {
+                        window_ms,
+                        samples_per_gib,
+                    } => match crate::guest_cmd::measure_rates(
+                        vm,
+                        Duration::from_millis(window_ms.clamp(10, 60_000)),
+                        samples_per_gib.clamp(1, 1 << 20),
+                    ) {
+                        Ok(r) => serde_json::json!({ "rates": r }),
+                        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                    },
+                    ControlRequest::SetDirtyLimit { bytes_per_s } => {
+                        let r = match (bytes_per_s, limiter.as_ref()) {
+                            (None, Some(l)) => {
+                                l.set_quota(None, None);
+                                Ok(())
+                            }
+                            (None, None) => Ok(()),
+                            (Some(q), Some(l)) => {
+                                l.set_quota(Some(q), None);
+                                Ok(())
+                            }
+                            (Some(q), None) => crate::guest_cmd::start_limiter(vm).map(|l| {
+                                l.set_quota(Some(q), None);
+                                limiter = Some(l);
+                            }),
+                        };
+                        match r {
+                            Ok(()) => serde_json::json!({"ok": true, "dirty_limit": bytes_per_s}),
+                            Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                        }
+                    }
                 };
                 let _ = writeln!(c, "{reply}");
             }
@@ -186,14 +228,23 @@ pub fn run(o: PvhRunOpts) -> Result<i32> {
         None => None,
     };
     vm.start().context("starting the guest")?;
+    let limiter = match o.dirty_limit {
+        Some(q) => {
+            let l = crate::guest_cmd::start_limiter(vm.vm())?;
+            l.set_quota(Some(q), None);
+            eprintln!("dirty limit: {} MB/s per vCPU", q as f64 / 1e6);
+            Some(l)
+        }
+        None => None,
+    };
     let auto = o
         .migrate_to
         .clone()
         .map(|to| (to, o.migrate_after, o.params.clone(), o.exit_after_migrate));
-    supervise(vm.vm_mut(), control, auto, o.duration, o.json)
+    supervise(vm.vm_mut(), control, auto, o.duration, limiter, o.json)
 }
 
 /// Keeps a PVH guest received by `ringvisor incoming` running; returns the exit code.
 pub fn run_received(vm: &mut vmm::Vm, duration: Option<f64>, json: bool) -> Result<i32> {
-    supervise(vm, None, None, duration, json)
+    supervise(vm, None, None, duration, None, json)
 }
