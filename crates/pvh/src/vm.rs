@@ -95,22 +95,9 @@ pub enum ExitStatus {
     TimedOut,
 }
 
+/// A flat ring-0 32-bit segment (the PVH entry state).
 fn flat(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+    vmm::x86::flat_segment(selector, type_, 0, 1, 0, 1)
 }
 
 fn vmm_err(e: VmmError) -> PvhError {

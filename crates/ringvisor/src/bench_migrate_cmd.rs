@@ -182,34 +182,10 @@ fn one(
         .stderr(Stdio::piped())
         .output()
         .context("running the source")?;
-    // The destination exits on its own after a resume, or with an error after an abort; if
-    // the source never reached it, it would wait forever: give it 10 s, then stop it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match dest.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            _ => {
-                let _ = dest.kill();
-                let _ = dest.wait();
-                break;
-            }
-        }
-    }
+    reap_destination(&mut dest);
     let mut rest = String::new();
     let _ = dout.read_to_string(&mut rest);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(6).collect();
-        format!(
-            "source ({}) printed no summary; its last stderr lines: {}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )
-    })?;
+    let v = source_summary(&out)?;
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     Ok(Row {
         memory_gib: mem,
@@ -227,6 +203,39 @@ fn one(
         dirty_limit_events: v["dirty_limit_events"].as_u64().unwrap_or(0),
         progress_before: floats(&v["progress_before"]),
         progress_during: floats(&v["progress_during"]),
+    })
+}
+
+/// Waits for a destination process: it exits on its own after a resume, or with an error after
+/// an abort; if the source never reached it, it would wait forever: 10 s, then it is killed.
+pub(crate) fn reap_destination(dest: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match dest.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            _ => {
+                let _ = dest.kill();
+                let _ = dest.wait();
+                break;
+            }
+        }
+    }
+}
+
+/// The JSON summary a `ringvisor run --json` source printed, or why there is none.
+pub(crate) fn source_summary(out: &std::process::Output) -> Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(6).collect();
+        format!(
+            "source ({}) printed no summary; its last stderr lines: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )
     })
 }
 

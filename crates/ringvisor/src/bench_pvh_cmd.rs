@@ -159,32 +159,10 @@ fn ringvisor_one(
         .stderr(Stdio::piped())
         .output()
         .context("running the source")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match dest.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            _ => {
-                let _ = dest.kill();
-                let _ = dest.wait();
-                break;
-            }
-        }
-    }
+    crate::bench_migrate_cmd::reap_destination(&mut dest);
     let mut rest = String::new();
     let _ = dout.read_to_string(&mut rest);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(text.trim()).with_context(|| {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(6).collect();
-        format!(
-            "source ({}) printed no summary; its last stderr lines: {}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )
-    })?;
+    let v = crate::bench_migrate_cmd::source_summary(&out)?;
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     let verified = v["verified"].as_bool();
     Ok((

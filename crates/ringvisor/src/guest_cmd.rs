@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -344,31 +344,11 @@ pub fn run(o: RunOpts) -> Result<()> {
         rate_text(o.guest.dirty_rate),
         vm.config().tracking.mode().name()
     );
-    let (tx, rx) = mpsc::channel::<(ControlRequest, UnixStream)>();
-    if let Some(path) = &o.control {
-        let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-        eprintln!("control socket: {}", path.display());
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let mut line = String::new();
-                if BufReader::new(&c).read_line(&mut line).is_err() {
-                    continue;
-                }
-                match serde_json::from_str::<ControlRequest>(&line) {
-                    Ok(req) => {
-                        if tx.send((req, c)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let mut c = c;
-                        let _ = writeln!(c, "{}", serde_json::json!({"error": e.to_string()}));
-                    }
-                }
-            }
-        });
-    }
+    // Without --control, a channel nobody sends on.
+    let rx = match &o.control {
+        Some(path) => crate::pvh_cmd::control_listener(path)?,
+        None => mpsc::channel().1,
+    };
     let mut limiter = None;
     if let Some(q) = o.dirty_limit {
         let l = start_limiter(&vm)?;

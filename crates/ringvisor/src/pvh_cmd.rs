@@ -45,7 +45,9 @@ fn status_code(s: &pvh::ExitStatus) -> Result<i32> {
     }
 }
 
-fn control_listener(
+/// The control socket: each connection sends one JSON request line; requests reach the
+/// supervising loop through the channel with the connection to answer on.
+pub(crate) fn control_listener(
     path: &std::path::Path,
 ) -> Result<mpsc::Receiver<(ControlRequest, std::os::unix::net::UnixStream)>> {
     let (tx, rx) = mpsc::channel();

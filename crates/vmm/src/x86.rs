@@ -138,14 +138,16 @@ pub fn build_page_tables(ram: &GuestRam) -> Result<u64> {
     Ok((next - PT_GPA) / 4096)
 }
 
-fn seg(selector: u16, type_: u8, s: u8, l: u8, db: u8) -> kvm_segment {
+/// A flat segment (base 0, 4 GiB limit, page granular, present) with the given selector,
+/// type, privilege level, descriptor class (`s`: 1 code/data) and size bits (`l`, `db`).
+pub fn flat_segment(selector: u16, type_: u8, dpl: u8, s: u8, l: u8, db: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
         selector,
         type_,
         present: 1,
-        dpl: 3,
+        dpl,
         db,
         s,
         l,
@@ -154,6 +156,10 @@ fn seg(selector: u16, type_: u8, s: u8, l: u8, db: u8) -> kvm_segment {
         unusable: 0,
         padding: 0,
     }
+}
+
+fn seg(selector: u16, type_: u8, s: u8, l: u8, db: u8) -> kvm_segment {
+    flat_segment(selector, type_, 3, s, l, db)
 }
 
 /// Special registers for 64-bit long mode at CPL3.
