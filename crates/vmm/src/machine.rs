@@ -82,6 +82,11 @@ pub struct MachineState {
     pub clock: kvm_clock_data,
     /// COM1.
     pub uart: UartState,
+    /// The guest's TSC frequency (kHz) on the source; the destination runs its vCPUs' TSC at
+    /// the same rate (`KVM_SET_TSC_KHZ`) when its own default differs, so guest time keeps
+    /// its pace across hosts.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -98,8 +103,8 @@ fn chip(vm: &VmFd, id: u32) -> Result<kvm_irqchip> {
 }
 
 impl MachineState {
-    /// Reads the state (vCPUs paused).
-    pub fn save(vm: &VmFd, devices: &Devices) -> Result<Self> {
+    /// Reads the state (vCPUs paused); `tsc_khz` is the guest's TSC frequency.
+    pub fn save(vm: &VmFd, devices: &Devices, tsc_khz: Option<u32>) -> Result<Self> {
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             pic_master: chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
@@ -108,6 +113,7 @@ impl MachineState {
             pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
             clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
             uart: devices.save_uart(),
+            tsc_khz,
         })
     }
 

@@ -298,7 +298,7 @@ impl Vm {
     /// workload machine, which has none.
     pub fn save_machine(&self) -> Result<Option<MachineState>> {
         match &self.devices {
-            Some(d) => Ok(Some(MachineState::save(&self.vm, d)?)),
+            Some(d) => Ok(Some(MachineState::save(&self.vm, d, self.tsc_khz().ok())?)),
             None => Ok(None),
         }
     }
@@ -309,6 +309,18 @@ impl Vm {
         let d = self.devices.as_ref().ok_or_else(|| {
             VmmError::State("machine state for a VM without the PVH platform".into())
         })?;
+        if let Some(khz) = st.tsc_khz {
+            for v in &self.created {
+                let fd = v.fd();
+                if fd.get_tsc_khz().ok() != Some(khz) {
+                    fd.set_tsc_khz(khz).map_err(|e| {
+                        VmmError::State(format!(
+                            "this host cannot run the guest's TSC at {khz} kHz (KVM_SET_TSC_KHZ: {e})"
+                        ))
+                    })?;
+                }
+            }
+        }
         st.restore_devices(&self.vm, d)
     }
 
