@@ -32,7 +32,8 @@ pub enum TimeoutAction {
 pub struct SourceOptions {
     /// `downtime-limit`: the longest pause allowed at switchover.
     pub downtime_limit: Duration,
-    /// `max-bandwidth` in bytes/s (None = unlimited).
+    /// `max-bandwidth` in bytes/s (None = unlimited). It caps the pre-copy passes; the final
+    /// pass, with the guest paused, goes at full speed (as in QEMU).
     pub max_bandwidth: Option<u64>,
     /// Give up (or force) after this long.
     pub timeout: Option<Duration>,
@@ -346,7 +347,12 @@ impl Sender<'_> {
             n += 1;
             if n.is_multiple_of(256) {
                 let b = self.enc.stats().bytes;
-                self.limiter.throttle(b - self.accounted);
+                // max-bandwidth caps the pre-copy passes, which share the link with a running
+                // guest; the final pass runs with the guest paused, where every millisecond is
+                // downtime, so it goes at full speed (QEMU's completion stage does the same).
+                if !final_pass {
+                    self.limiter.throttle(b - self.accounted);
+                }
                 self.accounted = b;
                 if last_report.elapsed() > Duration::from_millis(100) {
                     last_report = Instant::now();
