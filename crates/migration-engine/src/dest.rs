@@ -11,6 +11,7 @@ use vmm::state::VcpuState;
 use vmm::{GuestRam, MachineState, Platform, RegionSpec, SerialOutput, Tracking, Vm, VmConfig};
 
 use crate::error::{MigrationError, Result};
+use crate::source::POPULATED_CHUNK;
 use crate::{unix_ns, STATE_KIND_MACHINE, STATE_KIND_VCPU};
 
 /// Destination parameters.
@@ -64,10 +65,10 @@ struct MemSink<'a> {
     ram: &'a GuestRam,
     digest: IncrementalDigest,
     err: Option<vmm::VmmError>,
-    /// Pages that may hold non-zero data: written while building the VM (the system region)
-    /// or received. A zero marker for any other page costs nothing (fresh `MAP_NORESERVE`
-    /// memory is zero), so the destination keeps up with a bulk pass of zero pages instead of
-    /// faulting each one in, which would otherwise land in the downtime.
+    /// Pages that may hold non-zero data: populated while building the VM, or received. A zero
+    /// marker for any other page costs nothing (fresh `MAP_NORESERVE` memory is zero), so the
+    /// destination keeps up with a bulk pass of zero pages instead of faulting each one in,
+    /// which would otherwise land in the downtime.
     touched: kvm_dirty::DirtyPageSet,
 }
 
@@ -190,16 +191,21 @@ fn receive_inner(
     ));
     let specs = vm.ram().slot_specs();
     let mut touched = kvm_dirty::DirtyPageSet::new(&specs);
-    // The workload machine's system region (slot 0) was written while building the VM; a
-    // PVH machine's RAM is all fresh, untouched memory.
-    for r in vm
-        .ram()
-        .regions()
-        .iter()
-        .filter(|r| platform == Platform::Workload && r.slot == 0)
-    {
-        for p in 0..r.bytes / PAGE_SIZE {
-            touched.insert_gpa(r.gpa + p * PAGE_SIZE);
+    // Pages the VMM wrote while building this VM (the workload machine's tables and program)
+    // are the only ones that may hold data before the stream arrives: what this process has
+    // populated, per `/proc/self/pagemap` (every page, if pagemap cannot be read).
+    let mut bits = Vec::new();
+    for r in vm.ram().regions() {
+        let pages = r.bytes / PAGE_SIZE;
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(POPULATED_CHUNK);
+            let base = r.gpa + first * PAGE_SIZE;
+            vm.ram().populated(base, n, &mut bits)?;
+            for i in (0..n).filter(|&i| bits[(i / 64) as usize] >> (i % 64) & 1 == 1) {
+                touched.insert_gpa(base + i * PAGE_SIZE);
+            }
+            first += n;
         }
     }
     let mut sink = MemSink {

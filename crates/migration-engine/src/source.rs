@@ -234,7 +234,7 @@ const REFINE_SHRINK: f64 = 0.5;
 const MAX_REFINING_PASSES: u32 = 8;
 
 /// Pages per `/proc/self/pagemap` query in the bulk pass (64 MiB, 128 KiB of pagemap).
-const POPULATED_CHUNK: u64 = 16384;
+pub(crate) const POPULATED_CHUNK: u64 = 16384;
 
 /// Which pages of the bulk pass were ever populated, a chunk at a time: the bulk pass sends
 /// a never-populated page as a zero marker without reading (and so faulting in) it.

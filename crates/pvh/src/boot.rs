@@ -8,7 +8,7 @@
 
 use crate::elf::PvhImage;
 use crate::error::{LoadError, Result};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamRange};
 
 /// `XEN_HVM_START_MAGIC_VALUE`.
 pub const START_MAGIC: u32 = 0x336e_c578;
@@ -40,11 +40,12 @@ pub struct E820Entry {
     pub ty: u32,
 }
 
-/// The memory map the guest sees: conventional memory, extended memory up to the hole, and
-/// RAM above 4 GiB when there is any.
-pub fn memory_map(ram: &GuestRam) -> Vec<E820Entry> {
+/// The memory map the guest sees for RAM `ranges` (`GuestRam::ranges` or
+/// `memory::ram_ranges`): conventional memory, extended memory up to the hole, and RAM above
+/// 4 GiB when there is any.
+pub fn memory_map(ranges: &[RamRange]) -> Vec<E820Entry> {
     let mut v = Vec::new();
-    for r in ram.ranges() {
+    for r in ranges {
         if r.gpa == 0 {
             v.push(E820Entry {
                 addr: 0,
@@ -74,16 +75,18 @@ fn is_ram(map: &[E820Entry], start: u64, end: u64) -> bool {
         .any(|e| e.ty == E820_RAM && start >= e.addr && end <= e.addr + e.size)
 }
 
-/// Checks that `image` fits `ram` and does not collide with the boot data.
-pub fn check_placement(image: &PvhImage, ram: &GuestRam) -> std::result::Result<(), LoadError> {
+/// Checks that `image` fits RAM `ranges` and does not collide with the boot data (needs no
+/// guest memory, so a VM is built only for an image that loads).
+pub fn check_placement(
+    image: &PvhImage,
+    ranges: &[RamRange],
+) -> std::result::Result<(), LoadError> {
     let needed: u64 = image.segments.iter().map(|s| s.memsz).sum();
-    if needed > ram.total_bytes() {
-        return Err(LoadError::DoesNotFit {
-            needed,
-            memory: ram.total_bytes(),
-        });
+    let memory: u64 = ranges.iter().map(|r| r.bytes).sum();
+    if needed > memory {
+        return Err(LoadError::DoesNotFit { needed, memory });
     }
-    let map = memory_map(ram);
+    let map = memory_map(ranges);
     for s in &image.segments {
         if s.paddr < BOOT_DATA_END && s.end() > START_INFO_GPA {
             return Err(LoadError::OverlapsBootData {
@@ -106,7 +109,7 @@ pub fn check_placement(image: &PvhImage, ram: &GuestRam) -> std::result::Result<
 /// Loads `image` (parsed from `file`) into `ram` and writes the start info, memory map and
 /// command line. Returns the address of `hvm_start_info` (the guest's EBX).
 pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Result<u64> {
-    check_placement(image, ram)?;
+    check_placement(image, ram.ranges())?;
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoadError::Cmdline("longer than 4095 bytes").into());
     }
@@ -136,7 +139,7 @@ pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Res
     let mut c = cmdline.as_bytes().to_vec();
     c.push(0);
     ram.write(CMDLINE_GPA, &c)?;
-    let map = memory_map(ram);
+    let map = memory_map(ram.ranges());
     let mut m = Vec::with_capacity(map.len() * 24);
     for e in &map {
         m.extend_from_slice(&e.addr.to_le_bytes());
@@ -218,7 +221,7 @@ mod tests {
     #[test]
     fn memory_map_covers_ram_below_and_above_the_hole() {
         let ram = GuestRam::new(5 << 30).unwrap();
-        let m = memory_map(&ram);
+        let m = memory_map(ram.ranges());
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].addr + m[1].size, 3 << 30);
         assert_eq!((m[2].addr, m[2].size), (4 << 30, 2 << 30));

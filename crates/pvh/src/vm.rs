@@ -149,10 +149,7 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
     // Everything about the image is checked before KVM is touched.
     let image = elf::parse(&cfg.kernel)?;
     let specs = memory::region_specs(cfg.memory, cfg.tracking.is_some())?;
-    {
-        let probe = GuestRam::new(cfg.memory)?;
-        protocol::check_placement(&image, &probe)?;
-    }
+    protocol::check_placement(&image, &memory::ram_ranges(cfg.memory))?;
     let vm = vmm::Vm::create_pvh(
         &VmConfig {
             vcpus: cfg.vcpus,

@@ -110,30 +110,21 @@ fn one(
         tracker,
         extra: cell_extra,
     } = c;
-    let mut dest = command(exe, dst)
-        .args([
-            "incoming",
-            "--listen",
-            &format!("{}:0", dst.ip),
-            "--duration",
-            "0.3",
-            "--json",
-            "--tracker",
-            tracker,
-            "--ring-entries",
-            &o.ring_entries.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the destination")?;
-    let mut dout = BufReader::new(dest.stdout.take().context("stdout")?);
-    let mut first = String::new();
-    dout.read_line(&mut first)?;
-    let Some(addr) = first.trim().strip_prefix("listening ") else {
-        let _ = dest.kill();
-        bail!("destination did not start: {first:?}");
-    };
+    let mut cmd = command(exe, dst);
+    cmd.args([
+        "incoming",
+        "--listen",
+        &format!("{}:0", dst.ip),
+        "--duration",
+        "0.3",
+        "--json",
+        "--tracker",
+        tracker,
+        "--ring-entries",
+        &o.ring_entries.to_string(),
+    ]);
+    let (mut dest, mut dout, addr) = spawn_destination(cmd)?;
+    let addr = addr.as_str();
     let set_bytes = if set == "all" {
         format!("{mem}G")
     } else {
@@ -204,6 +195,33 @@ fn one(
         progress_before: floats(&v["progress_before"]),
         progress_during: floats(&v["progress_during"]),
     })
+}
+
+/// Starts a destination process (`ringvisor incoming --listen ADDR:0 ...`, its stdout piped
+/// here) and reads the address it listens on from its first stdout line.
+pub(crate) fn spawn_destination(
+    mut cmd: Command,
+) -> Result<(
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+)> {
+    let mut dest = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the destination")?;
+    let mut dout = BufReader::new(dest.stdout.take().context("stdout")?);
+    let mut first = String::new();
+    dout.read_line(&mut first)?;
+    match first.trim().strip_prefix("listening ") {
+        Some(addr) => Ok((dest, dout, addr.to_string())),
+        None => {
+            let _ = dest.kill();
+            let _ = dest.wait();
+            bail!("destination did not start: {first:?}")
+        }
+    }
 }
 
 /// Waits for a destination process: it exits on its own after a resume, or with an error after

@@ -5,7 +5,7 @@
 //! processes driven over QMP); each is live-migrated on loopback with the same downtime limit
 //! and bandwidth, at idle and while dirtying, for each tracker. One run, side by side.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -99,32 +99,23 @@ fn ringvisor_one(
 ) -> Result<(Row, bool)> {
     let console = dir.join(format!("dest-{tracker}.console"));
     let _ = std::fs::remove_file(&console);
-    let mut dest = Command::new(exe)
-        .args([
-            "incoming",
-            "--listen",
-            "127.0.0.1:0",
-            "--duration",
-            "1",
-            "--json",
-            "--tracker",
-            tracker,
-            "--ring-entries",
-            &o.ring_entries.to_string(),
-            "--console",
-        ])
-        .arg(&console)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the destination")?;
-    let mut dout = BufReader::new(dest.stdout.take().context("stdout")?);
-    let mut first = String::new();
-    dout.read_line(&mut first)?;
-    let Some(addr) = first.trim().strip_prefix("listening ") else {
-        let _ = dest.kill();
-        bail!("destination did not start: {first:?}");
-    };
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "incoming",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "1",
+        "--json",
+        "--tracker",
+        tracker,
+        "--ring-entries",
+        &o.ring_entries.to_string(),
+        "--console",
+    ])
+    .arg(&console);
+    let (mut dest, mut dout, addr) = crate::bench_migrate_cmd::spawn_destination(cmd)?;
+    let addr = addr.as_str();
     let out = Command::new(exe)
         .args(["run", "--kernel"])
         .arg(kernel)

@@ -309,6 +309,52 @@ pub fn measure_rates(
     })
 }
 
+/// Answers a control request about dirtying (`Dirtyrate`, `SetDirtyLimit`), the same for
+/// every guest: the measurement, or the per-vCPU limit started, changed or lifted. Any other
+/// request is answered with an error (callers handle those themselves).
+pub(crate) fn answer_dirty_request(
+    vm: &Vm,
+    req: &ControlRequest,
+    limiter: &mut Option<migration_engine::DirtyLimiter>,
+) -> serde_json::Value {
+    let err = |e: anyhow::Error| serde_json::json!({"error": format!("{e:#}")});
+    match *req {
+        ControlRequest::Dirtyrate {
+            window_ms,
+            samples_per_gib,
+        } => match measure_rates(
+            vm,
+            Duration::from_millis(window_ms.clamp(10, 60_000)),
+            samples_per_gib.clamp(1, 1 << 20),
+        ) {
+            Ok(r) => serde_json::json!({ "rates": r }),
+            Err(e) => err(e),
+        },
+        ControlRequest::SetDirtyLimit { bytes_per_s } => {
+            let r = match (bytes_per_s, limiter.as_ref()) {
+                (None, Some(l)) => {
+                    l.set_quota(None, None);
+                    Ok(())
+                }
+                (None, None) => Ok(()),
+                (Some(q), Some(l)) => {
+                    l.set_quota(Some(q), None);
+                    Ok(())
+                }
+                (Some(q), None) => start_limiter(vm).map(|l| {
+                    l.set_quota(Some(q), None);
+                    *limiter = Some(l);
+                }),
+            };
+            match r {
+                Ok(()) => serde_json::json!({"ok": true, "dirty_limit": bytes_per_s}),
+                Err(e) => err(e),
+            }
+        }
+        _ => serde_json::json!({"error": "not a dirty-rate or dirty-limit request"}),
+    }
+}
+
 /// `ringvisor run`.
 pub struct RunOpts {
     pub guest: GuestArgs,
@@ -459,37 +505,8 @@ pub fn run(o: RunOpts) -> Result<()> {
                         "ring_dirty_pages_per_s": limiter.as_ref().map(|l| l.rates()),
                     }})
                 }
-                ControlRequest::Dirtyrate {
-                    window_ms,
-                    samples_per_gib,
-                } => match measure_rates(
-                    &vm,
-                    Duration::from_millis(window_ms.clamp(10, 60_000)),
-                    samples_per_gib.clamp(1, 1 << 20),
-                ) {
-                    Ok(r) => serde_json::json!({ "rates": r }),
-                    Err(e) => err(e),
-                },
-                ControlRequest::SetDirtyLimit { bytes_per_s } => {
-                    let r = match (bytes_per_s, limiter.as_ref()) {
-                        (None, Some(l)) => {
-                            l.set_quota(None, None);
-                            Ok(())
-                        }
-                        (None, None) => Ok(()),
-                        (Some(q), Some(l)) => {
-                            l.set_quota(Some(q), None);
-                            Ok(())
-                        }
-                        (Some(q), None) => start_limiter(&vm).map(|l| {
-                            l.set_quota(Some(q), None);
-                            limiter = Some(l);
-                        }),
-                    };
-                    match r {
-                        Ok(()) => serde_json::json!({"ok": true, "dirty_limit": bytes_per_s}),
-                        Err(e) => err(e),
-                    }
+                req @ (ControlRequest::Dirtyrate { .. } | ControlRequest::SetDirtyLimit { .. }) => {
+                    answer_dirty_request(&vm, &req, &mut limiter)
                 }
                 ControlRequest::Quit => {
                     let _ = writeln!(c, "{}", serde_json::json!({"ok": true}));

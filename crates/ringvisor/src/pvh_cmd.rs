@@ -150,37 +150,9 @@ fn supervise(
                         "throttle": vm.vcpu_handles().iter().map(|v| v.throttle()).collect::<Vec<_>>(),
                         "ring_dirty_pages_per_s": limiter.as_ref().map(|l| l.rates()),
                     }}),
-                    ControlRequest::Dirtyrate {
-                        window_ms,
-                        samples_per_gib,
-                    } => match crate::guest_cmd::measure_rates(
-                        vm,
-                        Duration::from_millis(window_ms.clamp(10, 60_000)),
-                        samples_per_gib.clamp(1, 1 << 20),
-                    ) {
-                        Ok(r) => serde_json::json!({ "rates": r }),
-                        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
-                    },
-                    ControlRequest::SetDirtyLimit { bytes_per_s } => {
-                        let r = match (bytes_per_s, limiter.as_ref()) {
-                            (None, Some(l)) => {
-                                l.set_quota(None, None);
-                                Ok(())
-                            }
-                            (None, None) => Ok(()),
-                            (Some(q), Some(l)) => {
-                                l.set_quota(Some(q), None);
-                                Ok(())
-                            }
-                            (Some(q), None) => crate::guest_cmd::start_limiter(vm).map(|l| {
-                                l.set_quota(Some(q), None);
-                                limiter = Some(l);
-                            }),
-                        };
-                        match r {
-                            Ok(()) => serde_json::json!({"ok": true, "dirty_limit": bytes_per_s}),
-                            Err(e) => serde_json::json!({"error": format!("{e:#}")}),
-                        }
+                    req @ (ControlRequest::Dirtyrate { .. }
+                    | ControlRequest::SetDirtyLimit { .. }) => {
+                        crate::guest_cmd::answer_dirty_request(vm, &req, &mut limiter)
                     }
                 };
                 let _ = writeln!(c, "{reply}");
