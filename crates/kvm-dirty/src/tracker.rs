@@ -56,6 +56,11 @@ pub struct CollectStats {
     pub harvest_ns: u64,
     /// Nanoseconds spent in `KVM_RESET_DIRTY_RINGS` (ring mode, this collect's own reset).
     pub reset_ns: u64,
+    /// Tracking was lost since the previous collect (a ring overran: the kernel pushed more
+    /// entries than the ring holds, so some were overwritten before they were read). The
+    /// pages in `out` are then not the whole dirty set: the caller must treat every page as
+    /// dirty (a migration resends all of memory).
+    pub tracking_lost: bool,
 }
 
 /// Dirty page tracking over a VM's memslots.
