@@ -501,6 +501,7 @@ impl RingSet {
             ioctls: u64::from(r.entries > 0),
             harvest_ns: r.harvest_ns,
             reset_ns: r.reset_ns,
+            tracking_lost: false,
         };
         g.staged_entries = 0;
         drop(g);
