@@ -30,6 +30,18 @@ pub enum MigrationError {
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The operator cancelled the migration (`migrate_cancel`); the guest keeps running on the
+    /// source.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The destination could not be reached.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

@@ -1,7 +1,8 @@
 //! ringvisor's live-migration engine: pre-copy over TCP driven by a [`kvm_dirty`] tracker,
 //! on top of the [`migration`] wire protocol and the [`vmm`] VMM.
 //!
-//! Source: [`source::migrate`]. Destination: [`dest::receive`]. The ring path peeks the
+//! Source: [`job::MigrationJob`] (a controllable job on its own thread) or the blocking
+//! [`source::migrate`]. Destination: [`dest::receive`]. The ring path peeks the
 //! rings continuously from a collector thread (per-vCPU dirty rates, no reset) and harvests
 //! and resets a ring only at a high-water mark or at a pass boundary, so a hot page costs
 //! one write-protect fault per pass, as with the bitmap.
@@ -11,6 +12,7 @@ pub mod dest;
 pub mod dirtylimit;
 pub mod dirtyrate;
 pub mod error;
+pub mod job;
 pub mod rate;
 pub mod source;
 pub mod summary;
@@ -18,6 +20,7 @@ pub mod summary;
 pub use dest::{receive, DestOptions, IncomingSummary};
 pub use dirtylimit::{DirtyLimiter, LimiterConfig};
 pub use error::{MigrationError, Result};
+pub use job::{JobEvent, MigrationInfo, MigrationJob, MigrationStatus, RamStats, RingvisorInfo};
 pub use source::{migrate, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction};
 pub use summary::{IterationStats, MigrationSummary, Outcome};
 

@@ -14,6 +14,7 @@ use vmm::Vm;
 
 use crate::dirtylimit::{DirtyLimiter, LimiterConfig};
 use crate::error::{MigrationError, Result};
+use crate::job::{Control, MigrationStatus};
 use crate::rate::RateMeter;
 use crate::summary::{IterationStats, MigrationSummary, Outcome};
 use crate::{unix_ns, wire_tracker, STATE_KIND_MACHINE, STATE_KIND_VCPU};
@@ -272,6 +273,7 @@ impl Populated {
 
 struct Sender<'a> {
     vm: &'a Vm,
+    ctl: &'a Control,
     sock: TcpStream,
     fail_at: Option<FailPoint>,
     enc: Encoder<BufWriter<TcpStream>>,
@@ -284,9 +286,45 @@ struct Sender<'a> {
     accounted: u64,
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    /// Sets up the socket and the encoder; returns the sender and the reader of the
+    /// destination's answers.
+    fn open(
+        vm: &'a Vm,
+        stream: TcpStream,
+        ctl: &'a Control,
+        opts: &SourceOptions,
+    ) -> Result<(Self, AckReader<std::io::BufReader<TcpStream>>)> {
+        let io_timeout = Duration::from_secs(60);
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(io_timeout))?;
+        stream.set_read_timeout(Some(io_timeout))?;
+        ctl.attach_socket(stream.try_clone()?)?;
+        let acks = AckReader::new(std::io::BufReader::new(stream.try_clone()?));
+        let s = Sender {
+            vm,
+            ctl,
+            sock: stream.try_clone()?,
+            fail_at: opts.fail_at,
+            enc: Encoder::new(BufWriter::with_capacity(1 << 20, stream)),
+            buf: vec![0u8; PAGE_SIZE as usize],
+            limiter: migration::bandwidth::TokenBucket::new(opts.max_bandwidth.unwrap_or(0)),
+            bw_bytes: 0,
+            bw_secs: 0.0,
+            accounted: 0,
+        };
+        Ok((s, acks))
+    }
+
     fn cut(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Best effort: tells the destination to drop everything (it never waits long for a
+    /// destination that stopped reading).
+    fn abort(&mut self, reason: &str) {
+        let _ = self.sock.set_write_timeout(Some(Duration::from_secs(5)));
+        let _ = self.enc.send_abort(reason);
     }
 
     fn bandwidth(&self, fallback: f64) -> f64 {
@@ -295,6 +333,29 @@ impl Sender<'_> {
         } else {
             fallback
         }
+    }
+
+    /// Every 256 pages: publishes progress, applies a changed max-bandwidth, paces the
+    /// pre-copy passes and notices a cancel.
+    fn checkpoint(&mut self, final_pass: bool, n: u64) -> Result<()> {
+        let tx = self.enc.stats();
+        let max_bw = self.ctl.on_pages(tx, n).unwrap_or(0);
+        if max_bw != self.limiter.rate() {
+            self.limiter.set_rate(max_bw);
+        }
+        // max-bandwidth caps the pre-copy passes, which share the link with a running
+        // guest; the final pass runs with the guest paused, where every millisecond is
+        // downtime, so it goes at full speed (QEMU's completion stage does the same).
+        if !final_pass {
+            let d = self
+                .limiter
+                .reserve(tx.bytes - self.accounted, Instant::now());
+            if !d.is_zero() {
+                self.ctl.sleep(d);
+            }
+        }
+        self.accounted = tx.bytes;
+        self.ctl.check()
     }
 
     /// Sends one pass: a marker with the exact count, then every page. Returns
@@ -310,6 +371,12 @@ impl Sender<'_> {
     ) -> Result<(u64, u64, u64, f64)> {
         let t = Instant::now();
         let s0 = self.enc.stats();
+        self.ctl.update(|l, _| {
+            l.x.pass = iteration;
+            l.x.pass_pages_total = pages;
+            l.x.pass_pages_sent = 0;
+            l.ram.remaining = pages * PAGE_SIZE;
+        });
         self.enc.begin_iteration(&IterationMarker {
             iteration,
             pages,
@@ -346,21 +413,14 @@ impl Sender<'_> {
             }
             n += 1;
             if n.is_multiple_of(256) {
-                let b = self.enc.stats().bytes;
-                // max-bandwidth caps the pre-copy passes, which share the link with a running
-                // guest; the final pass runs with the guest paused, where every millisecond is
-                // downtime, so it goes at full speed (QEMU's completion stage does the same).
-                if !final_pass {
-                    self.limiter.throttle(b - self.accounted);
-                }
-                self.accounted = b;
+                self.checkpoint(final_pass, n)?;
                 if last_report.elapsed() > Duration::from_millis(100) {
                     last_report = Instant::now();
                     progress(&Progress {
                         iteration,
                         pass_sent: n,
                         pass_pages: pages,
-                        bytes: b,
+                        bytes: self.accounted,
                         bandwidth: self.bandwidth(0.0),
                         dirty_pages,
                     });
@@ -373,7 +433,9 @@ impl Sender<'_> {
             )));
         }
         self.enc.flush()?;
-        let bytes = self.enc.stats().bytes - s0.bytes;
+        let tx = self.enc.stats();
+        self.ctl.on_pages(tx, n);
+        let bytes = tx.bytes - s0.bytes;
         let secs = t.elapsed().as_secs_f64();
         if pages - zero > 0 {
             self.bw_bytes += bytes;
@@ -383,30 +445,47 @@ impl Sender<'_> {
     }
 }
 
-/// Migrates `vm` (running) over `stream`. On success the source VM is stopped and the guest
-/// runs on the destination. On any failure before commit the guest keeps running here, and
-/// the summary says why (`Outcome::Aborted` / `Outcome::Failed`).
+/// Migrates `vm` (running) over `stream`, blocking. On success the source VM is stopped and
+/// the guest runs on the destination. On any failure before commit the guest keeps running
+/// here, and the summary says why (`Outcome::Aborted` / `Outcome::Failed`). For a migration
+/// an operator can watch, cancel or retune while it runs, use [`MigrationJob`](crate::job::MigrationJob).
 pub fn migrate(
     vm: &mut Vm,
     stream: TcpStream,
     opts: &SourceOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationSummary> {
+    let ctl = Control::new(opts.clone(), Box::new(|_| {}));
+    ctl.set_status(MigrationStatus::Setup);
+    let summary = run_job(vm, Ok(stream), &ctl, progress);
+    if summary.completed() {
+        // The job leaves a completed source paused; its owner (here) stops it.
+        vm.stop()?;
+    }
+    Ok(summary)
+}
+
+/// Runs a whole migration on the calling thread and returns its summary; the job's status
+/// ends `completed`, `failed` or `cancelled`. A completed source stays paused.
+pub(crate) fn run_job(
+    vm: &Vm,
+    stream: Result<TcpStream>,
+    ctl: &Control,
+    progress: &mut dyn FnMut(&Progress),
+) -> MigrationSummary {
     let t_start = Instant::now();
-    let mut summary = MigrationSummary::new(vm.config().tracking.mode().name(), opts);
+    let opts = ctl.opts();
+    let mut summary = MigrationSummary::new(vm.config().tracking.mode().name(), &opts);
     let mut paused = false;
     // The guest's vCPUs come first: this thread yields to them when they compete for a core
     // (on a small host the migration would otherwise take CPU time the guest's timer needs).
     let old_nice = vmm::renice_current_thread(MIGRATION_NICE);
-    let r = run_source(
-        vm,
-        stream,
-        opts,
-        progress,
-        &mut summary,
-        &mut paused,
-        t_start,
-    );
+    let mut sender = None;
+    let r = stream.and_then(|stream| {
+        let (s, acks) = Sender::open(vm, stream, ctl, &opts)?;
+        let s = sender.insert(s);
+        run_source(s, acks, &mut summary, &mut paused, t_start, progress)
+    });
     if let Some(n) = old_nice {
         vmm::renice_current_thread(n);
     }
@@ -415,55 +494,72 @@ pub fn migrate(
     if summary.total_ms == 0.0 {
         summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
     }
-    match r {
-        Ok(()) => Ok(summary),
-        Err(e) => {
-            // Nothing lost: the guest continues on the source, unthrottled.
-            for v in vm.vcpu_handles() {
-                v.set_throttle(0.0);
+    if let Err(e) = r {
+        let cancelled = ctl.cancelled() || matches!(e, MigrationError::Cancelled);
+        if cancelled {
+            if let Some(s) = sender.as_mut() {
+                s.abort("cancelled on the source (migrate_cancel)");
             }
-            if paused {
-                if let Ok(v) = vm.vcpus() {
-                    v.resume_all();
-                }
+        }
+        drop(sender);
+        // Nothing lost: the guest continues on the source, unthrottled.
+        for v in vm.vcpu_handles() {
+            v.set_throttle(0.0);
+        }
+        if paused {
+            if let Ok(v) = vm.vcpus() {
+                v.resume_all();
             }
-            summary.outcome = Outcome::Failed {
+        }
+        summary.outcome = if cancelled {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed {
                 reason: e.to_string(),
                 source_running: vm.vcpus().map(|v| v.check().is_ok()).unwrap_or(false),
-            };
-            Ok(summary)
-        }
+            }
+        };
     }
+    finish_job(ctl, &summary);
+    summary
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Publishes the final counters and status.
+fn finish_job(ctl: &Control, summary: &MigrationSummary) {
+    ctl.update(|l, _| {
+        l.total_ms = Some(summary.total_ms as u64);
+        l.x.verified = summary.verified;
+        if summary.completed() {
+            l.downtime_ms = Some(summary.downtime_ms.round() as u64);
+            l.ram.remaining = 0;
+        }
+    });
+    let status = match &summary.outcome {
+        Outcome::Completed => MigrationStatus::Completed,
+        Outcome::Cancelled => MigrationStatus::Cancelled,
+        Outcome::Running => MigrationStatus::Failed,
+        Outcome::Aborted { reason }
+        | Outcome::Failed { reason, .. }
+        | Outcome::CommittedUnconfirmed { reason } => {
+            ctl.set_error(reason.clone());
+            MigrationStatus::Failed
+        }
+    };
+    ctl.set_status(status);
+}
+
 fn run_source(
-    vm: &mut Vm,
-    stream: TcpStream,
-    opts: &SourceOptions,
-    progress: &mut dyn FnMut(&Progress),
+    s: &mut Sender<'_>,
+    mut acks: AckReader<std::io::BufReader<TcpStream>>,
     summary: &mut MigrationSummary,
     paused: &mut bool,
     t_start: Instant,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<()> {
-    let io_timeout = Duration::from_secs(60);
-    stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(io_timeout))?;
-    stream.set_read_timeout(Some(io_timeout))?;
-    let mut acks = AckReader::new(std::io::BufReader::new(stream.try_clone()?));
-    let layout = layout_of(vm)?;
-    let mode = vm.config().tracking.mode();
-    let mut s = Sender {
-        vm: &*vm,
-        sock: stream.try_clone()?,
-        fail_at: opts.fail_at,
-        enc: Encoder::new(BufWriter::with_capacity(1 << 20, stream)),
-        buf: vec![0u8; PAGE_SIZE as usize],
-        limiter: migration::bandwidth::TokenBucket::new(opts.max_bandwidth.unwrap_or(0)),
-        bw_bytes: 0,
-        bw_secs: 0.0,
-        accounted: 0,
-    };
+    let ctl = s.ctl;
+    let opts = ctl.opts();
+    let layout = layout_of(s.vm)?;
+    let mode = s.vm.config().tracking.mode();
     s.enc.send_hello(
         &Hello::new(wire_tracker(mode), s.vm.config().vcpus as u32)
             .with_machine(s.vm.platform().wire()),
@@ -509,7 +605,9 @@ fn run_source(
     if let (DirtyLimitMode::Fixed(q), Some(l)) = (opts.dirty_limit, limiter.as_ref()) {
         l.set_quota(Some(q), None);
         summary.dirty_limit_events += 1;
+        summary.dirty_limit_bytes_per_s = Some(q);
     }
+    let mut applied_limit = opts.dirty_limit;
     let mut streak = 0u32;
     let mut refining_passes = 0u32;
     let mut refine_prev: Option<u64> = None;
@@ -517,6 +615,13 @@ fn run_source(
     let mut last_pass_bytes = u64::MAX;
     let mut cpu_throttle = 0.0f64;
     summary.setup_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    ctl.update(|l, _| {
+        l.setup_ms = Some(summary.setup_ms as u64);
+        l.ram.total = layout.total_bytes();
+        l.ram.page_size = PAGE_SIZE;
+    });
+    ctl.set_status(MigrationStatus::Active);
+    ctl.dirty_synced();
     let specs = s.vm.ram().slot_specs();
     let mut dirty = DirtyPageSet::new(&specs);
     let total_pages = layout.total_pages();
@@ -543,6 +648,13 @@ fn run_source(
     let mut iteration = 0u32;
     let forced;
     loop {
+        ctl.check()?;
+        // Parameters changed with set_options take effect here, at the next pass.
+        let opts = ctl.opts();
+        if opts.dirty_limit != applied_limit {
+            retune_dirty_limit(s.vm, &mut limiter, opts.dirty_limit, &mut limited, summary)?;
+            applied_limit = opts.dirty_limit;
+        }
         dirty.clear();
         tracker.collect(&mut dirty)?;
         let now = Instant::now();
@@ -551,6 +663,14 @@ fn run_source(
         last_collect = now;
         let bw = s.bandwidth(fallback_bw);
         let expected_downtime = (pages * PAGE_SIZE) as f64 / bw;
+        ctl.dirty_synced();
+        ctl.update(|l, _| {
+            l.ram.dirty_pages_rate = rate as u64;
+            l.expected_downtime_ms = Some((expected_downtime * 1e3).round() as u64);
+            l.x.vcpu_dirty_rates = collector.as_ref().map(|c| c.rates());
+            l.x.throttle_percent = (cpu_throttle * 100.0).round() as u64;
+            l.x.dirty_limit_bytes_per_s = summary.dirty_limit_bytes_per_s;
+        });
         let limit = opts.downtime_limit.as_secs_f64();
         let within_limit = expected_downtime <= limit;
         if within_limit {
@@ -673,6 +793,7 @@ fn run_source(
     // Barrier: wait until the destination has processed everything sent so far (decoding,
     // writing pages), so its backlog does not land in the downtime. The guest runs on; what
     // it dirties meanwhile goes into the final pass.
+    ctl.check()?;
     let t_sync = Instant::now();
     s.enc.send_sync(u64::from(iteration))?;
     loop {
@@ -694,12 +815,15 @@ fn run_source(
     if let Some(mut c) = collector.take() {
         c.stop();
     }
+    ctl.check()?;
     let pause_ns = unix_ns();
     let t_pause = Instant::now();
     let mut marks: Vec<(&'static str, Instant)> = Vec::with_capacity(8);
     s.vm.vcpus()?.pause_all(Duration::from_secs(10))?;
     *paused = true;
     marks.push(("pause", Instant::now()));
+    ctl.update(|l, _| l.paused = true);
+    ctl.set_status(MigrationStatus::Device);
     // The limit ends with the switchover (the guest does not take it along); lifted only
     // now that the vCPUs are paused, so no unthrottled burst lands in the final pass.
     drop(limiter.take());
@@ -708,6 +832,7 @@ fn run_source(
     marks.push(("final collect", Instant::now()));
     let pages = dirty.count();
     iteration += 1;
+    ctl.dirty_synced();
     let mut it = dirty.iter_gpa();
     let (n, z, b, secs) = s.pass(iteration, pages, true, &mut it, progress, pages)?;
     marks.push(("final pass", Instant::now()));
@@ -766,8 +891,13 @@ fn run_source(
         summary.verify_ms = Some(verify_ms);
     }
     marks.push(("destination restore (ReadyToResume)", Instant::now()));
-    // Point of no return: after Commit the destination owns the guest.
+    // Point of no return: after Commit the destination owns the guest. A cancel that came
+    // first wins; after this, cancels are ignored.
+    ctl.commit_point()?;
     s.enc.send_commit()?;
+    // The guest now lives on the destination (or, if Resumed never comes, maybe there):
+    // from here on no error resumes the source.
+    *paused = false;
     let t_commit = Instant::now();
     summary.forced_switchover = forced;
     match acks.recv() {
@@ -822,10 +952,46 @@ fn run_source(
     if let Some(rs) = s.vm.ring_set() {
         summary.ring_full_exits = (0..rs.vcpus()).map(|i| rs.vcpu_ring_full_exits(i)).sum();
     }
+    ctl.update(|l, _| l.record_tx(st));
     tracker.stop()?;
-    // The guest now lives on the destination.
-    *paused = false;
-    drop(s);
-    vm.stop()?;
+    Ok(())
+}
+
+/// Applies a dirty-limit mode changed with `set_options` (at a pass boundary).
+fn retune_dirty_limit(
+    vm: &Vm,
+    limiter: &mut Option<DirtyLimiter>,
+    mode: DirtyLimitMode,
+    limited: &mut Vec<usize>,
+    summary: &mut MigrationSummary,
+) -> Result<()> {
+    if mode != DirtyLimitMode::Off && limiter.is_none() {
+        let rs = vm.ring_set().ok_or_else(|| {
+            MigrationError::Protocol(
+                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),
+            )
+        })?;
+        *limiter = Some(DirtyLimiter::start(
+            rs.clone(),
+            vm.vcpu_handles().to_vec(),
+            LimiterConfig::default(),
+        ));
+    }
+    let Some(l) = limiter.as_ref() else {
+        return Ok(());
+    };
+    limited.clear();
+    match mode {
+        DirtyLimitMode::Fixed(q) => {
+            l.set_quota(Some(q), None);
+            summary.dirty_limit_events += 1;
+            summary.dirty_limit_bytes_per_s = Some(q);
+        }
+        // Auto starts again from no limit; it applies one when pre-copy stops converging.
+        DirtyLimitMode::Off | DirtyLimitMode::Auto => {
+            l.set_quota(None, None);
+            summary.dirty_limit_bytes_per_s = None;
+        }
+    }
     Ok(())
 }

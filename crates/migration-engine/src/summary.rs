@@ -15,6 +15,9 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// Cancelled by the operator before commit; the guest keeps running on the source and
+    /// the destination was told to drop what it received.
+    Cancelled,
     /// An error before commit; the guest keeps running on the source.
     Failed {
         /// The error.
