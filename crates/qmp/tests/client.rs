@@ -56,7 +56,10 @@ fn client_negotiates_executes_and_maps_errors() {
         c.execute("echo", json!({"a": [1, 2]})).unwrap(),
         json!({"a": [1, 2]})
     );
-    assert_eq!(c.execute("echo", serde_json::Value::Null).unwrap(), json!({}));
+    assert_eq!(
+        c.execute("echo", serde_json::Value::Null).unwrap(),
+        json!({})
+    );
     match c.execute("nope", json!({})) {
         Err(ClientError::Command(e)) => {
             assert_eq!(e.class, ErrorClass::CommandNotFound);
@@ -105,13 +108,15 @@ fn queued_events_are_bounded_and_the_oldest_dropped() {
     let server = fake_server(&path, |mut s, next| {
         s.write_all(GREETING).unwrap();
         let id = request_id(&next());
-        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n").as_bytes()).unwrap();
+        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n").as_bytes())
+            .unwrap();
         let id = request_id(&next());
         for n in 0..5 {
             let ev = format!("{{\"event\": \"E\", \"data\": {{\"n\": {n}}}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 2}}}}");
             s.write_all(ev.as_bytes()).unwrap();
         }
-        s.write_all(format!("{{\"return\": 5, \"id\": {id}}}\r\n").as_bytes()).unwrap();
+        s.write_all(format!("{{\"return\": 5, \"id\": {id}}}\r\n").as_bytes())
+            .unwrap();
     });
     let config = ClientConfig {
         max_queued_events: 3,
@@ -134,11 +139,14 @@ fn replies_with_another_id_are_skipped() {
     let server = fake_server(&path, |mut s, next| {
         s.write_all(GREETING).unwrap();
         let id = request_id(&next());
-        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}").as_bytes()).unwrap();
+        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}").as_bytes())
+            .unwrap();
         let id = request_id(&next());
         // A stale reply (to a command that timed out) comes first.
-        s.write_all(b"{\"return\": \"stale\", \"id\": 999}\r\n").unwrap();
-        s.write_all(format!("{{\"return\": \"mine\", \"id\": {id}}}\r\n").as_bytes()).unwrap();
+        s.write_all(b"{\"return\": \"stale\", \"id\": 999}\r\n")
+            .unwrap();
+        s.write_all(format!("{{\"return\": \"mine\", \"id\": {id}}}\r\n").as_bytes())
+            .unwrap();
     });
     let mut c = QmpClient::connect(&path, Duration::from_secs(10)).unwrap();
     assert_eq!(c.execute("x", json!({})).unwrap(), json!("mine"));
@@ -152,8 +160,10 @@ fn an_error_without_id_is_the_server_rejecting_the_input() {
     let server = fake_server(&path, |mut s, next| {
         s.write_all(GREETING).unwrap();
         let _ = next();
-        s.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, x\"}}\r\n")
-            .unwrap();
+        s.write_all(
+            b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, x\"}}\r\n",
+        )
+        .unwrap();
     });
     match QmpClient::connect(&path, Duration::from_secs(10)) {
         Err(ClientError::Rejected(e)) => assert_eq!(e.desc, "JSON parse error, x"),
@@ -187,7 +197,8 @@ fn a_server_that_never_answers_a_command_times_out() {
     let server = fake_server(&path, move |mut s, next| {
         s.write_all(GREETING).unwrap();
         let id = request_id(&next());
-        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}").as_bytes()).unwrap();
+        s.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}").as_bytes())
+            .unwrap();
         let _ = rx.recv();
     });
     let mut c = QmpClient::connect_with(&path, short()).unwrap();
