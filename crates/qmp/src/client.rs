@@ -4,7 +4,7 @@
 //! [`ClientConfig::max_queued_events`]; the oldest are dropped and counted beyond it).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -282,7 +282,7 @@ impl QmpClient {
             return Err(ClientError::Timeout(self.config.timeout));
         }
         self.stream.set_write_timeout(Some(left))?;
-        match self.stream.write_all(bytes) {
+        match sys::write_all_nosignal(&self.stream, bytes) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Part of the request may be out: the stream is no longer in sync.

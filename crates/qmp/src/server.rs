@@ -16,7 +16,7 @@
 //! [`Handler::execute`], and names it does not list are `CommandNotFound`.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -355,7 +355,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
 fn refuse(stream: &UnixStream, limit: usize) {
     let err = CommandError::generic(format!("Too many QMP clients connected (limit {limit})"));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = (&*stream).write_all(&proto::encode_error(&err, None));
+    let _ = sys::write_all_nosignal(stream, &proto::encode_error(&err, None));
     let _ = stream.shutdown(Shutdown::Both);
 }
 
@@ -424,7 +424,7 @@ fn write_loop(stream: UnixStream, rx: Receiver<Arc<[u8]>>, timeout: Duration) {
         return;
     }
     for msg in rx.iter() {
-        if (&stream).write_all(&msg).is_err() {
+        if sys::write_all_nosignal(&stream, &msg).is_err() {
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }

@@ -8,6 +8,9 @@
 //!   stopped accepting (full backlog) never returns.
 //! - [`shutdown_listener`]: `shutdown(2)` on the listening socket, which wakes a blocked
 //!   `accept` on Linux so the accept thread can be joined.
+//! - [`write_all_nosignal`]: `send(MSG_NOSIGNAL)`, so a peer that hung up makes a write
+//!   fail with `EPIPE` instead of killing a process whose SIGPIPE is not ignored (Rust
+//!   binaries ignore it by default, a C host embedding this need not).
 
 use std::ffi::OsStr;
 use std::io;
@@ -137,6 +140,36 @@ pub(crate) fn shutdown_listener(listener: &UnixListener) {
     unsafe {
         libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR);
     }
+}
+
+/// Writes all of `buf` to `stream` without raising SIGPIPE. The socket's write timeout
+/// applies: a send that times out fails with `WouldBlock`.
+pub(crate) fn write_all_nosignal(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes for the call; the fd
+        // is open for the lifetime of `stream`.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // 0 < n <= buf.len(), as send(2) guarantees.
+        buf = buf.get(n as usize..).unwrap_or_default();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
