@@ -1,13 +1,15 @@
 //! The real PyPI client `qemu.qmp` (QEMU's own Python library, used by its tests and
 //! qmp-shell) against the server: connect and negotiate, `query-commands`, a command with
-//! arguments, an error, and an event, through both its async API and its legacy sync API.
+//! arguments, an error, and an event, through both its async API and its legacy sync API;
+//! and QEMU's `qmp-shell` (shipped in the same package) fed commands on stdin.
 //!
 //! Needs `python3` with `qemu.qmp`; without them the test prints `SKIP(qmp-py)` and passes,
 //! unless `RINGVISOR_REQUIRE_QMP_PY=1` makes it fail.
 
 mod common;
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use common::{handler, TestDir};
 use qmp::{QemuVersion, QmpServer, ServerConfig};
@@ -84,5 +86,33 @@ fn qemu_qmp_python_client_works_against_the_server() {
     assert_eq!(
         got["legacy_event"],
         json!({"event": "TEST_EVENT", "data": {"y": 2}})
+    );
+
+    // qmp-shell, QEMU's interactive tool, reads commands from a pipe too.
+    let mut shell = Command::new("python3")
+        .args(["-m", "qemu.qmp.qmp_shell"])
+        .arg(dir.sock())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(mut stdin) = shell.stdin.take() {
+        stdin.write_all(b"echo a=1 b=two\nnope\n").unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qmp-shell failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"{"return": {"a": 1, "b": "two"}}"#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#),
+        "{stdout}"
     );
 }
