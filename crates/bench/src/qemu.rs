@@ -708,7 +708,15 @@ impl Qemu {
     fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
         loop {
             if let Ok(s) = UnixStream::connect(&self.qmp) {
-                return Qmp::start(self.name, s);
+                return match Qmp::start(self.name, s) {
+                    Ok(q) => Ok(q),
+                    // A guest that powers off at once takes QEMU down while QMP starts: the
+                    // exit (with its status and serial tail) is the error, not the socket's.
+                    Err(e) => match wait_timeout(&mut self.child, STOP_TIMEOUT) {
+                        Some(_) => Err(QemuError::Exited(self.describe_exit())),
+                        None => Err(e),
+                    },
+                };
             }
             self.check_running()?;
             if Instant::now() >= deadline {
