@@ -100,6 +100,7 @@ impl DirtyLimiter {
         let thread = std::thread::Builder::new()
             .name("dirty-limit".into())
             .spawn(move || control_loop(rs, v2, cfg, st, s2))
+            .inspect_err(|e| tracing::warn!(error = %e, "dirty limit: no controller thread"))
             .ok();
         DirtyLimiter {
             stop,
@@ -179,10 +180,14 @@ fn control_loop(
         std::thread::sleep(cfg.interval);
         if last_reset.elapsed() >= cfg.reset_interval {
             // Into the ring set's staged pages, so a concurrent migration still sees them.
-            let _ = rs.harvest_to_staged(None);
+            if let Err(e) = rs.harvest_to_staged(None) {
+                tracing::warn!(error = %e, "dirty limit: periodic harvest failed");
+            }
             last_reset = Instant::now();
         }
-        let _ = rs.poll(cfg.high_water);
+        if let Err(e) = rs.poll(cfg.high_water) {
+            tracing::warn!(error = %e, "dirty limit: ring poll failed");
+        }
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
