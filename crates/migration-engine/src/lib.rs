@@ -12,8 +12,10 @@ pub mod dest;
 pub mod dirtylimit;
 pub mod dirtyrate;
 pub mod error;
+pub mod fake;
 pub mod job;
 pub mod rate;
+pub mod seam;
 pub mod source;
 pub mod summary;
 
@@ -21,7 +23,10 @@ pub use dest::{receive, DestOptions, IncomingSummary};
 pub use dirtylimit::{DirtyLimiter, LimiterConfig};
 pub use error::{MigrationError, Result};
 pub use job::{JobEvent, MigrationInfo, MigrationJob, MigrationStatus, RamStats, RingvisorInfo};
-pub use source::{migrate, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction};
+pub use seam::MigratableVm;
+pub use source::{
+    migrate, migrate_over, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction,
+};
 pub use summary::{IterationStats, MigrationSummary, Outcome};
 
 /// State blob kind of a vCPU.
