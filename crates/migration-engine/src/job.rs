@@ -470,8 +470,11 @@ impl MigrationJob {
         self.ctl.cancel();
     }
 
-    /// Changes parameters while the job runs: `downtime_limit` and the dirty limit take
-    /// effect at the next pass, `max_bandwidth` within the next 256 pages.
+    /// Changes parameters while the job runs (`migrate-set-parameters`): `max_bandwidth`
+    /// takes effect within the next 256 pages; `downtime_limit`, `dirty_limit`,
+    /// `auto_converge`, `timeout`, `on_timeout` and `max_iterations` at the next collect
+    /// (the next pass). The others (`verify`, the ring polling, `fail_at`) are read once at
+    /// the start.
     pub fn set_options(&self, f: impl FnOnce(&mut SourceOptions)) {
         self.ctl.set_options(f);
     }

@@ -1,9 +1,9 @@
 //! The source side: a migration of a running VM (any [`MigratableVm`]) over TCP, as a job
 //! (see [`crate::job`]) or blocking ([`migrate`]).
 //!
-//! The phases live in [`session`]: handshake, bulk pass, the pass loop (whose every
-//! decision comes from the convergence policy in [`policy`]), switchover, commit, finish.
-//! [`sender`] writes passes to the stream; [`collector`] samples the per-vCPU dirty rates.
+//! The phases live in `session`: handshake, bulk pass, the pass loop (whose every
+//! decision comes from the convergence policy in `policy`), switchover, commit, finish.
+//! `sender` writes passes to the stream; `collector` samples the per-vCPU dirty rates.
 
 mod collector;
 mod policy;
@@ -273,6 +273,11 @@ pub(crate) fn run_job(
     // the source's post-commit digest check.
     if summary.total_ms == 0.0 {
         summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    }
+    // An operator's cancel that raced with a timeout abort is reported as the cancel.
+    if matches!(r, Ok(())) && ctl.cancelled() && matches!(summary.outcome, Outcome::Aborted { .. })
+    {
+        summary.outcome = Outcome::Cancelled;
     }
     if let Err(e) = r {
         // Nothing lost: the guest continues on the source, unthrottled.
