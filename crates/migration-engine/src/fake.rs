@@ -367,7 +367,7 @@ fn guest_loop(inner: &Inner, i: usize) {
         v.writes.fetch_add(1, Ordering::Relaxed);
         in_window += 1;
         pace(rate, &mut window, &mut in_window);
-        throttle(v, &mut ran_since_sleep);
+        throttle(inner, v, &mut ran_since_sleep);
     }
 }
 
@@ -388,15 +388,21 @@ fn pace(rate: u64, window: &mut Instant, in_window: &mut u64) {
     }
 }
 
-/// Sleeps `f / (1 - f)` of the time run since the last sleep, once per 10 ms of running.
-fn throttle(v: &FakeVcpu, ran: &mut Instant) {
-    let ppm = v.throttle_ppm.load(Ordering::Relaxed);
+/// Sleeps `f / (1 - f)` of the time run since the last sleep, once per 10 ms of running (a
+/// pause request cuts the sleep short, as a kick does for a real vCPU).
+fn throttle(inner: &Inner, v: &FakeVcpu, ran: &mut Instant) {
     let r = ran.elapsed();
-    if ppm == 0 || r < Duration::from_millis(10) {
+    if r < Duration::from_millis(10) {
         return;
     }
-    let f = (ppm as f64 / 1e6).min(0.99);
-    std::thread::sleep(r.mul_f64(f / (1.0 - f)));
+    let ppm = v.throttle_ppm.load(Ordering::Relaxed);
+    if ppm > 0 {
+        let f = (ppm as f64 / 1e6).min(0.99);
+        let until = Instant::now() + r.mul_f64(f / (1.0 - f));
+        while Instant::now() < until && !inner.stop_flag.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1).min(until - Instant::now()));
+        }
+    }
     *ran = Instant::now();
 }
 

@@ -2,18 +2,23 @@
 //! (see [`crate::job`]) or blocking ([`migrate`]).
 //!
 //! The phases live in `session`: handshake, bulk pass, the pass loop (whose every
-//! decision comes from the convergence policy in `policy`), switchover, commit, finish.
+//! decision comes from `migration::convergence`), switchover, commit, finish.
 //! `sender` writes passes to the stream; `collector` samples the per-vCPU dirty rates.
 
 mod collector;
-mod policy;
 mod sender;
 mod session;
+
+/// The dirty limit during a migration (ring tracker only): off, fixed per vCPU from the start,
+/// or applied automatically to the fastest vCPUs when pre-copy stops converging.
+pub use migration::convergence::DirtyLimitMode;
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use kvm_dirty::PAGE_SIZE;
+use migration::convergence::PolicyConfig;
+use migration::params::OnTimeout;
 use migration::wire::MemoryLayout;
 use vmm::Vm;
 
@@ -60,25 +65,22 @@ pub struct SourceOptions {
     /// `dirty-limit`: per-vCPU dirty quota (ring tracker only), fixed or applied automatically
     /// to the fastest vCPUs when pre-copy does not converge.
     pub dirty_limit: DirtyLimitMode,
-    /// Bitmap trackers: QEMU's auto-converge (CPU throttle 20%, +10% per non-converging
-    /// check, at most 99%) when pre-copy does not converge.
+    /// QEMU's auto-converge capability: throttle the vCPUs' CPU time when pre-copy does not
+    /// converge (`cpu-throttle-initial`, then `cpu-throttle-increment` per event, at most
+    /// `max-cpu-throttle`).
     pub auto_converge: bool,
+    /// `throttle-trigger-threshold`: a period that dirties more than this percentage of the
+    /// bytes it sent counts as not converging (two such periods fire a throttle event).
+    pub throttle_trigger_threshold: u8,
+    /// `cpu-throttle-initial`, percent.
+    pub cpu_throttle_initial: u8,
+    /// `cpu-throttle-increment`, percent.
+    pub cpu_throttle_increment: u8,
+    /// `max-cpu-throttle`, percent.
+    pub max_cpu_throttle: u8,
     /// Fault injection for tests: drop the TCP connection at this point.
     #[serde(skip)]
     pub fail_at: Option<FailPoint>,
-}
-
-/// The dirty limit during a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DirtyLimitMode {
-    /// No limit.
-    Off,
-    /// This many bytes/s per vCPU, from the start of the migration.
-    Fixed(u64),
-    /// When pre-copy stops converging (the dirty bytes of a pass exceed half of what the
-    /// previous pass sent, twice in a row), limit the vCPUs dirtying faster than average so
-    /// the guest dirties at most half the measured bandwidth; lifted at switchover.
-    Auto,
 }
 
 /// Where [`SourceOptions::fail_at`] drops the connection (a real `shutdown(2)` of the socket).
@@ -98,6 +100,7 @@ pub enum FailPoint {
 
 impl Default for SourceOptions {
     fn default() -> Self {
+        let policy = PolicyConfig::default();
         SourceOptions {
             downtime_limit: Duration::from_millis(300),
             max_bandwidth: None,
@@ -110,7 +113,32 @@ impl Default for SourceOptions {
             max_iterations: 10_000,
             dirty_limit: DirtyLimitMode::Off,
             auto_converge: false,
+            throttle_trigger_threshold: policy.throttle_trigger_threshold,
+            cpu_throttle_initial: policy.cpu_throttle_initial,
+            cpu_throttle_increment: policy.cpu_throttle_increment,
+            max_cpu_throttle: policy.max_cpu_throttle,
             fail_at: None,
+        }
+    }
+}
+
+impl SourceOptions {
+    /// The convergence policy's configuration for these options.
+    pub fn policy_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            downtime_limit: self.downtime_limit,
+            timeout: self.timeout,
+            on_timeout: match self.on_timeout {
+                TimeoutAction::Abort => OnTimeout::Abort,
+                TimeoutAction::ForceSwitchover => OnTimeout::Force,
+            },
+            max_iterations: self.max_iterations,
+            throttle_trigger_threshold: self.throttle_trigger_threshold,
+            auto_converge: self.auto_converge,
+            cpu_throttle_initial: self.cpu_throttle_initial,
+            cpu_throttle_increment: self.cpu_throttle_increment,
+            max_cpu_throttle: self.max_cpu_throttle,
+            dirty_limit: self.dirty_limit,
         }
     }
 }

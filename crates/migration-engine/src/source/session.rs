@@ -7,11 +7,11 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use kvm_dirty::{DirtyPageSet, DirtyTracker, PAGE_SIZE};
+use migration::convergence::{Action, Convergence, Decision, PassReport};
 use migration::digest::MemoryDigest;
 use migration::wire::{Ack, Complete, Hello, MemoryLayout};
 
 use super::collector::Collector;
-use super::policy::{Action, Convergence, Decision, PassReport, PolicyConfig};
 use super::sender::{Acks, Sender};
 use super::{memory_digest, FailPoint, Progress, SourceOptions};
 use crate::error::{MigrationError, Result};
@@ -181,12 +181,12 @@ impl<'a> Session<'a> {
             tracker,
             collector,
             limiter: None,
-            policy: Convergence::new(PolicyConfig::from(&self.opts)),
+            policy: Convergence::new(self.opts.policy_config()),
             dirty: DirtyPageSet::new(&slots),
             ones: vec![u64::MAX; words],
             iteration: 0,
             last_collect: Instant::now(),
-            last_pass_bytes: u64::MAX,
+            last_pass_bytes: 0,
         };
         let actions = pre.policy.start();
         self.apply(&mut pre, actions)?;
@@ -213,6 +213,7 @@ impl<'a> Session<'a> {
         let (n, z, b, secs) = self
             .s
             .pass(0, total, false, &mut all, self.progress, total)?;
+        pre.last_pass_bytes = b;
         let vcpu_rates = pre.collector.as_ref().map(|c| c.rates());
         self.record_pass(0, (n, z, b, secs), 0.0, vcpu_rates);
         Ok(())
@@ -263,7 +264,7 @@ impl<'a> Session<'a> {
 
     /// Applies live parameter changes (`set_options`) at a pass boundary.
     fn retune(&mut self, pre: &mut Precopy) -> Result<()> {
-        let cfg = PolicyConfig::from(&self.ctl.opts());
+        let cfg = self.ctl.opts().policy_config();
         if &cfg != pre.policy.config() {
             let actions = pre.policy.set_config(cfg);
             self.apply(pre, actions)?;
@@ -275,7 +276,12 @@ impl<'a> Session<'a> {
     fn apply(&mut self, pre: &mut Precopy, actions: Vec<Action>) -> Result<()> {
         for a in actions {
             match a {
-                Action::SetCpuThrottle { percent } => self.vm.set_cpu_throttle(percent),
+                Action::SetCpuThrottle { percent } => {
+                    self.vm.set_cpu_throttle(percent);
+                    if percent > 0 {
+                        self.summary.dirty_limit_events += 1;
+                    }
+                }
                 Action::SetDirtyLimit { bytes_per_s, vcpus } => {
                     if pre.limiter.is_none() {
                         pre.limiter = Some(self.vm.start_dirty_limiter().ok_or_else(|| {
@@ -288,6 +294,7 @@ impl<'a> Session<'a> {
                     if let Some(l) = &pre.limiter {
                         l.set_quota(Some(bytes_per_s), vcpus);
                     }
+                    self.summary.dirty_limit_events += 1;
                 }
                 Action::ClearDirtyLimit => {
                     if let Some(l) = &pre.limiter {
@@ -300,7 +307,6 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        self.summary.dirty_limit_events = pre.policy.throttle_events();
         self.summary.dirty_limit_bytes_per_s = pre.policy.dirty_limit();
         self.summary.cpu_throttle = f64::from(pre.policy.throttle_percent()) / 100.0;
         Ok(())
@@ -338,12 +344,12 @@ impl<'a> Session<'a> {
                 // Throttles are lifted once the vCPUs are paused (no unthrottled burst lands
                 // in the final pass).
                 Decision::SwitchOver { forced, reason } => {
-                    self.summary.log.push(reason);
+                    self.summary.log.push(reason.to_string());
                     return Ok(LoopEnd::SwitchOver { forced });
                 }
                 Decision::Abort { reason } => {
                     self.apply(pre, step.actions)?;
-                    return Ok(LoopEnd::Abort(reason));
+                    return Ok(LoopEnd::Abort(reason.to_string()));
                 }
             }
             pre.iteration += 1;
