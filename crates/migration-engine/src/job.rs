@@ -18,9 +18,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_dirty::PAGE_SIZE;
-use vmm::Vm;
 
 use crate::error::{MigrationError, Result};
+use crate::seam::MigratableVm;
 use crate::source::{run_job, SourceOptions};
 use crate::summary::{MigrationSummary, Outcome};
 
@@ -428,19 +428,20 @@ impl std::fmt::Debug for MigrationJob {
 }
 
 impl MigrationJob {
-    /// Starts a migration of `vm` (running) to `addr` (`HOST:PORT`) on its own thread and
+    /// Starts a migration of `vm` (running; an `Arc<vmm::Vm>` coerces, as does an
+    /// `Arc<FakeVm>`) to `addr` (`HOST:PORT`) on its own thread and
     /// returns at once. Connecting happens on the job thread (status `setup`), so a refused
     /// connection is a failed job, never a lost guest. `events` is called on the job thread
     /// (keep it short).
     ///
     /// A completed job leaves the source's vCPUs paused: the owner stops the VM.
     pub fn start(
-        vm: Arc<Vm>,
+        vm: Arc<dyn MigratableVm>,
         addr: String,
         opts: SourceOptions,
         events: Box<dyn Fn(JobEvent) + Send + Sync>,
     ) -> Result<MigrationJob> {
-        let fallback = MigrationSummary::new(vm.config().tracking.mode().name(), &opts);
+        let fallback = MigrationSummary::new(vm.tracker_mode().name(), &opts);
         let ctl = Arc::new(Control::new(opts, events));
         ctl.set_status(MigrationStatus::Setup);
         let c = ctl.clone();
@@ -448,7 +449,7 @@ impl MigrationJob {
             .name("migration".into())
             .spawn(move || {
                 let stream = connect(&addr, &c);
-                run_job(&vm, stream, &c, &mut |_| {})
+                run_job(&*vm, stream, &c, &mut |_| {})
             })?;
         Ok(MigrationJob {
             ctl,
@@ -469,8 +470,11 @@ impl MigrationJob {
         self.ctl.cancel();
     }
 
-    /// Changes parameters while the job runs: `downtime_limit` and the dirty limit take
-    /// effect at the next pass, `max_bandwidth` within the next 256 pages.
+    /// Changes parameters while the job runs (`migrate-set-parameters`): `max_bandwidth`
+    /// takes effect within the next 256 pages; `downtime_limit`, `dirty_limit`,
+    /// `auto_converge`, `timeout`, `on_timeout` and `max_iterations` at the next collect
+    /// (the next pass). The others (`verify`, the ring polling, `fail_at`) are read once at
+    /// the start.
     pub fn set_options(&self, f: impl FnOnce(&mut SourceOptions)) {
         self.ctl.set_options(f);
     }

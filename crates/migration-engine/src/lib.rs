@@ -1,19 +1,28 @@
 //! ringvisor's live-migration engine: pre-copy over TCP driven by a [`kvm_dirty`] tracker,
-//! on top of the [`migration`] wire protocol and the [`vmm`] VMM.
+//! on top of the [`migration`] wire protocol, for any VM behind the [`seam::MigratableVm`]
+//! trait (a [`vmm::Vm`], or the in-memory [`fake::FakeVm`] of the engine tests).
 //!
-//! Source: [`job::MigrationJob`] (a controllable job on its own thread) or the blocking
-//! [`source::migrate`]. Destination: [`dest::receive`]. The ring path peeks the
-//! rings continuously from a collector thread (per-vCPU dirty rates, no reset) and harvests
-//! and resets a ring only at a high-water mark or at a pass boundary, so a hot page costs
-//! one write-protect fault per pass, as with the bitmap.
+//! - [`job`]: a migration as a job an operator drives while it runs (start, `query-migrate`
+//!   info, cancel, live parameters, QEMU's statuses and events).
+//! - [`source`]: the source side, phase by phase, and the blocking [`source::migrate`].
+//! - [`seam`]: what the engine needs from a VM; [`fake`]: a VM in memory for tests.
+//! - [`dest`]: the destination ([`dest::receive`] into a `vmm::Vm`).
+//! - [`dirtyrate`], [`dirtylimit`], [`rate`]: dirty-rate measurement and the dirty limit.
+//! - [`summary`], [`error`]: what a migration reports, and why one failed.
+//!
+//! The ring path peeks the rings continuously from a collector thread (per-vCPU dirty
+//! rates, no reset) and harvests and resets a ring only at a high-water mark or at a pass
+//! boundary, so a hot page costs one write-protect fault per pass, as with the bitmap.
 #![deny(missing_docs)]
 
 pub mod dest;
 pub mod dirtylimit;
 pub mod dirtyrate;
 pub mod error;
+pub mod fake;
 pub mod job;
 pub mod rate;
+pub mod seam;
 pub mod source;
 pub mod summary;
 
@@ -21,7 +30,10 @@ pub use dest::{receive, DestOptions, IncomingSummary};
 pub use dirtylimit::{DirtyLimiter, LimiterConfig};
 pub use error::{MigrationError, Result};
 pub use job::{JobEvent, MigrationInfo, MigrationJob, MigrationStatus, RamStats, RingvisorInfo};
-pub use source::{migrate, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction};
+pub use seam::MigratableVm;
+pub use source::{
+    migrate, migrate_over, DirtyLimitMode, FailPoint, Progress, SourceOptions, TimeoutAction,
+};
 pub use summary::{IterationStats, MigrationSummary, Outcome};
 
 /// State blob kind of a vCPU.

@@ -103,6 +103,12 @@ pub struct MigrationSummary {
     /// Time the source waited, before the pause, for the destination to process everything
     /// sent so far (the Sync barrier), ms. This backlog would otherwise be downtime.
     pub switchover_sync_ms: f64,
+    /// Collects that reported lost dirty tracking (a ring overran); each made the next pass
+    /// resend all of memory.
+    pub tracking_lost_events: u32,
+    /// What the engine decided and noticed, in order (switchover reason, lost tracking,
+    /// problems after the commit).
+    pub log: Vec<String>,
 }
 
 impl MigrationSummary {
@@ -130,6 +136,8 @@ impl MigrationSummary {
             dirty_limit_bytes_per_s: None,
             cpu_throttle: 0.0,
             switchover_sync_ms: 0.0,
+            tracking_lost_events: 0,
+            log: Vec::new(),
         }
     }
 
@@ -188,6 +196,9 @@ impl MigrationSummary {
                     .join(", "),
             );
             s.push('\n');
+        }
+        for l in &self.log {
+            s.push_str(&format!("note: {l}\n"));
         }
         s.push_str("pass | pages | zero | MiB | ms | dirty pages/s | per-vCPU pages/s\n");
         for it in &self.iterations {

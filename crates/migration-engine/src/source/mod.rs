@@ -1,0 +1,353 @@
+//! The source side: a migration of a running VM (any [`MigratableVm`]) over TCP, as a job
+//! (see [`crate::job`]) or blocking ([`migrate`]).
+//!
+//! The phases live in `session`: handshake, bulk pass, the pass loop (whose every
+//! decision comes from `migration::convergence`), switchover, commit, finish.
+//! `sender` writes passes to the stream; `collector` samples the per-vCPU dirty rates.
+
+mod collector;
+mod sender;
+mod session;
+
+/// The dirty limit during a migration (ring tracker only): off, fixed per vCPU from the start,
+/// or applied automatically to the fastest vCPUs when pre-copy stops converging.
+pub use migration::convergence::DirtyLimitMode;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use kvm_dirty::PAGE_SIZE;
+use migration::convergence::PolicyConfig;
+use migration::params::OnTimeout;
+use migration::wire::MemoryLayout;
+use vmm::Vm;
+
+use crate::error::{MigrationError, Result};
+use crate::job::{Control, MigrationStatus};
+use crate::seam::MigratableVm;
+use crate::summary::{MigrationSummary, Outcome};
+
+/// What to do when `timeout` passes before the migration converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TimeoutAction {
+    /// Abort: the guest keeps running on the source.
+    Abort,
+    /// Switch over now, whatever the downtime.
+    ForceSwitchover,
+}
+
+/// Source parameters (QEMU names where QEMU has them).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SourceOptions {
+    /// `downtime-limit`: the longest pause allowed at switchover.
+    pub downtime_limit: Duration,
+    /// `max-bandwidth` in bytes/s (None = unlimited). It caps the pre-copy passes; the final
+    /// pass, with the guest paused, goes at full speed (as in QEMU).
+    pub max_bandwidth: Option<u64>,
+    /// Give up (or force) after this long.
+    pub timeout: Option<Duration>,
+    /// What `timeout` does.
+    pub on_timeout: TimeoutAction,
+    /// Compare a digest of the source's paused memory with the destination's.
+    pub verify: bool,
+    /// Do that comparison before committing (a mismatch then aborts and the source keeps the
+    /// guest), at the price of the digest time inside the downtime. By default it runs right
+    /// after the commit, when the source's memory is still frozen, and only reports.
+    pub verify_before_commit: bool,
+    /// Ring mode: how often the collector thread peeks the rings.
+    pub poll_interval: Duration,
+    /// Ring mode: harvest and reset a ring early once this fraction of its soft limit is used
+    /// (high, so a hot set is re-protected once per pass rather than mid-pass; the collector
+    /// polls every few ms, well before the soft limit is reached).
+    pub high_water: f64,
+    /// Give up after this many passes (a safety net behind `timeout`).
+    pub max_iterations: u32,
+    /// `dirty-limit`: per-vCPU dirty quota (ring tracker only), fixed or applied automatically
+    /// to the fastest vCPUs when pre-copy does not converge.
+    pub dirty_limit: DirtyLimitMode,
+    /// QEMU's auto-converge capability: throttle the vCPUs' CPU time when pre-copy does not
+    /// converge (`cpu-throttle-initial`, then `cpu-throttle-increment` per event, at most
+    /// `max-cpu-throttle`).
+    pub auto_converge: bool,
+    /// `throttle-trigger-threshold`: a period that dirties more than this percentage of the
+    /// bytes it sent counts as not converging (two such periods fire a throttle event).
+    pub throttle_trigger_threshold: u8,
+    /// `cpu-throttle-initial`, percent.
+    pub cpu_throttle_initial: u8,
+    /// `cpu-throttle-increment`, percent.
+    pub cpu_throttle_increment: u8,
+    /// `max-cpu-throttle`, percent.
+    pub max_cpu_throttle: u8,
+    /// Fault injection for tests: drop the TCP connection at this point.
+    #[serde(skip)]
+    pub fail_at: Option<FailPoint>,
+}
+
+/// Where [`SourceOptions::fail_at`] drops the connection (a real `shutdown(2)` of the socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// Right after sending Hello and Layout.
+    Handshake,
+    /// In the middle of the bulk pass.
+    BulkPass,
+    /// In the middle of the first dirty pass.
+    DirtyPass,
+    /// After pausing the vCPUs, during the final pass.
+    Switchover,
+    /// After Complete, before the destination's ReadyToResume arrives.
+    BeforeFinalAck,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        let policy = PolicyConfig::default();
+        SourceOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: None,
+            timeout: None,
+            on_timeout: TimeoutAction::Abort,
+            verify: true,
+            verify_before_commit: false,
+            poll_interval: Duration::from_millis(5),
+            high_water: 0.95,
+            max_iterations: 10_000,
+            dirty_limit: DirtyLimitMode::Off,
+            auto_converge: false,
+            throttle_trigger_threshold: policy.throttle_trigger_threshold,
+            cpu_throttle_initial: policy.cpu_throttle_initial,
+            cpu_throttle_increment: policy.cpu_throttle_increment,
+            max_cpu_throttle: policy.max_cpu_throttle,
+            fail_at: None,
+        }
+    }
+}
+
+impl SourceOptions {
+    /// The convergence policy's configuration for these options.
+    pub fn policy_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            downtime_limit: self.downtime_limit,
+            timeout: self.timeout,
+            on_timeout: match self.on_timeout {
+                TimeoutAction::Abort => OnTimeout::Abort,
+                TimeoutAction::ForceSwitchover => OnTimeout::Force,
+            },
+            max_iterations: self.max_iterations,
+            throttle_trigger_threshold: self.throttle_trigger_threshold,
+            auto_converge: self.auto_converge,
+            cpu_throttle_initial: self.cpu_throttle_initial,
+            cpu_throttle_increment: self.cpu_throttle_increment,
+            max_cpu_throttle: self.max_cpu_throttle,
+            dirty_limit: self.dirty_limit,
+        }
+    }
+}
+
+/// A snapshot for progress displays.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Current pass (0 = bulk).
+    pub iteration: u32,
+    /// Pages sent in this pass so far.
+    pub pass_sent: u64,
+    /// Pages this pass carries.
+    pub pass_pages: u64,
+    /// Bytes sent so far.
+    pub bytes: u64,
+    /// Measured bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Pages dirty at the last collect.
+    pub dirty_pages: u64,
+}
+
+/// Nice value of the threads moving a guest (source sender, destination receiver): below the
+/// vCPU threads' priority, so a co-located guest keeps its CPU while it is migrated.
+pub const MIGRATION_NICE: i32 = 10;
+
+/// Pages per populated query in the bulk pass (64 MiB, 128 KiB of pagemap).
+pub(crate) const POPULATED_CHUNK: u64 = 16384;
+
+/// The layout of a VM's memory for the wire.
+pub fn layout_of(vm: &dyn MigratableVm) -> Result<MemoryLayout> {
+    vm.layout()
+}
+
+/// Digest of the VM's memory as it is now (the vCPUs must be paused).
+pub fn memory_digest(vm: &dyn MigratableVm) -> Result<migration::digest::MemoryDigest> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let zero_hash = migration::digest::page_hash(&page);
+    let mut regions = Vec::new();
+    let mut populated = Populated::new(vm);
+    for r in vm.slots() {
+        let mut sum = 0u64;
+        for p in 0..r.pages {
+            let gpa = r.guest_phys_addr + p * PAGE_SIZE;
+            // A page never populated is zero: hashed without faulting it in.
+            let h = if populated.may_hold_data(gpa)? {
+                vm.read_page(gpa, &mut page)?;
+                migration::digest::page_hash(&page)
+            } else {
+                zero_hash
+            };
+            sum = sum.wrapping_add(migration::digest::page_term(gpa, h));
+        }
+        regions.push(sum);
+    }
+    Ok(migration::digest::MemoryDigest { regions })
+}
+
+/// Which pages were ever populated, a chunk at a time: the bulk pass sends a
+/// never-populated page as a zero marker without reading (and so faulting in) it.
+pub(crate) struct Populated<'a> {
+    vm: &'a dyn MigratableVm,
+    slots: Vec<kvm_dirty::SlotSpec>,
+    start: u64,
+    pages: u64,
+    bits: Vec<u64>,
+}
+
+impl<'a> Populated<'a> {
+    pub(crate) fn new(vm: &'a dyn MigratableVm) -> Self {
+        Populated {
+            vm,
+            slots: vm.slots(),
+            start: 0,
+            pages: 0,
+            bits: Vec::new(),
+        }
+    }
+
+    pub(crate) fn may_hold_data(&mut self, gpa: u64) -> Result<bool> {
+        if gpa < self.start || gpa >= self.start + self.pages * PAGE_SIZE {
+            let r = self
+                .slots
+                .iter()
+                .find(|r| r.contains_gpa(gpa))
+                .ok_or_else(|| MigrationError::Internal(format!("{gpa:#x} is not guest RAM")))?;
+            let end = r.guest_phys_addr + r.pages * PAGE_SIZE;
+            let pages = ((end - gpa) / PAGE_SIZE).min(POPULATED_CHUNK);
+            self.vm.populated(gpa, pages, &mut self.bits)?;
+            self.start = gpa;
+            self.pages = pages;
+        }
+        let i = (gpa - self.start) / PAGE_SIZE;
+        Ok(self
+            .bits
+            .get((i / 64) as usize)
+            .is_none_or(|w| w >> (i % 64) & 1 == 1))
+    }
+}
+
+/// Migrates `vm` (running) over `stream`, blocking. On success the source VM is stopped and
+/// the guest runs on the destination. On any failure before commit the guest keeps running
+/// here, and the summary says why (`Outcome::Aborted` / `Outcome::Failed`). For a migration
+/// an operator can watch, cancel or retune while it runs, use
+/// [`MigrationJob`](crate::job::MigrationJob).
+pub fn migrate(
+    vm: &mut Vm,
+    stream: TcpStream,
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationSummary> {
+    let summary = migrate_over(&*vm, stream, opts, progress);
+    if summary.completed() {
+        // A completed source stays paused; its owner (here) stops it.
+        vm.stop()?;
+    }
+    Ok(summary)
+}
+
+/// Migrates any [`MigratableVm`] over `stream`, blocking. A completed source stays paused
+/// (the caller stops it); after a failure or an abort it keeps running.
+pub fn migrate_over(
+    vm: &dyn MigratableVm,
+    stream: TcpStream,
+    opts: &SourceOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> MigrationSummary {
+    let ctl = Control::new(opts.clone(), Box::new(|_| {}));
+    ctl.set_status(MigrationStatus::Setup);
+    run_job(vm, Ok(stream), &ctl, progress)
+}
+
+/// Runs a whole migration on the calling thread and returns its summary; the job's status
+/// ends `completed`, `failed` or `cancelled`. A completed source stays paused.
+pub(crate) fn run_job(
+    vm: &dyn MigratableVm,
+    stream: Result<TcpStream>,
+    ctl: &Control,
+    progress: &mut dyn FnMut(&Progress),
+) -> MigrationSummary {
+    let t_start = Instant::now();
+    let opts = ctl.opts();
+    let mut summary = MigrationSummary::new(vm.tracker_mode().name(), &opts);
+    // The guest's vCPUs come first: this thread yields to them when they compete for a core
+    // (on a small host the migration would otherwise take CPU time the guest's timer needs).
+    let old_nice = vmm::renice_current_thread(MIGRATION_NICE);
+    let mut paused = false;
+    let r = stream.and_then(|stream| {
+        let mut s = session::Session::open(vm, stream, ctl, &mut summary, progress, t_start)?;
+        let r = s.run();
+        paused = s.paused();
+        if r.is_err() && (ctl.cancelled() || matches!(r, Err(MigrationError::Cancelled))) {
+            s.abort("cancelled on the source (migrate_cancel)");
+        }
+        r
+    });
+    if let Some(n) = old_nice {
+        vmm::renice_current_thread(n);
+    }
+    // A completed migration's total ends at the destination's Resumed (set there), not after
+    // the source's post-commit digest check.
+    if summary.total_ms == 0.0 {
+        summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    }
+    // An operator's cancel that raced with a timeout abort is reported as the cancel.
+    if matches!(r, Ok(())) && ctl.cancelled() && matches!(summary.outcome, Outcome::Aborted { .. })
+    {
+        summary.outcome = Outcome::Cancelled;
+    }
+    if let Err(e) = r {
+        tracing::info!(error = %e, cancelled = ctl.cancelled(), "migration ended before the commit; the guest keeps running on the source");
+        // Nothing lost: the guest continues on the source, unthrottled.
+        vm.set_cpu_throttle(0);
+        if paused {
+            vm.resume();
+        }
+        summary.outcome = if ctl.cancelled() || matches!(e, MigrationError::Cancelled) {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed {
+                reason: e.to_string(),
+                source_running: vm.is_running(),
+            }
+        };
+    }
+    finish_job(ctl, &summary);
+    summary
+}
+
+/// Publishes the final counters and status.
+fn finish_job(ctl: &Control, summary: &MigrationSummary) {
+    ctl.update(|l, _| {
+        l.total_ms = Some(summary.total_ms as u64);
+        l.x.verified = summary.verified;
+        l.x.tracking_lost_events = summary.tracking_lost_events;
+        if summary.completed() {
+            l.downtime_ms = Some(summary.downtime_ms.round() as u64);
+            l.ram.remaining = 0;
+        }
+    });
+    let status = match &summary.outcome {
+        Outcome::Completed => MigrationStatus::Completed,
+        Outcome::Cancelled => MigrationStatus::Cancelled,
+        Outcome::Running => MigrationStatus::Failed,
+        Outcome::Aborted { reason }
+        | Outcome::Failed { reason, .. }
+        | Outcome::CommittedUnconfirmed { reason } => {
+            ctl.set_error(reason.clone());
+            MigrationStatus::Failed
+        }
+    };
+    ctl.set_status(status);
+}

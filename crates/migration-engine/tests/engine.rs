@@ -1,0 +1,377 @@
+//! The engine on the fake VM (no `/dev/kvm` needed): the same source code path as a real
+//! migration (job, sender, policy, switchover, commit) over loopback TCP to a fake
+//! destination (a real `Decoder` into a `FakeVm`) or a scripted peer. Assertions are on
+//! outcomes and decisions, never on how long something took.
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{recorder, scripted_destination, statuses, wait_for, StallAt};
+use kvm_dirty::{TrackerMode, PAGE_SIZE};
+use migration::wire::Message;
+use migration_engine::fake::{DestFault, FakeConfig, FakeDestination, FakeIncoming, FakeVm};
+use migration_engine::{
+    FailPoint, MigratableVm, MigrationError, MigrationJob, MigrationStatus, MigrationSummary,
+    Outcome, SourceOptions, TimeoutAction,
+};
+
+/// A fake guest with two regions (one above 4 GiB), writing `rate` pages/s over a 512-page
+/// working set.
+fn guest(tracker: TrackerMode, rate: u64) -> Arc<FakeVm> {
+    let vm = FakeVm::new(FakeConfig {
+        regions: vec![(0, 2 << 20), (1 << 32, 4 << 20)],
+        vcpus: 2,
+        rate_pages_per_s: rate,
+        working_set_pages: 768,
+        tracker,
+    })
+    .unwrap();
+    vm.start().unwrap();
+    // The working set is populated before the migration starts.
+    wait_until("guest warm-up", || vm.writes() >= 256);
+    Arc::new(vm)
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: never happened"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The fake guest runs (not paused, still writing).
+fn assert_running(vm: &FakeVm, what: &str) {
+    assert!(
+        vm.is_running() && !vm.is_paused(),
+        "{what}: source not running"
+    );
+    let w = vm.writes();
+    wait_until(&format!("{what}: the guest writes on"), || vm.writes() > w);
+}
+
+type DestThread = std::thread::JoinHandle<Result<FakeIncoming, MigrationError>>;
+
+fn destination(d: FakeDestination) -> (String, DestThread) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        d.receive(s)
+    });
+    (addr, h)
+}
+
+fn start(vm: &Arc<FakeVm>, addr: String, opts: SourceOptions) -> MigrationJob {
+    MigrationJob::start(vm.clone(), addr, opts, Box::new(|_| {})).unwrap()
+}
+
+/// Every page of the destination equals the source's.
+fn assert_same_memory(src: &FakeVm, dst: &FakeVm) {
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for s in src.slots() {
+        for p in 0..s.pages {
+            let gpa = s.guest_phys_addr + p * PAGE_SIZE;
+            src.read_page(gpa, &mut a).unwrap();
+            dst.read_page(gpa, &mut b).unwrap();
+            assert!(a == b, "page {gpa:#x} differs");
+        }
+    }
+    assert_eq!(src.digest().unwrap(), dst.digest().unwrap());
+}
+
+/// A completed migration: the source is paused, the destination holds its memory and vCPU
+/// state.
+fn check_completed(vm: &FakeVm, s: &MigrationSummary, dest: DestThread) -> FakeIncoming {
+    assert_eq!(s.outcome, Outcome::Completed, "{}", s.to_text());
+    assert_eq!(s.verified, Some(true), "digests match");
+    assert!(
+        vm.is_paused(),
+        "a completed source stays paused for its owner"
+    );
+    let inc = dest.join().unwrap().unwrap();
+    assert_same_memory(vm, &inc.vm);
+    assert_eq!(inc.vcpu_states, vm.save_vcpus().unwrap());
+    assert_eq!(inc.pages, s.pages_sent);
+    inc
+}
+
+#[test]
+fn a_migration_completes_and_the_destination_memory_equals_the_source() {
+    for tracker in [TrackerMode::Ring, TrackerMode::Bitmap] {
+        let vm = guest(tracker, 20_000);
+        let (addr, dest) = destination(FakeDestination::default());
+        let (ev, sink) = recorder();
+        let job = MigrationJob::start(vm.clone(), addr, SourceOptions::default(), sink).unwrap();
+        let s = job.wait();
+        let inc = check_completed(&vm, &s, dest);
+        assert_eq!(inc.passes as usize, s.iterations.len());
+        assert_eq!(
+            statuses(&ev),
+            [
+                MigrationStatus::Setup,
+                MigrationStatus::Active,
+                MigrationStatus::Device,
+                MigrationStatus::Completed
+            ]
+        );
+        vm.stop();
+    }
+}
+
+/// Cancels and checks the invariant: cancelled, the guest still writing on the source.
+fn cancel_and_check(vm: &FakeVm, job: MigrationJob, what: &str) {
+    job.cancel();
+    let s = job.wait();
+    assert_eq!(s.outcome, Outcome::Cancelled, "{what}: {}", s.to_text());
+    assert_running(vm, what);
+    assert_eq!(vm.throttle_percent(0), 0, "{what}: no throttle left");
+}
+
+#[test]
+fn cancel_in_each_phase_leaves_the_source_running_and_the_guest_writing() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    // Setup, the Sync barrier and the paused device phase: a scripted peer stalls there.
+    for (at, want) in [
+        (StallAt::Accept, MigrationStatus::Setup),
+        (StallAt::Sync, MigrationStatus::Active),
+        (StallAt::Ready, MigrationStatus::Device),
+    ] {
+        let (addr, reached, _go, dest) = scripted_destination(at);
+        let job = start(&vm, addr, SourceOptions::default());
+        reached.recv().unwrap();
+        wait_for(&job, "stall", |i| i.status == want);
+        cancel_and_check(&vm, job, &format!("{at:?}"));
+        assert!(
+            matches!(dest.join().unwrap(), Ok(Message::Abort(_))),
+            "{at:?}: the destination is told"
+        );
+    }
+    // The bulk pass and a dirty pass: a real (fake-VM) destination drops what it received.
+    let slow = SourceOptions {
+        max_bandwidth: Some(256 << 10),
+        downtime_limit: Duration::from_millis(1),
+        ..SourceOptions::default()
+    };
+    for (what, min_pass) in [("bulk pass", 0), ("dirty pass", 2)] {
+        let (addr, dest) = destination(FakeDestination::default());
+        let opts = SourceOptions {
+            max_bandwidth: Some(if min_pass == 0 { 256 << 10 } else { 16 << 20 }),
+            ..slow.clone()
+        };
+        let job = start(&vm, addr, opts);
+        wait_for(&job, what, |i| {
+            i.x_ringvisor
+                .as_ref()
+                .is_some_and(|x| x.pass >= min_pass && x.pass_pages_sent > 0)
+        });
+        cancel_and_check(&vm, job, what);
+        assert!(
+            matches!(dest.join().unwrap(), Err(MigrationError::SourceAborted(_))),
+            "{what}: the destination drops it"
+        );
+    }
+}
+
+#[test]
+fn a_failure_at_each_fail_point_or_in_the_destination_keeps_the_source() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    for fp in [
+        FailPoint::Handshake,
+        FailPoint::BulkPass,
+        FailPoint::DirtyPass,
+        FailPoint::Switchover,
+        FailPoint::BeforeFinalAck,
+    ] {
+        let (addr, dest) = destination(FakeDestination::default());
+        let opts = SourceOptions {
+            fail_at: Some(fp),
+            // At least one dirty pass (the guest rewrites its working set during a paced bulk
+            // pass), then a forced switchover.
+            downtime_limit: Duration::from_millis(1),
+            max_bandwidth: Some(8 << 20),
+            max_iterations: 3,
+            on_timeout: TimeoutAction::ForceSwitchover,
+            ..SourceOptions::default()
+        };
+        let s = start(&vm, addr, opts).wait();
+        assert!(
+            matches!(
+                s.outcome,
+                Outcome::Failed {
+                    source_running: true,
+                    ..
+                }
+            ),
+            "{fp:?}: {:?}",
+            s.outcome
+        );
+        assert!(dest.join().unwrap().is_err(), "{fp:?}: no guest there");
+        assert_running(&vm, &format!("{fp:?}"));
+    }
+    for fault in [DestFault::Refuse, DestFault::Restore] {
+        let (addr, dest) = destination(FakeDestination { fault: Some(fault) });
+        let s = start(&vm, addr, SourceOptions::default()).wait();
+        match &s.outcome {
+            Outcome::Failed {
+                source_running: true,
+                reason,
+            } => assert!(reason.contains("on purpose"), "{fault:?}: {reason}"),
+            o => panic!("{fault:?}: {o:?}"),
+        }
+        assert!(dest.join().unwrap().is_err());
+        assert_running(&vm, &format!("{fault:?}"));
+    }
+    // And it still migrates.
+    let (addr, dest) = destination(FakeDestination::default());
+    let s = start(&vm, addr, SourceOptions::default()).wait();
+    check_completed(&vm, &s, dest);
+}
+
+#[test]
+fn a_live_downtime_limit_change_lets_a_non_converging_migration_switch_over() {
+    let vm = guest(TrackerMode::Ring, 100_000);
+    let (addr, dest) = destination(FakeDestination::default());
+    // A 1 ms limit at 8 MiB/s with a guest rewriting 3 MiB at 100k pages/s: never fits.
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(8 << 20),
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    wait_for(&job, "three dirty passes", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 3)
+    });
+    assert_eq!(job.info().status, MigrationStatus::Active, "not converged");
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    assert!(!s.forced_switchover);
+    assert!(
+        s.log.iter().any(|l| l.starts_with("converged")),
+        "{:?}",
+        s.log
+    );
+    assert_eq!(
+        s.downtime_limit_ms, 1,
+        "the summary keeps the starting parameters"
+    );
+    check_completed(&vm, &s, dest);
+}
+
+#[test]
+fn lost_dirty_tracking_resends_all_memory() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    let total_pages: u64 = vm.slots().iter().map(|s| s.pages).sum();
+    let (addr, dest) = destination(FakeDestination::default());
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(32 << 20),
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    wait_for(&job, "a dirty pass", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 1)
+    });
+    // The next collect drops what it found and reports the loss.
+    vm.lose_tracking_once();
+    wait_for(&job, "the loss noticed", |i| {
+        i.x_ringvisor
+            .as_ref()
+            .is_some_and(|x| x.tracking_lost_events == 1)
+    });
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    assert_eq!(s.tracking_lost_events, 1);
+    assert!(
+        s.log.iter().any(|l| l.contains("lost")),
+        "logged: {:?}",
+        s.log
+    );
+    assert!(
+        s.iterations[1..].iter().any(|i| i.pages == total_pages),
+        "a pass after the loss resends every page: {:?}",
+        s.iterations.iter().map(|i| i.pages).collect::<Vec<_>>()
+    );
+    // Only a full resend makes the memory equal: the lost pages were never reported.
+    check_completed(&vm, &s, dest);
+}
+
+#[test]
+fn auto_converge_throttles_a_non_converging_guest_and_cancel_lifts_it() {
+    let vm = guest(TrackerMode::Bitmap, 100_000);
+    let (addr, _dest) = destination(FakeDestination::default());
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(8 << 20),
+        auto_converge: true,
+        cpu_throttle_initial: 40,
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    wait_for(&job, "a throttle", |i| i.cpu_throttle_percentage.is_some());
+    let p = vm.throttle_percent(1);
+    assert!(
+        p >= 40 && (p - 40).is_multiple_of(10),
+        "cpu-throttle-initial first, then +10% steps: {p}"
+    );
+    cancel_and_check(&vm, job, "auto-converge");
+}
+
+#[test]
+fn a_live_dirty_limit_change_reaches_the_vcpus_at_the_next_pass() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    let (addr, dest) = destination(FakeDestination::default());
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(16 << 20),
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    wait_for(&job, "a dirty pass", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 1)
+    });
+    assert_eq!(vm.dirty_quota(0), None);
+    // Above what the guest dirties, so pre-copy still does not converge.
+    job.set_options(|o| o.dirty_limit = migration_engine::DirtyLimitMode::Fixed(64 << 20));
+    wait_for(&job, "the limit", |i| {
+        i.x_ringvisor
+            .as_ref()
+            .is_some_and(|x| x.dirty_limit_bytes_per_s == Some(64 << 20))
+    });
+    assert_eq!(vm.dirty_quota(0), Some(16384), "64 MiB/s = 16384 pages/s");
+    assert_eq!(vm.dirty_quota(1), Some(16384));
+    job.set_options(|o| o.dirty_limit = migration_engine::DirtyLimitMode::Off);
+    wait_for(&job, "the limit lifted", |i| {
+        i.x_ringvisor
+            .as_ref()
+            .is_some_and(|x| x.dirty_limit_bytes_per_s.is_none())
+    });
+    assert_eq!(vm.dirty_quota(0), None);
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    check_completed(&vm, &s, dest);
+}
+
+#[test]
+fn a_completed_fake_migration_never_resumes_the_source_even_if_cancelled_after_commit() {
+    let vm = guest(TrackerMode::Ring, 5_000);
+    let (addr, reached, go, dest) = scripted_destination(StallAt::Resumed);
+    let opts = SourceOptions {
+        verify: false,
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    reached.recv().unwrap();
+    job.cancel();
+    go.send(()).unwrap();
+    let s = job.wait();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(matches!(dest.join().unwrap(), Ok(Message::Commit)));
+    assert!(vm.is_paused(), "completed: the source stays paused");
+}
