@@ -590,11 +590,7 @@ fn run_source(
     };
     let mut limiter = match (opts.dirty_limit, s.vm.ring_set()) {
         (DirtyLimitMode::Off, _) => None,
-        (_, Some(rs)) => Some(DirtyLimiter::start(
-            rs.clone(),
-            s.vm.vcpu_handles().to_vec(),
-            LimiterConfig::default(),
-        )),
+        (_, Some(_)) => Some(DirtyLimiter::start(s.vm, LimiterConfig::default())?),
         (_, None) => {
             return Err(MigrationError::Protocol(
                 "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),

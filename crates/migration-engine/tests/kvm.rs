@@ -345,11 +345,7 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
         std::thread::sleep(Duration::from_secs(1));
         let compute_free = (vm.nr_writes(1).unwrap() - c0) as f64;
         let quota = 50_000_000u64; // 50 MB/s = 12207 pages/s
-        let mut l = DirtyLimiter::start(
-            vm.ring_set().unwrap().clone(),
-            vm.vcpu_handles().to_vec(),
-            LimiterConfig::default(),
-        );
+        let mut l = DirtyLimiter::start(&vm, LimiterConfig::default()).unwrap();
         l.set_quota(Some(quota), None);
         std::thread::sleep(Duration::from_secs(3));
         let w0: Vec<u64> = (0..2).map(|i| vm.nr_writes(i).unwrap()).collect();
