@@ -345,7 +345,9 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
         std::thread::sleep(Duration::from_secs(1));
         let compute_free = (vm.nr_writes(1).unwrap() - c0) as f64;
         let quota = 50_000_000u64; // 50 MB/s = 12207 pages/s
+        assert_eq!(vm.dirty_logging_users(), 0, "dirty logging is off at boot");
         let mut l = DirtyLimiter::start(&vm, LimiterConfig::default()).unwrap();
+        assert_eq!(vm.dirty_logging_users(), 1, "the limiter holds dirty logging");
         l.set_quota(Some(quota), None);
         std::thread::sleep(Duration::from_secs(3));
         let w0: Vec<u64> = (0..2).map(|i| vm.nr_writes(i).unwrap()).collect();
@@ -385,6 +387,7 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
         l.set_quota(None, None);
         assert_eq!(vm.vcpu_handles()[0].throttle(), 0.0);
         l.stop();
+        assert_eq!(vm.dirty_logging_users(), 0, "off again once the limiter stops");
         vm.stop().unwrap();
     }
 }
@@ -462,6 +465,7 @@ fn ring_dirty_rate_is_exact_per_vcpu_and_bitmap_and_sampling_agree() {
     };
     let mut vm = mk(Tracking::Ring { entries: 65536 });
     let r = dirtyrate::measure_ring(&vm, Duration::from_secs(1)).unwrap();
+    assert_eq!(vm.dirty_logging_users(), 0, "the measurement released dirty logging");
     let s = dirtyrate::measure_sample(&vm, Duration::from_secs(1), 8192, 3).unwrap();
     vm.stop().unwrap();
     let per = r.vcpu_pages_per_s.clone().unwrap();
