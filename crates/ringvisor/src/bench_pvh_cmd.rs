@@ -78,6 +78,7 @@ fn cmdline(o: &Opts, dirty: bool) -> String {
         tick_us: 1000,
         period_ticks: o.period_ticks,
         tsc_pace: true,
+        ..pvh::test_kernel::Cmdline::default()
     }
     .render()
 }

@@ -17,9 +17,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::devices::{Devices, SerialOutput, COM1_GSI};
 use crate::error::{Result, VmmError};
 use crate::guest::{self, VcpuCtrl};
+use crate::logging::{DirtyLogGuard, DirtyLogging, LoggedTracker};
 use crate::machine::{MachineState, Platform, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::memory::{GuestRam, RegionSpec};
-use crate::logging::{DirtyLogGuard, DirtyLogging, LoggedTracker};
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
 use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
 

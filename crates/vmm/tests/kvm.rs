@@ -268,18 +268,32 @@ fn memslots_log_dirty_pages_only_while_a_tracker_or_guard_is_held_recorded_and_s
         .unwrap();
         vm.start(None).unwrap();
         let all = |vm: &Vm, f: u32| vm.memslot_flags().iter().all(|&(_, v)| v == f);
-        assert!(all(&vm, 0), "{mode:?}: off at boot: {:?}", vm.memslot_flags());
+        assert!(
+            all(&vm, 0),
+            "{mode:?}: off at boot: {:?}",
+            vm.memslot_flags()
+        );
         assert_eq!(vm.dirty_logging_users(), 0);
-        assert!(!kernel_logs(&vm, mode), "{mode:?}: KVM logs nothing at boot");
+        assert!(
+            !kernel_logs(&vm, mode),
+            "{mode:?}: KVM logs nothing at boot"
+        );
         let mut tracker = vm.tracker().unwrap();
         assert!(all(&vm, 0), "{mode:?}: creating a tracker is not using it");
         tracker.start().unwrap();
-        assert!(all(&vm, log), "{mode:?}: on while tracking: {:?}", vm.memslot_flags());
+        assert!(
+            all(&vm, log),
+            "{mode:?}: on while tracking: {:?}",
+            vm.memslot_flags()
+        );
         assert!(kernel_logs(&vm, mode), "{mode:?}: KVM logs while tracking");
         let guard = vm.dirty_logging().unwrap();
         assert_eq!(vm.dirty_logging_users(), 2);
         tracker.stop().unwrap();
-        assert!(all(&vm, log), "{mode:?}: still on while another user holds it");
+        assert!(
+            all(&vm, log),
+            "{mode:?}: still on while another user holds it"
+        );
         assert!(kernel_logs(&vm, mode));
         drop(guard);
         assert_eq!(vm.dirty_logging_users(), 0);
