@@ -961,16 +961,7 @@ fn retune_dirty_limit(
     summary: &mut MigrationSummary,
 ) -> Result<()> {
     if mode != DirtyLimitMode::Off && limiter.is_none() {
-        let rs = vm.ring_set().ok_or_else(|| {
-            MigrationError::Protocol(
-                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),
-            )
-        })?;
-        *limiter = Some(DirtyLimiter::start(
-            rs.clone(),
-            vm.vcpu_handles().to_vec(),
-            LimiterConfig::default(),
-        ));
+        *limiter = Some(DirtyLimiter::start(vm, LimiterConfig::default())?);
     }
     let Some(l) = limiter.as_ref() else {
         return Ok(());
