@@ -115,6 +115,7 @@ fn cmdline(o: &PvhOpts, dirty: bool) -> String {
         tick_us: 1000,
         period_ticks: o.period_ticks,
         tsc_pace: true,
+        ..pvh::test_kernel::Cmdline::default()
     }
     .render()
 }

@@ -32,7 +32,7 @@ pub use abi::{DirtyGfn, SlotId};
 pub use error::{DirtyError, Result};
 pub use pageset::DirtyPageSet;
 pub use ring::{
-    enable_dirty_ring, probe_ring, HarvestStats, RingCapability, RingConsumer, RingFlavor,
+    enable_dirty_ring, probe_ring, HarvestStats, Resync, RingCapability, RingConsumer, RingFlavor,
     RingSize, RingStorage, UnresetEntries,
 };
 pub use sys::{is_pvm_host, MmapRing};

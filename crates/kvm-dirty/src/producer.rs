@@ -113,15 +113,23 @@ impl SoftRingProducer {
         if self.used() >= size {
             return Err(DirtyError::RingFull { size });
         }
+        Ok(self.push_overrun(slot, offset))
+    }
+
+    /// Publishes one dirty gfn even into a completely full ring, overwriting whatever the
+    /// entry holds (unharvested or harvested-but-not-reset): what the host in
+    /// `pvm-host.md` does when its instruction emulator pushes past the soft limit and the
+    /// reserve (the kernel only WARNs). Tests use it to reproduce the overrun.
+    pub fn push_overrun(&mut self, slot: u32, offset: u64) -> PushOutcome {
         let e = &self.shared.entries[(self.dirty_index & self.mask) as usize];
         e.slot.store(slot, Ordering::Relaxed);
         e.offset.store(offset, Ordering::Relaxed);
         // Release: the consumer's acquire of DIRTY must see slot/offset (kernel: smp_wmb()).
         e.flags.store(KVM_DIRTY_GFN_F_DIRTY, Ordering::Release);
         self.dirty_index = self.dirty_index.wrapping_add(1);
-        Ok(PushOutcome {
+        PushOutcome {
             soft_full: self.is_soft_full(),
-        })
+        }
     }
 }
 
@@ -258,5 +266,190 @@ mod tests {
             soft_ring(4, 4),
             Err(DirtyError::RingTooSmall { .. })
         ));
+    }
+
+    /// The ring-full handling of `RingSet::handle_ring_full` on a software ring (the producer
+    /// is quiescent while it runs, as a vCPU out of KVM_RUN is): harvest, reset with the
+    /// kernel's count, and resync when less than `min_soft` entries came since the last one.
+    /// Returns the offsets reported, in order, and whether a resync marked anything.
+    fn ring_full(
+        c: &mut RingConsumer<Arc<SoftRingShared>>,
+        r: &mut SoftRingResetter,
+        min_soft: u32,
+    ) -> (Vec<u64>, bool) {
+        let mut got = Vec::new();
+        let _ = c.harvest(|_, o| got.push(o));
+        let reset_kernel = |c: &mut RingConsumer<Arc<SoftRingShared>>, r: &mut SoftRingResetter| {
+            let expected = u64::from(c.unreset());
+            let n = r.reset(|_, _| {});
+            if n == expected {
+                c.reset_complete();
+            } else {
+                c.reset_short(n);
+            }
+        };
+        reset_kernel(c, r);
+        let mut resynced = false;
+        if c.is_stuck() || c.progress() < min_soft {
+            let blind = if c.progress() == 0 && c.unreset() == 0 && !c.is_stuck() {
+                min_soft
+            } else {
+                0
+            };
+            let rs = c.resync(blind, |_, o| got.push(o));
+            if rs.to_reset > 0 {
+                resynced = true;
+                reset_kernel(c, r);
+            }
+        }
+        c.set_mark();
+        (got, resynced)
+    }
+
+    #[test]
+    fn overrun_puts_the_consumer_out_of_step_and_resync_brings_it_back() {
+        // 256 entries, 64 reserved: soft limit 192. The "emulator" pushes 35 entries past a
+        // completely full ring before the vCPU exits, as the host in pvm-host.md does.
+        let (mut p, mut c, mut r) = soft_ring(256, 64).unwrap();
+        let min_soft = 192;
+        let mut next = 0u64;
+        while !p.is_soft_full() {
+            p.push(1, next).unwrap();
+            next += 1;
+        }
+        while p.used() < 256 + 35 {
+            p.push_overrun(1, next);
+            next += 1;
+        }
+        let (got, resynced) = ring_full(&mut c, &mut r, min_soft);
+        assert_eq!(got.len(), 256, "a whole lap: the overrun's sign");
+        assert!(
+            !resynced,
+            "nothing to resync yet: the kernel's 35 extra entries read 0"
+        );
+        assert_eq!(
+            got[..35],
+            (256..291).collect::<Vec<_>>()[..],
+            "entries 0..35 were overwritten"
+        );
+        assert_eq!(
+            p.used(),
+            35,
+            "the kernel counts 35 entries in use whose flags it cleared"
+        );
+        // The guest runs on until the ring is soft-full again.
+        let resumed_at = next;
+        while !p.is_soft_full() {
+            p.push(1, next).unwrap();
+            next += 1;
+        }
+        // The old consumer: nothing at the fetch index, nothing reset, the vCPU exits forever.
+        let (stats, _) = c.harvest(|_, _| {});
+        assert_eq!(
+            stats.entries, 0,
+            "out of step: the fetch index sits on a hole"
+        );
+        assert_eq!(r.reset(|_, _| {}), 0);
+        assert!(p.is_soft_full(), "livelock without a resync");
+        // The new handler resyncs: the holes are marked, the DIRTY run is reported in order.
+        let (got, resynced) = ring_full(&mut c, &mut r, min_soft);
+        assert!(resynced);
+        assert_eq!(got, (resumed_at..next).collect::<Vec<_>>());
+        assert_eq!(
+            p.used(),
+            0,
+            "the kernel's reset index caught up with its dirty index"
+        );
+        // In step again: a normal cycle reports every entry and resets it.
+        for i in 0..100 {
+            p.push(2, 1000 + i).unwrap();
+        }
+        let (got, resynced) = ring_full(&mut c, &mut r, 0);
+        assert!(!resynced);
+        assert_eq!(got, (1000..1100).collect::<Vec<_>>());
+        assert_eq!(p.used(), 0);
+    }
+
+    #[test]
+    fn overrun_by_more_than_the_soft_limit_is_resynced_blind_without_passing_the_dirty_index() {
+        // The emulator pushed 200 entries past a full ring: after the harvest of the lap and
+        // its reset the kernel still counts 200 >= 192 in use, all of them cleared, so the vCPU
+        // exits again at once with nothing new in the ring.
+        let (mut p, mut c, mut r) = soft_ring(256, 64).unwrap();
+        let min_soft = 192;
+        let mut next = 0u64;
+        while p.used() < 256 + 200 {
+            p.push_overrun(1, next);
+            next += 1;
+        }
+        let (got, _) = ring_full(&mut c, &mut r, min_soft);
+        assert_eq!(got.len(), 256);
+        assert_eq!(p.used(), 200);
+        assert!(p.is_soft_full());
+        let (got, resynced) = ring_full(&mut c, &mut r, min_soft);
+        assert!(got.is_empty());
+        assert!(resynced, "no progress since the last exit: marked blind");
+        assert_eq!(
+            p.used(),
+            200 - 192,
+            "exactly the minimum soft limit, never more"
+        );
+        assert!(!p.is_soft_full(), "the guest runs again");
+        let resumed_at = next;
+        while !p.is_soft_full() {
+            p.push(1, next).unwrap();
+            next += 1;
+        }
+        let (got, resynced) = ring_full(&mut c, &mut r, min_soft);
+        assert!(resynced, "8 holes, then the new entries");
+        assert_eq!(got, (resumed_at..next).collect::<Vec<_>>());
+        assert_eq!(p.used(), 0);
+    }
+
+    #[test]
+    fn reset_stopped_by_an_overwritten_entry_is_resynced_from_the_exact_reset_index() {
+        // A collector harvests 100 entries while the vCPU runs; before its reset, the emulator
+        // overruns the ring and overwrites entries it had marked RESET. The reset stops there.
+        let (mut p, mut c, mut r) = soft_ring(256, 64).unwrap();
+        let min_soft = 192;
+        let mut next = 0u64;
+        for _ in 0..100 {
+            p.push(1, next).unwrap();
+            next += 1;
+        }
+        let _ = c.harvest(|_, _| {});
+        while p.used() < 256 + 40 {
+            p.push_overrun(1, next);
+            next += 1;
+        }
+        assert_eq!(
+            r.reset(|_, _| {}),
+            0,
+            "entry 0 was overwritten (DIRTY): the reset stops"
+        );
+        c.reset_short(0);
+        assert!(c.is_stuck());
+        // The vCPU's ring-full exit: harvest, reset, resync until in step.
+        let mut reported = Vec::new();
+        for _ in 0..3 {
+            let (got, _) = ring_full(&mut c, &mut r, min_soft);
+            reported.extend(got);
+            if p.used() == 0 && !c.is_stuck() {
+                break;
+            }
+        }
+        assert!(!c.is_stuck());
+        assert_eq!(p.used(), 0, "in step with the kernel again");
+        // Every entry pushed after the collector's harvest that survived is reported.
+        for o in 256..next {
+            assert!(reported.contains(&o), "entry {o} reported");
+        }
+        for i in 0..10 {
+            p.push(3, i).unwrap();
+        }
+        let (got, resynced) = ring_full(&mut c, &mut r, 0);
+        assert!(!resynced);
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        assert_eq!(p.used(), 0);
     }
 }

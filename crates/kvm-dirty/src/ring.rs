@@ -88,7 +88,23 @@ impl RingSize {
     pub fn soft_limit(self) -> u32 {
         self.0 - KVM_DIRTY_RING_RSVD_ENTRIES
     }
+
+    /// The lowest soft limit any host can apply to this size: x86 with PML reserves
+    /// [`PML_RESERVED_ENTRIES`] more than the 64 entries every host keeps, and rings of at
+    /// least 1024 entries are the only ones such a host accepts. A ring-full exit means at
+    /// least this many entries are in use; overrun detection and resync rely on that bound.
+    pub fn min_soft_limit(self) -> u32 {
+        let rsvd = if self.0 >= 1024 {
+            KVM_DIRTY_RING_RSVD_ENTRIES + PML_RESERVED_ENTRIES
+        } else {
+            KVM_DIRTY_RING_RSVD_ENTRIES
+        };
+        self.0 - rsvd
+    }
 }
+
+/// Entries x86 KVM reserves on top of the 64 when PML is on (`kvm_cpu_dirty_log_size`).
+pub const PML_RESERVED_ENTRIES: u32 = 512;
 
 /// What the host offers: the preferred flavor and the maximum size in entries.
 pub fn probe_ring(vm: &VmFd) -> Result<(RingFlavor, u32)> {
@@ -210,6 +226,31 @@ pub struct RingConsumer<S: RingStorage> {
     total: u64,
     /// How far [`RingConsumer::peek`] has looked (free-running, never behind `fetch`).
     peek: u32,
+    /// `fetch` at the last quiescent point ([`RingConsumer::set_mark`]): the end of the last
+    /// ring-full handling. A ring-full exit with less progress than the soft limit since then
+    /// means the kernel's indices and this consumer's are out of step.
+    mark: u32,
+    /// A reset stopped short of what this consumer harvested (an overrun overwrote an entry
+    /// marked RESET before the reset reached it): the kernel's reset index is stuck at or
+    /// after `unreset_from`, until [`RingConsumer::resync`].
+    stuck: bool,
+}
+
+/// What [`RingConsumer::resync`] did to bring the consumer back in step with the kernel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resync {
+    /// Entries marked RESET that held no unharvested gfn: entries the kernel counts as in use
+    /// but whose flags an earlier (misaligned) reset already cleared.
+    pub holes: u32,
+    /// DIRTY entries found away from the fetch index and harvested (reported to the sink).
+    pub harvested: u64,
+    /// Entries the next `KVM_RESET_DIRTY_RINGS` must reset on this ring, from the kernel's
+    /// reset index; 0 when the ring looked consistent and nothing was marked.
+    pub to_reset: u64,
+    /// No DIRTY entry was found and the holes were marked blind (the kernel's whole in-use
+    /// region had been cleared): only `min_soft_limit` of them, so the kernel's reset index
+    /// never passes its dirty index; the next ring-full exit finishes the job.
+    pub blind: bool,
 }
 
 impl<S: RingStorage> RingConsumer<S> {
@@ -224,6 +265,8 @@ impl<S: RingStorage> RingConsumer<S> {
             unreset_from: 0,
             total: 0,
             peek: 0,
+            mark: 0,
+            stuck: false,
         }
     }
 
@@ -285,12 +328,26 @@ impl<S: RingStorage> RingConsumer<S> {
     }
 
     /// Harvests every consecutive DIRTY entry from the fetch index, calling `sink(slot, offset)`
-    /// for each in ring order. Allocates nothing.
-    pub fn harvest(&mut self, mut sink: impl FnMut(u32, u64)) -> (HarvestStats, UnresetEntries) {
+    /// for each in ring order. Allocates nothing. A harvest of a whole lap
+    /// (`stats.entries == len()`) means the ring was completely full, past the kernel's
+    /// reserve: on a host with the overrun defect, entries may have been overwritten.
+    pub fn harvest(&mut self, sink: impl FnMut(u32, u64)) -> (HarvestStats, UnresetEntries) {
+        let limit = self.len();
+        let stats = self.harvest_up_to(limit, sink);
+        (
+            stats,
+            UnresetEntries {
+                count: stats.entries,
+            },
+        )
+    }
+
+    /// The harvest loop, at most `limit` entries (at most one lap: after it, the next entry
+    /// is one this consumer marked RESET itself).
+    fn harvest_up_to(&mut self, limit: u32, mut sink: impl FnMut(u32, u64)) -> HarvestStats {
         let entries = self.storage.entries();
         let mut stats = HarvestStats::default();
-        // At most one lap: after it, the next entry is one we marked RESET ourselves.
-        for _ in 0..=self.mask {
+        for _ in 0..limit.min(self.len()) {
             let e = &entries[(self.fetch & self.mask) as usize];
             // Acquire pairs with the producer's `smp_wmb(); flags = DIRTY`: slot/offset read
             // below are the ones published with this DIRTY.
@@ -307,12 +364,128 @@ impl<S: RingStorage> RingConsumer<S> {
             stats.last = Some((slot, offset));
         }
         self.total += stats.entries;
-        (
-            stats,
-            UnresetEntries {
-                count: stats.entries,
-            },
-        )
+        stats
+    }
+
+    /// Records the current fetch index as a quiescent point (call at the end of each
+    /// ring-full handling, when the vCPU is out of the guest and its ring is consistent).
+    pub fn set_mark(&mut self) {
+        self.mark = self.fetch;
+    }
+
+    /// Entries harvested (by anyone) since [`RingConsumer::set_mark`].
+    pub fn progress(&self) -> u32 {
+        self.fetch.wrapping_sub(self.mark)
+    }
+
+    /// True after a reset stopped short of this ring's harvested entries (see
+    /// [`RingConsumer::resync`]).
+    pub fn is_stuck(&self) -> bool {
+        self.stuck
+    }
+
+    /// Brings the consumer back in step with the kernel after an overrun. Call only while
+    /// nothing can push to this ring (its vCPU is out of `KVM_RUN`), after a harvest and a
+    /// reset, then reset again (`to_reset` entries) and [`RingConsumer::confirm_resync`].
+    ///
+    /// The kernel keeps two private indices: `reset` (next entry to recycle) and `dirty` (next
+    /// entry to fill); `dirty - reset` entries are in use. An overrun (more pushes than the
+    /// ring holds) leaves the kernel's `dirty` ahead of where this consumer expects it: after
+    /// the next harvest and reset, the entries from the fetch index on that the kernel still
+    /// counts as in use read 0 (holes), followed by the DIRTY entries pushed since. The
+    /// consumer waits at its fetch index for a DIRTY that never comes and the kernel's reset
+    /// waits there for a RESET: every `KVM_RUN` exits ring-full, nothing is harvested or reset.
+    ///
+    /// Resync, in ring order from the kernel's reset index (store-release of RESET on every
+    /// entry, acquire of flags before slot/offset, nothing skipped):
+    /// 1. after a reset that stopped short (`is_stuck`), the kernel's reset index is
+    ///    `unreset_from` (advanced by exactly the count each reset of this ring returned); every
+    ///    entry from there to the fetch index that lacks RESET is marked (a DIRTY one,
+    ///    overwritten before the reset reached it, is also reported);
+    /// 2. from the fetch index, the holes up to the first DIRTY entry are marked RESET and the
+    ///    DIRTY run is harvested: the kernel's dirty index is the end of that run;
+    /// 3. if no entry is DIRTY, `blind_holes` holes (0 = none) are marked: the caller passes
+    ///    the host's minimum soft limit only when a ring-full exit happened with no progress
+    ///    since the last quiescent point, which proves at least that many entries are in use.
+    pub fn resync(&mut self, blind_holes: u32, mut sink: impl FnMut(u32, u64)) -> Resync {
+        let n = self.len();
+        let entries = self.storage.entries();
+        let mut out = Resync::default();
+        // 1. The kernel's reset index is `unreset_from` (kept exact by the per-ring reset
+        // counts); an entry there lacking RESET stopped the last reset.
+        let r = self.unreset_from;
+        let behind = self.fetch.wrapping_sub(r).min(n);
+        for k in 0..behind {
+            let e = &entries[(r.wrapping_add(k) & self.mask) as usize];
+            let f = e.flags.load(Ordering::Acquire);
+            if f & KVM_DIRTY_GFN_F_RESET != 0 {
+                continue;
+            }
+            if f == KVM_DIRTY_GFN_F_DIRTY {
+                sink(
+                    e.slot.load(Ordering::Relaxed),
+                    e.offset.load(Ordering::Relaxed),
+                );
+                out.harvested += 1;
+            } else {
+                out.holes += 1;
+            }
+            e.flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+        }
+        self.total += out.harvested;
+        // 2. Holes, then the DIRTY run, within what is left of one lap from `r`.
+        let room = n - behind;
+        let mut h = 0u32;
+        while h < room
+            && entries[(self.fetch.wrapping_add(h) & self.mask) as usize]
+                .flags
+                .load(Ordering::Acquire)
+                != KVM_DIRTY_GFN_F_DIRTY
+        {
+            h += 1;
+        }
+        let holes = if h < room {
+            h
+        } else {
+            out.blind = blind_holes > 0;
+            blind_holes.min(room)
+        };
+        for _ in 0..holes {
+            let e = &entries[(self.fetch & self.mask) as usize];
+            // Release like a harvest: the reset reads (stale) slot/offset after acquiring it.
+            e.flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+            self.fetch = self.fetch.wrapping_add(1);
+        }
+        out.holes += holes;
+        if h < room {
+            out.harvested += self.harvest_up_to(room - h, &mut sink).entries;
+        }
+        out.to_reset = u64::from(self.fetch.wrapping_sub(r));
+        self.peek = self.fetch;
+        out
+    }
+
+    /// After the reset that follows [`RingConsumer::resync`]: true when the kernel recycled
+    /// every entry the resync marked (all read 0 or were re-published), i.e. the kernel's
+    /// reset index is at the fetch index again and the consumer is in step.
+    pub fn confirm_resync(&mut self) -> bool {
+        self.confirm_reset();
+        self.stuck = self.unreset() != 0;
+        !self.stuck
+    }
+
+    /// Records a reset of this ring that returned `reset` entries, fewer than
+    /// [`RingConsumer::unreset`]: the kernel's reset index moved exactly that far and stopped
+    /// at an entry an overrun overwrote; the ring is stuck until a resync.
+    pub(crate) fn reset_short(&mut self, reset: u64) {
+        self.unreset_from = self.unreset_from.wrapping_add(reset as u32);
+        self.stuck = true;
+    }
+
+    /// Records a reset that recycled every harvested entry.
+    pub(crate) fn reset_complete(&mut self) {
+        self.unreset_from = self.fetch;
+        self.stuck = false;
     }
 
     /// Number of entries harvested since the last confirmed reset.
@@ -337,11 +510,6 @@ impl<S: RingStorage> RingConsumer<S> {
             n += 1;
         }
         n
-    }
-
-    /// Marks all harvested entries as reset without looking (the kernel's count confirmed it).
-    pub(crate) fn assume_reset(&mut self) {
-        self.unreset_from = self.fetch;
     }
 
     /// The underlying storage.

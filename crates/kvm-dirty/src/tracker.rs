@@ -14,7 +14,7 @@ use crate::bitmap::{self, ManualProtect};
 use crate::error::{DirtyError, Result};
 use crate::pageset::DirtyPageSet;
 pub use crate::pageset::SlotSpec;
-use crate::ring::{RingCapability, RingConsumer, UnresetEntries};
+use crate::ring::{RingCapability, RingConsumer};
 use crate::sys::{self, MmapRing};
 use crate::vmm_log::VmmWriteLog;
 
@@ -238,6 +238,8 @@ struct RingInner {
     consumers: Vec<RingConsumer<MmapRing>>,
     staged: DirtyPageSet,
     staged_entries: u64,
+    /// An overrun was detected since the last collect (or discard).
+    lost: bool,
 }
 
 /// All vCPU rings of a VM, shareable between the vCPU threads (ring-full exits) and a collector
@@ -250,6 +252,8 @@ pub struct RingSet {
     per_vcpu: Vec<AtomicU64>,
     ring_full_exits: Vec<AtomicU64>,
     seen: Vec<AtomicU64>,
+    overruns: Vec<AtomicU64>,
+    resyncs: Vec<AtomicU64>,
     bad_entries: AtomicU64,
     vmm_log: Option<Arc<VmmWriteLog>>,
 }
@@ -281,10 +285,13 @@ impl RingSet {
                 consumers: rings.into_iter().map(RingConsumer::new).collect(),
                 staged: DirtyPageSet::new(slots),
                 staged_entries: 0,
+                lost: false,
             }),
             per_vcpu: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ring_full_exits: (0..n).map(|_| AtomicU64::new(0)).collect(),
             seen: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            overruns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            resyncs: (0..n).map(|_| AtomicU64::new(0)).collect(),
             bad_entries: AtomicU64::new(0),
             vmm_log,
         })
@@ -311,6 +318,26 @@ impl RingSet {
     /// Ring-full exits handled for vCPU `i`.
     pub fn vcpu_ring_full_exits(&self, i: usize) -> u64 {
         self.ring_full_exits
+            .get(i)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Overruns detected on vCPU `i`'s ring: a harvest of a whole lap (the ring was full past
+    /// the kernel's reserve), a reset that stopped short of what was harvested, or a ring-full
+    /// exit with the consumer out of step with the kernel (then resynchronised). One overrun
+    /// by the host often shows as two of these (the full lap, then the resync).
+    pub fn vcpu_overruns(&self, i: usize) -> u64 {
+        self.overruns
+            .get(i)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Resynchronisations of vCPU `i`'s consumer with the kernel (see
+    /// [`RingConsumer::resync`]); each is also counted in [`RingSet::vcpu_overruns`].
+    pub fn vcpu_resyncs(&self, i: usize) -> u64 {
+        self.resyncs
             .get(i)
             .map(|c| c.load(Ordering::Relaxed))
             .unwrap_or(0)
@@ -377,56 +404,76 @@ impl RingSet {
         only: Option<usize>,
         sink: &mut dyn FnMut(usize, u32, u64),
     ) -> Result<RingCollect> {
-        let t0 = std::time::Instant::now();
-        let mut pending = UnresetEntries::default();
-        for (i, c) in g.consumers.iter_mut().enumerate() {
+        let mut out = RingCollect::default();
+        for i in 0..g.consumers.len() {
             if only.is_some_and(|o| o != i) {
                 continue;
             }
+            let t0 = std::time::Instant::now();
+            let c = &mut g.consumers[i];
             let (st, tok) = c.harvest(|slot, off| sink(i, slot, off));
             self.per_vcpu[i].fetch_add(st.entries, Ordering::Relaxed);
             self.seen[i].store(c.seen(), Ordering::Relaxed);
-            pending = pending.merge(tok);
-        }
-        let mut out = RingCollect {
-            entries: pending.count,
-            harvest_ns: t0.elapsed().as_nanos() as u64,
-            ..Default::default()
-        };
-        if pending.count > 0 {
-            let t1 = std::time::Instant::now();
-            let (reset, interrupted) = self.reset_locked(g, pending)?;
-            out.reset = reset;
-            out.interrupted = interrupted;
-            out.reset_ns = t1.elapsed().as_nanos() as u64;
+            out.harvest_ns += t0.elapsed().as_nanos() as u64;
+            out.entries += tok.count;
+            if st.entries == u64::from(c.len()) {
+                // A whole lap at once: the ring was full past the kernel's reserve, which the
+                // kernel never lets happen unless its emulator overran the soft limit; entries
+                // may have been overwritten before anyone read them.
+                self.overrun(g, i, "the ring was completely full");
+            }
+            if g.consumers[i].unreset() > 0 {
+                let t1 = std::time::Instant::now();
+                let (reset, interrupted) = self.reset_ring(g, i)?;
+                out.reset += reset;
+                out.interrupted |= interrupted;
+                out.reset_ns += t1.elapsed().as_nanos() as u64;
+            }
         }
         Ok(out)
     }
 
-    /// Resets and checks the count. A signal can cut the reset short: the kernel then returns
-    /// `EINTR`, or (measured on Linux 6.18) the partial count of entries it did reset. Either
-    /// way the remaining harvested entries still carry RESET, so the ioctl is repeated until
-    /// the counts add up; after any interruption the check falls back to reading every
-    /// harvested entry's flags.
-    fn reset_locked(&self, g: &mut RingInner, pending: UnresetEntries) -> Result<(u64, bool)> {
+    /// Records an overrun of vCPU `i`'s ring: counted, tracking since the last good collect is
+    /// lost (the next collect says so), and logged (rate-limited: the 1st, 2nd, 4th, ...).
+    fn overrun(&self, g: &mut RingInner, i: usize, why: &str) {
+        g.lost = true;
+        let n = self.overruns[i].fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            eprintln!(
+                "kvm-dirty: dirty ring of vCPU {i} overran ({why}; overrun {n} of this vCPU): \
+                 the host pushed more entries than the ring holds; dirty tracking since the \
+                 last collect is incomplete and is reported lost"
+            );
+        }
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` for the entries vCPU `i`'s consumer harvested (every other ring
+    /// has none waiting, so the kernel's count is this ring's alone), retried on EINTR.
+    ///
+    /// A signal can cut the reset short: the kernel then returns `EINTR` (the count of what it
+    /// did reset is lost) or (measured on Linux 6.18) a partial count; the ioctl is repeated
+    /// until the count adds up or a call resets nothing. After an EINTR the flags decide.
+    /// A reset that stops short without a signal stopped at an entry an overrun overwrote
+    /// after it was harvested: the ring is recorded as stuck (resynchronised at its vCPU's
+    /// next ring-full exit) and tracking is lost. More than was harvested is an error:
+    /// someone else marks or resets these rings.
+    fn reset_ring(&self, g: &mut RingInner, i: usize) -> Result<(u64, bool)> {
+        let expected = u64::from(g.consumers[i].unreset());
         let mut interrupted = false;
+        let mut eintr = false;
         let mut reported = 0u64;
-        while reported < pending.count {
+        while reported < expected {
             match sys::reset_dirty_rings(&*self.vm) {
+                Ok(0) => break,
                 Ok(n) => {
                     reported += n;
-                    if reported < pending.count {
-                        // Cut short by a signal: call again for the rest. A call that resets
-                        // nothing means the rest was reset unreported (after an EINTR) or is
-                        // lost; the flags decide below.
+                    if reported < expected {
                         interrupted = true;
-                        if n == 0 {
-                            break;
-                        }
                     }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
                     interrupted = true;
+                    eintr = true;
                 }
                 Err(source) => {
                     return Err(DirtyError::Ioctl {
@@ -436,34 +483,52 @@ impl RingSet {
                 }
             }
         }
-        if !interrupted {
-            if reported != pending.count {
-                return Err(DirtyError::ResetCountMismatch {
-                    harvested: pending.count,
-                    reset: reported,
-                });
-            }
-            g.consumers.iter_mut().for_each(|c| c.assume_reset());
-            return Ok((reported, false));
-        }
-        let confirmed: u64 = g.consumers.iter_mut().map(|c| c.confirm_reset()).sum();
-        let left: u32 = g.consumers.iter().map(|c| c.unreset()).sum();
-        // After an interruption the kernel's counts may under-report (EINTR after a partial
-        // reset); every harvested entry's flags reading 0 again is the proof.
-        if left != 0 || confirmed != pending.count {
+        if reported > expected {
             return Err(DirtyError::ResetCountMismatch {
-                harvested: pending.count,
-                reset: confirmed,
+                harvested: expected,
+                reset: reported,
             });
         }
-        Ok((confirmed, true))
+        let c = &mut g.consumers[i];
+        if eintr {
+            let confirmed = c.confirm_reset();
+            if c.unreset() == 0 {
+                c.reset_complete();
+                return Ok((confirmed, true));
+            }
+            c.reset_short(0);
+            self.overrun(
+                g,
+                i,
+                "a reset interrupted by a signal left harvested entries",
+            );
+            return Ok((confirmed, true));
+        }
+        if reported == expected {
+            c.reset_complete();
+        } else {
+            c.reset_short(reported);
+            self.overrun(
+                g,
+                i,
+                "a reset stopped at an entry overwritten after it was harvested",
+            );
+        }
+        Ok((reported, interrupted))
     }
 
     /// Harvests into the internal staged page set (what the next `collect` returns).
     /// Called by the collector thread and by vCPU threads on `KVM_EXIT_DIRTY_RING_FULL`.
     pub fn harvest_to_staged(&self, only: Option<usize>) -> Result<RingCollect> {
         let mut g = self.lock();
-        let inner = &mut *g;
+        self.harvest_staged_locked(&mut g, only)
+    }
+
+    fn harvest_staged_locked(
+        &self,
+        inner: &mut RingInner,
+        only: Option<usize>,
+    ) -> Result<RingCollect> {
         let mut staged = std::mem::replace(&mut inner.staged, DirtyPageSet::new(&[]));
         let mut bad = 0u64;
         let r = self.harvest_locked(
@@ -482,16 +547,70 @@ impl RingSet {
         Ok(r)
     }
 
-    /// Handles `KVM_EXIT_DIRTY_RING_FULL` of vCPU `vcpu`: harvest its ring and reset, so the
-    /// vCPU can re-enter the guest.
+    /// Handles `KVM_EXIT_DIRTY_RING_FULL` of vCPU `vcpu` on its own thread (so nothing can
+    /// push to its ring meanwhile): harvest its ring and reset, so the vCPU can re-enter the
+    /// guest. Then checks that the consumer is in step with the kernel: a ring-full exit means
+    /// at least the host's minimum soft limit of entries are in use, so less progress than
+    /// that since the previous ring-full handling (or a ring stuck after a short reset) means
+    /// an overrun put the kernel's indices out of step with the consumer's. The ring is then
+    /// resynchronised ([`RingConsumer::resync`]), the overrun counted and tracking reported lost.
     pub fn handle_ring_full(&self, vcpu: usize) -> Result<RingCollect> {
-        if let Some(c) = self.ring_full_exits.get(vcpu) {
-            c.fetch_add(1, Ordering::Relaxed);
+        let Some(c) = self.ring_full_exits.get(vcpu) else {
+            return Ok(RingCollect::default());
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.lock();
+        let mut r = self.harvest_staged_locked(&mut g, Some(vcpu))?;
+        let min_soft = self.cap.size.min_soft_limit();
+        let c = &g.consumers[vcpu];
+        if c.is_stuck() || c.progress() < min_soft {
+            let blind = if c.progress() == 0 && c.unreset() == 0 && !c.is_stuck() {
+                min_soft
+            } else {
+                0
+            };
+            let rs = self.resync_locked(&mut g, vcpu, blind)?;
+            r.entries += rs.harvested;
+            r.reset += rs.to_reset;
         }
-        self.harvest_to_staged(Some(vcpu))
+        g.consumers[vcpu].set_mark();
+        Ok(r)
     }
 
-    /// Harvests every ring, then moves all staged pages into `out`.
+    /// Resynchronises vCPU `i`'s consumer with the kernel (its vCPU is out of the guest), then
+    /// resets; the pages of DIRTY entries found on the way are staged.
+    fn resync_locked(
+        &self,
+        g: &mut RingInner,
+        i: usize,
+        blind: u32,
+    ) -> Result<crate::ring::Resync> {
+        let inner = &mut *g;
+        let staged = &mut inner.staged;
+        let mut bad = 0u64;
+        let rs = inner.consumers[i].resync(blind, |slot, off| match staged.slot_index(slot) {
+            Some(k) if staged.insert_at(k, off).is_some() => {}
+            _ => bad += 1,
+        });
+        self.bad_entries.fetch_add(bad, Ordering::Relaxed);
+        if rs.to_reset == 0 {
+            // Consistent after all (another thread harvested and reset this ring first).
+            return Ok(rs);
+        }
+        inner.staged_entries += rs.harvested;
+        self.per_vcpu[i].fetch_add(rs.harvested, Ordering::Relaxed);
+        self.resyncs[i].fetch_add(1, Ordering::Relaxed);
+        self.overrun(
+            g,
+            i,
+            "its indices were out of step with the kernel's; resynchronised",
+        );
+        self.reset_ring(g, i)?;
+        Ok(rs)
+    }
+
+    /// Harvests every ring, then moves all staged pages into `out`. `tracking_lost` is set
+    /// when an overrun was detected since the previous collect.
     pub fn collect_into(&self, out: &mut DirtyPageSet) -> Result<CollectStats> {
         let r = self.harvest_to_staged(None)?;
         let mut g = self.lock();
@@ -504,7 +623,7 @@ impl RingSet {
             ioctls: u64::from(r.entries > 0),
             harvest_ns: r.harvest_ns,
             reset_ns: r.reset_ns,
-            tracking_lost: false,
+            tracking_lost: std::mem::take(&mut g.lost),
         };
         g.staged_entries = 0;
         drop(g);
@@ -515,11 +634,14 @@ impl RingSet {
     }
 
     /// Drops every staged page and harvests-and-discards what is in the rings.
+    /// Tracking starts afresh, so an overrun detected before is forgotten (one detected later
+    /// is reported by the next collect).
     pub fn discard(&self) -> Result<()> {
         self.harvest_to_staged(None)?;
         let mut g = self.lock();
         g.staged.clear();
         g.staged_entries = 0;
+        g.lost = false;
         Ok(())
     }
 }

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_dirty::{RingSet, PAGE_SIZE};
-use vmm::VcpuShared;
+use vmm::{DirtyLogGuard, VcpuShared, Vm};
 
+use crate::error::{MigrationError, Result};
 use crate::rate::RateMeter;
 
 /// Controller settings.
@@ -79,6 +80,8 @@ pub struct DirtyLimiter {
     state: Arc<Mutex<State>>,
     vcpus: Vec<Arc<VcpuShared>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Dirty logging stays on while the limiter runs (the rings count nothing otherwise).
+    logging: Option<DirtyLogGuard>,
 }
 
 impl std::fmt::Debug for DirtyLimiter {
@@ -88,8 +91,24 @@ impl std::fmt::Debug for DirtyLimiter {
 }
 
 impl DirtyLimiter {
-    /// Starts measuring (no limit yet).
-    pub fn start(rs: Arc<RingSet>, vcpus: Vec<Arc<VcpuShared>>, cfg: LimiterConfig) -> Self {
+    /// Starts measuring a ring-tracked VM's vCPUs (no limit yet), with dirty logging on until
+    /// [`DirtyLimiter::stop`].
+    pub fn start(vm: &Vm, cfg: LimiterConfig) -> Result<Self> {
+        let rs = vm.ring_set().cloned().ok_or_else(|| {
+            MigrationError::Protocol(
+                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),
+            )
+        })?;
+        let logging = vm.dirty_logging()?;
+        Ok(Self::start_on(rs, vm.vcpu_handles().to_vec(), logging, cfg))
+    }
+
+    fn start_on(
+        rs: Arc<RingSet>,
+        vcpus: Vec<Arc<VcpuShared>>,
+        logging: DirtyLogGuard,
+        cfg: LimiterConfig,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(Mutex::new(State {
             rates: vec![0.0; vcpus.len()],
@@ -107,6 +126,7 @@ impl DirtyLimiter {
             state,
             vcpus,
             thread,
+            logging: Some(logging),
         }
     }
 
@@ -150,6 +170,7 @@ impl DirtyLimiter {
             let _ = t.join();
         }
         self.vcpus.iter().for_each(|v| v.set_hold(false));
+        self.logging = None;
     }
 }
 

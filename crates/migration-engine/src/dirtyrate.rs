@@ -59,11 +59,13 @@ fn rate(
 }
 
 /// Ring: reset every ring (pages re-protected, staged for any running tracker), wait, count
-/// the entries each vCPU's ring received.
+/// the entries each vCPU's ring received. Dirty logging is on for the measurement only (if
+/// nothing else holds it), so entries come from writes made during the window.
 pub fn measure_ring(vm: &Vm, window: Duration) -> Result<DirtyRate> {
     let rs = vm.ring_set().ok_or_else(|| {
         MigrationError::Protocol("the ring method needs a ring-tracked VM".into())
     })?;
+    let _logging = vm.dirty_logging()?;
     rs.harvest_to_staged(None)?;
     rs.poll(u32::MAX)?;
     let n = rs.vcpus();
@@ -83,7 +85,8 @@ pub fn measure_ring(vm: &Vm, window: Duration) -> Result<DirtyRate> {
     Ok(rate(Method::Ring, total, secs, Some(per), None))
 }
 
-/// Bitmap: collect (discard), wait, collect and count.
+/// Bitmap: collect (discard), wait, collect and count. The tracker holds dirty logging on
+/// from its start to its stop.
 pub fn measure_bitmap(vm: &Vm, window: Duration) -> Result<DirtyRate> {
     if vm.config().tracking.mode() == TrackerMode::Ring {
         return Err(MigrationError::Protocol(

@@ -581,9 +581,13 @@ impl MigratableVm for FakeVm {
         (self.inner.cfg.tracker == TrackerMode::Ring)
             .then(|| Arc::new(FakeCounters(self.inner.clone())) as Arc<dyn VcpuDirtyCounters>)
     }
-    fn start_dirty_limiter(&self) -> Option<Box<dyn DirtyLimitActuator>> {
-        (self.inner.cfg.tracker == TrackerMode::Ring)
-            .then(|| Box::new(FakeLimiter(self.inner.clone())) as Box<dyn DirtyLimitActuator>)
+    fn start_dirty_limiter(&self) -> Result<Box<dyn DirtyLimitActuator>> {
+        if self.inner.cfg.tracker != TrackerMode::Ring {
+            return Err(MigrationError::Protocol(
+                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)".into(),
+            ));
+        }
+        Ok(Box::new(FakeLimiter(self.inner.clone())))
     }
     fn set_cpu_throttle(&self, percent: u8) {
         for v in &self.inner.vcpus {

@@ -62,8 +62,9 @@ pub trait MigratableVm: Send + Sync {
     fn is_running(&self) -> bool;
     /// The per-vCPU dirty counters (ring tracker only).
     fn dirty_counters(&self) -> Option<Arc<dyn VcpuDirtyCounters>>;
-    /// Starts a per-vCPU dirty-limit controller (ring tracker only), with no limit yet.
-    fn start_dirty_limiter(&self) -> Option<Box<dyn DirtyLimitActuator>>;
+    /// Starts a per-vCPU dirty-limit controller with no limit yet; an error for a VM without
+    /// the ring tracker (or when dirty logging cannot be switched on).
+    fn start_dirty_limiter(&self) -> Result<Box<dyn DirtyLimitActuator>>;
     /// Throttles every vCPU's CPU time by `percent` (0 lifts it).
     fn set_cpu_throttle(&self, percent: u8);
     /// The vCPUs' state blobs, one per vCPU in index order (vCPUs paused).
@@ -147,13 +148,11 @@ impl MigratableVm for Vm {
         self.ring_set()
             .map(|rs| Arc::new(RingCounters(rs.clone())) as Arc<dyn VcpuDirtyCounters>)
     }
-    fn start_dirty_limiter(&self) -> Option<Box<dyn DirtyLimitActuator>> {
-        let rs = self.ring_set()?;
-        Some(Box::new(DirtyLimiter::start(
-            rs.clone(),
-            self.vcpu_handles().to_vec(),
+    fn start_dirty_limiter(&self) -> Result<Box<dyn DirtyLimitActuator>> {
+        Ok(Box::new(DirtyLimiter::start(
+            self,
             LimiterConfig::default(),
-        )))
+        )?))
     }
     fn set_cpu_throttle(&self, percent: u8) {
         for v in self.vcpu_handles() {

@@ -342,10 +342,12 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
             .unwrap();
         vm.start(None).unwrap();
         let quota = 50_000_000u64; // 50 MB/s = 12207 pages/s
-        let mut l = DirtyLimiter::start(
-            vm.ring_set().unwrap().clone(),
-            vm.vcpu_handles().to_vec(),
-            LimiterConfig::default(),
+        assert_eq!(vm.dirty_logging_users(), 0, "dirty logging is off at boot");
+        let mut l = DirtyLimiter::start(&vm, LimiterConfig::default()).unwrap();
+        assert_eq!(
+            vm.dirty_logging_users(),
+            1,
+            "the limiter holds dirty logging"
         );
         l.set_quota(Some(quota), None);
         let v = vm.vcpu_handles().to_vec();
@@ -389,6 +391,11 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
         l.set_quota(None, None);
         assert_eq!(v[0].throttle(), 0.0);
         l.stop();
+        assert_eq!(
+            vm.dirty_logging_users(),
+            0,
+            "off again once the limiter stops"
+        );
         vm.stop().unwrap();
     }
 }
@@ -466,6 +473,11 @@ fn ring_dirty_rate_is_exact_per_vcpu_and_bitmap_and_sampling_agree() {
     };
     let mut vm = mk(Tracking::Ring { entries: 65536 });
     let r = dirtyrate::measure_ring(&vm, Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        vm.dirty_logging_users(),
+        0,
+        "the measurement released dirty logging"
+    );
     let s = dirtyrate::measure_sample(&vm, Duration::from_secs(1), 8192, 3).unwrap();
     vm.stop().unwrap();
     let per = r.vcpu_pages_per_s.clone().unwrap();

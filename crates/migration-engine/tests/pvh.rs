@@ -47,6 +47,7 @@ fn cmdline(cpus: u64) -> Cmdline {
         // Keep time by the TSC (migrated with the vCPU), not by counting ticks: the schedule
         // then does not slip by the ticks the host coalesces while the guest is migrated.
         tsc_pace: true,
+        ..Cmdline::default()
     }
 }
 

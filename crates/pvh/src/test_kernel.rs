@@ -99,6 +99,15 @@ const P_EXIT: u64 = 0xa0;
 const P_TICK_US: u64 = 0xa8;
 const P_PERIOD: u64 = 0xb0;
 const P_PACE: u64 = 0xb8;
+const P_BOOT_WRITES: u64 = 0xc0;
+const P_ISR_WRITES: u64 = 0xc8;
+/// Set by the BSP's ring 3 just before the `ud2` that asks the #UD handler (CPL0) for the
+/// boot writes instead of a halt.
+const BOOT_REQ: u64 = 0xd0;
+/// Bytes the timer ISR's writes cycle over: every CPU's working set.
+const ISR_SPAN: u64 = 0xd8;
+/// Per-CPU position (byte offset from `WS_GPA`) of the timer ISR's next write (u64 each).
+const ISR_POS: u64 = 0x700;
 /// Per-CPU TSC at the start of the report schedule, and TSC ticks per timer tick (u64 each),
 /// for `pace=1`.
 const TSC_BASE: u64 = 0x680;
@@ -187,6 +196,16 @@ pub struct Cmdline {
     /// clocksource: ticks the host coalesced (a vCPU that did not run when its timer fired)
     /// then do not delay the schedule. `pace=0` (the default) counts ticks.
     pub tsc_pace: bool,
+    /// `boot_writes=N`: before starting its timer and the APs, the BSP makes N 8-byte stores
+    /// at CPL0, one per page cycling over its working set (like a kernel building page
+    /// tables at boot). On PVM every CPL0 store is emulated and becomes its own dirty-ring
+    /// entry, in batches that do not stop at the ring's soft limit. Prints
+    /// `boot writes N` when done. 0 (the default) = none.
+    pub boot_writes: u64,
+    /// `isr_writes=N`: every timer interrupt, the ISR (CPL0) makes N 8-byte stores, one per
+    /// page, cycling over all CPUs' working sets (an interrupt handler touching memory).
+    /// 0 (the default) = only the tick counter.
+    pub isr_writes: u64,
 }
 
 impl Default for Cmdline {
@@ -201,15 +220,24 @@ impl Default for Cmdline {
             tick_us: 1000,
             period_ticks: 0,
             tsc_pace: false,
+            boot_writes: 0,
+            isr_writes: 0,
         }
     }
 }
 
 impl Cmdline {
-    /// The command-line string.
+    /// The command-line string (`boot_writes` and `isr_writes` only when not 0).
     pub fn render(&self) -> String {
+        let mut extra = String::new();
+        if self.boot_writes != 0 {
+            extra += &format!(" boot_writes={}", self.boot_writes);
+        }
+        if self.isr_writes != 0 {
+            extra += &format!(" isr_writes={}", self.isr_writes);
+        }
         format!(
-            "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={} pace={}",
+            "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={} pace={}{extra}",
             self.ws_mb,
             self.dirty_mb,
             self.reports,
@@ -345,7 +373,8 @@ struct Strings {
     bad_magic: u64,
     no_fit: u64,
     params: u64,
-    keys: [(u64, usize, u64, u64); 8], // (address, length, data offset, default)
+    keys: [(u64, usize, u64, u64); 10], // (address, length, data offset, default)
+    boot_writes: u64,
     memmap: u64,
     ram_kib: u64,
     cpu: u64,
@@ -371,6 +400,8 @@ fn strings(d: &mut Data) -> Result<Strings> {
         key("tick_us=", P_TICK_US, def.tick_us)?,
         key("period_ticks=", P_PERIOD, def.period_ticks)?,
         key("pace=", P_PACE, u64::from(def.tsc_pace))?,
+        key("boot_writes=", P_BOOT_WRITES, def.boot_writes)?,
+        key("isr_writes=", P_ISR_WRITES, def.isr_writes)?,
     ];
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
@@ -378,6 +409,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
         no_fit: d.string("working sets do not fit in RAM below 4 GiB\n")?,
         params: d.string("params")?,
         keys,
+        boot_writes: d.string("boot writes ")?,
         memmap: d.string("memmap entries=")?,
         ram_kib: d.string(" ram_kib=")?,
         cpu: d.string("cpu ")?,
@@ -495,7 +527,8 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     // "params k=v ..."
     a.mov(rsi, s.params)?;
     a.call(puts)?;
-    for &(key, _, off, _) in &s.keys {
+    // The original keys only, so the line is the same as before the newer keys existed.
+    for &(key, _, off, _) in &s.keys[..8] {
         a.mov(al, b' ' as u32)?;
         a.call(putc)?;
         a.mov(rsi, key)?;
@@ -553,6 +586,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.cmp(rax, rcx)?;
     a.cmovb(rax, rcx)?;
     a.imul_2(rax, qword_ptr(r13 + P_CPUS as i32))?;
+    a.mov(qword_ptr(r13 + ISR_SPAN as i32), rax)?;
     a.mov(rcx, WS_GPA)?;
     a.add(rax, rcx)?;
     a.cmp(rax, r10)?;
@@ -562,6 +596,19 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(qword_ptr(r13 + P_EXIT as i32), i32::from(NO_FIT_STATUS))?;
     a.jmp(poweroff)?;
     a.set_label(&mut fits)?;
+    // boot_writes: the #UD handler makes the stores at CPL0 when BOOT_REQ is set.
+    let mut no_boot_writes = a.create_label();
+    a.cmp(qword_ptr(r13 + P_BOOT_WRITES as i32), 0)?;
+    a.je(no_boot_writes)?;
+    a.mov(qword_ptr(r13 + BOOT_REQ as i32), 1)?;
+    a.ud2()?;
+    a.mov(rsi, s.boot_writes)?;
+    a.call(puts)?;
+    a.mov(rax, qword_ptr(r13 + P_BOOT_WRITES as i32))?;
+    a.call(putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    a.set_label(&mut no_boot_writes)?;
     a.call(timer_start)?;
     // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
     let mut wait_up = a.create_label();
@@ -902,12 +949,40 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     // ---- CPL0 interrupt handlers (from ring 3 through the IDT, on the TSS's RSP0) ----
     let mut timer_isr = a.create_label();
     let mut spurious_isr = a.create_label();
+    let mut isr_done = a.create_label();
+    let mut isr_loop = a.create_label();
+    let mut isr_nowrap = a.create_label();
     a.set_label(&mut timer_isr)?;
     a.push(rax)?;
     a.mov(rax, LAPIC)?;
     a.mov(dword_ptr(rax + 0xb0), 0)?; // EOI
     a.mov(rax, DATA_GPA + TICKS)?;
     a.inc(qword_ptr(rax + r15 * 8))?;
+    // isr_writes: N stores at CPL0, one per page, cycling over every working set.
+    a.mov(rax, DATA_GPA)?;
+    a.cmp(qword_ptr(rax + P_ISR_WRITES as i32), 0)?;
+    a.je(isr_done)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.push(r8)?;
+    a.mov(rcx, qword_ptr(rax + P_ISR_WRITES as i32))?;
+    a.mov(rdx, qword_ptr(rax + r15 * 8 + ISR_POS as i32))?;
+    a.set_label(&mut isr_loop)?;
+    a.cmp(rdx, qword_ptr(rax + ISR_SPAN as i32))?;
+    a.jb(isr_nowrap)?;
+    a.xor(edx, edx)?;
+    a.set_label(&mut isr_nowrap)?;
+    a.mov(r8, WS_GPA)?;
+    a.add(r8, rdx)?;
+    a.mov(qword_ptr(r8 + 8), rcx)?;
+    a.add(rdx, 4096)?;
+    a.dec(rcx)?;
+    a.jnz(isr_loop)?;
+    a.mov(qword_ptr(rax + r15 * 8 + ISR_POS as i32), rdx)?;
+    a.pop(r8)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.set_label(&mut isr_done)?;
     a.pop(rax)?;
     a.iretq()?;
     a.set_label(&mut spurious_isr)?;
@@ -917,7 +992,46 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     // LAPIC: the vCPU thread blocks in KVM_RUN. On PVM neither `syscall` (it reached LSTAR
     // still at CPL 3) nor `int 0x80` (triple fault) gets ring 3 into ring 0; exceptions and
     // interrupts do.
+    // With BOOT_REQ set (the BSP, once, before its timer starts) it makes the boot_writes
+    // stores instead: N 8-byte stores at CPL0, one per page cycling over the BSP's working set.
+    let mut halt = a.create_label();
+    let mut boot_loop = a.create_label();
+    let mut boot_nowrap = a.create_label();
     a.set_label(&mut halt_isr)?;
+    a.push(rax)?;
+    a.mov(rax, DATA_GPA)?;
+    a.cmp(qword_ptr(rax + BOOT_REQ as i32), 0)?;
+    a.je(halt)?;
+    a.mov(qword_ptr(rax + BOOT_REQ as i32), 0)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.push(r8)?;
+    a.mov(rcx, qword_ptr(rax + P_BOOT_WRITES as i32))?;
+    // r8 = the end of the BSP's working set (at least one page).
+    a.mov(r8, qword_ptr(rax + P_WS as i32))?;
+    a.shl(r8, 20)?;
+    a.mov(edx, 4096u32)?;
+    a.cmp(r8, rdx)?;
+    a.cmovb(r8, rdx)?;
+    a.mov(rdx, WS_GPA)?;
+    a.add(r8, rdx)?;
+    a.set_label(&mut boot_loop)?;
+    a.mov(qword_ptr(rdx), rcx)?;
+    a.add(rdx, 4096)?;
+    a.cmp(rdx, r8)?;
+    a.jb(boot_nowrap)?;
+    a.mov(rdx, WS_GPA)?;
+    a.set_label(&mut boot_nowrap)?;
+    a.dec(rcx)?;
+    a.jnz(boot_loop)?;
+    a.pop(r8)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.pop(rax)?;
+    a.add(qword_ptr(rsp), 2)?;
+    a.iretq()?;
+    a.set_label(&mut halt)?;
+    a.pop(rax)?;
     a.sti()?;
     a.hlt()?;
     a.add(qword_ptr(rsp), 2)?;
@@ -1054,6 +1168,7 @@ mod tests {
             tick_us: 500,
             period_ticks: 10,
             tsc_pace: true,
+            ..Cmdline::default()
         };
         assert_eq!(
             c.render(),

@@ -71,6 +71,7 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
         tick_us: 0,
         period_ticks: 0,
         tsc_pace: false,
+        ..Cmdline::default()
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 1);
     println!("took {took:?}\n{out}");
@@ -110,6 +111,7 @@ fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
         tick_us: 1000,
         period_ticks: 0,
         tsc_pace: false,
+        ..Cmdline::default()
     };
     let (status, out, took) = run(TestKernelParams::default(), &c.render(), 2);
     println!("took {took:?}\n{out}");

@@ -369,14 +369,12 @@ pub struct RunOpts {
 }
 
 pub(crate) fn start_limiter(vm: &Vm) -> Result<migration_engine::DirtyLimiter> {
-    let rs = vm
-        .ring_set()
+    vm.ring_set()
         .context("the dirty limit needs the ring tracker (--tracker ring)")?;
     Ok(migration_engine::DirtyLimiter::start(
-        rs.clone(),
-        vm.vcpu_handles().to_vec(),
+        vm,
         migration_engine::LimiterConfig::default(),
-    ))
+    )?)
 }
 
 pub fn run(o: RunOpts) -> Result<()> {

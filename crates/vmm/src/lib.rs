@@ -1,5 +1,5 @@
 //! A small VMM on real KVM: guest memory through vm-memory (sparse, `MAP_NORESERVE`), memslots
-//! with dirty logging, vCPUs started directly in 64-bit long mode at CPL3 (see
+//! with dirty logging only while a user needs it (`logging`), vCPUs started directly in 64-bit long mode at CPL3 (see
 //! `../shared/reference/pvm-host.md` for why), a run-time assembled workload program, and vCPU
 //! threads with a reliable kick.
 //!
@@ -11,6 +11,7 @@ pub mod bench_sync;
 pub mod devices;
 pub mod error;
 pub mod guest;
+mod logging;
 pub mod machine;
 pub mod memory;
 pub mod selftest;
@@ -23,6 +24,7 @@ pub mod x86;
 pub use devices::{Capture, Devices, SerialOutput, EXIT_PORT};
 pub use error::{Result, VmmError};
 pub use guest::{Pattern, VcpuCtrl};
+pub use logging::DirtyLogGuard;
 pub use machine::{MachineState, Platform};
 pub use memory::{GuestRam, RegionSpec};
 pub use vcpu::{Parked, VcpuShared, Vcpus};

@@ -19,7 +19,8 @@ pub struct RegionSpec {
     pub gpa: u64,
     /// Size in bytes (a multiple of 4 KiB; need not be 64-page aligned).
     pub bytes: u64,
-    /// Register with `KVM_MEM_LOG_DIRTY_PAGES`.
+    /// Trackable: registered with `KVM_MEM_LOG_DIRTY_PAGES` while a user of dirty logging
+    /// runs (`Vm::dirty_logging`); without the flag otherwise.
     pub log_dirty: bool,
 }
 

@@ -32,9 +32,10 @@ pub(crate) fn register_slot(
         memory_size: region.size() as u64,
         userspace_addr: region.as_ptr() as u64,
     };
-    // SAFETY: `region` is a live anonymous mapping of `memory_size` bytes. The `Vm` that owns
-    // the VmFd also owns the `GuestMemoryMmap` holding this region, and drops the VmFd (and every
-    // vCPU) first (field order in `Vm`), so KVM never accesses the mapping after it is unmapped.
+    // SAFETY: `region` is a live anonymous mapping of `memory_size` bytes. Whoever registers it
+    // (`Vm`, and `logging::DirtyLogging` when it toggles the flag) holds the `GuestRam` that owns
+    // the region alongside the VmFd and drops the VmFd (and every vCPU) first (field order), so
+    // KVM never accesses the mapping after it is unmapped.
     unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmmError::Kvm {
         op: "KVM_SET_USER_MEMORY_REGION",
         source,

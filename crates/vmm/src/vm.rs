@@ -17,9 +17,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::devices::{Devices, SerialOutput, COM1_GSI};
 use crate::error::{Result, VmmError};
 use crate::guest::{self, VcpuCtrl};
+use crate::logging::{DirtyLogGuard, DirtyLogging, LoggedTracker};
 use crate::machine::{MachineState, Platform, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::memory::{GuestRam, RegionSpec};
-use crate::sys;
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
 use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
 
@@ -69,6 +69,7 @@ pub struct Vm {
     // guest memory last, so KVM never sees a slot whose mapping is gone while a vCPU can run.
     vcpus: Option<Vcpus>,
     created: Vec<Arc<VcpuShared>>,
+    logging: Arc<DirtyLogging>,
     ring: Option<Arc<RingSet>>,
     manual: Option<ManualProtect>,
     ring_cap: Option<RingCapability>,
@@ -185,9 +186,8 @@ impl Vm {
         }
         specs.extend_from_slice(&config.memory);
         let ram = Arc::new(GuestRam::new(&specs)?);
-        for (s, region) in ram.mmap_regions() {
-            sys::register_slot(&vm, u32::from(s.slot), s.gpa, region, s.log_dirty)?;
-        }
+        // Dirty logging stays off until a user needs it (`Vm::dirty_logging`).
+        let mut logging = DirtyLogging::register(vm.clone(), ram.clone())?;
         // 4. Tables and program (workload machine).
         if platform == Platform::Workload {
             x86::write_gdt(&ram)?;
@@ -261,6 +261,7 @@ impl Vm {
             )?)),
             None => None,
         };
+        logging.set_ring(ring.clone());
         // Keep only the MSRs this host's KVM reads for this vCPU configuration (one listed
         // in KVM_GET_MSR_INDEX_LIST may still be refused, e.g. a PV MSR without its CPUID
         // bit), so saving never fails on one of them.
@@ -271,6 +272,7 @@ impl Vm {
         Ok(Vm {
             vcpus: None,
             created,
+            logging: Arc::new(logging),
             ring,
             manual,
             ring_cap,
@@ -354,8 +356,34 @@ impl Vm {
         self.ring_cap
     }
 
-    /// A dirty tracker of the VM's mode over every slot, with VMM writes merged in.
+    /// Adds a user of dirty logging: while the guard lives, every trackable memslot
+    /// (`RegionSpec::log_dirty`) is registered with `KVM_MEM_LOG_DIRTY_PAGES`. Logging is off
+    /// from boot and goes off again (rings drained and discarded) when the last guard drops.
+    /// Trackers from [`Vm::tracker`] hold one from `start` to `stop`; dirty-rate measurements
+    /// and the dirty limiter hold one while they run.
+    pub fn dirty_logging(&self) -> Result<DirtyLogGuard> {
+        self.logging.acquire()
+    }
+
+    /// Users of dirty logging right now (0 = memslots registered without the flag).
+    pub fn dirty_logging_users(&self) -> usize {
+        self.logging.users()
+    }
+
+    /// `(slot, flags)` of every memslot as this VMM last passed them to
+    /// `KVM_SET_USER_MEMORY_REGION` (KVM has no ioctl that reads a slot's flags back).
+    pub fn memslot_flags(&self) -> Vec<(u16, u32)> {
+        self.logging.slot_flags()
+    }
+
+    /// A dirty tracker of the VM's mode over every slot, with VMM writes merged in. It turns
+    /// dirty logging on in `start` and releases it in `stop` (or when dropped).
     pub fn tracker(&self) -> Result<Box<dyn DirtyTracker>> {
+        let inner = self.raw_tracker()?;
+        Ok(Box::new(LoggedTracker::new(inner, self.logging.clone())))
+    }
+
+    fn raw_tracker(&self) -> Result<Box<dyn DirtyTracker>> {
         let slots = self.ram.slot_specs();
         let log = Some(self.ram.vmm_log().clone());
         Ok(match self.config.tracking {

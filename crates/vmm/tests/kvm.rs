@@ -208,3 +208,111 @@ fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
     );
     b.stop().unwrap();
 }
+
+/// What KVM itself says about a slot's dirty logging, without trusting the VMM's record: with
+/// the ring, whether guest writes produce ring entries; with a bitmap, whether
+/// `KVM_GET_DIRTY_LOG` finds a bitmap (KVM answers ENOENT for a slot without the flag).
+fn kernel_logs(vm: &Vm, mode: kvm_dirty::TrackerMode) -> bool {
+    let data = vm
+        .ram()
+        .slot_specs()
+        .into_iter()
+        .find(|s| s.guest_phys_addr == DATA_GPA)
+        .unwrap();
+    match mode {
+        kvm_dirty::TrackerMode::Ring => {
+            let rs = vm.ring_set().unwrap();
+            // Harvest and reset first: the reset re-protects the pages, so a logged slot
+            // produces new entries as the guest writes them again.
+            rs.harvest_and_reset(None, |_, _, _| {}).unwrap();
+            rs.poll(u32::MAX).unwrap();
+            let before = rs.vcpu_dirty_seen(0);
+            std::thread::sleep(Duration::from_millis(100));
+            rs.poll(u32::MAX).unwrap();
+            rs.vcpu_dirty_seen(0) > before
+        }
+        _ => {
+            let mut buf = vec![0u64; data.bitmap_words()];
+            match kvm_dirty::bitmap::get_dirty_log(vm.fd(), &data, &mut buf) {
+                Ok(()) => true,
+                Err(kvm_dirty::DirtyError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    false
+                }
+                Err(e) => panic!("KVM_GET_DIRTY_LOG: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn memslots_log_dirty_pages_only_while_a_tracker_or_guard_is_held_recorded_and_seen_by_kvm() {
+    if !have_kvm() {
+        return;
+    }
+    let log = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+    for tracking in [
+        Tracking::Ring { entries: 4096 },
+        Tracking::Bitmap,
+        Tracking::ClearLog,
+    ] {
+        let mode = tracking.mode();
+        let mut vm = Vm::create(&config(1, tracking, 16 << 20)).unwrap();
+        // The guest writes 256 pages over and over (unique values, unpaced).
+        vm.set_workload(
+            0,
+            &VcpuCtrl {
+                base: DATA_GPA,
+                pages: 256,
+                stride: 1,
+                pattern: Pattern::Sequential,
+                unique_values: true,
+                burst_pages: 0,
+                burst_tsc: 0,
+                sleep_min_tsc: 0,
+            },
+        )
+        .unwrap();
+        vm.start(None).unwrap();
+        let all = |vm: &Vm, f: u32| vm.memslot_flags().iter().all(|&(_, v)| v == f);
+        assert!(
+            all(&vm, 0),
+            "{mode:?}: off at boot: {:?}",
+            vm.memslot_flags()
+        );
+        assert_eq!(vm.dirty_logging_users(), 0);
+        assert!(
+            !kernel_logs(&vm, mode),
+            "{mode:?}: KVM logs nothing at boot"
+        );
+        let mut tracker = vm.tracker().unwrap();
+        assert!(all(&vm, 0), "{mode:?}: creating a tracker is not using it");
+        tracker.start().unwrap();
+        assert!(
+            all(&vm, log),
+            "{mode:?}: on while tracking: {:?}",
+            vm.memslot_flags()
+        );
+        assert!(kernel_logs(&vm, mode), "{mode:?}: KVM logs while tracking");
+        let guard = vm.dirty_logging().unwrap();
+        assert_eq!(vm.dirty_logging_users(), 2);
+        tracker.stop().unwrap();
+        assert!(
+            all(&vm, log),
+            "{mode:?}: still on while another user holds it"
+        );
+        assert!(kernel_logs(&vm, mode));
+        drop(guard);
+        assert_eq!(vm.dirty_logging_users(), 0);
+        assert!(all(&vm, 0), "{mode:?}: off after the last user");
+        assert!(!kernel_logs(&vm, mode), "{mode:?}: KVM stopped logging");
+        // Again, through a tracker dropped without stop.
+        tracker.start().unwrap();
+        assert!(all(&vm, log));
+        drop(tracker);
+        assert!(all(&vm, 0), "{mode:?}: a dropped tracker releases logging");
+        assert!(vm.nr_writes(0).unwrap() > 0, "the guest ran throughout");
+        vm.stop().unwrap();
+    }
+}

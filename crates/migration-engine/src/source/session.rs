@@ -284,12 +284,7 @@ impl<'a> Session<'a> {
                 }
                 Action::SetDirtyLimit { bytes_per_s, vcpus } => {
                     if pre.limiter.is_none() {
-                        pre.limiter = Some(self.vm.start_dirty_limiter().ok_or_else(|| {
-                            MigrationError::Protocol(
-                                "dirty-limit needs the ring tracker (use auto-converge with the bitmap)"
-                                    .into(),
-                            )
-                        })?);
+                        pre.limiter = Some(self.vm.start_dirty_limiter()?);
                     }
                     if let Some(l) = &pre.limiter {
                         l.set_quota(Some(bytes_per_s), vcpus);

@@ -1,0 +1,205 @@
+//! Dirty logging only while something needs it, as QEMU does: guest RAM is registered without
+//! `KVM_MEM_LOG_DIRTY_PAGES` until a user starts tracking (a migration's tracker, a dirty-rate
+//! measurement, the dirty limiter) and goes back to plain memslots when the last user stops.
+//! Until then a guest pays no write-protect faults and pushes nothing into the rings (its boot
+//! code at emulated CPL0 cannot overrun a ring it never touches).
+//!
+//! Users hold a [`DirtyLogGuard`]; the flag changes on the first acquire and the last drop, by
+//! re-registering every eligible slot with `KVM_SET_USER_MEMORY_REGION` and only the flag
+//! changed (KVM allows that on a live slot). What each mode's tracker sees right after logging
+//! comes on:
+//! - bitmap: KVM allocates an empty bitmap and write-protects the slot, so the first GET
+//!   reports exactly the pages written since;
+//! - clear-log (`INITIALLY_SET`): the new bitmap is all ones; `ClearLogTracker::start` GETs
+//!   and CLEARs it, so its collects report pages written after `start`, as before;
+//! - ring: entries appear only for writes after the flag is set.
+//!
+//! When logging goes off the rings are drained and discarded, so nothing stale reaches the
+//! next user. Writes the VMM itself makes are always recorded in the `VmmWriteLog`, whatever
+//! the flag, and merged into every collect.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use kvm_dirty::{CollectStats, DirtyError, DirtyPageSet, DirtyTracker, RingSet, TrackerMode};
+use kvm_ioctls::VmFd;
+
+use crate::error::{Result, VmmError};
+use crate::memory::GuestRam;
+use crate::sys;
+
+#[derive(Debug)]
+struct State {
+    users: usize,
+    /// `(slot, flags)` as last passed to `KVM_SET_USER_MEMORY_REGION`, per region.
+    flags: Vec<(u16, u32)>,
+}
+
+/// The reference-counted switch of a VM's dirty logging.
+pub(crate) struct DirtyLogging {
+    vm: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    ring: Option<Arc<RingSet>>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for DirtyLogging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLogging").finish_non_exhaustive()
+    }
+}
+
+impl DirtyLogging {
+    /// Registers every region of `ram` as a memslot with logging off.
+    pub(crate) fn register(vm: Arc<VmFd>, ram: Arc<GuestRam>) -> Result<Self> {
+        let mut flags = Vec::new();
+        for (s, region) in ram.mmap_regions() {
+            sys::register_slot(&vm, u32::from(s.slot), s.gpa, region, false)?;
+            flags.push((s.slot, 0));
+        }
+        Ok(DirtyLogging {
+            vm,
+            ram,
+            ring: None,
+            state: Mutex::new(State { users: 0, flags }),
+        })
+    }
+
+    /// The ring set to drain when logging goes off (ring VMs; set once after vCPU creation).
+    pub(crate) fn set_ring(&mut self, ring: Option<Arc<RingSet>>) {
+        self.ring = ring;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a counter and a record; a panic elsewhere leaves both usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets or clears the flag on every region eligible for tracking (`RegionSpec::log_dirty`).
+    fn apply(&self, st: &mut State, on: bool) -> Result<()> {
+        for (s, region) in self.ram.mmap_regions() {
+            if !s.log_dirty {
+                continue;
+            }
+            sys::register_slot(&self.vm, u32::from(s.slot), s.gpa, region, on)?;
+            if let Some(f) = st.flags.iter_mut().find(|(slot, _)| *slot == s.slot) {
+                f.1 = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a user; turns logging on if it is the first.
+    pub(crate) fn acquire(self: &Arc<Self>) -> Result<DirtyLogGuard> {
+        let mut st = self.lock();
+        if st.users == 0 {
+            if let Err(e) = self.apply(&mut st, true) {
+                // Leave every slot as it was (off) rather than half on.
+                let _ = self.apply(&mut st, false);
+                return Err(e);
+            }
+        }
+        st.users += 1;
+        Ok(DirtyLogGuard { ctl: self.clone() })
+    }
+
+    fn release(&self) {
+        let mut st = self.lock();
+        st.users = st.users.saturating_sub(1);
+        if st.users > 0 {
+            return;
+        }
+        // Off first (KVM pushes nothing for the slots once the ioctl returns), then drain, so
+        // no entry made while logging was on is left for the next user. A failure leaves
+        // logging on, which costs only faults: nothing is missed.
+        if self.apply(&mut st, false).is_ok() {
+            if let Some(rs) = &self.ring {
+                let _ = rs.discard();
+            }
+        }
+    }
+
+    pub(crate) fn users(&self) -> usize {
+        self.lock().users
+    }
+
+    pub(crate) fn slot_flags(&self) -> Vec<(u16, u32)> {
+        self.lock().flags.clone()
+    }
+}
+
+/// One user of a VM's dirty logging (from [`crate::Vm::dirty_logging`]): while any guard
+/// lives, every trackable memslot is registered with `KVM_MEM_LOG_DIRTY_PAGES`; dropping the
+/// last one turns logging off and discards what the rings hold.
+#[must_use = "dirty logging goes off again when the guard is dropped"]
+pub struct DirtyLogGuard {
+    ctl: Arc<DirtyLogging>,
+}
+
+impl std::fmt::Debug for DirtyLogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLogGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for DirtyLogGuard {
+    fn drop(&mut self) {
+        self.ctl.release();
+    }
+}
+
+/// A tracker that holds a [`DirtyLogGuard`] from `start` to `stop` (or drop), so a tracker
+/// from [`crate::Vm::tracker`] turns logging on and off by itself.
+pub(crate) struct LoggedTracker {
+    inner: Box<dyn DirtyTracker>,
+    ctl: Arc<DirtyLogging>,
+    guard: Option<DirtyLogGuard>,
+}
+
+impl LoggedTracker {
+    pub(crate) fn new(inner: Box<dyn DirtyTracker>, ctl: Arc<DirtyLogging>) -> Self {
+        LoggedTracker {
+            inner,
+            ctl,
+            guard: None,
+        }
+    }
+}
+
+fn ioctl_error(e: VmmError) -> DirtyError {
+    match e {
+        VmmError::Kvm { op, source } => DirtyError::Ioctl {
+            op,
+            source: std::io::Error::from_raw_os_error(source.errno()),
+        },
+        VmmError::Dirty(d) => d,
+        other => DirtyError::Ioctl {
+            op: "KVM_SET_USER_MEMORY_REGION",
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
+impl DirtyTracker for LoggedTracker {
+    fn mode(&self) -> TrackerMode {
+        self.inner.mode()
+    }
+    fn start(&mut self) -> kvm_dirty::Result<()> {
+        if self.guard.is_none() {
+            self.guard = Some(self.ctl.acquire().map_err(ioctl_error)?);
+        }
+        let r = self.inner.start();
+        if r.is_err() {
+            self.guard = None;
+        }
+        r
+    }
+    fn collect(&mut self, out: &mut DirtyPageSet) -> kvm_dirty::Result<CollectStats> {
+        self.inner.collect(out)
+    }
+    fn stop(&mut self) -> kvm_dirty::Result<()> {
+        let r = self.inner.stop();
+        self.guard = None;
+        r
+    }
+}
