@@ -18,8 +18,11 @@ use crate::ring::{RingCapability, RingConsumer, UnresetEntries};
 use crate::sys::{self, MmapRing};
 use crate::vmm_log::VmmWriteLog;
 
-/// The three tracking modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The three tracking modes: the workspace's one name for a dirty tracker. Serialized in
+/// kebab-case (`ring`, `bitmap`, `clear-log`), as the CLI spells them; the migration stream
+/// carries its own one-byte encoding (`migration::wire::tracker_to_wire`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TrackerMode {
     /// Per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]`).
     Ring,

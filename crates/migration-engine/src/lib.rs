@@ -38,12 +38,3 @@ pub fn unix_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
-
-/// The wire's name for a tracker mode.
-pub fn wire_tracker(m: kvm_dirty::TrackerMode) -> migration::TrackerMode {
-    match m {
-        kvm_dirty::TrackerMode::Ring => migration::TrackerMode::Ring,
-        kvm_dirty::TrackerMode::Bitmap => migration::TrackerMode::Bitmap,
-        kvm_dirty::TrackerMode::ClearLog => migration::TrackerMode::ClearLog,
-    }
-}

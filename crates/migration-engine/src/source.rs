@@ -17,7 +17,7 @@ use crate::error::{MigrationError, Result};
 use crate::job::{Control, MigrationStatus};
 use crate::rate::RateMeter;
 use crate::summary::{IterationStats, MigrationSummary, Outcome};
-use crate::{unix_ns, wire_tracker, STATE_KIND_MACHINE, STATE_KIND_VCPU};
+use crate::{unix_ns, STATE_KIND_MACHINE, STATE_KIND_VCPU};
 
 /// What to do when `timeout` passes before the migration converged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -561,8 +561,7 @@ fn run_source(
     let layout = layout_of(s.vm)?;
     let mode = s.vm.config().tracking.mode();
     s.enc.send_hello(
-        &Hello::new(wire_tracker(mode), s.vm.config().vcpus as u32)
-            .with_machine(s.vm.platform().wire()),
+        &Hello::new(mode, s.vm.config().vcpus as u32).with_machine(s.vm.platform().wire()),
     )?;
     s.enc.send_layout(&layout)?;
     s.enc.flush()?;

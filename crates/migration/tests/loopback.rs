@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Instant;
 
 use migration::bandwidth::ThrottledWriter;
-use migration::stats::unix_time_ns;
+use migration::wire::unix_time_ns;
 use migration::wire::{
     Ack, AckReader, AckWriter, Complete, Decoder, DigestingSink, Encoder, GuestSlices, Hello,
     IterationMarker, MemoryLayout, Message, Region, RxState, WireError,

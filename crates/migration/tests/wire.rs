@@ -650,3 +650,47 @@ fn acks_round_trip_in_order_and_reject_skips() {
     assert_eq!(r.recv().unwrap(), Ack::Accepted);
     assert_eq!(r.recv().unwrap(), Ack::Error("no memory".into()));
 }
+
+#[test]
+fn tracker_wire_numbers_are_frozen_and_unknown_ones_rejected() {
+    use migration::wire::{tracker_from_wire, tracker_to_wire, PREAMBLE_LEN, WIRE_PAGE_SIZE};
+    for (mode, byte) in [
+        (TrackerMode::Ring, 0u8),
+        (TrackerMode::Bitmap, 1),
+        (TrackerMode::ClearLog, 2),
+    ] {
+        assert_eq!(tracker_to_wire(mode), byte);
+        assert_eq!(tracker_from_wire(byte), Some(mode));
+        let mut enc = Encoder::new(Vec::new());
+        enc.send_hello(&Hello::new(mode, 1)).unwrap();
+        let bytes = enc.into_inner();
+        // The tracker is the first payload byte of the Hello frame.
+        assert_eq!(bytes[PREAMBLE_LEN + 16], byte);
+        let mut mem = vec![0u8; 4096];
+        let l = migration::wire::MemoryLayout::new(vec![migration::wire::Region {
+            slot: 0,
+            guest_phys_addr: 0,
+            size: 4096,
+        }])
+        .unwrap();
+        let mut sink = migration::wire::GuestSlices::new(&l, vec![mem.as_mut_slice()]).unwrap();
+        let got = Decoder::new(bytes.as_slice()).recv(&mut sink);
+        assert!(matches!(got, Ok(Message::Hello(h)) if h.tracker == mode));
+    }
+    assert_eq!(tracker_from_wire(3), None);
+    let mut enc = Encoder::new(Vec::new());
+    enc.send_hello(&Hello::new(TrackerMode::Ring, 1)).unwrap();
+    let mut s = enc.into_inner()[..PREAMBLE_LEN].to_vec();
+    let mut payload = vec![3u8, 0, 0, 0];
+    payload.extend_from_slice(&WIRE_PAGE_SIZE.to_le_bytes());
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    s.extend(raw_frame(tag::HELLO, 0, &payload));
+    let (res, _) = decode(&s);
+    assert!(matches!(
+        res,
+        Err(WireError::Malformed {
+            what: "Hello: unknown tracker mode"
+        })
+    ));
+}

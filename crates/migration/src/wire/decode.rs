@@ -11,7 +11,7 @@ use super::{
 };
 use crate::digest::MemoryDigest;
 use crate::wire::PageSink;
-use crate::{TrackerMode, PAGE_SIZE};
+use crate::PAGE_SIZE;
 
 /// Most vCPUs a Hello may announce.
 pub const MAX_VCPUS: u32 = 1024;
@@ -268,7 +268,7 @@ impl<R: Read> Decoder<R> {
     fn on_hello(&mut self) -> Result<Message, WireError> {
         let what = "Hello payload";
         let mut c = Cursor::new(&self.fr.buf, what);
-        let tracker = TrackerMode::from_wire(c.u8()?).ok_or(WireError::Malformed {
+        let tracker = super::tracker_from_wire(c.u8()?).ok_or(WireError::Malformed {
             what: "Hello: unknown tracker mode",
         })?;
         if c.bytes(3)? != [0, 0, 0] {

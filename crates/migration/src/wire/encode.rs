@@ -91,7 +91,7 @@ impl<W: Write> Encoder<W> {
     pub fn send_hello(&mut self, hello: &Hello) -> Result<(), WireError> {
         self.fw.write_preamble(hello.version)?;
         self.fw.start(tag::HELLO);
-        self.fw.buf.push(hello.tracker.to_wire());
+        self.fw.buf.push(super::tracker_to_wire(hello.tracker));
         self.fw.buf.extend_from_slice(&[0u8; 3]);
         self.fw.put_u32(hello.page_size);
         self.fw.put_u32(hello.vcpus);

@@ -83,6 +83,36 @@ pub mod tag {
     pub const SYNCED: u8 = 0x85;
 }
 
+/// Nanoseconds since the Unix epoch (`CLOCK_REALTIME`), the clock of [`Ack::Resumed`]. Both
+/// processes of a same-host migration read the same clock, so the source can subtract its
+/// pause time from the destination's resume time.
+pub fn unix_time_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The tracker's one-byte encoding in [`Hello`]: 0 ring, 1 bitmap, 2 clear-log. Frozen: a
+/// new tracker takes a new number, an old number never changes meaning.
+pub fn tracker_to_wire(mode: TrackerMode) -> u8 {
+    match mode {
+        TrackerMode::Ring => 0,
+        TrackerMode::Bitmap => 1,
+        TrackerMode::ClearLog => 2,
+    }
+}
+
+/// Decodes [`tracker_to_wire`]'s byte; `None` for a number this build does not know.
+pub fn tracker_from_wire(v: u8) -> Option<TrackerMode> {
+    match v {
+        0 => Some(TrackerMode::Ring),
+        1 => Some(TrackerMode::Bitmap),
+        2 => Some(TrackerMode::ClearLog),
+        _ => None,
+    }
+}
+
 /// The source's first message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
@@ -197,7 +227,7 @@ pub enum Ack {
     /// The guest runs on the destination.
     Resumed {
         /// When the vCPUs were resumed, in ns since the Unix epoch (see
-        /// [`unix_time_ns`](crate::stats::unix_time_ns)).
+        /// [`unix_time_ns`]).
         unix_ns: u64,
     },
     /// The destination failed; the source must keep the guest.
