@@ -51,13 +51,17 @@ impl RateMode {
 
     /// Parses a QMP name.
     pub fn parse(s: &str) -> Result<RateMode, ControlError> {
-        [RateMode::PageSampling, RateMode::DirtyRing, RateMode::DirtyBitmap]
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| ControlError::BadValue {
-                param: "mode",
-                value: s.to_string(),
-            })
+        [
+            RateMode::PageSampling,
+            RateMode::DirtyRing,
+            RateMode::DirtyBitmap,
+        ]
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| ControlError::BadValue {
+            param: "mode",
+            value: s.to_string(),
+        })
     }
 }
 
@@ -111,7 +115,12 @@ pub(crate) fn bitmap_measurement_running(core: &Core) -> bool {
     s.status == RateStatus::Measuring && s.mode == RateMode::DirtyBitmap
 }
 
-fn measure(vm: &Vm, mode: RateMode, window: Duration, sample_pages: u64) -> Result<DirtyRate, migration_engine::MigrationError> {
+fn measure(
+    vm: &Vm,
+    mode: RateMode,
+    window: Duration,
+    sample_pages: u64,
+) -> Result<DirtyRate, migration_engine::MigrationError> {
     match mode {
         RateMode::DirtyRing => dirtyrate::measure_ring(vm, window),
         RateMode::DirtyBitmap => dirtyrate::measure_bitmap(vm, window),
@@ -162,7 +171,12 @@ impl DirtyLimits {
     }
 
     /// Limits vCPU `cpu` (or all) to `bytes_per_s`.
-    pub(crate) fn set(&mut self, vm: &Vm, cpu: Option<usize>, bytes_per_s: u64) -> Result<(), ControlError> {
+    pub(crate) fn set(
+        &mut self,
+        vm: &Vm,
+        cpu: Option<usize>,
+        bytes_per_s: u64,
+    ) -> Result<(), ControlError> {
         let rs = vm.ring_set().ok_or(ControlError::DirtyLimitNeedsRing(
             vm.config().tracking.mode().name(),
         ))?;
@@ -252,7 +266,12 @@ fn cpu_index(vm: &Vm, index: Option<i64>) -> Result<Option<usize>, ControlError>
 
 impl VmService {
     /// `calc-dirty-rate`: starts measuring over `calc` on its own thread and returns at once.
-    pub fn calc_dirty_rate(&self, calc: Duration, sample_pages: u64, mode: RateMode) -> Result<(), ControlError> {
+    pub fn calc_dirty_rate(
+        &self,
+        calc: Duration,
+        sample_pages: u64,
+        mode: RateMode,
+    ) -> Result<(), ControlError> {
         let g = self.core.lock();
         let vm = g.vm.clone().ok_or(ControlError::NoGuest)?;
         let tracker = vm.config().tracking.mode();
@@ -348,7 +367,11 @@ impl VmService {
 
     /// `set-vcpu-dirty-limit`: holds vCPU `cpu` (or every vCPU) to `bytes_per_s` of newly
     /// dirtied memory (ring tracker).
-    pub fn set_vcpu_dirty_limit(&self, cpu: Option<usize>, bytes_per_s: u64) -> Result<(), ControlError> {
+    pub fn set_vcpu_dirty_limit(
+        &self,
+        cpu: Option<usize>,
+        bytes_per_s: u64,
+    ) -> Result<(), ControlError> {
         if bytes_per_s == 0 {
             return Err(ControlError::DirtyLimitZero);
         }
@@ -429,9 +452,9 @@ impl VmService {
                 let rate = args.required_u64("dirty-rate")?;
                 let cpu = self.vm_cpu_arg(args)?;
                 args.deny_unknown(&["cpu-index", "dirty-rate"])?;
-                let bytes = rate.checked_mul(1 << 20).ok_or_else(|| {
-                    CommandError::generic("Parameter 'dirty-rate' is too large")
-                })?;
+                let bytes = rate
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| CommandError::generic("Parameter 'dirty-rate' is too large"))?;
                 self.set_vcpu_dirty_limit(cpu, bytes)?;
                 Ok(json!({}))
             }
@@ -471,7 +494,11 @@ mod tests {
 
     #[test]
     fn modes_parse_their_qemu_names_only() {
-        for m in [RateMode::PageSampling, RateMode::DirtyRing, RateMode::DirtyBitmap] {
+        for m in [
+            RateMode::PageSampling,
+            RateMode::DirtyRing,
+            RateMode::DirtyBitmap,
+        ] {
             assert_eq!(RateMode::parse(m.name()).unwrap(), m);
         }
         assert_eq!(

@@ -75,7 +75,9 @@ pub enum ControlError {
         tracker: &'static str,
     },
     /// `calc-time` out of range.
-    #[error("calc-time is out of range [1, 60] s (or [100, 60000] ms with calc-time-unit millisecond)")]
+    #[error(
+        "calc-time is out of range [1, 60] s (or [100, 60000] ms with calc-time-unit millisecond)"
+    )]
     CalcTime,
     /// `sample-pages` out of range.
     #[error("sample-pages is out of range [128, 4096]")]

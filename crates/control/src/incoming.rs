@@ -63,7 +63,10 @@ fn install(core: &Core, vm: Vm, summary: IncomingSummary) {
         g.limits = DirtyLimits::default();
     }
     lock(&core.incoming).summary = Some(summary);
-    if core.notify.transition(RunState::Inmigrate, RunState::Running) {
+    if core
+        .notify
+        .transition(RunState::Inmigrate, RunState::Running)
+    {
         core.notify.emit("RESUME", None);
     }
     set_status(core, MigrationStatus::Completed);

@@ -20,7 +20,7 @@ use crate::uri::tcp_addr;
 pub(crate) enum JobSlot {
     /// On its thread.
     Running {
-        job: MigrationJob,
+        job: Box<MigrationJob>,
         /// A standing dirty limit was lifted for this migration (its own limit works
         /// instead); it is restored unless the guest leaves.
         limits_suspended: bool,
@@ -57,18 +57,16 @@ impl JobSlot {
 /// its event, so the job thread and a query racing it never emit twice.
 pub(crate) fn follow_job_status(n: &Notify, s: MigrationStatus) {
     match s {
-        MigrationStatus::Device => {
-            if n.transition(RunState::Running, RunState::FinishMigrate) {
-                n.emit("STOP", None);
-            }
+        MigrationStatus::Device if n.transition(RunState::Running, RunState::FinishMigrate) => {
+            n.emit("STOP", None);
         }
         MigrationStatus::Completed => {
             n.transition(RunState::FinishMigrate, RunState::Postmigrate);
         }
-        MigrationStatus::Failed | MigrationStatus::Cancelled => {
-            if n.transition(RunState::FinishMigrate, RunState::Running) {
-                n.emit("RESUME", None);
-            }
+        MigrationStatus::Failed | MigrationStatus::Cancelled
+            if n.transition(RunState::FinishMigrate, RunState::Running) =>
+        {
+            n.emit("RESUME", None);
         }
         _ => {}
     }
@@ -124,7 +122,11 @@ impl Core {
             }
         }
         g.job = Some(JobSlot::Finished(Box::new((info, summary))));
-        match (completed, self.cfg.exit_when_migrated, self.cfg.exit_after_migration) {
+        match (
+            completed,
+            self.cfg.exit_when_migrated,
+            self.cfg.exit_after_migration,
+        ) {
             (true, true, _) | (true, _, true) => self.notify.finish(ProcessExit::MigratedAway),
             (false, _, true) => self.notify.finish(ProcessExit::MigrationFailed(reason)),
             _ => {}
@@ -189,7 +191,7 @@ impl VmService {
             Ok(job) => {
                 tracing::info!(uri, "migration started");
                 g.job = Some(JobSlot::Running {
-                    job,
+                    job: Box::new(job),
                     limits_suspended: suspend,
                 });
                 Ok(())
@@ -308,7 +310,10 @@ impl VmService {
             }
             "query-migrate-capabilities" => {
                 args.deny_unknown(&[])?;
-                Ok(serde_json::to_value(self.capabilities().status()).unwrap_or_else(|_| json!([])))
+                Ok(
+                    serde_json::to_value(self.capabilities().status())
+                        .unwrap_or_else(|_| json!([])),
+                )
             }
             "x-ringvisor-query-migration-passes" => {
                 args.deny_unknown(&[])?;

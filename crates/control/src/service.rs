@@ -209,7 +209,12 @@ impl std::fmt::Debug for VmService {
 }
 
 impl VmService {
-    fn build(vm: Option<Vm>, tracker: TrackerMode, incoming: Option<DestOptions>, cfg: ServiceConfig) -> Self {
+    fn build(
+        vm: Option<Vm>,
+        tracker: TrackerMode,
+        incoming: Option<DestOptions>,
+        cfg: ServiceConfig,
+    ) -> Self {
         let state = if vm.is_some() {
             RunState::Running
         } else {
@@ -376,6 +381,10 @@ impl VmService {
     }
 
     fn query_status(&self) -> Value {
+        {
+            let g = self.core.lock();
+            self.core.sync_run_state(&g);
+        }
         let s = self.core.notify.state();
         json!({"status": s.name(), "running": s == RunState::Running, "singlestep": false})
     }
@@ -421,7 +430,11 @@ impl VmService {
     }
 
     /// Runs one command as the QMP server would (also for tests and in-process callers).
-    pub fn execute_command(&self, name: &str, args: Map<String, Value>) -> Result<Value, CommandError> {
+    pub fn execute_command(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Result<Value, CommandError> {
         let args = Args::new(args);
         let none = |args: &Args| args.deny_unknown(&[]);
         let ok = |r: Result<(), ControlError>| r.map(|()| json!({})).map_err(CommandError::from);
@@ -438,16 +451,20 @@ impl VmService {
                 none(&args)?;
                 self.query_guest().map_err(CommandError::from)
             }
-            "migrate" | "query-migrate" | "migrate_cancel" | "migrate-set-parameters"
-            | "query-migrate-parameters" | "migrate-set-capabilities"
-            | "query-migrate-capabilities" | "x-ringvisor-query-migration-passes" => {
-                self.migration_command(name, &args)
-            }
+            "migrate"
+            | "query-migrate"
+            | "migrate_cancel"
+            | "migrate-set-parameters"
+            | "query-migrate-parameters"
+            | "migrate-set-capabilities"
+            | "query-migrate-capabilities"
+            | "x-ringvisor-query-migration-passes" => self.migration_command(name, &args),
             "migrate-incoming" => self.cmd_migrate_incoming(&args),
-            "calc-dirty-rate" | "query-dirty-rate" | "set-vcpu-dirty-limit"
-            | "cancel-vcpu-dirty-limit" | "query-vcpu-dirty-limit" => {
-                self.dirty_command(name, &args)
-            }
+            "calc-dirty-rate"
+            | "query-dirty-rate"
+            | "set-vcpu-dirty-limit"
+            | "cancel-vcpu-dirty-limit"
+            | "query-vcpu-dirty-limit" => self.dirty_command(name, &args),
             _ => Err(CommandError::command_not_found(name)),
         }
     }

@@ -41,8 +41,14 @@ mod tests {
             Err(ControlError::UnsupportedUri(_))
         ));
         assert!(matches!(tcp_addr("tcp:4444"), Err(ControlError::BadUri(_))));
-        assert!(matches!(tcp_addr("tcp::4444"), Err(ControlError::BadUri(_))));
-        assert!(matches!(tcp_addr("tcp:host:"), Err(ControlError::BadUri(_))));
+        assert!(matches!(
+            tcp_addr("tcp::4444"),
+            Err(ControlError::BadUri(_))
+        ));
+        assert!(matches!(
+            tcp_addr("tcp:host:"),
+            Err(ControlError::BadUri(_))
+        ));
         assert_eq!(with_scheme("1.2.3.4:5"), "tcp:1.2.3.4:5");
         assert_eq!(with_scheme("tcp:1.2.3.4:5"), "tcp:1.2.3.4:5");
         assert_eq!(with_scheme("unix:/x"), "unix:/x");
