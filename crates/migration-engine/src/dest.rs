@@ -109,7 +109,10 @@ pub fn receive(
     }
     if let Err(e) = &r {
         // Best effort: tell the source why, so it resumes its guest at once.
-        let _ = acks.send(&Ack::Error(e.to_string()));
+        tracing::debug!(error = %e, "incoming migration failed");
+        if let Err(send) = acks.send(&Ack::Error(e.to_string())) {
+            tracing::debug!(error = %send, "could not tell the source why");
+        }
     }
     r
 }

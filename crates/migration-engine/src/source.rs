@@ -147,7 +147,9 @@ impl Collector {
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
                     // A failure here resurfaces in the next collect, which reports it.
-                    let _ = rs.poll(high_water);
+                    if let Err(e) = rs.poll(high_water) {
+                        tracing::debug!(error = %e, "ring collector: poll failed");
+                    }
                     let counts = (0..rs.vcpus()).map(|i| rs.vcpu_dirty_seen(i)).collect();
                     if let Ok(mut m) = m.lock() {
                         m.sample(Instant::now(), counts);
@@ -370,6 +372,7 @@ impl<'a> Sender<'a> {
         dirty_pages: u64,
     ) -> Result<(u64, u64, u64, f64)> {
         let t = Instant::now();
+        tracing::debug!(iteration, pages, final_pass, "migration pass");
         let s0 = self.enc.stats();
         self.ctl.update(|l, _| {
             l.x.pass = iteration;
@@ -496,6 +499,7 @@ pub(crate) fn run_job(
     }
     if let Err(e) = r {
         let cancelled = ctl.cancelled() || matches!(e, MigrationError::Cancelled);
+        tracing::info!(error = %e, cancelled, "migration ended before the commit; the guest keeps running on the source");
         if cancelled {
             if let Some(s) = sender.as_mut() {
                 s.abort("cancelled on the source (migrate_cancel)");

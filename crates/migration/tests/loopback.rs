@@ -5,7 +5,6 @@
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
-use std::time::Instant;
 
 use migration::bandwidth::ThrottledWriter;
 use migration::wire::unix_time_ns;
@@ -152,7 +151,6 @@ fn source(tcp: TcpStream, seed: u64) -> Result<SourceResult, WireError> {
 #[test]
 fn migration_over_loopback_tcp_reproduces_memory_and_digest() {
     let (src_tcp, dst_tcp) = pair();
-    let t0 = Instant::now();
     let sender = thread::spawn(move || source(src_tcp, 7));
 
     let mut acks = AckWriter::new(dst_tcp.try_clone().unwrap());
@@ -221,7 +219,6 @@ fn migration_over_loopback_tcp_reproduces_memory_and_digest() {
         "{} bytes on the wire for {entries} bytes of entries",
         stats.bytes
     );
-    assert!(t0.elapsed().as_secs() < 10);
 }
 
 #[test]

@@ -6,13 +6,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-mod bench_migrate_cmd;
-mod bench_pvh_cmd;
-mod bench_sync_cmd;
+mod bench_cmd;
 mod guest_cmd;
-mod plot;
 mod pvh_cmd;
-mod qemu;
 mod selftest_cmd;
 
 /// clap parser for sizes (`4096`, `256M`, `1G`, `1.5GiB`).
@@ -23,14 +19,6 @@ pub fn size_arg(s: &str) -> std::result::Result<u64, String> {
 /// clap parser for rates (`800MiB/s`, `1Gbit/s`, `128M`, `0` or `unlimited`).
 pub fn bandwidth_arg(s: &str) -> std::result::Result<u64, String> {
     migration::units::parse_bandwidth(s).map_err(|e| e.to_string())
-}
-
-/// `--link`: `loopback` or a tc rate such as `1gbit`.
-fn check_link(link: &str) -> Result<()> {
-    if link != "loopback" && !link.ends_with("bit") {
-        anyhow::bail!("--link must be `loopback` or a tc rate such as 1gbit");
-    }
-    Ok(())
 }
 
 /// Dirty tracking mode on the command line.
@@ -474,10 +462,23 @@ fn caps(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Diagnostics of the libraries (`tracing`) on stderr, filtered by `RUST_LOG`; warnings and
+/// errors only by default.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() -> Result<()> {
     // SAFETY: restoring the default SIGPIPE disposition before any thread exists, so that
     // `ringvisor ... | head` ends quietly instead of panicking on a closed stdout.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    init_tracing();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Caps { json } => caps(json),
@@ -748,17 +749,17 @@ fn main() -> Result<()> {
                     plot,
                     json,
                 },
-        } => {
-            check_link(&link)?;
-            bench_migrate_cmd::run_dirtylimit(bench_migrate_cmd::LimitOpts {
+        } => bench_cmd::dirtylimit(
+            bench::migrate::LimitOpts {
+                exe: std::env::current_exe()?,
                 rates_mb: rates,
                 memory_gib,
                 link,
                 timeout,
                 plot,
-                json,
-            })
-        }
+            },
+            json,
+        ),
         Cmd::Bench {
             which:
                 BenchCmd::Migrate {
@@ -785,6 +786,7 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
+            let exe = std::env::current_exe()?;
             if pvh {
                 let bw = match &max_bandwidth {
                     Some(b) => {
@@ -792,63 +794,53 @@ fn main() -> Result<()> {
                     }
                     None => 1_000_000_000,
                 };
-                if bw == 0 {
-                    anyhow::bail!("--max-bandwidth must be a finite rate for the QEMU comparison");
-                }
-                for t in &trackers {
-                    if !["ring", "bitmap", "clear-log"].contains(&t.as_str()) {
-                        anyhow::bail!(
-                            "--trackers: unknown tracker {t:?} (ring, bitmap, clear-log)"
-                        );
-                    }
-                }
-                return bench_pvh_cmd::run(bench_pvh_cmd::Opts {
-                    memory: pvh_memory,
-                    vcpus,
-                    trackers,
-                    ring_entries,
-                    downtime_limit,
-                    max_bandwidth: bw,
-                    timeout,
-                    warmup: pvh_warmup,
-                    ws_mb: pvh_ws_mb,
-                    dirty_mb: pvh_dirty_mb,
-                    period_ticks: pvh_period_ticks,
-                    repeat,
-                    plot,
+                return bench_cmd::pvh(
+                    bench::pvh::PvhOpts {
+                        exe,
+                        memory: pvh_memory,
+                        vcpus,
+                        trackers,
+                        ring_entries,
+                        downtime_limit,
+                        max_bandwidth: bw,
+                        timeout,
+                        warmup: pvh_warmup,
+                        ws_mb: pvh_ws_mb,
+                        dirty_mb: pvh_dirty_mb,
+                        period_ticks: pvh_period_ticks,
+                        repeat,
+                        plot,
+                    },
                     json,
-                });
+                );
             }
             if let Some(b) = &max_bandwidth {
                 bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
-            }
-            for t in &trackers {
-                if !["ring", "bitmap", "clear-log"].contains(&t.as_str()) {
-                    anyhow::bail!("--trackers: unknown tracker {t:?} (ring, bitmap, clear-log)");
-                }
             }
             for s in &sets {
                 if s != "all" {
                     size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
                 }
             }
-            check_link(&link)?;
-            bench_migrate_cmd::run(bench_migrate_cmd::Opts {
-                memory_gib,
-                rates_mb: rates,
-                sets,
-                trackers,
-                ring_entries,
-                vcpus,
-                link,
-                timeout,
-                downtime_limit,
-                plot,
-                max_bandwidth,
-                dirty_limit,
-                auto_converge,
+            bench_cmd::migrate(
+                bench::migrate::MigrateOpts {
+                    exe,
+                    memory_gib,
+                    rates_mb: rates,
+                    sets,
+                    trackers,
+                    ring_entries,
+                    vcpus,
+                    link,
+                    timeout,
+                    downtime_limit,
+                    plot,
+                    max_bandwidth,
+                    dirty_limit,
+                    auto_converge,
+                },
                 json,
-            })
+            )
         }
         Cmd::Bench {
             which:
@@ -860,19 +852,16 @@ fn main() -> Result<()> {
                     plot,
                     json,
                 },
-        } => {
-            if let Some(bad) = sizes_gib.iter().find(|&&g| g == 0 || g > 256) {
-                anyhow::bail!("--sizes-gib: {bad} is out of range (1..=256 GiB)");
-            }
-            bench_sync_cmd::run(bench_sync_cmd::Opts {
+        } => bench_cmd::sync(
+            bench::sync::SyncOpts {
                 sizes_gib,
                 dirty_pages,
                 runs: runs as usize,
                 ring_entries,
                 plot,
-                json,
-            })
-        }
+            },
+            json,
+        ),
         Cmd::Bench {
             which:
                 BenchCmd::Gic {

@@ -41,6 +41,7 @@ pub fn run(o: Opts) -> Result<bool> {
             ring_entries: o.ring_entries,
             vcpus: o.vcpus,
             seed: o.seed,
+            force_ring_full: false,
         };
         let pb = if o.json {
             ProgressBar::hidden()

@@ -55,6 +55,9 @@ pub struct VcpuCounters {
     pub sleep_ns: AtomicU64,
     /// Nanoseconds the VMM delayed this vCPU (dirty-limit throttling).
     pub throttle_ns: AtomicU64,
+    /// Times this vCPU's thread was held (dirty limit out of budget) instead of entering the
+    /// guest.
+    pub holds: AtomicU64,
 }
 
 /// How a [`VmmError::VcpuFailed`] text for `KVM_EXIT_INTERNAL_ERROR` starts (followed by
@@ -333,6 +336,7 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
                     if ppm >= HOLD_PPM {
                         // Held (dirty limit out of budget): wait until released.
                         let t = Instant::now();
+                        v.counters.holds.fetch_add(1, Ordering::Relaxed);
                         v.in_hold.store(true, Ordering::Relaxed);
                         while v.throttle_ppm.load(Ordering::Relaxed) >= HOLD_PPM {
                             {

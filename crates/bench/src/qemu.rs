@@ -11,8 +11,6 @@
 //! instruction), without PIT, PIC and RTC, which the test kernel does not use. See
 //! `docs/qemu.md`.
 
-// `bench migrate` calls `migrate` once it grows its QEMU row; until then only tests do.
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -23,8 +21,72 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
+
+/// Why a QEMU migration could not be measured (a migration that fails or times out is a
+/// [`QemuResult`], not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A parameter QEMU would reject or misread.
+    #[error("{0}")]
+    Invalid(String),
+    /// An operating-system call failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QMP misbehaved: invalid JSON, an unexpected reply, a command's error, a closed
+    /// connection.
+    #[error("{0}")]
+    Qmp(String),
+    /// A QEMU process exited: its status, the serial tail and the stderr tail.
+    #[error("{0}")]
+    Exited(String),
+    /// QEMU did not get somewhere in time (QMP socket, the kernel's first progress line).
+    #[error("{0}")]
+    Timeout(String),
+    /// A step of the migration failed.
+    #[error("{step}")]
+    Step {
+        /// The step (`source: migrate`) or the state of the process.
+        step: String,
+        /// Why.
+        #[source]
+        source: Box<QemuError>,
+    },
+}
+
+/// Result with [`QemuError`].
+pub type Result<T> = std::result::Result<T, QemuError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
+    let what = what.into();
+    move |source| QemuError::Io { what, source }
+}
+
+/// Wraps an error in the step that failed.
+trait Step<T> {
+    fn step(self, step: impl Into<String>) -> Result<T>;
+}
+
+impl<T> Step<T> for Result<T> {
+    fn step(self, step: impl Into<String>) -> Result<T> {
+        self.map_err(|e| QemuError::Step {
+            step: step.into(),
+            source: Box::new(e),
+        })
+    }
+}
+
+macro_rules! fail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err(QemuError::$kind(format!($($arg)*)))
+    };
+}
 
 /// The QEMU binary looked up in `PATH`.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -57,10 +119,13 @@ pub struct QemuRun {
     /// Its command line. The kernel must keep running until migrated (test kernel:
     /// `reports=0`) and print `cpu I progress R ...` lines on COM1.
     pub cmdline: String,
+    /// Guest memory (MiB).
     pub memory_mib: u64,
+    /// vCPUs.
     pub vcpus: u32,
     /// Dirty ring entries per vCPU (`-accel kvm,dirty-ring-size=N`); `None` = the bitmap.
     pub dirty_ring: Option<u32>,
+    /// `downtime-limit` (ms).
     pub downtime_limit_ms: u64,
     /// `max-bandwidth` in bytes/s; `None` = unlimited.
     pub max_bandwidth: Option<u64>,
@@ -156,27 +221,38 @@ fn version_from_banner(text: &str) -> Option<String> {
 /// Checks the parameters QEMU would otherwise reject late (or misread).
 fn validate(run: &QemuRun) -> Result<()> {
     if run.vcpus == 0 || run.vcpus > 255 {
-        bail!("vcpus must be 1..=255, got {}", run.vcpus);
+        fail!(Invalid, "vcpus must be 1..=255, got {}", run.vcpus);
     }
     if run.memory_mib < 16 {
-        bail!("memory must be at least 16 MiB, got {} MiB", run.memory_mib);
+        fail!(
+            Invalid,
+            "memory must be at least 16 MiB, got {} MiB",
+            run.memory_mib
+        );
     }
     if let Some(n) = run.dirty_ring {
         if !n.is_power_of_two() || n < 256 {
-            bail!("dirty ring entries must be a power of two >= 256 (QEMU/KVM), got {n}");
+            fail!(
+                Invalid,
+                "dirty ring entries must be a power of two >= 256 (QEMU/KVM), got {n}"
+            );
         }
     }
     if run.downtime_limit_ms > MAX_DOWNTIME_LIMIT_MS {
-        bail!(
+        fail!(
+            Invalid,
             "downtime limit {} ms exceeds QEMU's maximum of {MAX_DOWNTIME_LIMIT_MS} ms",
             run.downtime_limit_ms
         );
     }
     if run.max_bandwidth == Some(0) {
-        bail!("max bandwidth 0 would stall QEMU's migration; use None for unlimited");
+        fail!(
+            Invalid,
+            "max bandwidth 0 would stall QEMU's migration; use None for unlimited"
+        );
     }
     if !run.kernel.is_file() {
-        bail!("kernel {} is not a file", run.kernel.display());
+        fail!(Invalid, "kernel {} is not a file", run.kernel.display());
     }
     Ok(())
 }
@@ -248,13 +324,15 @@ pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
     let (mut dq, _) = dest.connect(boot_deadline)?;
     let (mut sq, greeting) = src.connect(boot_deadline)?;
     let qemu_version = version_from_greeting(&greeting)
-        .ok_or_else(|| anyhow!("source QMP greeting has no version: {greeting}"))?;
+        .ok_or_else(|| QemuError::Qmp(format!("source QMP greeting has no version: {greeting}")))?;
 
     dq.execute("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))
-        .context("destination: migrate-incoming")?;
+        .step("destination: migrate-incoming")?;
     let listening = dq.execute("query-migrate", json!({}))?;
     let port = listen_port(&listening).ok_or_else(|| {
-        anyhow!("destination reports no listening port in query-migrate: {listening}")
+        QemuError::Qmp(format!(
+            "destination reports no listening port in query-migrate: {listening}"
+        ))
     })?;
 
     src.wait_for_progress(boot_deadline)?;
@@ -266,17 +344,18 @@ pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
         "migrate-set-parameters",
         json!({ "downtime-limit": run.downtime_limit_ms, "max-bandwidth": bandwidth }),
     )
-    .context("source: migrate-set-parameters")?;
+    .step("source: migrate-set-parameters")?;
     let started = Instant::now();
     sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
-        .context("source: migrate")?;
+        .step("source: migrate")?;
 
     let mut info;
     let mut timed_out = false;
     loop {
-        let reply = sq
-            .execute("query-migrate", json!({}))
-            .with_context(|| src.describe_exit())?;
+        let reply = match sq.execute("query-migrate", json!({})) {
+            Ok(r) => r,
+            Err(e) => return Err(e).step(src.describe_exit()),
+        };
         info = parse_migrate_info(&reply)?;
         if info.is_final() {
             break;
@@ -290,7 +369,7 @@ pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
     if timed_out {
         let waited = started.elapsed();
         sq.execute("migrate_cancel", json!({}))
-            .context("source: migrate_cancel")?;
+            .step("source: migrate_cancel")?;
         let cancel_deadline = Instant::now() + STOP_TIMEOUT;
         while !info.is_final() && Instant::now() < cancel_deadline {
             std::thread::sleep(POLL);
@@ -420,7 +499,7 @@ fn parse_migrate_info(v: &Value) -> Result<MigrateInfo> {
     let status = v
         .get("status")
         .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("query-migrate reply without a status: {v}"))?;
+        .ok_or_else(|| QemuError::Qmp(format!("query-migrate reply without a status: {v}")))?;
     let u = |o: Option<&Value>, k: &str| o.and_then(|o| o.get(k)).and_then(Value::as_u64);
     let ram = v.get("ram");
     let phases = ["precopy-bytes", "downtime-bytes", "postcopy-bytes"];
@@ -486,8 +565,8 @@ enum Reply {
 }
 
 fn parse_reply(line: &str) -> Result<Reply> {
-    let v: Value =
-        serde_json::from_str(line).with_context(|| format!("QMP sent invalid JSON: {line}"))?;
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| QemuError::Qmp(format!("QMP sent invalid JSON ({e}): {line}")))?;
     let id = v.get("id").and_then(Value::as_u64);
     if let Some(e) = v.get("event") {
         return Ok(Reply::Event(e.as_str().unwrap_or("?").to_string()));
@@ -508,7 +587,7 @@ fn parse_reply(line: &str) -> Result<Reply> {
             id,
             value: r.clone(),
         }),
-        None => bail!("unexpected QMP message: {line}"),
+        None => fail!(Qmp, "unexpected QMP message: {line}"),
     }
 }
 
@@ -523,17 +602,23 @@ struct Qmp {
 impl Qmp {
     /// Reads the greeting, negotiates capabilities; returns the greeting.
     fn start(name: &'static str, stream: UnixStream) -> Result<(Qmp, Value)> {
-        stream.set_read_timeout(Some(QMP_REPLY_TIMEOUT))?;
-        stream.set_write_timeout(Some(QMP_REPLY_TIMEOUT))?;
+        stream
+            .set_read_timeout(Some(QMP_REPLY_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(QMP_REPLY_TIMEOUT)))
+            .map_err(io_err(format!("{name}: QMP socket timeouts")))?;
         let mut q = Qmp {
             name,
-            reader: BufReader::new(stream.try_clone()?),
+            reader: BufReader::new(
+                stream
+                    .try_clone()
+                    .map_err(io_err(format!("{name}: cloning the QMP socket")))?,
+            ),
             writer: stream,
             next_id: 1,
         };
         let greeting = match q.read()? {
             Reply::Greeting(g) => g,
-            other => bail!("{name}: expected the QMP greeting, got {other:?}"),
+            other => fail!(Qmp, "{name}: expected the QMP greeting, got {other:?}"),
         };
         q.execute("qmp_capabilities", json!({}))?;
         Ok((q, greeting))
@@ -541,12 +626,12 @@ impl Qmp {
 
     fn read(&mut self) -> Result<Reply> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .with_context(|| format!("{}: no QMP reply within {QMP_REPLY_TIMEOUT:?}", self.name))?;
+        let n = self.reader.read_line(&mut line).map_err(io_err(format!(
+            "{}: no QMP reply within {QMP_REPLY_TIMEOUT:?}",
+            self.name
+        )))?;
         if n == 0 {
-            bail!("{}: QMP connection closed (QEMU exited?)", self.name);
+            fail!(Qmp, "{}: QMP connection closed (QEMU exited?)", self.name);
         }
         parse_reply(line.trim_end())
     }
@@ -563,7 +648,7 @@ impl Qmp {
         text.push('\n');
         self.writer
             .write_all(text.as_bytes())
-            .with_context(|| format!("{}: sending {cmd} over QMP", self.name))?;
+            .map_err(io_err(format!("{}: sending {cmd} over QMP", self.name)))?;
         loop {
             match self.read()? {
                 Reply::Event(_) => continue,
@@ -572,8 +657,12 @@ impl Qmp {
                     id: Some(r),
                     class,
                     desc,
-                } if r == id => bail!("{}: {cmd} failed: {class}: {desc}", self.name),
-                other => bail!("{}: unexpected QMP reply to {cmd}: {other:?}", self.name),
+                } if r == id => fail!(Qmp, "{}: {cmd} failed: {class}: {desc}", self.name),
+                other => fail!(
+                    Qmp,
+                    "{}: unexpected QMP reply to {cmd}: {other:?}",
+                    self.name
+                ),
             }
         }
     }
@@ -598,14 +687,14 @@ impl Qemu {
         let qmp = dir.0.join(format!("{name}.qmp"));
         let serial = dir.0.join(format!("{name}.serial"));
         let log = dir.0.join(format!("{name}.log"));
-        let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let stderr = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
         let child = Command::new(QEMU)
             .args(qemu_args(run, &qmp, &serial, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {QEMU} ({name})"))?;
+            .map_err(io_err(format!("starting {QEMU} ({name})")))?;
         Ok(Qemu {
             name,
             child,
@@ -619,11 +708,23 @@ impl Qemu {
     fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
         loop {
             if let Ok(s) = UnixStream::connect(&self.qmp) {
-                return Qmp::start(self.name, s);
+                return match Qmp::start(self.name, s) {
+                    Ok(q) => Ok(q),
+                    // A guest that powers off at once takes QEMU down while QMP starts: the
+                    // exit (with its status and serial tail) is the error, not the socket's.
+                    Err(e) => match wait_timeout(&mut self.child, STOP_TIMEOUT) {
+                        Some(_) => Err(QemuError::Exited(self.describe_exit())),
+                        None => Err(e),
+                    },
+                };
             }
             self.check_running()?;
             if Instant::now() >= deadline {
-                bail!("{}: no QMP socket within {BOOT_TIMEOUT:?}", self.name);
+                fail!(
+                    Timeout,
+                    "{}: no QMP socket within {BOOT_TIMEOUT:?}",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -637,7 +738,8 @@ impl Qemu {
             }
             self.check_running()?;
             if Instant::now() >= deadline {
-                bail!(
+                fail!(
+                    Timeout,
                     "{}: no progress line from the kernel within {BOOT_TIMEOUT:?}; serial:\n{}",
                     self.name,
                     tail(&self.serial(), 10)
@@ -651,7 +753,7 @@ impl Qemu {
     fn check_running(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            _ => Err(anyhow!(self.describe_exit())),
+            _ => Err(QemuError::Exited(self.describe_exit())),
         }
     }
 
@@ -726,7 +828,7 @@ impl Scratch {
         ));
         // A leftover of an earlier process with the same pid is ours to replace.
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         Ok(Scratch(dir))
     }
 }
@@ -1051,7 +1153,7 @@ mod tests {
             warmup: Duration::from_millis(500),
             ..run_for(&test_kernel(&scratch))
         };
-        let e = format!("{:#}", migrate(&run).unwrap_err());
+        let e = crate::error_chain(&migrate(&run).unwrap_err());
         assert!(e.contains("the guest powered off with status 5"), "{e}");
         assert!(e.contains("poweroff 5"), "serial tail in the error: {e}");
     }

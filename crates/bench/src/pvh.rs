@@ -5,40 +5,64 @@
 //! processes driven over QMP); each is live-migrated on loopback with the same downtime limit
 //! and bandwidth, at idle and while dirtying, for each tracker. One run, side by side.
 
-use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::qemu;
+use crate::error::{error_chain, BenchError, Result};
+use crate::migrate::check_trackers;
+use crate::procs::{reap_destination, source_summary, spawn_destination};
+use crate::{qemu, Progress};
 
-pub struct Opts {
+/// Options of the PVH rows.
+#[derive(Debug, Clone)]
+pub struct PvhOpts {
+    /// The `ringvisor` binary.
+    pub exe: PathBuf,
+    /// Guest memory in bytes.
     pub memory: u64,
+    /// vCPUs.
     pub vcpus: u64,
+    /// Trackers (`ring`, `bitmap`, `clear-log`; QEMU has no clear-log row of its own).
     pub trackers: Vec<String>,
+    /// Dirty ring entries per vCPU.
     pub ring_entries: u32,
+    /// `downtime-limit` in ms.
     pub downtime_limit: u64,
+    /// `max-bandwidth` in bytes/s (finite: QEMU's 0 is not "unlimited").
     pub max_bandwidth: u64,
+    /// Seconds before a migration is aborted.
     pub timeout: f64,
+    /// Seconds the guest runs before the migration.
     pub warmup: f64,
+    /// Test kernel `ws_mb`.
     pub ws_mb: u64,
+    /// Test kernel `dirty_mb` (dirtying scenario).
     pub dirty_mb: u64,
+    /// Test kernel `period_ticks`.
     pub period_ticks: u64,
+    /// Migrations per cell (the table shows medians).
     pub repeat: u32,
-    pub plot: Option<std::path::PathBuf>,
-    pub json: bool,
+    /// Write an SVG plot here.
+    pub plot: Option<PathBuf>,
 }
 
+/// One migration.
 #[derive(Serialize, Clone, Debug)]
 pub struct Row {
+    /// `ringvisor` or `qemu`.
     pub vmm: String,
+    /// `idle` or `dirtying`.
     pub scenario: String,
+    /// Tracker.
     pub tracker: String,
+    /// The migration completed.
     pub completed: bool,
+    /// The outcome.
     pub outcome: String,
+    /// Total migration time (ms).
     pub total_ms: f64,
     /// ringvisor: from the pause to the destination's Resumed (the guest runs again); QEMU:
     /// its `downtime` (from the stop until the source has sent everything).
@@ -46,7 +70,9 @@ pub struct Row {
     /// ringvisor: from the pause until the source commits (after the destination restored
     /// and answered ReadyToResume); QEMU: same as `downtime_ms`.
     pub downtime_source_ms: f64,
+    /// MiB sent.
     pub mib_sent: f64,
+    /// Passes.
     pub passes: u64,
     /// The destination's console kept printing progress after the resume.
     pub dest_progress: bool,
@@ -54,22 +80,33 @@ pub struct Row {
     pub verified: Option<bool>,
 }
 
-#[derive(Serialize)]
+/// The PVH rows.
+#[derive(Serialize, Debug)]
 pub struct Report {
+    /// The host's KVM is PVM.
     pub pvm_host: bool,
+    /// QEMU's version, if it was usable.
     pub qemu: Option<String>,
+    /// Guest memory (MiB).
     pub memory_mib: u64,
+    /// vCPUs.
     pub vcpus: u64,
+    /// Ring entries per vCPU.
     pub ring_entries: u32,
+    /// `downtime-limit` (ms).
     pub downtime_limit_ms: u64,
+    /// `max-bandwidth` (bytes/s).
     pub max_bandwidth: u64,
+    /// The idle scenario's kernel command line.
     pub idle_cmdline: String,
+    /// The dirtying scenario's kernel command line.
     pub dirty_cmdline: String,
+    /// Every migration that was measured.
     pub rows: Vec<Row>,
 }
 
-fn cmdline(o: &Opts, dirty: bool) -> String {
-    pvh::test_kernel::Cmdline {
+fn cmdline(o: &PvhOpts, dirty: bool) -> String {
+    ::pvh::test_kernel::Cmdline {
         ws_mb: o.ws_mb,
         dirty_mb: if dirty { o.dirty_mb } else { 0 },
         reports: 0,
@@ -82,7 +119,7 @@ fn cmdline(o: &Opts, dirty: bool) -> String {
     .render()
 }
 
-fn progress_lines(path: &std::path::Path) -> usize {
+fn progress_lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().filter(|l| l.contains(" progress ")).count())
         .unwrap_or(0)
@@ -90,16 +127,15 @@ fn progress_lines(path: &std::path::Path) -> usize {
 
 /// One ringvisor migration: destination and source processes on loopback.
 fn ringvisor_one(
-    exe: &std::path::Path,
-    o: &Opts,
-    kernel: &std::path::Path,
+    o: &PvhOpts,
+    kernel: &Path,
     cmdline: &str,
     tracker: &str,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<(Row, bool)> {
     let console = dir.join(format!("dest-{tracker}.console"));
     let _ = std::fs::remove_file(&console);
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(&o.exe);
     cmd.args([
         "incoming",
         "--listen",
@@ -114,9 +150,8 @@ fn ringvisor_one(
         "--console",
     ])
     .arg(&console);
-    let (mut dest, mut dout, addr) = crate::bench_migrate_cmd::spawn_destination(cmd)?;
-    let addr = addr.as_str();
-    let out = Command::new(exe)
+    let mut dest = spawn_destination(cmd)?;
+    let out = Command::new(&o.exe)
         .args(["run", "--kernel"])
         .arg(kernel)
         .args([
@@ -133,7 +168,7 @@ fn ringvisor_one(
             "--console",
             "/dev/null",
             "--migrate-to",
-            addr,
+            &dest.addr,
             "--migrate-after",
             &o.warmup.to_string(),
             "--downtime-limit",
@@ -149,11 +184,9 @@ fn ringvisor_one(
         ])
         .stderr(Stdio::piped())
         .output()
-        .context("running the source")?;
-    crate::bench_migrate_cmd::reap_destination(&mut dest);
-    let mut rest = String::new();
-    let _ = dout.read_to_string(&mut rest);
-    let v = crate::bench_migrate_cmd::source_summary(&out)?;
+        .map_err(BenchError::io("running the source"));
+    reap_destination(&mut dest);
+    let v = source_summary(&out?)?;
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     let verified = v["verified"].as_bool();
     Ok((
@@ -179,7 +212,7 @@ fn ringvisor_one(
     ))
 }
 
-fn qemu_one(o: &Opts, kernel: &std::path::Path, cmdline: &str, tracker: &str) -> Result<Row> {
+fn qemu_one(o: &PvhOpts, kernel: &Path, cmdline: &str, tracker: &str) -> Result<Row> {
     let r = qemu::migrate(&qemu::QemuRun {
         kernel: kernel.to_path_buf(),
         cmdline: cmdline.to_string(),
@@ -207,24 +240,36 @@ fn qemu_one(o: &Opts, kernel: &std::path::Path, cmdline: &str, tracker: &str) ->
     })
 }
 
-pub fn run(o: Opts) -> Result<()> {
+fn check(o: &PvhOpts) -> Result<()> {
     if !vmm::kvm_available() {
-        bail!("/dev/kvm is absent: bench migrate needs real KVM");
+        return Err(BenchError::NoKvm("bench migrate"));
     }
     if !(o.warmup.is_finite() && o.warmup > 0.0) {
-        bail!("--pvh-warmup must be a positive number of seconds");
+        return Err(BenchError::Invalid(
+            "--pvh-warmup must be a positive number of seconds".into(),
+        ));
     }
-    let exe = std::env::current_exe()?;
+    if o.max_bandwidth == 0 {
+        return Err(BenchError::Invalid(
+            "--max-bandwidth must be a finite rate for the QEMU comparison".into(),
+        ));
+    }
+    check_trackers(&o.trackers)
+}
+
+/// Runs the PVH rows: ringvisor always, QEMU where it is usable (else a note, and the report's
+/// `qemu` is `None`).
+pub fn run(o: &PvhOpts, progress: &mut dyn Progress) -> Result<Report> {
+    check(o)?;
     let dir = std::env::temp_dir().join(format!("ringvisor-bench-pvh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
     let kernel = dir.join("test-kernel.elf");
-    std::fs::write(
-        &kernel,
-        pvh::test_kernel::build(&Default::default()).context("building the test kernel")?,
-    )?;
+    let image = ::pvh::test_kernel::build(&Default::default()).map_err(BenchError::TestKernel)?;
+    std::fs::write(&kernel, image)
+        .map_err(BenchError::io(format!("writing {}", kernel.display())))?;
     let qemu_version = qemu::available();
     if qemu_version.is_none() {
-        eprintln!("qemu-system-x86_64 is not usable here: the QEMU rows are left out");
+        progress.note("qemu-system-x86_64 is not usable here: the QEMU rows are left out");
     }
     let scenarios = [("idle", false), ("dirtying", true)];
     let mut cells = Vec::new();
@@ -238,27 +283,16 @@ pub fn run(o: Opts) -> Result<()> {
             }
         }
     }
-    let pb = if o.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cells.len() as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} migrations {elapsed} {msg}")
-            .expect("static template"),
-    );
+    progress.start(cells.len() as u64, "migrations");
     let mut rows = Vec::new();
     for (name, dirty, tracker, which) in cells {
-        pb.set_message(format!("{which} {name} {tracker}"));
-        let line = cmdline(&o, dirty);
+        progress.step(&format!("{which} {name} {tracker}"));
+        let line = cmdline(o, dirty);
         let r = match which {
-            "qemu" => qemu_one(&o, &kernel, &line, tracker),
-            _ => ringvisor_one(&exe, &o, &kernel, &line, tracker, &dir).map(|(r, bad)| {
+            "qemu" => qemu_one(o, &kernel, &line, tracker),
+            _ => ringvisor_one(o, &kernel, &line, tracker, &dir).map(|(r, bad)| {
                 if bad {
-                    crate::bench_migrate_cmd::say(
-                        &pb,
-                        format!("WARNING: memory digest mismatch in {r:?}"),
-                    );
+                    progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
                 }
                 r
             }),
@@ -268,14 +302,12 @@ pub fn run(o: Opts) -> Result<()> {
                 r.scenario = name.into();
                 rows.push(r);
             }
-            Err(e) => {
-                crate::bench_migrate_cmd::say(&pb, format!("{which} {name} {tracker}: {e:#}"))
-            }
+            Err(e) => progress.note(&format!("{which} {name} {tracker}: {}", error_chain(&e))),
         }
-        pb.inc(1);
+        progress.inc();
         std::thread::sleep(Duration::from_millis(200));
     }
-    pb.finish_and_clear();
+    progress.finish();
     let _ = std::fs::remove_dir_all(&dir);
     let rep = Report {
         pvm_host: kvm_dirty::is_pvm_host(),
@@ -285,19 +317,14 @@ pub fn run(o: Opts) -> Result<()> {
         ring_entries: o.ring_entries,
         downtime_limit_ms: o.downtime_limit,
         max_bandwidth: o.max_bandwidth,
-        idle_cmdline: cmdline(&o, false),
-        dirty_cmdline: cmdline(&o, true),
+        idle_cmdline: cmdline(o, false),
+        dirty_cmdline: cmdline(o, true),
         rows,
     };
     if let Some(p) = &o.plot {
         plot(&rep, p)?;
     }
-    if o.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        print!("{}", markdown(&rep));
-    }
-    Ok(())
+    Ok(rep)
 }
 
 /// One table cell: medians over the repeats of (scenario, tracker, VMM).
@@ -347,6 +374,13 @@ fn medians(rep: &Report) -> Vec<Med> {
             }
         })
         .collect()
+}
+
+impl Report {
+    /// The table as markdown, with its header lines and notes.
+    pub fn to_markdown(&self) -> String {
+        markdown(self)
+    }
 }
 
 fn markdown(rep: &Report) -> String {
@@ -399,10 +433,11 @@ fn markdown(rep: &Report) -> String {
 }
 
 fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
+    use crate::plot::plot_err;
     use plotters::prelude::*;
     let m = medians(rep);
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
+    root.fill(&WHITE).map_err(plot_err)?;
     let max = m.iter().map(|x| x.downtime_ms).fold(1.0f64, f64::max) * 1.15;
     let labels: Vec<String> = m
         .iter()
@@ -416,7 +451,8 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
         .margin(10)
         .x_label_area_size(90)
         .y_label_area_size(50)
-        .build_cartesian_2d((0..m.len()).into_segmented(), 0f64..max)?;
+        .build_cartesian_2d((0..m.len()).into_segmented(), 0f64..max)
+        .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_label_formatter(&|x| match x {
@@ -429,17 +465,20 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
                 .transform(FontTransform::Rotate90),
         )
         .y_desc("downtime ms")
-        .draw()?;
-    chart.draw_series(m.iter().enumerate().map(|(i, x)| {
-        let color = if x.vmm == "qemu" { RED } else { BLUE };
-        Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), x.downtime_ms),
-            ],
-            color.mix(0.6).filled(),
-        )
-    }))?;
-    root.present()?;
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(m.iter().enumerate().map(|(i, x)| {
+            let color = if x.vmm == "qemu" { RED } else { BLUE };
+            Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), x.downtime_ms),
+                ],
+                color.mix(0.6).filled(),
+            )
+        }))
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -1,0 +1,174 @@
+//! The processes a migration benchmark runs: `ringvisor incoming` destinations (started here,
+//! their address read from their first stdout line, reaped with a bound), `ringvisor run`
+//! sources (their JSON summary parsed), and the network namespaces of a shaped link
+//! (`scripts/netns.sh`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{BenchError, Result};
+
+/// Where one side of a migration runs: a network namespace (or none) and its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `ip netns exec` this namespace; `None` = the current one.
+    pub netns: Option<&'static str>,
+    /// The address the destination listens on.
+    pub ip: &'static str,
+}
+
+impl Endpoint {
+    /// A command running `exe` on this endpoint.
+    pub fn command(&self, exe: &Path) -> Command {
+        match self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        }
+    }
+}
+
+/// A started destination process.
+#[derive(Debug)]
+pub struct Destination {
+    /// The process.
+    pub child: Child,
+    /// The rest of its stdout.
+    pub stdout: BufReader<ChildStdout>,
+    /// The `ADDR:PORT` it listens on.
+    pub addr: String,
+}
+
+/// Starts a destination process (`ringvisor incoming --listen ADDR:0 ...`, its stdout piped
+/// here) and reads the address it listens on from its first stdout line.
+pub fn spawn_destination(mut cmd: Command) -> Result<Destination> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(BenchError::io("starting the destination"))?;
+    let Some(out) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(BenchError::DestinationStart("no stdout".into()));
+    };
+    let mut stdout = BufReader::new(out);
+    let mut first = String::new();
+    if let Err(e) = stdout.read_line(&mut first) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(BenchError::io("reading the destination's first line")(e));
+    }
+    match first.trim().strip_prefix("listening ") {
+        Some(addr) => {
+            tracing::debug!(addr, "destination listening");
+            Ok(Destination {
+                child,
+                stdout,
+                addr: addr.to_string(),
+            })
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(BenchError::DestinationStart(first))
+        }
+    }
+}
+
+/// Waits for a destination process: it exits on its own after a resume, or with an error after
+/// an abort; if the source never reached it, it would wait forever: 10 s, then it is killed.
+/// The rest of its output is drained.
+pub fn reap_destination(dest: &mut Destination) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dest.child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                tracing::warn!("destination still running 10 s after its source ended: killed");
+                let _ = dest.child.kill();
+                let _ = dest.child.wait();
+                break;
+            }
+        }
+    }
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut dest.stdout, &mut rest);
+}
+
+/// The JSON summary a `ringvisor run --json` source printed, or why there is none.
+pub fn source_summary(out: &Output) -> Result<serde_json::Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).map_err(|_| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(6).collect();
+        BenchError::NoSummary {
+            status: out.status,
+            stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        }
+    })
+}
+
+/// `scripts/netns.sh` of this repository.
+pub fn netns_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/netns.sh")
+}
+
+/// Checks a `--link` value: `loopback` or a tc rate such as `1gbit`.
+pub fn check_link(link: &str) -> Result<()> {
+    if link != "loopback" && !link.ends_with("bit") {
+        return Err(BenchError::Invalid(
+            "--link must be `loopback` or a tc rate such as 1gbit".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Source and destination endpoints: loopback, or two namespaces joined by a veth pair shaped
+/// to `link` (set up here with scripts/netns.sh; [`netns_down`] removes them).
+pub fn endpoints(link: &str) -> Result<(Endpoint, Endpoint)> {
+    check_link(link)?;
+    if link == "loopback" {
+        let lo = Endpoint {
+            netns: None,
+            ip: "127.0.0.1",
+        };
+        return Ok((lo, lo));
+    }
+    let script = netns_script();
+    let st = Command::new("bash")
+        .arg(&script)
+        .args(["up", link])
+        .stdout(Stdio::null())
+        .status()
+        .map_err(BenchError::io(format!("running {}", script.display())))?;
+    if !st.success() {
+        return Err(BenchError::Netns(link.to_string()));
+    }
+    Ok((
+        Endpoint {
+            netns: Some("rv-src"),
+            ip: "10.77.0.1",
+        },
+        Endpoint {
+            netns: Some("rv-dst"),
+            ip: "10.77.0.2",
+        },
+    ))
+}
+
+/// Removes the namespaces [`endpoints`] made for a shaped link (nothing for loopback).
+pub fn netns_down(link: &str) {
+    if link != "loopback" {
+        let _ = Command::new("bash")
+            .arg(netns_script())
+            .arg("down")
+            .status();
+    }
+}

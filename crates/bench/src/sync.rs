@@ -1,0 +1,87 @@
+//! `ringvisor bench sync`: collect + re-protect cost per mode versus guest size (in this
+//! process, on real KVM; `vmm::bench_sync` measures).
+
+use std::path::PathBuf;
+
+use vmm::bench_sync::{self, SyncBenchParams, SyncBenchReport};
+
+use crate::error::{BenchError, Result};
+use crate::plot::{line_plot_log_x, Series};
+use crate::Progress;
+
+/// Options of the sync benchmark.
+#[derive(Debug, Clone)]
+pub struct SyncOpts {
+    /// Guest memory sizes in GiB (1..=256; sparse).
+    pub sizes_gib: Vec<u64>,
+    /// Dirty pages per collect, spread evenly over the slot.
+    pub dirty_pages: u64,
+    /// Measured collects per cell (the median is reported).
+    pub runs: usize,
+    /// Dirty ring entries per vCPU.
+    pub ring_entries: u32,
+    /// Write an SVG plot here.
+    pub plot: Option<PathBuf>,
+}
+
+/// Runs the sync benchmark (and writes the plot if asked).
+pub fn run(o: &SyncOpts, progress: &mut dyn Progress) -> Result<SyncBenchReport> {
+    if !vmm::kvm_available() {
+        return Err(BenchError::NoKvm("bench sync"));
+    }
+    if let Some(bad) = o.sizes_gib.iter().find(|&&g| g == 0 || g > 256) {
+        return Err(BenchError::Invalid(format!(
+            "--sizes-gib: {bad} is out of range (1..=256 GiB)"
+        )));
+    }
+    let p = SyncBenchParams {
+        sizes_gib: o.sizes_gib.clone(),
+        dirty_pages: o.dirty_pages,
+        runs: o.runs,
+        ring_entries: o.ring_entries,
+    };
+    progress.start((p.sizes_gib.len() * 3 * p.runs) as u64, "collects");
+    let r = bench_sync::run(&p, || progress.inc()).map_err(BenchError::Sync)?;
+    progress.finish();
+    if let Some(path) = &o.plot {
+        let series: Vec<Series> = ["bitmap", "clear-log", "ring"]
+            .iter()
+            .map(|m| Series {
+                name: m.to_string(),
+                points: r
+                    .cells
+                    .iter()
+                    .filter(|c| c.mode == *m)
+                    .map(|c| (c.size_gib as f64, c.median_us))
+                    .collect(),
+            })
+            .collect();
+        line_plot_log_x(
+            path,
+            &format!(
+                "collect + re-protect, {} dirty pages ({})",
+                p.dirty_pages,
+                if r.pvm_host { "PVM host" } else { "KVM host" }
+            ),
+            "guest memory (GiB)",
+            "median time (us)",
+            &series,
+        )?;
+    }
+    Ok(r)
+}
+
+/// The report as the CLI prints it: a header line, the table, the plot's path.
+pub fn to_markdown(r: &SyncBenchReport, plot: Option<&std::path::Path>) -> String {
+    let mut s = format!(
+        "sync cost: one collect + re-protect, {} dirty pages spread over the slot, median of {} runs, host KVM {}\n\n",
+        r.params.dirty_pages,
+        r.params.runs,
+        if r.pvm_host { "PVM (kvm_pvm, nested, shadow paging)" } else { "not PVM" }
+    );
+    s.push_str(&r.to_markdown());
+    if let Some(path) = plot {
+        s.push_str(&format!("\nplot: {}\n", path.display()));
+    }
+    s
+}
