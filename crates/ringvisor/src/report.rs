@@ -1,7 +1,6 @@
 //! Human output of migrations: the progress line (from a `query-migrate` result) and the
 //! summary of a finished migration. Units: MiB and MiB/s for people, ms for times.
 
-use migration_engine::MigrationSummary;
 use serde_json::Value;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -38,59 +37,70 @@ pub fn outcome_sentence(info: &Value) -> String {
     }
 }
 
-/// The finished migration: outcome, times, volume, digest check and the pass table.
-pub fn summary_text(info: &Value, s: &MigrationSummary) -> String {
+/// The finished migration (its `MigrationSummary` as JSON): outcome, times, volume, digest
+/// check and the pass table. Missing fields print as 0 (a summary from another version).
+pub fn summary_text(info: &Value, s: &Value) -> String {
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    let passes = s["iterations"].as_array().cloned().unwrap_or_default();
     let mut out = format!("migration {}\n", outcome_sentence(info));
     out.push_str(&format!(
         "tracker {} | total {:.0} ms | setup {:.0} ms | downtime {:.1} ms (limit {} ms) | {} passes\n",
-        s.tracker,
-        s.total_ms,
-        s.setup_ms,
-        s.downtime_ms,
-        s.downtime_limit_ms,
-        s.iterations.len()
+        s["tracker"].as_str().unwrap_or("?"),
+        f("total_ms"),
+        f("setup_ms"),
+        f("downtime_ms"),
+        u(&s["downtime_limit_ms"]),
+        passes.len()
     ));
     out.push_str(&format!(
         "sent {:.1} MiB ({} pages, {} as zero markers) at {:.1} MiB/s on average | ring-full exits {} | memory digests: {}\n",
-        s.bytes_sent as f64 / MIB,
-        s.pages_sent,
-        s.zero_pages,
-        s.bandwidth_bytes_per_s / MIB,
-        s.ring_full_exits,
-        match s.verified {
+        f("bytes_sent") / MIB,
+        u(&s["pages_sent"]),
+        u(&s["zero_pages"]),
+        f("bandwidth_bytes_per_s") / MIB,
+        u(&s["ring_full_exits"]),
+        match s["verified"].as_bool() {
             Some(true) => "match",
             Some(false) => "DIFFER",
             None => "not compared",
         }
     ));
-    if !s.downtime_breakdown_ms.is_empty() {
-        let parts: Vec<String> = s
-            .downtime_breakdown_ms
-            .iter()
-            .map(|(w, ms)| format!("{w} {ms:.1} ms"))
-            .collect();
+    let parts: Vec<String> = s["downtime_breakdown_ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {:.1} ms",
+                p[0].as_str().unwrap_or("?"),
+                p[1].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
+    if !parts.is_empty() {
         out.push_str(&format!("downtime: {}\n", parts.join(", ")));
     }
-    out.push_str("pass |    pages |     zero |     MiB |      ms | dirty pages/s | per-vCPU dirty pages/s\n");
-    for it in &s.iterations {
-        let per = it
-            .vcpu_dirty_rates
-            .as_ref()
+    out.push_str(
+        "pass |    pages |     zero |     MiB |      ms | dirty pages/s | per-vCPU dirty pages/s\n",
+    );
+    for it in &passes {
+        let per = it["vcpu_dirty_rates"]
+            .as_array()
             .map(|v| {
                 v.iter()
-                    .map(|r| format!("{r:.0}"))
+                    .map(|r| format!("{:.0}", r.as_f64().unwrap_or(0.0)))
                     .collect::<Vec<_>>()
                     .join(" ")
             })
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "{:>4} | {:>8} | {:>8} | {:>7.1} | {:>7.1} | {:>13.0} | {per}\n",
-            it.iteration,
-            it.pages,
-            it.zero_pages,
-            it.bytes as f64 / MIB,
-            it.ms,
-            it.dirty_rate_pages_per_s,
+            u(&it["iteration"]),
+            u(&it["pages"]),
+            u(&it["zero_pages"]),
+            it["bytes"].as_f64().unwrap_or(0.0) / MIB,
+            it["ms"].as_f64().unwrap_or(0.0),
+            it["dirty_rate_pages_per_s"].as_f64().unwrap_or(0.0),
         ));
     }
     out
@@ -119,7 +129,9 @@ mod tests {
     #[test]
     fn outcomes_are_sentences() {
         assert_eq!(
-            outcome_sentence(&json!({"status": "failed", "error-desc": "connecting to x: refused"})),
+            outcome_sentence(
+                &json!({"status": "failed", "error-desc": "connecting to x: refused"})
+            ),
             "failed (connecting to x: refused): the guest keeps running on the source"
         );
         assert!(outcome_sentence(&json!({"status": "completed"})).starts_with("completed"));

@@ -211,8 +211,13 @@ fn boot_pvh(o: &RunOpts) -> Result<Vm> {
     if o.guest.vcpus > 8 {
         usage_error("--vcpus is out of range with --kernel: 1 to 8");
     }
-    let kernel = pvh::read_kernel(o.kernel.as_deref().unwrap_or(Path::new("")))
-        .with_context(|| format!("reading the kernel {}", o.kernel.as_deref().unwrap_or(Path::new("")).display()))?;
+    let kernel =
+        pvh::read_kernel(o.kernel.as_deref().unwrap_or(Path::new(""))).with_context(|| {
+            format!(
+                "reading the kernel {}",
+                o.kernel.as_deref().unwrap_or(Path::new("")).display()
+            )
+        })?;
     let cfg = pvh::PvhConfig {
         cmdline: o.cmdline.clone(),
         memory: o.guest.memory,
@@ -267,7 +272,10 @@ pub fn run(o: RunOpts) -> Result<i32> {
     configure(&svc, tracking, &o.params)?;
     if let Some(q) = o.vcpu_dirty_limit {
         svc.set_vcpu_dirty_limit(None, q)?;
-        eprintln!("dirty limit: {:.1} MiB/s per vCPU", q as f64 / (1 << 20) as f64);
+        eprintln!(
+            "dirty limit: {:.1} MiB/s per vCPU",
+            q as f64 / (1 << 20) as f64
+        );
     }
     let server = o.qmp.as_deref().map(|p| serve(&svc, p)).transpose()?;
     svc.start_monitor()?;
@@ -346,10 +354,11 @@ impl AutoMigrate {
             let mut v = serde_json::to_value(&summary).unwrap_or_default();
             v["progress_before"] = serde_json::json!(before);
             v["progress_during"] = serde_json::json!(during);
-            v["query-migrate"] = info_v;
+            v["query-migrate"] = info_v.clone();
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         } else {
-            print!("{}", report::summary_text(&info_v, &summary));
+            let sv = serde_json::to_value(&summary).unwrap_or_default();
+            print!("{}", report::summary_text(&info_v, &sv));
             if !before.is_empty() {
                 eprintln!(
                     "guest progress (writes/s per vCPU): before {before:?}, during the migration {:?}",
@@ -362,7 +371,9 @@ impl AutoMigrate {
         if completed && (!self.monitor || self.exit_after) {
             self.svc.finish(ProcessExit::MigratedAway);
         } else if !completed && self.exit_after {
-            let why = info.error_desc.unwrap_or_else(|| report::outcome_sentence(&info_v));
+            let why = info
+                .error_desc
+                .unwrap_or_else(|| report::outcome_sentence(&info_v));
             self.svc.finish(ProcessExit::MigrationFailed(why));
         } else if !completed {
             eprintln!("the migration did not complete; the guest keeps running here");
@@ -428,7 +439,9 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
         }
     };
     if uri == "defer" && o.qmp.is_none() {
-        usage_error("--incoming defer needs --qmp unix:PATH (migrate-incoming comes over the monitor)");
+        usage_error(
+            "--incoming defer needs --qmp unix:PATH (migrate-incoming comes over the monitor)",
+        );
     }
     if uri != "defer" {
         if let Err(e) = control::uri::tcp_addr(&uri) {
@@ -512,7 +525,10 @@ pub fn demo(g: GuestArgs, params: MigrateArgs, json: bool) -> Result<i32> {
         let _ = child.kill();
         bail!("the destination did not start (it said {first:?})");
     };
-    eprintln!("demo: destination process {} listening on {addr}", child.id());
+    eprintln!(
+        "demo: destination process {} listening on {addr}",
+        child.id()
+    );
     let vm = start_guest(&g)?;
     let svc = VmService::with_guest(vm, ServiceConfig::default());
     configure(&svc, g.track.tracking(), &params)?;
@@ -525,7 +541,10 @@ pub fn demo(g: GuestArgs, params: MigrateArgs, json: bool) -> Result<i32> {
         g.working_set >> 20
     );
     std::thread::sleep(Duration::from_millis(1500));
-    eprintln!("demo: migrating with the {} tracker to {addr}", g.track.tracker.name());
+    eprintln!(
+        "demo: migrating with the {} tracker to {addr}",
+        g.track.tracker.name()
+    );
     if let Err(e) = svc.migrate(&format!("tcp:{addr}")) {
         let _ = child.kill();
         return Err(e.into());
@@ -536,7 +555,10 @@ pub fn demo(g: GuestArgs, params: MigrateArgs, json: bool) -> Result<i32> {
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", report::summary_text(&info_v, &summary));
+        print!(
+            "{}",
+            report::summary_text(&info_v, &serde_json::to_value(&summary)?)
+        );
     }
     if info.status != MigrationStatus::Completed {
         let _ = child.kill();
@@ -554,6 +576,8 @@ pub fn demo(g: GuestArgs, params: MigrateArgs, json: bool) -> Result<i32> {
     if !status.success() {
         bail!("the destination process failed ({status})");
     }
-    eprintln!("demo: done: the guest ran on the destination after the switchover (its [dest] lines)");
+    eprintln!(
+        "demo: done: the guest ran on the destination after the switchover (its [dest] lines)"
+    );
     Ok(0)
 }

@@ -56,10 +56,20 @@ impl Drop for Vm {
 
 /// The small workload guest of these tests: 64 MiB, 2 vCPUs dirtying `rate` over 16 MiB.
 pub fn guest_args(rate: &str) -> Vec<String> {
-    ["run", "--memory", "64M", "--vcpus", "2", "--working-set", "16M", "--dirty-rate", rate]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "run",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+        "--working-set",
+        "16M",
+        "--dirty-rate",
+        rate,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Starts `ringvisor ARGS --qmp unix:SOCK` and waits for its monitor.
@@ -91,7 +101,13 @@ pub fn spawn_vm(dir: &Dir, name: &str, args: &[String]) -> Vm {
 /// A destination `ringvisor incoming --incoming tcp:127.0.0.1:0`; returns it and its address.
 pub fn spawn_destination(extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(EXE)
-        .args(["incoming", "--incoming", "tcp:127.0.0.1:0", "--tracker", "ring"])
+        .args([
+            "incoming",
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--tracker",
+            "ring",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -135,7 +151,9 @@ pub fn text(o: &Output) -> String {
 
 /// Sum of the workload guest's write counters.
 pub fn writes(c: &mut QmpClient) -> u64 {
-    let g = c.execute("x-ringvisor-query-guest", Value::Null).expect("query-guest");
+    let g = c
+        .execute("x-ringvisor-query-guest", Value::Null)
+        .expect("query-guest");
     g["writes"]
         .as_array()
         .expect("writes")
@@ -155,7 +173,9 @@ pub fn guest_runs(c: &mut QmpClient) -> bool {
 pub fn wait_status(c: &mut QmpClient, want: &[&str]) -> Value {
     let t0 = Instant::now();
     loop {
-        let info = c.execute("query-migrate", Value::Null).expect("query-migrate");
+        let info = c
+            .execute("query-migrate", Value::Null)
+            .expect("query-migrate");
         if want.contains(&info["status"].as_str().unwrap_or("")) {
             return info;
         }
