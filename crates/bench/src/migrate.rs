@@ -130,16 +130,19 @@ struct Cell<'a> {
     extra: Vec<String>,
 }
 
-/// The source's arguments beyond the cell's own.
-fn matrix_extra(o: &MigrateOpts) -> Vec<String> {
+/// The source's arguments beyond the cell's own. Each throttle goes to the trackers that
+/// have it (`ringvisor run` refuses the others as a usage error): the dirty limit to the
+/// ring, auto-converge to the bitmap trackers.
+fn matrix_extra(o: &MigrateOpts, tracker: &str) -> Vec<String> {
     let mut extra: Vec<String> = Vec::new();
     if let Some(b) = &o.max_bandwidth {
         extra.extend(["--max-bandwidth".into(), b.clone()]);
     }
-    if let Some(d) = &o.dirty_limit {
-        extra.extend(["--dirty-limit".into(), d.clone()]);
+    match &o.dirty_limit {
+        Some(d) if tracker == "ring" => extra.extend(["--dirty-limit".into(), d.clone()]),
+        _ => {}
     }
-    if o.auto_converge {
+    if o.auto_converge && tracker != "ring" {
         extra.push("--auto-converge".into());
     }
     extra
@@ -172,7 +175,7 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
     } else {
         set.to_string()
     };
-    let mut extra = matrix_extra(o);
+    let mut extra = matrix_extra(o, tracker);
     extra.extend(cell_extra);
     tracing::debug!(mem, rate, set, tracker, addr = %dest.addr, "starting the source");
     let out = src

@@ -44,26 +44,30 @@ pub struct Destination {
     pub addr: String,
 }
 
-/// Starts a destination process (`ringvisor incoming --listen ADDR:0 ...`, its stdout piped
-/// here) and reads the address it listens on from its first stdout line.
+/// Starts a destination process (`ringvisor incoming --listen ADDR:0 --json ...`, its stdout
+/// piped here for the JSON summary) and reads the address it listens on from its first
+/// stderr line (with `--json`, stdout carries only the JSON document); the rest of its
+/// stderr is drained on a thread.
 pub fn spawn_destination(mut cmd: Command) -> Result<Destination> {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(BenchError::io("starting the destination"))?;
-    let Some(out) = child.stdout.take() else {
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(BenchError::DestinationStart("no stdout".into()));
+        return Err(BenchError::DestinationStart("no stdout or stderr".into()));
     };
-    let mut stdout = BufReader::new(out);
+    let stdout = BufReader::new(out);
+    let mut err = BufReader::new(err);
     let mut first = String::new();
-    if let Err(e) = stdout.read_line(&mut first) {
+    if let Err(e) = err.read_line(&mut first) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(BenchError::io("reading the destination's first line")(e));
     }
+    std::thread::spawn(move || for _ in err.lines() {});
     match first.trim().strip_prefix("listening ") {
         Some(addr) => {
             tracing::debug!(addr, "destination listening");

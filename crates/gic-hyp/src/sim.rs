@@ -50,14 +50,26 @@ use crate::HypError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum SimMode {
     /// GICv3: software-emulated SGIs and LPIs.
+    #[serde(rename = "v3")]
     V3,
     /// GICv4.0 style: direct vLPIs with per-vLPI doorbells, software SGIs.
+    #[serde(rename = "v4.0")]
     V40,
     /// GICv4.1: direct vLPIs and vSGIs, per-vPE doorbells.
+    #[serde(rename = "v4.1")]
     V41,
 }
 
 impl SimMode {
+    /// The name `--modes` takes and JSON output uses (`v3`, `v4.0`, `v4.1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SimMode::V3 => "v3",
+            SimMode::V40 => "v4.0",
+            SimMode::V41 => "v4.1",
+        }
+    }
+
     /// Short label used in tables.
     pub fn label(self) -> &'static str {
         match self {

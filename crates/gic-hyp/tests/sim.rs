@@ -117,5 +117,10 @@ fn modes_parse_from_their_cli_names() {
     assert_eq!("v3".parse::<SimMode>(), Ok(SimMode::V3));
     assert_eq!("V4.0".parse::<SimMode>(), Ok(SimMode::V40));
     assert_eq!("gicv4.1".parse::<SimMode>(), Ok(SimMode::V41));
+    // Output spells the modes as the input does, never as Rust names them.
+    for m in [SimMode::V3, SimMode::V40, SimMode::V41] {
+        assert_eq!(m.name().parse::<SimMode>(), Ok(m));
+        assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+    }
     assert!("v5".parse::<SimMode>().is_err());
 }

@@ -139,7 +139,7 @@ fn receive_inner(
             )))
         }
     };
-    sum.source_tracker = format!("{:?}", hello.tracker);
+    sum.source_tracker = hello.tracker.name().to_string();
     let platform = Platform::from_wire(hello.machine).ok_or_else(|| {
         MigrationError::Protocol(format!(
             "the source's machine type {} is unknown to this VMM",
@@ -186,11 +186,11 @@ fn receive_inner(
     }
     acks.send(&Ack::Accepted)?;
     on_event(&format!(
-        "accepted: {} vCPU(s), {} MiB in {} regions, source tracker {:?}",
+        "accepted: {} vCPU(s), {} MiB in {} regions, source tracker {}",
         hello.vcpus,
         layout.total_bytes() >> 20,
         layout.regions().len(),
-        hello.tracker
+        hello.tracker.name()
     ));
     let specs = vm.ram().slot_specs();
     let mut touched = kvm_dirty::DirtyPageSet::new(&specs);

@@ -1,10 +1,11 @@
 //! Parsers for the sizes, rates and durations users type: `1G`, `128M`, `800MiB/s`,
 //! `10Gbit/s`, `300ms`.
 //!
-//! Suffix rules (case-insensitive): none = bytes; `K`/`M`/`G`/`T` and `KiB`/`MiB`/... are
-//! binary (QEMU's convention: `-M 1G` is 2^30); `KB`/`MB`/`GB`/`TB` are decimal; a `bit`
-//! suffix (`Mbit`, `Gbit`, also `b` as in `Gb`) means decimal bits. Rates may end in `/s`
-//! or `ps`. Decimals are allowed (`1.5G`); the result is rounded down to whole bytes.
+//! Suffix rules (case-insensitive): none = bytes; `K`/`M`/`G`/`T`, `KiB`/`MiB`/... and
+//! `KB`/`MB`/... are all binary, as QEMU's `qemu_strtosz` takes them (`-m 1G` and
+//! `max-bandwidth 1GB` are 2^30); a `bit` suffix (`Mbit`, `Gbit`, also `b` as in `Gb`) means
+//! decimal bits, as network links are rated. Rates may end in `/s` or `ps`. Decimals are
+//! allowed (`1.5G`); the result is rounded down to whole bytes.
 
 /// A value that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,19 +89,19 @@ fn byte_multiplier(unit: &str) -> Option<(u128, u128)> {
     let tail = chars.as_str();
     match tail {
         "" | "ib" => Some((1u128 << (10 * p), 1)),
-        "b" if unit.ends_with('B') => Some((10u128.pow(3 * p), 1)),
+        "b" if unit.ends_with('B') => Some((1u128 << (10 * p), 1)),
         "b" | "bit" => Some((10u128.pow(3 * p), 8)),
         _ => None,
     }
 }
 
-/// Parses a size in bytes: `4096`, `128M`, `1G`, `1.5GiB`, `500MB`.
+/// Parses a size in bytes: `4096`, `128M`, `1G`, `1.5GiB`, `500MB` (binary).
 ///
 /// ```
 /// use migration::units::parse_size;
 /// assert_eq!(parse_size("1G").unwrap(), 1 << 30);
 /// assert_eq!(parse_size("128M").unwrap(), 128 << 20);
-/// assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+/// assert_eq!(parse_size("2GB").unwrap(), 2 << 30);
 /// assert!(parse_size("12Q").is_err());
 /// ```
 pub fn parse_size(input: &str) -> Result<u64, UnitError> {
@@ -175,12 +176,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_use_binary_single_letters_and_decimal_b_suffixes() {
+    fn sizes_are_binary_with_or_without_a_b_suffix_as_qemu_takes_them() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size(" 1g "), Ok(1 << 30));
         assert_eq!(parse_size("1.5G"), Ok(3 << 29));
         assert_eq!(parse_size("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_size("1KB"), Ok(1000));
+        assert_eq!(parse_size("1KB"), Ok(1024));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("1k"), Ok(1024));
         assert_eq!(parse_size("1TiB"), Ok(1 << 40));
         assert_eq!(parse_size("8bit"), Ok(1));
     }
@@ -224,7 +227,8 @@ mod tests {
         assert_eq!(parse_bandwidth("128M"), Ok(128 << 20));
         assert_eq!(parse_bandwidth("10Gbit/s"), Ok(1_250_000_000));
         assert_eq!(parse_bandwidth("1Gbps"), Ok(125_000_000));
-        assert_eq!(parse_bandwidth("100MB/s"), Ok(100_000_000));
+        assert_eq!(parse_bandwidth("100MB/s"), Ok(100 << 20));
+        assert_eq!(parse_bandwidth("1Gbit/s"), Ok(125_000_000));
         assert_eq!(parse_bandwidth("0"), Ok(0));
         assert_eq!(parse_bandwidth("Unlimited"), Ok(0));
         assert!(matches!(

@@ -322,6 +322,12 @@ impl PvhVm {
     pub fn vm(&self) -> &vmm::Vm {
         &self.vm
     }
+
+    /// Gives the underlying VM up (to a control plane that owns it from now on; its
+    /// devices, console and power-off port go along).
+    pub fn into_vm(self) -> vmm::Vm {
+        self.vm
+    }
 }
 
 /// Feeds bytes to the UART's receive FIFO (what a user would type on the console).

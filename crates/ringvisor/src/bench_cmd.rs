@@ -1,7 +1,12 @@
 //! `ringvisor bench dirtylimit|migrate|sync`: clap arguments -> `bench` options -> run ->
 //! print. The benchmarks themselves live in the `bench` crate.
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use crate::cli_args::{bandwidth_arg, size_arg};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A progress bar on stderr (hidden with `--json` or when stderr is not a terminal); notes go
@@ -93,4 +98,280 @@ pub fn dirtylimit(o: bench::migrate::LimitOpts, json: bool) -> Result<()> {
 pub fn sync(o: bench::sync::SyncOpts, json: bool) -> Result<()> {
     let r = bench::sync::run(&o, &mut Bar::new(json))?;
     print(json, &r, || bench::sync::to_markdown(&r, o.plot.as_deref()))
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// QEMU's dirty-limit table shape: migration time versus dirty rate with `--dirty-limit
+    /// auto` (ring), `--auto-converge` (bitmap) and no throttle, on a shaped link, plus the
+    /// slowdown of a vCPU that does not dirty.
+    Dirtylimit {
+        /// Dirty rates of vCPU 0 in MB/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [60u64, 70, 90, 110])]
+        rates: Vec<u64>,
+        /// Guest memory in GiB (vCPU 0 dirties random pages over all of it).
+        #[arg(long, default_value_t = 1)]
+        memory_gib: u64,
+        /// `loopback` or a tc rate for two namespaces joined by a veth pair.
+        #[arg(long, default_value = "1gbit")]
+        link: String,
+        /// Seconds before a non-converging migration is aborted.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live-migration matrix: every (memory, dirty rate, written set, tracker), each a real
+    /// source and destination process, on loopback or a tc-shaped veth between namespaces.
+    Migrate {
+        /// Guest memory sizes in GiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
+        memory_gib: Vec<u64>,
+        /// Guest dirty rates in MB/s (10^6 bytes).
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800])]
+        rates: Vec<u64>,
+        /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
+        #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
+        sets: Vec<String>,
+        /// Trackers to compare.
+        #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
+        trackers: Vec<String>,
+        /// Dirty ring entries per vCPU.
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u64,
+        /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
+        #[arg(long, default_value = "loopback")]
+        link: String,
+        /// Seconds before a non-converging migration is aborted.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// downtime-limit in ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_limit: u64,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// max-bandwidth for every migration (e.g. 128M).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// dirty-limit for every migration: off, auto or a per-vCPU rate.
+        #[arg(long)]
+        dirty_limit: Option<String>,
+        /// auto-converge for bitmap trackers.
+        #[arg(long)]
+        auto_converge: bool,
+        /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
+        /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
+        /// -kernel`), idle and dirtying, per tracker, with the same downtime-limit and
+        /// max-bandwidth (default 1G for this comparison).
+        #[arg(long)]
+        pvh: bool,
+        /// PVH rows: guest memory.
+        #[arg(long, default_value = "512M", value_parser = size_arg)]
+        pvh_memory: u64,
+        /// PVH rows: working set per vCPU in MiB (test kernel `ws_mb`).
+        #[arg(long, default_value_t = 32)]
+        pvh_ws_mb: u64,
+        /// PVH rows, dirtying: MiB each vCPU writes per report (`dirty_mb`).
+        #[arg(long, default_value_t = 2)]
+        pvh_dirty_mb: u64,
+        /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
+        #[arg(long, default_value_t = 20)]
+        pvh_period_ticks: u64,
+        /// PVH rows: seconds the guest runs before the migration.
+        #[arg(long, default_value_t = 1.0)]
+        pvh_warmup: f64,
+        /// PVH rows: migrations per cell (the table shows medians).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        repeat: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dirty-log sync cost versus guest size: one collect + re-protect per mode (real KVM).
+    Sync {
+        /// Guest memory sizes in GiB (sparse; only touched pages cost RAM).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16, 64])]
+        sizes_gib: Vec<u64>,
+        /// Dirty pages per collect, spread evenly over the slot.
+        #[arg(long, default_value_t = 4096)]
+        dirty_pages: u64,
+        /// Measured collects per cell (median reported).
+        #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        runs: u64,
+        /// Dirty ring entries per vCPU.
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// Write an SVG plot here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// GIC model throughput: ITS commands/s and LPIs delivered (MSI to IAR/EOI) per second.
+    Gic {
+        /// Number of PEs.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=512))]
+        pes: u32,
+        /// ITS commands to execute.
+        #[arg(long, default_value_t = 2_000_000)]
+        its_commands: u64,
+        /// LPIs to deliver end to end.
+        #[arg(long, default_value_t = 1_000_000)]
+        lpis: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one benchmark; its exit status.
+pub fn run(which: BenchCmd) -> Result<i32> {
+    match which {
+        BenchCmd::Dirtylimit {
+            rates,
+            memory_gib,
+            link,
+            timeout,
+            plot,
+            json,
+        } => dirtylimit(
+            bench::migrate::LimitOpts {
+                exe: std::env::current_exe()?,
+                rates_mb: rates,
+                memory_gib,
+                link,
+                timeout,
+                plot,
+            },
+            json,
+        ),
+        BenchCmd::Migrate {
+            memory_gib,
+            rates,
+            sets,
+            trackers,
+            ring_entries,
+            vcpus,
+            link,
+            timeout,
+            downtime_limit,
+            plot,
+            max_bandwidth,
+            dirty_limit,
+            auto_converge,
+            pvh,
+            pvh_memory,
+            pvh_ws_mb,
+            pvh_dirty_mb,
+            pvh_period_ticks,
+            pvh_warmup,
+            repeat,
+            json,
+        } => {
+            let exe = std::env::current_exe()?;
+            if pvh {
+                let bw = match &max_bandwidth {
+                    Some(b) => {
+                        bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?
+                    }
+                    None => 1_000_000_000,
+                };
+                return self::pvh(
+                    bench::pvh::PvhOpts {
+                        exe,
+                        memory: pvh_memory,
+                        vcpus,
+                        trackers,
+                        ring_entries,
+                        downtime_limit,
+                        max_bandwidth: bw,
+                        timeout,
+                        warmup: pvh_warmup,
+                        ws_mb: pvh_ws_mb,
+                        dirty_mb: pvh_dirty_mb,
+                        period_ticks: pvh_period_ticks,
+                        repeat,
+                        plot,
+                    },
+                    json,
+                )
+                .map(|()| 0);
+            }
+            if let Some(b) = &max_bandwidth {
+                bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+            }
+            for s in &sets {
+                if s != "all" {
+                    size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
+                }
+            }
+            migrate(
+                bench::migrate::MigrateOpts {
+                    exe,
+                    memory_gib,
+                    rates_mb: rates,
+                    sets,
+                    trackers,
+                    ring_entries,
+                    vcpus,
+                    link,
+                    timeout,
+                    downtime_limit,
+                    plot,
+                    max_bandwidth,
+                    dirty_limit,
+                    auto_converge,
+                },
+                json,
+            )
+        }
+        BenchCmd::Sync {
+            sizes_gib,
+            dirty_pages,
+            runs,
+            ring_entries,
+            plot,
+            json,
+        } => sync(
+            bench::sync::SyncOpts {
+                sizes_gib,
+                dirty_pages,
+                runs: runs as usize,
+                ring_entries,
+                plot,
+            },
+            json,
+        ),
+        BenchCmd::Gic {
+            pes,
+            its_commands,
+            lpis,
+            json,
+        } => {
+            let p = gic::bench::BenchParams {
+                pes: pes as usize,
+                its_commands,
+                lpis,
+                ..gic::bench::BenchParams::default()
+            };
+            let r = gic::bench::run(&p).context("GIC benchmark")?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                writeln!(out, "{}", r.to_markdown())?;
+            }
+            Ok(())
+        }
+    }
+    .map(|()| 0)
 }

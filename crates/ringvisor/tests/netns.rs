@@ -58,7 +58,7 @@ fn migrate(extra: &[&str], timeout: &str) -> serde_json::Value {
             "--listen",
             "10.77.0.2:0",
         ])
-        .args(["--duration", "0.5", "--json"])
+        .args(["--duration", "0.5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -93,12 +93,15 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         ])
         .arg(&dst_console)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("starting the destination");
-    let mut out = BufReader::new(dest.stdout.take().unwrap());
+    // With --json the address comes on stderr: stdout carries one JSON document.
+    let mut err = BufReader::new(dest.stderr.take().unwrap());
     let mut first = String::new();
-    out.read_line(&mut first).unwrap();
+    err.read_line(&mut first).unwrap();
+    std::thread::spawn(move || for _ in err.lines() {});
+    let out = BufReader::new(dest.stdout.take().unwrap());
     let addr = first
         .trim()
         .strip_prefix("listening ")

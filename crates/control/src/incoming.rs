@@ -1,0 +1,191 @@
+//! The incoming side: a destination process waits in `inmigrate` for `migrate-incoming`
+//! (or listens at once with `--incoming tcp:...`), receives one guest and runs it. A
+//! connection that fails (a source that aborts or cancels, a stray client that does not
+//! speak the migration protocol) costs only what it sent: the half-built VM is dropped and the
+//! listener takes the next connection, the run state stays `inmigrate`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use migration_engine::{DestOptions, IncomingSummary, MigrationStatus};
+use qmp::{Args, CommandError};
+use serde_json::{json, Value};
+use vmm::Vm;
+
+use crate::dirty::DirtyLimits;
+use crate::error::ControlError;
+use crate::migrate::status_name;
+use crate::service::{Core, VmService};
+use crate::state::RunState;
+use crate::uri::tcp_addr;
+
+/// The destination's state (`query-migrate` on a destination).
+pub(crate) struct IncomingState {
+    /// How a received guest is built; `None` in a process that runs its own guest.
+    dest: Option<DestOptions>,
+    listening: Option<SocketAddr>,
+    status: MigrationStatus,
+    last_error: Option<String>,
+    failed_attempts: u32,
+    summary: Option<IncomingSummary>,
+}
+
+impl IncomingState {
+    pub(crate) fn new(dest: Option<DestOptions>) -> Self {
+        IncomingState {
+            dest,
+            listening: None,
+            status: MigrationStatus::None,
+            last_error: None,
+            failed_attempts: 0,
+            summary: None,
+        }
+    }
+}
+
+fn lock(m: &Mutex<IncomingState>) -> MutexGuard<'_, IncomingState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn set_status(core: &Core, s: MigrationStatus) {
+    lock(&core.incoming).status = s;
+    core.notify.emit("MIGRATION", Some(json!({ "status": s })));
+}
+
+/// Hands a received, running guest to the service: run state `running`, `RESUME`.
+fn install(core: &Core, vm: Vm, summary: IncomingSummary) {
+    let tracker = vm.config().tracking.mode();
+    {
+        let mut g = core.lock();
+        g.vm = Some(Arc::new(vm));
+        g.tracker = tracker;
+        g.limits = DirtyLimits::default();
+    }
+    lock(&core.incoming).summary = Some(summary);
+    if core
+        .notify
+        .transition(RunState::Inmigrate, RunState::Running)
+    {
+        core.notify.emit("RESUME", None);
+    }
+    set_status(core, MigrationStatus::Completed);
+}
+
+fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a migration connection failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        tracing::info!(%peer, "incoming migration");
+        set_status(&core, MigrationStatus::Active);
+        let r = migration_engine::receive(stream, &dest, &mut |e| {
+            tracing::info!(%peer, "incoming: {e}");
+        });
+        match r {
+            Ok((vm, summary)) => {
+                tracing::info!(%peer, "the received guest runs here");
+                install(&core, vm, summary);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e,
+                    "incoming migration failed; dropped what it sent, listening again");
+                {
+                    let mut inc = lock(&core.incoming);
+                    inc.last_error = Some(e.to_string());
+                    inc.failed_attempts += 1;
+                }
+                set_status(&core, MigrationStatus::Failed);
+                set_status(&core, MigrationStatus::Setup);
+            }
+        }
+    }
+}
+
+impl VmService {
+    /// `migrate-incoming`: listens on `uri` (`tcp:HOST:PORT`, port 0 picks a free port) and
+    /// receives a guest on its own thread; returns the address it listens on.
+    pub fn migrate_incoming(&self, uri: &str) -> Result<SocketAddr, ControlError> {
+        let addr = tcp_addr(uri)?;
+        let mut inc = lock(&self.core.incoming);
+        let dest = inc.dest.clone().ok_or(ControlError::NotIncoming)?;
+        if inc.listening.is_some() || inc.summary.is_some() {
+            return Err(ControlError::IncomingStarted);
+        }
+        let listen_err = |source| ControlError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
+        let core = Arc::clone(&self.core);
+        std::thread::Builder::new()
+            .name("migration-incoming".into())
+            .spawn(move || accept_loop(core, listener, dest))
+            .map_err(ControlError::Spawn)?;
+        inc.listening = Some(local);
+        drop(inc);
+        tracing::info!(%local, "waiting for an incoming migration");
+        set_status(&self.core, MigrationStatus::Setup);
+        Ok(local)
+    }
+
+    /// The address the destination listens on, once `migrate-incoming` ran.
+    pub fn incoming_address(&self) -> Option<SocketAddr> {
+        lock(&self.core.incoming).listening
+    }
+
+    /// What the destination received, once the guest runs here.
+    pub fn incoming_summary(&self) -> Option<IncomingSummary> {
+        lock(&self.core.incoming).summary.clone()
+    }
+
+    /// `query-migrate` on a destination (`{}` in a process that is not one, or before
+    /// `migrate-incoming`).
+    pub(crate) fn incoming_info(&self) -> Value {
+        let inc = lock(&self.core.incoming);
+        let Some(addr) = inc.listening else {
+            return json!({});
+        };
+        let mut v = json!({
+            "status": status_name(inc.status),
+            "socket-address": [{
+                "type": "inet",
+                "host": addr.ip().to_string(),
+                "port": addr.port().to_string(),
+            }],
+        });
+        if let Some(s) = &inc.summary {
+            v["total-time"] = json!(s.total_ms.round() as u64);
+            v["ram"] = json!({
+                "transferred": s.bytes,
+                "duplicate": s.zero_pages,
+                "normal": s.pages - s.zero_pages.min(s.pages),
+                "normal-bytes": (s.pages - s.zero_pages.min(s.pages)) * kvm_dirty::PAGE_SIZE,
+                "page-size": kvm_dirty::PAGE_SIZE,
+            });
+        }
+        if let Some(e) = &inc.last_error {
+            v["x-ringvisor-failed-attempts"] = json!(inc.failed_attempts);
+            v["x-ringvisor-last-error"] = json!(e);
+        }
+        v
+    }
+
+    pub(crate) fn cmd_migrate_incoming(&self, args: &Args) -> Result<Value, CommandError> {
+        let uri = args.required_str("uri")?;
+        args.deny_unknown(&["uri"])?;
+        self.migrate_incoming(uri)?;
+        Ok(json!({}))
+    }
+}
