@@ -174,8 +174,9 @@ fn doorbells_are_auto_enabled_and_fire_once_when_the_vcpu_blocks() {
 }
 
 #[test]
-fn commit_vpe_waits_for_dirty_before_the_guest_sees_interrupts() {
-    // COMMIT_VPE: poll VPENDBASER.Dirty after making the vPE resident.
+fn commit_vpe_polls_dirty_but_delivery_does_not_wait_for_the_poll() {
+    // COMMIT_VPE: poll VPENDBASER.Dirty after making the vPE resident. Dirty only reports the
+    // VPT parse; interrupts reach the vPE whether or not anyone polls (B2).
     let h = host(1);
     let vm = vm(&h, 1);
     vm.vsgi_configure(
@@ -191,7 +192,7 @@ fn commit_vpe_waits_for_dirty_before_the_guest_sees_interrupts() {
     vm.vsgi_set_pending(0, 1).unwrap();
     vm.vcpu_load_no_commit(0, 0, true).unwrap();
     guest_ready(&h, 0);
-    assert!(!h.gic().virq_line(0), "VPT not parsed yet");
+    assert!(h.gic().virq_line(0), "no Dirty poll needed (B2)");
     vm.vcpu_commit(0).unwrap();
     assert!(h.gic().virq_line(0));
     assert_eq!(
@@ -330,6 +331,10 @@ fn vlpi_map_retarget_and_unmap_back_to_a_host_lpi() {
     vm.map_vlpi(1, 0, 5, 2, 8300, lpi, 1, 0x40).unwrap();
     h.gic().send_msi(0, 5, 2).unwrap();
     assert!(guest_drain(&h, 0).is_empty());
+    // vCPU 1 has never run: its default doorbell rings (IHI 0069 default doorbells; B0).
+    let db1 = vm.doorbell(1).unwrap();
+    assert_eq!(h.take_irq(1), Some(db1));
+    assert_eq!(vm.handle_doorbell(db1), Some(1));
     vm.vcpu_put(0, false).unwrap();
     vm.vcpu_load(1, 0, true).unwrap();
     guest_ready(&h, 0);

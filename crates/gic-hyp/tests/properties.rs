@@ -100,7 +100,8 @@ impl World {
             h,
             g,
             loaded: vec![None; VCPUS],
-            phase_db_requested: vec![false; VCPUS],
+            // A vPE that has never been resident has its default doorbell armed (B0).
+            phase_db_requested: vec![true; VCPUS],
             phase_work_arrived: vec![false; VCPUS],
             phase_doorbells: vec![0; VCPUS],
             outstanding: vec![BTreeSet::new(); VCPUS],

@@ -304,7 +304,8 @@ impl ItsCommand {
                 vconf: addr64k(dw[0]),
                 default_db: dw[1] as u32,
                 vpt: addr64k(dw[3]),
-                vpt_size: dw[3] as u8,
+                // VPT_size is DW3[4:0]; DW3[15:5] are RES0.
+                vpt_size: (dw[3] & VMAPP_VPT_SIZE_MASK) as u8,
             },
             CMD_VMAPTI => ItsCommand::Vmapti {
                 device,
@@ -422,7 +423,7 @@ impl ItsCommand {
                     | (vconf & 0x000F_FFFF_FFFF_0000),
                 default_db as u64 | (((vpeid & 0xFFFF) as u64) << 32),
                 rd(rdbase) | ((valid as u64) << 63),
-                (vpt & 0x000F_FFFF_FFFF_0000) | vpt_size as u64,
+                (vpt & 0x000F_FFFF_FFFF_0000) | (vpt_size as u64 & VMAPP_VPT_SIZE_MASK),
             ],
             ItsCommand::Vmapti {
                 device,
@@ -704,6 +705,30 @@ fn virtual_ite(vpeid: u32, vintid: u32, db: u32) -> [u8; ITE_SIZE as usize] {
     b[..8].copy_from_slice(&w0.to_le_bytes());
     b[8..].copy_from_slice(&w1.to_le_bytes());
     b
+}
+
+/// Moves LPI `intid` from redistributor `from` to `to` (MOVI, MOVALL).
+///
+/// The destination reloads the LPI's configuration from the property table: it may never have
+/// seen the INV that made the source's copy current, and Linux sends no INV after MOVI
+/// (IHI 0069, MOVI/MOVALL; INV makes cached configuration consistent with memory). Pending
+/// state moves only if the destination can hold it (GICR_CTLR.EnableLPIs = 1 and the INTID in
+/// its range): otherwise it stays pending at the source, so nothing is lost (QEMU does the
+/// same; forwarding to a redistributor with LPIs disabled is not architected).
+fn move_lpi<M: GuestMem>(
+    env: &mut ItsEnv<'_, M>,
+    from: usize,
+    to: usize,
+    intid: u32,
+) -> Result<(), ItsCommandError> {
+    env.rds[to].invalidate_one(env.mem, intid);
+    if !env.rds[from].lpi_pending.contains(&intid) || !env.rds[to].accepts_lpi(intid) {
+        return Ok(());
+    }
+    if env.rds[to].set_lpi_pending(env.mem, intid, true)? {
+        env.rds[from].set_lpi_pending(env.mem, intid, false)?;
+    }
+    Ok(())
 }
 
 fn baser_page_size(baser: u64) -> u64 {
@@ -1250,9 +1275,8 @@ impl Its {
                 let t = self.translation(env.mem, device, event)?;
                 let old = self.collection_target(env.mem, env.gic, t.icid)?;
                 let new = self.collection_target(env.mem, env.gic, icid)?;
-                if old != new && env.rds[old].lpi_pending.contains(&t.intid) {
-                    env.rds[old].set_lpi_pending(env.mem, t.intid, false)?;
-                    env.rds[new].set_lpi_pending(env.mem, t.intid, true)?;
+                if old != new {
+                    move_lpi(env, old, new, t.intid)?;
                 }
                 let ite = ITE_VALID
                     | (ITE_TYPE_PHYSICAL << ITE_TYPE_SHIFT)
@@ -1267,8 +1291,7 @@ impl Its {
                 if from != to {
                     let moving: Vec<u32> = env.rds[from].lpi_pending.iter().copied().collect();
                     for intid in moving {
-                        env.rds[from].set_lpi_pending(env.mem, intid, false)?;
-                        env.rds[to].set_lpi_pending(env.mem, intid, true)?;
+                        move_lpi(env, from, to, intid)?;
                     }
                 }
                 Ok(())
@@ -1490,7 +1513,10 @@ impl Its {
                         vlpi_cfg: Vec::new(),
                         resident_on: old.as_ref().and_then(|o| o.resident_on),
                         last_resident: None,
-                        db_armed: false,
+                        // Never resident: no PendingLast phase can have suppressed the
+                        // default doorbell (Arm's vLPI/vSGI examples wait for it).
+                        db_armed: true,
+                        vgrp_en: [true, true],
                         doorbells: 0,
                         individual_doorbells: 0,
                         icv: Default::default(),

@@ -261,12 +261,14 @@ pub enum IcvReg {
     Pmr,
     /// ICV_RPR_EL1 (RO).
     Rpr,
-    /// ICV_CTLR_EL1 (PRIbits and A3V read-only, EOImode RAZ/WI).
+    /// ICV_CTLR_EL1 (PRIbits and A3V read-only, EOImode read/write).
     Ctlr,
     /// ICV_IGRPEN0_EL1.
     Igrpen0,
     /// ICV_IGRPEN1_EL1.
     Igrpen1,
+    /// ICV_DIR_EL1 (WO): deactivate (with ICV_CTLR_EL1.EOImode = 1).
+    Dir,
 }
 
 impl IcvReg {
@@ -284,6 +286,7 @@ impl IcvReg {
             "ctlr" => IcvReg::Ctlr,
             "igrpen0" => IcvReg::Igrpen0,
             "igrpen1" => IcvReg::Igrpen1,
+            "dir" => IcvReg::Dir,
             _ => return None,
         })
     }
@@ -1071,10 +1074,16 @@ impl<M: GuestMem> Gic<M> {
             IcvReg::Hppir0 => hppir(v4, false),
             IcvReg::Pmr => icv.pmr as u64,
             IcvReg::Rpr => v41::icv_running_priority(&icv) as u64,
-            IcvReg::Ctlr => (((PRIORITY_BITS - 1) as u64) << ICC_CTLR_PRIBITS_SHIFT) | ICC_CTLR_A3V,
+            IcvReg::Ctlr => {
+                (((PRIORITY_BITS - 1) as u64) << ICC_CTLR_PRIBITS_SHIFT)
+                    | ICC_CTLR_A3V
+                    | if icv.eoimode { ICC_CTLR_EOIMODE } else { 0 }
+            }
             IcvReg::Igrpen0 => icv.igrpen0 as u64,
             IcvReg::Igrpen1 => icv.igrpen1 as u64,
-            IcvReg::Eoir1 | IcvReg::Eoir0 => return Err(VcpuError::Direction { reg, op: "read" }),
+            IcvReg::Eoir1 | IcvReg::Eoir0 | IcvReg::Dir => {
+                return Err(VcpuError::Direction { reg, op: "read" })
+            }
         })
     }
 
@@ -1104,7 +1113,9 @@ impl<M: GuestMem> Gic<M> {
             IcvReg::Pmr => v.icv.pmr = value as u8 & PRIORITY_MASK,
             IcvReg::Igrpen0 => v.icv.igrpen0 = value & 1 != 0,
             IcvReg::Igrpen1 => v.icv.igrpen1 = value & 1 != 0,
-            IcvReg::Ctlr => {}
+            IcvReg::Ctlr => v.icv.eoimode = value & ICC_CTLR_EOIMODE != 0,
+            // vLPIs and vSGIs have no active state: nothing to deactivate.
+            IcvReg::Dir => {}
             IcvReg::Iar1 | IcvReg::Iar0 | IcvReg::Hppir1 | IcvReg::Hppir0 | IcvReg::Rpr => {
                 return Err(VcpuError::Direction { reg, op: "written" })
             }

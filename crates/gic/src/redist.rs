@@ -191,6 +191,11 @@ impl Redistributor {
         }
     }
 
+    /// Whether this redistributor would take LPI `intid` now (EnableLPIs = 1, in range).
+    pub(crate) fn accepts_lpi(&self, intid: u32) -> bool {
+        self.enable_lpis && self.lpi_in_range(intid)
+    }
+
     /// Whether an LPI INTID is in range for this redistributor's tables.
     pub(crate) fn lpi_in_range(&self, intid: u32) -> bool {
         (LPI_BASE..self.lpi_end()).contains(&intid)

@@ -574,6 +574,9 @@ pub const ITE_VPEID_SHIFT: u32 = 32;
 /// Doorbell value meaning "no doorbell" (VMAPTI/VMAPI/VMOVI, VMAPP Default_Doorbell).
 pub const INTID_NO_DOORBELL: u32 = 1023;
 
+/// VMAPP DW3: VPT_size mask (bits \[4:0\]: vINTID bits - 1; bits \[15:5\] are RES0).
+pub const VMAPP_VPT_SIZE_MASK: u64 = 0x1F;
+
 /// VMOVI: move a virtual LPI to another vPE.
 pub const CMD_VMOVI: u8 = 0x21;
 /// VMOVP: move a vPE to another redistributor.

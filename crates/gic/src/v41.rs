@@ -123,6 +123,9 @@ pub struct IcvState {
     pub ap0: u32,
     /// Group 1 active priorities.
     pub ap1: u32,
+    /// ICV_CTLR_EL1.EOImode: 1 = ICV_EOIR only drops priority, ICV_DIR deactivates.
+    #[serde(default)]
+    pub eoimode: bool,
 }
 
 /// One vPE as the GIC knows it (the model's copy of the vPE table entry plus the state the
@@ -163,9 +166,13 @@ pub struct VpeState {
     /// the vPE last ran when that redistributor shares the vPE table with `rd`.
     #[serde(default)]
     pub last_resident: Option<usize>,
-    /// A doorbell was requested and PendingLast read back 0: the next deliverable interrupt
-    /// raises the default doorbell, once.
+    /// A doorbell was requested and PendingLast read back 0 (or the vPE has never been
+    /// resident): the next deliverable interrupt raises the default doorbell, once.
     pub db_armed: bool,
+    /// vGrp0En / vGrp1En of the vPE's last residency (both set for a vPE that has never been
+    /// resident): the groups PendingLast and the doorbell consider while it is away.
+    #[serde(default = "both_groups")]
+    pub vgrp_en: [bool; 2],
     /// Default doorbells raised for this vPE.
     pub doorbells: u64,
     /// Individual (per-vLPI) doorbells raised for this vPE's vLPIs.
@@ -192,15 +199,23 @@ impl VpeState {
         }
     }
 
-    /// Whether any interrupt is pending and enabled (what PendingLast and the doorbell
-    /// report; group enables and priority do not matter to them).
-    pub fn has_deliverable(&self) -> bool {
-        self.sgi_pending & self.sgi_enable != 0
-            || self
-                .vlpi_pending
-                .iter()
-                .any(|&i| self.cfg_of(i) & LPI_PROP_ENABLE != 0)
+    /// Whether an interrupt is pending, enabled and of a group enabled in `vgrp_en`
+    /// (`[vGrp0En, vGrp1En]`): what PendingLast and the default doorbell report (IHI 0069,
+    /// GICR_VPENDBASER.PendingLast; priority does not matter to them). vLPIs are Group 1.
+    pub fn has_deliverable(&self, vgrp_en: [bool; 2]) -> bool {
+        let groups = (if vgrp_en[1] { self.sgi_group } else { 0 })
+            | (if vgrp_en[0] { !self.sgi_group } else { 0 });
+        self.sgi_pending & self.sgi_enable & groups != 0
+            || (vgrp_en[1]
+                && self
+                    .vlpi_pending
+                    .iter()
+                    .any(|&i| self.cfg_of(i) & LPI_PROP_ENABLE != 0))
     }
+}
+
+fn both_groups() -> [bool; 2] {
+    [true, true]
 }
 
 /// Saved GICv4.1 state of one redistributor.
@@ -530,7 +545,7 @@ impl V41 {
         let Some(v) = self.vpes.get(&vpeid) else {
             return Ok(());
         };
-        if v.resident_on.is_some() || !v.db_armed || !v.has_deliverable() {
+        if v.resident_on.is_some() || !v.db_armed || !v.has_deliverable(v.vgrp_en) {
             return Ok(());
         }
         let target = match v.last_resident {
@@ -615,10 +630,12 @@ impl V41 {
         Ok(())
     }
 
-    /// The vPE resident on redistributor `pe`, once its load has completed (Dirty clear).
+    /// The vPE resident on redistributor `pe`. The model parses the VPT synchronously when
+    /// Valid goes 0 -> 1, so delivery never waits for software to read Dirty (IHI 0069,
+    /// GICR_VPENDBASER.Dirty only reports progress; a hypervisor need not poll it).
     fn loaded_vpe(&self, pe: usize) -> Option<&VpeState> {
         let rd = self.rds.get(pe)?;
-        if rd.vpendbaser & VPENDBASER_VALID == 0 || rd.dirty.load(Ordering::Relaxed) != 0 {
+        if rd.vpendbaser & VPENDBASER_VALID == 0 {
             return None;
         }
         let v = self
@@ -867,6 +884,7 @@ impl V41 {
                     v.resident_on = Some(pe);
                     v.last_resident = Some(pe);
                     v.db_armed = false;
+                    v.vgrp_en = [new & VPENDBASER_VGRP0EN != 0, new & VPENDBASER_VGRP1EN != 0];
                 }
                 let rd = &mut self.rds[pe];
                 rd.vpendbaser = new & !(VPENDBASER_PENDING_LAST | VPENDBASER_DB);
@@ -880,7 +898,7 @@ impl V41 {
                 if let Some(v) = self.vpes.get_mut(&vpeid) {
                     if v.resident_on == Some(pe) {
                         v.resident_on = None;
-                        pending = v.has_deliverable();
+                        pending = v.has_deliverable(v.vgrp_en);
                         // PendingLast read back 0 with DB = 1: the GIC guarantees a doorbell
                         // when an interrupt comes, and only one.
                         v.db_armed = want_db && !pending;

@@ -1071,3 +1071,140 @@ fn two_level_collection_table_with_16k_pages() {
     assert_eq!(u64::from_le_bytes(cte), 1 | (1 << 16));
     assert_eq!(d.drain(1), vec![8192]);
 }
+
+/// B1 (issue 16). Linux's `its_set_affinity` sends MOVI with no INV after it. The ITS
+/// (IHI 0069, "MOVI": the ITE is retargeted and any pending state follows it) must leave the
+/// new redistributor with a configuration consistent with the LPI Configuration table that
+/// was last invalidated ("INV": cached configuration is made consistent with memory for the
+/// event's LPI). A redistributor that never saw the INV must not surface its stale copy.
+#[test]
+fn lpi_unmasked_on_one_rd_then_moved_by_movi_is_delivered_on_the_other() {
+    let mut d = Driver::booted(2);
+    d.fill_prop(false);
+    d.map_basic(1);
+    // Both RDs cache the all-disabled table.
+    d.cmds(&[
+        ItsCommand::Invall { icid: 0 },
+        ItsCommand::Invall { icid: 1 },
+    ]);
+    d.cmds(&[ItsCommand::Mapti {
+        device: 0,
+        event: 3,
+        intid: 8300,
+        icid: 0,
+    }]);
+    // Unmask while the LPI targets RD0: INV reaches RD0 only.
+    d.set_lpi_config(8300, LPI_PRIO | LPI_PROP_GROUP1 | LPI_PROP_ENABLE);
+    d.cmds(&[ItsCommand::Inv {
+        device: 0,
+        event: 3,
+    }]);
+    d.cmds(&[
+        ItsCommand::Movi {
+            device: 0,
+            event: 3,
+            icid: 1,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 3,
+        },
+    ]);
+    assert_eq!(d.its_error_count(), 0);
+    assert_eq!(d.drain(1), vec![8300], "delivered at the new RD");
+    assert!(d.drain(0).is_empty());
+}
+
+/// B1 for MOVALL: every LPI moved carries a configuration consistent with memory at the
+/// destination (IHI 0069, "MOVALL").
+#[test]
+fn lpis_moved_by_movall_use_the_invalidated_configuration() {
+    let mut d = Driver::booted(2);
+    d.fill_prop(false);
+    d.map_basic(1);
+    d.cmds(&[
+        ItsCommand::Invall { icid: 0 },
+        ItsCommand::Invall { icid: 1 },
+        ItsCommand::Mapti {
+            device: 0,
+            event: 1,
+            intid: 8301,
+            icid: 0,
+        },
+    ]);
+    d.set_lpi_config(8301, LPI_PRIO | LPI_PROP_GROUP1 | LPI_PROP_ENABLE);
+    d.cmds(&[
+        ItsCommand::Inv {
+            device: 0,
+            event: 1,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 1,
+        },
+    ]);
+    d.gic.icc_write(0, gic::IccReg::Pmr, 0).unwrap();
+    d.cmds(&[ItsCommand::Movall {
+        rdbase1: 0,
+        rdbase2: 1,
+    }]);
+    assert_eq!(d.drain(1), vec![8301]);
+}
+
+/// B4 (issue 16). MOVI/MOVALL to a redistributor whose GICR_CTLR.EnableLPIs is 0: an LPI
+/// forwarded to such a redistributor is outside the architected behaviour (IHI 0069,
+/// GICR_CTLR.EnableLPIs: "LPI support is disabled"; MOVI/MOVALL move pending state, they
+/// never discard it). The model chooses the outcome that loses nothing and matches QEMU:
+/// the interrupt stays pending at the source, in the model and in its pending table.
+#[test]
+fn movi_and_movall_to_a_redistributor_without_lpis_leave_the_lpi_pending_at_the_source() {
+    let mut d = Driver::bare(2);
+    d.fill_prop(true);
+    d.enable_cpus();
+    let rd0 = d.rd(0);
+    d.w64(rd0 + GICR_PROPBASER, PROP | 15);
+    d.w64(rd0 + GICR_PENDBASER, PEND);
+    d.w32(rd0 + GICR_CTLR, GICR_CTLR_ENABLE_LPIS);
+    d.enable_its();
+    d.map_basic(1);
+    d.gic.icc_write(0, gic::IccReg::Pmr, 0).unwrap();
+    d.cmds(&[
+        ItsCommand::Mapti {
+            device: 0,
+            event: 2,
+            intid: 8400,
+            icid: 0,
+        },
+        ItsCommand::Mapti {
+            device: 0,
+            event: 4,
+            intid: 8401,
+            icid: 0,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 2,
+        },
+        ItsCommand::Int {
+            device: 0,
+            event: 4,
+        },
+        ItsCommand::Movi {
+            device: 0,
+            event: 2,
+            icid: 1,
+        },
+    ]);
+    assert!(d.gic.is_pending(0, 8400), "MOVI left it pending at RD0");
+    assert!(d.pending_bit(0, 8400));
+    d.cmds(&[ItsCommand::Movall {
+        rdbase1: 0,
+        rdbase2: 1,
+    }]);
+    assert!(d.gic.is_pending(0, 8401), "MOVALL left it pending at RD0");
+    assert!(d.pending_bit(0, 8401));
+    d.gic.icc_write(0, gic::IccReg::Pmr, 0xff).unwrap();
+    let mut got = d.drain(0);
+    got.sort();
+    assert_eq!(got, vec![8400, 8401], "nothing lost");
+}

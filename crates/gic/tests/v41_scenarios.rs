@@ -332,7 +332,7 @@ fn feature_registers_advertise_gicv41_and_v3_configs_do_not() {
 }
 
 #[test]
-fn arm_example_vsgi_flow_delivers_a_vsgi_through_the_virtual_cpu_interface() {
+fn vsgi_to_a_resident_vpe_reaches_the_virtual_cpu_interface_without_the_hypervisor() {
     let mut r = Rig::new(2, 1);
     r.arm_example_map(0, 1);
     assert_eq!(r.errors(0), 0);
@@ -433,7 +433,7 @@ fn no_doorbell_unless_requested_and_pending_last_reports_pending_work() {
 }
 
 #[test]
-fn dirty_handshake_gates_delivery_until_the_vpt_is_parsed() {
+fn dirty_reads_back_for_busy_reads_polls_without_gating_delivery() {
     let cfg = GicConfig {
         v41: Some(V41Config {
             busy_reads: 3,
@@ -447,7 +447,7 @@ fn dirty_handshake_gates_delivery_until_the_vpt_is_parsed() {
     let a = r.vlpi(0) + GICR_VPENDBASER;
     r.w64(a, VPENDBASER_VALID | VPENDBASER_VGRP1EN | 2);
     r.guest_enable(0);
-    assert!(!r.gic.virq_line(0), "not delivered while Dirty");
+    assert!(r.gic.virq_line(0), "Dirty does not gate delivery (B2)");
     let polls = (0..10)
         .take_while(|_| r.r64(a) & VPENDBASER_DIRTY != 0)
         .count();
@@ -957,7 +957,9 @@ fn vmovi_moves_pending_vlpis_and_discard_unmaps() {
             },
         ],
     );
-    assert_eq!(r.host_drain(0), vec![9000]);
+    // Neither vPE had been resident when its vLPI became pending (the MSI for vPE 1, VMOVI
+    // for vPE 2), so each rang its default doorbell once (B0).
+    assert_eq!(r.host_drain(0), vec![DOORBELL + 1, DOORBELL + 2, 9000]);
 }
 
 #[test]
@@ -977,7 +979,8 @@ fn individual_doorbells_fire_per_vlpi_unless_nid() {
     );
     assert_eq!(r.errors(0), 0);
     r.gic.send_msi(0, 1, 0).unwrap();
-    assert_eq!(r.host_drain(0), vec![8500]);
+    // The individual doorbell, and the default one of a vPE never made resident (B0).
+    assert_eq!(r.host_drain(0), vec![DOORBELL + 1, 8500]);
     assert_eq!(r.gic.v41_stats().unwrap().individual_doorbells, 1);
     let cfg = GicConfig {
         v41: Some(V41Config {
@@ -1240,4 +1243,258 @@ fn invdb_makes_a_doorbell_configuration_change_visible() {
         .unwrap();
     r.cmds(0, &[ItsCommand::Invdb { vpeid: 1 }]);
     assert_eq!(r.host_drain(0), vec![DOORBELL + 1]);
+}
+
+/// Arm's `configureLPI(rd0, 8192, ENABLE, 0)`: the doorbell's configuration byte, made
+/// visible at RD0 by a register invalidation.
+fn arm_configure_doorbell(r: &mut Rig) {
+    r.gic
+        .mem_mut()
+        .write(
+            PROP + (DOORBELL - LPI_BASE) as u64,
+            &[LPI_PROP_GROUP1 | LPI_PROP_ENABLE],
+        )
+        .unwrap();
+    let rd0 = r.rd(0);
+    r.w64(rd0 + GICR_INVLPIR, DOORBELL as u64);
+}
+
+/// Arm's `makeResident(rd, vpeid, g0 = 1, g1 = 1)`: one VPENDBASER write, then poll Dirty.
+fn arm_make_resident(r: &mut Rig, pe: usize, vpeid: u32) {
+    let a = r.vlpi(pe) + GICR_VPENDBASER;
+    r.w64(
+        a,
+        VPENDBASER_VALID | VPENDBASER_VGRP0EN | VPENDBASER_VGRP1EN | vpeid as u64,
+    );
+    while r.r64(a) & VPENDBASER_DIRTY != 0 {}
+}
+
+/// B0 (issue 16): Arm's `main_vsgi.c` in its published order. vPE 0 is mapped (VMAPP Alloc,
+/// V = 1) and never made resident; GITS_SGIR makes vSGI 0 pending; the example waits for the
+/// default doorbell (pINTID 8192) before making the vPE resident on RD1. IHI 0069 (GICv4.1,
+/// "Default doorbells"): a vPE that is not resident on any PE and has a pending, enabled
+/// interrupt of an enabled group generates its default doorbell; a vPE that has never been
+/// scheduled has no PendingLast phase that could have suppressed it.
+#[test]
+fn arm_example_vsgi_in_published_order_rings_the_doorbell_of_a_never_resident_vpe() {
+    let mut r = Rig::new(2, 1);
+    arm_configure_doorbell(&mut r);
+    r.cmds(
+        0,
+        &[
+            ItsCommand::Vmapp {
+                vpeid: 0,
+                rdbase: 0,
+                valid: true,
+                alloc: true,
+                ptz: false,
+                vconf: VCONF,
+                default_db: DOORBELL,
+                vpt: VPT,
+                vpt_size: 14,
+            },
+            ItsCommand::Invdb { vpeid: 0 },
+            ItsCommand::Sync { rdbase: 0 },
+            ItsCommand::Vsync { vpeid: 0 },
+            ItsCommand::Vsgi {
+                vpeid: 0,
+                sgi: 0,
+                enable: true,
+                clear: false,
+                group1: true,
+                priority: 0,
+            },
+        ],
+    );
+    r.sgir(0, 0, 0);
+    assert_eq!(r.errors(0), 0);
+    assert_eq!(
+        r.host_drain(0),
+        vec![DOORBELL],
+        "the example waits for this doorbell on RD0"
+    );
+    arm_make_resident(&mut r, 1, 0);
+    r.guest_enable(1);
+    assert!(r.gic.virq_line(1));
+    assert_eq!(r.guest_drain(1), vec![0], "vSGI 0 delivered on RD1");
+    assert_eq!(r.gic.vpe(0).unwrap().doorbells, 1);
+}
+
+/// B0 (issue 16): Arm's `main_vlpi.c` in its published order: MAPD, VMAPP, INVDB, VMAPTI
+/// (no individual doorbell), VSYNC, INV, INT to a never-resident vPE, wait for the default
+/// doorbell, then make the vPE resident on RD1 (same CommonLPIAff group) and take the vLPI.
+#[test]
+fn arm_example_vlpi_in_published_order_rings_the_doorbell_of_a_never_resident_vpe() {
+    let mut r = Rig::new(2, 1);
+    // configureVLPI(VCONFIG_TABLE, 8192, ENABLE, 0)
+    r.gic
+        .mem_mut()
+        .write(VCONF, &[LPI_PROP_GROUP1 | LPI_PROP_ENABLE])
+        .unwrap();
+    arm_configure_doorbell(&mut r);
+    r.cmds(
+        0,
+        &[
+            ItsCommand::Mapd {
+                device: 0,
+                size: 1,
+                itt: ITT,
+                valid: true,
+            },
+            ItsCommand::Vmapp {
+                vpeid: 0,
+                rdbase: 0,
+                valid: true,
+                alloc: true,
+                ptz: false,
+                vconf: VCONF,
+                default_db: DOORBELL,
+                vpt: VPT,
+                vpt_size: 14,
+            },
+            ItsCommand::Invdb { vpeid: 0 },
+            ItsCommand::Vmapti {
+                device: 0,
+                event: 0,
+                vpeid: 0,
+                vintid: 8192,
+                db: INTID_NO_DOORBELL,
+            },
+            ItsCommand::Vsync { vpeid: 0 },
+            ItsCommand::Inv {
+                device: 0,
+                event: 0,
+            },
+            ItsCommand::Int {
+                device: 0,
+                event: 0,
+            },
+        ],
+    );
+    assert_eq!(r.errors(0), 0);
+    assert_eq!(r.host_drain(0), vec![DOORBELL], "the example waits for it");
+    arm_make_resident(&mut r, 1, 0);
+    r.guest_enable(1);
+    assert_eq!(r.guest_drain(1), vec![8192]);
+}
+
+/// B2 (issue 16): GICR_VPENDBASER.Dirty reports that the redistributor is still parsing the
+/// VPT (IHI 0069, GICR_VPENDBASER.Dirty, and GICR_TYPER.Dirty: software *may* poll it); the
+/// parse completes by itself. Delivery to a resident vPE cannot depend on software reading
+/// the register: a hypervisor that never polls Dirty still gets its interrupts.
+#[test]
+fn a_resident_vpe_gets_interrupts_without_anyone_reading_vpendbaser() {
+    let cfg = GicConfig {
+        v41: Some(V41Config {
+            busy_reads: 3,
+            ..V41Config::default()
+        }),
+        ..GicConfig::virt_v41(1, 1)
+    };
+    let mut r = Rig::with(cfg);
+    r.arm_example_map(2, 0);
+    r.sgir(0, 2, 3);
+    let a = r.vlpi(0) + GICR_VPENDBASER;
+    r.w64(a, VPENDBASER_VALID | VPENDBASER_VGRP1EN | 2);
+    r.guest_enable(0);
+    assert!(r.gic.virq_line(0), "pending before residency");
+    r.sgir(0, 2, 4);
+    assert_eq!(r.guest_drain(0), vec![3, 4]);
+}
+
+/// B3 (issue 16): IHI 0069, GICR_VPENDBASER.PendingLast and the default doorbell only
+/// consider interrupts that could be forwarded: pending, enabled, and of a group the vPE
+/// enables (vGrp0En / vGrp1En). A Group 1 vSGI with vGrp1En = 0 neither sets PendingLast
+/// nor rings the doorbell; a Group 0 one with vGrp0En = 1 does.
+#[test]
+fn pending_last_and_doorbells_ignore_groups_the_vpe_disables() {
+    let mut r = Rig::new(1, 1);
+    r.arm_example_map(1, 0);
+    r.cmds(
+        0,
+        &[ItsCommand::Vsgi {
+            vpeid: 1,
+            sgi: 7,
+            enable: true,
+            clear: false,
+            group1: false,
+            priority: 0,
+        }],
+    );
+    let a = r.vlpi(0) + GICR_VPENDBASER;
+    r.w64(a, VPENDBASER_VALID | VPENDBASER_VGRP0EN | 1);
+    while r.r64(a) & VPENDBASER_DIRTY != 0 {}
+    r.sgir(0, 1, 5);
+    assert!(
+        !r.make_nonresident(0, true),
+        "PendingLast = 0: only a Group 1 vSGI with vGrp1En = 0"
+    );
+    r.sgir(0, 1, 6);
+    assert!(r.host_drain(0).is_empty(), "no doorbell for Group 1");
+    r.sgir(0, 1, 7);
+    assert_eq!(r.host_drain(0), vec![DOORBELL + 1], "Group 0 rings");
+}
+
+/// B5 (issue 16): IHI 0069, VMAPP: VPT_size is DW3\[4:0\] (number of vINTID bits - 1);
+/// DW3\[15:5\] are RES0 and must not change the size.
+#[test]
+fn vmapp_vpt_size_ignores_reserved_bits_of_dw3() {
+    let mut r = Rig::new(1, 1);
+    let mut bytes = ItsCommand::Vmapp {
+        vpeid: 4,
+        rdbase: 0,
+        valid: true,
+        alloc: true,
+        ptz: true,
+        vconf: VCONF,
+        default_db: DOORBELL,
+        vpt: VPT,
+        vpt_size: 13,
+    }
+    .to_bytes();
+    bytes[24] |= 0xE0; // DW3[7:5]
+    let mut dw = [0u64; 4];
+    for (i, w) in dw.iter_mut().enumerate() {
+        *w = u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+    }
+    assert!(matches!(
+        ItsCommand::decode_v41(dw),
+        ItsCommand::Vmapp { vpt_size: 13, .. }
+    ));
+    let at = cmdq(0) + r.slot[0] * 32;
+    r.gic.mem_mut().write(at, &bytes).unwrap();
+    r.slot[0] += 1;
+    let (b, w) = (r.its(0), r.slot[0] * 32);
+    r.w64(b + GITS_CWRITER, w);
+    assert_eq!(r.errors(0), 0);
+    assert_eq!(r.gic.vpe(4).unwrap().vpt_bits, 14);
+}
+
+/// B6 (issue 16): IHI 0069, ICV_CTLR_EL1.EOImode is RW: with EOImode = 1 a write to
+/// ICV_EOIR1_EL1 only drops the running priority and ICV_DIR_EL1 deactivates.
+#[test]
+fn icv_ctlr_eoimode_is_writable_and_icv_dir_exists() {
+    let mut r = Rig::new(1, 1);
+    r.arm_example_map(1, 0);
+    r.make_resident(0, 1);
+    r.guest_enable(0);
+    r.gic.icv_write(0, IcvReg::Ctlr, ICC_CTLR_EOIMODE).unwrap();
+    assert_ne!(
+        r.gic.icv_read(0, IcvReg::Ctlr).unwrap() & ICC_CTLR_EOIMODE,
+        0
+    );
+    r.sgir(0, 1, 9);
+    assert_eq!(r.gic.icv_read(0, IcvReg::Iar1).unwrap(), 9);
+    r.gic.icv_write(0, IcvReg::Eoir1, 9).unwrap();
+    assert_eq!(
+        r.gic.icv_read(0, IcvReg::Rpr).unwrap(),
+        0xFF,
+        "priority dropped"
+    );
+    r.gic.icv_write(0, IcvReg::Dir, 9).unwrap();
+    r.gic.icv_write(0, IcvReg::Ctlr, 0).unwrap();
+    assert_eq!(
+        r.gic.icv_read(0, IcvReg::Ctlr).unwrap() & ICC_CTLR_EOIMODE,
+        0
+    );
 }
