@@ -722,7 +722,7 @@ fn move_lpi<M: GuestMem>(
     intid: u32,
 ) -> Result<(), ItsCommandError> {
     env.rds[to].invalidate_one(env.mem, intid);
-    if !env.rds[from].lpi_pending.contains(&intid) || !env.rds[to].accepts_lpi(intid) {
+    if !env.rds[from].lpi_pending.contains(intid) || !env.rds[to].accepts_lpi(intid) {
         return Ok(());
     }
     if env.rds[to].set_lpi_pending(env.mem, intid, true)? {
@@ -1289,7 +1289,7 @@ impl Its {
                 let from = self.rd_index(env.gic, rdbase1)?;
                 let to = self.rd_index(env.gic, rdbase2)?;
                 if from != to {
-                    let moving: Vec<u32> = env.rds[from].lpi_pending.iter().copied().collect();
+                    let moving: Vec<u32> = env.rds[from].lpi_pending.iter().collect();
                     for intid in moving {
                         move_lpi(env, from, to, intid)?;
                     }

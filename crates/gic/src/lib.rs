@@ -59,6 +59,7 @@ pub mod regs;
 pub mod v41;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -137,64 +138,85 @@ pub struct GicState {
 /// Callback told about every IRQ line change: `(PE index, new level)`.
 pub type IrqHook = Box<dyn FnMut(usize, bool) + Send>;
 
+/// Nothing changed for this PE.
+const STALE_NONE: u8 = 0;
+/// Only the CPU interface's masking changed (PMR, running priority): re-derive the lines.
+const STALE_LINES: u8 = 1;
+/// Something the highest priority pending interrupt depends on changed.
+const STALE_HPPI: u8 = 2;
+
+const LINE_IRQ: u8 = 1;
+const LINE_FIQ: u8 = 2;
+
 /// The IRQ (and FIQ) output lines of all PEs, shareable with threads that wait on them.
+///
+/// Levels are atomics, so reading a line and changing one take no lock; the mutex and
+/// condition variable are used only while some thread waits in [`IrqLines::wait_for`].
 #[derive(Debug, Default)]
 pub struct IrqLines {
-    levels: Mutex<Vec<bool>>,
-    fiq: Mutex<Vec<bool>>,
+    /// Per PE: bit 0 the IRQ line, bit 1 the FIQ line.
+    lines: Vec<AtomicU8>,
+    lock: Mutex<()>,
     changed: Condvar,
+    /// Threads blocked in [`IrqLines::wait_for`]: line changes notify only when nonzero (a
+    /// condition variable's notify is a system call even with nobody waiting).
+    waiters: AtomicUsize,
 }
 
 impl IrqLines {
+    fn with_pes(n: usize) -> IrqLines {
+        IrqLines {
+            lines: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            ..IrqLines::default()
+        }
+    }
+
     /// Current level of PE `pe`'s IRQ line (false for an unknown PE).
     pub fn level(&self, pe: usize) -> bool {
-        match self.levels.lock() {
-            Ok(l) => l.get(pe).copied().unwrap_or(false),
-            Err(p) => p.into_inner().get(pe).copied().unwrap_or(false),
-        }
+        self.lines
+            .get(pe)
+            .is_some_and(|l| l.load(Ordering::SeqCst) & LINE_IRQ != 0)
     }
 
     /// Blocks until PE `pe`'s line has level `level` or `timeout` passes; returns whether
     /// the level was reached.
     pub fn wait_for(&self, pe: usize, level: bool, timeout: Duration) -> bool {
-        let guard = match self.levels.lock() {
+        // Registered before the level is checked under the lock: a setter that changes the
+        // level after that check sees the waiter, takes the lock and notifies.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let guard = match self.lock.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let res = self.changed.wait_timeout_while(guard, timeout, |l| {
-            l.get(pe).copied().unwrap_or(false) != level
-        });
-        match res {
-            Ok((g, _)) => g.get(pe).copied().unwrap_or(false) == level,
-            Err(p) => p.into_inner().0.get(pe).copied().unwrap_or(false) == level,
-        }
+        let res = self
+            .changed
+            .wait_timeout_while(guard, timeout, |_| self.level(pe) != level);
+        drop(res);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.level(pe) == level
     }
 
     /// Current level of PE `pe`'s FIQ line (Group 0; false for an unknown PE).
     pub fn fiq_level(&self, pe: usize) -> bool {
-        match self.fiq.lock() {
-            Ok(l) => l.get(pe).copied().unwrap_or(false),
-            Err(p) => p.into_inner().get(pe).copied().unwrap_or(false),
-        }
+        self.lines
+            .get(pe)
+            .is_some_and(|l| l.load(Ordering::SeqCst) & LINE_FIQ != 0)
     }
 
-    fn set_all(&self, irq: &[bool], fiq: &[bool]) {
-        {
-            let mut f = match self.fiq.lock() {
+    /// Sets one PE's lines and wakes waiters, if there are any.
+    fn set(&self, pe: usize, irq: bool, fiq: bool) {
+        if let Some(l) = self.lines.get(pe) {
+            let v = if irq { LINE_IRQ } else { 0 } | if fiq { LINE_FIQ } else { 0 };
+            l.store(v, Ordering::SeqCst);
+        }
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            // Taking the lock orders this notify after a waiter's check-then-sleep.
+            drop(match self.lock.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
-            };
-            f.clear();
-            f.extend_from_slice(fiq);
+            });
+            self.changed.notify_all();
         }
-        let mut g = match self.levels.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        g.clear();
-        g.extend_from_slice(irq);
-        drop(g);
-        self.changed.notify_all();
     }
 }
 
@@ -221,6 +243,18 @@ pub struct Gic<M> {
     irq_hook: Option<IrqHook>,
     msi_device_id: u32,
     v41: Option<V41>,
+    /// Highest priority pending interrupt of each PE, as of the last `update`.
+    hppi_cache: Vec<Option<Candidate>>,
+    /// Per PE: what the next `update` must recompute ([`STALE_LINES`] or [`STALE_HPPI`]),
+    /// besides every PE whose redistributor reports `touched`.
+    stale: Vec<u8>,
+    /// Every PE must be recomputed (distributor state, reset, restore).
+    all_stale: bool,
+    /// Running summary of the SPIs: per PE, the best pending, enabled, inactive SPI routed
+    /// there, per group (`[Group 0, Group 1]`).
+    spi_best: Vec<[Option<Candidate>; 2]>,
+    /// SPI state changed: `spi_best` is rebuilt by the next `update`.
+    spi_stale: bool,
 }
 
 impl<M> std::fmt::Debug for Gic<M> {
@@ -327,8 +361,7 @@ impl<M: GuestMem> Gic<M> {
             .enumerate()
             .map(|(i, a)| (*a, i))
             .collect();
-        let lines = Arc::new(IrqLines::default());
-        lines.set_all(&vec![false; n], &vec![false; n]);
+        let lines = Arc::new(IrqLines::with_pes(n));
         Ok(Gic {
             dist: Distributor::new(&cfg),
             rds,
@@ -341,6 +374,11 @@ impl<M: GuestMem> Gic<M> {
             lines,
             irq_hook: None,
             msi_device_id: 0,
+            hppi_cache: vec![None; n],
+            stale: vec![STALE_NONE; n],
+            all_stale: true,
+            spi_best: vec![[None, None]; n],
+            spi_stale: true,
             mem: LoggedMem {
                 mem,
                 log: WriteLog::default(),
@@ -359,6 +397,7 @@ impl<M: GuestMem> Gic<M> {
         self.rds = Self::build_rds(cfg, self.v41.as_ref());
         self.cpus = (0..n).map(|_| CpuIf::new()).collect();
         self.its = Self::build_its(cfg);
+        self.all_stale = true;
         self.update();
     }
 
@@ -521,6 +560,10 @@ impl<M: GuestMem> Gic<M> {
             value & ((1u64 << (width as u32 * 8)) - 1)
         };
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
+        if matches!(frame, Frame::Dist(_)) {
+            // SPIs may be routed to any PE; group enables gate every PE.
+            self.all_stale = true;
+        }
         let r = match frame {
             Frame::Dist(GICD_CTLR) if self.v41.is_some() && width == 4 => {
                 let old = self.dist.ctlr;
@@ -665,6 +708,7 @@ impl<M: GuestMem> Gic<M> {
             return false;
         }
         self.dist.set_pending(intid, true);
+        self.mark_spi(intid);
         self.update();
         true
     }
@@ -678,6 +722,7 @@ impl<M: GuestMem> Gic<M> {
             return false;
         }
         self.dist.set_level(intid, high);
+        self.mark_spi(intid);
         self.update();
         true
     }
@@ -707,6 +752,7 @@ impl<M: GuestMem> Gic<M> {
             return false;
         };
         rd.pending |= 1 << intid;
+        rd.touched = true;
         self.update();
         true
     }
@@ -720,7 +766,7 @@ impl<M: GuestMem> Gic<M> {
         if intid < NUM_PRIVATE {
             rd.pending_word() & (1 << intid) != 0
         } else if intid >= LPI_BASE {
-            rd.lpi_pending.contains(&intid)
+            rd.lpi_pending.contains(intid)
         } else {
             self.dist.is_pending(intid)
         }
@@ -745,7 +791,7 @@ impl<M: GuestMem> Gic<M> {
     pub fn pending_lpis(&self, pe: usize) -> Vec<u32> {
         self.rds
             .get(pe)
-            .map(|r| r.lpi_pending.iter().copied().collect())
+            .map(|r| r.lpi_pending.iter().collect())
             .unwrap_or_default()
     }
 
@@ -755,11 +801,57 @@ impl<M: GuestMem> Gic<M> {
             .copied()
     }
 
+    /// Marks the SPI summary and the PE an SPI is routed to for recomputation.
+    fn mark_spi(&mut self, intid: u32) {
+        self.spi_stale = true;
+        if let Some(pe) = self.spi_target(intid) {
+            self.stale[pe] = STALE_HPPI;
+        }
+    }
+
+    /// Rebuilds `spi_best` with one pass over the distributor (ties: lowest INTID).
+    fn recompute_spis(&mut self) {
+        let Gic {
+            dist,
+            aff_to_pe,
+            spi_best,
+            ..
+        } = self;
+        spi_best.iter_mut().for_each(|b| *b = [None, None]);
+        for w in 1..dist.pending.len() {
+            let mut bits = dist.pending_word(w) & dist.enable[w] & !dist.active[w];
+            while bits != 0 {
+                let i = bits.trailing_zeros();
+                bits &= bits - 1;
+                let intid = w as u32 * 32 + i;
+                let Some(&pe) = aff_to_pe.get(&dist.route_affinity(intid)) else {
+                    continue;
+                };
+                let group = if dist.group[w] & (1 << i) != 0 {
+                    Group::G1
+                } else {
+                    Group::G0
+                };
+                let prio = dist.priority[intid as usize];
+                let slot = &mut spi_best[pe][(group == Group::G1) as usize];
+                if slot.map_or(true, |b| prio < b.prio) {
+                    *slot = Some(Candidate { intid, prio, group });
+                }
+            }
+        }
+    }
+
+    /// Highest priority pending interrupt of PE `pe` as of the last [`Gic::update`] (every
+    /// public entry point ends with one, so it is current between calls).
+    fn hppi(&self, pe: usize) -> Option<Candidate> {
+        self.hppi_cache.get(pe).copied().flatten()
+    }
+
     /// Highest priority pending interrupt that can be forwarded to PE `pe`, among the groups
     /// enabled both in GICD_CTLR and at the PE's CPU interface (the redistributor knows the
     /// CPU interface's group enables). Ties go to the lowest INTID (the architecture leaves
     /// the choice IMPLEMENTATION DEFINED).
-    fn hppi(&self, pe: usize) -> Option<Candidate> {
+    fn compute_hppi(&self, pe: usize) -> Option<Candidate> {
         let cpu = &self.cpus[pe];
         let g0 = self.dist.ctlr & GICD_CTLR_ENABLE_G0 != 0 && cpu.group_enabled(Group::G0);
         let g1 = self.dist.ctlr & GICD_CTLR_ENABLE_G1 != 0 && cpu.group_enabled(Group::G1);
@@ -790,25 +882,21 @@ impl<M: GuestMem> Gic<M> {
             bits &= bits - 1;
             offer(i, rd.priority[i as usize], group_of(rd.group, i));
         }
-        let d = &self.dist;
-        for w in 1..d.pending.len() {
-            let mut bits = d.pending_word(w) & d.enable[w] & !d.active[w] & sel(d.group[w]);
-            while bits != 0 {
-                let i = bits.trailing_zeros();
-                bits &= bits - 1;
-                let intid = w as u32 * 32 + i;
-                if self.spi_target(intid) == Some(pe) {
-                    offer(intid, d.priority[intid as usize], group_of(d.group[w], i));
-                }
+        // SPIs from the running summary, in INTID order so ties go to the lower INTID.
+        let [s0, s1] = self.spi_best[pe];
+        let mut spis = [s0.filter(|_| g0), s1.filter(|_| g1)];
+        if let [Some(a), Some(b)] = spis {
+            if b.intid < a.intid {
+                spis.swap(0, 1);
             }
         }
-        // LPIs are always Group 1.
+        for c in spis.into_iter().flatten() {
+            offer(c.intid, c.prio, c.group);
+        }
+        // LPIs are always Group 1; the running summary keeps the best one first.
         if g1 && rd.enable_lpis {
-            for &intid in &rd.lpi_pending {
-                let c = rd.lpi_config(intid);
-                if c & LPI_PROP_ENABLE != 0 {
-                    offer(intid, c & LPI_PROP_PRIORITY_MASK & PRIORITY_MASK, Group::G1);
-                }
+            if let Some((prio, intid)) = rd.best_lpi() {
+                offer(intid, prio, Group::G1);
             }
         }
         best
@@ -820,26 +908,36 @@ impl<M: GuestMem> Gic<M> {
             .is_some_and(|c| c.group == group && self.cpus[pe].can_signal(group, c.prio))
     }
 
-    /// Recomputes every PE's IRQ and FIQ lines and reports changes.
+    /// Recomputes the highest priority pending interrupt and the IRQ and FIQ lines of every
+    /// PE an access may have affected (its redistributor was touched, it was marked stale, or
+    /// everything was) and reports line changes. Only masking changes (PMR, priority drop)
+    /// re-derive the lines without recomputing the candidate.
     fn update(&mut self) {
-        let mut changed = false;
+        let all = std::mem::take(&mut self.all_stale);
+        if std::mem::take(&mut self.spi_stale) || all {
+            self.recompute_spis();
+        }
         for pe in 0..self.levels.len() {
+            let touched = std::mem::take(&mut self.rds[pe].touched);
+            let stale = std::mem::take(&mut self.stale[pe]);
+            if all || touched || stale == STALE_HPPI {
+                self.hppi_cache[pe] = self.compute_hppi(pe);
+            } else if stale == STALE_NONE {
+                continue;
+            }
             let irq = self.signalled(pe, Group::G1);
             let fiq = self.signalled(pe, Group::G0);
-            if fiq != self.fiq_levels[pe] {
-                self.fiq_levels[pe] = fiq;
-                changed = true;
+            if fiq == self.fiq_levels[pe] && irq == self.levels[pe] {
+                continue;
             }
+            self.fiq_levels[pe] = fiq;
             if irq != self.levels[pe] {
                 self.levels[pe] = irq;
-                changed = true;
                 if let Some(h) = self.irq_hook.as_mut() {
                     h(pe, irq);
                 }
             }
-        }
-        if changed {
-            self.lines.set_all(&self.levels, &self.fiq_levels);
+            self.lines.set(pe, irq, fiq);
         }
     }
 
@@ -865,6 +963,7 @@ impl<M: GuestMem> Gic<M> {
                     Group::G1
                 };
                 let v = self.acknowledge(pe, group) as u64;
+                self.stale[pe] = STALE_HPPI;
                 self.update();
                 v
             }
@@ -915,6 +1014,15 @@ impl<M: GuestMem> Gic<M> {
                 return Err(CpuIfError::Direction { reg, op: "written" })
             }
         }
+        // The highest priority pending interrupt depends on the group enables and on the
+        // active state of SGIs/PPIs (SPIs are marked by `deactivate`); the rest only masks.
+        let hppi_input = match reg {
+            IccReg::Igrpen0 | IccReg::Igrpen1 => true,
+            IccReg::Eoir0 | IccReg::Eoir1 | IccReg::Dir => intid < NUM_PRIVATE,
+            _ => false,
+        };
+        let need = if hppi_input { STALE_HPPI } else { STALE_LINES };
+        self.stale[pe] = self.stale[pe].max(need);
         self.update();
         Ok(())
     }
@@ -947,6 +1055,7 @@ impl<M: GuestMem> Gic<M> {
         } else {
             self.dist.set_pending(c.intid, false);
             self.dist.set_active(c.intid, true);
+            self.spi_stale = true;
         }
         self.cpus[pe].activate_priority(group, c.prio);
         c.intid
@@ -971,6 +1080,8 @@ impl<M: GuestMem> Gic<M> {
             self.rds[pe].active &= !(1 << intid);
         } else if intid < self.dist.num_irqs() {
             self.dist.set_active(intid, false);
+            // The SPI may have been re-routed since it was acknowledged.
+            self.mark_spi(intid);
         }
     }
 
@@ -982,6 +1093,7 @@ impl<M: GuestMem> Gic<M> {
         let deliver = |rd: &mut Redistributor| {
             if group1_allowed || rd.group & (1 << intid) == 0 {
                 rd.pending |= 1 << intid;
+                rd.touched = true;
             }
         };
         if value & ICC_SGI1R_IRM != 0 {
@@ -1169,6 +1281,7 @@ impl<M: GuestMem> Gic<M> {
             i.restore(s)?;
         }
         gic.msi_device_id = state.msi_device_id;
+        gic.all_stale = true;
         match (gic.v41.as_mut(), &state.v41) {
             (Some(v), Some(s)) => v.restore(s)?,
             (None, None) | (Some(_), None) => {}

@@ -50,6 +50,68 @@ pub struct RedistState {
     pub lpi_pending: Vec<u32>,
 }
 
+/// A set of LPI INTIDs as a bitmap (grown on demand up to the highest INTID inserted): the
+/// pending set changes on every MSI and acknowledge, and a bitmap does that without
+/// allocating.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LpiSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl LpiSet {
+    pub(crate) fn contains(&self, intid: u32) -> bool {
+        self.words
+            .get((intid / 64) as usize)
+            .is_some_and(|w| w & (1 << (intid % 64)) != 0)
+    }
+
+    /// Adds `intid`; returns whether it was absent.
+    pub(crate) fn insert(&mut self, intid: u32) -> bool {
+        let i = (intid / 64) as usize;
+        if i >= self.words.len() {
+            self.words.resize(i + 1, 0);
+        }
+        let m = 1u64 << (intid % 64);
+        let new = self.words[i] & m == 0;
+        self.words[i] |= m;
+        self.len += new as usize;
+        new
+    }
+
+    /// Removes `intid`; returns whether it was present.
+    pub(crate) fn remove(&mut self, intid: u32) -> bool {
+        let m = 1u64 << (intid % 64);
+        match self.words.get_mut((intid / 64) as usize) {
+            Some(w) if *w & m != 0 => {
+                *w &= !m;
+                self.len -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.words.clear();
+        self.len = 0;
+    }
+
+    /// The INTIDs, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut bits = w;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    i as u32 * 64 + b
+                })
+            })
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Redistributor {
     pub(crate) enable_lpis: bool,
@@ -67,7 +129,15 @@ pub(crate) struct Redistributor {
     pub(crate) priority: [u8; 32],
     /// LPI configuration cache, indexed by INTID - 8192; empty while LPIs are disabled.
     pub(crate) lpi_cfg: Vec<u8>,
-    pub(crate) lpi_pending: BTreeSet<u32>,
+    pub(crate) lpi_pending: LpiSet,
+    /// Running summary: `(priority, INTID)` of every pending LPI whose cached configuration
+    /// is enabled, so the highest priority one is the first element.
+    lpi_ready: BTreeSet<(u8, u32)>,
+    /// Edge-triggered private INTIDs (SGIs always; PPIs from GICR_ICFGR1).
+    edge: u32,
+    /// Something a PE's highest priority pending interrupt depends on changed since the GIC
+    /// last looked (cleared by the GIC when it recomputes this PE).
+    pub(crate) touched: bool,
     typer: u64,
     max_lpi_bits: u8,
 }
@@ -92,7 +162,10 @@ impl Redistributor {
             icfgr1: 0,
             priority: [0; 32],
             lpi_cfg: Vec::new(),
-            lpi_pending: BTreeSet::new(),
+            lpi_pending: LpiSet::default(),
+            lpi_ready: BTreeSet::new(),
+            edge: 0xFFFF,
+            touched: true,
             typer,
             max_lpi_bits,
         }
@@ -105,7 +178,34 @@ impl Redistributor {
 
     /// 1 for every edge-triggered private INTID (SGIs always; PPIs per GICR_ICFGR1).
     fn edge_mask(&self) -> u32 {
-        0xFFFF | ((crate::dist::edge_bits(self.icfgr1) as u32) << 16)
+        self.edge
+    }
+
+    fn set_icfgr1(&mut self, v: u32) {
+        self.icfgr1 = v & 0xAAAA_AAAA;
+        self.edge = 0xFFFF | ((crate::dist::edge_bits(self.icfgr1) as u32) << 16);
+    }
+
+    /// The summary key of a pending LPI: present iff its cached configuration enables it.
+    fn ready_key(&self, intid: u32) -> Option<(u8, u32)> {
+        let c = self.lpi_config(intid);
+        (c & LPI_PROP_ENABLE != 0).then_some((c & LPI_PROP_PRIORITY_MASK & PRIORITY_MASK, intid))
+    }
+
+    /// Rebuilds the pending-and-enabled summary from the pending set and the cache.
+    fn rebuild_ready(&mut self) {
+        self.touched = true;
+        let ready: BTreeSet<(u8, u32)> = self
+            .lpi_pending
+            .iter()
+            .filter_map(|i| self.ready_key(i))
+            .collect();
+        self.lpi_ready = ready;
+    }
+
+    /// Highest priority pending and enabled LPI (lowest INTID among equals).
+    pub(crate) fn best_lpi(&self) -> Option<(u8, u32)> {
+        self.lpi_ready.first().copied()
     }
 
     /// SGI/PPI pending state: the latch, plus the line of level-sensitive PPIs.
@@ -119,6 +219,7 @@ impl Redistributor {
             return;
         }
         let m = 1u32 << intid;
+        self.touched = true;
         if high && self.line & m == 0 && self.edge_mask() & m != 0 {
             self.pending |= m;
         }
@@ -175,6 +276,7 @@ impl Redistributor {
         if mem.read(self.prop_base(), &mut self.lpi_cfg).is_err() {
             self.lpi_cfg.iter_mut().for_each(|b| *b = 0);
         }
+        self.rebuild_ready();
     }
 
     /// Reloads one LPI's configuration byte.
@@ -186,9 +288,19 @@ impl Redistributor {
             return;
         };
         let addr = self.prop_base() + idx as u64;
+        let old = self.ready_key(intid);
         if let Some(slot) = self.lpi_cfg.get_mut(idx as usize) {
             *slot = mem.read_u8(addr).unwrap_or(0);
         }
+        if self.lpi_pending.contains(intid) {
+            if let Some(k) = old {
+                self.lpi_ready.remove(&k);
+            }
+            if let Some(k) = self.ready_key(intid) {
+                self.lpi_ready.insert(k);
+            }
+        }
+        self.touched = true;
     }
 
     /// Whether this redistributor would take LPI `intid` now (EnableLPIs = 1, in range).
@@ -221,11 +333,19 @@ impl Redistributor {
             b = nb;
             mem.write(addr, &[b])?;
         }
+        let key = self.ready_key(intid);
         if pending {
             self.lpi_pending.insert(intid);
+            if let Some(k) = key {
+                self.lpi_ready.insert(k);
+            }
         } else {
-            self.lpi_pending.remove(&intid);
+            self.lpi_pending.remove(intid);
+            if let Some(k) = key {
+                self.lpi_ready.remove(&k);
+            }
         }
+        self.touched = true;
         Ok(true)
     }
 
@@ -234,6 +354,7 @@ impl Redistributor {
         self.enable_lpis = true;
         self.invalidate_all(mem);
         self.lpi_pending.clear();
+        self.lpi_ready.clear();
         if ptz {
             return;
         }
@@ -255,6 +376,7 @@ impl Redistributor {
                 }
             }
         }
+        self.rebuild_ready();
     }
 
     pub(crate) fn read_rd(&self, offset: u64, width: u8) -> Result<u64, MmioError> {
@@ -323,6 +445,7 @@ impl Redistributor {
         width: u8,
         value: u64,
     ) -> Result<(), MmioError> {
+        self.touched = true;
         match offset {
             GICR_CTLR => {
                 only32(offset, width)?;
@@ -337,6 +460,7 @@ impl Redistributor {
                     self.enable_lpis = false;
                     self.lpi_cfg.clear();
                     self.lpi_pending.clear();
+                    self.lpi_ready.clear();
                 }
                 Ok(())
             }
@@ -434,6 +558,7 @@ impl Redistributor {
         value: u64,
     ) -> Result<(), MmioError> {
         let v = value as u32;
+        self.touched = true;
         match offset {
             GICR_IGROUPR0 => only32(offset, width).map(|_| self.group = v),
             GICR_ISENABLER0 => {
@@ -462,7 +587,7 @@ impl Redistributor {
                 write_bytes(&mut self.priority, start, width, value, PRIORITY_MASK);
                 Ok(())
             }
-            GICR_ICFGR1 => only32(offset, width).map(|_| self.icfgr1 = v & 0xAAAA_AAAA),
+            GICR_ICFGR1 => only32(offset, width).map(|_| self.set_icfgr1(v)),
             _ => {
                 if width == 4 || width == 1 {
                     Ok(())
@@ -493,7 +618,7 @@ impl Redistributor {
                 .filter(|(_, b)| **b != 0)
                 .map(|(i, b)| (i as u32 + LPI_BASE, *b))
                 .collect(),
-            lpi_pending: self.lpi_pending.iter().copied().collect(),
+            lpi_pending: self.lpi_pending.iter().collect(),
         }
     }
 
@@ -514,12 +639,14 @@ impl Redistributor {
         self.pending = s.pending;
         self.line = s.line & 0xFFFF_0000;
         self.active = s.active;
-        self.icfgr1 = s.icfgr1 & 0xAAAA_AAAA;
+        self.set_icfgr1(s.icfgr1);
         for (d, p) in self.priority.iter_mut().zip(&s.priority) {
             *d = p & PRIORITY_MASK;
         }
         self.lpi_cfg.clear();
         self.lpi_pending.clear();
+        self.lpi_ready.clear();
+        self.touched = true;
         if self.enable_lpis {
             let end = self.lpi_end();
             self.lpi_cfg.resize((end - LPI_BASE) as usize, 0);
@@ -541,6 +668,7 @@ impl Redistributor {
                 }
                 self.lpi_pending.insert(*intid);
             }
+            self.rebuild_ready();
         }
         Ok(())
     }
