@@ -51,12 +51,14 @@ pub mod cpuif;
 mod dist;
 mod error;
 pub mod fuzz;
+pub mod ich;
 pub mod its;
 pub mod mem;
 pub mod qtest;
 mod redist;
 pub mod regs;
 pub mod v41;
+mod vcpuif;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -70,6 +72,7 @@ pub use config::{GicConfig, ItsConfig, RedistRegion, V41Config};
 pub use cpuif::{CpuIfState, IccReg};
 pub use dist::DistState;
 pub use error::{ConfigError, MemError, MmioError, StateError};
+pub use ich::{IchReg, IchState};
 pub use its::{ItsCommand, ItsCommandError, ItsErrorRecord, ItsErrorSource, ItsState};
 pub use mem::{GuestMem, VecMem, VmMemory, WriteLog};
 pub use redist::RedistState;
@@ -133,6 +136,9 @@ pub struct GicState {
     /// GICv4.1 state (absent for a GICv3 configuration).
     #[serde(default)]
     pub v41: Option<V41State>,
+    /// Per PE: the hypervisor's virtual CPU interface registers (ICH_*_EL2).
+    #[serde(default)]
+    pub ich: Vec<IchState>,
 }
 
 /// Callback told about every IRQ line change: `(PE index, new level)`.
@@ -255,6 +261,8 @@ pub struct Gic<M> {
     spi_best: Vec<[Option<Candidate>; 2]>,
     /// SPI state changed: `spi_best` is rebuilt by the next `update`.
     spi_stale: bool,
+    /// Per PE: ICH_*_EL2.
+    ich: Vec<IchState>,
 }
 
 impl<M> std::fmt::Debug for Gic<M> {
@@ -303,6 +311,14 @@ pub enum IcvReg {
     Igrpen1,
     /// ICV_DIR_EL1 (WO): deactivate (with ICV_CTLR_EL1.EOImode = 1).
     Dir,
+    /// ICV_BPR0_EL1.
+    Bpr0,
+    /// ICV_BPR1_EL1.
+    Bpr1,
+    /// ICV_AP0R0_EL1.
+    Ap0r0,
+    /// ICV_AP1R0_EL1.
+    Ap1r0,
 }
 
 impl IcvReg {
@@ -321,6 +337,10 @@ impl IcvReg {
             "igrpen0" => IcvReg::Igrpen0,
             "igrpen1" => IcvReg::Igrpen1,
             "dir" => IcvReg::Dir,
+            "bpr0" => IcvReg::Bpr0,
+            "bpr1" => IcvReg::Bpr1,
+            "ap0r0" => IcvReg::Ap0r0,
+            "ap1r0" => IcvReg::Ap1r0,
             _ => return None,
         })
     }
@@ -346,6 +366,12 @@ pub enum VcpuError {
         /// "read" or "written".
         op: &'static str,
     },
+    /// The list register does not exist (ICH_VTR_EL2.ListRegs).
+    #[error("ICH_LR{0}_EL2 is not implemented")]
+    NoSuchLr(u8),
+    /// A read-only ICH register was written.
+    #[error("{0:?} is read-only")]
+    IchReadOnly(IchReg),
 }
 
 impl<M: GuestMem> Gic<M> {
@@ -379,6 +405,7 @@ impl<M: GuestMem> Gic<M> {
             all_stale: true,
             spi_best: vec![[None, None]; n],
             spi_stale: true,
+            ich: vec![IchState::default(); n],
             mem: LoggedMem {
                 mem,
                 log: WriteLog::default(),
@@ -397,6 +424,7 @@ impl<M: GuestMem> Gic<M> {
         self.rds = Self::build_rds(cfg, self.v41.as_ref());
         self.cpus = (0..n).map(|_| CpuIf::new()).collect();
         self.its = Self::build_its(cfg);
+        self.ich = vec![IchState::default(); n];
         self.all_stale = true;
         self.update();
     }
@@ -1124,17 +1152,6 @@ impl<M: GuestMem> Gic<M> {
         }
     }
 
-    /// Level of the virtual IRQ line of PE `pe`: the vPE resident there (and loaded: Dirty
-    /// clear) has a Group 1 virtual interrupt it may take now. Always false without GICv4.1.
-    pub fn virq_line(&self, pe: usize) -> bool {
-        self.v41.as_ref().is_some_and(|v| v.vsignalled(pe, true))
-    }
-
-    /// Level of the virtual FIQ line of PE `pe` (Group 0 virtual interrupts).
-    pub fn vfiq_line(&self, pe: usize) -> bool {
-        self.v41.as_ref().is_some_and(|v| v.vsignalled(pe, false))
-    }
-
     /// vPEID resident on PE `pe` (GICR_VPENDBASER.Valid), if any.
     pub fn resident_vpe(&self, pe: usize) -> Option<u32> {
         self.v41.as_ref().and_then(|v| v.resident_vpeid(pe))
@@ -1156,85 +1173,6 @@ impl<M: GuestMem> Gic<M> {
         self.v41.as_ref().map_or((Vec::new(), 0), |v| v.events())
     }
 
-    fn icv_check(&self, pe: usize) -> Result<(), VcpuError> {
-        if pe >= self.cpus.len() {
-            return Err(VcpuError::NoSuchPe(pe));
-        }
-        let v = self.v41.as_ref().ok_or(VcpuError::NotV41)?;
-        if v.resident_vpeid(pe).is_none() {
-            return Err(VcpuError::NotResident(pe));
-        }
-        Ok(())
-    }
-
-    /// Reads a virtual CPU interface register of the vPE resident on PE `pe` (what the guest
-    /// running there reads). Reading ICV_IAR0/1 acknowledges.
-    pub fn icv_read(&mut self, pe: usize, reg: IcvReg) -> Result<u64, VcpuError> {
-        self.icv_check(pe)?;
-        let Some(v4) = self.v41.as_mut() else {
-            return Err(VcpuError::NotV41);
-        };
-        let hppir = |v4: &V41, g1: bool| match v4.vhppi(pe) {
-            Some(c) if c.group1 == g1 => c.intid as u64,
-            _ => INTID_SPURIOUS as u64,
-        };
-        let icv = v4.vpe_mut_resident(pe).map(|v| v.icv).unwrap_or_default();
-        Ok(match reg {
-            IcvReg::Iar1 => v4.acknowledge(&mut self.mem, pe, true) as u64,
-            IcvReg::Iar0 => v4.acknowledge(&mut self.mem, pe, false) as u64,
-            IcvReg::Hppir1 => hppir(v4, true),
-            IcvReg::Hppir0 => hppir(v4, false),
-            IcvReg::Pmr => icv.pmr as u64,
-            IcvReg::Rpr => v41::icv_running_priority(&icv) as u64,
-            IcvReg::Ctlr => {
-                (((PRIORITY_BITS - 1) as u64) << ICC_CTLR_PRIBITS_SHIFT)
-                    | ICC_CTLR_A3V
-                    | if icv.eoimode { ICC_CTLR_EOIMODE } else { 0 }
-            }
-            IcvReg::Igrpen0 => icv.igrpen0 as u64,
-            IcvReg::Igrpen1 => icv.igrpen1 as u64,
-            IcvReg::Eoir1 | IcvReg::Eoir0 | IcvReg::Dir => {
-                return Err(VcpuError::Direction { reg, op: "read" })
-            }
-        })
-    }
-
-    /// Writes a virtual CPU interface register of the vPE resident on PE `pe`.
-    pub fn icv_write(&mut self, pe: usize, reg: IcvReg, value: u64) -> Result<(), VcpuError> {
-        self.icv_check(pe)?;
-        let Some(v) = self.v41.as_mut().and_then(|v4| v4.vpe_mut_resident(pe)) else {
-            return Err(VcpuError::NotResident(pe));
-        };
-        let drop = |ap: &mut u32, other: u32| {
-            let lowest = |x: u32| if x == 0 { 32 } else { x.trailing_zeros() };
-            // EOI with nothing active, or when the other group holds the highest active
-            // priority, is UNPREDICTABLE: ignored.
-            if *ap != 0 && lowest(*ap) <= lowest(other) {
-                *ap &= *ap - 1;
-            }
-        };
-        match reg {
-            IcvReg::Eoir1 => {
-                let other = v.icv.ap0;
-                drop(&mut v.icv.ap1, other);
-            }
-            IcvReg::Eoir0 => {
-                let other = v.icv.ap1;
-                drop(&mut v.icv.ap0, other);
-            }
-            IcvReg::Pmr => v.icv.pmr = value as u8 & PRIORITY_MASK,
-            IcvReg::Igrpen0 => v.icv.igrpen0 = value & 1 != 0,
-            IcvReg::Igrpen1 => v.icv.igrpen1 = value & 1 != 0,
-            IcvReg::Ctlr => v.icv.eoimode = value & ICC_CTLR_EOIMODE != 0,
-            // vLPIs and vSGIs have no active state: nothing to deactivate.
-            IcvReg::Dir => {}
-            IcvReg::Iar1 | IcvReg::Iar0 | IcvReg::Hppir1 | IcvReg::Hppir0 | IcvReg::Rpr => {
-                return Err(VcpuError::Direction { reg, op: "written" })
-            }
-        }
-        Ok(())
-    }
-
     /// Saves the model's state (guest memory is not included: the tables and command queue
     /// live there and travel with it).
     pub fn state(&self) -> GicState {
@@ -1247,6 +1185,7 @@ impl<M: GuestMem> Gic<M> {
             its: self.its.iter().map(|i| i.state()).collect(),
             msi_device_id: self.msi_device_id,
             v41: self.v41.as_ref().map(|v| v.state()),
+            ich: self.ich.clone(),
         }
     }
 
@@ -1281,6 +1220,16 @@ impl<M: GuestMem> Gic<M> {
             i.restore(s)?;
         }
         gic.msi_device_id = state.msi_device_id;
+        if !state.ich.is_empty() {
+            if state.ich.len() != n {
+                return Err(StateError::Length {
+                    what: "ICH states",
+                    got: state.ich.len(),
+                    want: n,
+                });
+            }
+            gic.ich = state.ich.clone();
+        }
         gic.all_stale = true;
         match (gic.v41.as_mut(), &state.v41) {
             (Some(v), Some(s)) => v.restore(s)?,

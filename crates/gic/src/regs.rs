@@ -595,3 +595,76 @@ pub const CMD_VMAPI: u8 = 0x2B;
 pub const CMD_VINVALL: u8 = 0x2D;
 /// INVDB: reload the configuration of a vPE's default doorbell.
 pub const CMD_INVDB: u8 = 0x2E;
+
+// ---------------------------------------------------------------------------------------
+// Hypervisor control of the virtual CPU interface (ICH_*_EL2)
+// ---------------------------------------------------------------------------------------
+
+/// Number of list registers the model implements (ICH_VTR_EL2.ListRegs + 1).
+pub const ICH_NUM_LRS: usize = 4;
+/// The virtual CPU interface maintenance interrupt (a PPI; the `virt` board's choice).
+pub const ICH_MAINTENANCE_PPI: u32 = 25;
+/// ICH_LR<n>_EL2.vINTID mask (bits \[31:0\]).
+pub const ICH_LR_VINTID_MASK: u64 = 0xFFFF_FFFF;
+/// ICH_LR<n>_EL2.pINTID shift (bits \[44:32\], with HW = 1).
+pub const ICH_LR_PINTID_SHIFT: u32 = 32;
+/// ICH_LR<n>_EL2.pINTID mask after shifting (13 bits).
+pub const ICH_LR_PINTID_MASK: u64 = 0x1FFF;
+/// ICH_LR<n>_EL2.EOI (bit 41, with HW = 0): maintenance when the interrupt is deactivated.
+pub const ICH_LR_EOI: u64 = 1 << 41;
+/// ICH_LR<n>_EL2.Priority shift (bits \[55:48\]).
+pub const ICH_LR_PRIORITY_SHIFT: u32 = 48;
+/// ICH_LR<n>_EL2.Group (bit 60): 1 = Group 1.
+pub const ICH_LR_GROUP: u64 = 1 << 60;
+/// ICH_LR<n>_EL2.HW (bit 61): the virtual interrupt is backed by a physical one.
+pub const ICH_LR_HW: u64 = 1 << 61;
+/// ICH_LR<n>_EL2.State shift (bits \[63:62\]: 0 invalid, 1 pending, 2 active, 3 both).
+pub const ICH_LR_STATE_SHIFT: u32 = 62;
+/// LR state: pending.
+pub const ICH_LR_STATE_PENDING: u64 = 1;
+/// LR state: active.
+pub const ICH_LR_STATE_ACTIVE: u64 = 2;
+/// Bits of ICH_LR<n>_EL2 the model stores (everything else is RES0).
+pub const ICH_LR_RW_MASK: u64 = 0xF0FF_1FFF_FFFF_FFFF;
+/// ICH_HCR_EL2.En: the virtual CPU interface is enabled.
+pub const ICH_HCR_EN: u64 = 1 << 0;
+/// ICH_HCR_EL2.UIE: maintenance when at most one LR is valid (underflow).
+pub const ICH_HCR_UIE: u64 = 1 << 1;
+/// ICH_HCR_EL2.LRENPIE: maintenance while EOIcount is non-zero.
+pub const ICH_HCR_LRENPIE: u64 = 1 << 2;
+/// ICH_HCR_EL2.NPIE: maintenance when no LR is pending.
+pub const ICH_HCR_NPIE: u64 = 1 << 3;
+/// ICH_HCR_EL2.VGrp0EIE / VGrp0DIE / VGrp1EIE / VGrp1DIE (bits 4..7).
+pub const ICH_HCR_VGRP_IE_MASK: u64 = 0xF0;
+/// ICH_HCR_EL2.EOIcount shift (bits \[31:27\]).
+pub const ICH_HCR_EOICOUNT_SHIFT: u32 = 27;
+/// Bits of ICH_HCR_EL2 the model stores.
+pub const ICH_HCR_RW_MASK: u64 = 0xF800_00FF;
+/// ICH_VMCR_EL2.VENG0 (ICV_IGRPEN0).
+pub const ICH_VMCR_VENG0: u64 = 1 << 0;
+/// ICH_VMCR_EL2.VENG1 (ICV_IGRPEN1).
+pub const ICH_VMCR_VENG1: u64 = 1 << 1;
+/// ICH_VMCR_EL2.VFIQEn (RES1: Group 0 is signalled as vFIQ).
+pub const ICH_VMCR_VFIQEN: u64 = 1 << 3;
+/// ICH_VMCR_EL2.VEOIM (ICV_CTLR.EOImode).
+pub const ICH_VMCR_VEOIM: u64 = 1 << 9;
+/// ICH_VMCR_EL2.VBPR1 shift (bits \[20:18\]).
+pub const ICH_VMCR_VBPR1_SHIFT: u32 = 18;
+/// ICH_VMCR_EL2.VBPR0 shift (bits \[23:21\]).
+pub const ICH_VMCR_VBPR0_SHIFT: u32 = 21;
+/// ICH_VMCR_EL2.VPMR shift (bits \[31:24\]).
+pub const ICH_VMCR_VPMR_SHIFT: u32 = 24;
+/// ICH_MISR_EL2 bits: EOI, U, LRENP, NP, VGrp0E, VGrp0D, VGrp1E, VGrp1D (bits 0..7).
+pub const ICH_MISR_EOI: u64 = 1 << 0;
+/// ICH_MISR_EL2.U.
+pub const ICH_MISR_U: u64 = 1 << 1;
+/// ICH_MISR_EL2.LRENP.
+pub const ICH_MISR_LRENP: u64 = 1 << 2;
+/// ICH_MISR_EL2.NP.
+pub const ICH_MISR_NP: u64 = 1 << 3;
+/// ICH_VTR_EL2 value: ListRegs = 3, PRIbits = PREbits = 4 (5 bits), IDbits = 0 (16 bits),
+/// A3V = 1, nV4 = 0 (direct injection), SEIS = 0, TDS = 0.
+pub const ICH_VTR_VALUE: u64 = (ICH_NUM_LRS as u64 - 1)
+    | (1 << 21)
+    | ((PRIORITY_BITS as u64 - 1) << 26)
+    | ((PRIORITY_BITS as u64 - 1) << 29);

@@ -126,6 +126,12 @@ pub struct IcvState {
     /// ICV_CTLR_EL1.EOImode: 1 = ICV_EOIR only drops priority, ICV_DIR deactivates.
     #[serde(default)]
     pub eoimode: bool,
+    /// ICV_BPR0_EL1 (values below the minimum read as the minimum).
+    #[serde(default)]
+    pub bpr0: u8,
+    /// ICV_BPR1_EL1 (values below the minimum read as the minimum).
+    #[serde(default)]
+    pub bpr1: u8,
 }
 
 /// One vPE as the GIC knows it (the model's copy of the vPE table entry plus the state the
@@ -693,55 +699,32 @@ impl V41 {
         best
     }
 
-    /// Whether the virtual IRQ (`group1`) or FIQ line of `pe` is asserted.
-    pub(crate) fn vsignalled(&self, pe: usize, group1: bool) -> bool {
-        let Some(v) = self.loaded_vpe(pe) else {
-            return false;
-        };
-        self.vhppi(pe)
-            .is_some_and(|c| c.group1 == group1 && icv_can_signal(&v.icv, c.prio))
-    }
-
-    /// ICV_IAR0/1: acknowledge. vLPIs and vSGIs have no active state: the interrupt stops
-    /// being pending and its priority becomes active until EOI.
-    pub(crate) fn acknowledge<M: GuestMem>(
+    /// ICV_IAR of a direct interrupt `c` (from [`V41::vhppi`]) of the vPE resident on `pe`:
+    /// vLPIs and vSGIs have no active state, so it only stops being pending (the VPT bit is
+    /// cleared in memory). Returns false if the VPT cannot be written (nothing changes).
+    pub(crate) fn take_direct<M: GuestMem>(
         &mut self,
         mem: &mut LoggedMem<M>,
         pe: usize,
-        group1: bool,
-    ) -> u32 {
-        let Some(c) = self.vhppi(pe) else {
-            return INTID_SPURIOUS;
+        c: VCandidate,
+    ) -> bool {
+        let Some(v) = self.vpe_mut_resident(pe) else {
+            return false;
         };
-        let Some(vpeid) = self.resident_vpeid(pe) else {
-            return INTID_SPURIOUS;
-        };
-        let Some(v) = self.vpes.get_mut(&vpeid) else {
-            return INTID_SPURIOUS;
-        };
-        if c.group1 != group1 || !icv_can_signal(&v.icv, c.prio) {
-            return INTID_SPURIOUS;
-        }
         if c.intid < NUM_SGIS {
             v.sgi_pending &= !(1 << c.intid);
         } else {
             let addr = v.vpt + (c.intid / 8) as u64;
             let Ok(b) = mem.read_u8(addr) else {
-                return INTID_SPURIOUS;
+                return false;
             };
             if mem.write(addr, &[b & !(1 << (c.intid % 8))]).is_err() {
-                return INTID_SPURIOUS;
+                return false;
             }
             v.vlpi_pending.remove(&c.intid);
         }
-        let level = (c.prio >> (8 - PRIORITY_BITS)) as u32;
-        if group1 {
-            v.icv.ap1 |= 1 << level;
-        } else {
-            v.icv.ap0 |= 1 << level;
-        }
         self.virtual_acks += 1;
-        c.intid
+        true
     }
 
     pub(crate) fn vpe_mut_resident(&mut self, pe: usize) -> Option<&mut VpeState> {
@@ -1055,21 +1038,6 @@ pub(crate) fn write_entry<M: GuestMem>(
         bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
     mem.write(addr, &bytes)
-}
-
-/// Running priority of a virtual CPU interface.
-pub(crate) fn icv_running_priority(icv: &IcvState) -> u8 {
-    let ap = icv.ap0 | icv.ap1;
-    if ap == 0 {
-        PRIORITY_IDLE
-    } else {
-        (ap.trailing_zeros() << (8 - PRIORITY_BITS)) as u8
-    }
-}
-
-/// Whether a virtual interrupt of priority `prio` passes ICV_PMR and preempts.
-pub(crate) fn icv_can_signal(icv: &IcvState, prio: u8) -> bool {
-    prio < icv.pmr && (prio & PRIORITY_MASK) < icv_running_priority(icv)
 }
 
 impl V41 {
