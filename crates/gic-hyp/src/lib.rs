@@ -13,6 +13,8 @@
 //! - [`vgic`]: [`VGic`], the guest-visible distributor/redistributor SGI state: nASSGIcap /
 //!   nASSGIreq, switching SGIs between software and hardware, SGI register routing,
 //!   ICC_SGI1R dispatch, save/restore.
+//! - [`vcpuif`]: [`VcpuIf`], emulated interrupts through list registers (ICH_*_EL2): inject,
+//!   load/put (save/restore across vCPU migration), the maintenance interrupt handler.
 //! - [`sim`]: `gic-sim`, N vCPUs over M pCPUs in three delivery modes.
 //!
 //! ```
@@ -48,6 +50,7 @@
 
 pub mod host;
 pub mod sim;
+pub mod vcpuif;
 pub mod vgic;
 pub mod vm;
 
@@ -57,6 +60,7 @@ use gic::{ItsCommandError, MmioError};
 use thiserror::Error;
 
 pub use host::{Host, HostInfo, HostParams};
+pub use vcpuif::{VcpuIf, VcpuIfState};
 pub use vgic::{SgiDebug, VGic, VgicState};
 pub use vm::{DoorbellStyle, Vm, VmParams};
 

@@ -144,7 +144,7 @@ impl IchState {
         set_lr_state(lr, state);
         Some(
             (*lr & ICH_LR_HW != 0)
-                .then(|| ((*lr >> ICH_LR_PINTID_SHIFT) & ICH_LR_PINTID_MASK) as u32),
+                .then_some(((*lr >> ICH_LR_PINTID_SHIFT) & ICH_LR_PINTID_MASK) as u32),
         )
     }
 
