@@ -30,7 +30,7 @@
 //! println!("{}", r.to_markdown());
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::host::{Host, HostParams};
+use crate::vcpuif::VcpuIf;
 use crate::vgic::VGic;
 use crate::vm::{DoorbellStyle, Vm, VmParams};
 use crate::HypError;
@@ -334,9 +335,10 @@ struct Sim {
     slice_left: Vec<u64>,
     runq: VecDeque<usize>,
     last_pcpu: Vec<Option<usize>>,
-    /// Software-injected interrupts waiting for the vCPU in GICv3 mode (SGI numbers below
-    /// 16, vINTIDs for MSIs).
-    sw_msi: Vec<BTreeSet<u32>>,
+    /// GICv3 mode: each vCPU's virtual CPU interface context. The hypervisor injects
+    /// emulated interrupts (SGI numbers below 16, vINTIDs for MSIs) through list registers,
+    /// saved and restored on every exit and entry (a migration when the pCPU changes).
+    vif: Vec<VcpuIf>,
     /// Outstanding interrupts per vCPU (SGI number or vINTID), with whether the target was
     /// loaded when it was sent.
     outstanding: Vec<BTreeMap<u32, bool>>,
@@ -380,7 +382,7 @@ impl Sim {
             slice_left: vec![0; p.pcpus],
             runq: (0..n).collect(),
             last_pcpu: vec![None; n],
-            sw_msi: vec![BTreeSet::new(); n],
+            vif: vec![VcpuIf::new(); n],
             outstanding: vec![BTreeMap::new(); n],
             host_lpis: BTreeMap::new(),
             phase_start: vec![0; n],
@@ -400,6 +402,26 @@ impl Sim {
                 let lpi = lpis + v as u32 * events + e;
                 host.map_host_lpi(0, v as u32 + 1, e, lpi, v % p.pcpus)?;
                 sim.host_lpis.insert(lpi, (v, e));
+            }
+        }
+        if mode == SimMode::V3 {
+            // The host takes the list registers' maintenance interrupt (PPI 25).
+            let mut g = host.gic();
+            for pe in 0..p.pcpus {
+                let sgi = g.config().rd_base(pe) + GICR_SGI_OFFSET;
+                let grp = g.read(sgi + GICR_IGROUPR0, 4).map_err(|e| HypError::Mmio {
+                    addr: sgi + GICR_IGROUPR0,
+                    source: e,
+                })?;
+                for (off, v) in [
+                    (GICR_IGROUPR0, grp | 1 << ICH_MAINTENANCE_PPI),
+                    (GICR_ISENABLER0, 1 << ICH_MAINTENANCE_PPI),
+                ] {
+                    g.write(sgi + off, 4, v).map_err(|e| HypError::Mmio {
+                        addr: sgi + off,
+                        source: e,
+                    })?;
+                }
             }
         }
         if mode != SimMode::V3 {
@@ -573,6 +595,12 @@ impl Sim {
                 if self.cur[p].is_some_and(|v| matches!(self.state[v], VState::Running(_))) {
                     self.r.exits += 1;
                 }
+                if lpi == ICH_MAINTENANCE_PPI {
+                    if let Some(v) = self.cur[p] {
+                        self.vif[v].maintenance(&mut self.host.gic())?;
+                    }
+                    continue;
+                }
                 self.host_irq(lpi)?;
             }
         }
@@ -594,7 +622,7 @@ impl Sim {
     }
 
     fn has_work(&mut self, p: usize, v: usize) -> Result<bool, SimError> {
-        if !self.sw_msi[v].is_empty() {
+        if self.vif[v].pending(&self.host.gic()) {
             return Ok(true);
         }
         if let Some(vg) = &self.vgic {
@@ -602,12 +630,12 @@ impl Sim {
                 return Ok(true);
             }
         }
-        Ok(self.mode != SimMode::V3 && self.host.gic().virq_line(p))
+        Ok(self.host.gic().virq_line(p))
     }
 
     fn guest_take(&mut self, p: usize, v: usize) -> Result<(), SimError> {
         let mut woke = false;
-        if self.mode != SimMode::V3 {
+        {
             if !self.icv_ready[v] {
                 let mut g = self.host.gic();
                 g.icv_write(p, IcvReg::Pmr, 0xFF).map_err(HypError::from)?;
@@ -636,9 +664,6 @@ impl Sim {
             while let Some(sgi) = self.vgic.as_ref().and_then(|g| g.sw_ack(v)) {
                 self.deliver(v, sgi as u32, false);
             }
-            while let Some(id) = self.sw_msi[v].pop_first() {
-                self.deliver(v, id, false);
-            }
         }
         if woke {
             if let VState::Idle(pp) = self.state[v] {
@@ -659,7 +684,7 @@ impl Sim {
         let sw_targets = match &self.vgic {
             Some(vg) => vg.dispatch_sgi1r(from, value)?,
             None => {
-                self.sw_msi[to].insert(sgi);
+                self.vif[to].inject(&mut self.host.gic(), sgi, 0x80, true)?;
                 vec![to]
             }
         };
@@ -688,7 +713,10 @@ impl Sim {
     /// Deschedules `v` from `p`; `blocking` when it sits in WFI.
     fn put(&mut self, p: usize, v: usize, blocking: bool) -> Result<(), SimError> {
         self.cur[p] = None;
-        let mut pending = !self.sw_msi[v].is_empty();
+        let mut pending = false;
+        if self.vif[v].loaded_on().is_some() {
+            pending |= self.vif[v].put(&mut self.host.gic())?;
+        }
         if let Some(vg) = &self.vgic {
             pending |= vg.sw_pending(v) != 0;
             pending |= vg.vcpu_put(v, blocking)?;
@@ -730,8 +758,11 @@ impl Sim {
                     self.r.vmovps_skipped += 1;
                 }
             }
-        } else if self.last_pcpu[v].is_some_and(|l| l != p) {
-            self.r.migrations += 1;
+        } else {
+            if self.last_pcpu[v].is_some_and(|l| l != p) {
+                self.r.migrations += 1;
+            }
+            self.vif[v].load(&mut self.host.gic(), p)?;
         }
         self.last_pcpu[v] = Some(p);
         self.cur[p] = Some(v);
@@ -743,7 +774,7 @@ impl Sim {
     fn host_irq(&mut self, lpi: u32) -> Result<(), SimError> {
         if let Some(&(v, e)) = self.host_lpis.get(&lpi) {
             // GICv3: the hypervisor forwards the device interrupt in software.
-            self.sw_msi[v].insert(VINTID_BASE + e);
+            self.vif[v].inject(&mut self.host.gic(), VINTID_BASE + e, 0x80, true)?;
             self.sw_notify(v);
             return Ok(());
         }
