@@ -55,6 +55,7 @@ pub mod ich;
 pub mod its;
 pub mod mem;
 pub mod qtest;
+mod qtest_args;
 mod redist;
 pub mod regs;
 pub mod v41;
@@ -75,6 +76,7 @@ pub use error::{ConfigError, MemError, MmioError, StateError};
 pub use ich::{IchReg, IchState};
 pub use its::{ItsCommand, ItsCommandError, ItsErrorRecord, ItsErrorSource, ItsState};
 pub use mem::{GuestMem, VecMem, VmMemory, WriteLog};
+pub use qtest_args::QtestArgError;
 pub use redist::RedistState;
 pub use v41::{IcvState, RdV41State, UnpredictableEvent, V41State, V41Stats, VpeState};
 

@@ -23,9 +23,15 @@
 //! - `gic_reset` -> `OK`: system reset of the model (guest RAM is kept)
 //! - `gic_its_errors ITS` -> `OK <total> <last error or ->`
 //! - `gic_dirty` -> `OK <n> <page>...`: drains the model's guest-memory write log
-//! - GICv4.1 configurations: `gic_icv_read PE REG` / `gic_icv_write PE REG VALUE` (REG:
+//! - The virtual CPU interface: `gic_icv_read PE REG` / `gic_icv_write PE REG VALUE` (REG:
 //!   `iar1`, `eoir1`, `hppir1`, `iar0`, `eoir0`, `hppir0`, `pmr`, `rpr`, `ctlr`, `igrpen0`,
-//!   `igrpen1`) for the vPE resident on PE, and `gic_virq PE` -> `OK 0|1`
+//!   `igrpen1`, `dir`, `bpr0`, `bpr1`, `ap0r0`, `ap1r0`) of the guest on PE (a resident vPE
+//!   or ICH_HCR_EL2.En = 1), `gic_virq PE` -> `OK 0|1`, and the hypervisor's
+//!   `gic_ich_read PE REG` / `gic_ich_write PE REG VALUE` (REG: `lr0`..`lr3`, `hcr`, `vmcr`,
+//!   `vtr`, `misr`, `eisr`, `elrsr`, `ap0r0`, `ap1r0`)
+//!
+//! The configuration comes from [`QtestConfig::from_args`] (`gic-qtest` options: GIC
+//! version, PEs, ITSs, layout, GICv4.1 features; see `docs/gic.md`).
 //!
 //! Accesses outside the GIC frames and guest RAM read as zero and ignore writes, as on QEMU's
 //! bus; GIC accesses the model rejects (wrong width, ...) do the same. An unknown command
@@ -302,6 +308,20 @@ impl QtestSession {
                 } else {
                     let v = Self::arg(args, 2)?;
                     self.gic.icv_write(pe, reg, v).map_err(|e| e.to_string())?;
+                    Ok("OK".to_string())
+                }
+            }
+            "gic_ich_read" | "gic_ich_write" => {
+                let pe = Self::pe(args)?;
+                let name = args.get(1).ok_or("missing register")?;
+                let reg = crate::IchReg::from_name(name)
+                    .ok_or_else(|| format!("unknown register {name}"))?;
+                if cmd == "gic_ich_read" {
+                    let v = self.gic.ich_read(pe, reg).map_err(|e| e.to_string())?;
+                    Ok(format!("OK 0x{v:016x}"))
+                } else {
+                    let v = Self::arg(args, 2)?;
+                    self.gic.ich_write(pe, reg, v).map_err(|e| e.to_string())?;
                     Ok("OK".to_string())
                 }
             }

@@ -285,3 +285,98 @@ fn qtest_config_round_trips_through_json() {
     assert_eq!(back, cfg);
     assert!(QtestSession::new(&back).is_ok());
 }
+
+/// Issue 16: an external script drives a GICv4.1 configuration chosen by `gic-qtest`
+/// options through MMIO and guest memory only: host LPIs, the shared vPE table, VMAPP and
+/// VSGI in the command queue, GITS_SGIR, the default doorbell of the never-resident vPE,
+/// residency, and the guest's ICV interface.
+#[test]
+fn qtest_options_build_a_v41_gic_that_a_script_drives_end_to_end() {
+    let args: Vec<String> = "--gic-version 4.1 --pes 2 --its 1 --common-lpi-aff 0 --svpet 1"
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let cfg = QtestConfig::from_args(&args).unwrap();
+    let rd0 = cfg.gic.rd_base(0);
+    let vlpi1 = cfg.gic.rd_base(1) + GICR_VLPI_OFFSET;
+    let its = cfg.gic.its[0].base;
+    let (prop, pend, vpet, cmdq, vpt, vconf) = (
+        0x4000_0000u64,
+        0x4010_0000u64,
+        0x4020_0000u64,
+        0x4030_0000u64,
+        0x4040_0000u64,
+        0x4050_0000u64,
+    );
+    let hex = |c: &ItsCommand| {
+        c.to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let vmapp = ItsCommand::Vmapp {
+        vpeid: 3,
+        rdbase: 0,
+        valid: true,
+        alloc: true,
+        ptz: true,
+        vconf,
+        default_db: 8192,
+        vpt,
+        vpt_size: 13,
+    };
+    let vsgi = ItsCommand::Vsgi {
+        vpeid: 3,
+        sgi: 5,
+        enable: true,
+        clear: false,
+        group1: true,
+        priority: 0x80,
+    };
+    let mut script = String::new();
+    script += "writel 0x08000000 0x2\n"; // GICD_CTLR.EnableGrp1
+    script += &format!("memset {prop:#x} 16 0xa3\n"); // LPIs 8192.. enabled, Group 1
+    script += &format!("writeq {:#x} {:#x}\n", rd0 + GICR_PROPBASER, prop | 15);
+    script += &format!("writeq {:#x} {pend:#x}\n", rd0 + GICR_PENDBASER);
+    script += &format!("writel {:#x} 1\n", rd0 + GICR_CTLR);
+    script += "gic_icc_write 0 pmr 0xff\ngic_icc_write 0 igrpen1 1\n";
+    for pe in 0..2 {
+        let vl = cfg.gic.rd_base(pe) + GICR_VLPI_OFFSET;
+        script += &format!(
+            "writeq {:#x} {:#x}\n",
+            vl + GICR_VPROPBASER,
+            VPROPBASER_VALID | (2 << VPROPBASER_PAGE_SIZE_SHIFT) | vpet
+        );
+    }
+    script += &format!(
+        "writeq {:#x} {:#x}\n",
+        its + GITS_BASER + 16,
+        GITS_BASER_VALID | (2 << 8) | vpet
+    );
+    script += &format!(
+        "writeq {:#x} {:#x}\n",
+        its + GITS_CBASER,
+        GITS_CBASER_VALID | cmdq
+    );
+    script += &format!("writel {:#x} 1\n", its + GITS_CTLR);
+    script += &format!("write {cmdq:#x} 32 0x{}\n", hex(&vmapp));
+    script += &format!("write {:#x} 32 0x{}\n", cmdq + 32, hex(&vsgi));
+    script += &format!("writeq {:#x} 64\n", its + GITS_CWRITER);
+    script += &format!("writeq {:#x} {:#x}\n", its + GITS_SGIR, (3u64 << 32) | 5);
+    script += "gic_irq 0\ngic_ack 0\n"; // the doorbell of the never-resident vPE
+    script += &format!(
+        "writeq {:#x} {:#x}\n",
+        vlpi1 + GICR_VPENDBASER,
+        VPENDBASER_VALID | VPENDBASER_VGRP1EN | 3
+    );
+    script += "gic_icv_write 1 pmr 0xff\ngic_icv_write 1 igrpen1 1\n";
+    script += "gic_virq 1\ngic_icv_read 1 iar1\ngic_its_errors 0\n";
+    let a = answers(&script, &cfg);
+    let n = a.len();
+    assert!(a.iter().all(|l| l.starts_with("OK")), "{a:?}");
+    assert_eq!(a[n - 8], "OK 1", "doorbell IRQ on PE 0");
+    assert_eq!(a[n - 7], "OK 0x0000000000002000", "doorbell pINTID 8192");
+    assert_eq!(a[n - 3], "OK 1", "vIRQ on PE 1");
+    assert_eq!(a[n - 2], "OK 0x0000000000000005", "vSGI 5");
+    assert_eq!(a[n - 1], "OK 0 -", "no ITS errors");
+}
