@@ -657,3 +657,39 @@ fn without_the_vpe_lock_a_vsgipendr_read_racing_a_vmovp_is_detected() {
     vm.vsgi_pending(0).unwrap();
     assert_eq!(unpredictable(&h).len(), 1);
 }
+
+/// B0 (issue 16), Linux/KVM order: `its_vpe_irq_domain_alloc` maps the vPE (VMAPP Alloc on
+/// every ITS) when the VM is created; `its_vlpi_map` forwards a device event (DISCARD +
+/// VMAPTI); the device fires before the vCPU has ever run. The default doorbell must ring
+/// (IHI 0069, GICv4.1 default doorbells: a vPE that is not resident and has a pending,
+/// enabled interrupt), KVM's doorbell handler marks the vCPU runnable
+/// (`vgic_v4_doorbell_handler`), and the first `vgic_v4_load` delivers the vLPI.
+#[test]
+fn linux_order_vlpi_to_a_vcpu_that_never_ran_rings_its_doorbell_then_delivers_on_first_load() {
+    let h = host(1);
+    let vm = vm(&h, 2);
+    h.map_device(0, 7, 3).unwrap();
+    let lpi = h.alloc_lpis(1).unwrap();
+    h.map_host_lpi(0, 7, 1, lpi, 0).unwrap();
+    vm.map_vlpi(1, 0, 7, 1, 8400, lpi, 0, 0x40).unwrap();
+    assert!(!vm.vcpu_pending(1).unwrap());
+    h.gic().send_msi(0, 7, 1).unwrap();
+    let db = vm.doorbell(1).unwrap();
+    let pe = (0..4)
+        .find(|p| h.gic().irq_line(*p))
+        .expect("a doorbell IRQ");
+    assert_eq!(h.take_irq(pe), Some(db));
+    assert_eq!(vm.handle_doorbell(db), Some(1));
+    assert!(vm.vcpu_pending(1).unwrap(), "vCPU 1 is runnable");
+    vm.vcpu_load(1, 2, true).unwrap();
+    guest_ready(&h, 2);
+    assert_eq!(guest_drain(&h, 2), vec![8400]);
+    // Once it has run and blocked with a doorbell request, the usual rule applies again.
+    assert!(!vm.vcpu_put(1, true).unwrap());
+    h.gic().send_msi(0, 7, 1).unwrap();
+    let pe = (0..4)
+        .find(|p| h.gic().irq_line(*p))
+        .expect("a doorbell IRQ");
+    assert_eq!(h.take_irq(pe), Some(db));
+    assert_eq!(h.gic().vpe(vm.vpeid(1).unwrap()).unwrap().doorbells, 2);
+}

@@ -475,6 +475,13 @@ impl<M: GuestMem> Gic<M> {
 
     /// The shared IRQ line object (clone the `Arc` to wait from another thread).
     pub fn irq_lines(&self) -> Arc<IrqLines> {
+        // Lines are published only while someone else holds the object (see `update`):
+        // bring it up to date before handing out the first clone.
+        if Arc::strong_count(&self.lines) == 1 {
+            for pe in 0..self.levels.len() {
+                self.lines.set(pe, self.levels[pe], self.fiq_levels[pe]);
+            }
+        }
         Arc::clone(&self.lines)
     }
 
@@ -967,7 +974,12 @@ impl<M: GuestMem> Gic<M> {
                     h(pe, irq);
                 }
             }
-            self.lines.set(pe, irq, fiq);
+            // Nobody else can read the shared lines unless they hold a clone, which only
+            // `irq_lines` hands out (after publishing every level): skip the atomic store,
+            // a full barrier on x86, when nobody can look.
+            if Arc::strong_count(&self.lines) > 1 {
+                self.lines.set(pe, irq, fiq);
+            }
         }
     }
 

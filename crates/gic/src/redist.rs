@@ -50,6 +50,75 @@ pub struct RedistState {
     pub lpi_pending: Vec<u32>,
 }
 
+/// `(priority, INTID)` keys in order: a sorted vector while small (no allocation per change
+/// once its capacity is reached: the common case of a few pending LPIs), a B-tree past
+/// [`ReadySet::SMALL`] entries (an LPI storm stays O(log n) per change).
+#[derive(Debug, Clone)]
+pub(crate) enum ReadySet {
+    Small(Vec<(u8, u32)>),
+    Large(BTreeSet<(u8, u32)>),
+}
+
+impl Default for ReadySet {
+    fn default() -> Self {
+        ReadySet::Small(Vec::new())
+    }
+}
+
+impl ReadySet {
+    const SMALL: usize = 64;
+
+    pub(crate) fn insert(&mut self, k: (u8, u32)) {
+        match self {
+            ReadySet::Small(v) => {
+                if let Err(i) = v.binary_search(&k) {
+                    if v.len() < Self::SMALL {
+                        v.insert(i, k);
+                    } else {
+                        let mut b: BTreeSet<(u8, u32)> = v.drain(..).collect();
+                        b.insert(k);
+                        *self = ReadySet::Large(b);
+                    }
+                }
+            }
+            ReadySet::Large(b) => {
+                b.insert(k);
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, k: (u8, u32)) {
+        match self {
+            ReadySet::Small(v) => {
+                if let Ok(i) = v.binary_search(&k) {
+                    v.remove(i);
+                }
+            }
+            ReadySet::Large(b) => {
+                b.remove(&k);
+                if b.len() < Self::SMALL / 4 {
+                    let v: Vec<(u8, u32)> = b.iter().copied().collect();
+                    *self = ReadySet::Small(v);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn first(&self) -> Option<(u8, u32)> {
+        match self {
+            ReadySet::Small(v) => v.first().copied(),
+            ReadySet::Large(b) => b.first().copied(),
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        match self {
+            ReadySet::Small(v) => v.clear(),
+            ReadySet::Large(_) => *self = ReadySet::Small(Vec::new()),
+        }
+    }
+}
+
 /// A set of LPI INTIDs as a bitmap (grown on demand up to the highest INTID inserted): the
 /// pending set changes on every MSI and acknowledge, and a bitmap does that without
 /// allocating.
@@ -132,7 +201,7 @@ pub(crate) struct Redistributor {
     pub(crate) lpi_pending: LpiSet,
     /// Running summary: `(priority, INTID)` of every pending LPI whose cached configuration
     /// is enabled, so the highest priority one is the first element.
-    lpi_ready: BTreeSet<(u8, u32)>,
+    lpi_ready: ReadySet,
     /// Edge-triggered private INTIDs (SGIs always; PPIs from GICR_ICFGR1).
     edge: u32,
     /// Something a PE's highest priority pending interrupt depends on changed since the GIC
@@ -163,7 +232,7 @@ impl Redistributor {
             priority: [0; 32],
             lpi_cfg: Vec::new(),
             lpi_pending: LpiSet::default(),
-            lpi_ready: BTreeSet::new(),
+            lpi_ready: ReadySet::default(),
             edge: 0xFFFF,
             touched: true,
             typer,
@@ -195,17 +264,17 @@ impl Redistributor {
     /// Rebuilds the pending-and-enabled summary from the pending set and the cache.
     fn rebuild_ready(&mut self) {
         self.touched = true;
-        let ready: BTreeSet<(u8, u32)> = self
-            .lpi_pending
-            .iter()
-            .filter_map(|i| self.ready_key(i))
-            .collect();
+        let mut ready = std::mem::take(&mut self.lpi_ready);
+        ready.clear();
+        for k in self.lpi_pending.iter().filter_map(|i| self.ready_key(i)) {
+            ready.insert(k);
+        }
         self.lpi_ready = ready;
     }
 
     /// Highest priority pending and enabled LPI (lowest INTID among equals).
     pub(crate) fn best_lpi(&self) -> Option<(u8, u32)> {
-        self.lpi_ready.first().copied()
+        self.lpi_ready.first()
     }
 
     /// SGI/PPI pending state: the latch, plus the line of level-sensitive PPIs.
@@ -294,7 +363,7 @@ impl Redistributor {
         }
         if self.lpi_pending.contains(intid) {
             if let Some(k) = old {
-                self.lpi_ready.remove(&k);
+                self.lpi_ready.remove(k);
             }
             if let Some(k) = self.ready_key(intid) {
                 self.lpi_ready.insert(k);
@@ -342,7 +411,7 @@ impl Redistributor {
         } else {
             self.lpi_pending.remove(intid);
             if let Some(k) = key {
-                self.lpi_ready.remove(&k);
+                self.lpi_ready.remove(k);
             }
         }
         self.touched = true;
