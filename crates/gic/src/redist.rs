@@ -742,3 +742,43 @@ impl Redistributor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_set_keeps_priority_order_across_the_small_large_switch() {
+        let mut r = ReadySet::default();
+        // 200 keys, inserted out of order, with mixed priorities.
+        for i in 0..200u32 {
+            let intid = 8192 + (i * 37) % 200;
+            r.insert((((intid % 4) * 0x20) as u8, intid));
+        }
+        assert!(matches!(r, ReadySet::Large(_)));
+        r.insert((0, 8192)); // duplicate: no change
+        let mut got = Vec::new();
+        while let Some(k) = r.first() {
+            got.push(k);
+            r.remove(k);
+        }
+        assert_eq!(got.len(), 200);
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "ascending (priority, INTID)");
+        assert!(matches!(r, ReadySet::Small(_)), "back to the vector");
+    }
+
+    #[test]
+    fn lpi_set_inserts_removes_and_iterates_in_order() {
+        let mut s = LpiSet::default();
+        assert!(s.insert(8300));
+        assert!(!s.insert(8300));
+        assert!(s.insert(8192));
+        assert!(s.insert(65535));
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![8192, 8300, 65535]);
+        assert!(s.remove(8300));
+        assert!(!s.remove(8300));
+        assert!(!s.contains(8300) && s.contains(65535));
+        s.clear();
+        assert_eq!(s.iter().count(), 0);
+    }
+}
