@@ -1441,6 +1441,103 @@ impl Its {
         Ok(())
     }
 
+    /// VMAPP (GICv4.1 layout): create, add this ITS's mapping of, or unmap a vPE.
+    fn vmapp<M: GuestMem>(
+        &self,
+        v4: &mut V41,
+        mem: &mut LoggedMem<M>,
+        gic: &GicConfig,
+        bit: u16,
+        cmd: ItsCommand,
+    ) -> Result<(), ItsCommandError> {
+        let ItsCommand::Vmapp {
+            vpeid,
+            rdbase,
+            valid,
+            alloc,
+            ptz,
+            vconf,
+            default_db,
+            vpt,
+            vpt_size,
+        } = cmd
+        else {
+            return Err(ItsCommandError::UnknownCommand(CMD_VMAPP));
+        };
+        let slot = self.vpe_slot(v4, mem, vpeid)?;
+        if !valid {
+            if let Some(v) = v4.vpes.get_mut(&vpeid) {
+                v.its_mapped &= !bit;
+            }
+            if alloc {
+                if let Some(v) = v4.vpes.remove(&vpeid) {
+                    if let Some(pe) = v.resident_on {
+                        v4.record(crate::UnpredictableEvent::ChangedWhileResident { vpeid });
+                        v4.force_nonresident(pe);
+                    }
+                }
+                write_entry(mem, slot, [0; 4])?;
+                v4.propagate_entry(mem, vpeid, [0; 4])?;
+            }
+            return Ok(());
+        }
+        let pe = self.rd_index(gic, rdbase)?;
+        let bits = vpt_size.saturating_add(1);
+        if !(14..=gic.lpi_id_bits).contains(&bits) {
+            return Err(ItsCommandError::IntIdOutOfRange(1u32 << bits.min(31)));
+        }
+        if default_db != INTID_NO_DOORBELL && !Self::lpi_valid(gic, default_db) {
+            return Err(ItsCommandError::IntIdOutOfRange(default_db));
+        }
+        let exists = v4.vpes.contains_key(&vpeid);
+        if !alloc && !exists {
+            v4.record(crate::UnpredictableEvent::MapWithoutAlloc { vpeid });
+        }
+        if alloc || !exists {
+            let old = v4.vpes.remove(&vpeid);
+            let v = VpeState {
+                vpeid,
+                rd: pe,
+                vpt,
+                vpt_bits: bits,
+                vconf,
+                default_db,
+                its_mapped: bit | old.as_ref().map_or(0, |o| o.its_mapped),
+                sgi_enable: 0,
+                sgi_group: 0,
+                sgi_priority: [0; 16],
+                sgi_pending: 0,
+                vlpi_pending: Default::default(),
+                vlpi_cfg: Vec::new(),
+                resident_on: old.as_ref().and_then(|o| o.resident_on),
+                last_resident: None,
+                // Never resident: no PendingLast phase can have suppressed the
+                // default doorbell (Arm's vLPI/vSGI examples wait for it).
+                db_armed: true,
+                vgrp_en: [true, true],
+                doorbells: 0,
+                individual_doorbells: 0,
+                icv: Default::default(),
+            };
+            v4.vpes.insert(vpeid, v);
+            if !ptz {
+                v4.load_vpt(mem, vpeid);
+            }
+            v4.reload_config(mem, vpeid);
+        } else if let Some(v) = v4.vpes.get_mut(&vpeid) {
+            v.its_mapped |= bit;
+            v.rd = pe;
+            v.default_db = default_db;
+        }
+        let entry = match v4.vpes.get(&vpeid) {
+            Some(v) => vpe_entry(v),
+            None => [0; 4],
+        };
+        write_entry(mem, slot, entry)?;
+        v4.propagate_entry(mem, vpeid, entry)?;
+        Ok(())
+    }
+
     /// Executes a GICv4.1 virtual command.
     fn execute_virtual<M: GuestMem>(
         &mut self,
@@ -1453,92 +1550,7 @@ impl Its {
         };
         let bit = 1u16 << self.index;
         match cmd {
-            ItsCommand::Vmapp {
-                vpeid,
-                rdbase,
-                valid,
-                alloc,
-                ptz,
-                vconf,
-                default_db,
-                vpt,
-                vpt_size,
-            } => {
-                let slot = self.vpe_slot(v4, env.mem, vpeid)?;
-                if !valid {
-                    if let Some(v) = v4.vpes.get_mut(&vpeid) {
-                        v.its_mapped &= !bit;
-                    }
-                    if alloc {
-                        if let Some(v) = v4.vpes.remove(&vpeid) {
-                            if let Some(pe) = v.resident_on {
-                                v4.record(crate::UnpredictableEvent::ChangedWhileResident {
-                                    vpeid,
-                                });
-                                v4.force_nonresident(pe);
-                            }
-                        }
-                        write_entry(env.mem, slot, [0; 4])?;
-                        v4.propagate_entry(env.mem, vpeid, [0; 4])?;
-                    }
-                    return Ok(());
-                }
-                let pe = self.rd_index(env.gic, rdbase)?;
-                let bits = vpt_size.saturating_add(1);
-                if !(14..=env.gic.lpi_id_bits).contains(&bits) {
-                    return Err(ItsCommandError::IntIdOutOfRange(1u32 << bits.min(31)));
-                }
-                if default_db != INTID_NO_DOORBELL && !Self::lpi_valid(env.gic, default_db) {
-                    return Err(ItsCommandError::IntIdOutOfRange(default_db));
-                }
-                let exists = v4.vpes.contains_key(&vpeid);
-                if !alloc && !exists {
-                    v4.record(crate::UnpredictableEvent::MapWithoutAlloc { vpeid });
-                }
-                if alloc || !exists {
-                    let old = v4.vpes.remove(&vpeid);
-                    let v = VpeState {
-                        vpeid,
-                        rd: pe,
-                        vpt,
-                        vpt_bits: bits,
-                        vconf,
-                        default_db,
-                        its_mapped: bit | old.as_ref().map_or(0, |o| o.its_mapped),
-                        sgi_enable: 0,
-                        sgi_group: 0,
-                        sgi_priority: [0; 16],
-                        sgi_pending: 0,
-                        vlpi_pending: Default::default(),
-                        vlpi_cfg: Vec::new(),
-                        resident_on: old.as_ref().and_then(|o| o.resident_on),
-                        last_resident: None,
-                        // Never resident: no PendingLast phase can have suppressed the
-                        // default doorbell (Arm's vLPI/vSGI examples wait for it).
-                        db_armed: true,
-                        vgrp_en: [true, true],
-                        doorbells: 0,
-                        individual_doorbells: 0,
-                        icv: Default::default(),
-                    };
-                    v4.vpes.insert(vpeid, v);
-                    if !ptz {
-                        v4.load_vpt(env.mem, vpeid);
-                    }
-                    v4.reload_config(env.mem, vpeid);
-                } else if let Some(v) = v4.vpes.get_mut(&vpeid) {
-                    v.its_mapped |= bit;
-                    v.rd = pe;
-                    v.default_db = default_db;
-                }
-                let entry = match v4.vpes.get(&vpeid) {
-                    Some(v) => vpe_entry(v),
-                    None => [0; 4],
-                };
-                write_entry(env.mem, slot, entry)?;
-                v4.propagate_entry(env.mem, vpeid, entry)?;
-                Ok(())
-            }
+            c @ ItsCommand::Vmapp { .. } => self.vmapp(v4, env.mem, env.gic, bit, c),
             ItsCommand::Vmapti {
                 device,
                 event,

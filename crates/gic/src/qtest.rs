@@ -297,40 +297,8 @@ impl QtestSession {
                 self.gic.icc_write(pe, reg, v).map_err(|e| e.to_string())?;
                 Ok("OK".to_string())
             }
-            "gic_icv_read" | "gic_icv_write" => {
-                let pe = Self::pe(args)?;
-                let name = args.get(1).ok_or("missing register")?;
-                let reg = crate::IcvReg::from_name(name)
-                    .ok_or_else(|| format!("unknown register {name}"))?;
-                if cmd == "gic_icv_read" {
-                    let v = self.gic.icv_read(pe, reg).map_err(|e| e.to_string())?;
-                    Ok(format!("OK 0x{v:016x}"))
-                } else {
-                    let v = Self::arg(args, 2)?;
-                    self.gic.icv_write(pe, reg, v).map_err(|e| e.to_string())?;
-                    Ok("OK".to_string())
-                }
-            }
-            "gic_ich_read" | "gic_ich_write" => {
-                let pe = Self::pe(args)?;
-                let name = args.get(1).ok_or("missing register")?;
-                let reg = crate::IchReg::from_name(name)
-                    .ok_or_else(|| format!("unknown register {name}"))?;
-                if cmd == "gic_ich_read" {
-                    let v = self.gic.ich_read(pe, reg).map_err(|e| e.to_string())?;
-                    Ok(format!("OK 0x{v:016x}"))
-                } else {
-                    let v = Self::arg(args, 2)?;
-                    self.gic.ich_write(pe, reg, v).map_err(|e| e.to_string())?;
-                    Ok("OK".to_string())
-                }
-            }
-            "gic_virq" => {
-                let pe = Self::pe(args)?;
-                if pe >= self.gic.config().num_pes() {
-                    return Err(format!("PE {pe} does not exist"));
-                }
-                Ok(format!("OK {}", self.gic.virq_line(pe) as u8))
+            "gic_icv_read" | "gic_icv_write" | "gic_ich_read" | "gic_ich_write" | "gic_virq" => {
+                self.dispatch_virtual(cmd, args)
             }
             "gic_irq" | "gic_fiq" => {
                 let pe = Self::pe(args)?;
@@ -396,6 +364,49 @@ impl QtestSession {
                     s.push_str(&format!(" 0x{p:x}"));
                 }
                 Ok(s)
+            }
+            other => Err(format!("Unknown command '{other}'")),
+        }
+    }
+
+    /// The virtual CPU interface commands: the guest's ICV registers and vIRQ line, the
+    /// hypervisor's ICH registers.
+    fn dispatch_virtual(&mut self, cmd: &str, args: &[&str]) -> Result<String, String> {
+        match cmd {
+            "gic_icv_read" | "gic_icv_write" => {
+                let pe = Self::pe(args)?;
+                let name = args.get(1).ok_or("missing register")?;
+                let reg = crate::IcvReg::from_name(name)
+                    .ok_or_else(|| format!("unknown register {name}"))?;
+                if cmd == "gic_icv_read" {
+                    let v = self.gic.icv_read(pe, reg).map_err(|e| e.to_string())?;
+                    Ok(format!("OK 0x{v:016x}"))
+                } else {
+                    let v = Self::arg(args, 2)?;
+                    self.gic.icv_write(pe, reg, v).map_err(|e| e.to_string())?;
+                    Ok("OK".to_string())
+                }
+            }
+            "gic_ich_read" | "gic_ich_write" => {
+                let pe = Self::pe(args)?;
+                let name = args.get(1).ok_or("missing register")?;
+                let reg = crate::IchReg::from_name(name)
+                    .ok_or_else(|| format!("unknown register {name}"))?;
+                if cmd == "gic_ich_read" {
+                    let v = self.gic.ich_read(pe, reg).map_err(|e| e.to_string())?;
+                    Ok(format!("OK 0x{v:016x}"))
+                } else {
+                    let v = Self::arg(args, 2)?;
+                    self.gic.ich_write(pe, reg, v).map_err(|e| e.to_string())?;
+                    Ok("OK".to_string())
+                }
+            }
+            "gic_virq" => {
+                let pe = Self::pe(args)?;
+                if pe >= self.gic.config().num_pes() {
+                    return Err(format!("PE {pe} does not exist"));
+                }
+                Ok(format!("OK {}", self.gic.virq_line(pe) as u8))
             }
             other => Err(format!("Unknown command '{other}'")),
         }

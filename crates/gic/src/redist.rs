@@ -763,7 +763,10 @@ mod tests {
             r.remove(k);
         }
         assert_eq!(got.len(), 200);
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "ascending (priority, INTID)");
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "ascending (priority, INTID)"
+        );
         assert!(matches!(r, ReadySet::Small(_)), "back to the vector");
     }
 
