@@ -87,7 +87,9 @@ impl VcpuIf {
     }
 
     /// Makes emulated interrupt `vintid` pending for the vCPU with `prio` in Group 1 or 0.
-    /// An interrupt already pending (queued or in a list register) is not queued twice.
+    /// An interrupt already pending (queued or in a list register) is not queued twice; one
+    /// the guest is still handling (active in a list register) becomes pending and active,
+    /// and is presented again once the guest deactivates it.
     pub fn inject<M: GuestMem>(
         &mut self,
         gic: &mut Gic<M>,
@@ -95,15 +97,25 @@ impl VcpuIf {
         prio: u8,
         group1: bool,
     ) -> Result<(), HypError> {
-        let in_lr = |lr: u64| lr_intid(lr) == vintid && lr_pending(lr);
-        let already = match self.loaded_on {
+        // One LR per vINTID (two would be UNPREDICTABLE): an LR holding it active becomes
+        // pending and active, one holding it pending already has it.
+        let holds = |lr: u64| lr_intid(lr) == vintid && lr >> ICH_LR_STATE_SHIFT != 0;
+        let with_pending = |lr: u64| lr | (ICH_LR_STATE_PENDING << ICH_LR_STATE_SHIFT);
+        match self.loaded_on {
             Some(pe) => {
-                (0..ICH_NUM_LRS).any(|n| gic.ich_read(pe, IchReg::Lr(n as u8)).is_ok_and(in_lr))
+                for n in 0..ICH_NUM_LRS as u8 {
+                    let lr = gic.ich_read(pe, IchReg::Lr(n))?;
+                    if holds(lr) {
+                        return Ok(gic.ich_write(pe, IchReg::Lr(n), with_pending(lr))?);
+                    }
+                }
             }
-            None => self.lrs.iter().any(|l| in_lr(*l)),
-        };
-        if already {
-            return Ok(());
+            None => {
+                if let Some(lr) = self.lrs.iter_mut().find(|l| holds(**l)) {
+                    *lr = with_pending(*lr);
+                    return Ok(());
+                }
+            }
         }
         self.queued.insert(vintid, (prio, group1));
         if let Some(pe) = self.loaded_on {

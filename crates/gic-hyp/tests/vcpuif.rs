@@ -189,3 +189,188 @@ fn emulated_interrupts_injected_while_the_vcpu_is_out_wait_for_its_next_entry() 
     };
     assert!(VcpuIf::from_state(&bad).is_err());
 }
+
+mod random {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    const VCPUS: usize = 3;
+    const PES: usize = 2;
+    const PRIOS: [u8; 3] = [0x40, 0x80, 0xA0];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Load(usize, usize),
+        Put(usize),
+        /// Emulated interrupt 32 + id (id < 12) with a priority from PRIOS.
+        Inject(usize, u32, usize),
+        /// The guest acknowledges one interrupt.
+        Ack(usize),
+        /// The guest completes its most recent one.
+        Eoi(usize),
+        /// The host services PE p's maintenance interrupt.
+        Maintenance(usize),
+        /// Save the context through JSON and rebuild it (while not loaded).
+        SaveRestore(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..VCPUS, 0..PES).prop_map(|(v, p)| Op::Load(v, p)),
+            2 => (0..VCPUS).prop_map(Op::Put),
+            4 => (0..VCPUS, 0..12u32, 0..3usize).prop_map(|(v, i, p)| Op::Inject(v, i, p)),
+            3 => (0..VCPUS).prop_map(Op::Ack),
+            3 => (0..VCPUS).prop_map(Op::Eoi),
+            1 => (0..PES).prop_map(Op::Maintenance),
+            1 => (0..VCPUS).prop_map(Op::SaveRestore),
+        ]
+    }
+
+    struct World {
+        h: Arc<Host>,
+        vif: Vec<VcpuIf>,
+        /// Injected and not yet acknowledged.
+        outstanding: Vec<BTreeSet<u32>>,
+        /// Acknowledged, not yet completed (innermost last).
+        stack: Vec<Vec<u32>>,
+        ready: Vec<bool>,
+    }
+
+    impl World {
+        fn pe_free(&self, p: usize) -> bool {
+            self.vif.iter().all(|v| v.loaded_on() != Some(p))
+        }
+
+        fn ack(&mut self, v: usize) -> Result<bool, TestCaseError> {
+            let Some(pe) = self.vif[v].loaded_on() else {
+                return Ok(false);
+            };
+            let i = self.h.gic().icv_read(pe, IcvReg::Iar1).unwrap() as u32;
+            if i == INTID_SPURIOUS {
+                return Ok(false);
+            }
+            prop_assert!(self.outstanding[v].remove(&i), "vCPU {v}: {i} duplicated");
+            self.stack[v].push(i);
+            Ok(true)
+        }
+
+        fn eoi(&mut self, v: usize) {
+            let Some(pe) = self.vif[v].loaded_on() else {
+                return;
+            };
+            if let Some(i) = self.stack[v].pop() {
+                self.h.gic().icv_write(pe, IcvReg::Eoir1, i as u64).unwrap();
+            }
+        }
+
+        fn load(&mut self, v: usize, p: usize) {
+            self.vif[v].load(&mut self.h.gic(), p).unwrap();
+            if !self.ready[v] {
+                let mut g = self.h.gic();
+                g.icv_write(p, IcvReg::Pmr, 0xFF).unwrap();
+                g.icv_write(p, IcvReg::Igrpen1, 1).unwrap();
+                self.ready[v] = true;
+            }
+        }
+
+        fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
+            match op {
+                Op::Load(v, p) => {
+                    if self.vif[v].loaded_on().is_none() && self.pe_free(p) {
+                        self.load(v, p);
+                    }
+                }
+                Op::Put(v) => {
+                    if self.vif[v].loaded_on().is_some() {
+                        self.vif[v].put(&mut self.h.gic()).unwrap();
+                    }
+                }
+                Op::Inject(v, i, p) => {
+                    if self.outstanding[v].insert(32 + i) {
+                        self.vif[v]
+                            .inject(&mut self.h.gic(), 32 + i, PRIOS[p], true)
+                            .unwrap();
+                    }
+                }
+                Op::Ack(v) => {
+                    self.ack(v)?;
+                }
+                Op::Eoi(v) => self.eoi(v),
+                Op::Maintenance(p) => {
+                    if self.h.take_irq(p) == Some(ICH_MAINTENANCE_PPI) {
+                        if let Some(v) = (0..VCPUS).find(|v| self.vif[*v].loaded_on() == Some(p)) {
+                            self.vif[v].maintenance(&mut self.h.gic()).unwrap();
+                        }
+                    }
+                }
+                Op::SaveRestore(v) => {
+                    if self.vif[v].loaded_on().is_none() {
+                        let s = serde_json::to_string(&self.vif[v].state().unwrap()).unwrap();
+                        let back: VcpuIfState = serde_json::from_str(&s).unwrap();
+                        self.vif[v] = VcpuIf::from_state(&back).unwrap();
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        /// Runs every vCPU on PE 0 until it has taken and completed everything.
+        fn finish(&mut self) -> Result<(), TestCaseError> {
+            for v in 0..VCPUS {
+                if self.vif[v].loaded_on().is_some() {
+                    self.vif[v].put(&mut self.h.gic()).unwrap();
+                }
+            }
+            for v in 0..VCPUS {
+                self.load(v, 0);
+                for _ in 0..200 {
+                    if self.ack(v)? {
+                        continue;
+                    }
+                    if !self.stack[v].is_empty() {
+                        self.eoi(v);
+                        continue;
+                    }
+                    if self.h.take_irq(0) == Some(ICH_MAINTENANCE_PPI) {
+                        self.vif[v].maintenance(&mut self.h.gic()).unwrap();
+                        continue;
+                    }
+                    break;
+                }
+                prop_assert!(
+                    self.outstanding[v].is_empty(),
+                    "vCPU {v} lost {:?}",
+                    self.outstanding[v]
+                );
+                prop_assert!(!self.vif[v].pending(&self.h.gic()));
+                self.vif[v].put(&mut self.h.gic()).unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random injections, guest acknowledges/EOIs, maintenance, loads, puts, migrations
+        /// and save/restores of the list-register context: every emulated interrupt is taken
+        /// exactly once (re-injection while active included).
+        #[test]
+        fn list_register_contexts_deliver_every_emulated_interrupt_exactly_once(
+            ops in proptest::collection::vec(op(), 1..150)
+        ) {
+            let mut w = World {
+                h: host(),
+                vif: vec![VcpuIf::new(); VCPUS],
+                outstanding: vec![BTreeSet::new(); VCPUS],
+                stack: vec![Vec::new(); VCPUS],
+                ready: vec![false; VCPUS],
+            };
+            for o in ops {
+                w.apply(o)?;
+            }
+            w.finish()?;
+        }
+    }
+}
