@@ -147,7 +147,15 @@ impl WriteLog {
         let last = addr.saturating_add(len - 1) / LOG_PAGE_SIZE;
         for p in first..=last {
             let page = p * LOG_PAGE_SIZE;
-            if self.pages.last() != Some(&page) {
+            // The model's writes cycle over a few pages (each PE's pending table, the ITS
+            // tables): skip pages among the most recent entries instead of re-pushing them.
+            if !self
+                .pages
+                .iter()
+                .rev()
+                .take(RECENT_PAGES)
+                .any(|&q| q == page)
+            {
                 if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
                     self.compact();
                 }
@@ -195,6 +203,9 @@ impl WriteLog {
         self.hook = hook;
     }
 }
+
+/// How many of the most recently logged pages a write checks before logging its page again.
+const RECENT_PAGES: usize = 8;
 
 /// Guest memory plus the write log: the only path by which the model touches guest memory.
 #[derive(Debug)]
