@@ -58,6 +58,8 @@ pub mod qtest;
 mod qtest_args;
 mod redist;
 pub mod regs;
+#[cfg(debug_assertions)]
+mod selfcheck;
 pub mod v41;
 mod vcpuif;
 
@@ -981,6 +983,8 @@ impl<M: GuestMem> Gic<M> {
                 self.lines.set(pe, irq, fiq);
             }
         }
+        #[cfg(debug_assertions)]
+        self.check_fast_path();
     }
 
     /// Level of PE `pe`'s FIQ line (Group 0 interrupts; false for an unknown PE).
