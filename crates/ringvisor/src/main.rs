@@ -98,9 +98,11 @@ enum Cmd {
     GicSim(misc_cmd::GicSimArgs),
     /// Serve QEMU's qtest line protocol on stdin/stdout against the GICv3/ITS model.
     GicQtest {
-        /// Number of PEs (redistributors) in the model.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
-        pes: u32,
+        /// Model configuration (docs/gic.md): --gic-version 3|4.1, --pes N, --its N,
+        /// --affinities, frame bases, --spis, --lpi-bits, and for v4.1 --vpeid-bits,
+        /// --common-lpi-aff, --svpet, --no-vmovp, --no-dirty, --no-vsgi, ...
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// The main demo: start a destination process and a guest that dirties memory, live-migrate
     /// it over loopback TCP with the dirty ring, print the summary.
@@ -326,7 +328,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Caps { json } => misc_cmd::caps(json),
         Cmd::GicSim(a) => misc_cmd::gic_sim(a),
-        Cmd::GicQtest { pes } => misc_cmd::gic_qtest(pes),
+        Cmd::GicQtest { args } => misc_cmd::gic_qtest(&args),
         Cmd::Boot(a) => misc_cmd::boot(a),
         Cmd::Selftest(a) => misc_cmd::selftest(a),
         Cmd::Demo {

@@ -197,10 +197,14 @@ pub fn gic_sim(a: GicSimArgs) -> Result<i32> {
 }
 
 /// `ringvisor gic-qtest`.
-pub fn gic_qtest(pes: u32) -> Result<i32> {
-    let cfg = gic::qtest::QtestConfig {
-        gic: gic::GicConfig::virt(pes as usize),
-        ..gic::qtest::QtestConfig::default()
+pub fn gic_qtest(args: &[String]) -> Result<i32> {
+    let cfg = match gic::qtest::QtestConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            // A bad option is a usage error, as clap's own.
+            eprintln!("error: gic-qtest: {e}");
+            return Ok(2);
+        }
     };
     let s = gic::qtest::serve(std::io::stdin().lock(), std::io::stdout().lock(), &cfg)
         .context("gic-qtest")?;
