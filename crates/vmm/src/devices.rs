@@ -38,6 +38,8 @@ pub enum SerialOutput {
     Capture,
     /// Captured and copied to the VMM's stdout.
     Stdout,
+    /// Captured and copied to the VMM's stderr (when stdout carries machine-readable output).
+    Stderr,
     /// Captured and appended to a file.
     File(PathBuf),
 }
@@ -211,6 +213,7 @@ impl Devices {
         let echo: Option<Box<dyn Write + Send>> = match out {
             SerialOutput::Capture => None,
             SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
+            SerialOutput::Stderr => Some(Box::new(std::io::stderr())),
             SerialOutput::File(p) => Some(Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)
