@@ -86,8 +86,9 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .args([
             "--ring-entries",
             "4096",
+            // Long enough for 10 reports per CPU on a busy host (the check below).
             "--duration",
-            "1",
+            "3",
             "--json",
             "--console",
         ])
