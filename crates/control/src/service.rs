@@ -421,7 +421,7 @@ impl VmService {
                 v["writes"] = json!(writes);
             }
             Platform::Pvh => {
-                let bytes = vm.devices().map(|d| d.serial_output().len()).unwrap_or(0);
+                let bytes = vm.devices().map(|d| d.serial_output_len()).unwrap_or(0);
                 v["console-bytes"] = json!(bytes);
             }
         }

@@ -308,6 +308,15 @@ impl Devices {
             .clone()
     }
 
+    /// How many console bytes the guest wrote so far (without copying them).
+    pub fn serial_output_len(&self) -> usize {
+        self.capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes
+            .len()
+    }
+
     /// The status the guest powered off with, if it did.
     pub fn powered_off(&self) -> Option<u8> {
         *self.power_off()
