@@ -367,9 +367,16 @@ impl AutoMigrate {
             let sv = serde_json::to_value(&summary).unwrap_or_default();
             print!("{}", report::summary_text(&info_v, &sv));
             if !before.is_empty() {
+                let list = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 eprintln!(
-                    "guest progress (writes/s per vCPU): before {before:?}, during the migration {:?}",
-                    during.iter().map(|x| x.round()).collect::<Vec<_>>()
+                    "guest progress (writes/s per vCPU): before [{}], during the migration [{}]",
+                    list(&before),
+                    list(&during)
                 );
             }
         }
