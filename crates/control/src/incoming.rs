@@ -2,9 +2,11 @@
 //! (or listens at once with `--incoming tcp:...`), receives one guest and runs it. A
 //! connection that fails (a source that aborts or cancels, a stray client that does not
 //! speak the migration protocol) costs only what it sent: the half-built VM is dropped and the
-//! listener takes the next connection, the run state stays `inmigrate`.
+//! listener takes the next connection, the run state stays `inmigrate`. A connection that
+//! sends nothing within `ServiceConfig::incoming_first_byte_timeout` (10 s) is dropped
+//! before it is taken for a migration.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -72,6 +74,26 @@ fn install(core: &Core, vm: Vm, summary: IncomingSummary) {
     set_status(core, MigrationStatus::Completed);
 }
 
+/// Whether a new connection says something within `timeout` (a silent or closed one is
+/// dropped before it is announced as a migration).
+fn speaks(stream: &TcpStream, timeout: Duration, peer: &str) -> bool {
+    let mut first = [0u8; 1];
+    let r = stream
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .and_then(|()| stream.peek(&mut first));
+    match r {
+        Ok(0) => {
+            tracing::info!(%peer, "a connection closed before sending anything");
+            false
+        }
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "a silent connection was dropped");
+            false
+        }
+    }
+}
+
 fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
     for conn in listener.incoming() {
         let stream = match conn {
@@ -86,6 +108,9 @@ fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
+        if !speaks(&stream, core.cfg.incoming_first_byte_timeout, &peer) {
+            continue;
+        }
         tracing::info!(%peer, "incoming migration");
         set_status(&core, MigrationStatus::Active);
         let r = migration_engine::receive(stream, &dest, &mut |e| {

@@ -140,6 +140,10 @@ pub fn apply_to_options(
     o.verify_before_commit = p.x_ringvisor_verify_before_commit;
     o.dirty_limit = dirty_limit_mode(p, caps);
     o.auto_converge = caps.auto_converge;
+    o.throttle_trigger_threshold = p.throttle_trigger_threshold;
+    o.cpu_throttle_initial = p.cpu_throttle_initial;
+    o.cpu_throttle_increment = p.cpu_throttle_increment;
+    o.max_cpu_throttle = p.max_cpu_throttle;
 }
 
 /// The engine's options for a new migration.
@@ -256,6 +260,7 @@ mod tests {
         assert_eq!(o.max_bandwidth, None);
         assert_eq!(o.dirty_limit, DirtyLimitMode::Off);
         p.max_bandwidth = 1 << 20;
+        p.cpu_throttle_initial = 30;
         p.x_ringvisor_timeout = 5000;
         p.x_ringvisor_on_timeout = OnTimeout::Force;
         caps.dirty_limit = true;
@@ -264,6 +269,8 @@ mod tests {
         assert_eq!(o.timeout, Some(Duration::from_secs(5)));
         assert_eq!(o.on_timeout, TimeoutAction::ForceSwitchover);
         assert_eq!(o.dirty_limit, DirtyLimitMode::Auto);
+        assert_eq!(o.cpu_throttle_initial, 30);
+        assert_eq!(o.max_cpu_throttle, 99);
         p.x_ringvisor_dirty_limit = 50 << 20;
         assert_eq!(dirty_limit_mode(&p, &caps), DirtyLimitMode::Fixed(50 << 20));
     }

@@ -53,7 +53,7 @@ pub const COMMANDS: [&str; 20] = [
 ];
 
 /// What the process does around migrations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// End the process ([`ProcessExit::MigratedAway`]) once the guest has migrated away.
     /// Without it the source stays in `postmigrate` until `quit`, as QEMU does.
@@ -61,6 +61,19 @@ pub struct ServiceConfig {
     /// End the process after the first migration attempt whatever its outcome
     /// ([`ProcessExit::MigrationFailed`] if it did not complete).
     pub exit_after_migration: bool,
+    /// A destination drops a connection that sends nothing for this long (a stray client
+    /// must not hold the listener for the migration's idle timeout).
+    pub incoming_first_byte_timeout: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            exit_when_migrated: false,
+            exit_after_migration: false,
+            incoming_first_byte_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Run state, event sink and the process end: what the job thread may touch.
@@ -408,7 +421,7 @@ impl VmService {
                 v["writes"] = json!(writes);
             }
             Platform::Pvh => {
-                let bytes = vm.devices().map(|d| d.serial_output().len()).unwrap_or(0);
+                let bytes = vm.devices().map(|d| d.serial_output_len()).unwrap_or(0);
                 v["console-bytes"] = json!(bytes);
             }
         }

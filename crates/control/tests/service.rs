@@ -27,9 +27,13 @@ impl Drop for TempDir {
 }
 
 fn destination(tag: &str) -> Fixture {
+    destination_with(tag, ServiceConfig::default())
+}
+
+fn destination_with(tag: &str, cfg: ServiceConfig) -> Fixture {
     let dir = std::env::temp_dir().join(format!("rv-control-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let svc = VmService::incoming(DestOptions::default(), ServiceConfig::default());
+    let svc = VmService::incoming(DestOptions::default(), cfg);
     let server = QmpServer::bind(
         dir.join("qmp.sock"),
         Arc::new(svc.clone()),
@@ -257,4 +261,38 @@ fn migrate_incoming_refuses_other_schemes_and_unbindable_addresses() {
         f.client.execute("query-migrate", Value::Null).unwrap(),
         json!({})
     );
+}
+
+#[test]
+fn a_silent_connection_is_dropped_and_does_not_hold_the_listener() {
+    let mut f = destination_with(
+        "silent",
+        ServiceConfig {
+            incoming_first_byte_timeout: Duration::from_millis(200),
+            ..ServiceConfig::default()
+        },
+    );
+    let c = &mut f.client;
+    c.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))
+        .unwrap();
+    assert_eq!(events(c, "MIGRATION", 1), vec![json!({"status": "setup"})]);
+    let port = f.svc.incoming_address().unwrap().port();
+    // Connected and silent, kept open: dropped after 200 ms, never announced.
+    let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let closed = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    drop(closed);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"not a migration").unwrap();
+    drop(s);
+    assert_eq!(
+        events(c, "MIGRATION", 3),
+        vec![
+            json!({"status": "active"}),
+            json!({"status": "failed"}),
+            json!({"status": "setup"})
+        ]
+    );
+    let info = c.execute("query-migrate", Value::Null).unwrap();
+    assert_eq!(info["x-ringvisor-failed-attempts"], 1);
+    drop(silent);
 }

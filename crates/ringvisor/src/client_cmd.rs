@@ -54,6 +54,10 @@ pub fn migrate(o: MigrateOpts) -> Result<i32> {
     if let Err(e) = control::uri::tcp_addr(&uri) {
         usage_error(format!("--to: {e}"));
     }
+    if !o.detach {
+        // From the start: a Ctrl-C racing the `migrate` reply must not kill the client.
+        sys::catch_sigint();
+    }
     let mut c = connect(&o.qmp)?;
     let set = o.params.set_parameters();
     if !set.is_empty() {
@@ -82,7 +86,6 @@ pub fn migrate(o: MigrateOpts) -> Result<i32> {
         }
         return Ok(0);
     }
-    sys::catch_sigint();
     let pb = if o.json {
         ProgressBar::hidden()
     } else {

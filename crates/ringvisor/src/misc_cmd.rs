@@ -19,6 +19,14 @@ struct Caps {
     ring_with_bitmap: i32,
 }
 
+/// The capability a ring flavor stands for, as the kernel names it.
+fn flavor_name(f: kvm_dirty::RingFlavor) -> &'static str {
+    match f {
+        kvm_dirty::RingFlavor::AcqRel => "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+        kvm_dirty::RingFlavor::Plain => "KVM_CAP_DIRTY_LOG_RING",
+    }
+}
+
 /// `ringvisor caps`.
 pub fn caps(json: bool) -> Result<i32> {
     let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
@@ -26,7 +34,7 @@ pub fn caps(json: bool) -> Result<i32> {
     let ring = kvm_dirty::probe_ring(&vm).ok();
     let c = Caps {
         pvm: kvm_dirty::is_pvm_host(),
-        ring_flavor: ring.map(|(f, _)| format!("{f:?}")),
+        ring_flavor: ring.map(|(f, _)| flavor_name(f).to_string()),
         ring_max_entries: ring.map(|(_, m)| m),
         manual_protect2: vm
             .check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as libc::c_ulong),
@@ -45,7 +53,10 @@ pub fn caps(json: bool) -> Result<i32> {
             }
         );
         match ring {
-            Some((f, m)) => println!("dirty ring:             {f:?}, up to {m} entries per vCPU"),
+            Some((f, m)) => println!(
+                "dirty ring:             {}, up to {m} entries per vCPU",
+                flavor_name(f)
+            ),
             None => println!("dirty ring:             not offered"),
         }
         println!("manual protect 2 flags: {:#x}", c.manual_protect2);

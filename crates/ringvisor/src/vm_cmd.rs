@@ -190,6 +190,16 @@ fn configure(svc: &VmService, tracking: vmm::Tracking, params: &MigrateArgs) -> 
     Ok(())
 }
 
+/// Where a PVH guest's console goes: the --console file, else stdout, except with --json,
+/// whose stdout carries one JSON document: then stderr.
+fn console_output(console: Option<&Path>, json: bool) -> vmm::SerialOutput {
+    match (console, json) {
+        (Some(p), _) => vmm::SerialOutput::File(p.to_path_buf()),
+        (None, false) => vmm::SerialOutput::Stdout,
+        (None, true) => vmm::SerialOutput::Stderr,
+    }
+}
+
 /// `ringvisor run`.
 pub struct RunOpts {
     pub kernel: Option<PathBuf>,
@@ -222,10 +232,7 @@ fn boot_pvh(o: &RunOpts) -> Result<Vm> {
         cmdline: o.cmdline.clone(),
         memory: o.guest.memory,
         vcpus: o.guest.vcpus as usize,
-        serial: match &o.console {
-            Some(p) => pvh::SerialOutput::File(p.clone()),
-            None => pvh::SerialOutput::Stdout,
-        },
+        serial: console_output(o.console.as_deref(), o.json),
         tracking: Some(o.guest.track.tracking()),
         ..pvh::PvhConfig::new(kernel)
     };
@@ -360,9 +367,16 @@ impl AutoMigrate {
             let sv = serde_json::to_value(&summary).unwrap_or_default();
             print!("{}", report::summary_text(&info_v, &sv));
             if !before.is_empty() {
+                let list = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 eprintln!(
-                    "guest progress (writes/s per vCPU): before {before:?}, during the migration {:?}",
-                    during.iter().map(|x| x.round()).collect::<Vec<_>>()
+                    "guest progress (writes/s per vCPU): before [{}], during the migration [{}]",
+                    list(&before),
+                    list(&during)
                 );
             }
         }
@@ -452,10 +466,7 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
     let dest = DestOptions {
         tracking: o.track.tracking(),
         // A PVH guest's console continues on this process's stdout (or the --console file).
-        serial: match &o.console {
-            Some(p) => vmm::SerialOutput::File(p.clone()),
-            None => vmm::SerialOutput::Stdout,
-        },
+        serial: console_output(o.console.as_deref(), o.json),
         ..DestOptions::default()
     };
     let svc = VmService::incoming(dest, ServiceConfig::default());

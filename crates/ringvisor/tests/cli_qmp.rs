@@ -240,3 +240,49 @@ fn migrate_to_an_unusable_address_keeps_the_guest_and_exit_after_migrate_says_1(
     );
     assert!(guest_runs(&mut c));
 }
+
+#[test]
+fn ctrl_c_on_migrate_leaves_the_migration_running_and_says_how_to_cancel_it() {
+    if !have_kvm("Ctrl-C on migrate test") {
+        return;
+    }
+    let dir = Dir::new("ctrlc");
+    let src = spawn_vm(&dir, "src", &guest_args("16M"));
+    let (mut dst, addr) = spawn_destination(&[]);
+    let qmp = src.qmp.to_str().expect("utf-8 path").to_string();
+    let mut cli_migrate = std::process::Command::new(EXE)
+        .args(["migrate", "--qmp", &qmp, "--to", &format!("tcp:{addr}")])
+        .args(["--max-bandwidth", "1M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ringvisor migrate");
+    let mut c = client(&src);
+    wait_status(&mut c, &["active"]);
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &cli_migrate.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(st.success());
+    assert_eq!(exit_code(&mut cli_migrate), Some(0));
+    let mut err = String::new();
+    std::io::Read::read_to_string(cli_migrate.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains(&format!(
+            "the migration keeps running; cancel it with: ringvisor cancel --qmp {qmp}"
+        )),
+        "{err}"
+    );
+    let info = c.execute("query-migrate", Value::Null).unwrap();
+    assert_eq!(
+        info["status"], "active",
+        "the client's Ctrl-C left the migration running"
+    );
+    c.execute("migrate_cancel", Value::Null).unwrap();
+    assert_eq!(
+        wait_status(&mut c, &["cancelled", "failed", "completed"])["status"],
+        "cancelled"
+    );
+    let _ = dst.kill();
+    let _ = dst.wait();
+}

@@ -89,7 +89,17 @@ fn migrate(extra: &[&str], timeout: &str) -> serde_json::Value {
         .stderr(Stdio::null())
         .output()
         .expect("running the source");
-    let _ = dest.wait();
+    // The destination ends 0.5 s after a resume; one the source never reached would wait
+    // for ever: 30 s, then it is killed.
+    let t0 = std::time::Instant::now();
+    while dest.try_wait().ok().flatten().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = dest.kill();
+            let _ = dest.wait();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let text = String::from_utf8_lossy(&src.stdout);
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("summary: {e}: {text}"))
 }

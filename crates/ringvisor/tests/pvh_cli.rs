@@ -20,8 +20,8 @@ fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("ringvisor-pvh-cli-{}-{name}", std::process::id()))
 }
 
-fn test_kernel() -> std::path::PathBuf {
-    let k = tmp("kernel.elf");
+fn test_kernel(name: &str) -> std::path::PathBuf {
+    let k = tmp(name);
     let st = Command::new(EXE)
         .args(["boot", "--write-test-kernel"])
         .arg(&k)
@@ -50,7 +50,7 @@ fn run_kernel_exits_with_the_guest_status_and_refuses_a_non_pvh_elf() {
     if !have_kvm() {
         return;
     }
-    let k = test_kernel();
+    let k = test_kernel("exit-kernel.elf");
     let out = Command::new(EXE)
         .args(["run", "--kernel"])
         .arg(&k)
@@ -78,7 +78,7 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     if !have_kvm() {
         return;
     }
-    let k = test_kernel();
+    let k = test_kernel("migrate-kernel.elf");
     let (src_console, dst_console) = (tmp("src.console"), tmp("dst.console"));
     let _ = std::fs::remove_file(&dst_console);
     let mut dest = Command::new(EXE)
@@ -86,8 +86,9 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .args([
             "--ring-entries",
             "4096",
+            // Long enough for 10 reports per CPU on a busy host (the check below).
             "--duration",
-            "1",
+            "3",
             "--json",
             "--console",
         ])
@@ -163,4 +164,82 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     for f in [k, src_console, dst_console] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+#[test]
+fn a_pvh_vm_process_answers_qmp_pauses_resumes_and_quits() {
+    if !have_kvm() {
+        return;
+    }
+    let k = test_kernel("qmp-kernel.elf");
+    let sock = tmp("pvh.qmp");
+    let _ = std::fs::remove_file(&sock);
+    let mut vm = Command::new(EXE)
+        .args(["run", "--kernel"])
+        .arg(&k)
+        .args([
+            "--cmdline",
+            "cpus=2 reports=0 period_ticks=20",
+            "--vcpus",
+            "2",
+        ])
+        .args(["--memory", "64M", "--console", "/dev/null", "--qmp"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run --kernel --qmp");
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no monitor"
+        );
+        assert!(vm.try_wait().unwrap().is_none(), "the VM process ended");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut c = qmp::QmpClient::connect(&sock, std::time::Duration::from_secs(10)).unwrap();
+    let console = |c: &mut qmp::QmpClient| {
+        let g = c
+            .execute("x-ringvisor-query-guest", serde_json::Value::Null)
+            .unwrap();
+        assert_eq!(g["machine"], "pvh");
+        g["console-bytes"].as_u64().unwrap()
+    };
+    // The guest reports on its console every 20 ticks: the byte count grows while it runs.
+    let a = console(&mut c);
+    let t0 = std::time::Instant::now();
+    while console(&mut c) == a {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no console output"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    c.execute("stop", serde_json::Value::Null).unwrap();
+    let st = c.execute("query-status", serde_json::Value::Null).unwrap();
+    assert_eq!(st["status"], "paused");
+    let paused = console(&mut c);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(console(&mut c), paused, "a paused guest prints nothing");
+    c.execute("cont", serde_json::Value::Null).unwrap();
+    assert_eq!(
+        c.execute("query-status", serde_json::Value::Null).unwrap()["status"],
+        "running"
+    );
+    let _ = c.execute("quit", serde_json::Value::Null);
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = vm.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "quit did not end it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0));
+    assert!(!sock.exists(), "the monitor's socket is removed");
+    let _ = std::fs::remove_file(k);
 }

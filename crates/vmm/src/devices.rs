@@ -38,6 +38,8 @@ pub enum SerialOutput {
     Capture,
     /// Captured and copied to the VMM's stdout.
     Stdout,
+    /// Captured and copied to the VMM's stderr (when stdout carries machine-readable output).
+    Stderr,
     /// Captured and appended to a file.
     File(PathBuf),
 }
@@ -211,6 +213,7 @@ impl Devices {
         let echo: Option<Box<dyn Write + Send>> = match out {
             SerialOutput::Capture => None,
             SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
+            SerialOutput::Stderr => Some(Box::new(std::io::stderr())),
             SerialOutput::File(p) => Some(Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -303,6 +306,15 @@ impl Devices {
             .unwrap_or_else(|p| p.into_inner())
             .bytes
             .clone()
+    }
+
+    /// How many console bytes the guest wrote so far (without copying them).
+    pub fn serial_output_len(&self) -> usize {
+        self.capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes
+            .len()
     }
 
     /// The status the guest powered off with, if it did.
