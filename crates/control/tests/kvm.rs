@@ -75,10 +75,18 @@ fn wait_final(s: &VmService) -> Value {
     }
 }
 
+/// Whether the guest's write counters move: waits for them (a busy host may starve the vCPU
+/// threads for a while; the 60 s bound only catches a guest that stopped).
 fn grows(s: &VmService) -> bool {
     let a = writes(s);
-    std::thread::sleep(Duration::from_millis(300));
-    writes(s) > a
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+        if writes(s) > a {
+            return true;
+        }
+    }
+    false
 }
 
 #[test]
