@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod bench_sync;
+pub mod check;
 pub mod devices;
 pub mod error;
 pub mod guest;
