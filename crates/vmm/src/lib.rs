@@ -12,6 +12,7 @@ pub mod check;
 pub mod devices;
 pub mod error;
 pub mod guest;
+pub mod host;
 mod logging;
 pub mod machine;
 pub mod memory;
