@@ -59,7 +59,7 @@ fn destination(tracking: Tracking) -> (String, DestThread) {
             s,
             &DestOptions {
                 tracking,
-                idle_timeout: Duration::from_secs(20),
+                progress_timeout: Duration::from_secs(20),
                 ..DestOptions::default()
             },
             &mut |_| {},

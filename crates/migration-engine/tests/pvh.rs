@@ -125,7 +125,7 @@ fn hop(vm: &mut Vm, dest_tracking: Tracking, opts: &SourceOptions) -> (Vm, Migra
             s,
             &DestOptions {
                 tracking: dest_tracking,
-                idle_timeout: Duration::from_secs(30),
+                progress_timeout: Duration::from_secs(30),
                 ..DestOptions::default()
             },
             &mut |_| {},
