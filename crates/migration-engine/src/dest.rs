@@ -171,7 +171,12 @@ impl Read for DeadlineReader {
         }
         self.stream.set_read_timeout(Some(left))?;
         match self.stream.read(buf) {
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 self.expired = true;
                 Err(io::ErrorKind::TimedOut.into())
             }
@@ -224,8 +229,9 @@ fn receive_inner(
         err: None,
         touched: populated_pages(&vm)?,
     };
-    let (states, machine, complete) =
-        receive_stream(dec, acks, opts, &mut sink, &hello, platform, &mut sum, on_event)?;
+    let (states, machine, complete) = receive_stream(
+        dec, acks, opts, &mut sink, &hello, platform, &mut sum, on_event,
+    )?;
     let t_complete = Instant::now();
     let digest = sink.digest.digest();
     // The source's digest, when it sent one, is checked before anything is restored: a
