@@ -148,7 +148,13 @@ impl BitmapWindow {
         self.tracker.collect(&mut self.set)?;
         let secs = self.t.elapsed().as_secs_f64();
         self.tracker.stop()?;
-        Ok(rate(Method::Bitmap, self.set.count() as f64, secs, None, None))
+        Ok(rate(
+            Method::Bitmap,
+            self.set.count() as f64,
+            secs,
+            None,
+            None,
+        ))
     }
 }
 

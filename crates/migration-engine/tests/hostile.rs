@@ -140,6 +140,7 @@ fn pvh_stream() -> Vec<u8> {
         tick_us: 1000,
         period_ticks: 40,
         tsc_pace: true,
+        ..Cmdline::default()
     };
     let mut vm = pvh::boot(&pvh::PvhConfig {
         cmdline: cmdline.render(),
