@@ -18,6 +18,7 @@ pub mod machine;
 pub mod memory;
 pub mod selftest;
 pub mod state;
+mod stats;
 mod sys;
 pub mod vcpu;
 pub mod vm;

@@ -568,6 +568,21 @@ impl Vm {
         Ok(())
     }
 
+    /// The value of KVM's binary statistic `name` (e.g. `halt_exits`, `halt_wakeup`) of vCPU
+    /// `i`; `None` if this KVM does not have it.
+    pub fn vcpu_stat(&self, i: usize, name: &str) -> Result<Option<u64>> {
+        let v = self
+            .created
+            .get(i)
+            .ok_or_else(|| VmmError::Config(format!("no vCPU {i}")))?;
+        let f = crate::sys::vcpu_stats_fd(&v.fd()).map_err(|e| VmmError::Kvm {
+            op: "KVM_GET_STATS_FD",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        crate::stats::read_stat(&f, name)
+            .map_err(|e| VmmError::Config(format!("reading vCPU {i}'s KVM statistics: {e}")))
+    }
+
     /// The created vCPUs (for register access before start or while parked).
     pub fn vcpu_handles(&self) -> &[Arc<VcpuShared>] {
         &self.created
