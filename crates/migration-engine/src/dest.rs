@@ -28,6 +28,9 @@ pub struct DestOptions {
     /// After the handshake, every frame must be complete this long after the previous one
     /// (a peer that sends nothing, or a byte now and then, is cut off).
     pub progress_timeout: Duration,
+    /// After ReadyToResume, how long the source may take to send Commit (it may first hash
+    /// all of its paused memory to compare digests, which takes longer for larger guests).
+    pub commit_timeout: Duration,
     /// Most guest memory a source may announce, in bytes; `None`: what this host can hold now
     /// ([`vmm::host::guest_memory_limit`]). A larger layout is refused before anything is
     /// mapped.
@@ -42,6 +45,7 @@ impl Default for DestOptions {
             tracking: Tracking::Ring { entries: 65536 },
             handshake_timeout: Duration::from_secs(10),
             progress_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(60),
             max_guest_memory: None,
             serial: SerialOutput::Capture,
         }
@@ -188,18 +192,21 @@ impl Read for DeadlineReader {
 type Dec = Decoder<BufReader<DeadlineReader>>;
 type Acks = AckWriter<BufWriter<TcpStream>>;
 
-/// Reads the next message; during the handshake against its deadline, afterwards within
-/// `progress_timeout` of now. A deadline that passes is [`MigrationError::Stalled`].
+/// Reads the next message; during the handshake against its deadline, after Complete within
+/// `commit_timeout` of now, otherwise within `progress_timeout` of now. A deadline that
+/// passes is [`MigrationError::Stalled`].
 fn recv(dec: &mut Dec, sink: &mut dyn PageSink, opts: &DestOptions) -> Result<Message> {
-    let handshake = matches!(
-        dec.state(),
-        migration::wire::RxState::AwaitHello | migration::wire::RxState::AwaitLayout
-    );
+    use migration::wire::RxState;
+    let (phase, limit) = match dec.state() {
+        RxState::AwaitHello | RxState::AwaitLayout => ("handshake", None),
+        RxState::Completed => ("commit", Some(opts.commit_timeout)),
+        _ => ("progress", Some(opts.progress_timeout)),
+    };
     let r = dec.get_mut().get_mut();
-    if !handshake {
-        r.deadline = Instant::now() + opts.progress_timeout;
-        r.phase = "progress";
-        r.limit = opts.progress_timeout;
+    if let Some(limit) = limit {
+        r.deadline = Instant::now() + limit;
+        r.phase = phase;
+        r.limit = limit;
     }
     match dec.recv(sink) {
         Ok(m) => Ok(m),

@@ -28,10 +28,11 @@ pub enum MigrationError {
     #[error("the source aborted the migration: {0}")]
     SourceAborted(String),
     /// The peer sent nothing complete in time: the handshake (preamble, Hello, Layout) took
-    /// longer than its deadline, or no frame completed within the progress deadline.
+    /// longer than its deadline, no frame completed within the progress deadline, or no
+    /// Commit came within the commit deadline.
     #[error("the source stalled ({phase} deadline of {limit:?} passed)")]
     Stalled {
-        /// `handshake` or `progress`.
+        /// `handshake`, `progress` or `commit`.
         phase: &'static str,
         /// The deadline that passed.
         limit: std::time::Duration,

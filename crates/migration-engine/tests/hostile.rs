@@ -867,8 +867,10 @@ fn state_cases(s: &Stream) -> Vec<Case> {
 fn stalls_cuts_and_flips(s: &Stream, d0: &MemoryDigest, pages: &[usize], rng: &mut Rng) -> usize {
     let a = pages[0];
     let mut n = 0;
-    // A source that stops: after the handshake, and in the middle of the bulk pass.
-    for (k, phase) in [(1, "handshake"), (a + 1, "progress")] {
+    // A source that stops: in the handshake, in the middle of the bulk pass, and after
+    // Complete (the destination restored the guest and waits for Commit).
+    let complete = s.position(tag::COMPLETE) + 1;
+    for (k, phase) in [(1, "handshake"), (a + 1, "progress"), (complete, "commit")] {
         let offs = s.offsets();
         let bytes = s.bytes()[..offs[k]].to_vec();
         let (r, _) = replay(
@@ -877,6 +879,7 @@ fn stalls_cuts_and_flips(s: &Stream, d0: &MemoryDigest, pages: &[usize], rng: &m
             DestOptions {
                 handshake_timeout: Duration::from_millis(300),
                 progress_timeout: Duration::from_millis(300),
+                commit_timeout: Duration::from_millis(300),
                 ..dest_opts()
             },
         );
