@@ -769,7 +769,9 @@ fn state_cases(s: &Stream) -> Vec<Case> {
                     state_error(e),
                     Some(StateError::Rip {
                         rip: 0xdeadbeef000,
-                        fault: RipFault::NotMapped { .. } | RipFault::OutsideRam { .. },
+                        fault: RipFault::NotMapped { .. }
+                            | RipFault::OutsideRam { .. }
+                            | RipFault::TooWide,
                         ..
                     })
                 )

@@ -20,6 +20,9 @@ pub enum RipFault {
     /// A 64-bit RIP whose upper bits are not a sign extension of the top address bit.
     #[error("not canonical")]
     NotCanonical,
+    /// A RIP with bits above 31 outside 64-bit mode.
+    #[error("wider than 32 bits outside 64-bit mode")]
+    TooWide,
     /// A paging-structure entry on the way is not present (level 4 = PML4, 1 = PTE; 5 = PML5).
     #[error("not mapped (no present entry at paging level {level})")]
     NotMapped {
@@ -429,6 +432,9 @@ pub fn check_rip(
         }
         rip
     } else {
+        if rip > u64::from(u32::MAX) {
+            return Err(fault(RipFault::TooWide));
+        }
         sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
     };
     let (gpa, rights) = translate(mem, sregs, linear).map_err(fault)?;
@@ -607,6 +613,13 @@ mod tests {
         };
         s.cs.base = 0x10_0000;
         assert_eq!(check_rip(0, 0x20, &s, &m), Ok(()));
+        assert!(matches!(
+            check_rip(0, 0xdeadbeef000, &s, &m),
+            Err(StateError::Rip {
+                fault: RipFault::TooWide,
+                ..
+            })
+        ));
         assert!(check_rip(0, 0x200_0000, &s, &m).is_err());
         // 32-bit paging: PDE 1 is a 4 MiB page at 8 MiB; PDE 0 points at a PT.
         s.cs.base = 0;
