@@ -1,12 +1,15 @@
 //! The destination side: accept one migration, restore, resume, report.
 
-use std::io::{BufReader, BufWriter};
+use std::io::{self, BufReader, BufWriter, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use kvm_dirty::PAGE_SIZE;
 use migration::digest::IncrementalDigest;
-use migration::wire::{Ack, AckWriter, Decoder, Message, PageSink};
+use migration::wire::{
+    Ack, AckWriter, Complete, Decoder, DecoderLimits, Hello, MemoryLayout, Message, PageSink,
+    WireError,
+};
 use vmm::state::VcpuState;
 use vmm::{GuestRam, MachineState, Platform, RegionSpec, SerialOutput, Tracking, Vm, VmConfig};
 
@@ -19,8 +22,19 @@ use crate::{unix_ns, STATE_KIND_MACHINE, STATE_KIND_VCPU};
 pub struct DestOptions {
     /// Dirty tracking of the restored VM (so it can migrate again).
     pub tracking: Tracking,
-    /// Give up if the source sends nothing for this long.
-    pub idle_timeout: Duration,
+    /// The preamble, Hello and Layout must all have arrived this long after the connection
+    /// was handed to [`receive`], or the peer is cut off ([`MigrationError::Stalled`]).
+    pub handshake_timeout: Duration,
+    /// After the handshake, every frame must be complete this long after the previous one
+    /// (a peer that sends nothing, or a byte now and then, is cut off).
+    pub progress_timeout: Duration,
+    /// After ReadyToResume, how long the source may take to send Commit (it may first hash
+    /// all of its paused memory to compare digests, which takes longer for larger guests).
+    pub commit_timeout: Duration,
+    /// Most guest memory a source may announce, in bytes; `None`: what this host can hold now
+    /// ([`vmm::host::guest_memory_limit`]). A larger layout is refused before anything is
+    /// mapped.
+    pub max_guest_memory: Option<u64>,
     /// Where a PVH guest's console output goes here.
     pub serial: SerialOutput,
 }
@@ -29,7 +43,10 @@ impl Default for DestOptions {
     fn default() -> Self {
         DestOptions {
             tracking: Tracking::Ring { entries: 65536 },
-            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            progress_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(60),
+            max_guest_memory: None,
             serial: SerialOutput::Capture,
         }
     }
@@ -99,9 +116,25 @@ pub fn receive(
 ) -> Result<(Vm, IncomingSummary)> {
     let t0 = Instant::now();
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(opts.idle_timeout))?;
+    // Acks are small; a source that stops reading them must not hold this thread either.
+    stream.set_write_timeout(Some(opts.progress_timeout))?;
+    let max_guest_bytes = match opts.max_guest_memory {
+        Some(b) => b,
+        None => vmm::host::guest_memory_limit()?,
+    };
     let mut acks = AckWriter::new(BufWriter::new(stream.try_clone()?));
-    let mut dec = Decoder::new(BufReader::with_capacity(1 << 20, stream));
+    let limits = DecoderLimits {
+        max_guest_bytes,
+        ..DecoderLimits::default()
+    };
+    let reader = DeadlineReader {
+        stream,
+        deadline: t0 + opts.handshake_timeout,
+        phase: "handshake",
+        limit: opts.handshake_timeout,
+        expired: false,
+    };
+    let mut dec = Decoder::with_limits(BufReader::with_capacity(1 << 20, reader), limits);
     let old_nice = vmm::renice_current_thread(crate::source::MIGRATION_NICE);
     let r = receive_inner(&mut dec, &mut acks, opts, on_event, t0);
     if let Some(n) = old_nice {
@@ -123,15 +156,135 @@ impl PageSink for NullSink {
     fn zero_page(&mut self, _: u64) {}
 }
 
+/// The socket under the decoder, with a deadline for what is being read: every read waits
+/// at most until the deadline, so a peer that trickles bytes cannot stretch it.
+struct DeadlineReader {
+    stream: TcpStream,
+    deadline: Instant,
+    phase: &'static str,
+    limit: Duration,
+    expired: bool,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.expired = true;
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                self.expired = true;
+                Err(io::ErrorKind::TimedOut.into())
+            }
+            r => r,
+        }
+    }
+}
+
+type Dec = Decoder<BufReader<DeadlineReader>>;
+type Acks = AckWriter<BufWriter<TcpStream>>;
+
+/// Reads the next message; during the handshake against its deadline, after Complete within
+/// `commit_timeout` of now, otherwise within `progress_timeout` of now. A deadline that
+/// passes is [`MigrationError::Stalled`].
+fn recv(dec: &mut Dec, sink: &mut dyn PageSink, opts: &DestOptions) -> Result<Message> {
+    use migration::wire::RxState;
+    let (phase, limit) = match dec.state() {
+        RxState::AwaitHello | RxState::AwaitLayout => ("handshake", None),
+        RxState::Completed => ("commit", Some(opts.commit_timeout)),
+        _ => ("progress", Some(opts.progress_timeout)),
+    };
+    let r = dec.get_mut().get_mut();
+    if let Some(limit) = limit {
+        r.deadline = Instant::now() + limit;
+        r.phase = phase;
+        r.limit = limit;
+    }
+    match dec.recv(sink) {
+        Ok(m) => Ok(m),
+        Err(WireError::Io(_)) if dec.get_ref().get_ref().expired => {
+            let r = dec.get_ref().get_ref();
+            Err(MigrationError::Stalled {
+                phase: r.phase,
+                limit: r.limit,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn receive_inner(
-    dec: &mut Decoder<BufReader<TcpStream>>,
-    acks: &mut AckWriter<BufWriter<TcpStream>>,
+    dec: &mut Dec,
+    acks: &mut Acks,
     opts: &DestOptions,
     on_event: &mut dyn FnMut(&str),
     t0: Instant,
 ) -> Result<(Vm, IncomingSummary)> {
     let mut sum = IncomingSummary::default();
-    let hello = match dec.recv(&mut NullSink)? {
+    let (hello, platform, layout, vm) = handshake(dec, acks, opts, &mut sum, on_event)?;
+    let mut sink = MemSink {
+        ram: vm.ram(),
+        digest: IncrementalDigest::new(&layout),
+        err: None,
+        touched: populated_pages(&vm)?,
+    };
+    let (states, machine, complete) = receive_stream(
+        dec, acks, opts, &mut sink, &hello, platform, &mut sum, on_event,
+    )?;
+    let t_complete = Instant::now();
+    let digest = sink.digest.digest();
+    // The source's digest, when it sent one, is checked before anything is restored: a
+    // mismatch is an error answer, never a guest.
+    if let Some(source) = &complete.digest {
+        source.verify(&digest).map_err(MigrationError::Digest)?;
+    }
+    restore(&vm, &states, machine.as_ref(), &mut sum)?;
+    acks.send(&Ack::ReadyToResume {
+        digest: Some(digest),
+    })?;
+    match recv(dec, &mut NullSink, opts)? {
+        Message::Commit => {}
+        Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected Commit, got {m:?}"
+            )))
+        }
+    }
+    let mut vm = vm;
+    vm.start(None)?;
+    sum.resumed_unix_ns = unix_ns();
+    acks.send(&Ack::Resumed {
+        unix_ns: sum.resumed_unix_ns,
+    })?;
+    let st = dec.stats();
+    sum.pages = st.pages;
+    sum.zero_pages = st.zero_pages;
+    sum.bytes = st.bytes;
+    sum.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    sum.restore_ms = t_complete.elapsed().as_secs_f64() * 1e3;
+    on_event("resumed: the guest runs here");
+    Ok((vm, sum))
+}
+
+/// Hello and Layout (refused past `max_guest_memory` by the decoder, before anything is
+/// mapped), then the same VM built here and Accepted sent.
+fn handshake(
+    dec: &mut Dec,
+    acks: &mut Acks,
+    opts: &DestOptions,
+    sum: &mut IncomingSummary,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<(Hello, Platform, MemoryLayout, Vm)> {
+    let hello = match recv(dec, &mut NullSink, opts)? {
         Message::Hello(h) => h,
         m => {
             return Err(MigrationError::Protocol(format!(
@@ -147,7 +300,7 @@ fn receive_inner(
         ))
     })?;
     sum.machine = platform.name().into();
-    let layout = match dec.recv(&mut NullSink)? {
+    let layout = match recv(dec, &mut NullSink, opts)? {
         Message::Layout(l) => l,
         m => {
             return Err(MigrationError::Protocol(format!(
@@ -192,11 +345,14 @@ fn receive_inner(
         layout.regions().len(),
         hello.tracker.name()
     ));
-    let specs = vm.ram().slot_specs();
-    let mut touched = kvm_dirty::DirtyPageSet::new(&specs);
-    // Pages the VMM wrote while building this VM (the workload machine's tables and program)
-    // are the only ones that may hold data before the stream arrives: what this process has
-    // populated, per `/proc/self/pagemap` (every page, if pagemap cannot be read).
+    Ok((hello, platform, layout, vm))
+}
+
+/// Pages the VMM wrote while building `vm` (the workload machine's tables and program): the
+/// only ones that may hold data before the stream arrives, i.e. what this process has
+/// populated per `/proc/self/pagemap` (every page, if pagemap cannot be read).
+fn populated_pages(vm: &Vm) -> Result<kvm_dirty::DirtyPageSet> {
+    let mut touched = kvm_dirty::DirtyPageSet::new(&vm.ram().slot_specs());
     let mut bits = Vec::new();
     for r in vm.ram().regions() {
         let pages = r.bytes / PAGE_SIZE;
@@ -211,17 +367,26 @@ fn receive_inner(
             first += n;
         }
     }
-    let mut sink = MemSink {
-        ram: vm.ram(),
-        digest: IncrementalDigest::new(&layout),
-        err: None,
-        touched,
-    };
+    Ok(touched)
+}
+
+/// Passes, state blobs and Sync barriers up to Complete. State blobs are decoded strictly as
+/// they arrive (a bad one ends the migration at once).
+#[allow(clippy::too_many_arguments)]
+fn receive_stream(
+    dec: &mut Dec,
+    acks: &mut Acks,
+    opts: &DestOptions,
+    sink: &mut MemSink<'_>,
+    hello: &Hello,
+    platform: Platform,
+    sum: &mut IncomingSummary,
+    on_event: &mut dyn FnMut(&str),
+) -> Result<(Vec<VcpuState>, Option<MachineState>, Complete)> {
     let mut states: Vec<Option<VcpuState>> = (0..hello.vcpus).map(|_| None).collect();
     let mut machine: Option<MachineState> = None;
-    let t_complete;
-    loop {
-        match dec.recv(&mut sink)? {
+    let complete = loop {
+        match recv(dec, sink, opts)? {
             Message::Pages(_) => {
                 if let Some(e) = sink.err.take() {
                     return Err(e.into());
@@ -251,6 +416,12 @@ fn receive_inner(
                 if st.index != b.instance as usize {
                     return Err(MigrationError::Protocol("vCPU state index mismatch".into()));
                 }
+                if slot.is_some() {
+                    return Err(MigrationError::Protocol(format!(
+                        "a second state for vCPU {}",
+                        b.instance
+                    )));
+                }
                 *slot = Some(st);
             }
             Message::State(b) if b.kind == STATE_KIND_MACHINE => {
@@ -270,14 +441,11 @@ fn receive_inner(
                 )))
             }
             Message::Sync(token) => acks.send(&Ack::Synced(token))?,
-            Message::Complete(_) => {
-                t_complete = Instant::now();
-                break;
-            }
+            Message::Complete(c) => break c,
             Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
             m => return Err(MigrationError::Protocol(format!("unexpected {m:?}"))),
         }
-    }
+    };
     let states: Vec<VcpuState> = states
         .into_iter()
         .enumerate()
@@ -288,7 +456,17 @@ fn receive_inner(
             "no machine state for a PVH guest".into(),
         ));
     }
-    // Devices first (the LAPICs deliver into them), then vCPUs, the clock last.
+    Ok((states, machine, complete))
+}
+
+/// Checks every vCPU state against the received memory and this VM, then restores: devices
+/// first (the LAPICs deliver into them), then vCPUs, the clock last.
+fn restore(
+    vm: &Vm,
+    states: &[VcpuState],
+    machine: Option<&MachineState>,
+    sum: &mut IncomingSummary,
+) -> Result<()> {
     let mut mark = Instant::now();
     let mut lap = |what: &str, sum: &mut IncomingSummary| {
         let now = Instant::now();
@@ -298,44 +476,19 @@ fn receive_inner(
         ));
         mark = now;
     };
-    if let Some(m) = &machine {
+    vm.check_vcpu_states(states)?;
+    lap("checks", sum);
+    if let Some(m) = machine {
         vm.restore_machine_devices(m)?;
-        lap("devices", &mut sum);
+        lap("devices", sum);
     }
-    vm.restore_vcpus(&states)?;
-    lap("vCPUs", &mut sum);
-    if let Some(m) = &machine {
+    vm.restore_vcpus(states)?;
+    lap("vCPUs", sum);
+    if let Some(m) = machine {
         vm.restore_machine_clock(m)?;
-        lap("clock", &mut sum);
+        lap("clock", sum);
     }
-    let digest = sink.digest.digest();
-    lap("digest", &mut sum);
-    acks.send(&Ack::ReadyToResume {
-        digest: Some(digest),
-    })?;
-    match dec.recv(&mut NullSink)? {
-        Message::Commit => {}
-        Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
-        m => {
-            return Err(MigrationError::Protocol(format!(
-                "expected Commit, got {m:?}"
-            )))
-        }
-    }
-    let mut vm = vm;
-    vm.start(None)?;
-    sum.resumed_unix_ns = unix_ns();
-    acks.send(&Ack::Resumed {
-        unix_ns: sum.resumed_unix_ns,
-    })?;
-    let st = dec.stats();
-    sum.pages = st.pages;
-    sum.zero_pages = st.zero_pages;
-    sum.bytes = st.bytes;
-    sum.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    sum.restore_ms = t_complete.elapsed().as_secs_f64() * 1e3;
-    on_event("resumed: the guest runs here");
-    Ok((vm, sum))
+    Ok(())
 }
 
 fn layout_matches(vm: &Vm, layout: &migration::wire::MemoryLayout) -> std::result::Result<(), ()> {

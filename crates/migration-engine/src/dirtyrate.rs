@@ -58,53 +58,112 @@ fn rate(
     }
 }
 
-/// Ring: reset every ring (pages re-protected, staged for any running tracker), wait, count
-/// the entries each vCPU's ring received. Dirty logging is on for the measurement only (if
-/// nothing else holds it), so entries come from writes made during the window.
-pub fn measure_ring(vm: &Vm, window: Duration) -> Result<DirtyRate> {
-    let rs = vm.ring_set().ok_or_else(|| {
-        MigrationError::Protocol("the ring method needs a ring-tracked VM".into())
-    })?;
-    let _logging = vm.dirty_logging()?;
-    rs.harvest_to_staged(None)?;
-    rs.poll(u32::MAX)?;
-    let n = rs.vcpus();
-    let before: Vec<u64> = (0..n).map(|i| rs.vcpu_dirty_seen(i)).collect();
-    let t = Instant::now();
-    std::thread::sleep(window);
-    // A kick makes sure no dirty gfn waits in a per-CPU buffer (PML on hardware KVM).
-    if let Ok(v) = vm.vcpus() {
-        (0..v.len()).for_each(|i| v.kick(i));
+/// A ring measurement window: [`open`](Self::open) resets every ring (pages re-protected,
+/// staged for any running tracker) and notes each vCPU's count; [`close`](Self::close) counts
+/// the entries each vCPU's ring received since. Dirty logging is on while the window is open
+/// (if nothing else holds it), so entries come from writes made during the window.
+/// [`measure_ring`] is open, sleep, close.
+pub struct RingWindow<'a> {
+    vm: &'a Vm,
+    rs: &'a std::sync::Arc<kvm_dirty::RingSet>,
+    _logging: vmm::DirtyLogGuard,
+    before: Vec<u64>,
+    t: Instant,
+}
+
+impl<'a> RingWindow<'a> {
+    /// Starts a window on a ring-tracked VM.
+    pub fn open(vm: &'a Vm) -> Result<Self> {
+        let rs = vm.ring_set().ok_or_else(|| {
+            MigrationError::Protocol("the ring method needs a ring-tracked VM".into())
+        })?;
+        let logging = vm.dirty_logging()?;
+        rs.harvest_to_staged(None)?;
+        rs.poll(u32::MAX)?;
+        let before = (0..rs.vcpus()).map(|i| rs.vcpu_dirty_seen(i)).collect();
+        Ok(RingWindow {
+            vm,
+            rs,
+            _logging: logging,
+            before,
+            t: Instant::now(),
+        })
     }
-    rs.poll(u32::MAX)?;
-    let secs = t.elapsed().as_secs_f64();
-    let per: Vec<f64> = (0..n)
-        .map(|i| (rs.vcpu_dirty_seen(i) - before[i]) as f64 / secs)
-        .collect();
-    let total: f64 = per.iter().sum::<f64>() * secs;
-    Ok(rate(Method::Ring, total, secs, Some(per), None))
+
+    /// Ends the window: distinct pages each vCPU dirtied, as rates over its length.
+    pub fn close(self) -> Result<DirtyRate> {
+        // A kick makes sure no dirty gfn waits in a per-CPU buffer (PML on hardware KVM).
+        if let Ok(v) = self.vm.vcpus() {
+            (0..v.len()).for_each(|i| v.kick(i));
+        }
+        self.rs.poll(u32::MAX)?;
+        let secs = self.t.elapsed().as_secs_f64();
+        let per: Vec<f64> = (0..self.before.len())
+            .map(|i| (self.rs.vcpu_dirty_seen(i) - self.before[i]) as f64 / secs)
+            .collect();
+        let total: f64 = per.iter().sum::<f64>() * secs;
+        Ok(rate(Method::Ring, total, secs, Some(per), None))
+    }
+}
+
+/// Ring: reset every ring, wait, count the entries each vCPU's ring received.
+pub fn measure_ring(vm: &Vm, window: Duration) -> Result<DirtyRate> {
+    let w = RingWindow::open(vm)?;
+    std::thread::sleep(window);
+    w.close()
+}
+
+/// A bitmap measurement window: [`open`](Self::open) collects and discards,
+/// [`close`](Self::close) collects and counts. The tracker holds dirty logging on from its
+/// start to its stop. [`measure_bitmap`] is open, sleep, close.
+pub struct BitmapWindow {
+    tracker: Box<dyn kvm_dirty::DirtyTracker>,
+    set: DirtyPageSet,
+    t: Instant,
+}
+
+impl BitmapWindow {
+    /// Starts a window on a bitmap or clear-log VM.
+    pub fn open(vm: &Vm) -> Result<Self> {
+        if vm.config().tracking.mode() == TrackerMode::Ring {
+            return Err(MigrationError::Protocol(
+                "the bitmap method needs a bitmap or clear-log VM (KVM refuses GET_DIRTY_LOG with the ring on)"
+                    .into(),
+            ));
+        }
+        let mut tracker = vm.tracker()?;
+        tracker.start()?;
+        let mut set = DirtyPageSet::new(&vm.ram().slot_specs());
+        tracker.collect(&mut set)?;
+        set.clear();
+        Ok(BitmapWindow {
+            tracker,
+            set,
+            t: Instant::now(),
+        })
+    }
+
+    /// Ends the window: distinct pages the VM dirtied, as a rate over its length.
+    pub fn close(mut self) -> Result<DirtyRate> {
+        self.tracker.collect(&mut self.set)?;
+        let secs = self.t.elapsed().as_secs_f64();
+        self.tracker.stop()?;
+        Ok(rate(
+            Method::Bitmap,
+            self.set.count() as f64,
+            secs,
+            None,
+            None,
+        ))
+    }
 }
 
 /// Bitmap: collect (discard), wait, collect and count. The tracker holds dirty logging on
 /// from its start to its stop.
 pub fn measure_bitmap(vm: &Vm, window: Duration) -> Result<DirtyRate> {
-    if vm.config().tracking.mode() == TrackerMode::Ring {
-        return Err(MigrationError::Protocol(
-            "the bitmap method needs a bitmap or clear-log VM (KVM refuses GET_DIRTY_LOG with the ring on)"
-                .into(),
-        ));
-    }
-    let mut t = vm.tracker()?;
-    t.start()?;
-    let mut set = DirtyPageSet::new(&vm.ram().slot_specs());
-    t.collect(&mut set)?;
-    set.clear();
-    let t0 = Instant::now();
+    let w = BitmapWindow::open(vm)?;
     std::thread::sleep(window);
-    t.collect(&mut set)?;
-    let secs = t0.elapsed().as_secs_f64();
-    t.stop()?;
-    Ok(rate(Method::Bitmap, set.count() as f64, secs, None, None))
+    w.close()
 }
 
 /// Sampling: hash `samples_per_gib` random pages per GiB at the start and at the end.

@@ -27,6 +27,16 @@ pub enum MigrationError {
     /// The source abandoned the migration.
     #[error("the source aborted the migration: {0}")]
     SourceAborted(String),
+    /// The peer sent nothing complete in time: the handshake (preamble, Hello, Layout) took
+    /// longer than its deadline, no frame completed within the progress deadline, or no
+    /// Commit came within the commit deadline.
+    #[error("the source stalled ({phase} deadline of {limit:?} passed)")]
+    Stalled {
+        /// `handshake`, `progress` or `commit`.
+        phase: &'static str,
+        /// The deadline that passed.
+        limit: std::time::Duration,
+    },
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -83,7 +83,7 @@ fn destination(tracking: Tracking) -> (String, DestThread) {
             s,
             &DestOptions {
                 tracking,
-                idle_timeout: Duration::from_secs(30),
+                progress_timeout: Duration::from_secs(30),
                 ..DestOptions::default()
             },
             &mut |_| {},

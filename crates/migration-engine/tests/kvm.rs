@@ -59,7 +59,7 @@ fn destination(tracking: Tracking) -> (String, DestThread) {
             s,
             &DestOptions {
                 tracking,
-                idle_timeout: Duration::from_secs(20),
+                progress_timeout: Duration::from_secs(20),
                 ..DestOptions::default()
             },
             &mut |_| {},
@@ -457,8 +457,16 @@ fn ring_dirty_rate_is_exact_per_vcpu_and_bitmap_and_sampling_agree() {
     if !have_kvm() {
         return;
     }
-    use migration_engine::dirtyrate;
-    let rate = 10_000u64;
+    use migration_engine::dirtyrate::{self, BitmapWindow, RingWindow};
+    // vCPU 0 writes one new page per write (sequential over 64Ki pages: no page twice in the
+    // windows here) and counts its writes; vCPU 1 computes, rewriting one page of its own.
+    // Each window opens and closes with the vCPUs paused, so the guest's own counters say
+    // exactly which data pages were dirtied in it. Besides those, a vCPU dirties its control
+    // page (its counter) and its own page in the system region, and its accesses set the
+    // accessed/dirty bits in the guest's page tables: the page-table pages the sweep crosses
+    // (one per 512 pages) and the levels above them (directory, PDPT, PML4).
+    const SYSTEM_PAGES: u64 = 2;
+    let table_updates = |data: u64| data.div_ceil(512) + 3;
     let mk = |tracking| {
         let mut vm = Vm::create(&VmConfig {
             vcpus: 2,
@@ -471,48 +479,86 @@ fn ring_dirty_rate_is_exact_per_vcpu_and_bitmap_and_sampling_agree() {
             tracking,
         })
         .unwrap();
-        vm.set_split_workload(DATA_GPA, (256 << 20) / 4096, Pattern::Sequential, rate, 1)
+        vm.set_split_workload(DATA_GPA, (256 << 20) / 4096, Pattern::Sequential, 10_000, 1)
             .unwrap();
         vm.start(None).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
         vm
     };
+    let pause = |vm: &Vm| {
+        vm.vcpus()
+            .unwrap()
+            .pause_all(Duration::from_secs(10))
+            .unwrap()
+    };
+    let writes = |vm: &Vm| [vm.nr_writes(0).unwrap(), vm.nr_writes(1).unwrap()];
+    let run = |vm: &Vm| {
+        vm.vcpus().unwrap().resume_all();
+        std::thread::sleep(Duration::from_millis(500));
+        pause(vm);
+    };
+    let count = |pps: f64, secs: f64| (pps * secs).round() as u64;
+
     let mut vm = mk(Tracking::Ring { entries: 65536 });
-    let r = dirtyrate::measure_ring(&vm, Duration::from_secs(1)).unwrap();
+    pause(&vm);
+    let w0 = writes(&vm);
+    let win = RingWindow::open(&vm).unwrap();
+    run(&vm);
+    let r = win.close().unwrap();
+    let w1 = writes(&vm);
     assert_eq!(
         vm.dirty_logging_users(),
         0,
         "the measurement released dirty logging"
     );
-    let s = dirtyrate::measure_sample(&vm, Duration::from_secs(1), 8192, 3).unwrap();
-    vm.stop().unwrap();
     let per = r.vcpu_pages_per_s.clone().unwrap();
-    eprintln!(
-        "ring: {per:?} pages/s (total {:.0}); sampling: {:.0} pages/s from {:?} pages",
-        r.pages_per_s, s.pages_per_s, s.sampled_pages
+    let ring = [count(per[0], r.window_s), count(per[1], r.window_s)];
+    let data = w1[0] - w0[0];
+    eprintln!("ring: {ring:?} pages; vCPU 0 wrote {data} pages, vCPU 1 computed");
+    assert!(data > 0, "vCPU 0 wrote nothing");
+    assert!(
+        (data..=data + SYSTEM_PAGES + table_updates(data)).contains(&ring[0]),
+        "vCPU 0: the ring saw {} pages, the guest wrote {data}",
+        ring[0]
     );
     assert!(
-        (per[0] - rate as f64).abs() <= 0.05 * rate as f64,
-        "vCPU 0: {} pages/s, expected {rate}",
-        per[0]
+        ring[1] <= SYSTEM_PAGES + table_updates(0),
+        "vCPU 1 dirties only its own pages: {}",
+        ring[1]
     );
-    assert!(
-        per[1] < 0.01 * rate as f64,
-        "vCPU 1 dirties nearly nothing: {}",
-        per[1]
-    );
-    assert!(
-        (s.pages_per_s - rate as f64).abs() <= 0.3 * rate as f64,
-        "sampling estimate {} pages/s",
-        s.pages_per_s
-    );
-    let mut vm = mk(Tracking::Bitmap);
-    let b = dirtyrate::measure_bitmap(&vm, Duration::from_secs(1)).unwrap();
+    // Sampling (an estimate) against the guest's counter over a window that contains it: the
+    // error is statistical, within five standard deviations of the sample.
+    vm.vcpus().unwrap().resume_all();
+    let w0 = writes(&vm);
+    let s = dirtyrate::measure_sample(&vm, Duration::from_millis(500), 8192, 3).unwrap();
+    let data = (writes(&vm)[0] - w0[0]) as f64;
     vm.stop().unwrap();
-    eprintln!("bitmap: {:.0} pages/s", b.pages_per_s);
+    let est = s.pages_per_s * s.window_s;
+    let total = ((256u64 << 20) + vmm::x86::SYSTEM_BYTES) as f64 / 4096.0;
+    let n = s.sampled_pages.unwrap() as f64;
+    let p = (data / total).clamp(0.0, 1.0);
+    let sigma = total * (p * (1.0 - p) / n).sqrt();
+    eprintln!(
+        "sampling: {est:.0} pages from {n} samples; the guest wrote {data} (sigma {sigma:.0})"
+    );
     assert!(
-        (b.pages_per_s - rate as f64).abs() <= 0.05 * rate as f64,
-        "bitmap: {} pages/s",
-        b.pages_per_s
+        (est - data).abs() <= 5.0 * sigma + SYSTEM_PAGES as f64,
+        "sampling estimate {est:.0} pages, the guest wrote {data}"
+    );
+
+    let mut vm = mk(Tracking::Bitmap);
+    pause(&vm);
+    let w0 = writes(&vm);
+    let win = BitmapWindow::open(&vm).unwrap();
+    run(&vm);
+    let b = win.close().unwrap();
+    let w1 = writes(&vm);
+    vm.stop().unwrap();
+    let bitmap = count(b.pages_per_s, b.window_s);
+    let data = w1[0] - w0[0];
+    eprintln!("bitmap: {bitmap} pages; vCPU 0 wrote {data}");
+    assert!(data > 0, "vCPU 0 wrote nothing");
+    assert!(
+        (data..=data + 2 * SYSTEM_PAGES + table_updates(data) + table_updates(0)).contains(&bitmap),
+        "the bitmap saw {bitmap} pages, the guest wrote {data}"
     );
 }

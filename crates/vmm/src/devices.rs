@@ -127,6 +127,7 @@ type Uart = Serial<IrqLine, NoEvents, Sink>;
 
 /// The saved UART registers and receive FIFO (vm-superio's `SerialState`, made serialisable).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UartState {
     /// DLL, DLM.
     pub divisor: [u8; 2],

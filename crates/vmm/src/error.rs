@@ -80,6 +80,10 @@ pub enum VmmError {
     /// Saved vCPU state could not be decoded.
     #[error("bad vCPU state blob: {0}")]
     State(String),
+    /// A migrated state blob was refused by its strict decoding or its sanity checks, before
+    /// anything was restored.
+    #[error("invalid migrated state: {0}")]
+    InvalidState(#[from] crate::check::StateError),
 }
 
 /// Result alias for the VMM.

@@ -8,14 +8,17 @@
 #![deny(missing_docs)]
 
 pub mod bench_sync;
+pub mod check;
 pub mod devices;
 pub mod error;
 pub mod guest;
+pub mod host;
 mod logging;
 pub mod machine;
 pub mod memory;
 pub mod selftest;
 pub mod state;
+mod stats;
 mod sys;
 pub mod vcpu;
 pub mod vm;

@@ -9,8 +9,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
+use crate::check::StateError;
 use crate::devices::{Devices, UartState};
 use crate::error::{Result, VmmError};
+use crate::state::exact;
 
 /// Which machine a VM is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -66,7 +68,7 @@ pub const MMIO_HOLE_END: u64 = 4 << 30;
 pub const MACHINE_STATE_VERSION: u32 = 1;
 
 /// VM-wide device state of a PVH machine.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct MachineState {
     /// Format version.
     pub version: u32,
@@ -85,9 +87,33 @@ pub struct MachineState {
     /// The guest's TSC frequency (kHz) on the source; the destination runs its vCPUs' TSC at
     /// the same rate (`KVM_SET_TSC_KHZ`) when its own default differs, so guest time keeps
     /// its pace across hosts.
-    #[serde(default)]
     pub tsc_khz: Option<u32>,
 }
+
+/// [`MachineState`] as it arrives: KVM structures as raw bytes, lengths checked before use.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachineState {
+    version: u32,
+    pic_master: Vec<u8>,
+    pic_slave: Vec<u8>,
+    ioapic: Vec<u8>,
+    pit: Vec<u8>,
+    clock: Vec<u8>,
+    uart: UartState,
+    tsc_khz: Option<u32>,
+}
+
+/// Highest 8254 counter mode (0-5).
+const PIT_MAX_MODE: u8 = 5;
+/// The mode KVM gives a channel at reset, before the guest programs it.
+const PIT_MODE_RESET: u8 = 0xff;
+/// Highest value of KVM's PIT access-state fields (`RW_STATE_WORD1`).
+const PIT_MAX_RW_STATE: u8 = 4;
+/// A PIT count is 16 bits, 0 standing for 0x10000 (KVM keeps it as such).
+const PIT_MAX_COUNT: u32 = 0x1_0000;
+/// The UART's receive FIFO (vm-superio's).
+const UART_FIFO: usize = 64;
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { op, source }
@@ -157,9 +183,77 @@ impl MachineState {
         serde_json::to_vec(self).expect("plain data always serialises")
     }
 
-    /// Decodes bytes from [`MachineState::encode`]; corrupt input is a typed error.
+    /// Decodes bytes from [`MachineState::encode`] strictly (every field present and no
+    /// other, each KVM structure exactly its size) and checks its values
+    /// ([`MachineState::check`]); anything else is a typed error
+    /// ([`VmmError::InvalidState`]).
     pub fn decode(b: &[u8]) -> Result<Self> {
-        serde_json::from_slice(b).map_err(|e| VmmError::State(format!("machine state: {e}")))
+        let raw: RawMachineState = serde_json::from_slice(b).map_err(|e| StateError::Decode {
+            what: "machine state",
+            reason: e.to_string(),
+        })?;
+        let st = MachineState {
+            version: raw.version,
+            pic_master: exact("PIC master (kvm_irqchip)", &raw.pic_master)?,
+            pic_slave: exact("PIC slave (kvm_irqchip)", &raw.pic_slave)?,
+            ioapic: exact("IOAPIC (kvm_irqchip)", &raw.ioapic)?,
+            pit: exact("PIT (kvm_pit_state2)", &raw.pit)?,
+            clock: exact("kvm_clock_data", &raw.clock)?,
+            uart: raw.uart,
+            tsc_khz: raw.tsc_khz,
+        };
+        st.check()?;
+        Ok(st)
+    }
+
+    /// Checks the values KVM or the devices would take without complaint but that no real
+    /// machine holds: the version, each irqchip's chip id, the PIT channels' modes, access
+    /// states and counts, the UART's FIFO, a TSC frequency of 0.
+    pub fn check(&self) -> std::result::Result<(), StateError> {
+        if self.version != MACHINE_STATE_VERSION {
+            return Err(StateError::Version {
+                what: "machine state",
+                found: self.version,
+                supported: MACHINE_STATE_VERSION,
+            });
+        }
+        let dev = |what, reason: String| Err(StateError::Device { what, reason });
+        for (c, id, what) in [
+            (&self.pic_master, KVM_IRQCHIP_PIC_MASTER, "PIC master"),
+            (&self.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "PIC slave"),
+            (&self.ioapic, KVM_IRQCHIP_IOAPIC, "IOAPIC"),
+        ] {
+            if c.chip_id != id {
+                return dev(what, format!("chip id {} where {id} belongs", c.chip_id));
+            }
+        }
+        for (i, ch) in self.pit.channels.iter().enumerate() {
+            if ch.mode > PIT_MAX_MODE && ch.mode != PIT_MODE_RESET {
+                return dev("PIT", format!("channel {i} in mode {}", ch.mode));
+            }
+            if ch.count > PIT_MAX_COUNT {
+                return dev("PIT", format!("channel {i} count {:#x}", ch.count));
+            }
+            if [ch.read_state, ch.write_state, ch.rw_mode]
+                .iter()
+                .any(|&s| s > PIT_MAX_RW_STATE)
+            {
+                return dev("PIT", format!("channel {i} access state out of range"));
+            }
+        }
+        if self.uart.rx_fifo.len() > UART_FIFO {
+            return dev(
+                "UART",
+                format!(
+                    "{} received bytes; the FIFO holds {UART_FIFO}",
+                    self.uart.rx_fifo.len()
+                ),
+            );
+        }
+        if self.tsc_khz == Some(0) {
+            return dev("TSC", "a frequency of 0 kHz".into());
+        }
+        Ok(())
     }
 }
 
@@ -180,11 +274,11 @@ mod tests {
     fn corrupt_machine_state_is_a_typed_error() {
         assert!(matches!(
             MachineState::decode(b"{\"version\":1"),
-            Err(VmmError::State(_))
+            Err(VmmError::InvalidState(StateError::Decode { .. }))
         ));
         assert!(matches!(
             MachineState::decode(b"not json"),
-            Err(VmmError::State(_))
+            Err(VmmError::InvalidState(StateError::Decode { .. }))
         ));
     }
 }

@@ -1,6 +1,9 @@
 //! vCPU state for migration: registers, special registers, XSAVE (FPU/SSE/AVX), XCRs, pending
 //! events and the MSRs a long-mode guest depends on (TSC first). Encoded as JSON, which keeps
-//! the blob self-describing and versionable; a corrupt blob is a typed error.
+//! the blob self-describing and versionable. Decoding is strict: unknown or missing fields, and
+//! a KVM structure whose byte array is not exactly its size, are typed errors
+//! ([`StateError`]); nothing is zero-padded or cut. [`VcpuState::check`] then checks what the
+//! state asks the destination to run (see [`crate::check`]).
 
 use kvm_bindings::{
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
@@ -8,6 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 
+use crate::check::{self, GuestPhys, StateError};
 use crate::error::{Result, VmmError};
 
 /// Current format version.
@@ -58,7 +62,7 @@ pub fn msrs_to_save(sys: &kvm_ioctls::Kvm, irqchip: bool) -> Result<Vec<u32>> {
 }
 
 /// Everything needed to continue a vCPU elsewhere.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize)]
 pub struct VcpuState {
     /// Format version.
     pub version: u32,
@@ -77,11 +81,63 @@ pub struct VcpuState {
     /// (index, value) of each saved MSR.
     pub msrs: Vec<(u32, u64)>,
     /// The in-kernel LAPIC's registers (VMs with an in-kernel irqchip).
-    #[serde(default)]
     pub lapic: Option<kvm_lapic_state>,
     /// Multiprocessing state (running, halted, waiting for INIT/SIPI), with an irqchip.
-    #[serde(default)]
     pub mp_state: Option<kvm_mp_state>,
+}
+
+/// [`VcpuState`] as it arrives: the KVM structures as raw byte arrays, so that their lengths
+/// are checked before anything is built from them.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVcpuState {
+    version: u32,
+    index: usize,
+    regs: Vec<u8>,
+    sregs: Vec<u8>,
+    xsave: Vec<u8>,
+    xcrs: Vec<u8>,
+    events: Vec<u8>,
+    msrs: Vec<(u32, u64)>,
+    lapic: Option<Vec<u8>>,
+    mp_state: Option<Vec<u8>>,
+}
+
+/// Builds a KVM structure from exactly `size_of::<T>()` bytes (kvm-bindings' own
+/// deserializer pads or cuts, so the length is checked first).
+pub(crate) fn exact<T>(what: &'static str, b: &[u8]) -> std::result::Result<T, StateError>
+where
+    T: for<'de> serde::Deserialize<'de>,
+{
+    let expected = std::mem::size_of::<T>();
+    if b.len() != expected {
+        return Err(StateError::Length {
+            what,
+            expected,
+            got: b.len(),
+        });
+    }
+    let de = serde::de::value::BytesDeserializer::<serde::de::value::Error>::new(b);
+    T::deserialize(de).map_err(|e| StateError::Decode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// MP states a migrated vCPU may be in (`KVM_MP_STATE_RUNNABLE` ..= `SIPI_RECEIVED`).
+const MP_STATE_MAX: u32 = kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED;
+
+/// What a destination checks a [`VcpuState`] against.
+pub struct CheckEnv<'a> {
+    /// The MSRs this VM saves and restores: the blob must carry exactly these.
+    pub msrs: &'a [u32],
+    /// Whether the VM has an in-kernel irqchip (the blob must then carry LAPIC and MP state,
+    /// and must not otherwise).
+    pub irqchip: bool,
+    /// The vCPU's CPUID (which CR4/EFER features it may use).
+    pub cpuid: &'a [kvm_bindings::kvm_cpuid_entry2],
+    /// Guest memory, as received (for the RIP's page walk).
+    pub mem: &'a dyn GuestPhys,
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -198,8 +254,68 @@ impl VcpuState {
         serde_json::to_vec(self).expect("plain data always serialises")
     }
 
-    /// Decodes bytes produced by [`VcpuState::encode`].
+    /// Decodes bytes produced by [`VcpuState::encode`], strictly: the version this build
+    /// reads, every field present and no other, each KVM structure exactly its size.
     pub fn decode(b: &[u8]) -> Result<Self> {
-        serde_json::from_slice(b).map_err(|e| VmmError::State(e.to_string()))
+        Ok(Self::decode_strict(b)?)
+    }
+
+    fn decode_strict(b: &[u8]) -> std::result::Result<Self, StateError> {
+        let raw: RawVcpuState = serde_json::from_slice(b).map_err(|e| StateError::Decode {
+            what: "vCPU state",
+            reason: e.to_string(),
+        })?;
+        if raw.version != STATE_VERSION {
+            return Err(StateError::Version {
+                what: "vCPU state",
+                found: raw.version,
+                supported: STATE_VERSION,
+            });
+        }
+        Ok(VcpuState {
+            version: raw.version,
+            index: raw.index,
+            regs: exact("kvm_regs", &raw.regs)?,
+            sregs: exact("kvm_sregs", &raw.sregs)?,
+            xsave: exact("kvm_xsave", &raw.xsave)?,
+            xcrs: exact("kvm_xcrs", &raw.xcrs)?,
+            events: exact("kvm_vcpu_events", &raw.events)?,
+            msrs: raw.msrs,
+            lapic: raw
+                .lapic
+                .map(|b| exact("kvm_lapic_state", &b))
+                .transpose()?,
+            mp_state: raw
+                .mp_state
+                .map(|b| exact("kvm_mp_state", &b))
+                .transpose()?,
+        })
+    }
+
+    /// Checks, before anything is restored, that this state is one the destination can run:
+    /// the MSR list is exactly `env.msrs`, LAPIC and MP state are present exactly when the VM
+    /// has an irqchip, CR0/CR4/EFER hold only supported bits in a valid combination, and a
+    /// vCPU that will run (not waiting for INIT/SIPI) fetches from executable guest RAM.
+    pub fn check(&self, env: &CheckEnv<'_>) -> std::result::Result<(), StateError> {
+        let vcpu = self.index;
+        check::check_msrs(vcpu, &self.msrs, env.msrs)?;
+        let irq = |what| Err(StateError::Irqchip { vcpu, what });
+        match (env.irqchip, self.lapic.is_some(), self.mp_state) {
+            (true, true, Some(m)) if m.mp_state <= MP_STATE_MAX => {}
+            (true, true, Some(_)) => return irq("unknown MP state"),
+            (true, _, _) => return irq("LAPIC or MP state missing on a machine with an irqchip"),
+            (false, false, None) => {}
+            (false, _, _) => return irq("LAPIC or MP state for a machine without an irqchip"),
+        }
+        check::check_control_registers(vcpu, &self.sregs, env.cpuid)?;
+        let waiting = self.mp_state.is_some_and(|m| {
+            m.mp_state == kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+                || m.mp_state == kvm_bindings::KVM_MP_STATE_INIT_RECEIVED
+                || m.mp_state == kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED
+        });
+        if !waiting {
+            check::check_rip(vcpu, self.regs.rip, &self.sregs, env.mem)?;
+        }
+        Ok(())
     }
 }

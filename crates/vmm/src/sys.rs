@@ -1,5 +1,6 @@
 //! The only unsafe code of the VMM: memslot registration, the `immediate_exit` byte of a
-//! vCPU's `kvm_run` mapping, and the kick signal. Safe wrappers only leave this module.
+//! vCPU's `kvm_run` mapping, the kick signal and `KVM_GET_STATS_FD`. Safe wrappers only leave
+//! this module.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::ptr::NonNull;
@@ -138,6 +139,22 @@ pub(crate) fn set_xsave(
         op: "KVM_SET_XSAVE",
         source,
     })
+}
+
+/// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`): a file with the vCPU's binary statistics.
+const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
+
+/// Opens the binary statistics file of a vCPU (Linux 5.14+).
+pub(crate) fn vcpu_stats_fd(fd: &VcpuFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: KVM_GET_STATS_FD takes no argument and only returns a new file descriptor (or
+    // -1); `fd` is a live vCPU fd for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a new descriptor the kernel just created for us; nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(r) })
 }
 
 /// The calling thread's nice value, then sets it to `nice` (Linux: per thread). Returns the

@@ -522,8 +522,10 @@ impl Vm {
             .collect()
     }
 
-    /// Restores every vCPU's state (before [`Vm::start`]).
-    pub fn restore_vcpus(&self, states: &[crate::state::VcpuState]) -> Result<()> {
+    /// Checks migrated vCPU states before anything is restored
+    /// ([`crate::state::VcpuState::check`]): one per vCPU, in order, against this VM's MSR
+    /// list, irqchip, each vCPU's CPUID and the guest memory as it is now.
+    pub fn check_vcpu_states(&self, states: &[crate::state::VcpuState]) -> Result<()> {
         if states.len() != self.created.len() {
             return Err(VmmError::State(format!(
                 "{} vCPU states for {} vCPUs",
@@ -531,6 +533,31 @@ impl Vm {
                 self.created.len()
             )));
         }
+        for (i, (v, s)) in self.created.iter().zip(states).enumerate() {
+            if s.index != i {
+                return Err(VmmError::State(format!(
+                    "state of vCPU {} in place of vCPU {i}",
+                    s.index
+                )));
+            }
+            let cpuid = v
+                .fd()
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("KVM_GET_CPUID2"))?;
+            s.check(&crate::state::CheckEnv {
+                msrs: &self.msrs,
+                irqchip: self.platform.has_irqchip(),
+                cpuid: cpuid.as_slice(),
+                mem: &*self.ram,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Restores every vCPU's state (before [`Vm::start`]), after
+    /// [`Vm::check_vcpu_states`] accepted all of them.
+    pub fn restore_vcpus(&self, states: &[crate::state::VcpuState]) -> Result<()> {
+        self.check_vcpu_states(states)?;
         let xsave2 = self
             .vm
             .check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into())
@@ -539,6 +566,21 @@ impl Vm {
             s.restore(&v.fd(), xsave2)?;
         }
         Ok(())
+    }
+
+    /// The value of KVM's binary statistic `name` (e.g. `halt_exits`, `halt_wakeup`) of vCPU
+    /// `i`; `None` if this KVM does not have it.
+    pub fn vcpu_stat(&self, i: usize, name: &str) -> Result<Option<u64>> {
+        let v = self
+            .created
+            .get(i)
+            .ok_or_else(|| VmmError::Config(format!("no vCPU {i}")))?;
+        let f = crate::sys::vcpu_stats_fd(&v.fd()).map_err(|e| VmmError::Kvm {
+            op: "KVM_GET_STATS_FD",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        crate::stats::read_stat(&f, name)
+            .map_err(|e| VmmError::Config(format!("reading vCPU {i}'s KVM statistics: {e}")))
     }
 
     /// The created vCPUs (for register access before start or while parked).

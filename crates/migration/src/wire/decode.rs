@@ -189,6 +189,11 @@ impl<R: Read> Decoder<R> {
         &self.fr.r
     }
 
+    /// The underlying reader, mutably (e.g. to move a read deadline between frames).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.fr.r
+    }
+
     /// Reads the next message, writing any pages it carries into `sink`.
     pub fn recv<S: PageSink + ?Sized>(&mut self, sink: &mut S) -> Result<Message, WireError> {
         if self.state == RxState::Failed {
