@@ -116,6 +116,10 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .arg(&src_console)
         .args(["--migrate-to", &addr, "--migrate-after", "0.5"])
         .args(["--downtime-limit", "50", "--exit-after-migrate", "--json"])
+        // The migration threads yield to the vCPUs: on a busy host they may send slower than
+        // the guest dirties, and pre-copy would never end. Converged or forced, the console
+        // must continue.
+        .args(["--timeout", "15", "--on-timeout", "force"])
         .stderr(Stdio::null())
         .output()
         .expect("running the source");
