@@ -239,7 +239,12 @@ fn kernel_logs(vm: &Vm, mode: kvm_dirty::TrackerMode) -> bool {
             rs.harvest_and_reset(None, |_, _, _| {}).unwrap();
             rs.poll(u32::MAX).unwrap();
             let before = rs.vcpu_dirty_seen(0);
-            std::thread::sleep(Duration::from_millis(100));
+            // Then a full sweep: every one of the guest's 256 pages written again, so a
+            // logged slot has pushed entries by then (whenever the vCPU got to run).
+            let w0 = vm.nr_writes(0).unwrap();
+            wait_until("the guest sweeps its 256 pages again", || {
+                vm.nr_writes(0).unwrap() >= w0 + 256
+            });
             rs.poll(u32::MAX).unwrap();
             rs.vcpu_dirty_seen(0) > before
         }
