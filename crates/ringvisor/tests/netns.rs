@@ -3,7 +3,8 @@
 //! Needs /dev/kvm (else `SKIP(kvm)`), root and iproute2 (else `SKIP(netns)`).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const EXE: &str = env!("CARGO_BIN_EXE_ringvisor");
 
@@ -102,9 +103,34 @@ fn migrate(extra: &[&str], timeout: &str) -> serde_json::Value {
         .stderr(Stdio::null())
         .output()
         .expect("running the source");
-    let _ = dest.wait();
     let text = String::from_utf8_lossy(&src.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("summary: {e}: {text}"))
+    let summary: Option<serde_json::Value> = serde_json::from_str(text.trim()).ok();
+    // A destination whose guest arrived exits after its --duration. One that received no
+    // guest (the migration was aborted, or never started) listens for the next migration,
+    // as an `incoming` process does: it is stopped here.
+    let completed = summary
+        .as_ref()
+        .is_some_and(|v| v["outcome"]["kind"] == "completed");
+    if completed {
+        wait_or_kill(&mut dest, Duration::from_secs(60));
+    } else {
+        let _ = dest.kill();
+        let _ = dest.wait();
+    }
+    summary.unwrap_or_else(|| panic!("no JSON summary from the source: {text}"))
+}
+
+/// Waits for `child` to exit; after `patience` (a hang guard) kills it.
+fn wait_or_kill(child: &mut Child, patience: Duration) {
+    let t0 = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) {
+        if t0.elapsed() > patience {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
 }
 
 /// What the convergence policy decided, on the same link, cap and guest: without a limit it
