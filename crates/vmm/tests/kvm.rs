@@ -16,6 +16,20 @@ fn have_kvm() -> bool {
     true
 }
 
+/// Liveness bound of the waits here: only a guest that does not run takes this long. The
+/// tests wait for what the guest does (its write counters), never for a fixed time: on a
+/// busy host a vCPU thread may wait for a core for any length of time.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits until `done()` holds, failing with `what` after [`PATIENCE`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed() < PATIENCE, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn config(vcpus: usize, tracking: Tracking, bytes: u64) -> VmConfig {
     VmConfig {
         vcpus,
@@ -54,9 +68,11 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
     tracker.start().unwrap();
     vm.start(None).unwrap();
     let vcpus = vm.vcpus().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    wait_until("the guest ran a full sweep", || {
+        vm.nr_writes(0).unwrap() >= 64
+    });
     vm.set_stop(true).unwrap();
-    vcpus.wait_all_synced(Duration::from_secs(10)).unwrap();
+    vcpus.wait_all_synced(PATIENCE).unwrap();
     assert!(vm.nr_writes(0).unwrap() >= 64, "the guest ran a full sweep");
     // Peeking counts the entries per vCPU without harvesting (no reset, so no re-protect).
     let rs = vm.ring_set().unwrap();
@@ -80,9 +96,12 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
     // Pause by kick works while the guest spins (not at its sync point).
     vm.set_stop(false).unwrap();
     let vcpus = vm.vcpus().unwrap();
+    let synced = vm.nr_writes(0).unwrap();
     vcpus.resume_all();
-    std::thread::sleep(Duration::from_millis(20));
-    vcpus.pause_all(Duration::from_secs(10)).unwrap();
+    wait_until("a resumed vCPU writes", || {
+        vm.nr_writes(0).unwrap() > synced
+    });
+    vcpus.pause_all(PATIENCE).unwrap();
     let before = vm.nr_writes(0).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(
@@ -91,11 +110,9 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
         "a paused vCPU does not write"
     );
     vcpus.resume_all();
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(
-        vm.nr_writes(0).unwrap() > before,
-        "a resumed vCPU writes again"
-    );
+    wait_until("a resumed vCPU writes again", || {
+        vm.nr_writes(0).unwrap() > before
+    });
     vm.stop().unwrap();
 }
 
@@ -175,11 +192,8 @@ fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
     )
     .unwrap();
     a.start(None).unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    a.vcpus()
-        .unwrap()
-        .pause_all(Duration::from_secs(10))
-        .unwrap();
+    wait_until("the guest writes", || a.nr_writes(0).unwrap() > 0);
+    a.vcpus().unwrap().pause_all(PATIENCE).unwrap();
     let states = a.save_vcpus().unwrap();
     let blob = states[0].encode();
     assert!(vmm::state::VcpuState::decode(&blob[..blob.len() / 2]).is_err());
@@ -200,12 +214,10 @@ fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
     drop(a);
     let mut b = b;
     b.start(None).unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    b.vcpus().unwrap().check().unwrap();
-    assert!(
-        b.nr_writes(0).unwrap() > writes,
-        "the guest continues on the new VM"
-    );
+    wait_until("the guest continues on the new VM", || {
+        b.vcpus().unwrap().check().unwrap();
+        b.nr_writes(0).unwrap() > writes
+    });
     b.stop().unwrap();
 }
 
@@ -227,7 +239,12 @@ fn kernel_logs(vm: &Vm, mode: kvm_dirty::TrackerMode) -> bool {
             rs.harvest_and_reset(None, |_, _, _| {}).unwrap();
             rs.poll(u32::MAX).unwrap();
             let before = rs.vcpu_dirty_seen(0);
-            std::thread::sleep(Duration::from_millis(100));
+            // Then a full sweep: every one of the guest's 256 pages written again, so a
+            // logged slot has pushed entries by then (whenever the vCPU got to run).
+            let w0 = vm.nr_writes(0).unwrap();
+            wait_until("the guest sweeps its 256 pages again", || {
+                vm.nr_writes(0).unwrap() >= w0 + 256
+            });
             rs.poll(u32::MAX).unwrap();
             rs.vcpu_dirty_seen(0) > before
         }

@@ -162,11 +162,18 @@ pub fn writes(c: &mut QmpClient) -> u64 {
         .sum()
 }
 
-/// Whether the guest's counters grow over 300 ms.
+/// Whether the guest's counters grow: polled until they do, for up to 60 s (a hang guard; on
+/// a busy host a vCPU may wait any length of time for a core, so no fixed window is enough).
 pub fn guest_runs(c: &mut QmpClient) -> bool {
     let a = writes(c);
-    std::thread::sleep(Duration::from_millis(300));
-    writes(c) > a
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+        if writes(c) > a {
+            return true;
+        }
+    }
+    false
 }
 
 /// Polls `query-migrate` until `status` is one of `want` (a hang guard, not a time bound).
