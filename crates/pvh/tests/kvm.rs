@@ -288,12 +288,7 @@ fn tsc_paced_reports_keep_the_schedule_and_the_timer_still_ticks() {
     for w in p.windows(2) {
         // The timer keeps ticking between reports (about 20 ticks each; how many depends on
         // how many ticks a busy host coalesces, so only that it ticks is asserted).
-        assert!(
-            w[1].3 > w[0].3,
-            "ticks {:?} -> {:?}:\n{out}",
-            w[0],
-            w[1]
-        );
+        assert!(w[1].3 > w[0].3, "ticks {:?} -> {:?}:\n{out}", w[0], w[1]);
     }
     assert!(
         took >= Duration::from_millis(125),
