@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const EXE: &str = env!("CARGO_BIN_EXE_ringvisor");
 
@@ -81,17 +82,12 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     let k = test_kernel("migrate-kernel.elf");
     let (src_console, dst_console) = (tmp("src.console"), tmp("dst.console"));
     let _ = std::fs::remove_file(&dst_console);
+    // The destination runs until it is told to quit (see below), not for a fixed time.
+    let dst_qmp = format!("unix:{}", tmp("dst.qmp").display());
     let mut dest = Command::new(EXE)
         .args(["incoming", "--listen", "127.0.0.1:0", "--tracker", "ring"])
-        .args([
-            "--ring-entries",
-            "4096",
-            // Long enough for 10 reports per CPU on a busy host (the check below).
-            "--duration",
-            "3",
-            "--json",
-            "--console",
-        ])
+        .args(["--ring-entries", "4096", "--qmp", &dst_qmp])
+        .args(["--json", "--console"])
         .arg(&dst_console)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -124,6 +120,26 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .stderr(Stdio::null())
         .output()
         .expect("running the source");
+    // Quit the destination once each CPU has printed two reports of its own there, whenever
+    // the guest got a core for them (60 s: a hang guard).
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        let b = std::fs::read_to_string(&dst_console).unwrap_or_default();
+        let r = reports(&b);
+        if (0..2u64).all(|c| r.iter().filter(|x| x.0 == c).count() >= 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let quit = Command::new(EXE)
+        .args(["quit", "--qmp", &dst_qmp])
+        .output()
+        .expect("ringvisor quit");
+    assert!(
+        quit.status.success(),
+        "quit: {}",
+        String::from_utf8_lossy(&quit.stderr)
+    );
     let st = dest.wait().expect("destination");
     let mut rest = String::new();
     for l in out.lines().map_while(|l| l.ok()) {
@@ -148,7 +164,7 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     assert!(a.starts_with("ringvisor PVH test kernel v1\n"), "{a}");
     // The two files are one console: a line the pause cut is finished in the second. Every
     // CPU's reports run on without a gap or a repeat, and the destination printed some of
-    // its own. (How many fit in its `--duration` depends on the CPU it got: not checked.)
+    // its own.
     let joined = format!("{a}{b}");
     for cpu in 0..2u64 {
         let all: Vec<u64> = reports(&joined)

@@ -329,7 +329,8 @@ fn memslots_log_dirty_pages_only_while_a_tracker_or_guard_is_held_recorded_and_s
         assert!(all(&vm, log));
         drop(tracker);
         assert!(all(&vm, 0), "{mode:?}: a dropped tracker releases logging");
-        assert!(vm.nr_writes(0).unwrap() > 0, "the guest ran throughout");
+        // The guest was running all along (the checks above saw a live guest): it writes.
+        wait_until("the guest runs", || vm.nr_writes(0).unwrap() > 0);
         vm.stop().unwrap();
     }
 }
