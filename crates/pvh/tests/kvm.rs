@@ -286,10 +286,13 @@ fn tsc_paced_reports_keep_the_schedule_and_the_timer_still_ticks() {
     let p = progress(&out);
     assert_eq!(p.len(), 5, "{out}");
     for w in p.windows(2) {
-        // The timer keeps ticking between reports (about 20 ticks each; how many depends on
-        // how many ticks a busy host coalesces, so only that it ticks is asserted).
-        assert!(w[1].3 > w[0].3, "ticks {:?} -> {:?}:\n{out}", w[0], w[1]);
+        // Tick counts never go back. A report that catches up with its TSC schedule after a
+        // host stall may come without a tick in between, so per pair only order is asserted.
+        assert!(w[1].3 >= w[0].3, "ticks {:?} -> {:?}:\n{out}", w[0], w[1]);
     }
+    // The timer keeps ticking over the run (about 20 ticks per report; how many depends on
+    // how many ticks a busy host coalesces, so only that it ticked is asserted).
+    assert!(p[4].3 > p[0].3, "ticks {:?} -> {:?}:\n{out}", p[0], p[4]);
     assert!(
         took >= Duration::from_millis(125),
         "132 ms of schedule passed in {took:?}"
