@@ -303,7 +303,7 @@ fn live_max_bandwidth_change_is_followed_by_the_reported_throughput() {
     let (addr, dest) = destination(tracking);
     let (ev, sink) = recorder();
     let slow: u64 = 4 << 20;
-    let fast: u64 = 32 << 20;
+    let fast: u64 = 16 << 20;
     let opts = SourceOptions {
         max_bandwidth: Some(slow),
         ..SourceOptions::default()
