@@ -44,18 +44,27 @@ pub fn run(o: &SyncOpts, progress: &mut dyn Progress) -> Result<SyncBenchReport>
     let r = bench_sync::run(&p, || progress.inc()).map_err(BenchError::Sync)?;
     progress.finish();
     if let Some(path) = &o.plot {
-        let series: Vec<Series> = ["bitmap", "clear-log", "ring"]
-            .iter()
-            .map(|m| Series {
-                name: m.to_string(),
-                points: r
-                    .cells
-                    .iter()
-                    .filter(|c| c.mode == *m)
-                    .map(|c| (c.size_gib as f64, c.median_us))
-                    .collect(),
-            })
-            .collect();
+        let mut series: Vec<Series> = Vec::new();
+        for m in ["bitmap", "clear-log", "ring"] {
+            for raw in [false, true] {
+                series.push(Series {
+                    name: if raw {
+                        format!("raw {m}")
+                    } else {
+                        m.to_string()
+                    },
+                    points: r
+                        .cells
+                        .iter()
+                        .filter(|c| c.mode == m)
+                        .map(|c| {
+                            let us = if raw { c.raw_median_us } else { c.median_us };
+                            (c.size_gib as f64, us)
+                        })
+                        .collect(),
+                });
+            }
+        }
         line_plot_log_x(
             path,
             &format!(
@@ -74,7 +83,7 @@ pub fn run(o: &SyncOpts, progress: &mut dyn Progress) -> Result<SyncBenchReport>
 /// The report as the CLI prints it: a header line, the table, the plot's path.
 pub fn to_markdown(r: &SyncBenchReport, plot: Option<&std::path::Path>) -> String {
     let mut s = format!(
-        "sync cost: one collect + re-protect, {} dirty pages spread over the slot, median of {} runs, host KVM {}\n\n",
+        "sync cost: one collect + re-protect, {} dirty pages spread over the slot, median of {} runs, host KVM {}; raw = the bare kernel sequence into a page list, same VM and run, alternating with ringvisor's collect; x = ringvisor / raw\n\n",
         r.params.dirty_pages,
         r.params.runs,
         if r.pvm_host { "PVM (kvm_pvm, nested, shadow paging)" } else { "not PVM" }

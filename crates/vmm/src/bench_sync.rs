@@ -5,10 +5,18 @@
 //! collect), stops at its sync point, and the host times `DirtyTracker::collect` (GET, or
 //! GET + CLEAR, or ring harvest + `KVM_RESET_DIRTY_RINGS`). The guest is stopped while the
 //! collect runs, so only the host-side cost is measured.
+//!
+//! Next to it, in the same VM and run, alternating with the tracker's collects (so both see
+//! the same guest and the same dirty pages), the *raw* kernel sequence is timed: ring: read
+//! the entries and `KVM_RESET_DIRTY_RINGS` ([`RingSet::harvest_and_reset`] with a sink that
+//! appends to a preallocated page list); bitmap: `KVM_GET_DIRTY_LOG` per slot and a scan of
+//! the words into the page list; clear-log: the same plus `KVM_CLEAR_DIRTY_LOG` of what the
+//! GET returned. The raw column is what any VMM must pay; the difference is the tracker's own.
 
 use std::time::{Duration, Instant};
 
-use kvm_dirty::{DirtyPageSet, TrackerMode, PAGE_SIZE};
+use kvm_dirty::{bitmap, DirtyPageSet, RingSet, SlotSpec, TrackerMode, PAGE_SIZE};
+use kvm_ioctls::VmFd;
 
 use crate::error::{Result, VmmError};
 use crate::guest::{Pattern, VcpuCtrl};
@@ -51,6 +59,10 @@ pub struct SyncCell {
     pub mode: &'static str,
     /// Median collect + re-protect time, microseconds.
     pub median_us: f64,
+    /// Median of the raw kernel sequence (see the module docs), microseconds.
+    pub raw_median_us: f64,
+    /// Pages the raw sequence listed (median run; equals `pages` when both see the same set).
+    pub raw_pages: u64,
     /// Fastest, microseconds.
     pub min_us: f64,
     /// Slowest, microseconds.
@@ -91,6 +103,75 @@ fn wait_writes(vm: &Vm, target: u64) -> Result<()> {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+    Ok(())
+}
+
+/// The raw kernel sequence of one mode: what it lists goes to `list` (cleared first).
+struct Raw<'a> {
+    mode: TrackerMode,
+    vm: &'a VmFd,
+    ring: Option<&'a RingSet>,
+    slots: Vec<SlotSpec>,
+    buf: Vec<u64>,
+    list: Vec<u64>,
+}
+
+impl<'a> Raw<'a> {
+    fn new(vm: &'a Vm, mode: TrackerMode, max_pages: u64) -> Self {
+        let slots: Vec<SlotSpec> = vm
+            .ram()
+            .slot_specs()
+            .into_iter()
+            .filter(|s| s.log_dirty)
+            .collect();
+        let words = slots.iter().map(|s| s.bitmap_words()).max().unwrap_or(0);
+        Raw {
+            mode,
+            vm: vm.fd(),
+            ring: vm.ring_set().map(|r| &**r),
+            slots,
+            buf: vec![0; words],
+            list: Vec::with_capacity(max_pages as usize),
+        }
+    }
+
+    /// One raw collect; returns the pages listed.
+    fn collect(&mut self) -> Result<u64> {
+        self.list.clear();
+        let list = &mut self.list;
+        if let (TrackerMode::Ring, Some(rs)) = (self.mode, self.ring) {
+            rs.harvest_and_reset(None, |_, slot, off| {
+                list.push(u64::from(slot) << 48 | off);
+            })?;
+            return Ok(list.len() as u64);
+        }
+        for s in &self.slots {
+            let words = s.bitmap_words();
+            bitmap::get_dirty_log(self.vm, s, &mut self.buf)?;
+            if self.mode == TrackerMode::ClearLog {
+                bitmap::clear_dirty_log(self.vm, s, &self.buf[..words])?;
+            }
+            let tag = u64::from(s.id.0) << 48;
+            for (wi, &w) in self.buf[..words].iter().enumerate() {
+                let mut m = w;
+                while m != 0 {
+                    list.push(tag | (wi as u64 * 64 + u64::from(m.trailing_zeros())));
+                    m &= m - 1;
+                }
+            }
+        }
+        Ok(list.len() as u64)
+    }
+}
+
+/// Lets the guest sweep its page set once more (every page dirty again), then parks it.
+fn sweep(vm: &Vm, pages: u64, park: Duration) -> Result<()> {
+    let start = vm.nr_writes(0)?;
+    vm.set_stop(false)?;
+    vm.vcpus()?.resume_all();
+    wait_writes(vm, start + pages + 1)?;
+    vm.set_stop(true)?;
+    vm.vcpus()?.wait_all_synced(park)?;
     Ok(())
 }
 
@@ -139,7 +220,6 @@ pub fn measure(
         },
     )?;
     let specs = vm.ram().slot_specs();
-    let data_idx = specs.iter().position(|s| s.id.0 == 1).expect("data slot");
     let mut set = DirtyPageSet::new(&specs);
     let mut tracker = vm.tracker()?;
     tracker.start()?;
@@ -151,39 +231,41 @@ pub fn measure(
     vm.vcpus()?.wait_all_synced(park)?;
     tracker.collect(&mut set)?;
     let (mut us, mut h, mut r, mut counts) = (vec![], vec![], vec![], vec![]);
+    let (mut raw_us, mut raw_counts) = (vec![], vec![]);
+    let mut raw = Raw::new(&vm, mode, p.dirty_pages + 64);
     for _ in 0..p.runs {
+        // The raw sequence first, then the tracker, each after its own full sweep.
+        sweep(&vm, p.dirty_pages, park)?;
+        let t = Instant::now();
+        let n = raw.collect()?;
+        raw_us.push(t.elapsed().as_secs_f64() * 1e6);
+        raw_counts.push(n);
+
         set.clear();
-        let start = vm.nr_writes(0)?;
-        vm.set_stop(false)?;
-        vm.vcpus()?.resume_all();
-        // One full sweep after the previous collect: every page of the set is dirty again.
-        wait_writes(&vm, start + p.dirty_pages + 1)?;
-        vm.set_stop(true)?;
-        vm.vcpus()?.wait_all_synced(park)?;
+        sweep(&vm, p.dirty_pages, park)?;
         let t = Instant::now();
         let st = tracker.collect(&mut set)?;
         let dt = t.elapsed();
         us.push(dt.as_secs_f64() * 1e6);
-        let n = set
-            .words(data_idx)
-            .iter()
-            .map(|w| u64::from(w.count_ones()))
-            .sum::<u64>();
-        counts.push(n);
+        counts.push(set.count());
         if st.ring_entries > 0 {
             h.push(st.harvest_ns as f64 / st.ring_entries as f64);
             r.push(st.reset_ns as f64 / st.ring_entries as f64);
         }
         tick();
     }
+    drop(raw);
     vm.stop()?;
     let min = us.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = us.iter().cloned().fold(0.0, f64::max);
     counts.sort_unstable();
+    raw_counts.sort_unstable();
     Ok(SyncCell {
         size_gib,
         mode: mode.name(),
         median_us: median(&mut us),
+        raw_median_us: median(&mut raw_us),
+        raw_pages: raw_counts[raw_counts.len() / 2],
         min_us: min,
         max_us: max,
         pages: counts[counts.len() / 2],
@@ -218,10 +300,11 @@ impl SyncBenchReport {
             .find(|c| c.size_gib == size && c.mode == mode)
     }
 
-    /// A markdown table, one row per size, modes side by side, with ratios.
+    /// A markdown table, one row per size, each mode as raw kernel sequence / ringvisor's
+    /// tracker / their ratio, then the ring's per-entry costs.
     pub fn to_markdown(&self) -> String {
         let mut s = String::from(
-            "| guest memory | bitmap (GET) | clear-log (GET+CLEAR) | ring (harvest+RESET) | bitmap / ring | ring harvest ns/entry | ring reset ns/entry | dirty pages |\n|---|---|---|---|---|---|---|---|\n",
+            "| guest memory | raw bitmap | bitmap | x | raw clear-log | clear-log | x | raw ring | ring | x | bitmap / ring | ring harvest ns/entry | ring reset ns/entry | dirty pages |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for &g in &self.params.sizes_gib {
             let (Some(b), Some(c), Some(r)) = (
@@ -231,11 +314,17 @@ impl SyncBenchReport {
             ) else {
                 continue;
             };
+            s.push_str(&format!("| {g} GiB "));
+            for x in [b, c, r] {
+                s.push_str(&format!(
+                    "| {:.1} us | {:.1} us | {:.2} ",
+                    x.raw_median_us,
+                    x.median_us,
+                    x.median_us / x.raw_median_us
+                ));
+            }
             s.push_str(&format!(
-                "| {g} GiB | {:.0} us | {:.0} us | {:.0} us | {:.2}x | {:.0} | {:.0} | {} |\n",
-                b.median_us,
-                c.median_us,
-                r.median_us,
+                "| {:.2}x | {:.0} | {:.0} | {} |\n",
                 b.median_us / r.median_us,
                 r.harvest_ns_per_entry.unwrap_or(0.0),
                 r.reset_ns_per_entry.unwrap_or(0.0),
