@@ -94,3 +94,74 @@ pub fn to_markdown(r: &SyncBenchReport, plot: Option<&std::path::Path>) -> Strin
     }
     s
 }
+
+/// Options of the first-touch benchmark.
+#[derive(Debug, Clone)]
+pub struct TouchOpts {
+    /// Guest RAM to touch, MiB.
+    pub mib: u64,
+    /// Runs per backing (the median is reported).
+    pub runs: usize,
+}
+
+/// First-touch time of fresh guest RAM, 4 KiB pages versus transparent huge pages.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TouchReport {
+    /// MiB touched.
+    pub mib: u64,
+    /// The host's THP mode (`always`, `madvise`, `never`).
+    pub thp_mode: String,
+    /// Median seconds with 4 KiB pages.
+    pub small_s: f64,
+    /// Median seconds with guest RAM advised `MADV_HUGEPAGE`.
+    pub huge_s: f64,
+}
+
+impl TouchReport {
+    /// One markdown table.
+    pub fn to_markdown(&self) -> String {
+        format!(
+            "first touch of {} MiB by a 1-vCPU guest (one write per 4 KiB page), host THP {}\n\n| backing | time | MiB/s |\n|---|---|---|\n| 4 KiB pages | {:.3} s | {:.0} |\n| MADV_HUGEPAGE | {:.3} s | {:.0} |\n",
+            self.mib,
+            self.thp_mode,
+            self.small_s,
+            self.mib as f64 / self.small_s,
+            self.huge_s,
+            self.mib as f64 / self.huge_s,
+        )
+    }
+}
+
+/// Runs the first-touch benchmark (`runs` alternating pairs, medians).
+pub fn first_touch(o: &TouchOpts, progress: &mut dyn Progress) -> Result<TouchReport> {
+    if !vmm::kvm_available() {
+        return Err(BenchError::NoKvm("bench first-touch"));
+    }
+    if o.mib == 0 || o.mib > 64 << 10 || o.runs == 0 {
+        return Err(BenchError::Invalid(
+            "first touch: size must be 1 MiB..64 GiB and runs > 0".into(),
+        ));
+    }
+    progress.start(2 * o.runs as u64, "guests");
+    let (mut small, mut huge) = (Vec::new(), Vec::new());
+    for _ in 0..o.runs {
+        for (backing, out) in [
+            (vmm::RamBacking::Small, &mut small),
+            (vmm::RamBacking::HugeWhereOffered, &mut huge),
+        ] {
+            out.push(bench_sync::first_touch(o.mib, backing).map_err(BenchError::Sync)?);
+            progress.inc();
+        }
+    }
+    progress.finish();
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(TouchReport {
+        mib: o.mib,
+        thp_mode: format!("{:?}", vmm::ThpMode::host()).to_lowercase(),
+        small_s: med(&mut small),
+        huge_s: med(&mut huge),
+    })
+}

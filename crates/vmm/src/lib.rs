@@ -29,7 +29,7 @@ pub use error::{Result, VmmError};
 pub use guest::{Pattern, VcpuCtrl};
 pub use logging::DirtyLogGuard;
 pub use machine::{MachineState, Platform};
-pub use memory::{GuestRam, RegionSpec};
+pub use memory::{GuestRam, RamBacking, RegionSpec, ThpMode};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
 pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};
 

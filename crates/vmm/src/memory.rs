@@ -1,5 +1,12 @@
 //! Guest RAM: sparse anonymous mappings (`MAP_NORESERVE`, only touched pages cost host RAM)
 //! managed through vm-memory, one KVM memslot per region.
+//!
+//! Each region is mapped 2 MiB-aligned and, where the host offers transparent huge pages
+//! (`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`), advised with
+//! `MADV_HUGEPAGE`, as QEMU does: one host fault then populates 512 guest pages, and KVM maps
+//! them with large pages until dirty logging starts (it splits them to 4 KiB then, and only
+//! while logging is on). [`RamBacking::Small`] opts out (the sync benchmark's deliberately
+//! sparse slots would otherwise populate 2 MiB per dirty page).
 
 use std::sync::Arc;
 
@@ -9,6 +16,7 @@ use vm_memory::{
 };
 
 use crate::error::{Result, VmmError};
+use crate::sys;
 
 /// One guest RAM region as the user asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -40,20 +48,77 @@ impl RegionSpec {
     }
 }
 
+/// How guest RAM is backed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamBacking {
+    /// Transparent huge pages where the host's THP mode allows them (QEMU's default).
+    #[default]
+    HugeWhereOffered,
+    /// 4 KiB pages only (no advice).
+    Small,
+}
+
+/// The host's transparent huge page mode (`/sys/kernel/mm/transparent_hugepage/enabled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThpMode {
+    /// Every anonymous mapping may get huge pages.
+    Always,
+    /// Only mappings advised with `MADV_HUGEPAGE`.
+    Madvise,
+    /// Never (or the file is missing or unreadable: no THP support).
+    Never,
+}
+
+impl ThpMode {
+    /// Reads the host's mode.
+    pub fn host() -> ThpMode {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .map(|s| ThpMode::parse(&s))
+            .unwrap_or(ThpMode::Never)
+    }
+
+    /// Parses the sysfs file's contents (the selected mode is in brackets).
+    pub fn parse(s: &str) -> ThpMode {
+        if s.contains("[always]") {
+            ThpMode::Always
+        } else if s.contains("[madvise]") {
+            ThpMode::Madvise
+        } else {
+            ThpMode::Never
+        }
+    }
+}
+
+/// Alignment of every guest RAM mapping: a PMD (2 MiB), so huge pages can back it whole.
+pub const HUGE_PAGE_BYTES: u64 = 2 << 20;
+
 /// Guest RAM of a VM.
 #[derive(Debug)]
 pub struct GuestRam {
+    // Field order: the vm-memory regions (which do not own their mappings) drop before the
+    // mappings are unmapped.
     mem: GuestMemoryMmap<()>,
     specs: Vec<RegionSpec>,
     vmm_log: Arc<VmmWriteLog>,
+    huge_pages: bool,
+    _maps: Vec<sys::AnonMapping>,
 }
 
 impl GuestRam {
-    /// Maps every region (sparse, private, anonymous).
+    /// Maps every region (sparse, private, anonymous) with [`RamBacking::HugeWhereOffered`].
     pub fn new(specs: &[RegionSpec]) -> Result<Self> {
+        Self::with_backing(specs, RamBacking::default())
+    }
+
+    /// Maps every region (sparse, private, anonymous, 2 MiB-aligned), backed as `backing`
+    /// asks and the host allows.
+    pub fn with_backing(specs: &[RegionSpec], backing: RamBacking) -> Result<Self> {
+        let advise = backing == RamBacking::HugeWhereOffered && ThpMode::host() != ThpMode::Never;
         let mut sorted = specs.to_vec();
         sorted.sort_by_key(|s| s.gpa);
         let mut regions = Vec::with_capacity(sorted.len());
+        let mut maps = Vec::with_capacity(sorted.len());
+        let mut huge_pages = advise;
         for (i, s) in sorted.iter().enumerate() {
             let bad = |reason: &str| VmmError::Memory {
                 gpa: s.gpa,
@@ -70,11 +135,14 @@ impl GuestRam {
                 return Err(bad("slot number used twice"));
             }
             let len = usize::try_from(s.bytes).map_err(|_| bad("too large for this host"))?;
-            let region = vm_memory::mmap::MmapRegionBuilder::new(len)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
+            let map = sys::AnonMapping::new(len, HUGE_PAGE_BYTES as usize)
                 .map_err(|e| bad(&e.to_string()))?;
+            // An advice the kernel refuses only costs speed: the region stays on 4 KiB pages.
+            if advise && map.advise_huge_pages().is_err() {
+                huge_pages = false;
+            }
+            let region = map.region().map_err(|e| bad(&e.to_string()))?;
+            maps.push(map);
             let r = GuestRegionMmap::new(region, GuestAddress(s.gpa))
                 .ok_or_else(|| bad("region wraps the address space"))?;
             regions.push(r);
@@ -89,7 +157,22 @@ impl GuestRam {
             mem,
             specs: sorted,
             vmm_log: Arc::new(VmmWriteLog::new(&slots)),
+            huge_pages,
+            _maps: maps,
         })
+    }
+
+    /// Whether every region was advised with `MADV_HUGEPAGE` (the host's THP mode allowed it
+    /// and the backing asked for it).
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+
+    /// Host virtual address of the region holding `gpa` (for tests and diagnostics that read
+    /// `/proc/self/smaps`).
+    pub fn host_address(&self, gpa: u64) -> Option<u64> {
+        let r = self.mem.find_region(GuestAddress(gpa))?;
+        Some(r.as_ptr() as u64 + (gpa - vm_memory::GuestMemoryRegion::start_addr(r).0))
     }
 
     /// The regions, sorted by address.
@@ -315,6 +398,68 @@ mod tests {
         assert!(ram.populated(base + 63 * 4096, 2, &mut bits).unwrap());
         assert_eq!(bits, vec![0b11]);
         assert!(ram.populated(base + (1 << 20), 1, &mut bits).is_err());
+    }
+
+    /// The smaps record of the mapping starting at `addr`: (VmFlags line, THPeligible).
+    fn smaps_of(addr: u64) -> (String, Option<u64>, u64) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        assert!(lines.next().is_some(), "no mapping at {addr:#x}");
+        let (mut flags, mut eligible, mut anon_huge) = (String::new(), None, 0);
+        for l in lines {
+            let header = l.split_whitespace().next().is_some_and(|t| {
+                t.contains('-') && t.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            });
+            if header {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("VmFlags:") {
+                flags = v.to_string();
+            } else if let Some(v) = l.strip_prefix("THPeligible:") {
+                eligible = v.trim().parse().ok();
+            } else if let Some(v) = l.strip_prefix("AnonHugePages:") {
+                anon_huge = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            }
+        }
+        (flags, eligible, anon_huge)
+    }
+
+    #[test]
+    fn guest_ram_is_2m_aligned_and_advised_huge_where_the_host_allows() {
+        let base = 1u64 << 32;
+        let mode = ThpMode::host();
+        let ram = GuestRam::new(&[spec(1, base, 8 << 20)]).unwrap();
+        let small = GuestRam::with_backing(&[spec(1, base, 8 << 20)], RamBacking::Small).unwrap();
+        let addr = ram.host_address(base).unwrap();
+        assert_eq!(addr % HUGE_PAGE_BYTES, 0, "mapping at {addr:#x}");
+        assert_eq!(ram.huge_pages(), mode != ThpMode::Never);
+        assert!(!small.huge_pages());
+        // Populate 2 MiB so the kernel may back it with a huge page (reported, not asserted:
+        // whether one is free depends on the host's fragmentation).
+        ram.write_untracked(base, &vec![1u8; HUGE_PAGE_BYTES as usize])
+            .unwrap();
+        let (flags, eligible, anon_huge) = smaps_of(addr);
+        let (small_flags, small_eligible, _) = smaps_of(small.host_address(base).unwrap());
+        eprintln!("THP {mode:?}: advised VmFlags [{flags}] THPeligible {eligible:?} AnonHugePages {anon_huge} kB; small VmFlags [{small_flags}]");
+        // `hg` in VmFlags is MADV_HUGEPAGE.
+        assert_eq!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            mode != ThpMode::Never
+        );
+        assert!(!small_flags.split_whitespace().any(|f| f == "hg"));
+        if mode == ThpMode::Madvise {
+            assert_eq!(eligible, Some(1));
+            assert_eq!(small_eligible, Some(0));
+        }
+    }
+
+    #[test]
+    fn thp_mode_reads_the_bracketed_choice() {
+        assert_eq!(ThpMode::parse("always [madvise] never\n"), ThpMode::Madvise);
+        assert_eq!(ThpMode::parse("[always] madvise never\n"), ThpMode::Always);
+        assert_eq!(ThpMode::parse("always madvise [never]\n"), ThpMode::Never);
+        assert_eq!(ThpMode::parse(""), ThpMode::Never);
     }
 
     #[test]

@@ -190,6 +190,111 @@ pub(crate) fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     (i.suberror, i.data[..n].to_vec())
 }
 
+/// A private anonymous mapping (`MAP_NORESERVE`, read-write) whose start is aligned to
+/// `align` bytes, unmapped on drop: guest RAM, aligned so that transparent huge pages can back
+/// it from its first byte.
+pub(crate) struct AnonMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; guest RAM accesses go through
+// vm-memory's volatile accessors, and the pointer itself carries no thread affinity.
+unsafe impl Send for AnonMapping {}
+// SAFETY: as above; `&AnonMapping` only hands out the address and length.
+unsafe impl Sync for AnonMapping {}
+
+impl std::fmt::Debug for AnonMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnonMapping")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl AnonMapping {
+    /// Maps `len` bytes (non-zero) at an `align`-aligned address (`align` a power of two, a
+    /// multiple of the page size): reserves `len + align`, then unmaps the unaligned head and
+    /// the tail.
+    pub(crate) fn new(len: usize, align: usize) -> std::io::Result<Self> {
+        let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+        if len == 0 || !align.is_power_of_two() {
+            return Err(bad());
+        }
+        let total = len.checked_add(align).ok_or_else(bad)?;
+        // SAFETY: a fresh anonymous private mapping at an address the kernel picks; no
+        // existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(align);
+        let head = aligned - start;
+        let tail = total - head - len;
+        // SAFETY: both ranges lie inside the mapping just made and nothing refers to them; a
+        // zero-length range is skipped (munmap rejects it).
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        let ptr = NonNull::new(aligned as *mut u8).ok_or_else(bad)?;
+        Ok(AnonMapping { ptr, len })
+    }
+
+    /// `madvise(MADV_HUGEPAGE)` over the whole mapping: the kernel backs it with transparent
+    /// huge pages when THP is `always` or `madvise`.
+    pub(crate) fn advise_huge_pages(&self) -> std::io::Result<()> {
+        // SAFETY: the range is exactly this live mapping; the advice changes no contents.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// A vm-memory region over the mapping (not owning it: this value unmaps it, and the
+    /// caller keeps this value alive longer than the region).
+    pub(crate) fn region(
+        &self,
+    ) -> std::result::Result<MmapRegion<()>, vm_memory::mmap::MmapRegionError> {
+        // SAFETY: the pointer and length describe a live read-write private anonymous mapping
+        // owned by `self`, which `GuestRam` drops only after every region built on it (field
+        // order), so the region never outlives the memory.
+        unsafe {
+            MmapRegion::build_raw(
+                self.ptr.as_ptr(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` and is unmapped exactly once, here; no region
+        // built on it is alive any more (see `region`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use crate::error::{Result, VmmError};
 use crate::guest::{self, VcpuCtrl};
 use crate::logging::{DirtyLogGuard, DirtyLogging, LoggedTracker};
 use crate::machine::{MachineState, Platform, MMIO_HOLE_END, MMIO_HOLE_START};
-use crate::memory::{GuestRam, RegionSpec};
+use crate::memory::{GuestRam, RamBacking, RegionSpec};
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
 use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
 
@@ -108,7 +108,13 @@ impl Vm {
     /// Creates the VM, its memory and its vCPUs (loaded with the workload program, parked
     /// before their first instruction until [`Vm::start`]).
     pub fn create(config: &VmConfig) -> Result<Vm> {
-        Self::build(config, None)
+        Self::build(config, None, RamBacking::default())
+    }
+
+    /// [`Vm::create`] with guest RAM backed as `backing` asks (the default is transparent huge
+    /// pages where the host offers them).
+    pub fn create_with_backing(config: &VmConfig, backing: RamBacking) -> Result<Vm> {
+        Self::build(config, None, backing)
     }
 
     /// Creates a PVH-platform VM: `config.memory` is all of its RAM (no system region; no
@@ -117,10 +123,10 @@ impl Vm {
     /// (with CPUID and an initialised FPU); the caller sets the boot vCPU's entry state and
     /// the other vCPUs' MP state, or restores migrated state.
     pub fn create_pvh(config: &VmConfig, serial: &SerialOutput) -> Result<Vm> {
-        Self::build(config, Some(serial))
+        Self::build(config, Some(serial), RamBacking::default())
     }
 
-    fn build(config: &VmConfig, pvh: Option<&SerialOutput>) -> Result<Vm> {
+    fn build(config: &VmConfig, pvh: Option<&SerialOutput>, backing: RamBacking) -> Result<Vm> {
         let platform = if pvh.is_some() {
             Platform::Pvh
         } else {
@@ -185,7 +191,7 @@ impl Vm {
             specs.push(x86::system_region());
         }
         specs.extend_from_slice(&config.memory);
-        let ram = Arc::new(GuestRam::new(&specs)?);
+        let ram = Arc::new(GuestRam::with_backing(&specs, backing)?);
         // Dirty logging stays off until a user needs it (`Vm::dirty_logging`).
         let mut logging = DirtyLogging::register(vm.clone(), ram.clone())?;
         // 4. Tables and program (workload machine).
