@@ -112,6 +112,20 @@ const ISR_POS: u64 = 0x700;
 /// for `pace=1`.
 const TSC_BASE: u64 = 0x680;
 const TSC_PER_TICK: u64 = 0x6c0;
+/// `timer=tsc-deadline` present: 0; absent: 1 (the kernel's parser returns 0 for a key with
+/// no digits after it, and the default otherwise).
+const P_TIMER_PERIODIC: u64 = 0xe0;
+/// Per-CPU flag: this CPU's LAPIC timer is in TSC-deadline mode (u64 each).
+const DL_ON: u64 = 0x740;
+/// TSC ticks per timer tick, measured by the BSP; non-zero switches every CPU's timer ISR to
+/// TSC-deadline mode (re-armed with `wrmsr IA32_TSC_DEADLINE` at every tick).
+const DL_PER_TICK: u64 = 0x780;
+/// Periodic ticks over which the BSP measures the TSC rate for `timer=tsc-deadline`.
+const DL_CALIBRATION_TICKS: i32 = 8;
+/// `IA32_TSC_DEADLINE`.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// LVT timer mode bits 17-18 = 0b10: TSC-deadline.
+const LVT_TSC_DEADLINE: i32 = 0x4_0000;
 /// Timer ticks over which `pace=1` measures the TSC rate.
 const CALIBRATION_TICKS: i32 = 32;
 const STRINGS: u64 = 0x100;
@@ -206,6 +220,12 @@ pub struct Cmdline {
     /// page, cycling over all CPUs' working sets (an interrupt handler touching memory).
     /// 0 (the default) = only the tick counter.
     pub isr_writes: u64,
+    /// `timer=tsc-deadline`: after measuring the TSC rate over 8 periodic ticks (BSP, before
+    /// the APs start; prints `timer tsc-deadline T` with T TSC ticks per tick), every CPU's
+    /// LAPIC timer runs in TSC-deadline mode, re-armed by its ISR with a CPL0
+    /// `wrmsr IA32_TSC_DEADLINE` one tick ahead, the CPU halting between ticks: how Linux
+    /// and the third-party guest of issue 14 keep time. False (the default) = periodic mode.
+    pub tsc_deadline: bool,
 }
 
 impl Default for Cmdline {
@@ -222,12 +242,14 @@ impl Default for Cmdline {
             tsc_pace: false,
             boot_writes: 0,
             isr_writes: 0,
+            tsc_deadline: false,
         }
     }
 }
 
 impl Cmdline {
-    /// The command-line string (`boot_writes` and `isr_writes` only when not 0).
+    /// The command-line string (`boot_writes`, `isr_writes` and `timer` only when not the
+    /// default).
     pub fn render(&self) -> String {
         let mut extra = String::new();
         if self.boot_writes != 0 {
@@ -235,6 +257,9 @@ impl Cmdline {
         }
         if self.isr_writes != 0 {
             extra += &format!(" isr_writes={}", self.isr_writes);
+        }
+        if self.tsc_deadline {
+            extra += " timer=tsc-deadline";
         }
         format!(
             "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={} pace={}{extra}",
@@ -373,8 +398,9 @@ struct Strings {
     bad_magic: u64,
     no_fit: u64,
     params: u64,
-    keys: [(u64, usize, u64, u64); 10], // (address, length, data offset, default)
+    keys: [(u64, usize, u64, u64); 11], // (address, length, data offset, default)
     boot_writes: u64,
+    timer_dl: u64,
     memmap: u64,
     ram_kib: u64,
     cpu: u64,
@@ -402,6 +428,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
         key("pace=", P_PACE, u64::from(def.tsc_pace))?,
         key("boot_writes=", P_BOOT_WRITES, def.boot_writes)?,
         key("isr_writes=", P_ISR_WRITES, def.isr_writes)?,
+        key("timer=tsc-deadline", P_TIMER_PERIODIC, 1)?,
     ];
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
@@ -410,6 +437,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
         params: d.string("params")?,
         keys,
         boot_writes: d.string("boot writes ")?,
+        timer_dl: d.string("timer tsc-deadline ")?,
         memmap: d.string("memmap entries=")?,
         ram_kib: d.string(" ram_kib=")?,
         cpu: d.string("cpu ")?,
@@ -610,6 +638,45 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.call(putc)?;
     a.set_label(&mut no_boot_writes)?;
     a.call(timer_start)?;
+    // timer=tsc-deadline: TSC ticks per timer tick over DL_CALIBRATION_TICKS periodic ticks,
+    // from a tick edge; storing it switches every CPU's ISR to TSC-deadline mode.
+    let mut no_dl = a.create_label();
+    let mut dl_edge = a.create_label();
+    let mut dl_span = a.create_label();
+    a.cmp(qword_ptr(r13 + P_TIMER_PERIODIC as i32), 0)?;
+    a.jne(no_dl)?;
+    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
+    a.je(no_dl)?;
+    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
+    a.set_label(&mut dl_edge)?;
+    a.call(wait_tick)?;
+    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
+    a.je(dl_edge)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r9, rax)?;
+    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
+    a.add(r8, DL_CALIBRATION_TICKS)?;
+    a.set_label(&mut dl_span)?;
+    a.call(wait_tick)?;
+    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
+    a.jb(dl_span)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r9)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, DL_CALIBRATION_TICKS as u32)?;
+    a.div(rcx)?;
+    a.mov(qword_ptr(r13 + DL_PER_TICK as i32), rax)?;
+    a.mov(rsi, s.timer_dl)?;
+    a.call(puts)?;
+    a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
+    a.call(putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(putc)?;
+    a.set_label(&mut no_dl)?;
     // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
     let mut wait_up = a.create_label();
     a.cmp(qword_ptr(r13 + P_CPUS as i32), 1)?;
@@ -958,6 +1025,40 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(dword_ptr(rax + 0xb0), 0)?; // EOI
     a.mov(rax, DATA_GPA + TICKS)?;
     a.inc(qword_ptr(rax + r15 * 8))?;
+    // TSC-deadline mode (once DL_PER_TICK is measured): on this CPU's first tick after that,
+    // switch its LVT timer to TSC-deadline mode; every tick, arm the next deadline one tick
+    // from now (a CPL0 WRMSR, as Linux's lapic_next_deadline).
+    let mut no_deadline = a.create_label();
+    let mut dl_armed = a.create_label();
+    a.mov(rax, DATA_GPA)?;
+    a.cmp(qword_ptr(rax + DL_PER_TICK as i32), 0)?;
+    a.je(no_deadline)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.push(r8)?;
+    a.mov(r8, rax)?;
+    a.cmp(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 0)?;
+    a.jne(dl_armed)?;
+    a.mov(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 1)?;
+    a.mov(rcx, LAPIC)?;
+    a.mov(
+        dword_ptr(rcx + 0x320),
+        LVT_TSC_DEADLINE | TIMER_VECTOR as i32,
+    )?;
+    a.set_label(&mut dl_armed)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.add(rax, qword_ptr(r8 + DL_PER_TICK as i32))?;
+    a.mov(rdx, rax)?;
+    a.shr(rdx, 32)?;
+    a.mov(ecx, MSR_TSC_DEADLINE)?;
+    a.wrmsr()?;
+    a.mov(rax, r8)?;
+    a.pop(r8)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.set_label(&mut no_deadline)?;
     // isr_writes: N stores at CPL0, one per page, cycling over every working set.
     a.mov(rax, DATA_GPA)?;
     a.cmp(qword_ptr(rax + P_ISR_WRITES as i32), 0)?;
@@ -1174,6 +1275,11 @@ mod tests {
             c.render(),
             "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7 tick_us=500 period_ticks=10 pace=1"
         );
+        let dl = Cmdline {
+            tsc_deadline: true,
+            ..c
+        };
+        assert!(dl.render().ends_with(" pace=1 timer=tsc-deadline"));
         assert_eq!(c.memory_needed(), WS_GPA + (4 << 20));
     }
 }
