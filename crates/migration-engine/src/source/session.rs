@@ -334,6 +334,7 @@ impl<'a> Session<'a> {
                 l.x.throttle_percent = u64::from(throttle);
                 l.x.dirty_limit_bytes_per_s = limit;
             });
+            let hold = step.next_collect_at;
             match step.decision {
                 Decision::NextPass => self.apply(pre, step.actions)?,
                 // Throttles are lifted once the vCPUs are paused (no unthrottled burst lands
@@ -354,6 +355,23 @@ impl<'a> Session<'a> {
                 .pass(pre.iteration, pages, false, &mut it, self.progress, pages)?;
             pre.last_pass_bytes = r.2;
             self.record_pass(pre.iteration, r, rate, vcpu_rates);
+            if let Some(at) = hold {
+                self.hold_until(self.t_start + at)?;
+            }
+        }
+    }
+
+    /// Waits (cancellable) until `until` before the next collect: the policy's pass pacing
+    /// while pre-copy is not converging (`migration::convergence` rule 7).
+    fn hold_until(&mut self, until: Instant) -> Result<()> {
+        const SLICE: Duration = Duration::from_millis(10);
+        loop {
+            self.ctl.check()?;
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            std::thread::sleep((until - now).min(SLICE));
         }
     }
 
