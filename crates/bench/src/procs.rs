@@ -68,7 +68,14 @@ pub fn spawn_destination(mut cmd: Command) -> Result<Destination> {
         return Err(BenchError::io("reading the destination's first line")(e));
     }
     std::thread::spawn(move || for _ in err.lines() {});
-    match first.trim().strip_prefix("listening ") {
+    // `listening ADDR:PORT` (the former CLI) or `[dest] waiting for a migration on ADDR:PORT`.
+    let line = first.trim();
+    let addr = line.strip_prefix("listening ").or_else(|| {
+        line.contains("waiting for a migration on ")
+            .then(|| line.rsplit(' ').next())
+            .flatten()
+    });
+    match addr {
         Some(addr) => {
             tracing::debug!(addr, "destination listening");
             Ok(Destination {
@@ -175,4 +182,30 @@ pub fn netns_down(link: &str) {
             .arg("down")
             .status();
     }
+}
+
+/// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Fields after the parenthesised command name of a `/proc/*/stat` line.
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split(' ').collect())
+}
+
+/// User + system CPU seconds process `pid` has used so far (`/proc/PID/stat` utime, stime).
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f = stat_fields(&stat)?;
+    let t = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(t as f64 / USER_HZ)
+}
+
+/// User + system CPU seconds of this process's reaped children so far (`/proc/self/stat`
+/// cutime, cstime): the difference around one child's run is that child's CPU time.
+pub fn reaped_children_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let f = stat_fields(&stat)?;
+    let t = f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?;
+    Some(t as f64 / USER_HZ)
 }

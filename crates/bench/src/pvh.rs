@@ -78,6 +78,38 @@ pub struct Row {
     pub dest_progress: bool,
     /// ringvisor compares memory digests after every migration; QEMU does not.
     pub verified: Option<bool>,
+    /// CPU seconds (user + system) of the source process, boot and warm-up included.
+    pub source_cpu_s: Option<f64>,
+    /// The guest's write rate during the migration, MiB/s, from its progress reports on the
+    /// source console ([`guest_rate`]).
+    pub guest_mib_s: Option<f64>,
+}
+
+/// The guest's write rate over the last `window_ms` of the source console (the migration):
+/// pages between the last progress report and the first report at least `window_ms` of timer
+/// ticks before it, over those ticks (`tick_us` each). MiB/s; `None` with fewer than two
+/// reports in the window.
+pub fn guest_rate(console: &str, window_ms: f64, tick_us: u64) -> Option<f64> {
+    let reports: Vec<(u64, u64)> = console
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_ascii_whitespace().collect();
+            match w.as_slice() {
+                ["cpu", "0", "progress", _, "pages", p, "ticks", t] => {
+                    Some((p.parse().ok()?, t.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let &(p1, t1) = reports.last()?;
+    let window_ticks = (window_ms * 1e3 / tick_us.max(1) as f64) as u64;
+    let &(p0, t0) = reports.iter().find(|(_, t)| *t + window_ticks >= t1)?;
+    if t1 <= t0 {
+        return None;
+    }
+    let secs = (t1 - t0) as f64 * tick_us as f64 / 1e6;
+    Some((p1 - p0) as f64 * 4096.0 / secs / f64::from(1u32 << 20))
 }
 
 /// The PVH rows.
@@ -105,6 +137,9 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// The test kernel's timer period in the default rows, µs.
+const TICK_US: u64 = 1000;
+
 fn cmdline(o: &PvhOpts, dirty: bool) -> String {
     ::pvh::test_kernel::Cmdline {
         ws_mb: o.ws_mb,
@@ -112,7 +147,7 @@ fn cmdline(o: &PvhOpts, dirty: bool) -> String {
         reports: 0,
         cpus: o.vcpus,
         exit: 0,
-        tick_us: 1000,
+        tick_us: TICK_US,
         period_ticks: o.period_ticks,
         tsc_pace: true,
         ..pvh::test_kernel::Cmdline::default()
@@ -133,9 +168,13 @@ fn ringvisor_one(
     cmdline: &str,
     tracker: &str,
     dir: &Path,
+    extra: &[&str],
+    tick_us: u64,
 ) -> Result<(Row, bool)> {
     let console = dir.join(format!("dest-{tracker}.console"));
     let _ = std::fs::remove_file(&console);
+    let src_console = dir.join(format!("source-{tracker}.console"));
+    let _ = std::fs::remove_file(&src_console);
     let mut cmd = Command::new(&o.exe);
     cmd.args([
         "incoming",
@@ -152,6 +191,7 @@ fn ringvisor_one(
     ])
     .arg(&console);
     let mut dest = spawn_destination(cmd)?;
+    let cpu0 = crate::procs::reaped_children_cpu_s();
     let out = Command::new(&o.exe)
         .args(["run", "--kernel"])
         .arg(kernel)
@@ -167,7 +207,9 @@ fn ringvisor_one(
             "--ring-entries",
             &o.ring_entries.to_string(),
             "--console",
-            "/dev/null",
+        ])
+        .arg(&src_console)
+        .args([
             "--migrate-to",
             &dest.addr,
             "--migrate-after",
@@ -183,13 +225,22 @@ fn ringvisor_one(
             "--exit-after-migrate",
             "--json",
         ])
+        .args(extra)
         .stderr(Stdio::piped())
         .output()
         .map_err(BenchError::io("running the source"));
+    let cpu = match (cpu0, crate::procs::reaped_children_cpu_s()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     reap_destination(&mut dest);
     let v = source_summary(&out?)?;
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     let verified = v["verified"].as_bool();
+    let total_ms = v["total_ms"].as_f64().unwrap_or(0.0);
+    let guest = std::fs::read_to_string(&src_console)
+        .ok()
+        .and_then(|c| guest_rate(&c, total_ms, tick_us));
     Ok((
         Row {
             vmm: "ringvisor".into(),
@@ -208,23 +259,36 @@ fn ringvisor_one(
             // The destination ran 1 s after the resume: at least 2 reports per vCPU.
             dest_progress: progress_lines(&console) >= 2 * o.vcpus as usize,
             verified,
+            source_cpu_s: cpu,
+            guest_mib_s: guest,
         },
         verified == Some(false),
     ))
 }
 
-fn qemu_one(o: &PvhOpts, kernel: &Path, cmdline: &str, tracker: &str) -> Result<Row> {
-    let r = qemu::migrate(&qemu::QemuRun {
-        kernel: kernel.to_path_buf(),
-        cmdline: cmdline.to_string(),
-        memory_mib: o.memory >> 20,
-        vcpus: o.vcpus as u32,
-        dirty_ring: (tracker == "ring").then_some(o.ring_entries),
-        downtime_limit_ms: o.downtime_limit,
-        max_bandwidth: Some(o.max_bandwidth),
-        warmup: Duration::from_secs_f64(o.warmup),
-        timeout: Duration::from_secs_f64(o.timeout),
-    })?;
+fn qemu_one(
+    o: &PvhOpts,
+    kernel: &Path,
+    cmdline: &str,
+    tracker: &str,
+    extras: &qemu::QemuExtras,
+    tick_us: u64,
+) -> Result<Row> {
+    let r = qemu::migrate_with(
+        &qemu::QemuRun {
+            kernel: kernel.to_path_buf(),
+            cmdline: cmdline.to_string(),
+            memory_mib: o.memory >> 20,
+            vcpus: o.vcpus as u32,
+            dirty_ring: (tracker == "ring").then_some(o.ring_entries),
+            downtime_limit_ms: o.downtime_limit,
+            max_bandwidth: Some(o.max_bandwidth),
+            warmup: Duration::from_secs_f64(o.warmup),
+            timeout: Duration::from_secs_f64(o.timeout),
+        },
+        extras,
+    )?;
+    let guest = guest_rate(&r.source_console, r.total_ms, tick_us);
     Ok(Row {
         vmm: "qemu".into(),
         scenario: String::new(),
@@ -238,6 +302,8 @@ fn qemu_one(o: &PvhOpts, kernel: &Path, cmdline: &str, tracker: &str) -> Result<
         passes: r.passes,
         dest_progress: r.dest_progress_ok,
         verified: None,
+        source_cpu_s: r.source_cpu_s,
+        guest_mib_s: guest,
     })
 }
 
@@ -290,8 +356,8 @@ pub fn run(o: &PvhOpts, progress: &mut dyn Progress) -> Result<Report> {
         progress.step(&format!("{which} {name} {tracker}"));
         let line = cmdline(o, dirty);
         let r = match which {
-            "qemu" => qemu_one(o, &kernel, &line, tracker),
-            _ => ringvisor_one(o, &kernel, &line, tracker, &dir).map(|(r, bad)| {
+            "qemu" => qemu_one(o, &kernel, &line, tracker, &Default::default(), TICK_US),
+            _ => ringvisor_one(o, &kernel, &line, tracker, &dir, &[], TICK_US).map(|(r, bad)| {
                 if bad {
                     progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
                 }
@@ -340,6 +406,9 @@ struct Med {
     downtime_source_ms: f64,
     mib_sent: f64,
     dest_progress: bool,
+    passes: f64,
+    guest_mib_s: f64,
+    source_cpu_s: f64,
 }
 
 fn medians(rep: &Report) -> Vec<Med> {
@@ -369,6 +438,9 @@ fn medians(rep: &Report) -> Vec<Med> {
                 downtime_source_ms: med(rs.iter().map(|r| r.downtime_source_ms).collect()),
                 mib_sent: med(rs.iter().map(|r| r.mib_sent).collect()),
                 dest_progress: rs.iter().all(|r| r.dest_progress),
+                passes: med(rs.iter().map(|r| r.passes as f64).collect()),
+                guest_mib_s: med(rs.iter().filter_map(|r| r.guest_mib_s).collect()),
+                source_cpu_s: med(rs.iter().filter_map(|r| r.source_cpu_s).collect()),
                 scenario,
                 tracker,
                 vmm,
@@ -389,8 +461,8 @@ fn markdown(rep: &Report) -> String {
         "PVH test kernel, {} MiB, {} vCPU(s), downtime-limit {} ms, max-bandwidth {} MB/s, ring {} entries/vCPU, loopback{}\n\
          idle: `{}`; dirtying: `{}`\n\
          QEMU: {}\n\n\
-         | scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | dest progress | total vs QEMU | downtime vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | guest MiB/s during | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         rep.memory_mib,
         rep.vcpus,
         rep.downtime_limit_ms,
@@ -416,7 +488,7 @@ fn markdown(rep: &Report) -> String {
             _ => (String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {rt} | {rd} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {} | {rt} | {rd} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -426,6 +498,9 @@ fn markdown(rep: &Report) -> String {
             c.downtime_ms,
             c.downtime_source_ms,
             c.mib_sent,
+            c.passes,
+            c.guest_mib_s,
+            c.source_cpu_s,
             if c.dest_progress { "yes" } else { "NO" }
         );
     }
@@ -482,4 +557,266 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+/// One scenario of the third-party guest profile.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Name (the table's scenario column).
+    pub name: String,
+    /// Test kernel `ws_mb`.
+    pub ws_mb: u64,
+    /// Test kernel `dirty_mb` per 20 ms report (rate = 50 × this MiB/s).
+    pub dirty_mb: u64,
+    /// Seconds the guest runs before the migration (at least [`PvhOpts::warmup`]).
+    pub warmup: f64,
+    /// `max-bandwidth` for this scenario (`None` = [`PvhOpts::max_bandwidth`]).
+    pub max_bandwidth: Option<u64>,
+    /// Extra `ringvisor run` migration options.
+    pub ringvisor_args: Vec<&'static str>,
+    /// QEMU's settings for the same scenario.
+    pub qemu: qemu::QemuExtras,
+    /// Only the dirty ring can run it (a dirty limit).
+    pub ring_only: bool,
+}
+
+/// Bytes of the third-party profile's guest.
+pub const THIRD_PARTY_MEMORY: u64 = 4 << 30;
+/// The test kernel's working set that spans all of a 4 GiB guest's RAM it can reach: the RAM
+/// below the 3 GiB MMIO hole above the kernel's 16 MiB (its page tables map the first 4 GiB
+/// only, so the 1 GiB above 4 GiB is not written).
+pub const THIRD_PARTY_ALL_WS_MB: u64 = 3056;
+/// Timer period of the profile's guest (the issue's guest ticks every 2 ms).
+const THIRD_PARTY_TICK_US: u64 = 2000;
+/// Ticks per report: a report every 20 ms, so `dirty_mb` = rate / 50.
+const THIRD_PARTY_PERIOD_TICKS: u64 = 10;
+/// CPL0 stores at boot (the issue's guest builds 64 GiB of identity page tables: ~33,000).
+const THIRD_PARTY_BOOT_WRITES: u64 = 33_000;
+
+/// The scenarios of issue 14's guest profile, in table order.
+pub fn third_party_scenarios(o: &PvhOpts) -> Vec<Scenario> {
+    let base = |name: &str, ws_mb: u64, rate_mib: u64| Scenario {
+        name: name.to_string(),
+        ws_mb,
+        dirty_mb: rate_mib / 50,
+        warmup: o.warmup,
+        max_bandwidth: None,
+        ringvisor_args: Vec::new(),
+        qemu: qemu::QemuExtras::default(),
+        ring_only: false,
+    };
+    let mut v = vec![
+        base("idle", 256, 0),
+        base("50 MiB/s over 256 MiB", 256, 50),
+        base("200 MiB/s over 256 MiB", 256, 200),
+        base("800 MiB/s over 256 MiB", 256, 800),
+    ];
+    // All memory, warmed up until populated: the whole working set written once at 800 MiB/s
+    // plus 25% and the boot.
+    let mut all = base("800 MiB/s over all memory", THIRD_PARTY_ALL_WS_MB, 800);
+    all.warmup = o
+        .warmup
+        .max(THIRD_PARTY_ALL_WS_MB as f64 / 800.0 * 1.25 + 2.0);
+    v.push(all);
+    let shaped = |name: &str, rv: Vec<&'static str>, q: qemu::QemuExtras, ring_only| {
+        let mut s = base(
+            &format!("200 MiB/s over 256 MiB, 128 MiB/s link, {name}"),
+            256,
+            200,
+        );
+        s.max_bandwidth = Some(128 << 20);
+        s.ringvisor_args = rv;
+        s.qemu = q;
+        s.ring_only = ring_only;
+        s
+    };
+    v.push(shaped(
+        "auto-converge",
+        vec!["--auto-converge"],
+        qemu::QemuExtras {
+            auto_converge: true,
+            vcpu_dirty_limit_mb: None,
+        },
+        false,
+    ));
+    v.push(shaped(
+        "dirty-limit auto (QEMU: dirty limit 50 MB/s)",
+        vec!["--dirty-limit", "auto"],
+        qemu::QemuExtras {
+            auto_converge: false,
+            vcpu_dirty_limit_mb: Some(50),
+        },
+        true,
+    ));
+    v.push(shaped(
+        "dirty-limit 50M (QEMU: dirty limit 50 MB/s)",
+        vec!["--dirty-limit", "50M"],
+        qemu::QemuExtras {
+            auto_converge: false,
+            vcpu_dirty_limit_mb: Some(50),
+        },
+        true,
+    ));
+    v
+}
+
+fn third_party_cmdline(s: &Scenario) -> String {
+    ::pvh::test_kernel::Cmdline {
+        ws_mb: s.ws_mb,
+        dirty_mb: s.dirty_mb,
+        reports: 0,
+        cpus: 1,
+        exit: 0,
+        tick_us: THIRD_PARTY_TICK_US,
+        period_ticks: THIRD_PARTY_PERIOD_TICKS,
+        tsc_pace: true,
+        boot_writes: THIRD_PARTY_BOOT_WRITES,
+        isr_writes: 1,
+        tsc_deadline: true,
+    }
+    .render()
+}
+
+/// `bench migrate --pvh --profile third-party`: issue 14's guest (1 vCPU, 4 GiB, the test
+/// kernel with CPL0 boot stores, an ISR store per tick, the TSC-deadline timer at 2 ms with
+/// HLT between ticks) in every scenario of [`third_party_scenarios`] whose name contains one
+/// of `only` (all when empty), for ringvisor's ring (4096 and 65536 entries), bitmap and
+/// clear-log trackers (those named in `o.trackers`) and QEMU's ring (4096, 65536) and bitmap.
+/// `o.memory`, `o.vcpus`, `o.ring_entries`, `o.ws_mb`, `o.dirty_mb` and `o.period_ticks` are
+/// replaced by the profile's.
+pub fn run_third_party(
+    o: &PvhOpts,
+    only: &[String],
+    progress: &mut dyn Progress,
+) -> Result<Report> {
+    check(o)?;
+    let dir = std::env::temp_dir().join(format!("ringvisor-bench-3p-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
+    let kernel = dir.join("test-kernel.elf");
+    let image = ::pvh::test_kernel::build(&Default::default()).map_err(BenchError::TestKernel)?;
+    std::fs::write(&kernel, image)
+        .map_err(BenchError::io(format!("writing {}", kernel.display())))?;
+    let qemu_version = qemu::available();
+    if qemu_version.is_none() {
+        progress.note("qemu-system-x86_64 is not usable here: the QEMU rows are left out");
+    }
+    let scenarios: Vec<Scenario> = third_party_scenarios(o)
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|n| s.name.contains(n.as_str())))
+        .collect();
+    let trackers: [(&str, &str, u32); 4] = [
+        ("ring-4096", "ring", 4096),
+        ("ring-65536", "ring", 65536),
+        ("bitmap", "bitmap", 4096),
+        ("clear-log", "clear-log", 4096),
+    ];
+    let mut cells = Vec::new();
+    for s in &scenarios {
+        for &(name, mode, entries) in &trackers {
+            if !o.trackers.iter().any(|t| t == mode) || (s.ring_only && mode != "ring") {
+                continue;
+            }
+            for _ in 0..o.repeat {
+                cells.push((s, name, mode, entries, "ringvisor"));
+                if qemu_version.is_some() && mode != "clear-log" {
+                    cells.push((s, name, mode, entries, "qemu"));
+                }
+            }
+        }
+    }
+    progress.start(cells.len() as u64, "migrations");
+    let mut rows = Vec::new();
+    for (s, name, mode, entries, which) in cells {
+        progress.step(&format!("{which} {} {name}", s.name));
+        let oo = PvhOpts {
+            memory: THIRD_PARTY_MEMORY,
+            vcpus: 1,
+            ring_entries: entries,
+            warmup: s.warmup,
+            max_bandwidth: s.max_bandwidth.unwrap_or(o.max_bandwidth),
+            ..o.clone()
+        };
+        let line = third_party_cmdline(s);
+        let r = match which {
+            "qemu" => qemu_one(&oo, &kernel, &line, mode, &s.qemu, THIRD_PARTY_TICK_US),
+            _ => ringvisor_one(
+                &oo,
+                &kernel,
+                &line,
+                mode,
+                &dir,
+                &s.ringvisor_args,
+                THIRD_PARTY_TICK_US,
+            )
+            .map(|(r, bad)| {
+                if bad {
+                    progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
+                }
+                r
+            }),
+        };
+        match r {
+            Ok(mut r) => {
+                r.scenario = s.name.clone();
+                r.tracker = name.into();
+                rows.push(r);
+            }
+            Err(e) => progress.note(&format!("{which} {} {name}: {}", s.name, error_chain(&e))),
+        }
+        progress.inc();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    progress.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = scenarios
+        .first()
+        .map(third_party_cmdline)
+        .unwrap_or_default();
+    let last = scenarios
+        .last()
+        .map(third_party_cmdline)
+        .unwrap_or_default();
+    Ok(Report {
+        pvm_host: kvm_dirty::is_pvm_host(),
+        qemu: qemu_version,
+        memory_mib: THIRD_PARTY_MEMORY >> 20,
+        vcpus: 1,
+        ring_entries: 0,
+        downtime_limit_ms: o.downtime_limit,
+        max_bandwidth: o.max_bandwidth,
+        idle_cmdline: first,
+        dirty_cmdline: last,
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_rate_uses_the_reports_inside_the_window() {
+        // 2 ms ticks; 256 pages (1 MiB) per 10 ticks (20 ms) = 50 MiB/s, then a stall.
+        let mut c = String::from("ringvisor PVH test kernel v1\nboot writes 5\n");
+        for r in 1..=100u64 {
+            c += &format!("cpu 0 progress {r} pages {} ticks {}\n", r * 256, r * 10);
+        }
+        // The last 200 ms (100 ticks) of a steady 50 MiB/s.
+        let rate = guest_rate(&c, 200.0, 2000).unwrap();
+        assert!((rate - 50.0).abs() < 1e-9, "{rate}");
+        // Half the rate over the last 20 reports: 128 pages per 10 ticks.
+        for r in 101..=120u64 {
+            c += &format!(
+                "cpu 0 progress {r} pages {} ticks {}\n",
+                100 * 256 + (r - 100) * 128,
+                r * 10
+            );
+        }
+        let rate = guest_rate(&c, 400.0, 2000).unwrap();
+        assert!((rate - 25.0).abs() < 1e-9, "{rate}");
+        assert_eq!(
+            guest_rate("cpu 0 progress 1 pages 5 ticks 3\n", 100.0, 2000),
+            None
+        );
+    }
 }

@@ -162,6 +162,21 @@ pub struct QemuResult {
     pub dest_progress_ok: bool,
     /// From the source's QMP greeting, e.g. `7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`.
     pub qemu_version: String,
+    /// CPU time (user + system) the source QEMU process used from its start until the
+    /// migration ended, seconds (`/proc/PID/stat`); `None` where it could not be read.
+    pub source_cpu_s: Option<f64>,
+    /// The source guest's console at the end of the migration.
+    pub source_console: String,
+}
+
+/// Migration settings beyond [`QemuRun`] (for the comparisons with ringvisor's throttles).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QemuExtras {
+    /// The `auto-converge` capability.
+    pub auto_converge: bool,
+    /// QEMU 7.2's per-vCPU dirty limit (`set-vcpu-dirty-limit`, `dirty-rate` in MB/s; the
+    /// dirty ring only), set before `migrate`.
+    pub vcpu_dirty_limit_mb: Option<u64>,
 }
 
 /// QEMU's version (`7.2.22 (Debian ...)`) if `qemu-system-x86_64` runs here with `-accel kvm`
@@ -270,7 +285,9 @@ fn qemu_args(run: &QemuRun, qmp: &Path, serial: &Path, incoming: bool) -> Vec<St
         "-M",
         MACHINE,
         "-cpu",
-        "qemu64",
+        // The TSC-deadline timer, as ringvisor's PVH platform offers it (CPUID.1:ECX[24]);
+        // the test kernel's `timer=tsc-deadline` needs it.
+        "qemu64,+tsc-deadline",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -315,6 +332,11 @@ fn opt_escape(s: &str) -> String {
 /// for runs that could not be measured (QEMU missing or crashing, the guest not booting,
 /// QMP not answering).
 pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
+    migrate_with(run, &QemuExtras::default())
+}
+
+/// [`migrate`] with `extras` applied on the source before `migrate`.
+pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
     validate(run)?;
     // Declared first so it is dropped last, after both processes are dead.
     let scratch = Scratch::new()?;
@@ -345,6 +367,17 @@ pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
         json!({ "downtime-limit": run.downtime_limit_ms, "max-bandwidth": bandwidth }),
     )
     .step("source: migrate-set-parameters")?;
+    if extras.auto_converge {
+        sq.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] }),
+        )
+        .step("source: migrate-set-capabilities auto-converge")?;
+    }
+    if let Some(mb) = extras.vcpu_dirty_limit_mb {
+        sq.execute("set-vcpu-dirty-limit", json!({ "dirty-rate": mb }))
+            .step("source: set-vcpu-dirty-limit")?;
+    }
     let started = Instant::now();
     sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
         .step("source: migrate")?;
@@ -420,7 +453,9 @@ pub fn migrate(run: &QemuRun) -> Result<QemuResult> {
             std::thread::sleep(POLL);
         }
     }
-    let result = info.result(qemu_version, dest_progress_ok);
+    let mut result = info.result(qemu_version, dest_progress_ok);
+    result.source_cpu_s = crate::procs::process_cpu_s(src.child.id());
+    result.source_console = src.serial();
     sq.quit();
     dq.quit();
     src.reap(STOP_TIMEOUT);
@@ -490,6 +525,8 @@ impl MigrateInfo {
             passes: self.dirty_sync_count,
             dest_progress_ok,
             qemu_version,
+            source_cpu_s: None,
+            source_console: String::new(),
         }
     }
 }
@@ -886,6 +923,8 @@ mod tests {
                 passes: 3,
                 dest_progress_ok: true,
                 qemu_version: "7.2.22".into(),
+                source_cpu_s: None,
+                source_console: String::new(),
             }
         );
     }
