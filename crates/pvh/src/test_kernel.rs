@@ -1275,11 +1275,11 @@ mod tests {
             c.render(),
             "ws_mb=2 dirty_mb=1 reports=5 cpus=2 exit=7 tick_us=500 period_ticks=10 pace=1"
         );
-        let dl = Cmdline {
+        let deadline = Cmdline {
             tsc_deadline: true,
             ..c
         };
-        assert!(dl.render().ends_with(" pace=1 timer=tsc-deadline"));
+        assert!(deadline.render().ends_with(" pace=1 timer=tsc-deadline"));
         assert_eq!(c.memory_needed(), WS_GPA + (4 << 20));
     }
 }
