@@ -4,7 +4,7 @@
 //! What it does, keeping CPL0 work minimal because PVM emulates every CPL0 instruction:
 //! 1. BSP, 32-bit entry (CPL0): saves EBX (start info), masks the 8259 PICs (firmware such as
 //!    SeaBIOS leaves the PIT ticking on them), loads its GDT, enables PAE, long mode
-//!    (and SYSCALL/SYSRET) and paging with static identity page tables (first 4 GiB, 2 MiB
+//!    (and SYSCALL/SYSRET) and paging with static identity page tables (first 8 GiB, 2 MiB
 //!    pages, User bit set), far-jumps to 64-bit code.
 //! 2. 64-bit CPL0 (BSP and APs): APIC ID from CPUID = CPU index, per-CPU stack, LTR (per-CPU
 //!    TSS: RSP0 and an I/O permission bitmap), LIDT, STAR, then SYSRETQ to ring 3 with
@@ -65,17 +65,20 @@ pub const KERNEL_GPA: u64 = 0x10_0000;
 const CODE64_GPA: u64 = 0x10_0400;
 /// Data page: GDT, variables, strings.
 const DATA_GPA: u64 = 0x10_3000;
-/// PML4, PDPT, then four page directories.
+/// PML4, PDPT, then [`MAPPED_GIB`] page directories.
 const PML4_GPA: u64 = 0x10_4000;
 const PDPT_GPA: u64 = 0x10_5000;
 const PD_GPA: u64 = 0x10_6000;
-/// Per-CPU stacks (bss).
+/// GiB of guest physical memory the identity page tables map (2 MiB pages): the RAM below
+/// the MMIO hole and up to 4 GiB of RAM above 4 GiB.
+pub const MAPPED_GIB: u64 = 8;
 /// IDT page (256 gates).
-const IDT_GPA: u64 = 0x10_a000;
+const IDT_GPA: u64 = PD_GPA + MAPPED_GIB * 0x1000;
 /// Per-CPU TSSes (RSP0 and the I/O permission bitmap), `TSS_STRIDE` apart.
-const TSS_GPA: u64 = 0x10_b000;
+const TSS_GPA: u64 = IDT_GPA + 0x1000;
 const TSS_STRIDE: u64 = 0x140;
-const STACKS_GPA: u64 = 0x10_c000;
+/// Per-CPU stacks (bss).
+const STACKS_GPA: u64 = TSS_GPA + 0x1000;
 const STACK_BYTES: u64 = 0x4000;
 /// Most CPUs the kernel runs on.
 pub const MAX_CPUS: u64 = 8;
@@ -115,6 +118,11 @@ const TSC_PER_TICK: u64 = 0x6c0;
 /// `timer=tsc-deadline` present: 0; absent: 1 (the kernel's parser returns 0 for a key with
 /// no digits after it, and the default otherwise).
 const P_TIMER_PERIODIC: u64 = 0xe0;
+/// Working sets are linear: offset `o` from `WS_GPA` is at `WS_GPA + o` below `HOLE_AT` (the
+/// end of RAM below 4 GiB) and `HOLE_SKIP` bytes higher from there on (past the MMIO hole,
+/// in the RAM above 4 GiB), so `ws_mb` can cover all of a guest's RAM.
+const HOLE_AT: u64 = 0xe8;
+const HOLE_SKIP: u64 = 0xf0;
 /// Per-CPU flag: this CPU's LAPIC timer is in TSC-deadline mode (u64 each).
 const DL_ON: u64 = 0x740;
 /// TSC ticks per timer tick, measured by the BSP; non-zero switches every CPU's timer ISR to
@@ -274,8 +282,9 @@ impl Cmdline {
         )
     }
 
-    /// RAM the kernel needs for this command line (below 4 GiB; with less it powers off with
-    /// [`NO_FIT_STATUS`]).
+    /// RAM the kernel needs for this command line (the RAM below the MMIO hole and, past it,
+    /// the RAM from 4 GiB up to [`MAPPED_GIB`]: working sets continue across the hole; with
+    /// less it powers off with [`NO_FIT_STATUS`]).
     pub fn memory_needed(&self) -> u64 {
         WS_GPA + self.cpus.clamp(1, MAX_CPUS) * (self.ws_mb << 20).max(4096)
     }
@@ -575,6 +584,8 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(r9, rcx)?;
     a.xor(r8d, r8d)?;
     a.xor(r10d, r10d)?;
+    a.xor(r11d, r11d)?;
+    let mut mm_low = a.create_label();
     a.set_label(&mut mm_loop)?;
     a.test(ecx, ecx)?;
     a.jz(mm_done)?;
@@ -586,7 +597,16 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.add(rax, qword_ptr(rsi + 8))?;
     a.mov(rdx, 1u64 << 32)?;
     a.cmp(rax, rdx)?;
-    a.ja(mm_skip)?;
+    a.jbe(mm_low)?;
+    // r11 = highest end of RAM above 4 GiB, at most what the page tables map.
+    a.mov(rdx, MAPPED_GIB << 30)?;
+    a.cmp(rax, rdx)?;
+    a.cmova(rax, rdx)?;
+    a.cmp(rax, r11)?;
+    a.cmovb(rax, r11)?;
+    a.mov(r11, rax)?;
+    a.jmp(mm_skip)?;
+    a.set_label(&mut mm_low)?;
     a.cmp(rax, r10)?;
     a.jbe(mm_skip)?;
     a.mov(r10, rax)?;
@@ -608,6 +628,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.call(putc)?;
     // The working sets must lie in RAM: WS_GPA + cpus * ws_mb MiB <= r10.
     let mut fits = a.create_label();
+    let mut no_high = a.create_label();
     a.mov(rax, qword_ptr(r13 + P_WS as i32))?;
     a.shl(rax, 20)?;
     a.mov(ecx, 4096u32)?;
@@ -615,9 +636,22 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.cmovb(rax, rcx)?;
     a.imul_2(rax, qword_ptr(r13 + P_CPUS as i32))?;
     a.mov(qword_ptr(r13 + ISR_SPAN as i32), rax)?;
+    // The hole: from r10 (end of low RAM) to 4 GiB; RAM continues at 4 GiB up to r11.
+    a.mov(qword_ptr(r13 + HOLE_AT as i32), r10)?;
+    a.mov(rcx, 1u64 << 32)?;
+    a.sub(rcx, r10)?;
+    a.mov(qword_ptr(r13 + HOLE_SKIP as i32), rcx)?;
     a.mov(rcx, WS_GPA)?;
     a.add(rax, rcx)?;
-    a.cmp(rax, r10)?;
+    // Room: r10 plus the RAM above 4 GiB (r11 - 4 GiB, or none).
+    a.mov(rcx, r10)?;
+    a.test(r11, r11)?;
+    a.jz(no_high)?;
+    a.add(rcx, r11)?;
+    a.mov(rdx, 1u64 << 32)?;
+    a.sub(rcx, rdx)?;
+    a.set_label(&mut no_high)?;
+    a.cmp(rax, rcx)?;
     a.jbe(fits)?;
     a.mov(rsi, s.no_fit)?;
     a.call(puts)?;
@@ -798,6 +832,11 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(rax, rbx)?;
     a.shl(rax, 12)?;
     a.add(rax, r12)?;
+    let mut below_hole = a.create_label();
+    a.cmp(rax, qword_ptr(r13 + HOLE_AT as i32))?;
+    a.jb(below_hole)?;
+    a.add(rax, qword_ptr(r13 + HOLE_SKIP as i32))?;
+    a.set_label(&mut below_hole)?;
     a.inc(r10)?;
     a.mov(qword_ptr(rax), r10)?;
     a.inc(rbx)?;
@@ -1075,6 +1114,11 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut isr_nowrap)?;
     a.mov(r8, WS_GPA)?;
     a.add(r8, rdx)?;
+    let mut isr_below_hole = a.create_label();
+    a.cmp(r8, qword_ptr(rax + HOLE_AT as i32))?;
+    a.jb(isr_below_hole)?;
+    a.add(r8, qword_ptr(rax + HOLE_SKIP as i32))?;
+    a.set_label(&mut isr_below_hole)?;
     a.mov(qword_ptr(r8 + 8), rcx)?;
     a.add(rdx, 4096)?;
     a.dec(rcx)?;
@@ -1116,8 +1160,15 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.cmovb(r8, rdx)?;
     a.mov(rdx, WS_GPA)?;
     a.add(r8, rdx)?;
+    a.push(r9)?;
     a.set_label(&mut boot_loop)?;
-    a.mov(qword_ptr(rdx), rcx)?;
+    let mut boot_below_hole = a.create_label();
+    a.mov(r9, rdx)?;
+    a.cmp(r9, qword_ptr(rax + HOLE_AT as i32))?;
+    a.jb(boot_below_hole)?;
+    a.add(r9, qword_ptr(rax + HOLE_SKIP as i32))?;
+    a.set_label(&mut boot_below_hole)?;
+    a.mov(qword_ptr(r9), rcx)?;
     a.add(rdx, 4096)?;
     a.cmp(rdx, r8)?;
     a.jb(boot_nowrap)?;
@@ -1125,6 +1176,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut boot_nowrap)?;
     a.dec(rcx)?;
     a.jnz(boot_loop)?;
+    a.pop(r9)?;
     a.pop(r8)?;
     a.pop(rdx)?;
     a.pop(rcx)?;
@@ -1186,13 +1238,13 @@ fn tsses() -> Vec<u8> {
 fn page_tables() -> Vec<u8> {
     const P_RW_US: u64 = 0x7;
     const PS: u64 = 0x80;
-    let mut t = vec![0u8; 6 * 4096];
+    let mut t = vec![0u8; (2 + MAPPED_GIB as usize) * 4096];
     let mut put = |page: usize, idx: usize, v: u64| {
         let o = page * 4096 + idx * 8;
         t[o..o + 8].copy_from_slice(&v.to_le_bytes());
     };
     put(0, 0, PDPT_GPA | P_RW_US);
-    for g in 0..4usize {
+    for g in 0..MAPPED_GIB as usize {
         put(1, g, (PD_GPA + 4096 * g as u64) | P_RW_US);
         for m in 0..512usize {
             let addr = ((g as u64) << 30) | ((m as u64) << 21);

@@ -1,0 +1,55 @@
+//! Working sets continue across the MMIO hole: with `ws_mb` covering more than the RAM below
+//! 3 GiB, the test kernel writes on into the RAM above 4 GiB, so a 4 GiB guest can dirty all
+//! of its memory (issue 14's "writes spread over all RAM"). Without `/dev/kvm` the test prints
+//! a `SKIP(kvm)` line.
+
+use std::time::Duration;
+
+use pvh::test_kernel::{self, Cmdline, TestKernelParams, WS_GPA};
+use pvh::{ExitStatus, PvhConfig};
+
+#[test]
+fn a_working_set_larger_than_low_ram_continues_above_4_gib() {
+    if !vmm::kvm_available() {
+        println!("SKIP(kvm): /dev/kvm is absent, the PVH boot tests need real KVM");
+        return;
+    }
+    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    // 3 GiB + 64 MiB of RAM: 3 GiB below the hole, 64 MiB at 4 GiB. The working set is all
+    // of it past the kernel's 16 MiB, written once.
+    let memory = (3u64 << 30) + (64 << 20);
+    let ws_mb = (memory - WS_GPA) >> 20;
+    let c = Cmdline {
+        ws_mb,
+        dirty_mb: ws_mb,
+        reports: 1,
+        tick_us: 0,
+        exit: 4,
+        ..Cmdline::default()
+    };
+    assert_eq!(c.memory_needed(), memory);
+    let cfg = PvhConfig {
+        cmdline: c.render(),
+        memory,
+        vcpus: 1,
+        ..PvhConfig::new(kernel)
+    };
+    let mut vm = pvh::boot(&cfg).expect("boot");
+    let st = vm
+        .run_until_exit(Some(Duration::from_secs(300)))
+        .expect("run");
+    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert_eq!(st, ExitStatus::PowerOff(4), "{out}");
+    let pages = ws_mb << 8;
+    assert!(out.contains(&format!("progress 1 pages {pages} ")), "{out}");
+    // Page i of the working set holds i + 1; the last low page is just below 3 GiB, the
+    // next one is at 4 GiB, the last one at 4 GiB + 64 MiB - 4 KiB.
+    let ram = vm.ram();
+    let low_pages = ((3u64 << 30) - WS_GPA) >> 12;
+    assert_eq!(ram.read_u64((3u64 << 30) - 4096).unwrap(), low_pages);
+    assert_eq!(ram.read_u64(4u64 << 30).unwrap(), low_pages + 1);
+    assert_eq!(
+        ram.read_u64((4u64 << 30) + (64 << 20) - 4096).unwrap(),
+        pages
+    );
+}
