@@ -1234,7 +1234,7 @@ fn tsses() -> Vec<u8> {
     t
 }
 
-/// Static identity page tables for the first 4 GiB: 2 MiB pages, present, writable, user.
+/// Static identity page tables for the first `MAPPED_GIB` GiB: 2 MiB pages, present, writable, user.
 fn page_tables() -> Vec<u8> {
     const P_RW_US: u64 = 0x7;
     const PS: u64 = 0x80;
