@@ -375,3 +375,35 @@ fn a_completed_fake_migration_never_resumes_the_source_even_if_cancelled_after_c
     assert!(matches!(dest.join().unwrap(), Ok(Message::Commit)));
     assert!(vm.is_paused(), "completed: the source stays paused");
 }
+
+/// `migration::convergence` rule 7: a hot set that never fits (1 ms limit; 3 MiB passes of
+/// ~50 ms at 64 MiB/s, so ~20 a second unpaced) is re-collected at most once a second instead
+/// of in a tight loop of short passes. (An upper bound on passes in a window: a slow machine
+/// only makes fewer.)
+#[test]
+fn a_non_converging_hot_set_is_recollected_at_most_once_a_second() {
+    let vm = guest(TrackerMode::Ring, 100_000);
+    let (addr, dest) = destination(FakeDestination::default());
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(64 << 20),
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    let pass = |job: &MigrationJob| job.info().x_ringvisor.map_or(0, |x| x.pass);
+    wait_for(&job, "two dirty passes", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 2)
+    });
+    let p0 = pass(&job);
+    std::thread::sleep(Duration::from_millis(2500));
+    let p1 = pass(&job);
+    assert!(
+        p1 - p0 <= 3,
+        "{} passes in 2.5 s while not converging (paced: at most one a second)",
+        p1 - p0
+    );
+    assert_eq!(job.info().status, MigrationStatus::Active, "not converged");
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    check_completed(&vm, &s, dest);
+}
