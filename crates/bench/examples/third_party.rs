@@ -1,7 +1,7 @@
 //! Runs issue 14's guest profile (`bench::pvh::run_third_party`) until the CLI has its
 //! `--profile third-party` flag:
 //! `cargo run --release -p bench --example third_party -- RINGVISOR_EXE REPEAT TRACKERS [SCENARIO...]`
-//! (TRACKERS comma-separated: ring,bitmap,clear-log; a SCENARIO is a substring of a name).
+//! (TRACKERS comma-separated: ring,bitmap,clear-log; a SCENARIO is a name, or a prefix ending in `*`).
 
 use std::path::PathBuf;
 

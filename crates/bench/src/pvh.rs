@@ -678,8 +678,8 @@ fn third_party_cmdline(s: &Scenario) -> String {
 
 /// `bench migrate --pvh --profile third-party`: issue 14's guest (1 vCPU, 4 GiB, the test
 /// kernel with CPL0 boot stores, an ISR store per tick, the TSC-deadline timer at 2 ms with
-/// HLT between ticks) in every scenario of [`third_party_scenarios`] whose name contains one
-/// of `only` (all when empty), for ringvisor's ring (4096 and 65536 entries), bitmap and
+/// HLT between ticks) in every scenario of [`third_party_scenarios`] named in `only` (a name
+/// ending in `*` is a prefix; all when empty), for ringvisor's ring (4096 and 65536 entries), bitmap and
 /// clear-log trackers (those named in `o.trackers`) and QEMU's ring (4096, 65536) and bitmap.
 /// `o.memory`, `o.vcpus`, `o.ring_entries`, `o.ws_mb`, `o.dirty_mb` and `o.period_ticks` are
 /// replaced by the profile's.
@@ -701,7 +701,13 @@ pub fn run_third_party(
     }
     let scenarios: Vec<Scenario> = third_party_scenarios(o)
         .into_iter()
-        .filter(|s| only.is_empty() || only.iter().any(|n| s.name.contains(n.as_str())))
+        .filter(|s| {
+            only.is_empty()
+                || only.iter().any(|n| match n.strip_suffix('*') {
+                    Some(prefix) => s.name.starts_with(prefix),
+                    None => s.name == *n,
+                })
+        })
         .collect();
     let trackers: [(&str, &str, u32); 4] = [
         ("ring-4096", "ring", 4096),

@@ -73,7 +73,9 @@
 //!    round over the dirty pages, and its throttle period is 1 s): when the rest does not fit
 //!    and pre-copy is not converging (the dirty rate since the previous collect is at least
 //!    the bandwidth, or this collect found at least [`NOT_SHRINKING`] of what the previous one
-//!    found), the next collect comes no sooner than [`MIN_PASS_PERIOD`] after this one
+//!    found, and, after a longer interval than the previous one, did not grow by more than
+//!    [`SATURATED_GROWTH`] either: a saturated hot set), the next collect comes no sooner
+//!    than [`MIN_PASS_PERIOD`] after this one
 //!    ([`Step::next_collect_at`]; the engine sends the pass, then waits). Short passes over a
 //!    hot set would otherwise re-protect it several times a second, and every first write
 //!    after a re-protect is a write-protect fault that slows the guest, for no gain: a hot
@@ -107,6 +109,10 @@ pub const MIN_PASS_PERIOD: Duration = Duration::from_millis(1000);
 /// A collect finding at least this fraction of the previous one's pages is not shrinking
 /// (rule 7).
 pub const NOT_SHRINKING: f64 = 0.9;
+/// An interval this much longer than the previous one tests saturation (rule 7).
+pub const SATURATION_INTERVAL_RATIO: f64 = 1.5;
+/// A set that grew at most this much over a longer interval is saturated (rule 7).
+pub const SATURATED_GROWTH: f64 = 1.2;
 /// High periods that fire the trigger (QEMU's `dirty_rate_high_cnt >= 2`).
 pub const HIGH_PERIODS_TO_FIRE: u32 = 2;
 /// The auto dirty limit leaves the guest this share of the bandwidth.
@@ -461,8 +467,8 @@ pub struct Convergence {
     dirty_limit: Option<u64>,
     auto_quota: Option<u64>,
     limited: Vec<usize>,
-    /// Time and pages of the previous collect (rule 7).
-    prev_collect: Option<(Duration, u64)>,
+    /// Time, pages and interval (since the collect before it) of the previous collect (rule 7).
+    prev_collect: Option<(Duration, u64, Duration)>,
     paced_collects: u32,
 }
 
@@ -657,16 +663,26 @@ impl Convergence {
 
     /// Rule 7: the earliest time of the next collect while not converging.
     fn pace(&mut self, r: &PassReport, within_limit: bool) -> Option<Duration> {
-        let prev = self.prev_collect.replace((r.elapsed, r.dirty_pages));
+        let since = self
+            .prev_collect
+            .map_or(r.elapsed, |(t, _, _)| r.elapsed.saturating_sub(t));
+        let prev = self.prev_collect.replace((r.elapsed, r.dirty_pages, since));
         if within_limit {
             return None;
         }
-        let since = prev.map_or(r.elapsed, |(t, _)| r.elapsed.saturating_sub(t));
         let dirty_bytes = r.dirty_pages.saturating_mul(PAGE_SIZE) as f64;
         let bw = r.bandwidth_bytes_per_s;
         let outpaced = since > Duration::ZERO && dirty_bytes / since.as_secs_f64() >= bw;
-        let not_shrinking =
-            prev.is_some_and(|(_, p)| r.dirty_pages as f64 >= NOT_SHRINKING * p as f64);
+        // Not shrinking: at least NOT_SHRINKING of the previous collect's pages. After a
+        // longer interval than the previous one (a held pass), that only counts if the set
+        // did not grow with the time either (a saturated hot set): a set that grew in
+        // proportion to the longer interval is a dirty rate below the bandwidth, which
+        // converges with short passes, and holding it again would keep it from shrinking.
+        let not_shrinking = prev.is_some_and(|(_, p, prev_since)| {
+            let (p0, p1) = (p as f64, r.dirty_pages as f64);
+            let longer = since.as_secs_f64() > SATURATION_INTERVAL_RATIO * prev_since.as_secs_f64();
+            p1 >= NOT_SHRINKING * p0 && (!longer || p1 <= SATURATED_GROWTH * p0)
+        });
         if !(outpaced || not_shrinking) {
             return None;
         }
@@ -1678,5 +1694,29 @@ mod tests {
         c.on_collect(&at(1000, 50_000, 200 * MIB, bw));
         let s = c.on_collect(&at(2000, 50_000, 200 * MIB, bw));
         assert_eq!(s.next_collect_at, Some(Duration::from_millis(2500)));
+    }
+
+    /// A set that grows with time (sequential writes at 200 MiB/s, below a 500 MB/s link) is
+    /// not a saturated hot set: once a held interval shows the growth, passes go short again
+    /// and shrink to convergence.
+    #[test]
+    fn a_set_that_grows_with_a_held_interval_is_not_held_again() {
+        let mut c = Convergence::new(PolicyConfig {
+            downtime_limit: Duration::from_millis(100),
+            ..PolicyConfig::default()
+        });
+        let bw = 500.0 * MB;
+        let mib = |m: u64| m * 256;
+        // Two short passes 400 ms apart with 80 MiB each (200 MiB/s): not shrinking, held.
+        c.on_collect(&at(2000, mib(80), 256 * MIB, bw));
+        let s = c.on_collect(&at(2400, mib(80), 80 * MIB, bw));
+        assert_eq!(s.next_collect_at, Some(Duration::from_millis(3400)));
+        // After the held second: 200 MiB (grew with the interval): not held.
+        let s = c.on_collect(&at(3400, mib(200), 80 * MIB, bw));
+        assert_eq!(s.decision, Decision::NextPass);
+        assert_eq!(s.next_collect_at, None);
+        // The short pass after it (200 MiB at 500 MB/s: 420 ms) finds 84 MiB: shrinking.
+        let s = c.on_collect(&at(3820, mib(84), 200 * MIB, bw));
+        assert_eq!(s.next_collect_at, None);
     }
 }
