@@ -69,18 +69,16 @@
 //!    lands in the final pass. A step that ends pre-copy does not evaluate the trigger (the
 //!    former inline code raised a throttle there and lifted it at once).
 //!
-//! 7. **Pass pacing while not converging** (QEMU syncs its dirty bitmap at most once per
-//!    round over the dirty pages, and its throttle period is 1 s): when the rest does not fit
-//!    and pre-copy is not converging (the dirty rate since the previous collect is at least
-//!    the bandwidth, or this collect found at least [`NOT_SHRINKING`] of what the previous one
-//!    found, and, after a longer interval than the previous one, did not grow by more than
-//!    [`SATURATED_GROWTH`] either: a saturated hot set), the next collect comes no sooner
-//!    than [`MIN_PASS_PERIOD`] after this one
-//!    ([`Step::next_collect_at`]; the engine sends the pass, then waits). Short passes over a
-//!    hot set would otherwise re-protect it several times a second, and every first write
-//!    after a re-protect is a write-protect fault that slows the guest, for no gain: a hot
-//!    set re-collected after 0.2 s or after 1 s is the same set. A converging migration
-//!    (shrinking passes, dirty rate below the bandwidth) is never held, nor past the timeout.
+//! 7. **Pass pacing while not converging** (QEMU's throttle period is 1 s): when the rest
+//!    does not fit and the guest dirties memory at least as fast as the link sends it (the
+//!    dirty rate, the larger of this collect's pages over the time since the previous collect
+//!    and the sum of the per-vCPU rates the ring reports, is at least the bandwidth), short
+//!    passes cannot converge: the next collect comes no sooner than [`MIN_PASS_PERIOD`]
+//!    after this one ([`Step::next_collect_at`]; the engine sends the pass, then waits). Short
+//!    passes over a hot set would otherwise re-protect it several times a second, and every
+//!    first write after a re-protect is a write-protect fault that slows the guest, for no
+//!    gain. A dirty rate below the bandwidth is never held (shorter passes find fewer pages
+//!    and converge), nor past the timeout.
 //!
 //! Rules 1, 2, 4, 5 and 6 are the engine's former inline rules, unchanged.
 
@@ -106,13 +104,6 @@ pub const MAX_REFINING_PASSES: u32 = 8;
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(1000);
 /// While not converging, collects are at least this far apart (rule 7).
 pub const MIN_PASS_PERIOD: Duration = Duration::from_millis(1000);
-/// A collect finding at least this fraction of the previous one's pages is not shrinking
-/// (rule 7).
-pub const NOT_SHRINKING: f64 = 0.9;
-/// An interval this much longer than the previous one tests saturation (rule 7).
-pub const SATURATION_INTERVAL_RATIO: f64 = 1.5;
-/// A set that grew at most this much over a longer interval is saturated (rule 7).
-pub const SATURATED_GROWTH: f64 = 1.2;
 /// High periods that fire the trigger (QEMU's `dirty_rate_high_cnt >= 2`).
 pub const HIGH_PERIODS_TO_FIRE: u32 = 2;
 /// The auto dirty limit leaves the guest this share of the bandwidth.
@@ -467,8 +458,8 @@ pub struct Convergence {
     dirty_limit: Option<u64>,
     auto_quota: Option<u64>,
     limited: Vec<usize>,
-    /// Time, pages and interval (since the collect before it) of the previous collect (rule 7).
-    prev_collect: Option<(Duration, u64, Duration)>,
+    /// Time of the previous collect (rule 7).
+    prev_collect: Option<Duration>,
     paced_collects: u32,
 }
 
@@ -665,25 +656,21 @@ impl Convergence {
     fn pace(&mut self, r: &PassReport, within_limit: bool) -> Option<Duration> {
         let since = self
             .prev_collect
-            .map_or(r.elapsed, |(t, _, _)| r.elapsed.saturating_sub(t));
-        let prev = self.prev_collect.replace((r.elapsed, r.dirty_pages, since));
+            .map_or(r.elapsed, |t| r.elapsed.saturating_sub(t));
+        self.prev_collect = Some(r.elapsed);
         if within_limit {
             return None;
         }
-        let dirty_bytes = r.dirty_pages.saturating_mul(PAGE_SIZE) as f64;
-        let bw = r.bandwidth_bytes_per_s;
-        let outpaced = since > Duration::ZERO && dirty_bytes / since.as_secs_f64() >= bw;
-        // Not shrinking: at least NOT_SHRINKING of the previous collect's pages. After a
-        // longer interval than the previous one (a held pass), that only counts if the set
-        // did not grow with the time either (a saturated hot set): a set that grew in
-        // proportion to the longer interval is a dirty rate below the bandwidth, which
-        // converges with short passes, and holding it again would keep it from shrinking.
-        let not_shrinking = prev.is_some_and(|(_, p, prev_since)| {
-            let (p0, p1) = (p as f64, r.dirty_pages as f64);
-            let longer = since.as_secs_f64() > SATURATION_INTERVAL_RATIO * prev_since.as_secs_f64();
-            p1 >= NOT_SHRINKING * p0 && (!longer || p1 <= SATURATED_GROWTH * p0)
-        });
-        if !(outpaced || not_shrinking) {
+        let collected = if since > Duration::ZERO {
+            r.dirty_pages.saturating_mul(PAGE_SIZE) as f64 / since.as_secs_f64()
+        } else {
+            0.0
+        };
+        let reported = r
+            .vcpu_dirty_rates
+            .as_deref()
+            .map_or(0.0, |v| v.iter().sum::<f64>() * PAGE_SIZE as f64);
+        if collected.max(reported) < r.bandwidth_bytes_per_s {
             return None;
         }
         let mut at = r.elapsed.saturating_add(MIN_PASS_PERIOD);
@@ -1625,29 +1612,30 @@ mod tests {
         }
     }
 
-    /// A 256 MiB hot set on a 2 GB/s link with a 60 ms limit (the set takes 134 ms): each
-    /// pass takes ~130 ms and the next collect finds the whole hot set again. Rule 7 spaces
-    /// the collects 1 s apart.
+    /// A 256 MiB hot set rewritten at 2 GiB/s (the ring's per-vCPU rates say so) on a
+    /// 1 GB/s link with a 60 ms limit: passes cannot converge, so collects are 1 s apart.
     #[test]
-    fn a_hot_set_that_does_not_shrink_is_recollected_at_most_once_a_second() {
+    fn a_hot_set_dirtied_faster_than_the_link_is_recollected_at_most_once_a_second() {
         let mut c = Convergence::new(PolicyConfig {
             downtime_limit: Duration::from_millis(60),
             ..PolicyConfig::default()
         });
         let hot = 65_536; // 256 MiB
-        let bw = 2000.0 * MB;
-        // After the bulk pass (at 2 s): 256 MiB dirtied in 2 s is below the bandwidth and
-        // there is no previous collect: not held.
-        let s = c.on_collect(&at(2000, hot, 4 << 30, bw));
+        let bw = 1000.0 * MB;
+        let rep = |ms, pages| PassReport {
+            vcpu_dirty_rates: Some(vec![524_288.0]), // 2 GiB/s
+            ..at(ms, pages, 256 * MIB, bw)
+        };
+        let s = c.on_collect(&rep(2000, hot));
         assert_eq!(s.decision, Decision::NextPass);
-        assert_eq!(s.next_collect_at, None);
-        // 150 ms later the same hot set: not shrinking, so held until 1 s after this collect.
-        let s = c.on_collect(&at(2150, hot, 256 * MIB, bw));
-        assert_eq!(s.decision, Decision::NextPass);
-        assert_eq!(s.next_collect_at, Some(Duration::from_millis(3150)));
-        let s = c.on_collect(&at(3150, hot - 100, 256 * MIB, bw));
-        assert_eq!(s.next_collect_at, Some(Duration::from_millis(4150)));
+        assert_eq!(s.next_collect_at, Some(Duration::from_millis(3000)));
+        let s = c.on_collect(&rep(3000, hot));
+        assert_eq!(s.next_collect_at, Some(Duration::from_millis(4000)));
         assert_eq!(c.paced_collects(), 2);
+        // Without the ring's rates, 256 MiB found 1 s apart is 268 MB/s: below the link,
+        // so not held (short passes then tell).
+        let s = c.on_collect(&at(4000, hot, 256 * MIB, bw));
+        assert_eq!(s.next_collect_at, None);
     }
 
     #[test]
@@ -1690,33 +1678,30 @@ mod tests {
             timeout: Some(Duration::from_millis(2500)),
             ..PolicyConfig::default()
         });
-        let bw = 1000.0 * MB;
+        // 200 MB found 1 s after the previous collect on a 100 MB/s link: outpaced.
+        let bw = 100.0 * MB;
         c.on_collect(&at(1000, 50_000, 200 * MIB, bw));
         let s = c.on_collect(&at(2000, 50_000, 200 * MIB, bw));
         assert_eq!(s.next_collect_at, Some(Duration::from_millis(2500)));
     }
 
-    /// A set that grows with time (sequential writes at 200 MiB/s, below a 500 MB/s link) is
-    /// not a saturated hot set: once a held interval shows the growth, passes go short again
-    /// and shrink to convergence.
+    /// 800 MiB/s over a 256 MiB set on a ~1 GB/s link: each short pass finds fewer pages
+    /// than the last, so it is never held, even when a collect finds the whole set.
     #[test]
-    fn a_set_that_grows_with_a_held_interval_is_not_held_again() {
+    fn a_dirty_rate_below_the_bandwidth_is_never_held() {
         let mut c = Convergence::new(PolicyConfig {
             downtime_limit: Duration::from_millis(100),
             ..PolicyConfig::default()
         });
-        let bw = 500.0 * MB;
-        let mib = |m: u64| m * 256;
-        // Two short passes 400 ms apart with 80 MiB each (200 MiB/s): not shrinking, held.
-        c.on_collect(&at(2000, mib(80), 256 * MIB, bw));
-        let s = c.on_collect(&at(2400, mib(80), 80 * MIB, bw));
-        assert_eq!(s.next_collect_at, Some(Duration::from_millis(3400)));
-        // After the held second: 200 MiB (grew with the interval): not held.
-        let s = c.on_collect(&at(3400, mib(200), 80 * MIB, bw));
-        assert_eq!(s.decision, Decision::NextPass);
-        assert_eq!(s.next_collect_at, None);
-        // The short pass after it (200 MiB at 500 MB/s: 420 ms) finds 84 MiB: shrinking.
-        let s = c.on_collect(&at(3820, mib(84), 200 * MIB, bw));
-        assert_eq!(s.next_collect_at, None);
+        let bw = 1100.0 * MB;
+        let rep = |ms, pages| PassReport {
+            vcpu_dirty_rates: Some(vec![204_800.0]), // 800 MiB/s
+            ..at(ms, pages, 256 * MIB, bw)
+        };
+        for (ms, pages) in [(2000, 65_536), (2250, 65_536), (2450, 52_000)] {
+            let s = c.on_collect(&rep(ms, pages));
+            assert_eq!(s.decision, Decision::NextPass);
+            assert_eq!(s.next_collect_at, None, "at {ms} ms");
+        }
     }
 }
