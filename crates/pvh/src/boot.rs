@@ -4,11 +4,16 @@
 //! Layout (all below the first kernel segment a sane PVH kernel uses):
 //! - [`START_INFO_GPA`]: `struct hvm_start_info` (Xen `start_info.h`, version 1, 56 bytes)
 //! - [`MEMMAP_GPA`]: `struct hvm_memmap_table_entry[]` (24 bytes each)
+//! - [`MODLIST_GPA`]: `struct hvm_modlist_entry` of the initrd (module 0), when there is one
 //! - [`CMDLINE_GPA`]: the NUL-terminated command line (at most [`CMDLINE_MAX`] bytes)
+//! - [`crate::mptable::MPTABLE_GPA`]: the MP tables (every vCPU, the IOAPIC, ISA routing)
+//! - the initrd: page-aligned at the top of RAM below the 3 GiB hole (and below
+//!   [`INITRD_MAX_END`]), above the kernel's last segment.
 
 use crate::elf::PvhImage;
 use crate::error::{LoadError, Result};
 use crate::memory::{GuestRam, RamRange};
+use crate::mptable;
 
 /// `XEN_HVM_START_MAGIC_VALUE`.
 pub const START_MAGIC: u32 = 0x336e_c578;
@@ -16,8 +21,13 @@ pub const START_MAGIC: u32 = 0x336e_c578;
 pub const START_INFO_GPA: u64 = 0x6000;
 /// Address of the memory map.
 pub const MEMMAP_GPA: u64 = 0x6040;
+/// Address of the module list (`hvm_modlist_entry`, 32 bytes each; only the initrd).
+pub const MODLIST_GPA: u64 = 0x6e00;
 /// Address of the command line.
 pub const CMDLINE_GPA: u64 = 0x7000;
+/// The initrd ends at or below this address (as QEMU's loader caps it for Linux: the top of
+/// the kernel's 896 MiB direct map on 32-bit, harmless on 64-bit).
+pub const INITRD_MAX_END: u64 = 0x3800_0000;
 /// Longest command line, without its NUL.
 pub const CMDLINE_MAX: usize = 4095;
 /// End of the boot data.
@@ -106,10 +116,70 @@ pub fn check_placement(
     Ok(())
 }
 
+/// What the loader passes to the kernel besides the image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootData<'a> {
+    /// The command line.
+    pub cmdline: &'a str,
+    /// The initial ramdisk (module 0), if any.
+    pub initrd: Option<&'a [u8]>,
+    /// vCPUs listed in the MP table (0: no MP table).
+    pub vcpus: usize,
+}
+
+/// Where an initrd of `size` bytes goes for `image` in RAM `ranges`: page-aligned at the top
+/// of the RAM below the hole (capped at [`INITRD_MAX_END`]), above every kernel segment.
+pub fn initrd_placement(
+    image: &PvhImage,
+    ranges: &[RamRange],
+    size: u64,
+) -> std::result::Result<u64, LoadError> {
+    let kernel_end = image.segments.iter().map(|s| s.end()).max().unwrap_or(0);
+    let floor = kernel_end.max(EXT_RAM_START).next_multiple_of(4096);
+    let top = memory_map(ranges)
+        .iter()
+        .filter(|e| e.addr >= EXT_RAM_START && e.addr < INITRD_MAX_END)
+        .map(|e| (e.addr + e.size).min(INITRD_MAX_END))
+        .max()
+        .unwrap_or(0);
+    let start = top.checked_sub(size).map(|s| s & !0xfff);
+    match start {
+        Some(s) if s >= floor && size > 0 => Ok(s),
+        _ => Err(LoadError::InitrdDoesNotFit {
+            size,
+            floor,
+            top,
+        }),
+    }
+}
+
 /// Loads `image` (parsed from `file`) into `ram` and writes the start info, memory map and
 /// command line. Returns the address of `hvm_start_info` (the guest's EBX).
 pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Result<u64> {
+    load_with(
+        image,
+        file,
+        ram,
+        &BootData {
+            cmdline,
+            ..BootData::default()
+        },
+    )
+}
+
+/// [`load`] with an initrd and the MP table: also places the initrd (module 0 of the start
+/// info, see [`initrd_placement`]) and writes the MP tables for `boot.vcpus` vCPUs.
+pub fn load_with(image: &PvhImage, file: &[u8], ram: &GuestRam, boot: &BootData<'_>) -> Result<u64> {
+    let cmdline = boot.cmdline;
     check_placement(image, ram.ranges())?;
+    let initrd_gpa = match boot.initrd {
+        Some(d) => Some(initrd_placement(image, ram.ranges(), d.len() as u64)?),
+        None => None,
+    };
+    let mp = match boot.vcpus {
+        0 => None,
+        n => Some(mptable::build(n).ok_or(LoadError::MpTable(n))?),
+    };
     if cmdline.len() > CMDLINE_MAX {
         return Err(LoadError::Cmdline("longer than 4095 bytes").into());
     }
@@ -151,7 +221,19 @@ pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Res
     let mut si = [0u8; 56];
     si[0..4].copy_from_slice(&START_MAGIC.to_le_bytes());
     si[4..8].copy_from_slice(&1u32.to_le_bytes()); // version 1: has the memory map
-                                                   // flags (8), nr_modules (12), modlist_paddr (16): zero.
+    if let (Some(gpa), Some(data)) = (initrd_gpa, boot.initrd) {
+        ram.write(gpa, data)?;
+        // hvm_modlist_entry: paddr, size, cmdline_paddr (none), reserved.
+        let mut e = [0u8; 32];
+        e[0..8].copy_from_slice(&gpa.to_le_bytes());
+        e[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        ram.write(MODLIST_GPA, &e)?;
+        si[12..16].copy_from_slice(&1u32.to_le_bytes()); // nr_modules
+        si[16..24].copy_from_slice(&MODLIST_GPA.to_le_bytes());
+    }
+    if let Some(t) = &mp {
+        ram.write(mptable::MPTABLE_GPA, t)?;
+    }
     si[24..32].copy_from_slice(&CMDLINE_GPA.to_le_bytes());
     // rsdp_paddr (32): zero, no ACPI tables.
     si[40..48].copy_from_slice(&MEMMAP_GPA.to_le_bytes());

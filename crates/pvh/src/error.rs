@@ -86,6 +86,19 @@ pub enum LoadError {
     /// The command line is too long or contains a NUL byte.
     #[error("command line rejected: {0}")]
     Cmdline(&'static str),
+    /// The initrd does not fit between the kernel and the top of low RAM (or is empty).
+    #[error("initrd of {size:#x} bytes does not fit between the kernel's end {floor:#x} and the top of low RAM {top:#x} (or is empty)")]
+    InitrdDoesNotFit {
+        /// Initrd size.
+        size: u64,
+        /// Lowest address it may use (the kernel's end).
+        floor: u64,
+        /// Highest end it may use.
+        top: u64,
+    },
+    /// The MP table cannot describe this many vCPUs.
+    #[error("the MP table cannot describe {0} vCPUs")]
+    MpTable(usize),
 }
 
 /// Errors of building or running a PVH VM.

@@ -5,6 +5,7 @@
 //! - [`elf`]: ELF32/ELF64 program headers, the `XEN_ELFNOTE_PHYS32_ENTRY` note; the writer.
 //! - [`mod@boot`]: the PVH boot protocol (start info, e820 map, command line) and image loading.
 //! - [`memory`]: guest RAM below the 3 GiB MMIO hole and above 4 GiB.
+//! - [`mptable`]: the MP tables (vCPUs, IOAPIC, ISA interrupt routing) for guests without ACPI.
 //! - [`vm`]: the PVH VM: a `vmm::Vm` on the PVH platform (in-kernel irqchip and PIT, COM1 and
 //!   the exit port in `vmm::devices`, vCPU threads), the kernel loaded, the boot vCPU at the
 //!   PVH entry and the APs waiting for INIT/SIPI. Being a `vmm::Vm`, it has dirty tracking
@@ -37,6 +38,7 @@ pub mod boot;
 pub mod elf;
 pub mod error;
 pub mod memory;
+pub mod mptable;
 pub mod test_kernel;
 /// COM1 (the 16550 UART model lives in `vmm::devices`).
 pub mod serial {
@@ -47,6 +49,6 @@ pub mod vm;
 
 pub use error::{LoadError, PvhError, Result};
 pub use vm::{
-    boot, read_kernel, wait_exit, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS,
+    boot, read_initrd, read_kernel, wait_exit, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS,
 };
 pub use vmm::SerialOutput;

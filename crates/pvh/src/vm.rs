@@ -41,6 +41,8 @@ pub struct PvhConfig {
     pub serial: SerialOutput,
     /// Dirty tracking for a guest that may be live-migrated (`None`: no dirty logging).
     pub tracking: Option<Tracking>,
+    /// The initial ramdisk, passed as module 0 of `hvm_start_info` (`None`: no modules).
+    pub initrd: Option<Vec<u8>>,
 }
 
 /// Largest kernel image [`read_kernel`] accepts.
@@ -48,6 +50,16 @@ pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 
 /// Reads a kernel image from `path`, refusing files larger than [`MAX_KERNEL_BYTES`].
 pub fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>> {
+    read_image(path)
+}
+
+/// Reads an initrd from `path`, refusing files larger than [`MAX_KERNEL_BYTES`] (whether it
+/// fits the guest is checked by [`boot`]).
+pub fn read_initrd(path: &std::path::Path) -> Result<Vec<u8>> {
+    read_image(path)
+}
+
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path)
         .map_err(|e| PvhError::Host(format!("opening {}: {e}", path.display())))?;
@@ -65,8 +77,8 @@ pub fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 impl PvhConfig {
-    /// A config with 128 MiB, one vCPU, an empty command line, captured serial output and
-    /// no dirty tracking.
+    /// A config with 128 MiB, one vCPU, an empty command line, captured serial output, no
+    /// dirty tracking and no initrd.
     pub fn new(kernel: Vec<u8>) -> Self {
         PvhConfig {
             kernel,
@@ -75,6 +87,7 @@ impl PvhConfig {
             vcpus: 1,
             serial: SerialOutput::Capture,
             tracking: None,
+            initrd: None,
         }
     }
 }
@@ -149,7 +162,11 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
     // Everything about the image is checked before KVM is touched.
     let image = elf::parse(&cfg.kernel)?;
     let specs = memory::region_specs(cfg.memory, cfg.tracking.is_some())?;
-    protocol::check_placement(&image, &memory::ram_ranges(cfg.memory))?;
+    let ranges = memory::ram_ranges(cfg.memory);
+    protocol::check_placement(&image, &ranges)?;
+    if let Some(d) = &cfg.initrd {
+        protocol::initrd_placement(&image, &ranges, d.len() as u64)?;
+    }
     let vm = vmm::Vm::create_pvh(
         &VmConfig {
             vcpus: cfg.vcpus,
@@ -160,7 +177,16 @@ pub fn boot(cfg: &PvhConfig) -> Result<PvhVm> {
     )
     .map_err(vmm_err)?;
     let ram = GuestRam::of(vm.ram().clone());
-    let start_info = protocol::load(&image, &cfg.kernel, &ram, &cfg.cmdline)?;
+    let start_info = protocol::load_with(
+        &image,
+        &cfg.kernel,
+        &ram,
+        &protocol::BootData {
+            cmdline: &cfg.cmdline,
+            initrd: cfg.initrd.as_deref(),
+            vcpus: cfg.vcpus,
+        },
+    )?;
     for (i, v) in vm.vcpu_handles().iter().enumerate() {
         let fd = v.fd();
         let kvm = |op: &'static str| move |source| PvhError::Kvm { op, source };
@@ -349,6 +375,50 @@ impl SerialInput {
     /// Queues `bytes` for the guest; returns how many fit in the 64-byte FIFO.
     pub fn send(&self, bytes: &[u8]) -> usize {
         self.0.serial_input(bytes)
+    }
+
+    /// Queues all of `bytes`, waiting for the guest to drain the FIFO as needed; returns how
+    /// many were queued before `timeout` passed (a guest that does not read its console
+    /// cannot block the caller for longer).
+    pub fn send_all(&self, bytes: &[u8], timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut done = 0;
+        while done < bytes.len() {
+            done += self.send(&bytes[done..]);
+            if done < bytes.len() {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done
+    }
+
+    /// Copies the VMM's stdin to the guest's console on a thread, until stdin ends (for an
+    /// interactive shell on the serial console). Bytes wait while the guest's FIFO is full.
+    pub fn forward_stdin(&self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let input = self.clone();
+        std::thread::Builder::new()
+            .name("serial-stdin".into())
+            .spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 256];
+                let mut stdin = std::io::stdin().lock();
+                loop {
+                    match stdin.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            let mut at = 0;
+                            while at < n {
+                                at += input.send_all(&buf[at..n], Duration::from_secs(1));
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            })
     }
 }
 

@@ -211,6 +211,35 @@ fn exit_detail(fd: &VcpuFd, what: &str) -> String {
     }
 }
 
+/// The instruction bytes at the vCPU's RIP (`KVM_TRANSLATE` of CS.base + RIP, then guest
+/// RAM), for reports of instructions KVM could not run.
+fn code_at_rip(fd: &VcpuFd, ram: &GuestRam) -> String {
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        return "code at rip: registers unreadable".into();
+    };
+    let linear = s.cs.base.wrapping_add(r.rip);
+    let t = match fd.translate_gva(linear) {
+        Ok(t) if t.valid != 0 => t,
+        Ok(_) => return format!("code at rip: linear {linear:#x} is not mapped"),
+        Err(e) => return format!("code at rip: KVM_TRANSLATE {linear:#x}: {e}"),
+    };
+    let mut bytes = [0u8; 16];
+    // Stop at the page end: the next page may map elsewhere.
+    let n = (0x1000 - (t.physical_address & 0xfff)).min(16) as usize;
+    match ram.read(t.physical_address, &mut bytes[..n]) {
+        Ok(()) => format!(
+            "code at rip (gpa {:#x}): {}",
+            t.physical_address,
+            bytes[..n]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Err(e) => format!("code at rip (gpa {:#x}): {e}", t.physical_address),
+    }
+}
+
 /// Per-thread context of the run loop.
 pub(crate) struct RunCtx {
     pub(crate) ring: Option<Arc<RingSet>>,
@@ -371,9 +400,10 @@ fn run_loop(v: &VcpuShared, cx: &RunCtx) -> std::result::Result<(), String> {
             }
             Ok(VcpuExit::InternalError) => {
                 let (sub, data) = sys::internal_error(&mut fd);
+                let code = code_at_rip(&fd, &cx.ram);
                 return Err(exit_detail(
                     &fd,
-                    &format!("{INTERNAL_ERROR_PREFIX}suberror {sub} data {data:x?} (on PVM: an instruction the emulator cannot run)"),
+                    &format!("{INTERNAL_ERROR_PREFIX}suberror {sub} data {data:x?} (on PVM: an instruction the emulator cannot run); {code}"),
                 ));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {

@@ -88,6 +88,34 @@ const TSS_ADDR: usize = 0xfffb_d000;
 
 /// CPUID.1:ECX bit 24: the LAPIC timer's TSC-deadline mode.
 const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:ECX bit 13: CMPXCHG16B.
+const CPUID1_ECX_CX16: u32 = 1 << 13;
+/// KVM's paravirtual features (CPUID 0x40000001 EAX) that a guest uses through hypercalls:
+/// PV_UNHALT (7, `KVM_HC_KICK_CPU`), PV_SEND_IPI (11), PV_SCHED_YIELD (13) and
+/// HC_MAP_GPA_RANGE (16).
+const KVM_PV_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13) | (1 << 16);
+
+/// The PVH platform's changes to the CPUID KVM supports (besides the APIC IDs):
+/// - the TSC-deadline bit when KVM emulates it (KVM leaves advertising it to the VMM);
+/// - CMPXCHG16B off: PVM hosts cannot emulate `lock cmpxchg16b` at guest CPL0, and it is the
+///   one CPUID bit of theirs a VMM can clear; a guest loses only a fast path without it;
+/// - KVM's hypercall-based PV features off: `VMCALL` at guest CPL0 never completes on a PVM
+///   host (RIP stays on it), so e.g. Linux's PV IPIs would hang its SMP boot. The PV clock,
+///   PV EOI and steal time (MSR-based) stay.
+pub fn pvh_cpuid(c: &mut kvm_bindings::CpuId, tsc_deadline: bool) {
+    for e in c.as_mut_slice().iter_mut() {
+        match e.function {
+            1 => {
+                if tsc_deadline {
+                    e.ecx |= CPUID1_ECX_TSC_DEADLINE;
+                }
+                e.ecx &= !CPUID1_ECX_CX16;
+            }
+            0x4000_0001 => e.eax &= !KVM_PV_HYPERCALL_FEATURES,
+            _ => {}
+        }
+    }
+}
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -214,11 +242,8 @@ impl Vm {
                 .create_vcpu(i as u64)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut c = x86::vcpu_cpuid(cpuid.clone(), i as u32);
-            if platform == Platform::Pvh && tsc_deadline {
-                // KVM emulates the TSC-deadline timer but leaves advertising it to the VMM.
-                for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-                    e.ecx |= CPUID1_ECX_TSC_DEADLINE;
-                }
+            if platform == Platform::Pvh {
+                pvh_cpuid(&mut c, tsc_deadline);
             }
             fd.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
             if platform == Platform::Pvh {
