@@ -133,7 +133,7 @@ done < <(grep '^CONFIG_' "$here/config.fragment")
 [ "$missing" = 0 ] || { log "the config fragment does not hold after olddefconfig"; exit 1; }
 jobs="${RINGVISOR_LINUX_GUEST_JOBS:-2}"
 log "make -j$jobs vmlinux (several minutes; log: $out/build.log)"
-if ! nice -n 5 make -C "$src" ARCH=x86_64 -j"$jobs" vmlinux usr/gen_init_cpio > "$out/build.log" 2>&1; then
+if ! nice -n 5 make -C "$src" ARCH=x86_64 -j"$jobs" vmlinux > "$out/build.log" 2>&1; then
     tail -n 40 "$out/build.log" >&2
     log "kernel build failed (log: $out/build.log)"
     exit 1
@@ -144,6 +144,7 @@ grep -q 'Xen' <(readelf -n "$src/vmlinux" 2>/dev/null) \
 # --- initramfs ------------------------------------------------------------------------------
 log "building init and the initramfs"
 gcc -static -O2 -Wall -Wextra -o "$out/init" "$here/init.c"
+gcc -O2 -o "$out/gen_init_cpio" "$src/usr/gen_init_cpio.c"
 list="$out/initramfs.list"
 {
     echo "dir /dev 0755 0 0"
@@ -160,7 +161,7 @@ list="$out/initramfs.list"
         echo "slink /bin/$applet busybox 0777 0 0"
     done
 } > "$list"
-"$src/usr/gen_init_cpio" "$list" > "$out/initramfs.cpio.tmp"
+"$out/gen_init_cpio" "$list" > "$out/initramfs.cpio.tmp"
 mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
 cp "$src/vmlinux" "$out/vmlinux.tmp"
 mv "$out/vmlinux.tmp" "$out/vmlinux"

@@ -145,11 +145,7 @@ pub fn initrd_placement(
     let start = top.checked_sub(size).map(|s| s & !0xfff);
     match start {
         Some(s) if s >= floor && size > 0 => Ok(s),
-        _ => Err(LoadError::InitrdDoesNotFit {
-            size,
-            floor,
-            top,
-        }),
+        _ => Err(LoadError::InitrdDoesNotFit { size, floor, top }),
     }
 }
 
@@ -169,7 +165,12 @@ pub fn load(image: &PvhImage, file: &[u8], ram: &GuestRam, cmdline: &str) -> Res
 
 /// [`load`] with an initrd and the MP table: also places the initrd (module 0 of the start
 /// info, see [`initrd_placement`]) and writes the MP tables for `boot.vcpus` vCPUs.
-pub fn load_with(image: &PvhImage, file: &[u8], ram: &GuestRam, boot: &BootData<'_>) -> Result<u64> {
+pub fn load_with(
+    image: &PvhImage,
+    file: &[u8],
+    ram: &GuestRam,
+    boot: &BootData<'_>,
+) -> Result<u64> {
     let cmdline = boot.cmdline;
     check_placement(image, ram.ranges())?;
     let initrd_gpa = match boot.initrd {
@@ -285,6 +286,84 @@ mod tests {
             ram.read_u64(MEMMAP_GPA + 32).unwrap(),
             (16 << 20) - EXT_RAM_START
         );
+    }
+
+    #[test]
+    fn initrd_is_module_0_page_aligned_at_the_top_of_low_ram() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let (f, img) = image(0x100_0000, 0x40_0000);
+        let initrd: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let si = load_with(
+            &img,
+            &f,
+            &ram,
+            &BootData {
+                cmdline: "rdinit=/init",
+                initrd: Some(&initrd),
+                vcpus: 2,
+            },
+        )
+        .unwrap();
+        let mut b = [0u8; 56];
+        ram.read(si, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 1);
+        assert_eq!(
+            u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            MODLIST_GPA
+        );
+        let paddr = ram.read_u64(MODLIST_GPA).unwrap();
+        assert_eq!(ram.read_u64(MODLIST_GPA + 8).unwrap(), 10_000);
+        assert_eq!(ram.read_u64(MODLIST_GPA + 16).unwrap(), 0);
+        assert_eq!(paddr % 4096, 0);
+        assert!(paddr >= 0x140_0000 && paddr + 10_000 <= 64 << 20);
+        assert!(paddr + 10_000 > (64 << 20) - 4096);
+        let mut back = vec![0u8; 10_000];
+        ram.read(paddr, &mut back).unwrap();
+        assert_eq!(back, initrd);
+        // The MP table's floating pointer is where Linux scans for it.
+        let mut mp = [0u8; 4];
+        ram.read(mptable::MPTABLE_GPA, &mut mp).unwrap();
+        assert_eq!(&mp, b"_MP_");
+    }
+
+    #[test]
+    fn an_initrd_that_would_overlap_the_kernel_is_rejected() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let (f, img) = image(0x100_0000, 0x80_0000);
+        let big = vec![0u8; (8 << 20) + 1];
+        assert!(matches!(
+            load_with(
+                &img,
+                &f,
+                &ram,
+                &BootData {
+                    initrd: Some(&big),
+                    ..BootData::default()
+                }
+            ),
+            Err(PvhError::Load(LoadError::InitrdDoesNotFit {
+                floor: 0x180_0000,
+                top: 0x200_0000,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            initrd_placement(&img, ram.ranges(), 0),
+            Err(LoadError::InitrdDoesNotFit { size: 0, .. })
+        ));
+        // Exactly the room between the kernel and the top fits.
+        assert_eq!(
+            initrd_placement(&img, ram.ranges(), 8 << 20),
+            Ok(0x180_0000)
+        );
+    }
+
+    #[test]
+    fn initrd_stays_below_the_cap_in_large_guests() {
+        let (_, img) = image(0x100_0000, 0x1000);
+        let ranges = crate::memory::ram_ranges(6 << 30);
+        let at = initrd_placement(&img, &ranges, 0x1234).unwrap();
+        assert_eq!(at, (INITRD_MAX_END - 0x1234) & !0xfff);
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod vm;
 
 pub use error::{LoadError, PvhError, Result};
 pub use vm::{
-    boot, read_initrd, read_kernel, wait_exit, ExitStatus, PvhConfig, PvhVm, SerialInput, EXIT_PORT, MAX_VCPUS,
+    boot, read_initrd, read_kernel, wait_exit, ExitStatus, PvhConfig, PvhVm, SerialInput,
+    EXIT_PORT, MAX_VCPUS,
 };
 pub use vmm::SerialOutput;

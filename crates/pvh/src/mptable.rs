@@ -70,7 +70,16 @@ pub fn build(cpus: usize) -> Option<Vec<u8>> {
             continue; // the cascade; its pin carries IRQ 0
         }
         let pin = if irq == 0 { 2 } else { irq };
-        entries.extend_from_slice(&[ENTRY_IO_INT, INT_TYPE_INT, 0, 0, ISA_BUS, irq, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INT,
+            INT_TYPE_INT,
+            0,
+            0,
+            ISA_BUS,
+            irq,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     // LINT0 = ExtINT, LINT1 = NMI, on every LAPIC (destination 0xff).
@@ -147,7 +156,10 @@ mod tests {
         let io = &e[3 * 20 + 8..3 * 20 + 16];
         assert_eq!(io[0], ENTRY_IOAPIC);
         assert_eq!(io[1], 3);
-        assert_eq!(u32::from_le_bytes(io[4..8].try_into().unwrap()), IOAPIC_BASE);
+        assert_eq!(
+            u32::from_le_bytes(io[4..8].try_into().unwrap()),
+            IOAPIC_BASE
+        );
     }
 
     #[test]
