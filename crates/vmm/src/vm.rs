@@ -674,14 +674,14 @@ mod tests {
             ..Default::default()
         };
         let mut c = kvm_bindings::CpuId::from_entries(&[
-            e(1, 0, 0xffff_ffff & !CPUID1_ECX_TSC_DEADLINE),
+            e(1, 0, !CPUID1_ECX_TSC_DEADLINE),
             e(0x4000_0001, 0x0100_7efb, 0),
             e(7, 0x2, 0x1234),
         ])
         .unwrap();
         pvh_cpuid(&mut c, true);
         let s = c.as_slice();
-        assert_eq!(s[0].ecx, 0xffff_ffff & !CPUID1_ECX_CX16);
+        assert_eq!(s[0].ecx, !CPUID1_ECX_CX16);
         // kvmclock (0, 3), PV EOI (6), steal time (5), clocksource stable (24) stay.
         assert_eq!(s[1].eax, 0x0100_567b);
         assert_eq!((s[2].eax, s[2].ecx), (0x2, 0x1234));
