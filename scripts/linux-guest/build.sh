@@ -81,6 +81,10 @@ cache_root="${RINGVISOR_LINUX_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ringv
 tag="${src_ver#linux-source-}-${pkg_ver}"
 [ "$pvm" = 1 ] && tag="$tag-pvm"
 out="$cache_root/$tag-$key"
+# The unpacked, patched source tree (and its objects) is shared by every build with the same
+# source package and patches: a config change rebuilds incrementally.
+src_key="$( { echo "$pkg_ver pvm=$pvm"; for p in "${patches[@]}"; do cat "$p"; done; } | sha256sum | cut -c1-12)"
+src="$cache_root/src-$tag-$src_key"
 mkdir -p "$out"
 
 if [ "$pvm" = 1 ]; then
@@ -106,15 +110,16 @@ if [ -s "$out/vmlinux" ] && [ -s "$out/initramfs.cpio" ] && [ -s "$out/cmdline" 
 fi
 
 start=$(date +%s)
-src="$out/src"
 # --- kernel ---------------------------------------------------------------------------------
+exec 8>"$src.lock"
+flock 8
 if [ ! -f "$src/.unpacked" ]; then
     log "unpacking $src_tar into $src"
-    rm -rf "$src" "$out/unpack"
-    mkdir -p "$out/unpack"
-    tar -xf "$src_tar" -C "$out/unpack"
-    mv "$out/unpack/$src_ver" "$src"
-    rmdir "$out/unpack"
+    rm -rf "$src" "$src.unpack"
+    mkdir -p "$src.unpack"
+    tar -xf "$src_tar" -C "$src.unpack"
+    mv "$src.unpack/$src_ver" "$src"
+    rmdir "$src.unpack"
     for p in "${patches[@]}"; do
         log "patch $(basename "$p")"
         patch -d "$src" -p1 --no-backup-if-mismatch < "$p" >&2
@@ -163,6 +168,7 @@ list="$out/initramfs.list"
 } > "$list"
 "$out/gen_init_cpio" "$list" > "$out/initramfs.cpio.tmp"
 mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+cp "$src/.config" "$out/config"
 cp "$src/vmlinux" "$out/vmlinux.tmp"
 mv "$out/vmlinux.tmp" "$out/vmlinux"
 echo "$cmdline" > "$out/cmdline"

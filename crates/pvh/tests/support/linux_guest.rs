@@ -85,6 +85,11 @@ pub fn config(g: &LinuxGuest, vcpus: usize, memory: u64, extra: &str) -> pvh::Pv
         memory,
         vcpus,
         initrd: Some(pvh::read_initrd(&g.initramfs).expect("initramfs")),
+        // RINGVISOR_LINUX_CONSOLE=FILE: also append the console to FILE (to watch a boot).
+        serial: match std::env::var_os("RINGVISOR_LINUX_CONSOLE") {
+            Some(f) => pvh::SerialOutput::File(f.into()),
+            None => pvh::SerialOutput::Capture,
+        },
         ..pvh::PvhConfig::new(pvh::read_kernel(&g.vmlinux).expect("vmlinux"))
     }
 }
