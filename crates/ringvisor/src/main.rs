@@ -265,6 +265,12 @@ struct RunArgs {
     /// With --kernel: append the guest console to this file instead of stdout.
     #[arg(long, requires = "kernel")]
     console: Option<PathBuf>,
+    /// With --kernel: an initial ramdisk (e.g. a newc cpio), passed as PVH module 0.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// With --kernel: feed stdin to the guest's COM1 (an interactive serial console).
+    #[arg(long, requires = "kernel")]
+    serial_stdin: bool,
     #[command(flatten)]
     guest: GuestArgs,
     /// QMP monitor socket (unix:PATH): `ringvisor migrate/status/cancel/... --qmp PATH` and
@@ -312,6 +318,8 @@ fn run(r: RunArgs) -> Result<i32> {
         kernel: r.kernel,
         cmdline: r.cmdline,
         console: r.console,
+        initrd: r.initrd,
+        serial_stdin: r.serial_stdin,
         guest: r.guest,
         qmp: r.qmp,
         migrate_to: r.migrate_to,

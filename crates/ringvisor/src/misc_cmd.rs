@@ -76,6 +76,12 @@ pub struct BootArgs {
     /// period_ticks).
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// An initial ramdisk (e.g. a newc cpio), passed as PVH module 0.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Feed stdin to the guest's COM1 (an interactive serial console).
+    #[arg(long)]
+    pub serial_stdin: bool,
     /// Guest memory.
     #[arg(long, default_value = "128M", value_parser = size_arg)]
     pub memory: u64,
@@ -107,7 +113,17 @@ pub fn boot(a: BootArgs) -> Result<i32> {
         Some(k) => pvh::read_kernel(&k).with_context(|| format!("reading {}", k.display()))?,
         None => pvh::test_kernel::build(&Default::default()).context("building the test kernel")?,
     };
+    if let Some(p) = &a.initrd {
+        cfg.initrd = Some(
+            pvh::read_initrd(p).with_context(|| format!("reading the initrd {}", p.display()))?,
+        );
+    }
     let mut vm = pvh::boot(&cfg).context("booting the PVH kernel")?;
+    if a.serial_stdin {
+        vm.serial_input()
+            .forward_stdin()
+            .context("starting the serial input thread")?;
+    }
     match vm
         .run_until_exit(Some(std::time::Duration::from_secs_f64(a.timeout)))
         .context("running the guest")?

@@ -205,6 +205,8 @@ pub struct RunOpts {
     pub kernel: Option<PathBuf>,
     pub cmdline: String,
     pub console: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub serial_stdin: bool,
     pub guest: GuestArgs,
     pub qmp: Option<PathBuf>,
     pub migrate_to: Option<String>,
@@ -234,9 +236,21 @@ fn boot_pvh(o: &RunOpts) -> Result<Vm> {
         vcpus: o.guest.vcpus as usize,
         serial: console_output(o.console.as_deref(), o.json),
         tracking: Some(o.guest.track.tracking()),
+        initrd: o
+            .initrd
+            .as_deref()
+            .map(|p| {
+                pvh::read_initrd(p).with_context(|| format!("reading the initrd {}", p.display()))
+            })
+            .transpose()?,
         ..pvh::PvhConfig::new(kernel)
     };
     let mut vm = pvh::boot(&cfg).context("booting the PVH kernel")?;
+    if o.serial_stdin {
+        vm.serial_input()
+            .forward_stdin()
+            .context("starting the serial input thread")?;
+    }
     vm.start().context("starting the guest")?;
     Ok(vm.into_vm())
 }
