@@ -89,7 +89,7 @@ mkdir -p "$out"
 
 if [ "$pvm" = 1 ]; then
     # What this host's CPL0 emulator cannot run, turned off on the command line (pvm-host.md).
-    cmdline="console=ttyS0 rdinit=/init noxsave clearcpuid=smap,pku,fsgsbase,rdpid,invpcid,pcid,popcnt,rdtscp nofsgsbase nopcid noinvpcid mitigations=off"
+    cmdline="console=ttyS0 rdinit=/init noxsave clearcpuid=smap,pku,fsgsbase,rdpid,invpcid,pcid,popcnt,rdtscp nofsgsbase nopcid noinvpcid mitigations=off clocksource=kvm-clock rcupdate.rcu_cpu_stall_suppress=1"
 else
     cmdline="console=ttyS0 rdinit=/init mitigations=off"
 fi
@@ -160,7 +160,7 @@ list="$out/initramfs.list"
     echo "dir /bin 0755 0 0"
     echo "file /init $out/init 0755 0 0"
     echo "file /bin/busybox $busybox 0755 0 0"
-    echo "slink /bin/poweroff /init 0777 0 0"
+    echo "slink /bin/rv-poweroff /init 0777 0 0"
     # Few applets: every file costs emulated kernel time when the initramfs is unpacked.
     for applet in sh cat echo ls uname mount sleep; do
         echo "slink /bin/$applet busybox 0777 0 0"

@@ -12,9 +12,11 @@
 // as environment variables): rv_period_ms (1000), rv_buf_kb (2048), rv_beats (0 = forever:
 // after that many beats the guest powers off with rv_status), rv_status (0), rv_shell (1).
 //
-// Invoked as `poweroff [status]` (a link in /bin) it powers the VM off: it writes the status
-// to ringvisor's exit port 0x501 (the same port as QEMU's isa-debug-exit) and falls back to
-// reboot(POWER_OFF) where that port cannot be reached.
+// Invoked as `rv-poweroff [status]` (a link in /bin) it powers the VM off: it writes the
+// status to ringvisor's exit port 0x501 (the same port as QEMU's isa-debug-exit) and falls
+// back to reboot(POWER_OFF) where that port cannot be reached. Busybox's own `poweroff`,
+// `reboot` and `halt` (which its shell runs in preference to any file) signal PID 1 (SIGUSR2,
+// SIGTERM, SIGUSR1): init then powers off the same way with status 0.
 //
 // Built with the host's gcc -static -O2. Only user-space code runs here: on a host that
 // emulates guest CPL0 code every system call is expensive, so the loop makes few of them.
@@ -73,6 +75,14 @@ static int power_off(int status)
 		outb((unsigned char)status, EXIT_PORT);
 	reboot(RB_POWER_OFF);
 	return 1;
+}
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop_signal(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
 }
 
 static inline uint64_t pattern(uint64_t beat, uint64_t i)
@@ -137,6 +147,9 @@ static pid_t spawn_shell(void)
 	pid_t pid = fork();
 	if (pid != 0)
 		return pid;
+	signal(SIGUSR1, SIG_DFL);
+	signal(SIGUSR2, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
 	setsid();
 	int fd = open("/dev/console", O_RDWR);
 	if (fd >= 0) {
@@ -173,10 +186,10 @@ int main(int argc, char **argv)
 {
 	const char *name = strrchr(argv[0], '/');
 	name = name ? name + 1 : argv[0];
-	if (strcmp(name, "poweroff") == 0)
+	if (strcmp(name, "rv-poweroff") == 0 || strcmp(name, "poweroff") == 0)
 		return power_off(argc > 1 ? atoi(argv[1]) : 0);
 	if (getpid() != 1) {
-		say("usage: run as /init (pid 1), or as poweroff [status]\n");
+		say("usage: run as /init (pid 1), or as rv-poweroff [status]\n");
 		return 2;
 	}
 	mkdir("/dev", 0755);
@@ -189,12 +202,25 @@ int main(int argc, char **argv)
 	setenv("HOME", "/", 1);
 	banner();
 
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_stop_signal; // no SA_RESTART: wait() returns EINTR
+	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGUSR2, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
 	pid_t beat = fork();
-	if (beat == 0)
+	if (beat == 0) {
+		signal(SIGUSR1, SIG_DFL);
+		signal(SIGUSR2, SIG_DFL);
+		signal(SIGTERM, SIG_DFL);
 		heartbeat();
+	}
 	pid_t shell = env_long("rv_shell", 1) ? spawn_shell() : -1;
 	for (;;) {
 		int st;
+		if (stop_requested)
+			return power_off(0);
 		pid_t pid = wait(&st);
 		if (pid < 0) {
 			if (errno == ECHILD)

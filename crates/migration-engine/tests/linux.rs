@@ -188,7 +188,7 @@ fn linux_guest_migrates_ring_then_bitmap_with_heartbeat_checksum_and_shell_intac
     assert_eq!(src.serial_capture().bytes.len(), src_cap.bytes.len());
 
     let input = SerialInput::of(b.devices().unwrap().clone());
-    let cmd = b"poweroff 9\n";
+    let cmd = b"rv-poweroff 9\n";
     assert_eq!(input.send_all(cmd, Duration::from_secs(30)), cmd.len());
     let mut b = b;
     let status = pvh::wait_exit(&mut b, Some(Duration::from_secs(120))).expect("wait");

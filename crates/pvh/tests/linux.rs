@@ -1,7 +1,7 @@
 //! A real Linux guest (built by `scripts/linux-guest/build.sh`: Debian's linux-source with a
 //! tiny config, busybox-static, the project's /init) on real KVM, one boot for the whole file:
 //! the kernel reaches user space on 2 vCPUs, both online; the heartbeat keeps its buffer
-//! intact; an interactive shell answers on the serial console; `poweroff` powers the VM off
+//! intact; an interactive shell answers on the serial console; `rv-poweroff` powers the VM off
 //! with its status. Slow on a PVM host (1-2 minutes to user space); prints `SKIP(kvm)` without
 //! `/dev/kvm` and never skips with it (a missing kernel is built first).
 
@@ -73,8 +73,8 @@ fn linux_boots_to_a_shell_on_two_online_vcpus_and_powers_off_on_request() {
         t.elapsed().as_secs_f64()
     );
 
-    // Power-off on request, with the status given to /bin/poweroff.
-    let cmd = b"poweroff 7\n";
+    // Power-off on request, with the status given to /bin/rv-poweroff.
+    let cmd = b"rv-poweroff 7\n";
     assert_eq!(input.send_all(cmd, Duration::from_secs(30)), cmd.len());
     let status = vm.wait_exit(Some(Duration::from_secs(120))).expect("wait");
     let c = vm.serial_capture();
