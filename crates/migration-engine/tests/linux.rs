@@ -11,7 +11,7 @@ mod linux_guest;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use linux_guest::{beats, has_after, tail, wait_console, Beat, BOOT_TIMEOUT};
+use linux_guest::{beats, has_after, has_line, tail, wait_console, Beat, BOOT_TIMEOUT};
 use migration_engine::{receive, DestOptions, MigrationSummary, SourceOptions};
 use pvh::{ExitStatus, SerialInput};
 use vmm::{Tracking, Vm};
@@ -151,7 +151,7 @@ fn linux_guest_migrates_ring_then_bitmap_with_heartbeat_checksum_and_shell_intac
     let mut src = pvh::boot(&cfg).expect("boot");
     src.start().expect("start");
     let t = wait_console(src.vm(), "the /init banner", BOOT_TIMEOUT, |c| {
-        has_after(c, 0, "ringvisor-guest: v1 up")
+        has_line(c, "ringvisor-guest: v1 up")
     });
     eprintln!("source: user space after {:.1} s", t.as_secs_f64());
     wait_console(

@@ -10,7 +10,7 @@ mod linux_guest;
 
 use std::time::{Duration, Instant};
 
-use linux_guest::{beats, has_after, tail, wait_console, BOOT_TIMEOUT};
+use linux_guest::{beats, has_after, has_line, tail, wait_console, BOOT_TIMEOUT};
 use pvh::ExitStatus;
 
 const BANNER: &str = "ringvisor-guest: v1 up";
@@ -25,7 +25,7 @@ fn linux_boots_to_a_shell_on_two_online_vcpus_and_powers_off_on_request() {
     let mut vm = pvh::boot(&cfg).expect("boot");
     vm.start().expect("start");
     let banner = wait_console(vm.vm(), "the /init banner", BOOT_TIMEOUT, |c| {
-        has_after(c, 0, BANNER)
+        has_line(c, BANNER)
     });
     let c = vm.serial_capture();
     let text = String::from_utf8_lossy(&c.bytes).into_owned();

@@ -174,3 +174,8 @@ pub fn has_after(c: &vmm::Capture, from: usize, needle: &str) -> bool {
         .get(from..)
         .is_some_and(|b| String::from_utf8_lossy(b).contains(needle))
 }
+
+/// Whether the console has a complete line containing `needle`.
+pub fn has_line(c: &vmm::Capture, needle: &str) -> bool {
+    c.lines().iter().any(|(_, l)| l.contains(needle))
+}
