@@ -264,3 +264,67 @@ fn a_pvh_vm_process_answers_qmp_pauses_resumes_and_quits() {
     assert!(!sock.exists(), "the monitor's socket is removed");
     let _ = std::fs::remove_file(k);
 }
+
+#[test]
+fn boot_takes_an_initrd_and_feeds_stdin_to_the_serial_console() {
+    if !have_kvm() {
+        return;
+    }
+    let k = test_kernel("initrd-kernel.elf");
+    let initrd = tmp("initrd.cpio");
+    std::fs::write(&initrd, vec![0x5a; 100_000]).unwrap();
+    // reports=0: the test kernel reports until a `q` arrives on COM1, then powers off.
+    let mut child = Command::new(EXE)
+        .args(["boot", "--kernel"])
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args([
+            "--serial-stdin",
+            "--cmdline",
+            "reports=0 exit=6 period_ticks=10",
+        ])
+        .args(["--memory", "64M", "--timeout", "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("boot");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    // Wait for the first progress report, then type `q`.
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "console ended early"
+        );
+        if line.contains("progress") {
+            break;
+        }
+    }
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"q").unwrap();
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(6), "{rest}");
+    assert!(rest.contains("poweroff 6"), "{rest}");
+    // An initrd that cannot fit between the kernel and the top of RAM is refused.
+    std::fs::write(&initrd, vec![0; 8 << 20]).unwrap();
+    let out = Command::new(EXE)
+        .args(["boot", "--kernel"])
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "8M"])
+        .output()
+        .expect("boot");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("initrd"), "{err}");
+    let _ = std::fs::remove_file(k);
+    let _ = std::fs::remove_file(initrd);
+}
