@@ -32,7 +32,7 @@ fn hop(vm: &mut Vm, dest_tracking: Tracking) -> (Vm, MigrationSummary) {
             s,
             &DestOptions {
                 tracking: dest_tracking,
-                idle_timeout: Duration::from_secs(120),
+                progress_timeout: Duration::from_secs(120),
                 ..DestOptions::default()
             },
             &mut |_| {},
