@@ -63,9 +63,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
         || { apt-get update >&2 && apt-get install -y --no-install-recommends "${need_pkgs[@]}" >&2; }
     src_tar="$(ls /usr/src/linux-source-*.tar.xz | sort -V | tail -n1)"
 fi
-busybox=/bin/busybox
-file -L "$busybox" 2>/dev/null | grep -q 'statically linked' \
-    || { [ -x /usr/bin/busybox ] && busybox=/usr/bin/busybox; }
+busybox=/bin/busybox   # from busybox-static (statically linked)
 
 # --- cache key ------------------------------------------------------------------------------
 src_ver="$(basename "$src_tar" .tar.xz)"                     # linux-source-6.1
