@@ -523,13 +523,13 @@ impl Conn {
                     let (reply, now_negotiated) = self.handle(framer.frame(), negotiated);
                     framer.reset();
                     partial_since = None;
-                    if self.tx.send(reply.into()).is_err() {
-                        return End::Closed;
-                    }
-                    // Only after the reply is queued, so no event can overtake it.
                     if now_negotiated {
                         negotiated = true;
-                        self.negotiated.store(true, Ordering::Release);
+                        if !self.queue_reply_and_enable_events(reply.into()) {
+                            return End::Closed;
+                        }
+                    } else if self.tx.send(reply.into()).is_err() {
+                        return End::Closed;
                     }
                 }
             }
@@ -540,6 +540,31 @@ impl Conn {
     }
 
     /// Answers one JSON text; the flag says negotiation completed with it.
+    /// Queues the reply to `qmp_capabilities` and turns events on for this client as one
+    /// step under the clients lock that [`EventSink::emit`] holds: no event overtakes the
+    /// reply, and none emitted after the client has read the reply is missed. Returns false
+    /// if the connection is gone.
+    fn queue_reply_and_enable_events(&self, reply: Arc<[u8]>) -> bool {
+        let map = self.shared.clients.lock();
+        match self.tx.try_send(reply) {
+            Ok(()) => {
+                self.negotiated.store(true, Ordering::Release);
+                true
+            }
+            Err(TrySendError::Full(reply)) => {
+                // A client that queued up unread replies: wait for room without holding the
+                // lock (every other client's events go through it).
+                drop(map);
+                if self.tx.send(reply).is_err() {
+                    return false;
+                }
+                self.negotiated.store(true, Ordering::Release);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
     fn handle(&self, frame: &[u8], negotiated: bool) -> (Vec<u8>, bool) {
         let req = match proto::parse_request(frame) {
             Ok(r) => r,
