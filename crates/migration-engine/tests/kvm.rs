@@ -412,10 +412,13 @@ fn dirty_limit_holds_the_quota_at_any_ring_size_and_spares_slow_vcpus() {
     }
 }
 
-/// On a slow link a dirtying guest does not converge by itself; with `dirty-limit auto` (ring)
-/// or auto-converge (bitmap) it does, and the throttle is gone after the switchover.
+/// On a slow link a guest dirtying faster than the link: `dirty-limit auto` (ring) and
+/// auto-converge (bitmap) throttle it, the migration ends with the guest on the destination
+/// and equal memory, and the throttle is gone after the switchover. Whether it converged
+/// before the (forcing) timeout is printed; how fast it converges is `bench dirtylimit`'s.
 #[test]
-fn auto_dirty_limit_and_auto_converge_make_a_slow_link_converge() {
+fn auto_dirty_limit_and_auto_converge_throttle_a_slow_link_migration_that_ends_on_the_destination_with_nothing_lost(
+) {
     if !have_kvm() {
         return;
     }
