@@ -82,9 +82,26 @@ pub fn migrate(o: bench::migrate::MigrateOpts, json: bool) -> Result<()> {
     print(json, &r, || r.to_markdown())
 }
 
-/// `ringvisor bench migrate --pvh`.
-pub fn pvh(o: bench::pvh::PvhOpts, json: bool) -> Result<()> {
-    let r = bench::pvh::run(&o, &mut Bar::new(json))?;
+/// `ringvisor bench migrate --pvh [--profile third-party [--scenarios A;B*]]`.
+pub fn pvh(profile: &str, scenarios: &[String], o: bench::pvh::PvhOpts, json: bool) -> Result<()> {
+    let r = if profile == "third-party" {
+        bench::pvh::run_third_party(&o, scenarios, &mut Bar::new(json))?
+    } else {
+        bench::pvh::run(&o, &mut Bar::new(json))?
+    };
+    print(json, &r, || r.to_markdown())
+}
+
+/// `ringvisor bench first-touch`.
+pub fn first_touch(memory: u64, runs: u32, json: bool) -> Result<()> {
+    if memory % (1 << 20) != 0 {
+        anyhow::bail!("--memory must be a whole number of MiB");
+    }
+    let o = bench::sync::TouchOpts {
+        mib: memory >> 20,
+        runs: runs as usize,
+    };
+    let r = bench::sync::first_touch(&o, &mut Bar::new(json))?;
     print(json, &r, || r.to_markdown())
 }
 
@@ -191,6 +208,16 @@ pub enum BenchCmd {
         /// PVH rows: migrations per cell (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
         repeat: u32,
+        /// PVH rows: `default` (the rows above) or `third-party`, a guest shaped like one we
+        /// did not write (1 vCPU, 4 GiB, CPL0 boot stores, an interrupt handler store per
+        /// tick, the TSC-deadline timer with HLT between ticks) in issue 14's scenarios,
+        /// against QEMU's ring and bitmap, auto-converge and dirty limit.
+        #[arg(long, default_value = "default", requires = "pvh",
+              value_parser = ["default", "third-party"])]
+        profile: String,
+        /// `--profile third-party`: only these scenarios (a name, or a prefix ending in `*`).
+        #[arg(long, value_delimiter = ';', requires = "pvh")]
+        scenarios: Vec<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -212,6 +239,19 @@ pub enum BenchCmd {
         /// Write an SVG plot here.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// First touch of guest RAM from inside a guest: 4 KiB pages versus transparent huge
+    /// pages (real KVM).
+    FirstTouch {
+        /// Guest memory to touch.
+        #[arg(long, default_value = "1G", value_parser = size_arg)]
+        memory: u64,
+        /// Guests per backing (median reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        runs: u32,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -275,6 +315,8 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             pvh_period_ticks,
             pvh_warmup,
             repeat,
+            profile,
+            scenarios,
             json,
         } => {
             let exe = std::env::current_exe()?;
@@ -286,6 +328,8 @@ pub fn run(which: BenchCmd) -> Result<i32> {
                     None => 1_000_000_000,
                 };
                 return self::pvh(
+                    &profile,
+                    &scenarios,
                     bench::pvh::PvhOpts {
                         exe,
                         memory: pvh_memory,
@@ -351,6 +395,7 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             },
             json,
         ),
+        BenchCmd::FirstTouch { memory, runs, json } => first_touch(memory, runs, json),
         BenchCmd::Gic {
             pes,
             its_commands,
