@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use crate::cli_args::{bandwidth_arg, size_arg};
+use crate::cli_args::{bandwidth_arg, mib_arg, size_arg};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A progress bar on stderr (hidden with `--json` or when stderr is not a terminal); notes go
@@ -93,12 +93,9 @@ pub fn pvh(profile: &str, scenarios: &[String], o: bench::pvh::PvhOpts, json: bo
 }
 
 /// `ringvisor bench first-touch`.
-pub fn first_touch(memory: u64, runs: u32, json: bool) -> Result<()> {
-    if memory % (1 << 20) != 0 {
-        anyhow::bail!("--memory must be a whole number of MiB");
-    }
+pub fn first_touch(mib: u64, runs: u32, json: bool) -> Result<()> {
     let o = bench::sync::TouchOpts {
-        mib: memory >> 20,
+        mib,
         runs: runs as usize,
     };
     let r = bench::sync::first_touch(&o, &mut Bar::new(json))?;
@@ -246,9 +243,9 @@ pub enum BenchCmd {
     /// First touch of guest RAM from inside a guest: 4 KiB pages versus transparent huge
     /// pages (real KVM).
     FirstTouch {
-        /// Guest memory to touch.
-        #[arg(long, default_value = "1G", value_parser = size_arg)]
-        memory: u64,
+        /// Guest memory to touch (whole MiB).
+        #[arg(long = "memory", default_value = "1G", value_parser = mib_arg)]
+        memory_mib: u64,
         /// Guests per backing (median reported).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
         runs: u32,
@@ -395,7 +392,11 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             },
             json,
         ),
-        BenchCmd::FirstTouch { memory, runs, json } => first_touch(memory, runs, json),
+        BenchCmd::FirstTouch {
+            memory_mib,
+            runs,
+            json,
+        } => first_touch(memory_mib, runs, json),
         BenchCmd::Gic {
             pes,
             its_commands,

@@ -16,6 +16,15 @@ pub fn size_arg(s: &str) -> Result<u64, String> {
     migration::units::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// A size in whole MiB from 1 MiB to 64 GiB, returned in MiB.
+pub fn mib_arg(s: &str) -> Result<u64, String> {
+    let b = size_arg(s)?;
+    if b % (1 << 20) != 0 || b == 0 || b > 64 << 30 {
+        return Err(format!("{s}: a whole number of MiB from 1M to 64G"));
+    }
+    Ok(b >> 20)
+}
+
 /// Rates in bytes/s: `800MiB/s`, `128M`, `1Gbit/s`; `0` or `unlimited`.
 pub fn bandwidth_arg(s: &str) -> Result<u64, String> {
     migration::units::parse_bandwidth(s).map_err(|e| e.to_string())
