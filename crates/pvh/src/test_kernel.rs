@@ -467,21 +467,83 @@ struct Isrs {
     halt: u64,
 }
 
+type Asm = std::result::Result<(), IcedError>;
+
+/// Labels that more than one piece of the 64-bit code jumps to, calls or sets.
+struct Shared {
+    park: CodeLabel,
+    user: CodeLabel,
+    putc: CodeLabel,
+    puts: CodeLabel,
+    putdec: CodeLabel,
+    lock: CodeLabel,
+    unlock: CodeLabel,
+    param: CodeLabel,
+    halt_isr: CodeLabel,
+    wait_tick: CodeLabel,
+    timer_start: CodeLabel,
+    ap_main: CodeLabel,
+    worker: CodeLabel,
+    poweroff: CodeLabel,
+    timer_isr: CodeLabel,
+    spurious_isr: CodeLabel,
+    report: CodeLabel,
+    finished: CodeLabel,
+    idle: CodeLabel,
+    wait_done: CodeLabel,
+}
+
 fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    let mut park = a.create_label();
-    let mut user = a.create_label();
-    let mut putc = a.create_label();
-    let mut puts = a.create_label();
-    let mut putdec = a.create_label();
-    let mut lock = a.create_label();
-    let mut unlock = a.create_label();
-    let mut param = a.create_label();
-    let mut halt_isr = a.create_label();
-    let mut wait_tick = a.create_label();
-    let mut timer_start = a.create_label();
+    let mut l = Shared {
+        park: a.create_label(),
+        user: a.create_label(),
+        putc: a.create_label(),
+        puts: a.create_label(),
+        putdec: a.create_label(),
+        lock: a.create_label(),
+        unlock: a.create_label(),
+        param: a.create_label(),
+        halt_isr: a.create_label(),
+        wait_tick: a.create_label(),
+        timer_start: a.create_label(),
+        ap_main: a.create_label(),
+        worker: a.create_label(),
+        poweroff: a.create_label(),
+        timer_isr: a.create_label(),
+        spurious_isr: a.create_label(),
+        report: a.create_label(),
+        finished: a.create_label(),
+        idle: a.create_label(),
+        wait_done: a.create_label(),
+    };
 
-    // ---- CPL0 (emulated on PVM: keep it short) ----
+    cpl0_entry(&mut a, &mut l)?;
+    bsp_start(&mut a, &mut l, s)?;
+    bsp_memory(&mut a, &mut l, s)?;
+    bsp_timer_and_aps(&mut a, &mut l, s)?;
+    worker_start(&mut a, &mut l)?;
+    worker_pace(&mut a, &mut l)?;
+    worker_report(&mut a, &mut l, s)?;
+    subroutines(&mut a, &mut l)?;
+    param_subroutine(&mut a, &mut l)?;
+    timer_isr(&mut a, &mut l)?;
+    halt_isr(&mut a, &mut l)?;
+    let r = a.assemble_options(
+        CODE64_GPA,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let isrs = Isrs {
+        timer: r.label_ip(&l.timer_isr)?,
+        spurious: r.label_ip(&l.spurious_isr)?,
+        halt: r.label_ip(&l.halt_isr)?,
+    };
+    Ok((r.inner.code_buffer, isrs))
+}
+
+/// CPL0 entry: segments, TR, IDT, this CPU's stack, then SYSRET to ring 3; CPUs past
+/// `MAX_CPUS` park.
+fn cpl0_entry(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.mov(eax, u32::from(SEL_DATA))?;
     a.mov(ds, ax)?;
     a.mov(es, ax)?;
@@ -491,7 +553,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.shr(ebx, 24)?;
     a.mov(r15d, ebx)?;
     a.cmp(r15d, MAX_CPUS as i32)?;
-    a.jae(park)?;
+    a.jae(l.park)?;
     // TR = this CPU's TSS descriptor (for the I/O permission bitmap).
     a.lea(eax, ptr(r15 * 2))?;
     a.shl(eax, 3)?;
@@ -509,33 +571,35 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.xor(eax, eax)?;
     a.wrmsr()?;
     a.mov(r11d, RFLAGS_USER as u32)?;
-    a.lea(rcx, ptr(user))?;
+    a.lea(rcx, ptr(l.user))?;
     a.sysretq()?;
-    a.set_label(&mut park)?;
+    a.set_label(&mut l.park)?;
     a.cli()?;
     a.hlt()?;
-    a.jmp(park)?;
+    a.jmp(l.park)?;
 
+    Ok(())
+}
+
+/// Ring 3 from here on. The BSP: banner, start-info magic, command-line parameters.
+fn bsp_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     // ---- ring 3 ----
-    let mut ap_main = a.create_label();
     let mut magic_ok = a.create_label();
     let mut have_cmdline = a.create_label();
-    let mut worker = a.create_label();
-    let mut poweroff = a.create_label();
-    a.set_label(&mut user)?;
+    a.set_label(&mut l.user)?;
     a.mov(r13, DATA_GPA)?;
     a.test(r15, r15)?;
-    a.jnz(ap_main)?;
+    a.jnz(l.ap_main)?;
     // BSP.
     a.mov(rsi, s.banner)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rbx, qword_ptr(r13 + SI_PTR as i32))?;
     a.cmp(dword_ptr(rbx), START_MAGIC as i32)?;
     a.je(magic_ok)?;
     a.mov(rsi, s.bad_magic)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(qword_ptr(r13 + P_EXIT as i32), i32::from(BAD_MAGIC_STATUS))?;
-    a.jmp(poweroff)?;
+    a.jmp(l.poweroff)?;
     a.set_label(&mut magic_ok)?;
     a.mov(r12, qword_ptr(rbx + 24))?;
     a.test(r12, r12)?;
@@ -546,7 +610,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
         a.mov(rsi, key)?;
         a.mov(edi, len as u32)?;
         a.mov(rax, default)?;
-        a.call(param)?;
+        a.call(l.param)?;
         a.mov(qword_ptr(r13 + off as i32), rax)?;
     }
     // cpus clamped to 1..=MAX_CPUS.
@@ -563,18 +627,23 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut cpus_hi)?;
     // "params k=v ..."
     a.mov(rsi, s.params)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     // The original keys only, so the line is the same as before the newer keys existed.
     for &(key, _, off, _) in &s.keys[..8] {
         a.mov(al, b' ' as u32)?;
-        a.call(putc)?;
+        a.call(l.putc)?;
         a.mov(rsi, key)?;
-        a.call(puts)?;
+        a.call(l.puts)?;
         a.mov(rax, qword_ptr(r13 + off as i32))?;
-        a.call(putdec)?;
+        a.call(l.putdec)?;
     }
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
+    Ok(())
+}
+
+/// The BSP: the memory map, the hole, and whether the working sets fit.
+fn bsp_memory(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     // Memory map: count RAM (type 1) bytes.
     let mut mm_loop = a.create_label();
     let mut mm_skip = a.create_label();
@@ -616,16 +685,16 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.jmp(mm_loop)?;
     a.set_label(&mut mm_done)?;
     a.mov(rsi, s.memmap)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, r9)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(rsi, s.ram_kib)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, r8)?;
     a.shr(rax, 10)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
     // The working sets must lie in RAM: WS_GPA + cpus * ws_mb MiB <= r10.
     let mut fits = a.create_label();
     let mut no_high = a.create_label();
@@ -654,10 +723,16 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.cmp(rax, rcx)?;
     a.jbe(fits)?;
     a.mov(rsi, s.no_fit)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(qword_ptr(r13 + P_EXIT as i32), i32::from(NO_FIT_STATUS))?;
-    a.jmp(poweroff)?;
+    a.jmp(l.poweroff)?;
     a.set_label(&mut fits)?;
+    Ok(())
+}
+
+/// The BSP: boot stores, its timer, the TSC-deadline calibration, starting the APs; then
+/// an AP's entry.
+fn bsp_timer_and_aps(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     // boot_writes: the #UD handler makes the stores at CPL0 when BOOT_REQ is set.
     let mut no_boot_writes = a.create_label();
     a.cmp(qword_ptr(r13 + P_BOOT_WRITES as i32), 0)?;
@@ -665,13 +740,13 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(qword_ptr(r13 + BOOT_REQ as i32), 1)?;
     a.ud2()?;
     a.mov(rsi, s.boot_writes)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + P_BOOT_WRITES as i32))?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
     a.set_label(&mut no_boot_writes)?;
-    a.call(timer_start)?;
+    a.call(l.timer_start)?;
     // timer=tsc-deadline: TSC ticks per timer tick over DL_CALIBRATION_TICKS periodic ticks,
     // from a tick edge; storing it switches every CPU's ISR to TSC-deadline mode.
     let mut no_dl = a.create_label();
@@ -683,7 +758,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.je(no_dl)?;
     a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
     a.set_label(&mut dl_edge)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
     a.je(dl_edge)?;
     a.rdtsc()?;
@@ -693,7 +768,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
     a.add(r8, DL_CALIBRATION_TICKS)?;
     a.set_label(&mut dl_span)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
     a.jb(dl_span)?;
     a.rdtsc()?;
@@ -705,16 +780,16 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.div(rcx)?;
     a.mov(qword_ptr(r13 + DL_PER_TICK as i32), rax)?;
     a.mov(rsi, s.timer_dl)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
     a.set_label(&mut no_dl)?;
     // Start the APs: software-enable the LAPIC, INIT then SIPI to all but self, wait for them.
     let mut wait_up = a.create_label();
     a.cmp(qword_ptr(r13 + P_CPUS as i32), 1)?;
-    a.jbe(worker)?;
+    a.jbe(l.worker)?;
     a.mov(rsi, DATA_GPA + TRAMPOLINE_COPY)?;
     a.mov(edi, TRAMPOLINE_GPA as u32)?;
     a.mov(ecx, TRAMPOLINE_BYTES as u32)?;
@@ -725,37 +800,39 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(dword_ptr(rax + 0x300), ICR_INIT_ALL as i32)?;
     a.mov(dword_ptr(rax + 0x300), ICR_SIPI_ALL as i32)?;
     a.set_label(&mut wait_up)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.mov(rcx, qword_ptr(r13 + P_CPUS as i32))?;
     a.dec(rcx)?;
     a.cmp(qword_ptr(r13 + CPUS_UP as i32), rcx)?;
     a.jb(wait_up)?;
-    a.jmp(worker)?;
+    a.jmp(l.worker)?;
 
     // AP: count in, say so.
-    a.set_label(&mut ap_main)?;
-    a.call(timer_start)?;
+    a.set_label(&mut l.ap_main)?;
+    a.call(l.timer_start)?;
     a.lock().inc(qword_ptr(r13 + CPUS_UP as i32))?;
-    a.call(lock)?;
+    a.call(l.lock)?;
     a.mov(rsi, s.cpu)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, r15)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(rsi, s.up)?;
-    a.call(puts)?;
-    a.call(unlock)?;
+    a.call(l.puts)?;
+    a.call(l.unlock)?;
 
+    Ok(())
+}
+
+/// The worker (every CPU): TSC calibration for paced reports, its working set, and the
+/// report loop with its writes; the pacing and the report line follow.
+fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // Worker: r12 = working set base, r14 = its pages, rbx = position, rbp = report number,
     // r10 = pages written.
-    let mut report = a.create_label();
     let mut write = a.create_label();
     let mut nowrap = a.create_label();
     let mut print = a.create_label();
-    let mut finished = a.create_label();
-    let mut idle = a.create_label();
-    let mut wait_done = a.create_label();
     let mut ws_ok = a.create_label();
-    a.set_label(&mut worker)?;
+    a.set_label(&mut l.worker)?;
     // pace=1 (with the timer on and reports paced): measure TSC ticks per timer tick over
     // CALIBRATION_TICKS ticks, from a tick edge, and start the schedule there.
     let mut no_calibration = a.create_label();
@@ -769,7 +846,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.je(no_calibration)?;
     a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
     a.set_label(&mut edge)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
     a.je(edge)?;
     a.rdtsc()?;
@@ -780,7 +857,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
     a.add(r8, CALIBRATION_TICKS)?;
     a.set_label(&mut span)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
     a.jb(span)?;
     a.rdtsc()?;
@@ -811,14 +888,14 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.xor(ebx, ebx)?;
     a.xor(ebp, ebp)?;
     a.xor(r10d, r10d)?;
-    a.set_label(&mut report)?;
+    a.set_label(&mut l.report)?;
     // reports = 0: run until asked to power off.
     let mut more = a.create_label();
     a.mov(rax, qword_ptr(r13 + P_REPORTS as i32))?;
     a.test(rax, rax)?;
     a.jz(more)?;
     a.cmp(rbp, rax)?;
-    a.jae(finished)?;
+    a.jae(l.finished)?;
     a.set_label(&mut more)?;
     a.inc(rbp)?;
     a.mov(rcx, qword_ptr(r13 + P_DIRTY as i32))?;
@@ -843,6 +920,11 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.dec(rcx)?;
     a.jnz(write)?;
     a.set_label(&mut print)?;
+    Ok(())
+}
+
+/// The pacing wait before a report line.
+fn worker_pace(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // Pacing: wait until this CPU has seen report * period_ticks ticks (pace=0), or until its
     // TSC has advanced by that many ticks' worth (pace=1).
     let mut pace = a.create_label();
@@ -863,7 +945,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.or(rax, rdx)?;
     a.cmp(rax, r8)?;
     a.jae(paced)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.jmp(tsc_wait)?;
     a.set_label(&mut tick_pace)?;
     a.mov(rax, qword_ptr(r13 + P_PERIOD as i32))?;
@@ -871,68 +953,78 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut pace)?;
     a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), rax)?;
     a.jae(paced)?;
-    a.call(wait_tick)?;
+    a.call(l.wait_tick)?;
     a.jmp(pace)?;
     a.set_label(&mut paced)?;
-    a.call(lock)?;
+    Ok(())
+}
+
+/// The report line, the power-off request, and the end of the run.
+fn worker_report(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
+    a.call(l.lock)?;
     a.mov(rsi, s.cpu)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, r15)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(rsi, s.progress)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, rbp)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(rsi, s.pages)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, r10)?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(rsi, s.ticks)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
-    a.call(unlock)?;
+    a.call(l.putc)?;
+    a.call(l.unlock)?;
     // Power-off request: a `q` received on COM1 (LSR.DR set, then read RBR).
     a.mov(edx, u32::from(crate::serial::COM1_PORT) + 5)?;
     a.in_(al, dx)?;
     a.test(al, 1)?;
-    a.jz(report)?;
+    a.jz(l.report)?;
     a.mov(edx, u32::from(crate::serial::COM1_PORT))?;
     a.in_(al, dx)?;
     a.cmp(al, i32::from(POWER_OFF_KEY))?;
-    a.jne(report)?;
-    a.jmp(poweroff)?;
-    a.set_label(&mut finished)?;
+    a.jne(l.report)?;
+    a.jmp(l.poweroff)?;
+    a.set_label(&mut l.finished)?;
     a.lock().inc(qword_ptr(r13 + DONE as i32))?;
     a.test(r15, r15)?;
-    a.jnz(idle)?;
-    a.set_label(&mut wait_done)?;
-    a.call(wait_tick)?;
+    a.jnz(l.idle)?;
+    a.set_label(&mut l.wait_done)?;
+    a.call(l.wait_tick)?;
     a.mov(rax, qword_ptr(r13 + DONE as i32))?;
     a.cmp(rax, qword_ptr(r13 + P_CPUS as i32))?;
-    a.jb(wait_done)?;
-    a.set_label(&mut poweroff)?;
-    a.call(lock)?;
+    a.jb(l.wait_done)?;
+    a.set_label(&mut l.poweroff)?;
+    a.call(l.lock)?;
     a.mov(rsi, s.poweroff)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + P_EXIT as i32))?;
-    a.call(putdec)?;
+    a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
     a.mov(rax, qword_ptr(r13 + P_EXIT as i32))?;
     a.mov(edx, u32::from(crate::vm::EXIT_PORT))?;
     a.out(dx, al)?;
     // Idle (an AP that is done, or after power-off): halt in the in-kernel LAPIC.
-    a.set_label(&mut idle)?;
+    a.set_label(&mut l.idle)?;
     a.ud2()?;
-    a.jmp(idle)?;
+    a.jmp(l.idle)?;
 
+    Ok(())
+}
+
+/// Ring-3 subroutines: timer_start, wait_tick, putc, puts, putdec, lock, unlock.
+fn subroutines(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // timer_start: this CPU's LAPIC timer, periodic, vector TIMER_VECTOR, divide by 1 (KVM's
     // APIC bus runs at 1 GHz, so the initial count is the period in ns). Clobbers rax, rcx.
     let mut timer_off = a.create_label();
-    a.set_label(&mut timer_start)?;
+    a.set_label(&mut l.timer_start)?;
     a.mov(rcx, LAPIC)?;
     a.mov(dword_ptr(rcx + 0xf0), 0x100 | SPURIOUS_VECTOR as i32)?;
     a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
@@ -947,7 +1039,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     // wait_tick: with the timer on, halt until the next interrupt (`ud2`, whose #UD handler is
     // the CPL0 halt below); without it, `pause`.
     let mut no_tick = a.create_label();
-    a.set_label(&mut wait_tick)?;
+    a.set_label(&mut l.wait_tick)?;
     a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
     a.je(no_tick)?;
     a.ud2()?;
@@ -957,24 +1049,24 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.ret()?;
 
     // putc: al -> COM1. Clobbers edx.
-    a.set_label(&mut putc)?;
+    a.set_label(&mut l.putc)?;
     a.mov(edx, u32::from(crate::serial::COM1_PORT))?;
     a.out(dx, al)?;
     a.ret()?;
     // puts: rsi = NUL-terminated string. Clobbers rax, rdx, rsi.
     let mut puts_done = a.create_label();
-    a.set_label(&mut puts)?;
+    a.set_label(&mut l.puts)?;
     a.mov(al, byte_ptr(rsi))?;
     a.test(al, al)?;
     a.jz(puts_done)?;
-    a.call(putc)?;
+    a.call(l.putc)?;
     a.inc(rsi)?;
-    a.jmp(puts)?;
+    a.jmp(l.puts)?;
     a.set_label(&mut puts_done)?;
     a.ret()?;
     // putdec: rax in decimal. Clobbers rax, rcx, rdx, rdi, rsi.
     let mut dec_loop = a.create_label();
-    a.set_label(&mut putdec)?;
+    a.set_label(&mut l.putdec)?;
     a.sub(rsp, 32)?;
     a.lea(rdi, qword_ptr(rsp + 31))?;
     a.mov(byte_ptr(rdi), 0)?;
@@ -988,23 +1080,28 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.test(rax, rax)?;
     a.jnz(dec_loop)?;
     a.mov(rsi, rdi)?;
-    a.call(puts)?;
+    a.call(l.puts)?;
     a.add(rsp, 32)?;
     a.ret()?;
     // lock / unlock: the print spinlock. Clobber eax.
     let mut lock_got = a.create_label();
-    a.set_label(&mut lock)?;
+    a.set_label(&mut l.lock)?;
     a.mov(eax, 1u32)?;
     a.xchg(dword_ptr(r13 + LOCK as i32), eax)?;
     a.test(eax, eax)?;
     a.jz(lock_got)?;
     a.pause()?;
-    a.jmp(lock)?;
+    a.jmp(l.lock)?;
     a.set_label(&mut lock_got)?;
     a.ret()?;
-    a.set_label(&mut unlock)?;
+    a.set_label(&mut l.unlock)?;
     a.mov(dword_ptr(r13 + LOCK as i32), 0)?;
     a.ret()?;
+    Ok(())
+}
+
+/// Ring-3 subroutine `param`.
+fn param_subroutine(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // param: value of key rsi (length rdi, including '=') in the command line r12, in
     // decimal, or rax if absent. A key matches at the start or after a space.
     // Clobbers rcx, r8, r9.
@@ -1015,7 +1112,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut matched = a.create_label();
     let mut digit = a.create_label();
     let mut param_ret = a.create_label();
-    a.set_label(&mut param)?;
+    a.set_label(&mut l.param)?;
     a.mov(r8, r12)?;
     a.set_label(&mut scan)?;
     a.cmp(byte_ptr(r8), 0)?;
@@ -1052,13 +1149,17 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut param_ret)?;
     a.ret()?;
 
+    Ok(())
+}
+
+/// CPL0 interrupt handlers: the timer (with the TSC-deadline re-arm and isr_writes) and
+/// spurious.
+fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // ---- CPL0 interrupt handlers (from ring 3 through the IDT, on the TSS's RSP0) ----
-    let mut timer_isr = a.create_label();
-    let mut spurious_isr = a.create_label();
     let mut isr_done = a.create_label();
     let mut isr_loop = a.create_label();
     let mut isr_nowrap = a.create_label();
-    a.set_label(&mut timer_isr)?;
+    a.set_label(&mut l.timer_isr)?;
     a.push(rax)?;
     a.mov(rax, LAPIC)?;
     a.mov(dword_ptr(rax + 0xb0), 0)?; // EOI
@@ -1130,8 +1231,13 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.set_label(&mut isr_done)?;
     a.pop(rax)?;
     a.iretq()?;
-    a.set_label(&mut spurious_isr)?;
+    a.set_label(&mut l.spurious_isr)?;
     a.iretq()?;
+    Ok(())
+}
+
+/// CPL0 #UD handler: halt until an interrupt, or the boot stores.
+fn halt_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // #UD from ring 3's `ud2`: halt until an interrupt (handled by the ISR above, which returns
     // here), then back to ring 3 past the `ud2`. HLT at CPL0 is handled by KVM's in-kernel
     // LAPIC: the vCPU thread blocks in KVM_RUN. On PVM neither `syscall` (it reached LSTAR
@@ -1142,7 +1248,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     let mut halt = a.create_label();
     let mut boot_loop = a.create_label();
     let mut boot_nowrap = a.create_label();
-    a.set_label(&mut halt_isr)?;
+    a.set_label(&mut l.halt_isr)?;
     a.push(rax)?;
     a.mov(rax, DATA_GPA)?;
     a.cmp(qword_ptr(rax + BOOT_REQ as i32), 0)?;
@@ -1189,16 +1295,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     a.hlt()?;
     a.add(qword_ptr(rsp), 2)?;
     a.iretq()?;
-    let r = a.assemble_options(
-        CODE64_GPA,
-        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )?;
-    let isrs = Isrs {
-        timer: r.label_ip(&timer_isr)?,
-        spurious: r.label_ip(&spurious_isr)?,
-        halt: r.label_ip(&halt_isr)?,
-    };
-    Ok((r.inner.code_buffer, isrs))
+    Ok(())
 }
 
 /// An IDT page with 64-bit interrupt gates (DPL 0): timer, spurious, and #UD (the halt call).
