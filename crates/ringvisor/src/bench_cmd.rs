@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use crate::cli_args::{bandwidth_arg, mib_arg, size_arg};
+use crate::cli_args::{bandwidth_arg, mib_arg, seconds_arg, size_arg};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A progress bar on stderr (hidden with `--json` or when stderr is not a terminal); notes go
@@ -163,9 +163,10 @@ pub enum BenchCmd {
         /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
         #[arg(long, default_value = "loopback")]
         link: String,
-        /// Seconds before a non-converging migration is aborted.
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
+        /// Seconds before a non-converging migration is aborted [default: 30; with
+        /// `--profile third-party`: 60].
+        #[arg(long, value_parser = seconds_arg)]
+        timeout: Option<f64>,
         /// downtime-limit in ms.
         #[arg(long, default_value_t = 300)]
         downtime_limit: u64,
@@ -199,9 +200,10 @@ pub enum BenchCmd {
         /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
         #[arg(long, default_value_t = 20)]
         pvh_period_ticks: u64,
-        /// PVH rows: seconds the guest runs before the migration.
-        #[arg(long, default_value_t = 1.0)]
-        pvh_warmup: f64,
+        /// PVH rows: seconds the guest runs before the migration [default: 1; with
+        /// `--profile third-party`: 3, and longer where a scenario must populate memory].
+        #[arg(long, value_parser = seconds_arg)]
+        pvh_warmup: Option<f64>,
         /// PVH rows: migrations per cell (the table shows medians).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
         repeat: u32,
@@ -318,12 +320,18 @@ pub fn run(which: BenchCmd) -> Result<i32> {
         } => {
             let exe = std::env::current_exe()?;
             if pvh {
+                // The third-party profile's defaults are issue 14's: 10 GiB/s, 3 s of warm-up,
+                // 60 s before a migration that does not converge is aborted.
+                let third = profile == "third-party";
                 let bw = match &max_bandwidth {
                     Some(b) => {
                         bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?
                     }
+                    None if third => 10 << 30,
                     None => 1_000_000_000,
                 };
+                let pvh_warmup = pvh_warmup.unwrap_or(if third { 3.0 } else { 1.0 });
+                let timeout = timeout.unwrap_or(if third { 60.0 } else { 30.0 });
                 return self::pvh(
                     &profile,
                     &scenarios,
@@ -365,7 +373,7 @@ pub fn run(which: BenchCmd) -> Result<i32> {
                     ring_entries,
                     vcpus,
                     link,
-                    timeout,
+                    timeout: timeout.unwrap_or(30.0),
                     downtime_limit,
                     plot,
                     max_bandwidth,
