@@ -13,14 +13,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use qmp::ClientError;
 use serde_json::{json, Value};
 
 /// Why a QEMU migration could not be measured (a migration that fails or times out is a
@@ -585,128 +585,31 @@ fn all_advanced(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> bool
             .all(|(cpu, r)| after.get(cpu).is_some_and(|a| a > r))
 }
 
-/// A QMP reply line, classified.
-#[derive(Debug, PartialEq)]
-enum Reply {
-    Greeting(Value),
-    Return {
-        id: Option<u64>,
-        value: Value,
-    },
-    Error {
-        id: Option<u64>,
-        class: String,
-        desc: String,
-    },
-    Event(String),
-}
-
-fn parse_reply(line: &str) -> Result<Reply> {
-    let v: Value = serde_json::from_str(line)
-        .map_err(|e| QemuError::Qmp(format!("QMP sent invalid JSON ({e}): {line}")))?;
-    let id = v.get("id").and_then(Value::as_u64);
-    if let Some(e) = v.get("event") {
-        return Ok(Reply::Event(e.as_str().unwrap_or("?").to_string()));
-    }
-    if v.get("QMP").is_some() {
-        return Ok(Reply::Greeting(v));
-    }
-    if let Some(e) = v.get("error") {
-        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-        return Ok(Reply::Error {
-            id,
-            class: s("class"),
-            desc: s("desc"),
-        });
-    }
-    match v.get("return") {
-        Some(r) => Ok(Reply::Return {
-            id,
-            value: r.clone(),
-        }),
-        None => fail!(Qmp, "unexpected QMP message: {line}"),
-    }
-}
-
-/// A QMP client: one command at a time, events skipped.
+/// A QMP client for one QEMU process (the project's `qmp::client`), with its errors named
+/// after the process and the command.
 struct Qmp {
     name: &'static str,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    next_id: u64,
+    client: qmp::client::QmpClient,
 }
 
 impl Qmp {
-    /// Reads the greeting, negotiates capabilities; returns the greeting.
-    fn start(name: &'static str, stream: UnixStream) -> Result<(Qmp, Value)> {
-        stream
-            .set_read_timeout(Some(QMP_REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(QMP_REPLY_TIMEOUT)))
-            .map_err(io_err(format!("{name}: QMP socket timeouts")))?;
-        let mut q = Qmp {
-            name,
-            reader: BufReader::new(
-                stream
-                    .try_clone()
-                    .map_err(io_err(format!("{name}: cloning the QMP socket")))?,
-            ),
-            writer: stream,
-            next_id: 1,
-        };
-        let greeting = match q.read()? {
-            Reply::Greeting(g) => g,
-            other => fail!(Qmp, "{name}: expected the QMP greeting, got {other:?}"),
-        };
-        q.execute("qmp_capabilities", json!({}))?;
-        Ok((q, greeting))
-    }
-
-    fn read(&mut self) -> Result<Reply> {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).map_err(io_err(format!(
-            "{}: no QMP reply within {QMP_REPLY_TIMEOUT:?}",
-            self.name
-        )))?;
-        if n == 0 {
-            fail!(Qmp, "{}: QMP connection closed (QEMU exited?)", self.name);
-        }
-        parse_reply(line.trim_end())
+    /// Connects (greeting and capability negotiation included); returns the greeting.
+    fn start(name: &'static str, path: &Path) -> std::result::Result<(Qmp, Value), ClientError> {
+        let client = qmp::client::QmpClient::connect(path, QMP_REPLY_TIMEOUT)?;
+        let greeting = client.greeting().clone();
+        Ok((Qmp { name, client }, greeting))
     }
 
     /// Runs `cmd` and returns its `return` value; a QMP error is an error.
     fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut msg = json!({ "execute": cmd, "id": id });
-        if args.as_object().is_some_and(|a| !a.is_empty()) {
-            msg["arguments"] = args;
-        }
-        let mut text = msg.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(io_err(format!("{}: sending {cmd} over QMP", self.name)))?;
-        loop {
-            match self.read()? {
-                Reply::Event(_) => continue,
-                Reply::Return { id: Some(r), value } if r == id => return Ok(value),
-                Reply::Error {
-                    id: Some(r),
-                    class,
-                    desc,
-                } if r == id => fail!(Qmp, "{}: {cmd} failed: {class}: {desc}", self.name),
-                other => fail!(
-                    Qmp,
-                    "{}: unexpected QMP reply to {cmd}: {other:?}",
-                    self.name
-                ),
-            }
-        }
+        self.client
+            .execute(cmd, args)
+            .map_err(|e| QemuError::Qmp(format!("{}: {cmd}: {e}", self.name)))
     }
 
     /// Asks QEMU to exit; errors are irrelevant here (it may be gone already).
     fn quit(&mut self) {
-        let _ = self.execute("quit", json!({}));
+        let _ = self.client.execute("quit", Value::Null);
     }
 }
 
@@ -744,14 +647,19 @@ impl Qemu {
     /// Connects to QMP once QEMU has created its socket.
     fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
         loop {
-            if let Ok(s) = UnixStream::connect(&self.qmp) {
-                return match Qmp::start(self.name, s) {
+            let attempt = match Qmp::start(self.name, &self.qmp) {
+                // Not created or not listening yet: QEMU is still starting.
+                Err(ClientError::Connect { .. }) => None,
+                other => Some(other),
+            };
+            if let Some(attempt) = attempt {
+                return match attempt {
                     Ok(q) => Ok(q),
                     // A guest that powers off at once takes QEMU down while QMP starts: the
                     // exit (with its status and serial tail) is the error, not the socket's.
                     Err(e) => match wait_timeout(&mut self.child, STOP_TIMEOUT) {
                         Some(_) => Err(QemuError::Exited(self.describe_exit())),
-                        None => Err(e),
+                        None => Err(QemuError::Qmp(format!("{}: QMP: {e}", self.name))),
                     },
                 };
             }
@@ -899,10 +807,8 @@ mod tests {
         "duplicate": 32762, "normal-bytes": 114688, "normal": 28}}, "id": 7}"#;
 
     fn value_of(line: &str) -> Value {
-        match parse_reply(line).unwrap() {
-            Reply::Return { value, .. } => value,
-            other => panic!("not a return: {other:?}"),
-        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        v["return"].clone()
     }
 
     #[test]
@@ -949,35 +855,16 @@ mod tests {
     }
 
     #[test]
-    fn qmp_lines_are_classified_with_their_ids() {
-        let g = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},
-            "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
-        let Reply::Greeting(v) = parse_reply(g).unwrap() else {
-            panic!("greeting not recognised")
-        };
+    fn the_greeting_gives_the_version() {
+        let g: Value = serde_json::from_str(
+            r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},
+            "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#,
+        )
+        .unwrap();
         assert_eq!(
-            version_from_greeting(&v).as_deref(),
+            version_from_greeting(&g).as_deref(),
             Some("7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
         );
-        assert_eq!(
-            parse_reply(r#"{"return": {}, "id": 3}"#).unwrap(),
-            Reply::Return {
-                id: Some(3),
-                value: json!({})
-            }
-        );
-        assert_eq!(
-            parse_reply(r#"{"id": 4, "error": {"class": "GenericError", "desc": "no"}}"#).unwrap(),
-            Reply::Error {
-                id: Some(4),
-                class: "GenericError".into(),
-                desc: "no".into()
-            }
-        );
-        let ev = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#;
-        assert_eq!(parse_reply(ev).unwrap(), Reply::Event("STOP".into()));
-        assert!(parse_reply("{\"return\": ").is_err());
-        assert!(parse_reply("{\"neither\": 1}").is_err());
     }
 
     #[test]
