@@ -77,6 +77,10 @@ pub struct GicConfig {
     pub v41: Option<V41Config>,
 }
 
+/// Redistributors of QEMU's `virt` board with `gic-version=4` in its first region
+/// (0x080A_0000..0x0900_0000 at the 256 KiB GICv4 stride); further ones go to the second.
+pub const VIRT_GICR_REGION1_PES_V4: usize = 61;
+
 /// Redistributor region base of [`GicConfig::virt_v41`] (room for 128 GICv4 redistributors).
 pub const V41_GICR_BASE: u64 = 0x0A00_0000;
 /// Base of the first ITS of [`GicConfig::virt_v41`]; further ITSs follow 256 KiB apart.
@@ -104,6 +108,42 @@ pub struct V41Config {
     pub busy_reads: u32,
     /// GITS_TYPER.nID: individual (per-vLPI) doorbells are not supported.
     pub no_individual_doorbells: bool,
+    /// A GICv4.0 instead of a GICv4.1: GICR_VPROPBASER holds the vLPI configuration table
+    /// address and IDbits, GICR_VPENDBASER the VPT address (residency is by VPT address, no
+    /// vPEID), VMAPP/VMOVP use their v4.0 forms, doorbells are per vLPI only, there are no
+    /// vSGIs, no GICD_TYPER2 and no vPE tables at the redistributors. Build it with
+    /// [`V41Config::v4_0`] / [`GicConfig::virt_v40`].
+    #[serde(default)]
+    pub v4_0: bool,
+}
+
+impl V41Config {
+    /// The GICv4.0 parameters: like QEMU's `virt,gic-version=4` (GITS_TYPER.VMOVP = 1) and
+    /// no GICv4.1 feature (no vSGIs, shared vPE tables, Dirty on load or default doorbells).
+    pub fn v4_0() -> Self {
+        V41Config {
+            vpeid_bits: 16,
+            common_lpi_aff: 0,
+            svpet: 0,
+            vmovp: true,
+            dirty: false,
+            nassgi_cap: false,
+            busy_reads: 0,
+            no_individual_doorbells: false,
+            v4_0: true,
+        }
+    }
+}
+
+/// Which architecture version a [`GicConfig`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GicVersion {
+    /// GICv3 with ITS (no virtual features).
+    V3,
+    /// GICv4.0: direct vLPI injection, residency through VPT addresses, per-vLPI doorbells.
+    V4_0,
+    /// GICv4.1: vPE tables, vSGIs, default doorbells.
+    V4_1,
 }
 
 impl Default for V41Config {
@@ -117,6 +157,7 @@ impl Default for V41Config {
             nassgi_cap: true,
             busy_reads: 1,
             no_individual_doorbells: false,
+            v4_0: false,
         }
     }
 }
@@ -179,6 +220,35 @@ impl GicConfig {
         c
     }
 
+    /// A GICv4.0 laid out like QEMU's `virt,gic-version=4,its=on`: distributor at
+    /// 0x0800_0000, one two-frame ITS at 0x0808_0000, redistributors from 0x080A_0000 with
+    /// the 256 KiB GICv4 stride (61 in the first region, the rest at 256 GiB).
+    pub fn virt_v40(pes: usize) -> Self {
+        let mut c = GicConfig::virt(pes);
+        let first = pes.min(VIRT_GICR_REGION1_PES_V4);
+        c.gicr_regions = vec![RedistRegion {
+            base: VIRT_GICR_BASE,
+            count: first,
+        }];
+        if pes > first {
+            c.gicr_regions.push(RedistRegion {
+                base: VIRT_GICR2_BASE,
+                count: pes - first,
+            });
+        }
+        c.v41 = Some(V41Config::v4_0());
+        c
+    }
+
+    /// The architecture version this configuration builds.
+    pub fn version(&self) -> GicVersion {
+        match &self.v41 {
+            None => GicVersion::V3,
+            Some(v) if v.v4_0 => GicVersion::V4_0,
+            Some(_) => GicVersion::V4_1,
+        }
+    }
+
     /// Distance between consecutive redistributors: 128 KiB (GICv3) or 256 KiB (GICv4).
     pub fn rd_stride(&self) -> u64 {
         if self.v41.is_some() {
@@ -190,7 +260,7 @@ impl GicConfig {
 
     /// Size of each ITS's register space: two frames, three with GICv4.1 (SGI frame).
     pub fn its_size(&self) -> u64 {
-        if self.v41.is_some() {
+        if self.version() == GicVersion::V4_1 {
             GITS_SIZE_V41
         } else {
             GITS_SIZE
@@ -295,6 +365,25 @@ impl GicConfig {
                     what: "svpet",
                     value: v.svpet as u32,
                 });
+            }
+            if v.v4_0 {
+                for (what, bad) in [
+                    ("svpet (GICv4.1 only)", v.svpet as u32),
+                    (
+                        "common_lpi_aff (GICv4.1 vPE table sharing)",
+                        v.common_lpi_aff as u32,
+                    ),
+                    ("nassgi_cap (GICv4.1 only)", v.nassgi_cap as u32),
+                    (
+                        "no_individual_doorbells (GICv4.1 only)",
+                        v.no_individual_doorbells as u32,
+                    ),
+                    ("dirty (GICv4.1 only)", v.dirty as u32),
+                ] {
+                    if bad != 0 {
+                        return Err(ConfigError::BadV41 { what, value: bad });
+                    }
+                }
             }
             if self.its.len() > 16 {
                 return Err(ConfigError::BadV41 {

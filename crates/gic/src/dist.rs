@@ -110,7 +110,8 @@ impl Distributor {
             router: vec![0; num_irqs as usize],
             num_irqs,
             typer,
-            typer2: cfg.v41.as_ref().map_or(0, |v| {
+            // GICv4.0 has no GICD_TYPER2 fields (VID/VIL/nASSGIcap are GICv4.1).
+            typer2: cfg.v41.as_ref().filter(|v| !v.v4_0).map_or(0, |v| {
                 ((v.vpeid_bits as u32 - 1) & GICD_TYPER2_VID_MASK)
                     | GICD_TYPER2_VIL
                     | if v.nassgi_cap {

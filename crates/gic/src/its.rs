@@ -350,6 +350,52 @@ impl ItsCommand {
         }
     }
 
+    /// Decodes a command for a GICv4.0 ITS: the physical commands, VMAPTI, VMAPI, VMOVI,
+    /// VSYNC, VINVALL as for GICv4.1, and the GICv4.0 forms of VMAPP (vPEID, RDbase, V,
+    /// VPT_addr, VPT_size; DW0\[15:8\] and the VConf / default doorbell fields are RES0 and
+    /// ignored) and VMOVP (SequenceNumber, ITSList, vPEID, RDbase; no DB / default doorbell).
+    /// VSGI and INVDB are GICv4.1 opcodes: [`ItsCommand::Unknown`] here.
+    pub fn decode_v40(dw: [u64; 4]) -> ItsCommand {
+        match ItsCommand::decode_v41(dw) {
+            ItsCommand::Vmapp {
+                vpeid,
+                rdbase,
+                valid,
+                vpt,
+                vpt_size,
+                ..
+            } => ItsCommand::Vmapp {
+                vpeid,
+                rdbase,
+                valid,
+                alloc: false,
+                ptz: false,
+                vconf: 0,
+                default_db: INTID_NO_DOORBELL,
+                vpt,
+                vpt_size,
+            },
+            ItsCommand::Vmovp {
+                vpeid,
+                rdbase,
+                seq,
+                its_list,
+                ..
+            } => ItsCommand::Vmovp {
+                vpeid,
+                rdbase,
+                seq,
+                its_list,
+                db_valid: false,
+                default_db: INTID_NO_DOORBELL,
+            },
+            ItsCommand::Vsgi { .. } | ItsCommand::Invdb { .. } => ItsCommand::Unknown {
+                opcode: dw[0] as u8,
+            },
+            c => c,
+        }
+    }
+
     /// Encodes the command (inverse of [`ItsCommand::decode`] for the fields it keeps).
     pub fn encode(&self) -> [u64; 4] {
         let dev = |op: u8, d: u32| op as u64 | ((d as u64) << 32);
@@ -782,6 +828,11 @@ impl Its {
         &self.cfg
     }
 
+    /// A GICv4.0 ITS (v4.0 command forms, per-vLPI doorbells only).
+    fn is_v40(&self) -> bool {
+        self.v41.as_ref().is_some_and(|v| v.v4_0)
+    }
+
     fn baser_type(&self, n: usize) -> u64 {
         match n {
             0 => GITS_BASER_TYPE_DEVICE,
@@ -810,7 +861,11 @@ impl Its {
             | if self.cfg.pta { GITS_TYPER_PTA } else { 0 }
             | (15 << GITS_TYPER_CIDBITS_SHIFT)
             | GITS_TYPER_CIL
-            | self.v41.as_ref().map_or(0, |v| {
+            | self.v41.as_ref().filter(|v| v.v4_0).map_or(0, |v| {
+                // GICv4.0: Virtual and the VMOVP form; VMAPP/SVPET/VSGI/nID are GICv4.1.
+                GITS_TYPER_VIRTUAL | if v.vmovp { GITS_TYPER_VMOVP } else { 0 }
+            })
+            | self.v41.as_ref().filter(|v| !v.v4_0).map_or(0, |v| {
                 GITS_TYPER_VIRTUAL
                     | GITS_TYPER_VMAPP
                     | if v.vmovp { GITS_TYPER_VMOVP } else { 0 }
@@ -853,14 +908,20 @@ impl Its {
             GITS_CTLR => {
                 only32(offset, width)?;
                 let en = if self.enabled { GITS_CTLR_ENABLED } else { 0 };
-                let v4 = if self.v41.is_some() {
-                    GITS_CTLR_IMDE | ((self.its_number as u32) << GITS_CTLR_ITS_NUMBER_SHIFT)
-                } else {
-                    0
+                let v4 = match &self.v41 {
+                    // GICv4.0: ITS_Number only matters (and is only shown) for ITSList VMOVPs.
+                    Some(v) if v.v4_0 && !v.vmovp => {
+                        (self.its_number as u32) << GITS_CTLR_ITS_NUMBER_SHIFT
+                    }
+                    Some(v) if v.v4_0 => 0,
+                    Some(_) => {
+                        GITS_CTLR_IMDE | ((self.its_number as u32) << GITS_CTLR_ITS_NUMBER_SHIFT)
+                    }
+                    None => 0,
                 };
                 Ok((en | v4 | GITS_CTLR_QUIESCENT) as u64)
             }
-            GITS_MPIDR if self.v41.is_some() => {
+            GITS_MPIDR if self.v41.is_some() && !self.is_v40() => {
                 // The ITS claims affinity 0.0.0: with SVPET it shares the vPE table with
                 // the redistributors of that group.
                 only32(offset, width).map(|_| 0)
@@ -1004,7 +1065,9 @@ impl Its {
                 b.copy_from_slice(&raw[i * 8..i * 8 + 8]);
                 *d = u64::from_le_bytes(b);
             }
-            let cmd = if self.v41.is_some() {
+            let cmd = if self.is_v40() {
+                ItsCommand::decode_v40(dw)
+            } else if self.v41.is_some() {
                 ItsCommand::decode_v41(dw)
             } else {
                 ItsCommand::decode(dw)
@@ -1334,6 +1397,11 @@ impl Its {
     ) -> Result<(), ItsCommandError> {
         if let Some(vt) = self.vtranslation(env, device, event)? {
             if let Some(v4) = env.v41.as_deref_mut() {
+                if self.is_v40() {
+                    // GICv4.0 checks the vPE and the vINTID when the event is translated
+                    // (VMAPTI does not need the vPE mapped).
+                    self.mapped_here(v4, vt.vpeid)?;
+                }
                 v4.set_vlpi_pending(env.rds, env.mem, vt.vpeid, vt.vintid, pending, vt.db)?;
             }
             return Ok(());
@@ -1432,9 +1500,18 @@ impl Its {
         [device, event, vpeid, vintid, db]: [u32; 5],
     ) -> Result<(), ItsCommandError> {
         let addr = self.ite_addr(mem, device, event)?;
-        let v = self.mapped_here(v4, vpeid)?;
-        if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vintid) {
-            return Err(ItsCommandError::IntIdOutOfRange(vintid));
+        if self.is_v40() {
+            // GICv4.0: the vPEID must fit the vPE table and the vINTID be an LPI the GIC
+            // supports; whether the vPE is mapped, and its VPT size, matter at translation.
+            self.vpe_slot(v4, mem, vpeid)?;
+            if !Self::lpi_valid(gic, vintid) {
+                return Err(ItsCommandError::IntIdOutOfRange(vintid));
+            }
+        } else {
+            let v = self.mapped_here(v4, vpeid)?;
+            if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vintid) {
+                return Err(ItsCommandError::IntIdOutOfRange(vintid));
+            }
         }
         self.check_doorbell_intid(gic, db)?;
         mem.write(addr, &virtual_ite(vpeid, vintid, db))?;
@@ -1465,6 +1542,9 @@ impl Its {
             return Err(ItsCommandError::UnknownCommand(CMD_VMAPP));
         };
         let slot = self.vpe_slot(v4, mem, vpeid)?;
+        if self.is_v40() {
+            return self.vmapp_v40(v4, mem, gic, bit, slot, cmd);
+        }
         if !valid {
             if let Some(v) = v4.vpes.get_mut(&vpeid) {
                 v.its_mapped &= !bit;
@@ -1538,6 +1618,131 @@ impl Its {
         Ok(())
     }
 
+    /// VMAPP (GICv4.0 form): map (V = 1: vPEID, RDbase, VPT address and size) or unmap
+    /// (V = 0) a vPE on this ITS. The vPE exists while some ITS maps it; its VConf is only
+    /// known while it is resident (GICR_VPROPBASER), and it has no default doorbell.
+    fn vmapp_v40<M: GuestMem>(
+        &self,
+        v4: &mut V41,
+        mem: &mut LoggedMem<M>,
+        gic: &GicConfig,
+        bit: u16,
+        slot: u64,
+        cmd: ItsCommand,
+    ) -> Result<(), ItsCommandError> {
+        let ItsCommand::Vmapp {
+            vpeid,
+            rdbase,
+            valid,
+            vpt,
+            vpt_size,
+            ..
+        } = cmd
+        else {
+            return Err(ItsCommandError::UnknownCommand(CMD_VMAPP));
+        };
+        if !valid {
+            if let Some(v) = v4.vpes.get_mut(&vpeid) {
+                v.its_mapped &= !bit;
+                if v.its_mapped == 0 {
+                    v4.vpes.remove(&vpeid);
+                    v4.v40_detach(vpeid);
+                }
+            }
+            write_entry(mem, slot, [0; 4])?;
+            return Ok(());
+        }
+        let pe = self.rd_index(gic, rdbase)?;
+        let bits = vpt_size.saturating_add(1);
+        if !(14..=gic.lpi_id_bits).contains(&bits) {
+            return Err(ItsCommandError::IntIdOutOfRange(1u32 << bits.min(31)));
+        }
+        let reload = match v4.vpes.get_mut(&vpeid) {
+            Some(v) => {
+                v.its_mapped |= bit;
+                v.rd = pe;
+                let moved = v.vpt != vpt || v.vpt_bits != bits;
+                v.vpt = vpt;
+                v.vpt_bits = bits;
+                moved
+            }
+            None => {
+                v4.vpes.insert(
+                    vpeid,
+                    VpeState {
+                        vpeid,
+                        rd: pe,
+                        vpt,
+                        vpt_bits: bits,
+                        vconf: 0,
+                        default_db: INTID_NO_DOORBELL,
+                        its_mapped: bit,
+                        sgi_enable: 0,
+                        sgi_group: 0,
+                        sgi_priority: [0; 16],
+                        sgi_pending: 0,
+                        vlpi_pending: Default::default(),
+                        vlpi_cfg: Vec::new(),
+                        resident_on: None,
+                        last_resident: None,
+                        db_armed: false,
+                        vgrp_en: [true, true],
+                        doorbells: 0,
+                        individual_doorbells: 0,
+                        icv: Default::default(),
+                    },
+                );
+                true
+            }
+        };
+        if reload {
+            v4.load_vpt(mem, vpeid);
+            v4.v40_attach(mem, vpeid);
+        }
+        let entry = v4.vpes.get(&vpeid).map_or([0; 4], vpe_entry);
+        write_entry(mem, slot, entry)?;
+        Ok(())
+    }
+
+    /// VMOVI on a GICv4.0 ITS: both vPEs mapped here, the vINTID inside both VPTs; a pending
+    /// vLPI moves from the old VPT (read from memory) to the new one, raising the new
+    /// doorbell if that vPE is not resident.
+    fn vmovi_v40<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        [device, event, vpeid]: [u32; 3],
+        db_valid: bool,
+        db: u32,
+    ) -> Result<(), ItsCommandError> {
+        let Some(vt) = self.vtranslation(env, device, event)? else {
+            return Err(ItsCommandError::UnmappedEvent { device, event });
+        };
+        let Some(v4) = env.v41.as_deref_mut() else {
+            return Err(ItsCommandError::UnknownCommand(CMD_VMOVI));
+        };
+        let new_db = if db_valid { db } else { vt.db };
+        self.check_doorbell_intid(env.gic, new_db)?;
+        let old = self.mapped_here(v4, vt.vpeid)?;
+        let (old_vpt, old_bits) = (old.vpt, old.vpt_bits);
+        let new = self.mapped_here(v4, vpeid)?;
+        let (new_vpt, new_bits) = (new.vpt, new.vpt_bits);
+        let end = 1u32 << old_bits.min(new_bits);
+        if !(LPI_BASE..end).contains(&vt.vintid) {
+            return Err(ItsCommandError::IntIdOutOfRange(vt.vintid));
+        }
+        if old_vpt != new_vpt {
+            let b = env.mem.read_u8(old_vpt + (vt.vintid / 8) as u64)?;
+            if b & (1 << (vt.vintid % 8)) != 0 {
+                let (rds, mem) = (&mut *env.rds, &mut *env.mem);
+                v4.set_vlpi_pending(rds, mem, vt.vpeid, vt.vintid, false, INTID_NO_DOORBELL)?;
+                v4.set_vlpi_pending(rds, mem, vpeid, vt.vintid, true, new_db)?;
+            }
+        }
+        env.mem
+            .write(vt.ite_addr, &virtual_ite(vpeid, vt.vintid, new_db))?;
+        Ok(())
+    }
+
     /// Executes a GICv4.1 virtual command.
     fn execute_virtual<M: GuestMem>(
         &mut self,
@@ -1564,6 +1769,13 @@ impl Its {
                 vpeid,
                 db,
             } => self.vmap_event(v4, env.mem, env.gic, [device, event, vpeid, event, db]),
+            ItsCommand::Vmovi {
+                device,
+                event,
+                vpeid,
+                db_valid,
+                db,
+            } if self.is_v40() => self.vmovi_v40(env, [device, event, vpeid], db_valid, db),
             ItsCommand::Vmovi {
                 device,
                 event,

@@ -71,7 +71,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use config::{GicConfig, ItsConfig, RedistRegion, V41Config};
+pub use config::{GicConfig, GicVersion, ItsConfig, RedistRegion, V41Config};
 pub use cpuif::{CpuIfState, IccReg};
 pub use dist::DistState;
 pub use error::{ConfigError, MemError, MmioError, StateError};
@@ -553,6 +553,12 @@ impl<M: GuestMem> Gic<M> {
         Ok(())
     }
 
+    /// A GICv4.1 (not GICv3, not GICv4.0): GICR_SYNCR busy tracking, V = 1 register
+    /// invalidation and GITS_SGIR exist.
+    fn is_v41(&self) -> bool {
+        self.cfg.version() == GicVersion::V4_1
+    }
+
     /// Whether `addr` is inside one of the model's register frames.
     pub fn claims(&self, addr: u64) -> bool {
         self.decode(addr).is_some()
@@ -564,7 +570,7 @@ impl<M: GuestMem> Gic<M> {
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
         match frame {
             Frame::Dist(off) => self.dist.read(off, width),
-            Frame::RdBase(pe, GICR_SYNCR) if self.v41.is_some() => {
+            Frame::RdBase(pe, GICR_SYNCR) if self.is_v41() => {
                 access::only32(GICR_SYNCR, width)?;
                 Ok(self.v41.as_ref().map_or(0, |v| v.read_syncr(pe)))
             }
@@ -575,7 +581,7 @@ impl<M: GuestMem> Gic<M> {
                 None => Ok(0),
             },
             Frame::RdReserved => Ok(0),
-            Frame::Its(_, GITS_SGIR) if self.v41.is_some() => {
+            Frame::Its(_, GITS_SGIR) if self.is_v41() => {
                 if width == 8 || width == 4 {
                     Ok(0)
                 } else {
@@ -619,7 +625,7 @@ impl<M: GuestMem> Gic<M> {
             }
             Frame::Dist(off) => self.dist.write(off, width, value),
             Frame::RdBase(pe, off)
-                if self.v41.is_some()
+                if self.is_v41()
                     && width == 8
                     && (off == GICR_INVLPIR || off == GICR_INVALLR)
                     && value & GICR_INV_V != 0 =>
@@ -641,7 +647,7 @@ impl<M: GuestMem> Gic<M> {
                 None => Ok(()),
             },
             Frame::RdReserved => Ok(()),
-            Frame::Its(i, GITS_SGIR) if self.v41.is_some() => {
+            Frame::Its(i, GITS_SGIR) if self.is_v41() => {
                 if width != 8 {
                     Err(MmioError::WidthNotPermitted {
                         offset: GITS_SGIR,

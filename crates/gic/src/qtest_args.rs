@@ -4,7 +4,7 @@
 //!
 //! | option | meaning | default |
 //! |---|---|---|
-//! | `--gic-version 3\|4.1` | GICv3 + ITS, or GICv4.1 (256 KiB redistributor stride, three-frame ITSs, vPEs). `4` (GICv4.0) is refused: its register layouts are not modelled | `3` |
+//! | `--gic-version 3\|4\|4.1` | GICv3 + ITS; GICv4.0 (`4` or `4.0`: QEMU's `virt,gic-version=4` layout, 256 KiB redistributor stride, two-frame ITSs, v4.0 VPROPBASER/VPENDBASER and commands); or GICv4.1 (three-frame ITSs, vPE tables, vSGIs) | `3` |
 //! | `--pes N` | PEs (1..=512) | 1 |
 //! | `--its N` | ITSs (1..=16), 64 KiB frames, two per ITS (three with 4.1), packed from `--its-base` | 1 |
 //! | `--affinities A,B,...` | PE affinities (Aff3.Aff2.Aff1.Aff0, `0x` hex or decimal); sets the PE count | QEMU `virt`'s |
@@ -14,16 +14,17 @@
 //! | `--devbits N`, `--eventbits N` | ITS DeviceID / EventID bits | 16 / 16 |
 //! | `--pta` | GITS_TYPER.PTA = 1 (RDbase is a physical address) | off |
 //! | `--ram-base ADDR`, `--ram-size SIZE` | guest RAM (`SIZE` takes QEMU's `K`/`M`/`G` binary suffixes) | `0x4000_0000`, `128M` |
-//! | `--vpeid-bits N` | GICv4.1: GICD_TYPER2.VID + 1 (1..=16) | 16 |
+//! | `--vpeid-bits N` | GICv4.x: vPEID bits the model accepts (GICv4.1: GICD_TYPER2.VID + 1), 1..=16 | 16 |
 //! | `--common-lpi-aff N` | GICv4.1: GICR_TYPER.CommonLPIAff (0..=3): redistributors sharing a vPE table | 0 |
 //! | `--svpet N` | GICv4.1: GITS_TYPER.SVPET (0..=3; 0 = ITS tables not shared) | 1 |
-//! | `--no-vmovp` | GICv4.1: GITS_TYPER.VMOVP = 0 (ITSList + sequence numbers) | VMOVP = 1 |
+//! | `--no-vmovp` | GICv4.x: GITS_TYPER.VMOVP = 0 (ITSList + sequence numbers) | VMOVP = 1 |
 //! | `--no-dirty` | GICv4.1: GICR_TYPER.Dirty = 0 | Dirty = 1 |
 //! | `--no-vsgi` | GICv4.1: no nASSGIcap / VSGI | vSGIs |
 //! | `--nid` | GICv4.1: GITS_TYPER.nID = 1 (no individual doorbells) | off |
 //! | `--busy-reads N` | GICv4.1: reads SYNCR.Busy / VSGIPENDR.Busy / VPENDBASER.Dirty stay set | 1 |
 //!
-//! GICv4.1-only options given with `--gic-version 3` are refused (they would be ignored).
+//! GICv4.x options given with `--gic-version 3`, and GICv4.1-only ones with `--gic-version 4`,
+//! are refused (they would be ignored).
 
 use thiserror::Error;
 
@@ -106,6 +107,7 @@ fn size(option: &str, v: &str) -> Result<u64, QtestArgError> {
 #[derive(Default)]
 struct Opts {
     v41: bool,
+    v40: bool,
     pes: Option<usize>,
     its: usize,
     affinities: Option<Vec<u32>>,
@@ -122,6 +124,8 @@ struct Opts {
     v41cfg: V41Config,
     /// A GICv4.1-only option was given.
     v41_only: Option<String>,
+    /// An option for either GICv4 version was given.
+    v4_only: Option<String>,
 }
 
 impl Opts {
@@ -131,7 +135,7 @@ impl Opts {
             "--pta" => self.pta = true,
             "--no-vmovp" => {
                 self.v41cfg.vmovp = false;
-                flag(self);
+                self.v4_only = Some(opt.to_string());
             }
             "--no-dirty" => {
                 self.v41cfg.dirty = false;
@@ -157,18 +161,14 @@ impl Opts {
     fn set_valued(&mut self, opt: &str, v: &str) -> Result<(), QtestArgError> {
         match opt {
             "--gic-version" => match v {
-                "3" => self.v41 = false,
-                "4.1" => self.v41 = true,
-                "4" | "4.0" => {
-                    return Err(QtestArgError::Unsupported(
-                        "GICv4.0 register layouts are not modelled (use 4.1)",
-                    ))
-                }
+                "3" => (self.v41, self.v40) = (false, false),
+                "4.1" => (self.v41, self.v40) = (true, false),
+                "4" | "4.0" => (self.v41, self.v40) = (false, true),
                 _ => {
                     return Err(QtestArgError::BadValue {
                         option: opt.to_string(),
                         value: v.to_string(),
-                        reason: "expected 3 or 4.1",
+                        reason: "expected 3, 4 (4.0) or 4.1",
                     })
                 }
             },
@@ -191,7 +191,11 @@ impl Opts {
             "--ram-base" => self.ram_base = Some(num(opt, v)?),
             "--ram-size" => self.ram_size = Some(size(opt, v)?),
             "--vpeid-bits" | "--common-lpi-aff" | "--svpet" | "--busy-reads" => {
-                self.v41_only = Some(opt.to_string());
+                if opt == "--vpeid-bits" {
+                    self.v4_only = Some(opt.to_string());
+                } else {
+                    self.v41_only = Some(opt.to_string());
+                }
                 let c = &mut self.v41cfg;
                 match opt {
                     "--vpeid-bits" => c.vpeid_bits = ranged(opt, v, 1, 16)? as u8,
@@ -213,6 +217,13 @@ impl Opts {
                 reason: "only meaningful with --gic-version 4.1",
             });
         }
+        if let (false, false, Some(o)) = (self.v41, self.v40, &self.v4_only) {
+            return Err(QtestArgError::BadValue {
+                option: o.clone(),
+                value: String::new(),
+                reason: "only meaningful with --gic-version 4 or 4.1",
+            });
+        }
         let pes = match (&self.affinities, self.pes) {
             (Some(a), Some(p)) if a.len() != p => {
                 return Err(QtestArgError::BadValue {
@@ -226,6 +237,8 @@ impl Opts {
         };
         let mut gic = if self.v41 {
             GicConfig::virt_v41(pes, self.its.max(1))
+        } else if self.v40 {
+            GicConfig::virt_v40(pes)
         } else {
             GicConfig::virt(pes)
         };
@@ -243,6 +256,7 @@ impl Opts {
         }
         let its_n = self.its.max(1);
         let frames = if self.v41 { 4 } else { 2 };
+        // GICv4.0 ITSs have the two GICv3 frames.
         let first = self.its_base.unwrap_or(gic.its[0].base);
         gic.its = (0..its_n)
             .map(|i| ItsConfig {
@@ -260,6 +274,12 @@ impl Opts {
         }
         if self.v41 {
             gic.v41 = Some(self.v41cfg);
+        } else if self.v40 {
+            gic.v41 = Some(V41Config {
+                vmovp: self.v41cfg.vmovp,
+                vpeid_bits: self.v41cfg.vpeid_bits,
+                ..V41Config::v4_0()
+            });
         }
         gic.validate()?;
         let d = QtestConfig::default();
@@ -337,12 +357,33 @@ mod tests {
     }
 
     #[test]
+    fn v40_is_qemus_gic_version_4_layout() {
+        let c = QtestConfig::from_args(&args("--gic-version 4 --pes 2")).unwrap();
+        assert_eq!(c.gic, GicConfig::virt_v40(2));
+        assert_eq!(c.gic.version(), crate::GicVersion::V4_0);
+        assert_eq!(
+            c.gic.rd_base(1),
+            0x080E_0000,
+            "256 KiB stride from 0x080A_0000"
+        );
+        assert_eq!(c.gic.its_size(), 2 * FRAME_SIZE);
+        let c = QtestConfig::from_args(&args("--gic-version=4.0 --no-vmovp")).unwrap();
+        let v = c.gic.v41.as_ref().unwrap();
+        assert!(v.v4_0 && !v.vmovp && !v.nassgi_cap && v.svpet == 0);
+    }
+
+    #[test]
     fn bad_options_are_typed_errors() {
         let e = |s: &str| QtestConfig::from_args(&args(s)).unwrap_err();
         assert!(matches!(
-            e("--gic-version 4"),
-            QtestArgError::Unsupported(_)
+            e("--gic-version 5"),
+            QtestArgError::BadValue { .. }
         ));
+        assert!(matches!(
+            e("--gic-version 4 --svpet 1"),
+            QtestArgError::BadValue { .. }
+        ));
+        assert!(matches!(e("--no-vmovp"), QtestArgError::BadValue { .. }));
         assert!(matches!(e("--pes 0"), QtestArgError::BadValue { .. }));
         assert!(matches!(e("--pes"), QtestArgError::MissingValue(_)));
         assert!(matches!(e("--bogus 1"), QtestArgError::Unknown(_)));

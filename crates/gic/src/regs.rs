@@ -535,6 +535,22 @@ pub const VPENDBASER_DB: u64 = 1 << 62;
 /// GICR_VPENDBASER.Valid: the vPE is resident.
 pub const VPENDBASER_VALID: u64 = 1 << 63;
 
+/// GICv4.0 GICR_VPROPBASER.IDbits (bits \[4:0\]: vINTID bits - 1 of the vLPI configuration
+/// table).
+pub const VPROPBASER_V40_IDBITS_MASK: u64 = 0x1F;
+/// GICv4.0 GICR_VPROPBASER.Physical_Address (bits \[51:12\]): the vLPI configuration table.
+pub const VPROPBASER_V40_PA_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+/// GICv4.0 GICR_VPROPBASER writable bits: IDbits, InnerCache \[9:7\], Shareability
+/// \[11:10\], Physical_Address, OuterCache \[58:56\]; the rest is RES0.
+pub const VPROPBASER_V40_RW_MASK: u64 = 0x070F_FFFF_FFFF_FF9F;
+/// GICv4.0 GICR_VPENDBASER.Physical_Address (bits \[51:16\]): the VPT of the resident vPE.
+pub const VPENDBASER_V40_PA_MASK: u64 = 0x000F_FFFF_FFFF_0000;
+/// GICv4.0 GICR_VPENDBASER.IDAI: the IMPLEMENTATION DEFINED area of the VPT is invalid.
+pub const VPENDBASER_V40_IDAI: u64 = 1 << 62;
+/// GICv4.0 GICR_VPENDBASER writable bits: InnerCache \[9:7\], Shareability \[11:10\],
+/// Physical_Address, OuterCache \[58:56\], PendingLast, IDAI, Valid (Dirty is read-only).
+pub const VPENDBASER_V40_RW_MASK: u64 = 0xE70F_FFFF_FFFF_0F80;
+
 /// GICR_INVLPIR / GICR_INVALLR vPEID shift (bits \[47:32\]).
 pub const GICR_INV_VPEID_SHIFT: u32 = 32;
 /// GICR_VSGIPENDR.Busy.

@@ -239,6 +239,14 @@ pub struct RdV41State {
     pub vsgi_busy_reads: u32,
     /// Reads left with SYNCR.Busy = 1.
     pub syncr_busy_reads: u32,
+    /// GICv4.0: the vPE whose VPT GICR_VPENDBASER names, while Valid (GICv4.0 registers
+    /// carry no vPEID; the GIC finds the vPE by its VPT address).
+    #[serde(default)]
+    pub v40_resident: Option<u32>,
+    /// GICv4.0: a VPT no vPE maps was made resident and held a pending, enabled vLPI when
+    /// it was parsed (what PendingLast reports when it is made non-resident).
+    #[serde(default)]
+    pub v40_unmapped_pending: bool,
 }
 
 /// Saved GICv4.1 state of the whole GIC.
@@ -277,6 +285,8 @@ pub struct V41Stats {
 pub(crate) struct RdV41 {
     vpropbaser: u64,
     vpendbaser: u64,
+    v40_resident: Option<u32>,
+    v40_unmapped_pending: bool,
     dirty: AtomicU32,
     vsgir: u32,
     vsgi_busy: AtomicU32,
@@ -377,7 +387,12 @@ impl V41 {
             rds: affinities
                 .iter()
                 .map(|_| RdV41 {
-                    vpropbaser: (VPE_ENTRY_SIZE / 8 - 1) << VPROPBASER_ENTRY_SIZE_SHIFT,
+                    // GICv4.0's VPROPBASER has no read-only Entry_Size field.
+                    vpropbaser: if cfg.v4_0 {
+                        0
+                    } else {
+                        (VPE_ENTRY_SIZE / 8 - 1) << VPROPBASER_ENTRY_SIZE_SHIFT
+                    },
                     ..RdV41::default()
                 })
                 .collect(),
@@ -424,6 +439,10 @@ impl V41 {
 
     /// GICR_TYPER bits a GICv4.1 redistributor adds.
     pub(crate) fn typer_bits(&self) -> u64 {
+        if self.cfg.v4_0 {
+            // GICv4.0: VLPIS only (RVPEID, Dirty, VSGI and vPE-table sharing are GICv4.1).
+            return GICR_TYPER_VLPIS;
+        }
         GICR_TYPER_VLPIS
             | GICR_TYPER_RVPEID
             | if self.cfg.dirty { GICR_TYPER_DIRTY } else { 0 }
@@ -459,7 +478,8 @@ impl V41 {
         vpeid: u32,
     ) -> Result<VSlot, MemError> {
         let v = self.rds[pe].vpropbaser;
-        if v & VPROPBASER_VALID == 0 || !self.vpeid_valid(vpeid) {
+        // A GICv4.0 redistributor has no vPE table (VPROPBASER names a VConf table).
+        if self.cfg.v4_0 || v & VPROPBASER_VALID == 0 || !self.vpeid_valid(vpeid) {
             return Ok(VSlot::OutOfRange);
         }
         let page = page_size(v >> VPROPBASER_PAGE_SIZE_SHIFT);
@@ -606,7 +626,10 @@ impl V41 {
         };
         let rd = v.rd;
         let nonres = v.resident_on.is_none();
-        if newly && nonres && individual_db != INTID_NO_DOORBELL {
+        // GICv4.1: once per vLPI becoming pending. GICv4.0: every time the vLPI is made
+        // pending while the vPE is not resident (the doorbell stands in for the delivery).
+        let raise = if self.cfg.v4_0 { pending } else { newly };
+        if raise && nonres && individual_db != INTID_NO_DOORBELL {
             self.individual_doorbells += 1;
             v.individual_doorbells += 1;
             if let Some(r) = rds.get_mut(rd) {
@@ -640,19 +663,18 @@ impl V41 {
     /// Valid goes 0 -> 1, so delivery never waits for software to read Dirty (IHI 0069,
     /// GICR_VPENDBASER.Dirty only reports progress; a hypervisor need not poll it).
     fn loaded_vpe(&self, pe: usize) -> Option<&VpeState> {
-        let rd = self.rds.get(pe)?;
-        if rd.vpendbaser & VPENDBASER_VALID == 0 {
-            return None;
-        }
-        let v = self
-            .vpes
-            .get(&((rd.vpendbaser & VPENDBASER_VPEID_MASK) as u32))?;
+        let v = self.vpes.get(&self.resident_vpeid(pe)?)?;
         (v.resident_on == Some(pe)).then_some(v)
     }
 
     /// vPEID resident on `pe` (whatever the Dirty state).
     pub(crate) fn resident_vpeid(&self, pe: usize) -> Option<u32> {
         let rd = self.rds.get(pe)?;
+        if self.cfg.v4_0 {
+            return rd
+                .v40_resident
+                .filter(|_| rd.vpendbaser & VPENDBASER_VALID != 0);
+        }
         (rd.vpendbaser & VPENDBASER_VALID != 0)
             .then_some((rd.vpendbaser & VPENDBASER_VPEID_MASK) as u32)
     }
@@ -662,7 +684,12 @@ impl V41 {
     /// against vLPIs (lower INTID).
     pub(crate) fn vhppi(&self, pe: usize) -> Option<VCandidate> {
         let v = self.loaded_vpe(pe)?;
-        let pb = self.rds[pe].vpendbaser;
+        // GICv4.0's VPENDBASER has no vGrp0En/vGrp1En (bits [58:56] are OuterCache).
+        let pb = if self.cfg.v4_0 {
+            VPENDBASER_VGRP0EN | VPENDBASER_VGRP1EN
+        } else {
+            self.rds[pe].vpendbaser
+        };
         let g0 = pb & VPENDBASER_VGRP0EN != 0 && v.icv.igrpen0;
         let g1 = pb & VPENDBASER_VGRP1EN != 0 && v.icv.igrpen1;
         let mut best: Option<VCandidate> = None;
@@ -739,6 +766,8 @@ impl V41 {
     pub(crate) fn read_vlpi(&self, pe: usize, offset: u64, width: u8) -> Result<u64, MmioError> {
         let rd = &self.rds[pe];
         match offset {
+            // GICv4.0 has no GICR_VSGIR / GICR_VSGIPENDR: reserved, RAZ.
+            GICR_VSGIR | GICR_VSGIPENDR if self.cfg.v4_0 => Ok(0),
             o if (GICR_VPROPBASER..GICR_VPROPBASER + 8).contains(&o) => {
                 let pos = half64(GICR_VPROPBASER, o, width)?;
                 Ok(read_part(rd.vpropbaser, pos, width))
@@ -785,6 +814,9 @@ impl V41 {
         width: u8,
         value: u64,
     ) -> Result<(), MmioError> {
+        if self.cfg.v4_0 {
+            return self.write_vlpi_v40(mem, pe, offset, width, value);
+        }
         match offset {
             o if (GICR_VPROPBASER..GICR_VPROPBASER + 8).contains(&o) => {
                 let pos = half64(GICR_VPROPBASER, o, width)?;
@@ -958,6 +990,8 @@ impl V41 {
                     vsgir: r.vsgir,
                     vsgi_busy_reads: r.vsgi_busy.load(Ordering::Relaxed),
                     syncr_busy_reads: r.syncr_busy.load(Ordering::Relaxed),
+                    v40_resident: r.v40_resident,
+                    v40_unmapped_pending: r.v40_unmapped_pending,
                 })
                 .collect(),
             vpes: self.vpes.values().cloned().collect(),
@@ -977,9 +1011,16 @@ impl V41 {
             });
         }
         for (r, st) in self.rds.iter_mut().zip(&s.rds) {
-            r.vpropbaser = (st.vpropbaser & VPROPBASER_RW_MASK)
-                | ((VPE_ENTRY_SIZE / 8 - 1) << VPROPBASER_ENTRY_SIZE_SHIFT);
-            r.vpendbaser = st.vpendbaser & !VPENDBASER_DIRTY;
+            if self.cfg.v4_0 {
+                r.vpropbaser = st.vpropbaser & VPROPBASER_V40_RW_MASK;
+                r.vpendbaser = st.vpendbaser & VPENDBASER_V40_RW_MASK;
+            } else {
+                r.vpropbaser = (st.vpropbaser & VPROPBASER_RW_MASK)
+                    | ((VPE_ENTRY_SIZE / 8 - 1) << VPROPBASER_ENTRY_SIZE_SHIFT);
+                r.vpendbaser = st.vpendbaser & !VPENDBASER_DIRTY;
+            }
+            r.v40_resident = st.v40_resident.filter(|_| self.cfg.v4_0);
+            r.v40_unmapped_pending = st.v40_unmapped_pending && self.cfg.v4_0;
             r.dirty.store(st.dirty_reads, Ordering::Relaxed);
             r.vsgir = st.vsgir & 0xFFFF;
             r.vsgi_busy.store(st.vsgi_busy_reads, Ordering::Relaxed);
@@ -1050,6 +1091,169 @@ impl V41 {
         if let Some(rd) = self.rds.get_mut(pe) {
             rd.vpendbaser &= !VPENDBASER_VALID;
             rd.vpendbaser |= VPENDBASER_PENDING_LAST;
+            rd.v40_resident = None;
         }
     }
+}
+
+// --------------------------------------------------------------------------------------
+// GICv4.0: VLPI frame with addresses instead of vPEIDs
+// --------------------------------------------------------------------------------------
+
+impl V41 {
+    /// GICv4.0 VLPI_base frame writes: VPROPBASER (VConf address + IDbits) and VPENDBASER
+    /// (VPT address, IDAI, PendingLast, Valid). Everything else is reserved (WI).
+    fn write_vlpi_v40<M: GuestMem>(
+        &mut self,
+        mem: &mut LoggedMem<M>,
+        pe: usize,
+        offset: u64,
+        width: u8,
+        value: u64,
+    ) -> Result<(), MmioError> {
+        match offset {
+            o if (GICR_VPROPBASER..GICR_VPROPBASER + 8).contains(&o) => {
+                let pos = half64(GICR_VPROPBASER, o, width)?;
+                if self.rds[pe].vpendbaser & VPENDBASER_VALID != 0 {
+                    self.record(UnpredictableEvent::VpropbaserWhileResident { rd: pe });
+                    return Ok(());
+                }
+                let v = merge_part(self.rds[pe].vpropbaser, value, pos, width);
+                self.rds[pe].vpropbaser = v & VPROPBASER_V40_RW_MASK;
+                Ok(())
+            }
+            o if (GICR_VPENDBASER..GICR_VPENDBASER + 8).contains(&o) => {
+                let pos = half64(GICR_VPENDBASER, o, width)?;
+                let old = self.rds[pe].vpendbaser;
+                let new = merge_part(old, value, pos, width) & VPENDBASER_V40_RW_MASK;
+                self.write_vpendbaser_v40(mem, pe, old, new);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// GICv4.0 residency. Valid 0 -> 1 makes the vPE whose VPT is at the written address
+    /// resident (VConf and IDbits from VPROPBASER); PendingLast then reads 1. Valid 1 -> 0
+    /// makes it non-resident; PendingLast reads back whether a vLPI was pending and enabled.
+    fn write_vpendbaser_v40<M: GuestMem>(
+        &mut self,
+        mem: &mut LoggedMem<M>,
+        pe: usize,
+        old: u64,
+        new: u64,
+    ) {
+        match (old & VPENDBASER_VALID != 0, new & VPENDBASER_VALID != 0) {
+            (false, false) => self.rds[pe].vpendbaser = new,
+            (true, true) => self.record(UnpredictableEvent::VpendbaserWhileValid { rd: pe }),
+            (false, true) => {
+                let vpt = new & VPENDBASER_V40_PA_MASK;
+                let prop = self.rds[pe].vpropbaser;
+                let vconf = prop & VPROPBASER_V40_PA_MASK;
+                let found = self.vpes.values().find(|v| v.vpt == vpt).map(|v| v.vpeid);
+                let rd = &mut self.rds[pe];
+                rd.v40_resident = None;
+                rd.v40_unmapped_pending = false;
+                match found {
+                    Some(vpeid)
+                        if self
+                            .vpes
+                            .get(&vpeid)
+                            .is_some_and(|v| v.resident_on.is_some()) =>
+                    {
+                        self.record(UnpredictableEvent::ResidentTwice { rd: pe, vpeid });
+                        return;
+                    }
+                    Some(vpeid) => self.make_resident_v40(mem, pe, vpeid),
+                    None => {
+                        let bits = ((prop & VPROPBASER_V40_IDBITS_MASK) + 1) as u8;
+                        self.rds[pe].v40_unmapped_pending =
+                            tables_hold_pending(mem, vpt, vconf, bits);
+                    }
+                }
+                self.rds[pe].vpendbaser = new | VPENDBASER_PENDING_LAST;
+            }
+            (true, false) => {
+                let rd = &mut self.rds[pe];
+                let pending = match rd.v40_resident.take() {
+                    Some(id) => match self.vpes.get_mut(&id) {
+                        Some(v) if v.resident_on == Some(pe) => {
+                            v.resident_on = None;
+                            v.has_deliverable([true, true])
+                        }
+                        _ => false,
+                    },
+                    None => std::mem::take(&mut rd.v40_unmapped_pending),
+                };
+                self.rds[pe].vpendbaser = (new & !VPENDBASER_PENDING_LAST)
+                    | if pending { VPENDBASER_PENDING_LAST } else { 0 };
+            }
+        }
+    }
+
+    /// Makes `vpeid` resident on `pe` (GICv4.0): its VConf is the one VPROPBASER names there;
+    /// the VPT and the configuration are parsed now.
+    fn make_resident_v40<M: GuestMem>(&mut self, mem: &LoggedMem<M>, pe: usize, vpeid: u32) {
+        let vconf = self.rds[pe].vpropbaser & VPROPBASER_V40_PA_MASK;
+        if let Some(v) = self.vpes.get_mut(&vpeid) {
+            v.resident_on = Some(pe);
+            v.last_resident = Some(pe);
+            v.db_armed = false;
+            v.vgrp_en = [true, true];
+            v.vconf = vconf;
+        }
+        self.load_vpt(mem, vpeid);
+        self.reload_config(mem, vpeid);
+        self.rds[pe].v40_resident = Some(vpeid);
+    }
+
+    /// GICv4.0 VMAPP of a vPE whose VPT a redistributor already holds resident (software
+    /// may schedule a vPE before any ITS maps it): the vPE is resident there from now on.
+    pub(crate) fn v40_attach<M: GuestMem>(&mut self, mem: &LoggedMem<M>, vpeid: u32) {
+        let Some(vpt) = self.vpes.get(&vpeid).map(|v| v.vpt) else {
+            return;
+        };
+        let at = (0..self.rds.len()).find(|&pe| {
+            let r = &self.rds[pe];
+            r.vpendbaser & VPENDBASER_VALID != 0
+                && r.vpendbaser & VPENDBASER_V40_PA_MASK == vpt
+                && r.v40_resident
+                    .map_or(true, |id| id == vpeid || !self.vpes.contains_key(&id))
+        });
+        if let Some(pe) = at {
+            self.make_resident_v40(mem, pe, vpeid);
+        }
+    }
+
+    /// GICv4.0: the vPE no ITS maps any more stops being resident where it was (the
+    /// redistributor keeps the VPT address it was given).
+    pub(crate) fn v40_detach(&mut self, vpeid: u32) {
+        for rd in &mut self.rds {
+            if rd.v40_resident == Some(vpeid) {
+                rd.v40_resident = None;
+            }
+        }
+    }
+}
+
+/// Whether the VPT at `vpt` holds a pending vLPI below `2^bits` that the VConf table at
+/// `vconf` enables (what a GICv4.0 redistributor parses for a VPT no vPE maps).
+fn tables_hold_pending<M: GuestMem>(mem: &LoggedMem<M>, vpt: u64, vconf: u64, bits: u8) -> bool {
+    if !(14..=16).contains(&bits) {
+        return false;
+    }
+    let first = LPI_BASE / 8;
+    let end = (1u32 << bits) / 8;
+    let mut buf = vec![0u8; (end - first) as usize];
+    if mem.read(vpt + first as u64, &mut buf).is_err() {
+        return false;
+    }
+    buf.iter().enumerate().any(|(i, &b)| {
+        (0..8).any(|bit| {
+            b & (1 << bit) != 0
+                && mem
+                    .read_u8(vconf + ((first + i as u32) * 8 + bit - LPI_BASE) as u64)
+                    .is_ok_and(|c| c & LPI_PROP_ENABLE != 0)
+        })
+    })
 }
