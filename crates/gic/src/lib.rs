@@ -569,6 +569,11 @@ impl<M: GuestMem> Gic<M> {
         Self::check_access(addr, width)?;
         let frame = self.decode(addr).ok_or(MmioError::Unmapped { addr })?;
         match frame {
+            Frame::Dist(PIDR2) | Frame::RdBase(_, PIDR2) | Frame::Its(_, PIDR2)
+                if self.cfg.version() == GicVersion::V4_0 =>
+            {
+                access::only32(PIDR2, width).map(|_| PIDR2_VALUE_V4 as u64)
+            }
             Frame::Dist(off) => self.dist.read(off, width),
             Frame::RdBase(pe, GICR_SYNCR) if self.is_v41() => {
                 access::only32(GICR_SYNCR, width)?;

@@ -43,6 +43,9 @@ pub const INTID_SPECIAL_FIRST: u32 = 1020;
 pub const PIDR2: u64 = 0xFFE8;
 /// PIDR2 value: ArchRev\[7:4\] = 3 (GICv3), JEDEC bits = 0xB.
 pub const PIDR2_VALUE_V3: u32 = 0x3B;
+/// PIDR2 value of the GICv4.0 configuration: ArchRev\[7:4\] = 4 (GICv4), JEDEC bits = 0xB
+/// (what QEMU's `gic-version=4` reports; the GICv4.1 configuration keeps ArchRev 3).
+pub const PIDR2_VALUE_V4: u32 = 0x4B;
 /// First identification register (PIDR4) of the block at the top of GICD, GICR RD_base and
 /// GITS frames; the block runs to CIDR3 at 0xFFFC.
 pub const ID_REGS_START: u64 = 0xFFD0;

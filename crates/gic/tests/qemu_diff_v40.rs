@@ -430,6 +430,15 @@ fn v40_id_registers_and_vlpi_frame_layouts_match_qemu() {
         0x0000_0000_FFFF_0F80,
         "32-bit halves",
     );
+    // PIDR2.ArchRev = 4 (GICv4) in the GICD, GICR and GITS frames.
+    for frame in [GICD, rd(0), rd(1), GITS] {
+        s.push(format!("readl 0x{:08x}", frame + PIDR2));
+        s.checks.push((
+            s.lines.len() - 1,
+            "OK 0x000000000000004b".into(),
+            "ArchRev 4",
+        ));
+    }
     // GICR_VSGIR / VSGIPENDR are GICv4.1: reserved here.
     s.expect_q(rd(0) + VLPI + GICR_VSGIR, 0, "no VSGIR in GICv4.0");
     let known = s.run();

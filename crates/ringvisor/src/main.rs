@@ -96,11 +96,12 @@ enum Cmd {
     /// with GICv3 software delivery, GICv4.0-style direct vLPIs and GICv4.1 (vSGIs, per-vPE
     /// doorbells); checks that no interrupt is lost or duplicated.
     GicSim(misc_cmd::GicSimArgs),
-    /// Serve QEMU's qtest line protocol on stdin/stdout against the GICv3/ITS model.
+    /// Serve QEMU's qtest line protocol on stdin/stdout against the GICv3/v4 ITS model.
     GicQtest {
-        /// Model configuration (docs/gic.md): --gic-version 3|4.1, --pes N, --its N,
-        /// --affinities, frame bases, --spis, --lpi-bits, and for v4.1 --vpeid-bits,
-        /// --common-lpi-aff, --svpet, --no-vmovp, --no-dirty, --no-vsgi, ...
+        /// Model configuration (docs/gic.md): --gic-version 3|4|4.1 (4 = GICv4.0 laid out
+        /// like QEMU's virt,gic-version=4), --pes N, --its N, --affinities, frame bases,
+        /// --spis, --lpi-bits, for v4.x --vpeid-bits, --no-vmovp, and for v4.1
+        /// --common-lpi-aff, --svpet, --no-dirty, --no-vsgi, ...
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
