@@ -6,8 +6,9 @@
 //! Besides agreeing with QEMU, each scenario asserts the architected outcome itself (a VPT
 //! bit, a doorbell, PendingLast), so two models that both did nothing would fail.
 //!
-//! QEMU is required when `CI` or `RINGVISOR_REQUIRE_QEMU` is set (`.ci/run` installs
-//! `qemu-system-arm`); otherwise a missing QEMU prints a loud SKIP line.
+//! QEMU is required when `CI`, `RINGVISOR_REQUIRE_QEMU` or `RINGVISOR_REQUIRE_QEMU_AARCH64`
+//! is set (`.ci/run` installs `qemu-system-arm`, sets the last and checks every test here
+//! ran); otherwise a missing QEMU prints a loud SKIP line.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -101,18 +102,23 @@ fn qemu_present() -> bool {
         .unwrap_or(false)
 }
 
-/// True when the test must be skipped: QEMU is absent and neither `CI` nor
-/// `RINGVISOR_REQUIRE_QEMU` asks for it. With either set, a missing QEMU fails the test.
+/// True when the test must be skipped: QEMU is absent and none of `CI`,
+/// `RINGVISOR_REQUIRE_QEMU`, `RINGVISOR_REQUIRE_QEMU_AARCH64` asks for it. With one set, a
+/// missing QEMU fails the test.
 fn skip(test: &str) -> bool {
     if qemu_present() {
         return false;
     }
-    let required = ["CI", "RINGVISOR_REQUIRE_QEMU"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|x| !x.is_empty() && x != "0" && x != "false"));
+    let required = [
+        "CI",
+        "RINGVISOR_REQUIRE_QEMU",
+        "RINGVISOR_REQUIRE_QEMU_AARCH64",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|x| !x.is_empty() && x != "0" && x != "false"));
     assert!(
         !required,
-        "{test}: {QEMU} is required here (CI / RINGVISOR_REQUIRE_QEMU) but not installed"
+        "{test}: {QEMU} is required here (CI / RINGVISOR_REQUIRE_QEMU*) but not installed"
     );
     eprintln!(
         "\n***** SKIP {test}: {QEMU} not found (install Debian's qemu-system-arm); \
