@@ -1210,7 +1210,12 @@ impl V41 {
     /// GICv4.0 VMAPP of a vPE whose VPT a redistributor already holds resident (software
     /// may schedule a vPE before any ITS maps it): the vPE is resident there from now on.
     pub(crate) fn v40_attach<M: GuestMem>(&mut self, mem: &LoggedMem<M>, vpeid: u32) {
-        let Some(vpt) = self.vpes.get(&vpeid).map(|v| v.vpt) else {
+        let Some(vpt) = self
+            .vpes
+            .get(&vpeid)
+            .filter(|v| v.resident_on.is_none())
+            .map(|v| v.vpt)
+        else {
             return;
         };
         let at = (0..self.rds.len()).find(|&pe| {

@@ -1,7 +1,7 @@
 //! Robustness of the GICv4.1 model: random (often malformed) virtual and physical commands,
 //! raw MMIO into the VLPI frame, the invalidation registers and GITS_SGIR, residency changes,
 //! MSIs and ICV accesses never panic; save/restore stays lossless throughout; a vPE is never
-//! resident on two redistributors.
+//! resident on two redistributors. The same traffic runs against the GICv4.0 configuration.
 
 use gic::regs::*;
 use gic::{Gic, GicConfig, GuestMem, IcvReg, ItsCommand, V41Config, VecMem};
@@ -12,13 +12,21 @@ const CMDQ: u64 = RAM + 0x6_0000;
 const VPE_TABLE: u64 = RAM + 0x8_0000;
 const PES: usize = 3;
 
-fn booted() -> Gic<VecMem> {
-    let mut cfg = GicConfig::virt_v41(PES, 1);
-    cfg.v41 = Some(V41Config {
-        vpeid_bits: 4,
-        busy_reads: 1,
-        ..V41Config::default()
-    });
+/// The VPT every generated VMAPP names (GICv4.0 residency finds vPEs by it).
+const VPT: u64 = RAM + 0x18_0000;
+
+fn booted(v40: bool) -> Gic<VecMem> {
+    let cfg = if v40 {
+        GicConfig::virt_v40(PES)
+    } else {
+        let mut cfg = GicConfig::virt_v41(PES, 1);
+        cfg.v41 = Some(V41Config {
+            vpeid_bits: 4,
+            busy_reads: 1,
+            ..V41Config::default()
+        });
+        cfg
+    };
     let mut g = Gic::new(cfg, VecMem::new(RAM, 2 << 20)).unwrap();
     g.mem_mut()
         .write(RAM, &vec![0xA3u8; 0x1_0000 - 0x400])
@@ -98,7 +106,7 @@ fn cmd() -> impl Strategy<Value = ItsCommand> {
                     ptz,
                     vconf: RAM + 0x4_0000,
                     default_db,
-                    vpt: RAM + 0x18_0000,
+                    vpt: VPT,
                     vpt_size,
                 }
             }),
@@ -195,79 +203,101 @@ const ICV: [IcvReg; 11] = [
     IcvReg::Igrpen1,
 ];
 
+/// Runs `ops` on a booted GICv4.1 (or GICv4.0 with `v40`): nothing panics, every state
+/// round-trips, no vPE is resident twice.
+fn run_ops(ops: Vec<Op>, v40: bool) -> Result<(), TestCaseError> {
+    let mut g = booted(v40);
+    let its = g.config().its[0].base;
+    let mut slot = 0u64;
+    for o in ops {
+        match o {
+            Op::Cmd(c) => {
+                g.mem_mut().write(CMDQ + slot * 32, &c.to_bytes()).unwrap();
+                slot = (slot + 1) % 128;
+                let _ = g.write(its + GITS_CWRITER, 8, slot * 32);
+            }
+            Op::Raw(d) => {
+                let mut b = [0u8; 32];
+                for (i, w) in d.iter().enumerate() {
+                    b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+                }
+                g.mem_mut().write(CMDQ + slot * 32, &b).unwrap();
+                slot = (slot + 1) % 128;
+                let _ = g.write(its + GITS_CWRITER, 8, slot * 32);
+            }
+            Op::Mmio(f, off, w, v) => {
+                let rd = g.config().rd_base((off as usize) % PES);
+                let addr = match f {
+                    0 => rd + GICR_VLPI_OFFSET + 0x70 + (off & 0x1F),
+                    1 => rd + 0xA0 + (off & 0x1F),
+                    2 => its + GITS_SGIR,
+                    _ => 0x0800_0000 + (off & 0xF),
+                };
+                let _ = g.write(addr & !(w as u64 - 1), w, v);
+                let _ = g.read(addr & !(w as u64 - 1), w);
+            }
+            Op::Load(p, v, g1) => {
+                let a = g.config().rd_base(p) + GICR_VLPI_OFFSET + GICR_VPENDBASER;
+                let val = if v40 {
+                    // GICv4.0: a VPT address (the generated vPEs' one, or another).
+                    VPENDBASER_VALID | (VPT + (v as u64 % 3) * 0x1_0000)
+                } else {
+                    VPENDBASER_VALID | if g1 { VPENDBASER_VGRP1EN } else { 0 } | v as u64
+                };
+                let _ = g.write(a, 8, val);
+            }
+            Op::Put(p, db) => {
+                let a = g.config().rd_base(p) + GICR_VLPI_OFFSET + GICR_VPENDBASER;
+                let cur = g.read(a, 8).unwrap();
+                let n = (cur & !VPENDBASER_VALID)
+                    | if db {
+                        VPENDBASER_DB
+                    } else {
+                        VPENDBASER_PENDING_LAST
+                    };
+                let _ = g.write(a, 8, n);
+            }
+            Op::Sgir(v, s) => {
+                let _ = g.write(its + GITS_SGIR, 8, ((v as u64) << 32) | s as u64);
+            }
+            Op::Msi(d, e) => {
+                let _ = g.send_msi(0, d, e);
+            }
+            Op::Icv(p, r, v) => {
+                let reg = ICV[r as usize % ICV.len()];
+                let _ = g.icv_read(p, reg);
+                let _ = g.icv_write(p, reg, v);
+                let _ = g.virq_line(p);
+            }
+            Op::SaveRestore => {
+                let st = g.state();
+                let g2 = Gic::from_state(&st, g.mem().clone()).unwrap();
+                prop_assert_eq!(g2.state(), st);
+                g = g2;
+            }
+        }
+        let mut resident = std::collections::BTreeSet::new();
+        for p in 0..PES {
+            if let Some(v) = g.resident_vpe(p) {
+                if g.vpe(v).is_some_and(|x| x.resident_on == Some(p)) {
+                    prop_assert!(resident.insert(v), "vPE {} resident twice", v);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn random_v41_traffic_never_panics_and_state_round_trips(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut g = booted();
-        let its = g.config().its[0].base;
-        let mut slot = 0u64;
-        for o in ops {
-            match o {
-                Op::Cmd(c) => {
-                    g.mem_mut().write(CMDQ + slot * 32, &c.to_bytes()).unwrap();
-                    slot = (slot + 1) % 128;
-                    let _ = g.write(its + GITS_CWRITER, 8, slot * 32);
-                }
-                Op::Raw(d) => {
-                    let mut b = [0u8; 32];
-                    for (i, w) in d.iter().enumerate() {
-                        b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-                    }
-                    g.mem_mut().write(CMDQ + slot * 32, &b).unwrap();
-                    slot = (slot + 1) % 128;
-                    let _ = g.write(its + GITS_CWRITER, 8, slot * 32);
-                }
-                Op::Mmio(f, off, w, v) => {
-                    let rd = g.config().rd_base((off as usize) % PES);
-                    let addr = match f {
-                        0 => rd + GICR_VLPI_OFFSET + 0x70 + (off & 0x1F),
-                        1 => rd + 0xA0 + (off & 0x1F),
-                        2 => its + GITS_SGIR,
-                        _ => 0x0800_0000 + (off & 0xF),
-                    };
-                    let _ = g.write(addr & !(w as u64 - 1), w, v);
-                    let _ = g.read(addr & !(w as u64 - 1), w);
-                }
-                Op::Load(p, v, g1) => {
-                    let a = g.config().rd_base(p) + GICR_VLPI_OFFSET + GICR_VPENDBASER;
-                    let val = VPENDBASER_VALID | if g1 { VPENDBASER_VGRP1EN } else { 0 } | v as u64;
-                    let _ = g.write(a, 8, val);
-                }
-                Op::Put(p, db) => {
-                    let a = g.config().rd_base(p) + GICR_VLPI_OFFSET + GICR_VPENDBASER;
-                    let cur = g.read(a, 8).unwrap();
-                    let n = (cur & !VPENDBASER_VALID) | if db { VPENDBASER_DB } else { VPENDBASER_PENDING_LAST };
-                    let _ = g.write(a, 8, n);
-                }
-                Op::Sgir(v, s) => {
-                    let _ = g.write(its + GITS_SGIR, 8, ((v as u64) << 32) | s as u64);
-                }
-                Op::Msi(d, e) => {
-                    let _ = g.send_msi(0, d, e);
-                }
-                Op::Icv(p, r, v) => {
-                    let reg = ICV[r as usize % ICV.len()];
-                    let _ = g.icv_read(p, reg);
-                    let _ = g.icv_write(p, reg, v);
-                    let _ = g.virq_line(p);
-                }
-                Op::SaveRestore => {
-                    let st = g.state();
-                    let g2 = Gic::from_state(&st, g.mem().clone()).unwrap();
-                    prop_assert_eq!(g2.state(), st);
-                    g = g2;
-                }
-            }
-            let mut resident = std::collections::BTreeSet::new();
-            for p in 0..PES {
-                if let Some(v) = g.resident_vpe(p) {
-                    if g.vpe(v).is_some_and(|x| x.resident_on == Some(p)) {
-                        prop_assert!(resident.insert(v), "vPE {} resident twice", v);
-                    }
-                }
-            }
-        }
+        run_ops(ops, false)?;
+    }
+
+    #[test]
+    fn random_v40_traffic_never_panics_and_state_round_trips(ops in proptest::collection::vec(op(), 1..80)) {
+        run_ops(ops, true)?;
     }
 }
