@@ -1743,6 +1743,47 @@ impl Its {
         Ok(())
     }
 
+    /// VMOVI on a GICv4.1 ITS: the new vPE mapped here, the vINTID inside its VPT; a
+    /// pending vLPI (the GIC's copy) moves to the new vPE.
+    fn vmovi_v41<M: GuestMem>(
+        &mut self,
+        env: &mut ItsEnv<'_, M>,
+        [device, event, vpeid]: [u32; 3],
+        db_valid: bool,
+        db: u32,
+    ) -> Result<(), ItsCommandError> {
+        let Some(vt) = self.vtranslation(env, device, event)? else {
+            return Err(ItsCommandError::UnmappedEvent { device, event });
+        };
+        let Some(v4) = env.v41.as_deref_mut() else {
+            return Err(ItsCommandError::UnknownCommand(CMD_VMOVI));
+        };
+        let v = self.mapped_here(v4, vpeid)?;
+        if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vt.vintid) {
+            return Err(ItsCommandError::IntIdOutOfRange(vt.vintid));
+        }
+        let new_db = if db_valid { db } else { vt.db };
+        self.check_doorbell_intid(env.gic, new_db)?;
+        let was_pending = v4
+            .vpes
+            .get(&vt.vpeid)
+            .is_some_and(|o| o.vlpi_pending.contains(&vt.vintid));
+        if was_pending && vt.vpeid != vpeid {
+            v4.set_vlpi_pending(
+                env.rds,
+                env.mem,
+                vt.vpeid,
+                vt.vintid,
+                false,
+                INTID_NO_DOORBELL,
+            )?;
+            v4.set_vlpi_pending(env.rds, env.mem, vpeid, vt.vintid, true, new_db)?;
+        }
+        env.mem
+            .write(vt.ite_addr, &virtual_ite(vpeid, vt.vintid, new_db))?;
+        Ok(())
+    }
+
     /// Executes a GICv4.1 virtual command.
     fn execute_virtual<M: GuestMem>(
         &mut self,
@@ -1775,44 +1816,13 @@ impl Its {
                 vpeid,
                 db_valid,
                 db,
-            } if self.is_v40() => self.vmovi_v40(env, [device, event, vpeid], db_valid, db),
-            ItsCommand::Vmovi {
-                device,
-                event,
-                vpeid,
-                db_valid,
-                db,
             } => {
-                let Some(vt) = self.vtranslation(env, device, event)? else {
-                    return Err(ItsCommandError::UnmappedEvent { device, event });
-                };
-                let Some(v4) = env.v41.as_deref_mut() else {
-                    return Err(ItsCommandError::UnknownCommand(opcode));
-                };
-                let v = self.mapped_here(v4, vpeid)?;
-                if !(LPI_BASE..(1u32 << v.vpt_bits)).contains(&vt.vintid) {
-                    return Err(ItsCommandError::IntIdOutOfRange(vt.vintid));
+                let target = [device, event, vpeid];
+                if self.is_v40() {
+                    self.vmovi_v40(env, target, db_valid, db)
+                } else {
+                    self.vmovi_v41(env, target, db_valid, db)
                 }
-                let new_db = if db_valid { db } else { vt.db };
-                self.check_doorbell_intid(env.gic, new_db)?;
-                let was_pending = v4
-                    .vpes
-                    .get(&vt.vpeid)
-                    .is_some_and(|o| o.vlpi_pending.contains(&vt.vintid));
-                if was_pending && vt.vpeid != vpeid {
-                    v4.set_vlpi_pending(
-                        env.rds,
-                        env.mem,
-                        vt.vpeid,
-                        vt.vintid,
-                        false,
-                        INTID_NO_DOORBELL,
-                    )?;
-                    v4.set_vlpi_pending(env.rds, env.mem, vpeid, vt.vintid, true, new_db)?;
-                }
-                env.mem
-                    .write(vt.ite_addr, &virtual_ite(vpeid, vt.vintid, new_db))?;
-                Ok(())
             }
             ItsCommand::Vmovp {
                 vpeid,
