@@ -114,6 +114,9 @@ pub fn sync(o: bench::sync::SyncOpts, json: bool) -> Result<()> {
     print(json, &r, || bench::sync::to_markdown(&r, o.plot.as_deref()))
 }
 
+/// The `bench` subcommands. Parsed once per process, so the size difference between the
+/// variants (`Migrate` has many flags) costs nothing worth a `Box`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// QEMU's dirty-limit table shape: migration time versus dirty rate with `--dirty-limit
