@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/io.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -70,6 +71,8 @@ static int power_off(int status)
 	char line[64];
 	snprintf(line, sizeof line, "ringvisor-guest: poweroff %d\n", status & 0xff);
 	say(line);
+	// The line must leave the UART before the VM is gone: wait until the tty has sent it.
+	tcdrain(1);
 	sync();
 	if (ioperm(EXIT_PORT, 1, 1) == 0)
 		outb((unsigned char)status, EXIT_PORT);

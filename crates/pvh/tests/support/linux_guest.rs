@@ -26,7 +26,7 @@ pub struct LinuxGuest {
 
 /// How long a boot may take to reach user space: 1-2 minutes on a PVM host, more while
 /// other work shares its two cores.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
