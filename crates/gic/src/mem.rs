@@ -122,6 +122,8 @@ const COMPACT_AT: usize = 4096;
 #[derive(Default)]
 pub struct WriteLog {
     pages: Vec<u64>,
+    /// Pages recorded since the last drain, direct-mapped (page + 1; 0 = empty slot).
+    recent: [u64; RECENT_SLOTS],
     writes: u64,
     hook: Option<WriteHook>,
 }
@@ -148,18 +150,16 @@ impl WriteLog {
         for p in first..=last {
             let page = p * LOG_PAGE_SIZE;
             // The model's writes cycle over a few pages (each PE's pending table, the ITS
-            // tables): skip pages among the most recent entries instead of re-pushing them.
-            if !self
-                .pages
-                .iter()
-                .rev()
-                .take(RECENT_PAGES)
-                .any(|&q| q == page)
-            {
+            // tables): a page already recorded since the last drain is found in a small
+            // direct-mapped set (slot = page number mod RECENT_SLOTS, holding page + 1 so
+            // that 0 means empty) and not pushed again.
+            let slot = (p as usize) % RECENT_SLOTS;
+            if self.recent[slot] != page.wrapping_add(1) {
                 if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
                     self.compact();
                 }
                 self.pages.push(page);
+                self.recent[slot] = page.wrapping_add(1);
             }
         }
         if let Some(h) = self.hook.as_mut() {
@@ -184,6 +184,7 @@ impl WriteLog {
         self.pages.dedup();
         out.extend_from_slice(&self.pages);
         self.pages.clear();
+        self.recent = [0; RECENT_SLOTS];
     }
 
     /// Number of distinct pages currently recorded.
@@ -205,7 +206,8 @@ impl WriteLog {
 }
 
 /// How many of the most recently logged pages a write checks before logging its page again.
-const RECENT_PAGES: usize = 8;
+/// Slots of the recently-recorded page set (a power of two).
+const RECENT_SLOTS: usize = 32;
 
 /// Guest memory plus the write log: the only path by which the model touches guest memory.
 #[derive(Debug)]
