@@ -13,7 +13,7 @@ pub mod output;
 pub mod primary;
 pub mod standby;
 
-pub use output::{GuestOutput, OutputCommit};
+pub use output::{GuestOutput, OutputCommit, VmConsole};
 pub use primary::{replicate, Output, PrimaryOptions, ReplicaControl};
 pub use standby::{
     failover, run_standby, AppliedCheckpoint, PrimaryEnd, ReplicaImage, StandbyOptions,

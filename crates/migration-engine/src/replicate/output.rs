@@ -13,6 +13,34 @@ pub trait GuestOutput: Send {
     fn drain(&mut self, out: &mut Vec<u8>);
 }
 
+/// The console of a `vmm::Vm` (PVH platform) as guest output: the bytes its UART captured
+/// since the last drain. The capture holds at most `vmm::devices::MAX_CAPTURE` bytes; output
+/// past it is not seen here.
+#[derive(Debug)]
+pub struct VmConsole {
+    vm: std::sync::Arc<vmm::Vm>,
+    at: usize,
+}
+
+impl VmConsole {
+    /// The console of `vm` from what it wrote so far on (`from_start`: from its first byte).
+    pub fn new(vm: std::sync::Arc<vmm::Vm>, from_start: bool) -> Self {
+        let at = match (from_start, vm.devices()) {
+            (false, Some(d)) => d.serial_output_len(),
+            _ => 0,
+        };
+        VmConsole { vm, at }
+    }
+}
+
+impl GuestOutput for VmConsole {
+    fn drain(&mut self, out: &mut Vec<u8>) {
+        if let Some(d) = self.vm.devices() {
+            self.at = d.serial_output_since(self.at, out);
+        }
+    }
+}
+
 /// The primary's held output and where each epoch's share ends.
 pub struct OutputCommit {
     held: Vec<u8>,
@@ -87,6 +115,11 @@ impl OutputCommit {
         }
         self.released += end as u64;
         Ok(end as u64)
+    }
+
+    /// The sink, once replication is over (release what is held first).
+    pub fn into_sink(self) -> Box<dyn Write + Send> {
+        self.sink
     }
 
     /// Bytes held now.
