@@ -117,6 +117,12 @@ pub enum ControlError {
     /// The VMM failed (pausing vCPUs).
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
+    /// `x-ringvisor-replicate` while a replication runs, or `migrate` during one.
+    #[error("a replication is in progress (x-ringvisor-replicate-stop ends it)")]
+    ReplicationActive,
+    /// `checkpoint-delay` out of range.
+    #[error("Parameter 'checkpoint-delay' is out of range [1, 60000] ms (got {0})")]
+    CheckpointDelay(u64),
     /// A helper thread could not be started.
     #[error("cannot start a thread: {0}")]
     Spawn(io::Error),

@@ -4,16 +4,14 @@
 //! guest from the last applied checkpoint). See docs/replication.md.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use control::{ProcessExit, ServiceConfig, VmService};
 use migration_engine::replicate::{
-    failover, replicate, run_standby, Output, OutputCommit, PrimaryEnd, PrimaryOptions,
-    ReplicaControl, ReplicationSummary, StandbyOptions, VmConsole, VmImage,
+    failover, run_standby, PrimaryEnd, ReplicationSummary, StandbyOptions, VmImage,
 };
 
 use crate::cli_args::TrackArgs;
@@ -54,70 +52,40 @@ pub fn summary_line(s: &ReplicationSummary) -> String {
     )
 }
 
-/// The primary: replicates the service's guest to `addr` on its own thread; a lost standby
-/// is reported and the guest runs on. `console`: a PVH guest's console, released to `sink`
-/// only as checkpoints are applied (output commit).
+/// The primary: replicates the service's guest to `addr` (through the service, so QMP's
+/// `x-ringvisor-query-replication` sees it); prints the summary line when it ends (a lost
+/// standby is reported, the guest runs on). `console`: a PVH guest's console, released only
+/// as checkpoints are applied (output commit).
 pub fn start_primary(
     svc: &VmService,
-    addr: String,
+    addr: &str,
     checkpoint_ms: u64,
     console: Option<Box<dyn Write + Send>>,
     json: bool,
-) -> Result<Arc<ReplicaControl>> {
-    let vm = svc.vm().context("no guest to replicate")?;
-    let ctl = ReplicaControl::new();
-    let ctl2 = ctl.clone();
-    let opts = PrimaryOptions {
-        checkpoint_delay: Duration::from_millis(checkpoint_ms),
-        ..PrimaryOptions::default()
-    };
+) -> Result<()> {
+    let uri = control::uri::with_scheme(addr);
+    svc.replicate(&uri, checkpoint_ms, console)
+        .with_context(|| format!("replicating to {addr}"))?;
+    eprintln!("replicating to {addr} every {checkpoint_ms} ms");
+    let svc = svc.clone();
     std::thread::Builder::new()
-        .name("replicate".into())
-        .spawn(move || {
-            let mut src = VmConsole::new(vm.clone(), true);
-            let mut sink = console;
-            match TcpStream::connect(&addr) {
-                Err(e) => {
-                    eprintln!("ringvisor: replicate to {addr}: {e}; the guest runs unreplicated")
-                }
-                Ok(stream) => {
-                    eprintln!("replicating to {addr} every {checkpoint_ms} ms");
-                    let mut commit = sink.take().map(OutputCommit::new);
-                    let output = commit.as_mut().map(|c| Output {
-                        src: &mut src,
-                        commit: c,
-                    });
-                    let sum = replicate(&*vm, stream, &opts, &ctl2, output);
-                    eprintln!("{}", summary_line(&sum));
-                    if json {
-                        if let Ok(s) = serde_json::to_string(&sum) {
-                            println!("{s}");
-                        }
+        .name("replicate-watch".into())
+        .spawn(move || loop {
+            if let Some(sum) = svc.replication_summary() {
+                eprintln!("{}", summary_line(&sum));
+                if json {
+                    if let Ok(s) = serde_json::to_string(&sum) {
+                        println!("{s}");
                     }
-                    sink = commit.map(OutputCommit::into_sink);
                 }
+                return;
             }
-            // Unreplicated from here on: the console flows straight out.
-            if let Some(mut out) = sink {
-                pump(&mut src, &mut *out);
+            if svc.wait_done(Some(Duration::from_millis(100))).is_some() {
+                return;
             }
         })
-        .context("starting the replication thread")?;
-    Ok(ctl)
-}
-
-/// Copies the guest's console to `out` every 20 ms, for as long as the process runs.
-fn pump(src: &mut VmConsole, out: &mut dyn Write) {
-    use migration_engine::replicate::GuestOutput;
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        src.drain(&mut buf);
-        if !buf.is_empty() && (out.write_all(&buf).is_err() || out.flush().is_err()) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .context("starting the replication watcher")?;
+    Ok(())
 }
 
 /// `ringvisor standby`.

@@ -330,7 +330,7 @@ pub fn run(o: RunOpts) -> Result<i32> {
             Some(_) => Some(console_sink(&o)?),
             None => None,
         };
-        crate::replicate_cmd::start_primary(&svc, to, o.checkpoint_ms, console, o.json)?;
+        crate::replicate_cmd::start_primary(&svc, &to, o.checkpoint_ms, console, o.json)?;
     }
     if let Some(to) = o.migrate_to.clone() {
         let auto = AutoMigrate {
