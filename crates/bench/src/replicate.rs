@@ -56,8 +56,9 @@ pub struct ReplicateCell {
     pub pages: u64,
     /// Pause per checkpoint: median, p99.
     pub pause_us: (u64, u64),
-    /// Of the pause, median: collect (with the pause itself), copy, state.
-    pub split_us: (u64, u64, u64),
+    /// Of the pause, median: parking the vCPUs, collect, copy, state (the rest is the
+    /// resume).
+    pub split_us: (u64, u64, u64, u64),
     /// Pause to the standby's ack: median, p99.
     pub latency_us: (u64, u64),
     /// Bytes per checkpoint on the wire (median).
@@ -163,6 +164,7 @@ fn cell(
         pages: med_p99(col(|c| c.pages)).0,
         pause_us: med_p99(col(|c| c.pause_us)),
         split_us: (
+            med_p99(col(|c| c.park_us)).0,
             med_p99(col(|c| c.collect_us)).0,
             med_p99(col(|c| c.copy_us)).0,
             med_p99(col(|c| c.state_us)).0,
@@ -216,11 +218,11 @@ pub fn run(o: &ReplicateOpts, progress: &mut dyn Progress) -> Result<Vec<Replica
 pub fn to_markdown(cells: &[ReplicateCell]) -> String {
     let ms = |us: u64| format!("{:.3}", us as f64 / 1e3);
     let mut s = String::from(
-        "| tracker | GiB | dirty/epoch | epoch ms | pages | pause med ms | pause p99 ms | collect | copy | state | latency med ms | latency p99 ms | KiB/checkpoint | stalls |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| tracker | GiB | dirty/epoch | epoch ms | pages | pause med ms | pause p99 ms | park | collect | copy | state | latency med ms | latency p99 ms | KiB/checkpoint | stalls |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cells {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |\n",
             c.tracker,
             c.size_gib,
             c.dirty_target,
@@ -231,6 +233,7 @@ pub fn to_markdown(cells: &[ReplicateCell]) -> String {
             ms(c.split_us.0),
             ms(c.split_us.1),
             ms(c.split_us.2),
+            ms(c.split_us.3),
             ms(c.latency_us.0),
             ms(c.latency_us.1),
             c.bytes as f64 / 1024.0,

@@ -108,10 +108,11 @@ pub enum ControlError {
         /// The limit in force, MB/s.
         current: u64,
     },
-    /// The dirty log is in use by the other of a dirty-bitmap measurement and a migration.
+    /// The dirty log is in use by the other of a dirty-bitmap measurement and a migration
+    /// or replication.
     #[error(
-        "a dirty-bitmap measurement and a migration cannot share the dirty log; wait for the \
-         {0} to finish"
+        "a dirty-bitmap measurement and a migration or replication cannot share the dirty \
+         log; wait for the {0} to finish"
     )]
     DirtyLogBusy(&'static str),
     /// The VMM failed (pausing vCPUs).

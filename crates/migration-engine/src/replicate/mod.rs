@@ -79,7 +79,9 @@ pub struct CheckpointStats {
     pub bytes: u64,
     /// Pause to resume, µs.
     pub pause_us: u64,
-    /// Pause and final collect, µs.
+    /// Pausing the vCPUs until all are parked, µs.
+    pub park_us: u64,
+    /// The final collect, µs.
     pub collect_us: u64,
     /// Copying the dirty pages into the checkpoint buffer, µs.
     pub copy_us: u64,

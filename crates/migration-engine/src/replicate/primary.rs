@@ -435,6 +435,7 @@ impl<'a> Primary<'a> {
         let t0 = Instant::now();
         self.vm.pause(self.opts.pause_timeout)?;
         self.paused = true;
+        let t_parked = Instant::now();
         self.collect()?;
         let t1 = Instant::now();
         self.cp.reset(epoch);
@@ -472,7 +473,8 @@ impl<'a> Primary<'a> {
             zero_pages: self.cp.zero_pages(),
             bytes,
             pause_us: us(t0, resumed),
-            collect_us: us(t0, t1),
+            park_us: us(t0, t_parked),
+            collect_us: us(t_parked, t1),
             copy_us: us(t1, t2),
             state_us: us(t2, t3),
             latency_us: 0,
