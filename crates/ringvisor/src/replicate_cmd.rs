@@ -114,6 +114,8 @@ pub fn standby(o: StandbyOpts) -> Result<i32> {
     eprintln!("[standby] primary {peer} connected");
     let opts = StandbyOptions {
         heartbeat_timeout: Duration::from_millis(o.heartbeat_timeout_ms),
+        // A primary larger than this host can hold is refused before anything is mapped.
+        max_guest_memory: Some(vmm::host::guest_memory_limit()?),
         ..StandbyOptions::default()
     };
     let serial = match (&o.console, o.json) {

@@ -35,8 +35,8 @@ pub struct PrimaryOptions {
     pub checkpoint_delay: Duration,
     /// A heartbeat goes out when nothing else was sent for this long.
     pub heartbeat_interval: Duration,
-    /// The standby is lost when it does not answer the handshake or ack a checkpoint within
-    /// this long, or stops reading for this long.
+    /// The standby is lost when it does not answer the handshake, or apply a checkpoint
+    /// this long after it was sent, or stops reading for this long.
     pub ack_timeout: Duration,
     /// Ring tracker: how often the dirty rings are harvested between checkpoints.
     pub harvest_interval: Duration,
@@ -137,8 +137,8 @@ struct Primary<'a> {
     cp: CheckpointBuf,
     paused: bool,
     last_sent: Instant,
-    /// The checkpoint in flight: (epoch, when its pause began).
-    in_flight: Option<(u64, Instant)>,
+    /// The checkpoint in flight: (epoch, when its pause began, when it was sent).
+    in_flight: Option<(u64, Instant, Instant)>,
     sum: ReplicationSummary,
     output: Option<Output<'a>>,
 }
@@ -333,7 +333,7 @@ impl<'a> Primary<'a> {
             return Err(Stop::Lost(format!("unexpected answer {a:?}")));
         };
         match self.in_flight.take() {
-            Some((epoch, t_pause)) if epoch == e => {
+            Some((epoch, t_pause, _)) if epoch == e => {
                 let latency = t_pause.elapsed();
                 if let Some(c) = self.sum.checkpoints.last_mut().filter(|c| c.epoch == e) {
                     c.latency_us = latency.as_micros() as u64;
@@ -412,8 +412,8 @@ impl<'a> Primary<'a> {
     }
 
     fn wait_acked(&mut self) -> std::result::Result<(), Stop> {
-        while let Some((epoch, t_pause)) = self.in_flight {
-            if t_pause.elapsed() > self.opts.ack_timeout {
+        while let Some((epoch, _, t_sent)) = self.in_flight {
+            if t_sent.elapsed() > self.opts.ack_timeout {
                 return Err(Stop::Lost(format!(
                     "the standby did not apply checkpoint {epoch} within {:?}",
                     self.opts.ack_timeout
@@ -458,9 +458,9 @@ impl<'a> Primary<'a> {
         self.vm.resume();
         self.paused = false;
         let resumed = Instant::now();
-        self.in_flight = Some((epoch, t0));
         let bytes = self.w.send_checkpoint(&self.cp)?;
         self.last_sent = Instant::now();
+        self.in_flight = Some((epoch, t0, self.last_sent));
         let us = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
         if self.sum.checkpoints.len() >= super::MAX_KEPT_CHECKPOINTS {
             self.sum
