@@ -9,6 +9,8 @@
 //! - [`pvh`]: the PVH-guest rows, ringvisor versus QEMU.
 //! - [`qemu`]: the QEMU migration harness (two `qemu-system-x86_64` processes driven over
 //!   QMP).
+//! - [`replicate`]: continuous replication's pause, latency and bytes per checkpoint, per
+//!   tracker, guest size, dirty set and epoch (in process).
 //! - [`procs`]: starting and reaping the `ringvisor` processes, the network namespaces.
 //! - [`plot`]: SVG line plots.
 //!
@@ -21,6 +23,7 @@ pub mod plot;
 pub mod procs;
 pub mod pvh;
 pub mod qemu;
+pub mod replicate;
 pub mod sync;
 
 pub use error::{error_chain, BenchError, Result};

@@ -283,6 +283,13 @@ impl VmService {
         if mode == RateMode::DirtyBitmap && g.job.as_ref().is_some_and(JobSlot::is_active) {
             return Err(ControlError::DirtyLogBusy("migration"));
         }
+        if mode == RateMode::DirtyBitmap
+            && g.replication
+                .as_ref()
+                .is_some_and(crate::replicate::ReplicationSlot::is_active)
+        {
+            return Err(ControlError::DirtyLogBusy("replication"));
+        }
         let mut s = lock_rate(&self.core.rate);
         if s.status == RateStatus::Measuring {
             return Err(ControlError::DirtyRateMeasuring);

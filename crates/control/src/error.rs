@@ -108,15 +108,22 @@ pub enum ControlError {
         /// The limit in force, MB/s.
         current: u64,
     },
-    /// The dirty log is in use by the other of a dirty-bitmap measurement and a migration.
+    /// The dirty log is in use by the other of a dirty-bitmap measurement and a migration
+    /// or replication.
     #[error(
-        "a dirty-bitmap measurement and a migration cannot share the dirty log; wait for the \
-         {0} to finish"
+        "a dirty-bitmap measurement and a migration or replication cannot share the dirty \
+         log; wait for the {0} to finish"
     )]
     DirtyLogBusy(&'static str),
     /// The VMM failed (pausing vCPUs).
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
+    /// `x-ringvisor-replicate` while a replication runs, or `migrate` during one.
+    #[error("a replication is in progress (x-ringvisor-replicate-stop ends it)")]
+    ReplicationActive,
+    /// `checkpoint-delay` out of range.
+    #[error("Parameter 'checkpoint-delay' is out of range [1, 60000] ms (got {0})")]
+    CheckpointDelay(u64),
     /// A helper thread could not be started.
     #[error("cannot start a thread: {0}")]
     Spawn(io::Error),

@@ -35,6 +35,7 @@ pub mod error;
 mod incoming;
 mod migrate;
 pub mod params;
+pub mod replicate;
 mod service;
 pub mod state;
 pub mod uri;

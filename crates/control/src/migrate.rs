@@ -177,6 +177,12 @@ impl VmService {
         if g.job.as_ref().is_some_and(JobSlot::is_active) {
             return Err(ControlError::MigrationActive);
         }
+        if g.replication
+            .as_ref()
+            .is_some_and(crate::replicate::ReplicationSlot::is_active)
+        {
+            return Err(ControlError::ReplicationActive);
+        }
         if crate::dirty::bitmap_measurement_running(&self.core) {
             return Err(ControlError::DirtyLogBusy("dirty-bitmap measurement"));
         }

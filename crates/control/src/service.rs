@@ -29,7 +29,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 const MONITOR_PERIOD: Duration = Duration::from_millis(50);
 
 /// Every command the service answers (`query-commands` adds `qmp_capabilities` and itself).
-pub const COMMANDS: [&str; 20] = [
+pub const COMMANDS: [&str; 23] = [
     "query-status",
     "stop",
     "cont",
@@ -50,6 +50,9 @@ pub const COMMANDS: [&str; 20] = [
     "query-vcpu-dirty-limit",
     "x-ringvisor-query-guest",
     "x-ringvisor-query-migration-passes",
+    "x-ringvisor-replicate",
+    "x-ringvisor-query-replication",
+    "x-ringvisor-replicate-stop",
 ];
 
 /// What the process does around migrations.
@@ -84,7 +87,7 @@ pub(crate) struct Notify {
     done_cv: Condvar,
 }
 
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every value behind these locks stays consistent across a panic (plain fields).
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -155,6 +158,8 @@ pub(crate) struct Inner {
     pub(crate) params: MigrationParameters,
     pub(crate) caps: MigrationCapabilities,
     pub(crate) limits: DirtyLimits,
+    /// The guest's replication to a standby, if one was started.
+    pub(crate) replication: Option<crate::replicate::ReplicationSlot>,
 }
 
 /// Everything shared by the service handle and its threads.
@@ -243,6 +248,7 @@ impl VmService {
                     params: MigrationParameters::default(),
                     caps: MigrationCapabilities::default(),
                     limits: DirtyLimits::default(),
+                    replication: None,
                 }),
                 notify: Arc::new(Notify::new(state)),
                 rate: Arc::new(Mutex::new(RateState::default())),
@@ -473,6 +479,9 @@ impl VmService {
             | "query-migrate-capabilities"
             | "x-ringvisor-query-migration-passes" => self.migration_command(name, &args),
             "migrate-incoming" => self.cmd_migrate_incoming(&args),
+            "x-ringvisor-replicate"
+            | "x-ringvisor-query-replication"
+            | "x-ringvisor-replicate-stop" => self.replication_command(name, &args),
             "calc-dirty-rate"
             | "query-dirty-rate"
             | "set-vcpu-dirty-limit"

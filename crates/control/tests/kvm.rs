@@ -294,3 +294,77 @@ fn dirty_ring_measurement_reports_every_vcpu_and_a_wrong_mode_is_refused() {
     assert_eq!(per.len(), 2);
     assert_eq!(per[1]["id"], 1);
 }
+
+#[test]
+fn qmp_replicates_the_guest_to_a_standby_refuses_a_migration_meanwhile_and_stops_cleanly() {
+    if !kvm() {
+        return;
+    }
+    use migration_engine::replicate::{run_standby, PrimaryEnd, StandbyOptions, VmImage};
+    let src = VmService::with_guest(guest(ring(), 8 << 20), ServiceConfig::default());
+    src.start_monitor().unwrap();
+    assert_eq!(
+        exec(&src, "x-ringvisor-query-replication", Value::Null).unwrap()["status"],
+        "none"
+    );
+    let e = exec(
+        &src,
+        "x-ringvisor-replicate",
+        json!({"uri": "tcp:127.0.0.1:1", "checkpoint-delay": 0}),
+    )
+    .unwrap_err();
+    assert!(e.desc.contains("checkpoint-delay"), "{}", e.desc);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let standby = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut make = |h: &migration::wire::Hello, lay: &migration::wire::MemoryLayout| {
+            VmImage::create(h, lay, ring(), &vmm::SerialOutput::Capture)
+        };
+        run_standby(s, &StandbyOptions::default(), &mut make, &mut |_| {}).unwrap()
+    });
+    exec(
+        &src,
+        "x-ringvisor-replicate",
+        json!({"uri": format!("tcp:{addr}"), "checkpoint-delay": 20}),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let info = loop {
+        let info = exec(&src, "x-ringvisor-query-replication", Value::Null).unwrap();
+        if info["acked_epoch"].as_u64().unwrap_or(0) >= 3 {
+            break info;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "stuck: {info}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(info["status"], "active");
+    assert_eq!(info["checkpoint-delay"], 20);
+    let e = exec(&src, "migrate", json!({"uri": "tcp:127.0.0.1:1"})).unwrap_err();
+    assert!(e.desc.contains("replication is in progress"), "{}", e.desc);
+    let e = exec(
+        &src,
+        "x-ringvisor-replicate",
+        json!({"uri": format!("tcp:{addr}")}),
+    )
+    .unwrap_err();
+    assert!(e.desc.contains("replication is in progress"), "{}", e.desc);
+    exec(&src, "x-ringvisor-replicate-stop", Value::Null).unwrap();
+    let (_, rep) = standby.join().unwrap();
+    assert!(
+        matches!(rep.end, PrimaryEnd::Shutdown { .. }),
+        "{:?}",
+        rep.end
+    );
+    let t0 = Instant::now();
+    let info = loop {
+        let info = exec(&src, "x-ringvisor-query-replication", Value::Null).unwrap();
+        if info["status"] == "stopped" {
+            break info;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "stuck: {info}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(info["acked_epoch"].as_u64(), rep.last.map(|c| c.epoch));
+    assert!(grows(&src), "the guest runs on after replication stopped");
+}

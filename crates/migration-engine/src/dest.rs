@@ -308,6 +308,27 @@ fn handshake(
             )))
         }
     };
+    let vm = create_vm(platform, hello.vcpus, &layout, opts.tracking, &opts.serial)?;
+    acks.send(&Ack::Accepted)?;
+    on_event(&format!(
+        "accepted: {} vCPU(s), {} MiB in {} regions, source tracker {}",
+        hello.vcpus,
+        layout.total_bytes() >> 20,
+        layout.regions().len(),
+        hello.tracker.name()
+    ));
+    Ok((hello, platform, layout, vm))
+}
+
+/// The VM a source's Hello and Layout describe (not started), or why this VMM cannot build
+/// it; shared by the destination and the replication standby.
+pub(crate) fn create_vm(
+    platform: Platform,
+    vcpus: u32,
+    layout: &MemoryLayout,
+    tracking: Tracking,
+    serial: &SerialOutput,
+) -> Result<Vm> {
     let memory: Vec<RegionSpec> = layout
         .regions()
         .iter()
@@ -324,34 +345,26 @@ fn handshake(
         })
         .collect::<Result<_>>()?;
     let config = VmConfig {
-        vcpus: hello.vcpus as usize,
+        vcpus: vcpus as usize,
         memory,
-        tracking: opts.tracking,
+        tracking,
     };
     let vm = match platform {
         Platform::Workload => Vm::create(&config)?,
-        Platform::Pvh => Vm::create_pvh(&config, &opts.serial)?,
+        Platform::Pvh => Vm::create_pvh(&config, serial)?,
     };
-    if layout_matches(&vm, &layout).is_err() {
+    if layout_matches(&vm, layout).is_err() {
         return Err(MigrationError::Protocol(
             "the source's memory layout does not match this VMM's (system region)".into(),
         ));
     }
-    acks.send(&Ack::Accepted)?;
-    on_event(&format!(
-        "accepted: {} vCPU(s), {} MiB in {} regions, source tracker {}",
-        hello.vcpus,
-        layout.total_bytes() >> 20,
-        layout.regions().len(),
-        hello.tracker.name()
-    ));
-    Ok((hello, platform, layout, vm))
+    Ok(vm)
 }
 
 /// Pages the VMM wrote while building `vm` (the workload machine's tables and program): the
 /// only ones that may hold data before the stream arrives, i.e. what this process has
 /// populated per `/proc/self/pagemap` (every page, if pagemap cannot be read).
-fn populated_pages(vm: &Vm) -> Result<kvm_dirty::DirtyPageSet> {
+pub(crate) fn populated_pages(vm: &Vm) -> Result<kvm_dirty::DirtyPageSet> {
     let mut touched = kvm_dirty::DirtyPageSet::new(&vm.ram().slot_specs());
     let mut bits = Vec::new();
     for r in vm.ram().regions() {
@@ -461,7 +474,7 @@ fn receive_stream(
 
 /// Checks every vCPU state against the received memory and this VM, then restores: devices
 /// first (the LAPICs deliver into them), then vCPUs, the clock last.
-fn restore(
+pub(crate) fn restore(
     vm: &Vm,
     states: &[VcpuState],
     machine: Option<&MachineState>,

@@ -8,6 +8,8 @@
 //! - [`seam`]: what the engine needs from a VM; [`fake`]: a VM in memory for tests.
 //! - [`dest`]: the destination ([`dest::receive`] into a `vmm::Vm`).
 //! - [`dirtyrate`], [`dirtylimit`], [`rate`]: dirty-rate measurement and the dirty limit.
+//! - [`replicate`]: continuous replication to a hot standby (checkpoints, failover, output
+//!   commit).
 //! - [`summary`], [`error`]: what a migration reports, and why one failed.
 //!
 //! The ring path peeks the rings continuously from a collector thread (per-vCPU dirty
@@ -22,6 +24,7 @@ pub mod error;
 pub mod fake;
 pub mod job;
 pub mod rate;
+pub mod replicate;
 pub mod seam;
 pub mod source;
 pub mod summary;

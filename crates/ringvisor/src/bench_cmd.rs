@@ -258,6 +258,32 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Continuous replication per checkpoint (real KVM, in process, loopback standby that
+    /// verifies and discards): pause (median, p99; collect/copy/state), pause-to-ack latency,
+    /// bytes, stalls; per tracker, guest size (sparse), dirty pages per epoch and epoch.
+    Replicate {
+        /// Trackers.
+        #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
+        trackers: Vec<String>,
+        /// Guest sizes in GiB (sparse).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16])]
+        sizes_gib: Vec<u64>,
+        /// Target dirty pages per epoch.
+        #[arg(long, value_delimiter = ',', default_values_t = [64u64, 1024])]
+        dirty_pages: Vec<u64>,
+        /// Epochs (checkpoint-delay), ms.
+        #[arg(long, value_delimiter = ',', default_values_t = [25u64])]
+        epochs_ms: Vec<u64>,
+        /// Measured checkpoints per cell.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        checkpoints: u64,
+        /// Dirty ring entries per vCPU.
+        #[arg(long, default_value_t = 65536)]
+        ring_entries: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// GIC model throughput: ITS commands/s and LPIs delivered (MSI to IAR/EOI) per second.
     Gic {
         /// Number of PEs.
@@ -408,6 +434,37 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             runs,
             json,
         } => first_touch(memory_mib, runs, json),
+        BenchCmd::Replicate {
+            trackers,
+            sizes_gib,
+            dirty_pages,
+            epochs_ms,
+            checkpoints,
+            ring_entries,
+            json,
+        } => {
+            let trackers = trackers
+                .iter()
+                .map(|t| match t.as_str() {
+                    "ring" => kvm_dirty::TrackerMode::Ring,
+                    "bitmap" => kvm_dirty::TrackerMode::Bitmap,
+                    "clear-log" => kvm_dirty::TrackerMode::ClearLog,
+                    other => crate::usage_error(format!(
+                        "--trackers: unknown tracker {other:?} (ring, bitmap, clear-log)"
+                    )),
+                })
+                .collect();
+            let o = bench::replicate::ReplicateOpts {
+                trackers,
+                sizes_gib,
+                dirty_pages,
+                epochs_ms,
+                checkpoints,
+                ring_entries,
+            };
+            let r = bench::replicate::run(&o, &mut Bar::new(json))?;
+            print(json, &r, || bench::replicate::to_markdown(&r))
+        }
         BenchCmd::Gic {
             pes,
             its_commands,

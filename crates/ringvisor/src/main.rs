@@ -15,6 +15,7 @@ mod bench_cmd;
 mod cli_args;
 mod client_cmd;
 mod misc_cmd;
+mod replicate_cmd;
 mod report;
 mod selftest_cmd;
 mod sys;
@@ -146,6 +147,30 @@ enum Cmd {
         #[arg(long)]
         console: Option<PathBuf>,
         /// Machine-readable output: one JSON document (what was received) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A hot standby for `ringvisor run --replicate-to`: receives the full copy and the
+    /// checkpoints (each applied only once complete and verified); when the primary is lost
+    /// (connection closed, or silent past --heartbeat-timeout-ms) it resumes the guest from
+    /// the last applied checkpoint and runs it here.
+    Standby {
+        /// HOST:PORT to listen on (port 0 picks one; the first stdout line is `listening
+        /// HOST:PORT`, on stderr with --json).
+        #[arg(long)]
+        listen: String,
+        /// The primary is lost after this long without a checkpoint or heartbeat, ms.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+        heartbeat_timeout_ms: u64,
+        #[command(flatten)]
+        track: TrackArgs,
+        /// A resumed PVH guest's console is appended to this file (default: stdout).
+        #[arg(long)]
+        console: Option<PathBuf>,
+        /// Stop this many seconds after the guest resumed here (default: run until it ends).
+        #[arg(long, value_parser = seconds_arg)]
+        duration: Option<f64>,
+        /// Machine-readable output: one JSON document (what was applied, where it resumed).
         #[arg(long)]
         json: bool,
     },
@@ -297,6 +322,15 @@ struct RunArgs {
     /// 50M; change it with `ringvisor dirty-limit --qmp PATH`.
     #[arg(long = "vcpu-dirty-limit", value_parser = limit_arg)]
     vcpu_dirty_limit: Option<u64>,
+    /// Replicate the guest continuously to a `ringvisor standby` at HOST:PORT: a full copy,
+    /// then a checkpoint every --checkpoint-ms (a PVH guest's console is held until the
+    /// checkpoint after it is applied). A lost standby is reported; the guest runs on.
+    #[arg(long, conflicts_with = "migrate_to")]
+    replicate_to: Option<String>,
+    /// With --replicate-to: how long the guest runs between checkpoints, ms (QEMU's
+    /// x-checkpoint-delay), 1..=60000.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60000), requires = "replicate_to")]
+    checkpoint_ms: u64,
     /// Machine-readable output: with --migrate-to, the migration summary as one JSON document.
     #[arg(long)]
     json: bool,
@@ -329,6 +363,8 @@ fn run(r: RunArgs) -> Result<i32> {
         duration: r.duration,
         exit_after_migrate: r.exit_after_migrate,
         vcpu_dirty_limit: r.vcpu_dirty_limit,
+        replicate_to: r.replicate_to,
+        checkpoint_ms: r.checkpoint_ms,
         json: r.json,
     })
 }
@@ -361,6 +397,21 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             track,
             duration,
             console,
+            json,
+        }),
+        Cmd::Standby {
+            listen,
+            heartbeat_timeout_ms,
+            track,
+            console,
+            duration,
+            json,
+        } => replicate_cmd::standby(replicate_cmd::StandbyOpts {
+            listen,
+            heartbeat_timeout_ms,
+            track,
+            console,
+            duration,
             json,
         }),
         Cmd::Migrate {

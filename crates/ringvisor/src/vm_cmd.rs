@@ -120,7 +120,7 @@ pub fn rate_line(prev: &[u64], now: &[u64], dt: f64) -> String {
 
 /// Prints the workload guest's write rate (and throttles) to stderr once a second while the
 /// process runs and the guest runs here.
-fn spawn_status_lines(svc: VmService, label: &'static str) {
+pub(crate) fn spawn_status_lines(svc: VmService, label: &'static str) {
     let _ = std::thread::Builder::new()
         .name("status-lines".into())
         .spawn(move || {
@@ -215,7 +215,24 @@ pub struct RunOpts {
     pub duration: Option<f64>,
     pub exit_after_migrate: bool,
     pub vcpu_dirty_limit: Option<u64>,
+    pub replicate_to: Option<String>,
+    pub checkpoint_ms: u64,
     pub json: bool,
+}
+
+/// Where a replicated PVH guest's console is released to (output commit).
+fn console_sink(o: &RunOpts) -> Result<Box<dyn Write + Send>> {
+    Ok(match (&o.console, o.json) {
+        (Some(p), _) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
+        (None, false) => Box::new(std::io::stdout()),
+        (None, true) => Box::new(std::io::stderr()),
+    })
 }
 
 fn boot_pvh(o: &RunOpts) -> Result<Vm> {
@@ -234,7 +251,12 @@ fn boot_pvh(o: &RunOpts) -> Result<Vm> {
         cmdline: o.cmdline.clone(),
         memory: o.guest.memory,
         vcpus: o.guest.vcpus as usize,
-        serial: console_output(o.console.as_deref(), o.json),
+        // A replicated guest's console is held until the checkpoint after it is applied.
+        serial: if o.replicate_to.is_some() {
+            vmm::SerialOutput::Capture
+        } else {
+            console_output(o.console.as_deref(), o.json)
+        },
         tracking: Some(o.guest.track.tracking()),
         initrd: o
             .initrd
@@ -302,6 +324,13 @@ pub fn run(o: RunOpts) -> Result<i32> {
     svc.start_monitor()?;
     if !o.json {
         spawn_status_lines(svc.clone(), "source");
+    }
+    if let Some(to) = o.replicate_to.clone() {
+        let console = match o.kernel {
+            Some(_) => Some(console_sink(&o)?),
+            None => None,
+        };
+        crate::replicate_cmd::start_primary(&svc, &to, o.checkpoint_ms, console, o.json)?;
     }
     if let Some(to) = o.migrate_to.clone() {
         let auto = AutoMigrate {

@@ -309,6 +309,16 @@ impl Devices {
             .clone()
     }
 
+    /// Appends the console bytes from offset `from` on to `out` (nothing past the capture
+    /// limit); returns the offset after them, where the next call starts.
+    pub fn serial_output_since(&self, from: usize, out: &mut Vec<u8>) -> usize {
+        let c = self.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(new) = c.bytes.get(from..) {
+            out.extend_from_slice(new);
+        }
+        c.bytes.len().max(from)
+    }
+
     /// How many console bytes the guest wrote so far (without copying them).
     pub fn serial_output_len(&self) -> usize {
         self.capture

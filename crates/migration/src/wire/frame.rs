@@ -32,6 +32,15 @@ impl<W: Write> FrameWriter<W> {
     }
 
     pub(crate) fn write_preamble(&mut self, version: u32) -> Result<(), WireError> {
+        self.write_preamble_with(&MAGIC, version)
+    }
+
+    /// Writes a preamble with another protocol's magic (the replication stream's).
+    pub(crate) fn write_preamble_with(
+        &mut self,
+        magic: &[u8; 8],
+        version: u32,
+    ) -> Result<(), WireError> {
         if self.preamble_sent {
             return Err(WireError::OutOfOrder {
                 message: "preamble",
@@ -39,7 +48,7 @@ impl<W: Write> FrameWriter<W> {
             });
         }
         let mut p = [0u8; PREAMBLE_LEN];
-        p[..8].copy_from_slice(&MAGIC);
+        p[..8].copy_from_slice(magic);
         p[8..12].copy_from_slice(&version.to_le_bytes());
         self.w.write_all(&p)?;
         self.bytes += PREAMBLE_LEN as u64;
@@ -120,6 +129,16 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads and checks the preamble; returns the peer's version.
     pub(crate) fn read_preamble(&mut self, state: &'static str) -> Result<u32, WireError> {
+        self.read_preamble_with(&MAGIC, MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION, state)
+    }
+
+    /// Reads and checks a preamble with another protocol's magic and versions.
+    pub(crate) fn read_preamble_with(
+        &mut self,
+        magic: &[u8; 8],
+        versions: std::ops::RangeInclusive<u32>,
+        state: &'static str,
+    ) -> Result<u32, WireError> {
         let mut p = [0u8; PREAMBLE_LEN];
         let got = read_full(&mut self.r, &mut p)?;
         if got == 0 {
@@ -127,7 +146,7 @@ impl<R: Read> FrameReader<R> {
         }
         // Check the magic on whatever arrived, so a short foreign stream says "bad magic".
         let m = got.min(8);
-        if p[..m] != MAGIC[..m] {
+        if p[..m] != magic[..m] {
             let mut found = [0u8; 8];
             found[..m].copy_from_slice(&p[..m]);
             return Err(WireError::BadMagic { found });
@@ -141,11 +160,11 @@ impl<R: Read> FrameReader<R> {
         }
         self.bytes += PREAMBLE_LEN as u64;
         let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
-        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        if !versions.contains(&version) {
             return Err(WireError::VersionMismatch {
                 found: version,
-                min: MIN_PROTOCOL_VERSION,
-                max: PROTOCOL_VERSION,
+                min: *versions.start(),
+                max: *versions.end(),
             });
         }
         if p[12..16] != [0u8; 4] {

@@ -17,6 +17,7 @@ mod decode;
 mod encode;
 mod frame;
 mod layout;
+pub mod replica;
 mod sink;
 
 pub use decode::{AckReader, Decoder, DecoderLimits, RxState, RxStats};
