@@ -144,86 +144,7 @@ pub enum BenchCmd {
     },
     /// Live-migration matrix: every (memory, dirty rate, written set, tracker), each a real
     /// source and destination process, on loopback or a tc-shaped veth between namespaces.
-    Migrate {
-        /// Guest memory sizes in GiB.
-        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
-        memory_gib: Vec<u64>,
-        /// Guest dirty rates in MB/s (10^6 bytes).
-        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800])]
-        rates: Vec<u64>,
-        /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
-        #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
-        sets: Vec<String>,
-        /// Trackers to compare.
-        #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
-        trackers: Vec<String>,
-        /// Dirty ring entries per vCPU.
-        #[arg(long, default_value_t = 65536)]
-        ring_entries: u32,
-        /// Guest vCPUs.
-        #[arg(long, default_value_t = 2)]
-        vcpus: u64,
-        /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
-        #[arg(long, default_value = "loopback")]
-        link: String,
-        /// Seconds before a non-converging migration is aborted [default: 30; with
-        /// `--profile third-party`: 60].
-        #[arg(long, value_parser = seconds_arg)]
-        timeout: Option<f64>,
-        /// downtime-limit in ms.
-        #[arg(long, default_value_t = 300)]
-        downtime_limit: u64,
-        /// Write an SVG plot here.
-        #[arg(long)]
-        plot: Option<std::path::PathBuf>,
-        /// max-bandwidth for every migration (e.g. 128M).
-        #[arg(long)]
-        max_bandwidth: Option<String>,
-        /// dirty-limit for every migration: off, auto or a per-vCPU rate.
-        #[arg(long)]
-        dirty_limit: Option<String>,
-        /// auto-converge for bitmap trackers.
-        #[arg(long)]
-        auto_converge: bool,
-        /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
-        /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
-        /// -kernel`), idle and dirtying, per tracker, with the same downtime-limit and
-        /// max-bandwidth (default 1G for this comparison).
-        #[arg(long)]
-        pvh: bool,
-        /// PVH rows: guest memory.
-        #[arg(long, default_value = "512M", value_parser = size_arg)]
-        pvh_memory: u64,
-        /// PVH rows: working set per vCPU in MiB (test kernel `ws_mb`).
-        #[arg(long, default_value_t = 32)]
-        pvh_ws_mb: u64,
-        /// PVH rows, dirtying: MiB each vCPU writes per report (`dirty_mb`).
-        #[arg(long, default_value_t = 2)]
-        pvh_dirty_mb: u64,
-        /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
-        #[arg(long, default_value_t = 20)]
-        pvh_period_ticks: u64,
-        /// PVH rows: seconds the guest runs before the migration [default: 1; with
-        /// `--profile third-party`: 3, and longer where a scenario must populate memory].
-        #[arg(long, value_parser = seconds_arg)]
-        pvh_warmup: Option<f64>,
-        /// PVH rows: migrations per cell (the table shows medians).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
-        repeat: u32,
-        /// PVH rows: `default` (the rows above) or `third-party`, a guest shaped like one we
-        /// did not write (1 vCPU, 4 GiB, CPL0 boot stores, an interrupt handler store per
-        /// tick, the TSC-deadline timer with HLT between ticks) in issue 14's scenarios,
-        /// against QEMU's ring and bitmap, auto-converge and dirty limit.
-        #[arg(long, default_value = "default", requires = "pvh",
-              value_parser = ["default", "third-party"])]
-        profile: String,
-        /// `--profile third-party`: only these scenarios (a name, or a prefix ending in `*`).
-        #[arg(long, value_delimiter = ';', requires = "pvh")]
-        scenarios: Vec<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    Migrate(MigrateArgs),
     /// Dirty-log sync cost versus guest size: one collect + re-protect per mode (real KVM).
     Sync {
         /// Guest memory sizes in GiB (sparse; only touched pages cost RAM).
@@ -301,6 +222,179 @@ pub enum BenchCmd {
     },
 }
 
+/// `ringvisor bench migrate` arguments.
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// Guest memory sizes in GiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
+    pub memory_gib: Vec<u64>,
+    /// Guest dirty rates in MB/s (10^6 bytes).
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800])]
+    pub rates: Vec<u64>,
+    /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
+    #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
+    pub sets: Vec<String>,
+    /// Trackers to compare.
+    #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
+    pub trackers: Vec<String>,
+    /// Dirty ring entries per vCPU.
+    #[arg(long, default_value_t = 65536)]
+    pub ring_entries: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u64,
+    /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
+    #[arg(long, default_value = "loopback")]
+    pub link: String,
+    /// Seconds before a non-converging migration is aborted [default: 30; with
+    /// `--profile third-party`: 60].
+    #[arg(long, value_parser = seconds_arg)]
+    pub timeout: Option<f64>,
+    /// downtime-limit in ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Write an SVG plot here.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+    /// max-bandwidth for every migration (e.g. 128M).
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// dirty-limit for every migration: off, auto or a per-vCPU rate.
+    #[arg(long)]
+    pub dirty_limit: Option<String>,
+    /// auto-converge for bitmap trackers.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
+    /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
+    /// -kernel`), idle and dirtying, per tracker, with the same downtime-limit and
+    /// max-bandwidth (default 1G for this comparison).
+    #[arg(long)]
+    pub pvh: bool,
+    /// PVH rows: guest memory.
+    #[arg(long, default_value = "512M", value_parser = size_arg)]
+    pub pvh_memory: u64,
+    /// PVH rows: working set per vCPU in MiB (test kernel `ws_mb`).
+    #[arg(long, default_value_t = 32)]
+    pub pvh_ws_mb: u64,
+    /// PVH rows, dirtying: MiB each vCPU writes per report (`dirty_mb`).
+    #[arg(long, default_value_t = 2)]
+    pub pvh_dirty_mb: u64,
+    /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
+    #[arg(long, default_value_t = 20)]
+    pub pvh_period_ticks: u64,
+    /// PVH rows: seconds the guest runs before the migration [default: 1; with
+    /// `--profile third-party`: 3, and longer where a scenario must populate memory].
+    #[arg(long, value_parser = seconds_arg)]
+    pub pvh_warmup: Option<f64>,
+    /// PVH rows: migrations per cell (the table shows medians).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub repeat: u32,
+    /// PVH rows: `default` (the rows above) or `third-party`, a guest shaped like one we
+    /// did not write (1 vCPU, 4 GiB, CPL0 boot stores, an interrupt handler store per
+    /// tick, the TSC-deadline timer with HLT between ticks) in issue 14's scenarios,
+    /// against QEMU's ring and bitmap, auto-converge and dirty limit.
+    #[arg(long, default_value = "default", requires = "pvh",
+          value_parser = ["default", "third-party"])]
+    pub profile: String,
+    /// `--profile third-party`: only these scenarios (a name, or a prefix ending in `*`).
+    #[arg(long, value_delimiter = ';', requires = "pvh")]
+    pub scenarios: Vec<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ringvisor bench migrate [--pvh [--profile third-party]]`.
+fn migrate_cmd(args: MigrateArgs) -> Result<()> {
+    let MigrateArgs {
+        memory_gib,
+        rates,
+        sets,
+        trackers,
+        ring_entries,
+        vcpus,
+        link,
+        timeout,
+        downtime_limit,
+        plot,
+        max_bandwidth,
+        dirty_limit,
+        auto_converge,
+        pvh,
+        pvh_memory,
+        pvh_ws_mb,
+        pvh_dirty_mb,
+        pvh_period_ticks,
+        pvh_warmup,
+        repeat,
+        profile,
+        scenarios,
+        json,
+    } = args;
+    let exe = std::env::current_exe()?;
+    if pvh {
+        // The third-party profile's defaults are issue 14's: 10 GiB/s, 3 s of warm-up,
+        // 60 s before a migration that does not converge is aborted.
+        let third = profile == "third-party";
+        let bw = match &max_bandwidth {
+            Some(b) => bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?,
+            None if third => 10 << 30,
+            None => 1_000_000_000,
+        };
+        let pvh_warmup = pvh_warmup.unwrap_or(if third { 3.0 } else { 1.0 });
+        let timeout = timeout.unwrap_or(if third { 60.0 } else { 30.0 });
+        return self::pvh(
+            &profile,
+            &scenarios,
+            bench::pvh::PvhOpts {
+                exe,
+                memory: pvh_memory,
+                vcpus,
+                trackers,
+                ring_entries,
+                downtime_limit,
+                max_bandwidth: bw,
+                timeout,
+                warmup: pvh_warmup,
+                ws_mb: pvh_ws_mb,
+                dirty_mb: pvh_dirty_mb,
+                period_ticks: pvh_period_ticks,
+                repeat,
+                plot,
+            },
+            json,
+        );
+    }
+    if let Some(b) = &max_bandwidth {
+        bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
+    }
+    for s in &sets {
+        if s != "all" {
+            size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
+        }
+    }
+    migrate(
+        bench::migrate::MigrateOpts {
+            exe,
+            memory_gib,
+            rates_mb: rates,
+            sets,
+            trackers,
+            ring_entries,
+            vcpus,
+            link,
+            timeout: timeout.unwrap_or(30.0),
+            downtime_limit,
+            plot,
+            max_bandwidth,
+            dirty_limit,
+            auto_converge,
+        },
+        json,
+    )
+}
+
 /// Runs one benchmark; its exit status.
 pub fn run(which: BenchCmd) -> Result<i32> {
     match which {
@@ -322,96 +416,7 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             },
             json,
         ),
-        BenchCmd::Migrate {
-            memory_gib,
-            rates,
-            sets,
-            trackers,
-            ring_entries,
-            vcpus,
-            link,
-            timeout,
-            downtime_limit,
-            plot,
-            max_bandwidth,
-            dirty_limit,
-            auto_converge,
-            pvh,
-            pvh_memory,
-            pvh_ws_mb,
-            pvh_dirty_mb,
-            pvh_period_ticks,
-            pvh_warmup,
-            repeat,
-            profile,
-            scenarios,
-            json,
-        } => {
-            let exe = std::env::current_exe()?;
-            if pvh {
-                // The third-party profile's defaults are issue 14's: 10 GiB/s, 3 s of warm-up,
-                // 60 s before a migration that does not converge is aborted.
-                let third = profile == "third-party";
-                let bw = match &max_bandwidth {
-                    Some(b) => {
-                        bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?
-                    }
-                    None if third => 10 << 30,
-                    None => 1_000_000_000,
-                };
-                let pvh_warmup = pvh_warmup.unwrap_or(if third { 3.0 } else { 1.0 });
-                let timeout = timeout.unwrap_or(if third { 60.0 } else { 30.0 });
-                return self::pvh(
-                    &profile,
-                    &scenarios,
-                    bench::pvh::PvhOpts {
-                        exe,
-                        memory: pvh_memory,
-                        vcpus,
-                        trackers,
-                        ring_entries,
-                        downtime_limit,
-                        max_bandwidth: bw,
-                        timeout,
-                        warmup: pvh_warmup,
-                        ws_mb: pvh_ws_mb,
-                        dirty_mb: pvh_dirty_mb,
-                        period_ticks: pvh_period_ticks,
-                        repeat,
-                        plot,
-                    },
-                    json,
-                )
-                .map(|()| 0);
-            }
-            if let Some(b) = &max_bandwidth {
-                bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?;
-            }
-            for s in &sets {
-                if s != "all" {
-                    size_arg(s).map_err(|e| anyhow::anyhow!("--sets: {e}"))?;
-                }
-            }
-            migrate(
-                bench::migrate::MigrateOpts {
-                    exe,
-                    memory_gib,
-                    rates_mb: rates,
-                    sets,
-                    trackers,
-                    ring_entries,
-                    vcpus,
-                    link,
-                    timeout: timeout.unwrap_or(30.0),
-                    downtime_limit,
-                    plot,
-                    max_bandwidth,
-                    dirty_limit,
-                    auto_converge,
-                },
-                json,
-            )
-        }
+        BenchCmd::Migrate(args) => migrate_cmd(args),
         BenchCmd::Sync {
             sizes_gib,
             dirty_pages,
