@@ -227,52 +227,7 @@ impl QtestSession {
                 self.store(addr, width, v);
                 Ok("OK".to_string())
             }
-            "read" => {
-                let addr = Self::arg(args, 0)?;
-                let len = Self::arg(args, 1)?;
-                if len == 0 || len > MAX_BULK_LEN {
-                    return Err(format!("bad length {len}"));
-                }
-                let data = self.bulk_read(addr, len);
-                let mut s = String::with_capacity(3 + data.len() * 2);
-                s.push_str("OK 0x");
-                for b in data {
-                    s.push_str(&format!("{b:02x}"));
-                }
-                Ok(s)
-            }
-            "write" => {
-                let addr = Self::arg(args, 0)?;
-                let len = Self::arg(args, 1)?;
-                if len == 0 || len > MAX_BULK_LEN {
-                    return Err(format!("bad length {len}"));
-                }
-                let hex = args.get(2).ok_or("missing data")?;
-                let hex = hex.strip_prefix("0x").ok_or("data must start with 0x")?;
-                if hex.is_empty() {
-                    return Err("invalid argument size".to_string());
-                }
-                let hb = hex.as_bytes();
-                let data: Vec<u8> = (0..len as usize)
-                    .map(|i| {
-                        let hi = hb.get(2 * i).copied().map_or(0, hex_digit);
-                        let lo = hb.get(2 * i + 1).copied().map_or(0, hex_digit);
-                        (hi << 4) | lo
-                    })
-                    .collect();
-                self.bulk_write(addr, &data);
-                Ok("OK".to_string())
-            }
-            "memset" => {
-                let addr = Self::arg(args, 0)?;
-                let len = Self::arg(args, 1)?;
-                let v = Self::arg(args, 2)? as u8;
-                if len > MAX_BULK_LEN {
-                    return Err(format!("bad length {len}"));
-                }
-                self.bulk_write(addr, &vec![v; len as usize]);
-                Ok("OK".to_string())
-            }
+            "read" | "write" | "memset" => self.dispatch_bulk(cmd, args),
             "gic_icc_read" | "gic_ack" => {
                 let pe = Self::pe(args)?;
                 let reg = if cmd == "gic_ack" {
@@ -364,6 +319,59 @@ impl QtestSession {
                     s.push_str(&format!(" 0x{p:x}"));
                 }
                 Ok(s)
+            }
+            other => Err(format!("Unknown command '{other}'")),
+        }
+    }
+
+    /// The bulk memory commands: `read`, `write`, `memset`.
+    fn dispatch_bulk(&mut self, cmd: &str, args: &[&str]) -> Result<String, String> {
+        match cmd {
+            "read" => {
+                let addr = Self::arg(args, 0)?;
+                let len = Self::arg(args, 1)?;
+                if len == 0 || len > MAX_BULK_LEN {
+                    return Err(format!("bad length {len}"));
+                }
+                let data = self.bulk_read(addr, len);
+                let mut s = String::with_capacity(3 + data.len() * 2);
+                s.push_str("OK 0x");
+                for b in data {
+                    s.push_str(&format!("{b:02x}"));
+                }
+                Ok(s)
+            }
+            "write" => {
+                let addr = Self::arg(args, 0)?;
+                let len = Self::arg(args, 1)?;
+                if len == 0 || len > MAX_BULK_LEN {
+                    return Err(format!("bad length {len}"));
+                }
+                let hex = args.get(2).ok_or("missing data")?;
+                let hex = hex.strip_prefix("0x").ok_or("data must start with 0x")?;
+                if hex.is_empty() {
+                    return Err("invalid argument size".to_string());
+                }
+                let hb = hex.as_bytes();
+                let data: Vec<u8> = (0..len as usize)
+                    .map(|i| {
+                        let hi = hb.get(2 * i).copied().map_or(0, hex_digit);
+                        let lo = hb.get(2 * i + 1).copied().map_or(0, hex_digit);
+                        (hi << 4) | lo
+                    })
+                    .collect();
+                self.bulk_write(addr, &data);
+                Ok("OK".to_string())
+            }
+            "memset" => {
+                let addr = Self::arg(args, 0)?;
+                let len = Self::arg(args, 1)?;
+                let v = Self::arg(args, 2)? as u8;
+                if len > MAX_BULK_LEN {
+                    return Err(format!("bad length {len}"));
+                }
+                self.bulk_write(addr, &vec![v; len as usize]);
+                Ok("OK".to_string())
             }
             other => Err(format!("Unknown command '{other}'")),
         }
