@@ -229,8 +229,24 @@ fn rules_for(
     Ok(rules)
 }
 
-/// `kind`'s filters in installation order: the allow list, then (for kinds that start
-/// threads) the one that answers `clone3` with `ENOSYS`.
+/// Calls refused quietly (an errno, no trap, no diagnostic) because glibc makes them on
+/// its own and copes with the failure: `clone3` (it falls back to `clone`, whose flags the
+/// allow list checks) and, on threads that never open files, `openat` (glibc reads
+/// `/proc/stat` or `/sys` when a new thread creates its malloc arena).
+fn quiet(kind: ThreadKind) -> Vec<(i64, i32)> {
+    let mut q = Vec::new();
+    if allowed_syscalls(kind).contains(&libc::SYS_clone3) {
+        q.push((libc::SYS_clone3, libc::ENOSYS));
+    }
+    if matches!(kind, ThreadKind::Vcpu | ThreadKind::Monitor) {
+        q.push((libc::SYS_openat, libc::EACCES));
+    }
+    q
+}
+
+/// `kind`'s filters in installation order: the allow list (which lets the quiet calls
+/// through), then one filter per quiet call answering its errno (an errno outranks allow
+/// when the kernel combines filters).
 pub(crate) fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, SandboxError> {
     let err = |source| SandboxError::Compile {
         kind: kind.name(),
@@ -240,22 +256,22 @@ pub(crate) fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, S
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
-    let mut out = Vec::with_capacity(2);
-    let allow = SeccompFilter::new(
-        rules_for(kind).map_err(err)?,
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(err)?;
+    let mut rules = rules_for(kind).map_err(err)?;
+    let quiet = quiet(kind);
+    for (nr, _) in &quiet {
+        rules.entry(*nr).or_insert_with(Vec::new);
+    }
+    let mut out = Vec::with_capacity(1 + quiet.len());
+    let allow = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(err)?;
     out.push(BpfProgram::try_from(allow).map_err(err)?);
-    if allowed_syscalls(kind).contains(&libc::SYS_clone3) {
+    for (nr, errno) in quiet {
         let mut r = BTreeMap::new();
-        r.insert(libc::SYS_clone3, vec![]);
+        r.insert(nr, vec![]);
         let f = SeccompFilter::new(
             r,
             SeccompAction::Allow,
-            SeccompAction::Errno(libc::ENOSYS as u32),
+            SeccompAction::Errno(errno as u32),
             TargetArch::x86_64,
         )
         .map_err(err)?;
