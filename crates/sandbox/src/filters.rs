@@ -102,6 +102,8 @@ const INCOMING_EXTRA: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_prlimit64,
     libc::SYS_sched_setaffinity,
+    // The PVH machine's irqfds and the serial port's event fds.
+    libc::SYS_eventfd2,
 ];
 
 /// The monitor: accepting clients.
