@@ -37,7 +37,10 @@ fn a_layout_over_the_destinations_limit_is_refused_and_a_smaller_guest_then_migr
     let big = source("64M");
     assert_eq!(big.status.code(), Some(1), "{}", text(&big));
     let err = String::from_utf8_lossy(&big.stderr);
-    assert!(err.contains("more than the receiver's limit of 41943040 bytes"), "{err}");
+    assert!(
+        err.contains("more than the receiver's limit of 41943040 bytes"),
+        "{err}"
+    );
     assert!(!err.contains("seccomp refused"), "{err}");
     let small = source("16M");
     assert_eq!(small.status.code(), Some(0), "{}", text(&small));

@@ -74,6 +74,16 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         4 => b"monitor",
         _ => b"inherited-filter",
     };
+    // The thread's name (the kernel's comm, at most 15 bytes): PR_GET_NAME is allowed by
+    // every filter.
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes (NUL included) into `name`.
+    let named = unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) } == 0;
+    let name_len = if named {
+        name.iter().position(|&b| b == 0).unwrap_or(name.len())
+    } else {
+        0
+    };
     let mut buf = [0u8; 256];
     let mut at = 0;
     put(
@@ -82,12 +92,15 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         b"ringvisor: seccomp refused system call ",
     );
     put_num(&mut buf, &mut at, nr as u64);
-    put(&mut buf, &mut at, b" on a ");
+    put(&mut buf, &mut at, b" on thread '");
+    put(&mut buf, &mut at, &name[..name_len]);
+    put(&mut buf, &mut at, b"' (");
     put(&mut buf, &mut at, kind);
+    put(&mut buf, &mut at, b")");
     put(
         &mut buf,
         &mut at,
-        b" thread (EPERM); if this path is legitimate, add the call to crates/sandbox (or run with --seccomp=log)\n",
+        b": EPERM; if this path is legitimate, add the call to crates/sandbox (or run with --seccomp=log)\n",
     );
     // SAFETY: write(2) from a stack buffer of `at` initialized bytes; async-signal-safe.
     unsafe {

@@ -106,12 +106,17 @@ fn on_filtered_thread<T: Send + 'static>(
     kind: ThreadKind,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
-    thread::spawn(move || {
-        apply(kind).expect("the filter installs");
-        f()
-    })
-    .join()
-    .expect("the filtered thread did not panic")
+    // The name marks the refusals this test provokes on purpose: .ci/run fails on any other
+    // "seccomp refused" line in the test log.
+    thread::Builder::new()
+        .name("sandbox-probe".into())
+        .spawn(move || {
+            apply(kind).expect("the filter installs");
+            f()
+        })
+        .expect("spawn")
+        .join()
+        .expect("the filtered thread did not panic")
 }
 
 /// Asserts `r` failed with EPERM because the filter refused it (counted on this thread).
