@@ -478,6 +478,15 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
         }
     }
     need_kvm()?;
+    if let Some(p) = &o.console {
+        // Created now: the receiving thread's seccomp filter lets it open, not create, files
+        // (and a console path that cannot be written fails before anything listens).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("--console {}", p.display()))?;
+    }
     let dest = DestOptions {
         tracking: o.track.tracking(),
         // A PVH guest's console continues on this process's stdout (or the --console file).
