@@ -173,25 +173,6 @@ pub(crate) fn write_all_nosignal(stream: &UnixStream, mut buf: &[u8]) -> io::Res
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlong_and_nul_paths_are_invalid_input() {
-        let long = "/tmp/".to_string() + &"x".repeat(200);
-        assert_eq!(
-            sockaddr(Path::new(&long)).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        assert_eq!(
-            sockaddr(Path::new("/tmp/a\0b")).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        assert!(sockaddr(Path::new("/tmp/ok.sock")).is_ok());
-    }
-}
-
 /// The uid of the process at the other end of a connected unix socket, as the kernel
 /// recorded it when that process connected (`SO_PEERCRED`).
 pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
@@ -225,4 +206,23 @@ pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
 pub(crate) fn own_uid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlong_and_nul_paths_are_invalid_input() {
+        let long = "/tmp/".to_string() + &"x".repeat(200);
+        assert_eq!(
+            sockaddr(Path::new(&long)).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            sockaddr(Path::new("/tmp/a\0b")).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert!(sockaddr(Path::new("/tmp/ok.sock")).is_ok());
+    }
 }
