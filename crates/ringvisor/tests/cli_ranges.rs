@@ -108,7 +108,7 @@ const CASES: &[(&[&str], &str)] = &[
     (&["bench", "migrate", "--memory-gib", "0"], "1..=1024"),
     (
         &["bench", "migrate", "--pvh-warmup", "nan"],
-        "from 0 to 1000000",
+        "greater than 0 and at most 1000000",
     ),
     (
         &["bench", "migrate", "--dirty-limit", "0"],
