@@ -95,6 +95,13 @@ fn speaks(stream: &TcpStream, timeout: Duration, peer: &str) -> bool {
 }
 
 fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
+    // Before the first byte of any peer (the first-byte probe included).
+    if let Err(e) = sandbox::apply(sandbox::ThreadKind::Incoming) {
+        tracing::error!(error = %e, "incoming: no seccomp filter; not accepting migrations");
+        lock(&core.incoming).last_error = Some(e.to_string());
+        set_status(&core, MigrationStatus::Failed);
+        return;
+    }
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,

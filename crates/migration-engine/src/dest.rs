@@ -109,12 +109,19 @@ impl PageSink for MemSink<'_> {
 
 /// Receives one migration from `stream` and returns the running VM. Errors before the commit
 /// are reported to the source (which keeps its guest).
+///
+/// Installs the [`sandbox::ThreadKind::Incoming`] seccomp filter on the calling thread
+/// before reading anything (per the process's `sandbox::mode()`): call it on a thread
+/// dedicated to receiving.
 pub fn receive(
     stream: TcpStream,
     opts: &DestOptions,
     on_event: &mut dyn FnMut(&str),
 ) -> Result<(Vm, IncomingSummary)> {
     let t0 = Instant::now();
+    // Everything from here on reads what the peer sent: the calling thread is filtered
+    // (for good: run this on a thread of its own).
+    sandbox::apply(sandbox::ThreadKind::Incoming)?;
     stream.set_nodelay(true)?;
     // Acks are small; a source that stops reading them must not hold this thread either.
     stream.set_write_timeout(Some(opts.progress_timeout))?;

@@ -52,6 +52,9 @@ pub enum MigrationError {
         /// Why.
         source: std::io::Error,
     },
+    /// The thread's seccomp filter could not be installed (nothing was read or sent).
+    #[error("seccomp: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

@@ -616,6 +616,9 @@ pub enum DestFault {
     Refuse,
     /// Fails when the vCPU state arrives (the source is paused by then).
     Restore,
+    /// Stores the first page it receives with one bit flipped (a fault past the stream's
+    /// checksums: memory, a bug), which only the Complete digest can catch.
+    CorruptPage,
 }
 
 /// What a [`FakeDestination`] received.
@@ -642,10 +645,23 @@ struct FakeSink<'a> {
     vm: &'a FakeVm,
     digest: IncrementalDigest,
     err: Option<MigrationError>,
+    /// A page still to corrupt ([`DestFault::CorruptPage`]).
+    corrupt: bool,
 }
 
 impl PageSink for FakeSink<'_> {
     fn write_page(&mut self, gpa: u64, data: &[u8]) {
+        if std::mem::take(&mut self.corrupt) {
+            let mut bad = [0u8; PAGE_SIZE as usize];
+            let n = data.len().min(bad.len());
+            bad[..n].copy_from_slice(&data[..n]);
+            bad[0] ^= 1;
+            if let Err(e) = self.vm.write_page(gpa, &bad) {
+                self.err.get_or_insert(e);
+            }
+            self.digest.record_page(gpa, &bad);
+            return;
+        }
         if let Err(e) = self.vm.write_page(gpa, data) {
             self.err.get_or_insert(e);
         }
@@ -719,6 +735,7 @@ impl FakeDestination {
             vm: &vm,
             digest: IncrementalDigest::new(&layout),
             err: None,
+            corrupt: self.fault == Some(DestFault::CorruptPage),
         };
         let mut states = vec![Vec::new(); vcpus];
         let mut passes = 0;
@@ -742,7 +759,15 @@ impl FakeDestination {
                     *slot = b.data;
                 }
                 Message::Sync(t) => acks.send(&Ack::Synced(t))?,
-                Message::Complete(_) => break,
+                Message::Complete(c) => {
+                    // As the real destination: the source's digest, when it sent one, is
+                    // checked before ReadyToResume.
+                    if let Some(src) = &c.digest {
+                        src.verify(&sink.digest.digest())
+                            .map_err(MigrationError::Digest)?;
+                    }
+                    break;
+                }
                 Message::Abort(reason) => return Err(MigrationError::SourceAborted(reason)),
                 m => return Err(MigrationError::Protocol(format!("unexpected {m:?}"))),
             }

@@ -448,7 +448,12 @@ impl MigrationJob {
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let stream = connect(&addr, &c);
+                // The filter goes on once connected (resolving and connecting need calls
+                // the rest never makes), before the first byte from the destination.
+                let stream = connect(&addr, &c).and_then(|s| {
+                    sandbox::apply(sandbox::ThreadKind::Migration)?;
+                    Ok(s)
+                });
                 run_job(&*vm, stream, &c, &mut |_| {})
             })?;
         Ok(MigrationJob {

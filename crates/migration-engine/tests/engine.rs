@@ -407,3 +407,36 @@ fn a_non_converging_hot_set_is_recollected_at_most_once_a_second() {
     let s = job.wait();
     check_completed(&vm, &s, dest);
 }
+
+#[test]
+fn a_page_corrupted_past_the_checksums_is_caught_by_the_complete_digest_before_resume() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    // Verified before the commit: the source sends its digest in Complete, and the
+    // destination compares it with what it stored before answering ReadyToResume.
+    let opts = SourceOptions {
+        verify: true,
+        verify_before_commit: true,
+        ..SourceOptions::default()
+    };
+    let (addr, dest) = destination(FakeDestination {
+        fault: Some(DestFault::CorruptPage),
+    });
+    let s = start(&vm, addr, opts.clone()).wait();
+    match &s.outcome {
+        Outcome::Failed {
+            source_running: true,
+            reason,
+        } => assert!(reason.contains("destination failed"), "{reason}"),
+        o => panic!("expected a refused migration, got {o:?}"),
+    }
+    let e = dest
+        .join()
+        .unwrap()
+        .expect_err("no guest on the destination");
+    assert!(matches!(e, MigrationError::Digest(_)), "{e}");
+    assert_running(&vm, "after a digest mismatch");
+    // Without the corruption the same options complete (the digest matches).
+    let (addr, dest) = destination(FakeDestination::default());
+    let s = start(&vm, addr, opts).wait();
+    check_completed(&vm, &s, dest);
+}

@@ -113,6 +113,9 @@ pub enum QmpError {
     /// The accept thread could not be spawned.
     #[error("cannot start the QMP accept thread: {0}")]
     Spawn(io::Error),
+    /// The accept thread could not install its seccomp filter.
+    #[error("QMP accept thread: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 /// Why a [`crate::QmpClient`] call failed.

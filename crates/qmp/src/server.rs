@@ -1,6 +1,17 @@
 //! The QMP server: an owner-only unix socket, an accept thread and, per client, a reader
-//! thread (framing, validation, negotiation, dispatch to the [`Handler`]) and a writer
-//! thread draining a bounded queue of replies and events.
+//! thread (framing, validation, negotiation) and a writer thread draining a bounded queue
+//! of replies and events; each command runs on a thread of its own, started by the
+//! dispatch thread, which calls the [`Handler`].
+//!
+//! The accept, reader and writer threads read or write what clients send and run under the
+//! `sandbox::ThreadKind::Monitor` seccomp filter (socket I/O, no open, no ioctl, no exec);
+//! the dispatch thread and the command threads it starts see only parsed, validated
+//! commands and are not filtered, because commands start migrations, listeners and VMs,
+//! whose threads inherit the filter of the thread that starts them.
+//!
+//! Access: the socket is created mode 0600 and, after accept, a client whose uid
+//! (`SO_PEERCRED`) is neither the server's effective uid nor root is told so and closed
+//! ([`peer_allowed`]).
 //!
 //! Bounds, all in [`ServerConfig`]: at most `max_clients` connections (one more is told
 //! `GenericError` and closed); a message larger than `max_message_bytes` is answered with
@@ -8,8 +19,8 @@
 //! message begun and not finished within `partial_message_timeout` disconnects its client;
 //! a client that does not read is dropped when a write blocks for `write_timeout` or when
 //! its queue of `queue_len` messages is full at an event, so [`EventSink::emit`] never
-//! blocks. Each client's commands run on its own reader thread, so a slow command delays
-//! only that client.
+//! blocks. A client's reader waits for its command's reply, so replies keep their order,
+//! and a slow command delays only that client.
 //!
 //! The server itself answers `qmp_capabilities` and `query-commands` (the handler's
 //! [`Handler::commands`] plus those two); every other name the handler lists is passed to
@@ -43,7 +54,7 @@ pub trait Handler: Send + Sync + 'static {
     /// are added by the server). Called for every command, so keep it cheap.
     fn commands(&self) -> Vec<String>;
 
-    /// Runs one command; called on the client's thread; must not block for long (long
+    /// Runs one command; called on a thread of its own per command; must not block for long (long
     /// work runs as a job and reports by events). `Ok(Value)` is the `return` member
     /// (QEMU returns `{}` for commands without a result).
     fn execute(
@@ -188,6 +199,53 @@ struct Shared {
     stopping: AtomicBool,
     next_id: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The server's effective uid, read before the accept thread is filtered.
+    uid: u32,
+    /// Commands to the dispatch thread; taken (closed) when the server is dropped.
+    dispatch: Mutex<Option<mpsc::Sender<Call>>>,
+}
+
+/// One command for the dispatch thread and where its result goes.
+struct Call {
+    name: String,
+    args: Map<String, Value>,
+    ctx: ClientCtx,
+    reply: SyncSender<Result<Value, CommandError>>,
+}
+
+/// Starts one thread per command (named `qmp-cmd`), so a slow command delays only the
+/// client that sent it. The threads are started here, on an unfiltered thread, because
+/// whatever a command starts (a migration, a listener, a VM's vCPUs) inherits the seccomp
+/// filter of the thread that starts it. A panicking command is a bug in the handler; it
+/// costs that command, not the client's connection or the server.
+fn dispatch_loop(handler: &Arc<dyn Handler>, rx: Receiver<Call>) {
+    for call in rx {
+        let h = Arc::clone(handler);
+        let failed = call.reply.clone();
+        let name = call.name.clone();
+        let spawned = thread::Builder::new()
+            .name("qmp-cmd".into())
+            .spawn(move || {
+                let Call {
+                    name,
+                    args,
+                    ctx,
+                    reply,
+                } = call;
+                let r = panic::catch_unwind(AssertUnwindSafe(|| h.execute(&name, args, &ctx)))
+                    .unwrap_or_else(|_| {
+                        Err(CommandError::generic(format!(
+                            "Command {name} failed internally"
+                        )))
+                    });
+                let _ = reply.send(r);
+            });
+        if spawned.is_err() {
+            let _ = failed.send(Err(CommandError::generic(format!(
+                "Command {name} could not start: out of threads"
+            ))));
+        }
+    }
 }
 
 /// A running QMP server. Dropping it stops accepting, disconnects every client, waits for
@@ -199,6 +257,7 @@ pub struct QmpServer {
     listener: Arc<UnixListener>,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
+    dispatch: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for QmpServer {
@@ -258,6 +317,20 @@ impl QmpServer {
             source,
         })?;
         let listener = Arc::new(listener);
+        let (dispatch_tx, dispatch_rx) = mpsc::channel::<Call>();
+        let dispatch = {
+            let handler = Arc::clone(&handler);
+            thread::Builder::new()
+                .name("qmp-dispatch".into())
+                .spawn(move || dispatch_loop(&handler, dispatch_rx))
+        };
+        let dispatch = match dispatch {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(QmpError::Spawn(e));
+            }
+        };
         let shared = Arc::new(Shared {
             handler,
             config,
@@ -265,28 +338,42 @@ impl QmpServer {
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             threads: Mutex::new(Vec::new()),
+            dispatch: Mutex::new(Some(dispatch_tx)),
+            uid: sys::own_uid(),
         });
+        // The accept thread reports whether its filter is on before it accepts anyone.
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let accept = {
             let listener = Arc::clone(&listener);
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name("qmp-accept".into())
-                .spawn(move || accept_loop(&listener, &shared))
+                .spawn(move || {
+                    let r = sandbox::apply(sandbox::ThreadKind::Monitor);
+                    let ok = r.is_ok();
+                    let _ = ready_tx.send(r);
+                    if ok {
+                        accept_loop(&listener, &shared);
+                    }
+                })
         };
-        let accept = match accept {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(QmpError::Spawn(e));
-            }
-        };
-        Ok(QmpServer {
+        let mut server = QmpServer {
             path,
             file_id: (meta.dev(), meta.ino()),
             listener,
             shared,
-            accept: Some(accept),
-        })
+            accept: None,
+            dispatch: Some(dispatch),
+        };
+        match accept {
+            Ok(h) => server.accept = Some(h),
+            Err(e) => return Err(QmpError::Spawn(e)),
+        }
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(e)) => Err(QmpError::Sandbox(e)),
+            Err(_) => Err(QmpError::Spawn(io::Error::other("the accept thread ended"))),
+        }
     }
 
     /// The socket path.
@@ -327,6 +414,15 @@ impl Drop for QmpServer {
         for h in threads {
             let _ = h.join();
         }
+        // Every reader is gone: closing the queue ends the dispatch thread.
+        self.shared
+            .dispatch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = self.dispatch.take() {
+            let _ = h.join();
+        }
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.file_id {
                 let _ = std::fs::remove_file(&self.path);
@@ -359,8 +455,33 @@ fn refuse(stream: &UnixStream, limit: usize) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
+/// Whether a client whose process runs as `peer_uid` may use a server running as
+/// `server_uid`: only the same user, or root (who could reach the guest anyway). The socket
+/// is also created 0600; this holds if its mode is loosened (chmod, a bind mount, a socket
+/// directory shared by mistake).
+pub fn peer_allowed(peer_uid: u32, server_uid: u32) -> bool {
+    peer_uid == server_uid || peer_uid == 0
+}
+
+/// Tells a client of another user it may not connect, and closes it.
+fn deny(stream: &UnixStream, uid: Option<u32>) {
+    let who = uid.map_or_else(|| "unknown uid".to_string(), |u| format!("uid {u}"));
+    let err = CommandError::generic(format!(
+        "QMP access denied: {who} is neither this VM's user nor root"
+    ));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = sys::write_all_nosignal(stream, &proto::encode_error(&err, None));
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
 fn admit(shared: &Arc<Shared>, stream: UnixStream) {
     let cfg = &shared.config;
+    // SO_PEERCRED: the uid the peer had when it connected.
+    match sys::peer_uid(&stream) {
+        Ok(uid) if peer_allowed(uid, shared.uid) => {}
+        Ok(uid) => return deny(&stream, Some(uid)),
+        Err(_) => return deny(&stream, None),
+    }
     let mut threads = shared
         .threads
         .lock()
@@ -450,10 +571,20 @@ enum End {
 
 impl Conn {
     fn run(self, writer_stream: UnixStream, rx: Receiver<Arc<[u8]>>) {
+        // Inherited from the accept thread already; applied again so the thread is known
+        // as a monitor thread (diagnostics) whoever started it.
+        if sandbox::apply(sandbox::ThreadKind::Monitor).is_err() {
+            self.shared.clients.lock().remove(&self.id);
+            return;
+        }
         let timeout = self.shared.config.write_timeout;
         let writer = thread::Builder::new()
             .name(format!("qmp-write-{}", self.id))
-            .spawn(move || write_loop(writer_stream, rx, timeout));
+            .spawn(move || {
+                if sandbox::apply(sandbox::ThreadKind::Monitor).is_ok() {
+                    write_loop(writer_stream, rx, timeout);
+                }
+            });
         if let Ok(writer) = writer {
             if let End::Fatal(err) = self.read_loop() {
                 let _ = self.tx.send(proto::encode_error(&err, None).into());
@@ -629,15 +760,27 @@ impl Conn {
                 clients: Arc::clone(&self.shared.clients),
             },
         };
-        // A panicking command is a bug in the handler; it costs this command, not the
-        // client's connection or the server.
-        panic::catch_unwind(AssertUnwindSafe(|| handler.execute(name, args, &ctx))).unwrap_or_else(
-            |_| {
+        let (reply, result) = mpsc::sync_channel(1);
+        let queue = self
+            .shared
+            .dispatch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let call = Call {
+            name: name.to_string(),
+            args,
+            ctx,
+            reply,
+        };
+        match queue.map(|q| q.send(call)) {
+            Some(Ok(())) => result.recv().unwrap_or_else(|_| {
                 Err(CommandError::generic(format!(
                     "Command {name} failed internally"
                 )))
-            },
-        )
+            }),
+            _ => Err(CommandError::generic("The QMP server is shutting down")),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //!   stopped accepting (full backlog) never returns.
 //! - [`shutdown_listener`]: `shutdown(2)` on the listening socket, which wakes a blocked
 //!   `accept` on Linux so the accept thread can be joined.
+//! - [`peer_uid`]: `getsockopt(SO_PEERCRED)` (std's `peer_cred` is unstable).
 //! - [`write_all_nosignal`]: `send(MSG_NOSIGNAL)`, so a peer that hung up makes a write
 //!   fail with `EPIPE` instead of killing a process whose SIGPIPE is not ignored (Rust
 //!   binaries ignore it by default, a C host embedding this need not).
@@ -170,6 +171,41 @@ pub(crate) fn write_all_nosignal(stream: &UnixStream, mut buf: &[u8]) -> io::Res
         buf = buf.get(n as usize..).unwrap_or_default();
     }
     Ok(())
+}
+
+/// The uid of the process at the other end of a connected unix socket, as the kernel
+/// recorded it when that process connected (`SO_PEERCRED`).
+pub(crate) fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    // SAFETY: ucred is plain old data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of `len` bytes and outlive the call;
+    // the fd is open for the lifetime of `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != mem::size_of::<libc::ucred>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_PEERCRED returned a short ucred",
+        ));
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective uid (the owner of the sockets it creates).
+pub(crate) fn own_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 #[cfg(test)]

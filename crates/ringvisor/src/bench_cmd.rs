@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use crate::cli_args::{bandwidth_arg, mib_arg, seconds_arg, size_arg};
+use crate::cli_args::{bandwidth_arg, limit_arg, mib_arg, ring_entries_arg, seconds_arg, size_arg};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A progress bar on stderr (hidden with `--json` or when stderr is not a terminal); notes go
@@ -114,6 +114,21 @@ pub fn sync(o: bench::sync::SyncOpts, json: bool) -> Result<()> {
     print(json, &r, || bench::sync::to_markdown(&r, o.plot.as_deref()))
 }
 
+/// `--max-bandwidth` of `bench migrate`: checked here (a usage error), passed on as given.
+fn checked_bandwidth(s: &str) -> Result<String, String> {
+    bandwidth_arg(s).map(|_| s.to_string())
+}
+
+/// `--dirty-limit` of `bench migrate`: `off`, `auto` or a per-vCPU rate of at least 1 MiB/s.
+fn checked_dirty_limit(s: &str) -> Result<String, String> {
+    match s {
+        "off" | "auto" => Ok(s.to_string()),
+        _ => limit_arg(s)
+            .map(|_| s.to_string())
+            .map_err(|e| format!("{e}; or off, auto")),
+    }
+}
+
 /// The `bench` subcommands. Parsed once per process, so the size difference between the
 /// variants (`Migrate` has many flags) costs nothing worth a `Box`.
 #[allow(clippy::large_enum_variant)]
@@ -124,16 +139,16 @@ pub enum BenchCmd {
     /// slowdown of a vCPU that does not dirty.
     Dirtylimit {
         /// Dirty rates of vCPU 0 in MB/s.
-        #[arg(long, value_delimiter = ',', default_values_t = [60u64, 70, 90, 110])]
+        #[arg(long, value_delimiter = ',', default_values_t = [60u64, 70, 90, 110], value_parser = clap::value_parser!(u64).range(0..=100_000))]
         rates: Vec<u64>,
         /// Guest memory in GiB (vCPU 0 dirties random pages over all of it).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
         memory_gib: u64,
         /// `loopback` or a tc rate for two namespaces joined by a veth pair.
         #[arg(long, default_value = "1gbit")]
         link: String,
         /// Seconds before a non-converging migration is aborted.
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, default_value = "60", value_parser = seconds_arg)]
         timeout: f64,
         /// Write an SVG plot here.
         #[arg(long)]
@@ -148,16 +163,16 @@ pub enum BenchCmd {
     /// Dirty-log sync cost versus guest size: one collect + re-protect per mode (real KVM).
     Sync {
         /// Guest memory sizes in GiB (sparse; only touched pages cost RAM).
-        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16, 64])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16, 64], value_parser = clap::value_parser!(u64).range(1..=1024))]
         sizes_gib: Vec<u64>,
         /// Dirty pages per collect, spread evenly over the slot.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=(1 << 28)))]
         dirty_pages: u64,
         /// Measured collects per cell (median reported).
         #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u64).range(1..=1000))]
         runs: u64,
         /// Dirty ring entries per vCPU.
-        #[arg(long, default_value_t = 65536)]
+        #[arg(long, default_value_t = 65536, value_parser = ring_entries_arg)]
         ring_entries: u32,
         /// Write an SVG plot here.
         #[arg(long)]
@@ -211,10 +226,10 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=512))]
         pes: u32,
         /// ITS commands to execute.
-        #[arg(long, default_value_t = 2_000_000)]
+        #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
         its_commands: u64,
         /// LPIs to deliver end to end.
-        #[arg(long, default_value_t = 1_000_000)]
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
         lpis: u64,
         /// Machine-readable output.
         #[arg(long)]
@@ -226,10 +241,10 @@ pub enum BenchCmd {
 #[derive(clap::Args)]
 pub struct MigrateArgs {
     /// Guest memory sizes in GiB.
-    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4], value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub memory_gib: Vec<u64>,
     /// Guest dirty rates in MB/s (10^6 bytes).
-    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 50, 200, 800], value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub rates: Vec<u64>,
     /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
     #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
@@ -238,10 +253,10 @@ pub struct MigrateArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
     pub trackers: Vec<String>,
     /// Dirty ring entries per vCPU.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = ring_entries_arg)]
     pub ring_entries: u32,
     /// Guest vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub vcpus: u64,
     /// `loopback`, or a tc rate (`1gbit`, `10gbit`) for two namespaces joined by a veth pair.
     #[arg(long, default_value = "loopback")]
@@ -250,17 +265,17 @@ pub struct MigrateArgs {
     /// `--profile third-party`: 60].
     #[arg(long, value_parser = seconds_arg)]
     pub timeout: Option<f64>,
-    /// downtime-limit in ms.
-    #[arg(long, default_value_t = 300)]
+    /// downtime-limit in ms (0..=2000000, QEMU's range).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=2_000_000))]
     pub downtime_limit: u64,
     /// Write an SVG plot here.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
     /// max-bandwidth for every migration (e.g. 128M).
-    #[arg(long)]
+    #[arg(long, value_parser = checked_bandwidth)]
     pub max_bandwidth: Option<String>,
     /// dirty-limit for every migration: off, auto or a per-vCPU rate.
-    #[arg(long)]
+    #[arg(long, value_parser = checked_dirty_limit)]
     pub dirty_limit: Option<String>,
     /// auto-converge for bitmap trackers.
     #[arg(long)]
@@ -275,13 +290,13 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "512M", value_parser = size_arg)]
     pub pvh_memory: u64,
     /// PVH rows: working set per vCPU in MiB (test kernel `ws_mb`).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub pvh_ws_mb: u64,
     /// PVH rows, dirtying: MiB each vCPU writes per report (`dirty_mb`).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub pvh_dirty_mb: u64,
     /// PVH rows: 1 ms timer ticks per report (`period_ticks`).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub pvh_period_ticks: u64,
     /// PVH rows: seconds the guest runs before the migration [default: 1; with
     /// `--profile third-party`: 3, and longer where a scenario must populate memory].

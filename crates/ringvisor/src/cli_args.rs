@@ -84,6 +84,58 @@ pub fn ring_entries_arg(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Smallest `--max-guest-memory`: one 2 MiB-aligned RAM block.
+const MIN_GUEST_LIMIT: u64 = 2 << 20;
+/// Largest `--max-guest-memory`: 64 TiB (what the decoder's layout checks allow).
+const MAX_GUEST_LIMIT: u64 = 1 << 46;
+
+/// `--max-guest-memory`: a size from 2M to 64T.
+pub fn guest_limit_arg(s: &str) -> Result<u64, String> {
+    match size_arg(s)? {
+        v if (MIN_GUEST_LIMIT..=MAX_GUEST_LIMIT).contains(&v) => Ok(v),
+        _ => Err(format!("{s} is out of range: give a size from 2M to 64T")),
+    }
+}
+
+/// The destination's limits on what a source may make it do (issue 13: a destination that
+/// cannot be held or flooded).
+#[derive(Args, Clone, Debug)]
+pub struct DestLimitArgs {
+    /// Most guest memory a source may announce (2M..=64T); default: what this host can hold
+    /// now (MemAvailable, swap, the overcommit policy). A larger layout is refused before
+    /// anything is mapped.
+    #[arg(long, value_parser = guest_limit_arg)]
+    pub max_guest_memory: Option<u64>,
+    /// Seconds the preamble, Hello and Layout may take after a connection (0 < s <= 1000000).
+    #[arg(long, default_value = "10", value_parser = seconds_arg)]
+    pub handshake_timeout: f64,
+    /// Seconds between complete frames after the handshake before a stalled source is cut
+    /// off (0 < s <= 1000000).
+    #[arg(long, default_value = "10", value_parser = seconds_arg)]
+    pub progress_timeout: f64,
+}
+
+/// `--seccomp`: what the per-thread system call filters do (docs/security.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompArg {
+    /// A forbidden call fails with EPERM and is reported on stderr (default).
+    Enforce,
+    /// A forbidden call runs and the kernel logs it (audit log / dmesg).
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl From<SeccompArg> for sandbox::Mode {
+    fn from(a: SeccompArg) -> Self {
+        match a {
+            SeccompArg::Enforce => sandbox::Mode::Enforce,
+            SeccompArg::Log => sandbox::Mode::Log,
+            SeccompArg::Off => sandbox::Mode::Off,
+        }
+    }
+}
+
 /// A QMP socket: `unix:PATH` (QEMU's spelling) or a plain path.
 pub fn qmp_arg(s: &str) -> Result<PathBuf, String> {
     let p = s.strip_prefix("unix:").unwrap_or(s);

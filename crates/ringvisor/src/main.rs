@@ -21,7 +21,10 @@ mod selftest_cmd;
 mod sys;
 mod vm_cmd;
 
-use cli_args::{delay_arg, limit_arg, qmp_arg, seconds_arg, GuestArgs, MigrateArgs, TrackArgs};
+use cli_args::{
+    delay_arg, limit_arg, qmp_arg, seconds_arg, DestLimitArgs, GuestArgs, MigrateArgs, SeccompArg,
+    TrackArgs,
+};
 
 /// Dirty tracking mode of `selftest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -83,6 +86,12 @@ pub fn usage_error(msg: impl std::fmt::Display) -> ! {
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Per-thread seccomp filters (vCPU, migration, destination, monitor threads):
+    /// `enforce` refuses a system call a thread does not need with EPERM and says so on
+    /// stderr; `log` lets it run and has the kernel log it; `off` installs none. Default:
+    /// $RINGVISOR_SECCOMP, else enforce. Passed on to the processes this one starts.
+    #[arg(long, global = true, value_enum)]
+    seccomp: Option<SeccompArg>,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +149,8 @@ enum Cmd {
         qmp: Option<PathBuf>,
         #[command(flatten)]
         track: TrackArgs,
+        #[command(flatten)]
+        limits: DestLimitArgs,
         /// Stop this many seconds after the guest resumed here (default: run until quit).
         #[arg(long, value_parser = seconds_arg)]
         duration: Option<f64>,
@@ -387,6 +398,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             listen,
             qmp,
             track,
+            limits,
             duration,
             console,
             json,
@@ -395,6 +407,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             listen,
             qmp,
             track,
+            limits,
             duration,
             console,
             json,
@@ -469,6 +482,17 @@ fn main() {
     sys::default_sigpipe();
     init_tracing();
     let cli = Cli::parse();
+    if let Some(m) = cli.seccomp {
+        sandbox::set_mode(m.into());
+        // Child processes (demo's destination, the benchmarks' VM processes) follow suit.
+        // Still single-threaded here, so changing the environment is sound.
+        let name = match m {
+            SeccompArg::Enforce => "enforce",
+            SeccompArg::Log => "log",
+            SeccompArg::Off => "off",
+        };
+        std::env::set_var("RINGVISOR_SECCOMP", name);
+    }
     let code = match dispatch(cli.cmd) {
         Ok(code) => code,
         Err(e) => {

@@ -15,7 +15,7 @@ use migration_engine::{DestOptions, MigrationInfo, MigrationStatus, MigrationSum
 use qmp::{QmpServer, ServerConfig};
 use vmm::{Pattern, Platform, RegionSpec, Vm, VmConfig};
 
-use crate::cli_args::{GuestArgs, MigrateArgs, PatternArg, TrackArgs};
+use crate::cli_args::{DestLimitArgs, GuestArgs, MigrateArgs, PatternArg, TrackArgs};
 use crate::report;
 use crate::usage_error;
 
@@ -482,6 +482,7 @@ pub struct IncomingOpts {
     pub listen: Option<String>,
     pub qmp: Option<PathBuf>,
     pub track: TrackArgs,
+    pub limits: DestLimitArgs,
     pub duration: Option<f64>,
     pub console: Option<PathBuf>,
     pub json: bool,
@@ -506,10 +507,22 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
         }
     }
     need_kvm()?;
+    if let Some(p) = &o.console {
+        // Created now: the receiving thread's seccomp filter lets it open, not create, files
+        // (and a console path that cannot be written fails before anything listens).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("--console {}", p.display()))?;
+    }
     let dest = DestOptions {
         tracking: o.track.tracking(),
         // A PVH guest's console continues on this process's stdout (or the --console file).
         serial: console_output(o.console.as_deref(), o.json),
+        max_guest_memory: o.limits.max_guest_memory,
+        handshake_timeout: Duration::from_secs_f64(o.limits.handshake_timeout),
+        progress_timeout: Duration::from_secs_f64(o.limits.progress_timeout),
         ..DestOptions::default()
     };
     let svc = VmService::incoming(dest, ServiceConfig::default());

@@ -215,13 +215,22 @@ impl Devices {
             SerialOutput::Capture => None,
             SerialOutput::Stdout => Some(Box::new(std::io::stdout())),
             SerialOutput::Stderr => Some(Box::new(std::io::stderr())),
-            SerialOutput::File(p) => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| VmmError::Config(format!("opening {}: {e}", p.display())))?,
-            )),
+            SerialOutput::File(p) => {
+                // An existing file is opened without O_CREAT: a destination's seccomp filter
+                // refuses creating files, so its CLI creates the console file up front.
+                let open = |create| {
+                    std::fs::OpenOptions::new()
+                        .create(create)
+                        .append(true)
+                        .open(p)
+                };
+                let f = match open(false) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => open(true),
+                    r => r,
+                }
+                .map_err(|e| VmmError::Config(format!("opening {}: {e}", p.display())))?;
+                Some(Box::new(f))
+            }
         };
         let capture = Arc::new(Mutex::new(Capture::default()));
         let line = irq

@@ -469,7 +469,11 @@ impl Vcpus {
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.index))
                 .spawn(move || {
-                    let r = run_loop(&v, &cx);
+                    // The guest is untrusted input: the filter is on before the first
+                    // KVM_RUN, and a thread that cannot install it does not run the guest.
+                    let r = sandbox::apply(sandbox::ThreadKind::Vcpu)
+                        .map_err(|e| format!("vCPU thread: {e}"))
+                        .and_then(|()| run_loop(&v, &cx));
                     v.finish(r);
                 })
                 .map_err(VmmError::Thread)?;

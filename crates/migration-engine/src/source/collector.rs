@@ -30,6 +30,11 @@ impl Collector {
         let thread = std::thread::Builder::new()
             .name("dirty-collector".into())
             .spawn(move || {
+                // It reads the rings the guest writes: filtered like the migration.
+                if let Err(e) = sandbox::apply(sandbox::ThreadKind::Migration) {
+                    tracing::warn!(error = %e, "dirty collector: no seccomp filter; not polling");
+                    return;
+                }
                 let mut counts = Vec::new();
                 while !s.load(Ordering::Relaxed) {
                     // A failure here resurfaces in the next collect, which reports it.

@@ -70,6 +70,10 @@ struct Switched {
     t_pause: Instant,
     marks: Vec<(&'static str, Instant)>,
     forced: bool,
+    /// The paused memory's digest, when verified before the commit (sent in Complete).
+    own: Option<MemoryDigest>,
+    /// What computing `own` took, ms.
+    verify_ms: f64,
 }
 
 /// How the pass loop ended.
@@ -440,10 +444,20 @@ impl<'a> Session<'a> {
         if let Some(m) = self.vm.save_machine()? {
             self.s.enc.send_state(STATE_KIND_MACHINE, 0, &m)?;
         }
+        // Verified before the commit: the digest of the paused memory travels in Complete
+        // and the destination checks it before it restores anything (ReadyToResume); it
+        // also comes back in ReadyToResume for the source's own comparison.
+        let t_verify = Instant::now();
+        let own = if self.opts.verify && self.opts.verify_before_commit {
+            Some(memory_digest(self.vm)?)
+        } else {
+            None
+        };
+        let verify_ms = t_verify.elapsed().as_secs_f64() * 1e3;
         let sent = self.s.enc.stats();
         self.s.enc.send_complete(&Complete {
             pages_sent: sent.pages,
-            digest: None,
+            digest: own.clone(),
         })?;
         self.ctl.update(|l, _| l.record_tx(sent));
         marks.push(("vCPU state + complete", Instant::now()));
@@ -455,6 +469,8 @@ impl<'a> Session<'a> {
             t_pause,
             marks,
             forced,
+            own,
+            verify_ms,
         })
     }
 
@@ -462,13 +478,8 @@ impl<'a> Session<'a> {
     /// commits (the point of no return) and waits for Resumed. Returns the destination's
     /// digest.
     fn commit(&mut self, sw: &mut Switched) -> Result<Option<MemoryDigest>> {
-        let t_verify = Instant::now();
-        let own = if self.opts.verify && self.opts.verify_before_commit {
-            Some(memory_digest(self.vm)?)
-        } else {
-            None
-        };
-        let verify_ms = t_verify.elapsed().as_secs_f64() * 1e3;
+        let own = sw.own.take();
+        let verify_ms = sw.verify_ms;
         let dest_digest = match self.acks.recv()? {
             Ack::ReadyToResume { digest } => digest,
             Ack::Error(e) => return Err(MigrationError::Destination(e)),
