@@ -2,6 +2,8 @@
 
 use std::io::{self, BufReader, BufWriter, Read};
 use std::net::TcpStream;
+
+use tls::{Channel, ChannelReader, ChannelWriter};
 use std::time::{Duration, Instant};
 
 use kvm_dirty::PAGE_SIZE;
@@ -37,6 +39,10 @@ pub struct DestOptions {
     pub max_guest_memory: Option<u64>,
     /// Where a PVH guest's console output goes here.
     pub serial: SerialOutput,
+    /// `tls-creds` (+ `tls-authz`): accept only TLS 1.3 with a client certificate from the
+    /// CA (and an allowed identity); `None` = plain TCP. The TLS handshake counts against
+    /// `handshake_timeout`.
+    pub tls: Option<tls::ServerTls>,
 }
 
 impl Default for DestOptions {
@@ -48,6 +54,7 @@ impl Default for DestOptions {
             commit_timeout: Duration::from_secs(60),
             max_guest_memory: None,
             serial: SerialOutput::Capture,
+            tls: None,
         }
     }
 }
@@ -123,19 +130,33 @@ pub fn receive(
     // (for good: run this on a thread of its own).
     sandbox::apply(sandbox::ThreadKind::Incoming)?;
     stream.set_nodelay(true)?;
-    // Acks are small; a source that stops reading them must not hold this thread either.
-    stream.set_write_timeout(Some(opts.progress_timeout))?;
     let max_guest_bytes = match opts.max_guest_memory {
         Some(b) => b,
         None => vmm::host::guest_memory_limit()?,
     };
-    let mut acks = AckWriter::new(BufWriter::new(stream.try_clone()?));
+    // A failed TLS handshake is answered by a TLS alert, never by a protocol frame.
+    let chan = match &opts.tls {
+        Some(t) => t.accept(stream, opts.handshake_timeout)?,
+        None => Channel::plain(stream),
+    };
+    // Acks are small; a source that stops reading them must not hold this thread either.
+    chan.socket()
+        .set_write_timeout(Some(opts.progress_timeout))?;
+    let authorized = match &opts.tls {
+        Some(t) => t.authorize(chan.peer()),
+        None => Ok(()),
+    };
+    if let Some(peer) = chan.peer() {
+        tracing::info!(%peer, "TLS peer verified");
+    }
+    let (reader, writer) = chan.split()?;
+    let mut acks = AckWriter::new(BufWriter::new(writer));
     let limits = DecoderLimits {
         max_guest_bytes,
         ..DecoderLimits::default()
     };
     let reader = DeadlineReader {
-        stream,
+        inner: reader,
         deadline: t0 + opts.handshake_timeout,
         phase: "handshake",
         limit: opts.handshake_timeout,
@@ -143,7 +164,10 @@ pub fn receive(
     };
     let mut dec = Decoder::with_limits(BufReader::with_capacity(1 << 20, reader), limits);
     let old_nice = vmm::renice_current_thread(crate::source::MIGRATION_NICE);
-    let r = receive_inner(&mut dec, &mut acks, opts, on_event, t0);
+    // An authenticated peer that tls-authz refuses is told why (over TLS) and nothing else.
+    let r = authorized
+        .map_err(MigrationError::Tls)
+        .and_then(|()| receive_inner(&mut dec, &mut acks, opts, on_event, t0));
     if let Some(n) = old_nice {
         vmm::renice_current_thread(n);
     }
@@ -166,7 +190,7 @@ impl PageSink for NullSink {
 /// The socket under the decoder, with a deadline for what is being read: every read waits
 /// at most until the deadline, so a peer that trickles bytes cannot stretch it.
 struct DeadlineReader {
-    stream: TcpStream,
+    inner: ChannelReader,
     deadline: Instant,
     phase: &'static str,
     limit: Duration,
@@ -175,13 +199,7 @@ struct DeadlineReader {
 
 impl Read for DeadlineReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            self.expired = true;
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        match self.stream.read(buf) {
+        match self.inner.read_before(buf, self.deadline) {
             Err(e)
                 if matches!(
                     e.kind(),
@@ -197,7 +215,7 @@ impl Read for DeadlineReader {
 }
 
 type Dec = Decoder<BufReader<DeadlineReader>>;
-type Acks = AckWriter<BufWriter<TcpStream>>;
+type Acks = AckWriter<BufWriter<ChannelWriter>>;
 
 /// Reads the next message; during the handshake against its deadline, after Complete within
 /// `commit_timeout` of now, otherwise within `progress_timeout` of now. A deadline that

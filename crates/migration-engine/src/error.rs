@@ -55,6 +55,10 @@ pub enum MigrationError {
     /// The thread's seccomp filter could not be installed (nothing was read or sent).
     #[error("seccomp: {0}")]
     Sandbox(#[from] sandbox::SandboxError),
+    /// TLS on the migration channel failed: credentials, the handshake (a certificate from
+    /// another CA, a wrong host name, a peer that does not speak TLS) or `tls-authz`.
+    #[error("migration TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

@@ -454,7 +454,7 @@ impl MigrationJob {
                     sandbox::apply(sandbox::ThreadKind::Migration)?;
                     Ok(s)
                 });
-                run_job(&*vm, stream, &c, &mut |_| {})
+                run_job(&*vm, stream, tls::creds::host_of(&addr), &c, &mut |_| {})
             })?;
         Ok(MigrationJob {
             ctl,

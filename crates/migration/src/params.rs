@@ -176,6 +176,17 @@ pub struct MigrationParameters {
     /// dirty limit in bytes/s from the start of the migration; 0 (default) = automatic
     /// (module docs). Ignored without the capability.
     pub x_ringvisor_dirty_limit: u64,
+    /// `tls-creds`: run the migration stream over TLS 1.3 with the credentials in this
+    /// directory (QEMU: the id of a `tls-creds-x509` object; here its `dir=` itself);
+    /// `""` (default) = plain TCP.
+    pub tls_creds: String,
+    /// `tls-hostname`: the name the source verifies the destination's certificate for;
+    /// `""` (default) = the host of the migration URI.
+    pub tls_hostname: String,
+    /// `tls-authz`: the peer certificate identities (subject CN or DNS name) allowed to
+    /// connect, comma-separated (QEMU: the id of an authz object); `""` (default) = any
+    /// certificate from the CA.
+    pub tls_authz: String,
 }
 
 impl Default for MigrationParameters {
@@ -194,6 +205,9 @@ impl Default for MigrationParameters {
             x_ringvisor_verify: true,
             x_ringvisor_verify_before_commit: false,
             x_ringvisor_dirty_limit: 0,
+            tls_creds: String::new(),
+            tls_hostname: String::new(),
+            tls_authz: String::new(),
         }
     }
 }
@@ -265,6 +279,16 @@ impl MigrationParameters {
         (self.max_bandwidth > 0).then_some(self.max_bandwidth)
     }
 
+    /// `tls-authz` as a list: the comma-separated names, trimmed, empty ones dropped.
+    pub fn tls_authz_list(&self) -> Vec<String> {
+        self.tls_authz
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The set form with every field present (what `query-migrate-parameters` answers,
     /// and a request that restores all of these values).
     pub fn to_set(&self) -> MigrateSetParameters {
@@ -282,6 +306,9 @@ impl MigrationParameters {
             x_ringvisor_verify: Some(self.x_ringvisor_verify),
             x_ringvisor_verify_before_commit: Some(self.x_ringvisor_verify_before_commit),
             x_ringvisor_dirty_limit: Some(self.x_ringvisor_dirty_limit),
+            tls_creds: Some(self.tls_creds.clone()),
+            tls_hostname: Some(self.tls_hostname.clone()),
+            tls_authz: Some(self.tls_authz.clone()),
         }
     }
 }
@@ -347,6 +374,15 @@ pub struct MigrateSetParameters {
     /// `x-ringvisor-dirty-limit`, bytes/s per vCPU (0 = automatic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x_ringvisor_dirty_limit: Option<u64>,
+    /// `tls-creds`: a credentials directory, `""` = plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// `tls-hostname`, `""` = the URI's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// `tls-authz`: comma-separated identities, `""` = any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 impl MigrateSetParameters {
@@ -393,6 +429,15 @@ impl MigrateSetParameters {
             self.x_ringvisor_verify_before_commit,
         );
         set(&mut p.x_ringvisor_dirty_limit, self.x_ringvisor_dirty_limit);
+        for (dst, v) in [
+            (&mut p.tls_creds, &self.tls_creds),
+            (&mut p.tls_hostname, &self.tls_hostname),
+            (&mut p.tls_authz, &self.tls_authz),
+        ] {
+            if let Some(v) = v {
+                dst.clone_from(v);
+            }
+        }
     }
 }
 
@@ -518,6 +563,26 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_are_strings_empty_by_default_and_authz_splits_on_commas() {
+        let mut p = MigrationParameters::default();
+        assert_eq!((p.tls_creds.as_str(), p.tls_hostname.as_str()), ("", ""));
+        assert!(p.tls_authz_list().is_empty());
+        apply_json(
+            &mut p,
+            r#"{"tls-creds": "/etc/rv", "tls-hostname": "dst", "tls-authz": "a, b,,"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.tls_creds, "/etc/rv");
+        assert_eq!(p.tls_hostname, "dst");
+        assert_eq!(p.tls_authz_list(), ["a", "b"]);
+        let j = serde_json::to_value(p.to_set()).unwrap();
+        assert_eq!(j["tls-creds"], "/etc/rv");
+        apply_json(&mut p, r#"{"tls-creds": ""}"#).unwrap();
+        assert_eq!(p.tls_creds, "", "an empty string turns TLS off, as in QEMU");
+        assert!(apply_json(&mut p, r#"{"tls-creds": 1}"#).is_err());
+    }
+
+    #[test]
     fn defaults_are_qemus_where_qemu_has_the_parameter() {
         let p = MigrationParameters::default();
         assert_eq!(p.downtime_limit, 300);
@@ -557,10 +622,13 @@ mod tests {
             "x-ringvisor-verify",
             "x-ringvisor-verify-before-commit",
             "x-ringvisor-dirty-limit",
+            "tls-creds",
+            "tls-hostname",
+            "tls-authz",
         ] {
             assert!(v.get(name).is_some(), "{name} missing from {v}");
         }
-        assert_eq!(v.as_object().unwrap().len(), 13);
+        assert_eq!(v.as_object().unwrap().len(), 16);
         assert_eq!(v["x-ringvisor-on-timeout"], "abort");
         let back: MigrationParameters = serde_json::from_value(v).unwrap();
         assert_eq!(back, p);

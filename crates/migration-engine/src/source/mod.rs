@@ -81,6 +81,11 @@ pub struct SourceOptions {
     /// Fault injection for tests: drop the TCP connection at this point.
     #[serde(skip)]
     pub fail_at: Option<FailPoint>,
+    /// `tls-creds` (+ `tls-hostname`, `tls-authz`): run the stream over TLS 1.3 with this
+    /// client certificate, verifying the destination's; `None` = plain TCP. Read once, at
+    /// the start.
+    #[serde(skip)]
+    pub tls: Option<tls::ClientTls>,
 }
 
 /// Where [`SourceOptions::fail_at`] drops the connection (a real `shutdown(2)` of the socket).
@@ -118,6 +123,7 @@ impl Default for SourceOptions {
             cpu_throttle_increment: policy.cpu_throttle_increment,
             max_cpu_throttle: policy.max_cpu_throttle,
             fail_at: None,
+            tls: None,
         }
     }
 }
@@ -267,14 +273,20 @@ pub fn migrate_over(
 ) -> MigrationSummary {
     let ctl = Control::new(opts.clone(), Box::new(|_| {}));
     ctl.set_status(MigrationStatus::Setup);
-    run_job(vm, Ok(stream), &ctl, progress)
+    // With TLS the destination's certificate is verified for its IP address (or
+    // `tls-hostname`): a connected socket carries no host name.
+    let host = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    run_job(vm, Ok(stream), &host, &ctl, progress)
 }
 
 /// Runs a whole migration on the calling thread and returns its summary; the job's status
-/// ends `completed`, `failed` or `cancelled`. A completed source stays paused.
+/// ends `completed`, `failed` or `cancelled`. A completed source stays paused. `host` is
+/// what a TLS handshake verifies the destination's certificate for (unless `tls-hostname`
+/// is set).
 pub(crate) fn run_job(
     vm: &dyn MigratableVm,
     stream: Result<TcpStream>,
+    host: &str,
     ctl: &Control,
     progress: &mut dyn FnMut(&Progress),
 ) -> MigrationSummary {
@@ -286,7 +298,7 @@ pub(crate) fn run_job(
     let old_nice = vmm::renice_current_thread(MIGRATION_NICE);
     let mut paused = false;
     let r = stream.and_then(|stream| {
-        let mut s = session::Session::open(vm, stream, ctl, &mut summary, progress, t_start)?;
+        let mut s = session::Session::open(vm, stream, host, ctl, &mut summary, progress, t_start)?;
         let r = s.run();
         paused = s.paused();
         if r.is_err() && (ctl.cancelled() || matches!(r, Err(MigrationError::Cancelled))) {

@@ -3,6 +3,8 @@
 
 use std::io::BufWriter;
 use std::net::TcpStream;
+
+use tls::{Channel, ChannelReader, ChannelWriter};
 use std::time::{Duration, Instant};
 
 use kvm_dirty::PAGE_SIZE;
@@ -17,14 +19,14 @@ use crate::seam::MigratableVm;
 const CHECKPOINT_PAGES: u64 = 256;
 
 /// Reads the destination's answers.
-pub(super) type Acks = AckReader<std::io::BufReader<TcpStream>>;
+pub(super) type Acks = AckReader<std::io::BufReader<ChannelReader>>;
 
 pub(super) struct Sender<'a> {
     pub(super) vm: &'a dyn MigratableVm,
     pub(super) ctl: &'a Control,
     sock: TcpStream,
     pub(super) fail_at: Option<FailPoint>,
-    pub(super) enc: Encoder<BufWriter<TcpStream>>,
+    pub(super) enc: Encoder<BufWriter<ChannelWriter>>,
     buf: Vec<u8>,
     limiter: migration::bandwidth::TokenBucket,
     /// Bytes and seconds spent sending data, for the bandwidth estimate.
@@ -35,31 +37,40 @@ pub(super) struct Sender<'a> {
 }
 
 impl<'a> Sender<'a> {
-    /// Sets up the socket and the encoder; returns the sender and the reader of the
-    /// destination's answers.
+    /// Sets up the socket (and TLS, with `opts.tls`: the handshake verifies the destination
+    /// for `host`) and the encoder; returns the sender and the reader of the destination's
+    /// answers.
     pub(super) fn open(
         vm: &'a dyn MigratableVm,
         stream: TcpStream,
+        host: &str,
         ctl: &'a Control,
         opts: &SourceOptions,
     ) -> Result<(Self, Acks)> {
         let io_timeout = Duration::from_secs(60);
         stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(io_timeout))?;
-        stream.set_read_timeout(Some(io_timeout))?;
+        // Attached before the TLS handshake, so a cancel wakes a handshake that waits.
         ctl.attach_socket(stream.try_clone()?)?;
-        let acks = AckReader::new(std::io::BufReader::new(stream.try_clone()?));
+        let sock = stream.try_clone()?;
+        let chan = match &opts.tls {
+            Some(t) => t.connect(stream, host, io_timeout)?,
+            None => Channel::plain(stream),
+        };
+        sock.set_write_timeout(Some(io_timeout))?;
+        sock.set_read_timeout(Some(io_timeout))?;
+        let (reader, writer) = chan.split()?;
+        let acks = AckReader::new(std::io::BufReader::new(reader));
         let s = Sender {
             vm,
             ctl,
-            sock: stream.try_clone()?,
+            sock,
             fail_at: opts.fail_at,
             // A batch is written every CHECKPOINT_PAGES pages, so each checkpoint sees the
             // bytes of the pages before it: max-bandwidth paces the pass being sent (with
             // 1024-page batches a short pass went out unpaced and its debt was paid by the
             // next one) and the bandwidth estimate is that of the paced link.
             enc: Encoder::with_batch_pages(
-                BufWriter::with_capacity(1 << 20, stream),
+                BufWriter::with_capacity(1 << 20, writer),
                 CHECKPOINT_PAGES as u32,
             ),
             buf: vec![0u8; PAGE_SIZE as usize],

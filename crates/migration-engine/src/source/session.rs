@@ -99,13 +99,14 @@ impl<'a> Session<'a> {
     pub(super) fn open(
         vm: &'a dyn MigratableVm,
         stream: TcpStream,
+        host: &str,
         ctl: &'a Control,
         summary: &'a mut MigrationSummary,
         progress: &'a mut dyn FnMut(&Progress),
         t_start: Instant,
     ) -> Result<Self> {
         let opts = ctl.opts();
-        let (s, acks) = Sender::open(vm, stream, ctl, &opts)?;
+        let (s, acks) = Sender::open(vm, stream, host, ctl, &opts)?;
         Ok(Session {
             vm,
             ctl,
