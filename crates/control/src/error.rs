@@ -52,6 +52,9 @@ pub enum ControlError {
         /// Why.
         source: io::Error,
     },
+    /// The TLS credentials (`tls-creds`) could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The migration job could not be started.
     #[error("cannot start the migration: {0}")]
     Migration(#[from] migration_engine::MigrationError),

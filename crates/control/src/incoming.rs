@@ -94,6 +94,21 @@ fn speaks(stream: &TcpStream, timeout: Duration, peer: &str) -> bool {
     }
 }
 
+/// `tls-authz` is read at each connection (QEMU looks its authz object up at each
+/// handshake), so an operator can change who may connect next while the destination waits.
+/// It applies when TLS came from the `tls-creds` parameter; TLS set up by the embedder
+/// ([`DestOptions::tls`]) keeps its own list.
+fn with_current_authz(core: &Core, dest: &DestOptions) -> DestOptions {
+    let mut d = dest.clone();
+    let g = core.lock();
+    if let Some(t) = &mut d.tls {
+        if !g.params.tls_creds.is_empty() {
+            *t = t.with_authz(&g.params.tls_authz_list());
+        }
+    }
+    d
+}
+
 fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
     // Before the first byte of any peer (the first-byte probe included).
     if let Err(e) = sandbox::apply(sandbox::ThreadKind::Incoming) {
@@ -120,6 +135,7 @@ fn accept_loop(core: Arc<Core>, listener: TcpListener, dest: DestOptions) {
         }
         tracing::info!(%peer, "incoming migration");
         set_status(&core, MigrationStatus::Active);
+        let dest = with_current_authz(&core, &dest);
         let r = migration_engine::receive(stream, &dest, &mut |e| {
             tracing::info!(%peer, "incoming: {e}");
         });
@@ -149,8 +165,14 @@ impl VmService {
     /// receives a guest on its own thread; returns the address it listens on.
     pub fn migrate_incoming(&self, uri: &str) -> Result<SocketAddr, ControlError> {
         let addr = tcp_addr(uri)?;
+        // `tls-creds` set on the monitor before `migrate-incoming` (as with QEMU) takes the
+        // place of the one given on the command line.
+        let tls = crate::params::server_tls(&self.core.lock().params)?;
         let mut inc = lock(&self.core.incoming);
-        let dest = inc.dest.clone().ok_or(ControlError::NotIncoming)?;
+        let mut dest = inc.dest.clone().ok_or(ControlError::NotIncoming)?;
+        if tls.is_some() {
+            dest.tls = tls;
+        }
         if inc.listening.is_some() || inc.summary.is_some() {
             return Err(ControlError::IncomingStarted);
         }
@@ -161,13 +183,26 @@ impl VmService {
         let listener = TcpListener::bind(addr).map_err(listen_err)?;
         let local = listener.local_addr().map_err(listen_err)?;
         let core = Arc::clone(&self.core);
+        let tls = dest.tls.clone();
         std::thread::Builder::new()
             .name("migration-incoming".into())
             .spawn(move || accept_loop(core, listener, dest))
             .map_err(ControlError::Spawn)?;
         inc.listening = Some(local);
         drop(inc);
-        tracing::info!(%local, "waiting for an incoming migration");
+        match &tls {
+            Some(t) => {
+                tracing::info!(%local, creds = %t.dir().display(), authz = ?t.authz(),
+                    "waiting for an incoming migration over TLS");
+            }
+            None if !local.ip().is_loopback() => {
+                tracing::warn!(%local,
+                    "listening for a migration in plain text on a non-loopback address: \
+                     anyone who reaches it can read the guest's memory and send a guest \
+                     (use --tls-creds)");
+            }
+            None => tracing::info!(%local, "waiting for an incoming migration"),
+        }
         set_status(&self.core, MigrationStatus::Setup);
         Ok(local)
     }

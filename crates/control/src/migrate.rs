@@ -187,7 +187,8 @@ impl VmService {
             return Err(ControlError::DirtyLogBusy("dirty-bitmap measurement"));
         }
         check_capabilities(g.tracker, &g.caps)?;
-        let opts = source_options(&g.params, &g.caps);
+        let mut opts = source_options(&g.params, &g.caps);
+        opts.tls = crate::params::client_tls(&g.params)?;
         let suspend = g.caps.dirty_limit && g.limits.any();
         if suspend {
             g.limits.suspend();

@@ -13,7 +13,7 @@ use kvm_dirty::TrackerMode;
 use crate::error::ControlError;
 
 /// Every `migrate-set-parameters` argument name.
-pub const PARAMETER_NAMES: [&str; 13] = [
+pub const PARAMETER_NAMES: [&str; 16] = [
     "downtime-limit",
     "max-bandwidth",
     "throttle-trigger-threshold",
@@ -27,7 +27,19 @@ pub const PARAMETER_NAMES: [&str; 13] = [
     "x-ringvisor-verify",
     "x-ringvisor-verify-before-commit",
     "x-ringvisor-dirty-limit",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
 ];
+
+/// QEMU's `StrOrNull` parameters (`tls-creds`, `tls-hostname`, `tls-authz`): a string, or
+/// `null`, which resets to `""` (off) as in QEMU.
+fn str_or_null(args: &Args, name: &str) -> Result<Option<String>, CommandError> {
+    if args.get(name).is_some_and(serde_json::Value::is_null) {
+        return Ok(Some(String::new()));
+    }
+    Ok(args.optional_str(name)?.map(str::to_string))
+}
 
 fn optional_u8(args: &Args, name: &str) -> Result<Option<u8>, CommandError> {
     match args.optional_u64(name)? {
@@ -63,6 +75,9 @@ pub fn set_parameters_from_args(args: &Args) -> Result<MigrateSetParameters, Com
         x_ringvisor_verify: args.optional_bool("x-ringvisor-verify")?,
         x_ringvisor_verify_before_commit: args.optional_bool("x-ringvisor-verify-before-commit")?,
         x_ringvisor_dirty_limit: args.optional_u64("x-ringvisor-dirty-limit")?,
+        tls_creds: str_or_null(args, "tls-creds")?,
+        tls_hostname: str_or_null(args, "tls-hostname")?,
+        tls_authz: str_or_null(args, "tls-authz")?,
     };
     args.deny_unknown(&PARAMETER_NAMES)?;
     Ok(set)
@@ -144,6 +159,33 @@ pub fn apply_to_options(
     o.cpu_throttle_initial = p.cpu_throttle_initial;
     o.cpu_throttle_increment = p.cpu_throttle_increment;
     o.max_cpu_throttle = p.max_cpu_throttle;
+}
+
+/// The source's TLS set-up from `tls-creds`, `tls-hostname` and `tls-authz` (`None` when
+/// `tls-creds` is empty). The credentials are read now, so a bad directory refuses the
+/// `migrate` command before anything connects.
+pub fn client_tls(p: &MigrationParameters) -> Result<Option<tls::ClientTls>, ControlError> {
+    if p.tls_creds.is_empty() {
+        return Ok(None);
+    }
+    let host = (!p.tls_hostname.is_empty()).then_some(p.tls_hostname.as_str());
+    Ok(Some(tls::ClientTls::load(
+        std::path::Path::new(&p.tls_creds),
+        &p.tls_authz_list(),
+        host,
+    )?))
+}
+
+/// The destination's TLS set-up from `tls-creds` and `tls-authz` (`None` when `tls-creds`
+/// is empty).
+pub fn server_tls(p: &MigrationParameters) -> Result<Option<tls::ServerTls>, ControlError> {
+    if p.tls_creds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(tls::ServerTls::load(
+        std::path::Path::new(&p.tls_creds),
+        &p.tls_authz_list(),
+    )?))
 }
 
 /// The engine's options for a new migration.

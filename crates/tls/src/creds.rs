@@ -135,6 +135,15 @@ impl ServerTls {
         &self.authz
     }
 
+    /// The same credentials with another `tls-authz` list (cheap: the configuration is
+    /// shared).
+    pub fn with_authz(&self, authz: &[String]) -> ServerTls {
+        ServerTls {
+            authz: authz.to_vec(),
+            ..self.clone()
+        }
+    }
+
     /// Runs the server side of the handshake on an accepted connection, within `timeout`.
     /// The source's certificate is verified; its identity is *not* yet checked against
     /// `tls-authz`: call [`authorize`](Self::authorize) (after the handshake the refusal
