@@ -183,7 +183,10 @@ fn a_tls_destination_refuses_plain_foreign_and_unauthorized_sources_then_takes_t
     let desc = info["error-desc"].as_str().unwrap();
     assert!(desc.contains("not authorized"), "{desc}");
     let why = refused(&dst, 3);
-    assert!(why.contains("src-good") && why.contains("not authorized"), "{why}");
+    assert!(
+        why.contains("src-good") && why.contains("not authorized"),
+        "{why}"
+    );
 
     // 4. The operator allows it (read at the next connection) and the guest arrives, its
     //    memory digest checked by both sides.

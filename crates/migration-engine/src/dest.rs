@@ -3,8 +3,8 @@
 use std::io::{self, BufReader, BufWriter, Read};
 use std::net::TcpStream;
 
-use tls::{Channel, ChannelReader, ChannelWriter};
 use std::time::{Duration, Instant};
+use tls::{Channel, ChannelReader, ChannelWriter};
 
 use kvm_dirty::PAGE_SIZE;
 use migration::digest::IncrementalDigest;

@@ -150,6 +150,48 @@ pub fn qmp_arg(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(p))
 }
 
+/// A `--tls-authz` identity: a certificate name (no commas: the QMP parameter is a
+/// comma-separated list).
+fn authz_arg(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains(',') {
+        Err(format!(
+            "{s:?}: give one certificate name (subject CN or DNS name) per --tls-authz, without commas"
+        ))
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// TLS on the migration channel (QEMU's `tls-creds` and `tls-authz`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// TLS 1.3 with mutual certificate authentication, from this credentials directory
+    /// (QEMU's tls-creds-x509 layout: ca-cert.pem, server-cert.pem, server-key.pem,
+    /// client-cert.pem, client-key.pem; `ringvisor tls-creds` writes one).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Only peers whose certificate names this identity (subject CN or DNS name) may
+    /// connect; repeatable. Default: any certificate from the CA.
+    #[arg(long, value_name = "NAME", value_parser = authz_arg)]
+    pub tls_authz: Vec<String>,
+}
+
+impl TlsArgs {
+    /// `tls-creds` as an absolute path (the VM process that reads it may run elsewhere
+    /// than this client) and `tls-authz` as QMP's comma-separated list; `None` when not
+    /// given.
+    pub fn parameters(&self) -> (Option<String>, Option<String>) {
+        let creds = self.tls_creds.as_ref().map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        });
+        let authz = (!self.tls_authz.is_empty()).then(|| self.tls_authz.join(","));
+        (creds, authz)
+    }
+}
+
 /// The dirty tracker of a guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TrackerArg {
@@ -294,6 +336,12 @@ pub struct MigrateArgs {
     /// when pre-copy stops converging.
     #[arg(long)]
     pub auto_converge: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// tls-hostname: verify the destination's certificate for this name instead of the host
+    /// of the migration URI.
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
 }
 
 impl MigrateArgs {
@@ -316,6 +364,9 @@ impl MigrateArgs {
                 Some(DirtyLimitArg::Auto) => Some(0),
                 _ => None,
             },
+            tls_creds: self.tls.parameters().0,
+            tls_authz: self.tls.parameters().1,
+            tls_hostname: self.tls_hostname.clone(),
             ..MigrateSetParameters::default()
         }
     }
@@ -399,5 +450,20 @@ mod tests {
             ..MigrateArgs::default()
         };
         assert!(both.resolve().is_err());
+        let t = MigrateArgs {
+            tls: TlsArgs {
+                tls_creds: Some(PathBuf::from("creds")),
+                tls_authz: vec!["a".into(), "b".into()],
+            },
+            ..MigrateArgs::default()
+        };
+        let s = t.set_parameters();
+        let creds = s.tls_creds.unwrap();
+        assert!(
+            creds.starts_with('/') && creds.ends_with("/creds"),
+            "{creds}"
+        );
+        assert_eq!(s.tls_authz.as_deref(), Some("a,b"));
+        assert!(authz_arg("a,b").is_err() && authz_arg("").is_err());
     }
 }

@@ -157,6 +157,8 @@ enum Cmd {
         /// A received PVH guest's console is appended to this file (default: stdout).
         #[arg(long)]
         console: Option<PathBuf>,
+        #[command(flatten)]
+        tls: cli_args::TlsArgs,
         /// Machine-readable output: one JSON document (what was received) on stdout.
         #[arg(long)]
         json: bool,
@@ -184,6 +186,24 @@ enum Cmd {
         /// Machine-readable output: one JSON document (what was applied, where it resumed).
         #[arg(long)]
         json: bool,
+    },
+    /// Write a fresh test CA and the five credential files of QEMU's tls-creds-x509 layout
+    /// (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; keys
+    /// 0600) for --tls-creds. The CA's key is not kept.
+    TlsCreds {
+        /// The directory to write (created 0700 if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source's certificate name (its CN; what --tls-authz lists).
+        #[arg(long, default_value = "ringvisor-client")]
+        client_name: String,
+        /// A name (DNS name or IP address) the destination's certificate is valid for;
+        /// repeatable (default: localhost, 127.0.0.1 and ::1).
+        #[arg(long)]
+        server_name: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
     /// Migrate the guest of a VM process (QMP client): set the given parameters, start the
     /// migration, show its progress until it ends. Exit status 0 only if it completed.
@@ -401,6 +421,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             limits,
             duration,
             console,
+            tls,
             json,
         } => vm_cmd::incoming(vm_cmd::IncomingOpts {
             incoming,
@@ -410,6 +431,7 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             limits,
             duration,
             console,
+            tls,
             json,
         }),
         Cmd::Standby {
@@ -427,6 +449,12 @@ fn dispatch(cmd: Cmd) -> Result<i32> {
             duration,
             json,
         }),
+        Cmd::TlsCreds {
+            dir,
+            client_name,
+            server_name,
+            force,
+        } => misc_cmd::tls_creds(&dir, client_name, server_name, force),
         Cmd::Migrate {
             qmp,
             to,

@@ -285,3 +285,32 @@ pub fn selftest(a: SelftestArgs) -> Result<i32> {
     })?;
     Ok(if ok { 0 } else { 1 })
 }
+
+/// `ringvisor tls-creds`: a fresh test CA and the five files for `--tls-creds`.
+pub fn tls_creds(
+    dir: &std::path::Path,
+    client_name: String,
+    server_names: Vec<String>,
+    force: bool,
+) -> Result<i32> {
+    let mut opts = tls::GenerateOptions {
+        client_name,
+        force,
+        ..tls::GenerateOptions::default()
+    };
+    if !server_names.is_empty() {
+        opts.server_names = server_names;
+    }
+    let files = tls::generate(dir, &opts)?;
+    for f in &files {
+        println!("{}", f.display());
+    }
+    eprintln!(
+        "TLS credentials for destination {} and source {} in {} (use --tls-creds {} on both sides)",
+        opts.server_names.join("/"),
+        opts.client_name,
+        dir.display(),
+        dir.display()
+    );
+    Ok(0)
+}

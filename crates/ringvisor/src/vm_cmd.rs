@@ -485,6 +485,7 @@ pub struct IncomingOpts {
     pub limits: DestLimitArgs,
     pub duration: Option<f64>,
     pub console: Option<PathBuf>,
+    pub tls: crate::cli_args::TlsArgs,
     pub json: bool,
 }
 
@@ -506,6 +507,15 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
             usage_error(format!("--incoming: {e}"));
         }
     }
+    if o.tls.tls_creds.is_none() && !o.tls.tls_authz.is_empty() {
+        usage_error("--tls-authz needs --tls-creds");
+    }
+    let (tls_creds, tls_authz) = o.tls.parameters();
+    if let Some(dir) = &o.tls.tls_creds {
+        // Read now, so bad credentials end the process before it listens.
+        tls::ServerTls::load(dir, &o.tls.tls_authz)
+            .with_context(|| format!("--tls-creds {}", dir.display()))?;
+    }
     need_kvm()?;
     if let Some(p) = &o.console {
         // Created now: the receiving thread's seccomp filter lets it open, not create, files
@@ -526,6 +536,14 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
         ..DestOptions::default()
     };
     let svc = VmService::incoming(dest, ServiceConfig::default());
+    // As QEMU: the destination's tls-creds/tls-authz are migration parameters, set before
+    // migrate-incoming (and changeable over QMP until then; tls-authz until a source
+    // connects).
+    svc.set_parameters(&migration::params::MigrateSetParameters {
+        tls_creds,
+        tls_authz,
+        ..Default::default()
+    })?;
     let server = o.qmp.as_deref().map(|p| serve(&svc, p)).transpose()?;
     svc.start_monitor()?;
     if uri != "defer" {
@@ -582,6 +600,13 @@ pub fn demo(g: GuestArgs, params: MigrateArgs, json: bool) -> Result<i32> {
         .args(["incoming", "--listen", "127.0.0.1:0", "--duration", "3"])
         .args(["--tracker", g.track.tracker.name()])
         .args(["--ring-entries", &g.track.ring_entries.to_string()])
+        .args(
+            params
+                .tls
+                .tls_creds
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--tls-creds"), d.as_os_str()]),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the destination process")?;

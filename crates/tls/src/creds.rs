@@ -274,7 +274,10 @@ mod tests {
         std::fs::write(dir.join(CA_CERT), b"not a certificate").unwrap();
         assert!(matches!(
             ClientTls::load(&dir, &[], None),
-            Err(TlsError::Pem { what: "certificate", .. })
+            Err(TlsError::Pem {
+                what: "certificate",
+                ..
+            })
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -133,7 +133,6 @@ pub fn generate(dir: &Path, opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
 
 fn is_dns_like(s: &str) -> bool {
     !s.is_empty()
-        && s.split('.').all(|l| {
-            !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }

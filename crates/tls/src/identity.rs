@@ -33,7 +33,12 @@ impl PeerIdentity {
     /// Every name presented: the CN first, then the DNS names.
     pub fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.common_name.iter().cloned().collect();
-        v.extend(self.dns_names.iter().filter(|n| Some(*n) != self.common_name.as_ref()).cloned());
+        v.extend(
+            self.dns_names
+                .iter()
+                .filter(|n| Some(*n) != self.common_name.as_ref())
+                .cloned(),
+        );
         v
     }
 
@@ -82,7 +87,9 @@ fn tlv(d: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || d.len() < n {
             return None;
         }
-        let len = d[..n].iter().fold(0usize, |a, &b| (a << 8) | usize::from(b));
+        let len = d[..n]
+            .iter()
+            .fold(0usize, |a, &b| (a << 8) | usize::from(b));
         d = &d[n..];
         len
     };
@@ -144,8 +151,14 @@ mod tests {
             check_authz(Some(&id(Some("src-b"), &["other"])), &allow),
             Err(TlsError::NotAuthorized { presented, .. }) if presented == ["src-b", "other"]
         ));
-        assert!(check_authz(None, &allow).is_err(), "a plain peer has no identity");
-        assert!(check_authz(None, &[]).is_ok(), "an empty list allows any peer");
+        assert!(
+            check_authz(None, &allow).is_err(),
+            "a plain peer has no identity"
+        );
+        assert!(
+            check_authz(None, &[]).is_ok(),
+            "an empty list allows any peer"
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ fn mutual_tls_carries_a_large_stream_one_way_and_acks_the_other_from_another_thr
     let dir = creds("ok", "src-a");
     let server = ServerTls::load(&dir, &["src-a".into()]).unwrap();
     let client = ClientTls::load(&dir, &[], None).unwrap();
-    let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let data: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i * 7 + i / 4099) as u8)
+        .collect();
     let expect = data.clone();
     let (sock, h) = serve(move |s| {
         let ch = server.accept(s, T).unwrap();
@@ -62,7 +64,10 @@ fn mutual_tls_carries_a_large_stream_one_way_and_acks_the_other_from_another_thr
         w.write_all(chunk).unwrap();
     }
     assert_eq!(&reader.join().unwrap().unwrap(), b"ack");
-    assert!(h.join().unwrap(), "the destination read exactly what was sent");
+    assert!(
+        h.join().unwrap(),
+        "the destination read exactly what was sent"
+    );
 }
 
 #[test]

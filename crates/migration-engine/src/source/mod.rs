@@ -275,7 +275,10 @@ pub fn migrate_over(
     ctl.set_status(MigrationStatus::Setup);
     // With TLS the destination's certificate is verified for its IP address (or
     // `tls-hostname`): a connected socket carries no host name.
-    let host = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let host = stream
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     run_job(vm, Ok(stream), &host, &ctl, progress)
 }
 

@@ -4,8 +4,8 @@
 use std::io::BufWriter;
 use std::net::TcpStream;
 
-use tls::{Channel, ChannelReader, ChannelWriter};
 use std::time::{Duration, Instant};
+use tls::{Channel, ChannelReader, ChannelWriter};
 
 use kvm_dirty::PAGE_SIZE;
 use migration::wire::{AckReader, Encoder, IterationMarker, PageKind};
