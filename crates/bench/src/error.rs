@@ -35,6 +35,9 @@ pub enum BenchError {
     /// `scripts/netns.sh up` failed.
     #[error("scripts/netns.sh up {0} failed (needs root and iproute2)")]
     Netns(String),
+    /// Writing the TLS credentials of a `--tls` run failed.
+    #[error("TLS credentials for the bench")]
+    Tls(#[source] tls::TlsError),
     /// Drawing or writing a plot failed.
     #[error("plot: {0}")]
     Plot(String),

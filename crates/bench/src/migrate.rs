@@ -49,6 +49,9 @@ pub struct MigrateOpts {
     pub dirty_limit: Option<String>,
     /// `--auto-converge` on the source.
     pub auto_converge: bool,
+    /// Run every cell twice, plain TCP then TLS 1.3 (fresh credentials written for the run),
+    /// and report the TLS cost as a ratio to plain in a second table.
+    pub tls: bool,
 }
 
 /// One migration of the matrix, from the source's JSON summary.
@@ -84,6 +87,19 @@ pub struct Row {
     pub progress_before: Vec<f64>,
     /// Guest progress (writes/s per vCPU) during the migration.
     pub progress_during: Vec<f64>,
+    /// The stream ran over TLS 1.3.
+    pub tls: bool,
+}
+
+impl Row {
+    /// Throughput of the whole migration (MiB sent / total time), MiB/s.
+    pub fn mib_per_s(&self) -> f64 {
+        if self.total_s > 0.0 {
+            self.mib_sent / self.total_s
+        } else {
+            0.0
+        }
+    }
 }
 
 /// The migration matrix.
@@ -128,6 +144,8 @@ struct Cell<'a> {
     tracker: &'a str,
     /// Extra `ringvisor run` arguments (beyond the matrix-wide ones).
     extra: Vec<String>,
+    /// `--tls-creds` of both processes (`None`: plain TCP).
+    tls: Option<&'a Path>,
 }
 
 /// The source's arguments beyond the cell's own. Each throttle goes to the trackers that
@@ -155,7 +173,12 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         set,
         tracker,
         extra: cell_extra,
+        tls,
     } = c;
+    let tls_args: Vec<&std::ffi::OsStr> = tls
+        .iter()
+        .flat_map(|d| [std::ffi::OsStr::new("--tls-creds"), d.as_os_str()])
+        .collect();
     let mut cmd = dst.command(&o.exe);
     cmd.args([
         "incoming",
@@ -169,6 +192,7 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         "--ring-entries",
         &o.ring_entries.to_string(),
     ]);
+    cmd.args(&tls_args);
     let mut dest = spawn_destination(cmd)?;
     let set_bytes = if set == "all" {
         format!("{mem}G")
@@ -208,6 +232,7 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
             "--json",
         ])
         .args(&extra)
+        .args(&tls_args)
         .stderr(Stdio::piped())
         .output()
         .map_err(BenchError::io("running the source"));
@@ -230,7 +255,33 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         dirty_limit_events: v["dirty_limit_events"].as_u64().unwrap_or(0),
         progress_before: floats(&v["progress_before"]),
         progress_during: floats(&v["progress_during"]),
+        tls: tls.is_some(),
     })
+}
+
+/// Fresh credentials for a `--tls` run, valid for the destination's address; removed on
+/// drop.
+struct BenchCreds(PathBuf);
+
+impl BenchCreds {
+    fn new(dst: &Endpoint) -> Result<BenchCreds> {
+        let dir = std::env::temp_dir().join(format!("ringvisor-bench-tls-{}", std::process::id()));
+        let mut opts = tls::GenerateOptions {
+            force: true,
+            ..tls::GenerateOptions::default()
+        };
+        if !opts.server_names.iter().any(|n| n == dst.ip) {
+            opts.server_names.push(dst.ip.to_string());
+        }
+        tls::generate(&dir, &opts).map_err(BenchError::Tls)?;
+        Ok(BenchCreds(dir))
+    }
+}
+
+impl Drop for BenchCreds {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f64> {
@@ -248,26 +299,37 @@ pub fn run(o: &MigrateOpts, progress: &mut dyn Progress) -> Result<Report> {
     check_trackers(&o.trackers)?;
     check_link(&o.link)?;
     let (src, dst) = endpoints(&o.link)?;
+    let creds = o.tls.then(|| BenchCreds::new(&dst)).transpose()?;
+    // Plain, then (with --tls) the same cell over TLS right after it.
+    let modes: Vec<Option<&Path>> = std::iter::once(None)
+        .chain(creds.as_ref().map(|c| Some(c.0.as_path())))
+        .collect();
     let total = o.memory_gib.len() * o.rates_mb.len() * o.sets.len() * o.trackers.len();
-    progress.start(total as u64, "migrations");
+    progress.start((total * modes.len()) as u64, "migrations");
     let mut rows = Vec::new();
     for &mem in &o.memory_gib {
         for &rate in &o.rates_mb {
             for set in &o.sets {
-                for t in &o.trackers {
-                    progress.step(&format!("{mem} GiB, {rate} MB/s, {set}, {t}"));
+                for (t, &tls) in o
+                    .trackers
+                    .iter()
+                    .flat_map(|t| modes.iter().map(move |m| (t, m)))
+                {
+                    let chan = if tls.is_some() { "TLS" } else { "plain" };
+                    progress.step(&format!("{mem} GiB, {rate} MB/s, {set}, {t}, {chan}"));
                     let cell = Cell {
                         mem,
                         rate,
                         set,
                         tracker: t,
                         extra: Vec::new(),
+                        tls,
                     };
                     let r = match one(o, &src, &dst, cell) {
                         Ok(r) => r,
                         Err(e) => {
                             progress.note(&format!(
-                                "{mem} GiB {rate} MB/s {set} {t}: {}",
+                                "{mem} GiB {rate} MB/s {set} {t} {chan}: {}",
                                 error_chain(&e)
                             ));
                             continue;
@@ -393,6 +455,7 @@ pub fn run_dirtylimit(o: &LimitOpts, progress: &mut dyn Progress) -> Result<Limi
         max_bandwidth: None,
         dirty_limit: None,
         auto_converge: false,
+        tls: false,
     };
     progress.start(
         (o.rates_mb.len() * LIMIT_METHODS.len()) as u64,
@@ -410,6 +473,7 @@ pub fn run_dirtylimit(o: &LimitOpts, progress: &mut dyn Progress) -> Result<Limi
                 set: "all",
                 tracker,
                 extra,
+                tls: None,
             };
             match one(&mo, &src, &dst, cell) {
                 Ok(r) => {
@@ -558,7 +622,11 @@ fn markdown(r: &Report, trackers: &[String]) -> String {
         s.push_str(&format!("| {m} GiB | {rate} MB/s | {set} |"));
         let find = |t: &str| {
             r.rows.iter().find(|x| {
-                x.memory_gib == m && x.dirty_rate_mb_s == rate && x.hot_set == set && x.tracker == t
+                !x.tls
+                    && x.memory_gib == m
+                    && x.dirty_rate_mb_s == rate
+                    && x.hot_set == set
+                    && x.tracker == t
             })
         };
         for t in trackers {
@@ -588,6 +656,61 @@ fn markdown(r: &Report, trackers: &[String]) -> String {
             }
             _ => s.push_str(" - |\n"),
         }
+    }
+    if r.rows.iter().any(|x| x.tls) {
+        s.push_str(&tls_markdown(r));
+    }
+    s
+}
+
+/// The TLS cost table: each cell's plain and TLS runs side by side, with the ratio of
+/// total migration time (TLS / plain) and the throughput of each.
+fn tls_markdown(r: &Report) -> String {
+    let mut s = String::from(
+        "\nTLS 1.3 (rustls, ring; mutual x509) versus plain TCP, the same cell run back to back:\n\n\
+         | memory | dirty rate | written set | tracker | plain total s | TLS total s | TLS / plain time | plain MiB/s | TLS MiB/s | TLS downtime ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for t in r.rows.iter().filter(|x| x.tls) {
+        let Some(p) = r.rows.iter().find(|x| {
+            !x.tls
+                && x.memory_gib == t.memory_gib
+                && x.dirty_rate_mb_s == t.dirty_rate_mb_s
+                && x.hot_set == t.hot_set
+                && x.tracker == t.tracker
+        }) else {
+            continue;
+        };
+        let both = p.converged && t.converged && p.total_s > 0.0;
+        s.push_str(&format!(
+            "| {} GiB | {} MB/s | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} |\n",
+            t.memory_gib,
+            t.dirty_rate_mb_s,
+            t.hot_set,
+            t.tracker,
+            if p.converged {
+                format!("{:.2}", p.total_s)
+            } else {
+                format!("not converged ({})", p.outcome)
+            },
+            if t.converged {
+                format!("{:.2}", t.total_s)
+            } else {
+                format!("not converged ({})", t.outcome)
+            },
+            if both {
+                format!("{:.2}x", t.total_s / p.total_s)
+            } else {
+                "-".into()
+            },
+            p.mib_per_s(),
+            t.mib_per_s(),
+            if t.converged {
+                format!("{:.0}", t.downtime_ms)
+            } else {
+                "-".into()
+            },
+        ));
     }
     s
 }

@@ -280,6 +280,10 @@ pub struct MigrateArgs {
     /// auto-converge for bitmap trackers.
     #[arg(long)]
     pub auto_converge: bool,
+    /// Run every cell twice, plain TCP then TLS 1.3 with fresh credentials, and add a
+    /// table of the TLS cost (total-time ratio and throughput).
+    #[arg(long, conflicts_with = "pvh")]
+    pub tls: bool,
     /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
     /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
     /// -kernel`), idle and dirtying, per tracker, with the same downtime-limit and
@@ -336,6 +340,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<()> {
         max_bandwidth,
         dirty_limit,
         auto_converge,
+        tls,
         pvh,
         pvh_memory,
         pvh_ws_mb,
@@ -405,6 +410,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<()> {
             max_bandwidth,
             dirty_limit,
             auto_converge,
+            tls,
         },
         json,
     )

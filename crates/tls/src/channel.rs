@@ -294,7 +294,7 @@ impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &self.tls {
             None => self.sock.write(buf),
-            Some(s) if buf.is_empty() => Ok(0),
+            Some(_) if buf.is_empty() => Ok(0),
             Some(s) => match s.send(&self.sock, buf)? {
                 0 => Err(io::ErrorKind::WriteZero.into()),
                 n => Ok(n),
