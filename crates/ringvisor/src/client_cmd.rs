@@ -197,7 +197,12 @@ fn parameter_value(name: &str, value: &str) -> Result<Value, String> {
             "false" | "off" => Ok(Value::Bool(false)),
             _ => Err(format!("{name} takes true or false, not {value:?}")),
         },
-        "x-ringvisor-on-timeout" => Ok(Value::from(value)),
+        "x-ringvisor-on-timeout" | "tls-hostname" | "tls-authz" => Ok(Value::from(value)),
+        // The VM process may run in another directory than this client.
+        "tls-creds" if !value.is_empty() => std::path::absolute(value)
+            .map(|p| Value::from(p.display().to_string()))
+            .map_err(|e| format!("tls-creds {value:?}: {e}")),
+        "tls-creds" => Ok(Value::from("")),
         _ if control::params::PARAMETER_NAMES.contains(&name) => value
             .parse::<u64>()
             .map(Value::from)
@@ -397,5 +402,15 @@ mod tests {
         assert!(parameter_value("downtime_limit", "1")
             .unwrap_err()
             .contains("unknown parameter"));
+    }
+
+    #[test]
+    fn tls_parameters_are_strings_and_tls_creds_becomes_absolute() {
+        assert_eq!(parameter_value("tls-authz", "a,b"), Ok(json!("a,b")));
+        assert_eq!(parameter_value("tls-hostname", "dst"), Ok(json!("dst")));
+        assert_eq!(parameter_value("tls-creds", ""), Ok(json!("")));
+        let v = parameter_value("tls-creds", "creds").unwrap();
+        let p = v.as_str().unwrap();
+        assert!(p.starts_with('/') && p.ends_with("/creds"), "{p}");
     }
 }
