@@ -165,9 +165,9 @@ fn a_tls_destination_refuses_plain_foreign_and_unauthorized_sources_then_takes_t
     // 1. Plain text to a TLS destination.
     let info = attempt(&src, &uri, "", "");
     assert_eq!(info["status"], "failed", "{info}");
-    // The destination's TLS alert is no migration frame: a typed wire error on the source.
+    // The destination answers with a TLS alert, which the source recognizes.
     let desc = info["error-desc"].as_str().unwrap();
-    assert!(desc.contains("not a ringvisor migration stream"), "{desc}");
+    assert!(desc.contains("the destination requires TLS"), "{desc}");
     let why = refused(&dst, 1);
     assert!(why.contains("TLS handshake"), "{why}");
 

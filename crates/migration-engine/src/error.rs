@@ -59,6 +59,9 @@ pub enum MigrationError {
     /// another CA, a wrong host name, a peer that does not speak TLS) or `tls-authz`.
     #[error("migration TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// This source spoke plain TCP and the destination answered with a TLS alert.
+    #[error("the destination requires TLS (it answered with a TLS alert): set tls-creds")]
+    DestinationRequiresTls,
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

@@ -162,7 +162,15 @@ impl<'a> Session<'a> {
         if self.s.fail_at == Some(FailPoint::Handshake) {
             self.s.cut();
         }
-        match self.acks.recv()? {
+        let ack = self.acks.recv().map_err(|e| match e {
+            // A TLS alert record (content type 21, version 3.x) where Accepted should be: a
+            // plaintext source talking to a destination that requires TLS.
+            migration::wire::WireError::BadMagic { found } if found[..2] == [0x15, 0x03] => {
+                MigrationError::DestinationRequiresTls
+            }
+            e => e.into(),
+        })?;
+        match ack {
             Ack::Accepted => Ok(layout),
             Ack::Error(e) => Err(MigrationError::Destination(e)),
             other => Err(MigrationError::Protocol(format!(
