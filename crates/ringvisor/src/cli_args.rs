@@ -172,7 +172,7 @@ pub struct TlsArgs {
     pub tls_creds: Option<PathBuf>,
     /// Only peers whose certificate names this identity (subject CN or DNS name) may
     /// connect; repeatable. Default: any certificate from the CA.
-    #[arg(long, value_name = "NAME", value_parser = authz_arg)]
+    #[arg(long, value_name = "NAME", value_parser = authz_arg, requires = "tls_creds")]
     pub tls_authz: Vec<String>,
 }
 

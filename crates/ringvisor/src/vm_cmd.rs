@@ -289,6 +289,15 @@ pub fn run(o: RunOpts) -> Result<i32> {
     if let Err(e) = control::params::check_capabilities(tracking.mode(), &caps) {
         usage_error(format!("{e} (--tracker {})", tracking.mode().name()));
     }
+    if let Some(dir) = &o.params.tls.tls_creds {
+        // Read before the guest starts: bad credentials end the process, not a migration.
+        tls::ClientTls::load(
+            dir,
+            &o.params.tls.tls_authz,
+            o.params.tls_hostname.as_deref(),
+        )
+        .with_context(|| format!("--tls-creds {}", dir.display()))?;
+    }
     let vm = match &o.kernel {
         Some(_) => boot_pvh(&o)?,
         None => start_guest(&o.guest)?,
@@ -506,9 +515,6 @@ pub fn incoming(o: IncomingOpts) -> Result<i32> {
         if let Err(e) = control::uri::tcp_addr(&uri) {
             usage_error(format!("--incoming: {e}"));
         }
-    }
-    if o.tls.tls_creds.is_none() && !o.tls.tls_authz.is_empty() {
-        usage_error("--tls-authz needs --tls-creds");
     }
     let (tls_creds, tls_authz) = o.tls.parameters();
     if let Some(dir) = &o.tls.tls_creds {
