@@ -57,7 +57,7 @@ pub enum MigrationError {
     Sandbox(#[from] sandbox::SandboxError),
     /// TLS on the migration channel failed: credentials, the handshake (a certificate from
     /// another CA, a wrong host name, a peer that does not speak TLS) or `tls-authz`.
-    #[error("migration TLS: {0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
     /// This source spoke plain TCP and the destination answered with a TLS alert.
     #[error("the destination requires TLS (it answered with a TLS alert): set tls-creds")]

@@ -30,9 +30,9 @@ pub const CLIENT_CERT: &str = "client-cert.pem";
 pub const CLIENT_KEY: &str = "client-key.pem";
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -97,9 +97,9 @@ pub fn generate(dir: &Path, opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
     )?;
     let write = |name: &str, text: &str, mode: u32| -> Result<PathBuf> {
         let path = dir.join(name);
-        let werr = |source| TlsError::Write {
+        let werr = |error| TlsError::Write {
             path: path.clone(),
-            source,
+            error,
         };
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -118,9 +118,9 @@ pub fn generate(dir: &Path, opts: &GenerateOptions) -> Result<Vec<PathBuf>> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| TlsError::Write {
+        .map_err(|error| TlsError::Write {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
     Ok(vec![
         write(CA_CERT, &ca.pem(), 0o644)?,

@@ -31,12 +31,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A credentials file could not be read.
-    #[error("TLS credentials: cannot read {path}: {source}")]
+    #[error("TLS credentials: cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so it is not repeated as a source).
+        error: std::io::Error,
     },
     /// A credentials file holds no usable PEM item of the kind expected.
     #[error("TLS credentials: {path} holds no {what}")]
@@ -61,7 +61,7 @@ pub enum TlsError {
     /// The TLS handshake failed (a certificate from another CA, a wrong host name, a peer
     /// that does not speak TLS, ...).
     #[error("TLS handshake with the peer failed: {0}")]
-    Handshake(#[source] rustls::Error),
+    Handshake(rustls::Error),
     /// The peer did not complete the handshake before its deadline.
     #[error("TLS handshake timed out after {0:?}")]
     HandshakeTimeout(std::time::Duration),
@@ -69,10 +69,10 @@ pub enum TlsError {
     #[error("the peer closed the connection during the TLS handshake")]
     HandshakeEof,
     /// The socket failed during the handshake.
-    #[error("TLS handshake: {0}")]
+    #[error("TLS handshake: socket: {0}")]
     Io(#[from] std::io::Error),
     /// The peer's certificate was valid but names no identity in the `tls-authz` list.
-    #[error("peer identity {presented:?} is not authorized (tls-authz allows {allowed:?})")]
+    #[error("TLS peer identity {presented:?} is not authorized (tls-authz allows {allowed:?})")]
     NotAuthorized {
         /// The names the peer's certificate carries (subject CN, DNS names).
         presented: Vec<String>,
@@ -89,12 +89,12 @@ pub enum TlsError {
     #[error("generating TLS credentials: {0}")]
     Generate(#[from] rcgen::Error),
     /// Writing a generated file failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message).
+        error: std::io::Error,
     },
 }
 
