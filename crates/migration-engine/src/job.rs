@@ -198,6 +198,10 @@ pub(crate) struct Control {
     cv: Condvar,
     start: Instant,
     events: Box<dyn Fn(JobEvent) + Send + Sync>,
+    /// Held across a status change and its `MIGRATION` event (taken before `shared`), so
+    /// events go out in the order the status changed: a job that ends right after a cancel
+    /// never reports `cancelled` before `cancelling`.
+    status_order: Mutex<()>,
 }
 
 impl Control {
@@ -215,6 +219,7 @@ impl Control {
             cv: Condvar::new(),
             start: Instant::now(),
             events,
+            status_order: Mutex::new(()),
         }
     }
 
@@ -255,6 +260,7 @@ impl Control {
     }
 
     pub(crate) fn set_status(&self, s: MigrationStatus) {
+        let _order = self.status_order.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut g = self.lock();
             // Cancelling is sticky until the job ends.
@@ -327,6 +333,7 @@ impl Control {
 
     /// Requests a cancel. Returns false when it is too late (committed or finished).
     pub(crate) fn cancel(&self) -> bool {
+        let _order = self.status_order.lock().unwrap_or_else(|p| p.into_inner());
         let emit = {
             let mut g = self.lock();
             if g.committed || g.status.is_final() {
