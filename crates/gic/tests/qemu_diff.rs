@@ -4,11 +4,10 @@
 //! which names the architecture rule that allows (or decides) it. QEMU is an oracle, not the
 //! spec. When QEMU is not installed the tests print a loud SKIP line and pass.
 
-use std::io::{BufRead, BufReader, Write};
+#[path = "support/qemu_qtest.rs"]
+mod qemu_qtest;
+
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::Duration;
 
 use gic::qtest::{QtestConfig, QtestSession};
 use gic::regs::*;
@@ -363,63 +362,7 @@ fn run_qemu(script: &[String]) -> Vec<String> {
 
 /// Runs a script through QEMU with `smp` PEs.
 fn run_qemu_smp(script: &[String], smp: usize) -> Vec<String> {
-    let mut child = Command::new(QEMU)
-        .args([
-            "-M",
-            "virt,gic-version=3,its=on",
-            "-cpu",
-            "max",
-            "-accel",
-            "tcg",
-            "-S",
-            "-qtest",
-            "stdio",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-smp",
-            &smp.to_string(),
-            "-m",
-            "128M",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let want = script.len();
-    // QEMU keeps running after its qtest input closes: read exactly one answer per command,
-    // then kill it.
-    let reader = thread::spawn(move || {
-        let mut out = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            match line {
-                Ok(l) if l.starts_with("OK") || l.starts_with("FAIL") || l.starts_with("ERR") => {
-                    out.push(l)
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-            if out.len() == want {
-                break;
-            }
-        }
-        let _ = tx.send(out);
-    });
-    let mut text = script.join("\n");
-    text.push('\n');
-    stdin.write_all(text.as_bytes()).expect("write script");
-    drop(stdin);
-    let out = rx.recv_timeout(Duration::from_secs(60));
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-    let out = out.expect("QEMU answered within 60 s");
-    assert_eq!(out.len(), script.len(), "QEMU answered every command");
-    out
+    qemu_qtest::run(QEMU, "virt,gic-version=3,its=on", smp, script)
 }
 
 fn run_model(script: &[String]) -> Vec<String> {
