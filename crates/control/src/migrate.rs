@@ -163,26 +163,7 @@ impl VmService {
     pub fn migrate(&self, uri: &str) -> Result<(), ControlError> {
         let addr = tcp_addr(uri)?.to_string();
         let mut g = self.core.lock();
-        let vm = g.vm.clone().ok_or(ControlError::NoGuest)?;
-        match self.core.notify.state() {
-            RunState::Running => {}
-            RunState::Paused => return Err(ControlError::GuestPaused),
-            RunState::FinishMigrate => return Err(ControlError::MigrationActive),
-            RunState::Postmigrate => return Err(ControlError::GuestMigrated),
-            RunState::Inmigrate => return Err(ControlError::NoGuest),
-            s @ (RunState::Shutdown | RunState::InternalError) => {
-                return Err(ControlError::GuestGone(s.name()))
-            }
-        }
-        if g.job.as_ref().is_some_and(JobSlot::is_active) {
-            return Err(ControlError::MigrationActive);
-        }
-        if g.replication
-            .as_ref()
-            .is_some_and(crate::replicate::ReplicationSlot::is_active)
-        {
-            return Err(ControlError::ReplicationActive);
-        }
+        let vm = g.outgoing_guest(self.core.notify.state())?;
         if crate::dirty::bitmap_measurement_running(&self.core) {
             return Err(ControlError::DirtyLogBusy("dirty-bitmap measurement"));
         }

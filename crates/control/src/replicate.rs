@@ -17,9 +17,7 @@ use qmp::{Args, CommandError};
 use serde_json::{json, Value};
 
 use crate::error::ControlError;
-use crate::migrate::JobSlot;
 use crate::service::{relock, VmService};
-use crate::state::RunState;
 use crate::uri::tcp_addr;
 
 /// Default `checkpoint-delay`, ms.
@@ -56,26 +54,7 @@ impl VmService {
             return Err(ControlError::CheckpointDelay(checkpoint_delay_ms));
         }
         let mut g = self.core.lock();
-        let vm = g.vm.clone().ok_or(ControlError::NoGuest)?;
-        match self.core.notify.state() {
-            RunState::Running => {}
-            RunState::Paused => return Err(ControlError::GuestPaused),
-            RunState::Inmigrate => return Err(ControlError::NoGuest),
-            RunState::FinishMigrate => return Err(ControlError::MigrationActive),
-            RunState::Postmigrate => return Err(ControlError::GuestMigrated),
-            s @ (RunState::Shutdown | RunState::InternalError) => {
-                return Err(ControlError::GuestGone(s.name()))
-            }
-        }
-        if g.job.as_ref().is_some_and(JobSlot::is_active) {
-            return Err(ControlError::MigrationActive);
-        }
-        if g.replication
-            .as_ref()
-            .is_some_and(ReplicationSlot::is_active)
-        {
-            return Err(ControlError::ReplicationActive);
-        }
+        let vm = g.outgoing_guest(self.core.notify.state())?;
         let ctl = ReplicaControl::new();
         let summary = Arc::new(Mutex::new(None));
         let opts = PrimaryOptions {

@@ -162,6 +162,35 @@ pub(crate) struct Inner {
     pub(crate) replication: Option<crate::replicate::ReplicationSlot>,
 }
 
+impl Inner {
+    /// The guest, if it may start an outgoing stream (a migration or a replication): it is
+    /// running (`state`), and neither a migration nor a replication is active.
+    pub(crate) fn outgoing_guest(&self, state: RunState) -> Result<Arc<Vm>, ControlError> {
+        let vm = self.vm.clone().ok_or(ControlError::NoGuest)?;
+        match state {
+            RunState::Running => {}
+            RunState::Paused => return Err(ControlError::GuestPaused),
+            RunState::FinishMigrate => return Err(ControlError::MigrationActive),
+            RunState::Postmigrate => return Err(ControlError::GuestMigrated),
+            RunState::Inmigrate => return Err(ControlError::NoGuest),
+            s @ (RunState::Shutdown | RunState::InternalError) => {
+                return Err(ControlError::GuestGone(s.name()))
+            }
+        }
+        if self.job.as_ref().is_some_and(JobSlot::is_active) {
+            return Err(ControlError::MigrationActive);
+        }
+        if self
+            .replication
+            .as_ref()
+            .is_some_and(crate::replicate::ReplicationSlot::is_active)
+        {
+            return Err(ControlError::ReplicationActive);
+        }
+        Ok(vm)
+    }
+}
+
 /// Everything shared by the service handle and its threads.
 pub(crate) struct Core {
     pub(crate) cfg: ServiceConfig,
