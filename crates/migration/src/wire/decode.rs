@@ -271,78 +271,14 @@ impl<R: Read> Decoder<R> {
     }
 
     fn on_hello(&mut self) -> Result<Message, WireError> {
-        let what = "Hello payload";
-        let mut c = Cursor::new(&self.fr.buf, what);
-        let tracker = super::tracker_from_wire(c.u8()?).ok_or(WireError::Malformed {
-            what: "Hello: unknown tracker mode",
-        })?;
-        if c.bytes(3)? != [0, 0, 0] {
-            return Err(WireError::Malformed { what });
-        }
-        let page_size = c.u32()?;
-        let vcpus = c.u32()?;
-        let machine = c.u32()?;
-        c.end()?;
-        if page_size != WIRE_PAGE_SIZE {
-            return Err(WireError::UnsupportedPageSize(page_size));
-        }
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(WireError::Malformed {
-                what: "Hello: vCPU count must be 1..=1024",
-            });
-        }
-        let hello = Hello {
-            version: super::PROTOCOL_VERSION,
-            tracker,
-            page_size,
-            vcpus,
-            machine,
-        };
+        let hello = hello_payload(&self.fr.buf, super::PROTOCOL_VERSION)?;
         self.hello = Some(hello);
         self.state = RxState::AwaitLayout;
         Ok(Message::Hello(hello))
     }
 
     fn on_layout(&mut self) -> Result<Message, WireError> {
-        let what = "Layout payload";
-        let mut c = Cursor::new(&self.fr.buf, what);
-        let count = c.u32()? as usize;
-        if c.u32()? != 0 {
-            return Err(WireError::Malformed { what });
-        }
-        if count > MAX_REGIONS {
-            return Err(LayoutError::TooManyRegions {
-                count,
-                max: MAX_REGIONS,
-            }
-            .into());
-        }
-        if c.remaining() != count * 24 {
-            return Err(WireError::Malformed { what });
-        }
-        let mut regions = Vec::with_capacity(count);
-        for _ in 0..count {
-            let slot = c.u32()?;
-            if c.u32()? != 0 {
-                return Err(WireError::Malformed { what });
-            }
-            let guest_phys_addr = c.u64()?;
-            let size = c.u64()?;
-            regions.push(Region {
-                slot,
-                guest_phys_addr,
-                size,
-            });
-        }
-        c.end()?;
-        let layout = MemoryLayout::new(regions)?;
-        if layout.total_bytes() > self.limits.max_guest_bytes {
-            return Err(LayoutError::TooLarge {
-                bytes: layout.total_bytes(),
-                max: self.limits.max_guest_bytes,
-            }
-            .into());
-        }
+        let layout = layout_payload(&self.fr.buf, self.limits.max_guest_bytes)?;
         self.layout = Some(layout.clone());
         self.state = RxState::AwaitPass;
         Ok(Message::Layout(layout))
@@ -648,4 +584,82 @@ impl<R: Read> AckReader<R> {
         self.state = next;
         Ok(ack)
     }
+}
+
+/// Decodes a Hello payload: the tracker byte, 3 zero bytes, page size, vCPU count and machine,
+/// nothing more; the page size must be the wire's and the vCPU count 1..=`MAX_VCPUS`.
+/// `version` is the preamble's, recorded in the result.
+pub(super) fn hello_payload(buf: &[u8], version: u32) -> Result<Hello, WireError> {
+    let what = "Hello payload";
+    let mut c = Cursor::new(buf, what);
+    let tracker = super::tracker_from_wire(c.u8()?).ok_or(WireError::Malformed {
+        what: "Hello: unknown tracker mode",
+    })?;
+    if c.bytes(3)? != [0, 0, 0] {
+        return Err(WireError::Malformed { what });
+    }
+    let page_size = c.u32()?;
+    let vcpus = c.u32()?;
+    let machine = c.u32()?;
+    c.end()?;
+    if page_size != WIRE_PAGE_SIZE {
+        return Err(WireError::UnsupportedPageSize(page_size));
+    }
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(WireError::Malformed {
+            what: "Hello: vCPU count must be 1..=1024",
+        });
+    }
+    Ok(Hello {
+        version,
+        tracker,
+        page_size,
+        vcpus,
+        machine,
+    })
+}
+
+/// Decodes a Layout payload (region count, a zero word, then slot, zero, address and size per
+/// region, nothing more) into a validated layout of at most `max_guest_bytes`.
+pub(super) fn layout_payload(buf: &[u8], max_guest_bytes: u64) -> Result<MemoryLayout, WireError> {
+    let what = "Layout payload";
+    let mut c = Cursor::new(buf, what);
+    let count = c.u32()? as usize;
+    if c.u32()? != 0 {
+        return Err(WireError::Malformed { what });
+    }
+    if count > MAX_REGIONS {
+        return Err(LayoutError::TooManyRegions {
+            count,
+            max: MAX_REGIONS,
+        }
+        .into());
+    }
+    if c.remaining() != count * 24 {
+        return Err(WireError::Malformed { what });
+    }
+    let mut regions = Vec::with_capacity(count);
+    for _ in 0..count {
+        let slot = c.u32()?;
+        if c.u32()? != 0 {
+            return Err(WireError::Malformed { what });
+        }
+        let guest_phys_addr = c.u64()?;
+        let size = c.u64()?;
+        regions.push(Region {
+            slot,
+            guest_phys_addr,
+            size,
+        });
+    }
+    c.end()?;
+    let layout = MemoryLayout::new(regions)?;
+    if layout.total_bytes() > max_guest_bytes {
+        return Err(LayoutError::TooLarge {
+            bytes: layout.total_bytes(),
+            max: max_guest_bytes,
+        }
+        .into());
+    }
+    Ok(layout)
 }

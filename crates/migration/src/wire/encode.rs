@@ -115,14 +115,7 @@ impl<W: Write> Encoder<W> {
         self.require_open("Layout")?;
         self.flush_batch()?;
         self.fw.start(tag::LAYOUT);
-        self.fw.put_u32(layout.regions().len() as u32);
-        self.fw.put_u32(0);
-        for r in layout.regions() {
-            self.fw.put_u32(r.slot);
-            self.fw.put_u32(0);
-            self.fw.put_u64(r.guest_phys_addr);
-            self.fw.put_u64(r.size);
-        }
+        self.fw.put_layout(layout);
         self.fw.finish()?;
         self.layout = Some(layout.clone());
         Ok(())

@@ -87,6 +87,19 @@ impl<W: Write> FrameWriter<W> {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    /// Writes a Layout payload: region count, a zero word, then slot, zero, address and
+    /// size per region.
+    pub(crate) fn put_layout(&mut self, layout: &super::MemoryLayout) {
+        self.put_u32(layout.regions().len() as u32);
+        self.put_u32(0);
+        for r in layout.regions() {
+            self.put_u32(r.slot);
+            self.put_u32(0);
+            self.put_u64(r.guest_phys_addr);
+            self.put_u64(r.size);
+        }
+    }
+
     pub(crate) fn put_u64(&mut self, v: u64) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }

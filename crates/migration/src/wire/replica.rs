@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use super::frame::{Cursor, FrameReader, FrameWriter};
 use super::{
     Hello, MemoryLayout, WireError, HEADER_LEN, MAX_BATCH_PAGES, MAX_REASON_LEN, MAX_STATE_BLOB,
-    PAGE_FLAG_MASK, PAGE_ZERO_FLAG, WIRE_PAGE_SIZE,
+    PAGE_FLAG_MASK, PAGE_ZERO_FLAG,
 };
 use crate::zero::is_zero_page;
 use crate::PAGE_SIZE;
@@ -270,14 +270,7 @@ impl<W: Write> ReplicaWriter<W> {
         self.fw.put_u32(hello.machine);
         self.fw.finish()?;
         self.fw.start(rtag::LAYOUT);
-        self.fw.put_u32(layout.regions().len() as u32);
-        self.fw.put_u32(0);
-        for r in layout.regions() {
-            self.fw.put_u32(r.slot);
-            self.fw.put_u32(0);
-            self.fw.put_u64(r.guest_phys_addr);
-            self.fw.put_u64(r.size);
-        }
+        self.fw.put_layout(layout);
         self.fw.finish()?;
         self.layout = Some(layout.clone());
         self.flush()
@@ -695,63 +688,13 @@ impl<R: Read> ReplicaReader<R> {
     }
 
     fn on_hello(&mut self) -> Result<ReplicaMessage, WireError> {
-        let what = "Hello payload";
-        let mut c = Cursor::new(&self.fr.buf, what);
-        let tracker = super::tracker_from_wire(c.u8()?).ok_or(WireError::Malformed {
-            what: "Hello: unknown tracker mode",
-        })?;
-        if c.bytes(3)? != [0, 0, 0] {
-            return Err(WireError::Malformed { what });
-        }
-        let (page_size, vcpus, machine) = (c.u32()?, c.u32()?, c.u32()?);
-        c.end()?;
-        if page_size != WIRE_PAGE_SIZE {
-            return Err(WireError::UnsupportedPageSize(page_size));
-        }
-        if vcpus == 0 || vcpus > 1024 {
-            return Err(WireError::Malformed {
-                what: "Hello: vCPU count must be 1..=1024",
-            });
-        }
+        let hello = super::decode::hello_payload(&self.fr.buf, REPLICA_VERSION)?;
         self.state = ReplicaState::AwaitLayout;
-        Ok(ReplicaMessage::Hello(Hello {
-            version: REPLICA_VERSION,
-            tracker,
-            page_size,
-            vcpus,
-            machine,
-        }))
+        Ok(ReplicaMessage::Hello(hello))
     }
 
     fn on_layout(&mut self) -> Result<ReplicaMessage, WireError> {
-        let what = "Layout payload";
-        let mut c = Cursor::new(&self.fr.buf, what);
-        let count = c.u32()? as usize;
-        if c.u32()? != 0 || count > super::MAX_REGIONS || c.remaining() != count * 24 {
-            return Err(WireError::Malformed { what });
-        }
-        let mut regions = Vec::with_capacity(count);
-        for _ in 0..count {
-            let slot = c.u32()?;
-            if c.u32()? != 0 {
-                return Err(WireError::Malformed { what });
-            }
-            let (guest_phys_addr, size) = (c.u64()?, c.u64()?);
-            regions.push(super::Region {
-                slot,
-                guest_phys_addr,
-                size,
-            });
-        }
-        c.end()?;
-        let layout = MemoryLayout::new(regions)?;
-        if layout.total_bytes() > self.limits.max_guest_bytes {
-            return Err(super::LayoutError::TooLarge {
-                bytes: layout.total_bytes(),
-                max: self.limits.max_guest_bytes,
-            }
-            .into());
-        }
+        let layout = super::decode::layout_payload(&self.fr.buf, self.limits.max_guest_bytes)?;
         self.layout = Some(layout.clone());
         self.state = ReplicaState::Seeding;
         Ok(ReplicaMessage::Layout(layout))
