@@ -5,6 +5,8 @@
 //! (clap's, and flag combinations refused before anything starts). A PVH guest's process
 //! exits with the status the guest powered off with.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::io::Write;
 use std::path::PathBuf;
 

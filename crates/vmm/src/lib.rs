@@ -6,6 +6,7 @@
 //! Unsafe code lives only in [`sys`] (memslot registration, the `immediate_exit` byte, the kick
 //! signal).
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench_sync;
 pub mod check;
