@@ -133,17 +133,7 @@ impl<W: Write> Encoder<W> {
     }
 
     fn check_gpa(&self, gpa: u64) -> Result<(), WireError> {
-        if gpa & PAGE_FLAG_MASK != 0 {
-            return Err(WireError::GpaNotAligned { word: gpa });
-        }
-        match &self.layout {
-            Some(l) if l.locate(gpa).is_some() => Ok(()),
-            Some(_) => Err(WireError::GpaOutsideLayout { gpa }),
-            None => Err(WireError::OutOfOrder {
-                message: "page",
-                state: "before Layout",
-            }),
-        }
+        check_gpa(self.layout.as_ref(), gpa)
     }
 
     fn open_batch(&mut self) {
@@ -401,6 +391,22 @@ impl<W: Write> AckWriter<W> {
     /// Gives back the writer.
     pub fn into_inner(self) -> W {
         self.fw.w
+    }
+}
+
+/// A page address the sender may send: page-aligned (no flag bits) and inside the layout
+/// already sent.
+pub(super) fn check_gpa(layout: Option<&MemoryLayout>, gpa: u64) -> Result<(), WireError> {
+    if gpa & PAGE_FLAG_MASK != 0 {
+        return Err(WireError::GpaNotAligned { word: gpa });
+    }
+    match layout {
+        Some(l) if l.locate(gpa).is_some() => Ok(()),
+        Some(_) => Err(WireError::GpaOutsideLayout { gpa }),
+        None => Err(WireError::OutOfOrder {
+            message: "page",
+            state: "before Layout",
+        }),
     }
 }
 

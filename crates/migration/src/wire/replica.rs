@@ -277,17 +277,7 @@ impl<W: Write> ReplicaWriter<W> {
     }
 
     fn check_gpa(&self, gpa: u64) -> Result<(), WireError> {
-        if gpa & PAGE_FLAG_MASK != 0 {
-            return Err(WireError::GpaNotAligned { word: gpa });
-        }
-        match &self.layout {
-            Some(l) if l.locate(gpa).is_some() => Ok(()),
-            Some(_) => Err(WireError::GpaOutsideLayout { gpa }),
-            None => Err(WireError::OutOfOrder {
-                message: "page",
-                state: "before Layout",
-            }),
-        }
+        super::encode::check_gpa(self.layout.as_ref(), gpa)
     }
 
     fn seed_entry(&mut self, gpa: u64, data: Option<&[u8]>) -> Result<(), WireError> {
