@@ -160,7 +160,8 @@ fn matrix_extra(o: &MigrateOpts, tracker: &str) -> Vec<String> {
         Some(d) if tracker == "ring" => extra.extend(["--dirty-limit".into(), d.clone()]),
         _ => {}
     }
-    if o.auto_converge && tracker != "ring" {
+    // With a dirty limit too, the ring gets the dirty limit (the two exclude each other).
+    if o.auto_converge && (tracker != "ring" || o.dirty_limit.is_none()) {
         extra.push("--auto-converge".into());
     }
     extra

@@ -32,12 +32,6 @@ pub enum ControlError {
     /// A migration parameter or capability is out of range, unknown or in conflict.
     #[error(transparent)]
     Param(#[from] ParamError),
-    /// `auto-converge` with the dirty ring.
-    #[error(
-        "auto-converge requires the bitmap or clear-log tracker (with the ring tracker, use \
-         the dirty-limit capability)"
-    )]
-    AutoConvergeNeedsBitmap,
     /// `migrate-incoming` in a process that was not started to receive one.
     #[error("this process was not started with --incoming defer: it has no incoming migration")]
     NotIncoming,

@@ -109,8 +109,8 @@ pub fn capabilities_from_args(args: &Args) -> Result<Vec<MigrationCapabilityStat
 }
 
 /// Refuses a capability set the tracker cannot honour: the dirty limit needs the ring's
-/// per-vCPU counts; auto-converge is the bitmap trackers' throttle (with the ring it would be
-/// silently ignored, so it is refused instead).
+/// per-vCPU counts. Auto-converge (a CPU throttle decided by the tracker-independent policy)
+/// works with every tracker, as in QEMU; it conflicts only with the dirty limit.
 pub fn check_capabilities(
     tracker: TrackerMode,
     caps: &MigrationCapabilities,
@@ -121,9 +121,6 @@ pub fn check_capabilities(
             tracker: tracker.name(),
         }
         .into());
-    }
-    if caps.auto_converge && tracker == TrackerMode::Ring {
-        return Err(ControlError::AutoConvergeNeedsBitmap);
     }
     Ok(())
 }
@@ -286,9 +283,16 @@ mod tests {
             Err(ControlError::Param(ParamError::DirtyLimitNeedsRing { .. }))
         ));
         assert!(check_capabilities(TrackerMode::ClearLog, &ac).is_ok());
+        // As in QEMU, auto-converge throttles with any tracker, the ring included.
+        assert!(check_capabilities(TrackerMode::Ring, &ac).is_ok());
+        let both = MigrationCapabilities {
+            auto_converge: true,
+            dirty_limit: true,
+            ..Default::default()
+        };
         assert!(matches!(
-            check_capabilities(TrackerMode::Ring, &ac),
-            Err(ControlError::AutoConvergeNeedsBitmap)
+            check_capabilities(TrackerMode::Ring, &both),
+            Err(ControlError::Param(ParamError::CapabilityConflict))
         ));
         assert!(check_capabilities(TrackerMode::Ring, &MigrationCapabilities::default()).is_ok());
     }

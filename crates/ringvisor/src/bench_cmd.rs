@@ -277,7 +277,7 @@ pub struct MigrateArgs {
     /// dirty-limit for every migration: off, auto or a per-vCPU rate.
     #[arg(long, value_parser = checked_dirty_limit)]
     pub dirty_limit: Option<String>,
-    /// auto-converge for bitmap trackers.
+    /// auto-converge (any tracker, as in QEMU).
     #[arg(long)]
     pub auto_converge: bool,
     /// Run every cell twice, plain TCP then TLS 1.3 with fresh credentials, and add a

@@ -332,7 +332,7 @@ pub struct MigrateArgs {
     /// when pre-copy stops converging, lifted at switchover) or a per-vCPU rate (e.g. 50M).
     #[arg(long, value_parser = dirty_limit_arg)]
     pub dirty_limit: Option<DirtyLimitArg>,
-    /// The auto-converge capability (bitmap trackers: CPU throttle 20%, +10% steps, up to 99%)
+    /// The auto-converge capability (any tracker: CPU throttle 20%, +10% steps, up to 99%)
     /// when pre-copy stops converging.
     #[arg(long)]
     pub auto_converge: bool,

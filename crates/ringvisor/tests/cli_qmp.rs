@@ -143,7 +143,7 @@ fn exit_status_is_1_for_a_failed_operation_and_2_only_for_usage_errors() {
         &["run", "--vcpu-dirty-limit", "0"],
         &["run", "--vcpus", "1", "--dirty-vcpus", "5"],
         &["run", "--tracker", "bitmap", "--dirty-limit", "auto"],
-        &["run", "--tracker", "ring", "--auto-converge"],
+        &["run", "--dirty-limit", "auto", "--auto-converge"],
         &["run", "--timeout", "nan"],
         &["incoming", "--listen", "127.0.0.1:0", "--ring-entries", "3"],
         &["incoming", "--incoming", "defer"],
