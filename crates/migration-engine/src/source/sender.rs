@@ -27,7 +27,6 @@ pub(super) struct Sender<'a> {
     sock: TcpStream,
     pub(super) fail_at: Option<FailPoint>,
     pub(super) enc: Encoder<BufWriter<ChannelWriter>>,
-    buf: Vec<u8>,
     limiter: migration::bandwidth::TokenBucket,
     /// Bytes and seconds spent sending data, for the bandwidth estimate.
     bw_bytes: u64,
@@ -73,7 +72,6 @@ impl<'a> Sender<'a> {
                 BufWriter::with_capacity(1 << 20, writer),
                 CHECKPOINT_PAGES as u32,
             ),
-            buf: vec![0u8; PAGE_SIZE as usize],
             limiter: migration::bandwidth::TokenBucket::new(opts.max_bandwidth.unwrap_or(0)),
             bw_bytes: 0,
             bw_secs: 0.0,
@@ -173,8 +171,8 @@ impl<'a> Sender<'a> {
                 self.enc.push_zero_page(gpa)?;
                 zero += 1;
             } else {
-                self.vm.read_page(gpa, &mut self.buf)?;
-                if self.enc.push_page(gpa, &self.buf)? == PageKind::Zero {
+                let vm = self.vm;
+                if self.enc.push_page_with(gpa, |dst| vm.read_page(gpa, dst))? == PageKind::Zero {
                     zero += 1;
                 }
             }

@@ -17,6 +17,11 @@ pub(crate) struct FrameWriter<W> {
     pub(crate) bytes: u64,
     pub(crate) frames: u64,
     preamble_sent: bool,
+    /// Payload bytes `fold_start..fold_end` of the frame being built are already in
+    /// `fold_crc` (checksummed while they were hot in cache; see [`FrameWriter::fold`]).
+    fold_start: usize,
+    fold_end: usize,
+    fold_crc: u32,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -28,6 +33,9 @@ impl<W: Write> FrameWriter<W> {
             bytes: 0,
             frames: 0,
             preamble_sent: false,
+            fold_start: HEADER_LEN,
+            fold_end: HEADER_LEN,
+            fold_crc: 0,
         }
     }
 
@@ -65,6 +73,32 @@ impl<W: Write> FrameWriter<W> {
         self.buf.clear();
         self.buf.push(tag);
         self.buf.extend_from_slice(&[0u8; HEADER_LEN - 1]);
+        self.fold_start = HEADER_LEN;
+        self.fold_end = HEADER_LEN;
+        self.fold_crc = 0;
+    }
+
+    /// Checksums the bytes appended since the last fold now, while they are in cache, instead
+    /// of in one pass over the whole frame in [`FrameWriter::finish`]. `from` is where the
+    /// final bytes begin (bytes before it, such as a batch's count that is patched later,
+    /// are checksummed at the finish); every later fold must continue where this one ended,
+    /// and folded bytes must not change.
+    pub(crate) fn fold(&mut self, from: usize) {
+        if self.fold_end == self.fold_start {
+            self.fold_start = from.clamp(HEADER_LEN, self.buf.len());
+            self.fold_end = self.fold_start;
+        }
+        self.fold_crc = crc32c::crc32c_append(self.fold_crc, &self.buf[self.fold_end..]);
+        self.fold_end = self.buf.len();
+    }
+
+    /// The frame's CRC-32C: the first 12 header bytes, then the payload, with the folded
+    /// stretch combined in rather than read again.
+    fn crc(&self) -> u32 {
+        let mut crc = crc32c::crc32c(&self.buf[..12]);
+        crc = crc32c::crc32c_append(crc, &self.buf[HEADER_LEN..self.fold_start]);
+        crc = crc32c::crc32c_combine(crc, self.fold_crc, self.fold_end - self.fold_start);
+        crc32c::crc32c_append(crc, &self.buf[self.fold_end..])
     }
 
     /// Fills in the header of the frame in the buffer and writes it.
@@ -74,7 +108,7 @@ impl<W: Write> FrameWriter<W> {
         })?;
         self.buf[4..8].copy_from_slice(&self.seq.to_le_bytes());
         self.buf[8..12].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.buf[..12]), &self.buf[HEADER_LEN..]);
+        let crc = self.crc();
         self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
         self.w.write_all(&self.buf)?;
         self.seq = self.seq.wrapping_add(1);
