@@ -288,7 +288,6 @@ mod tests {
         let both = MigrationCapabilities {
             auto_converge: true,
             dirty_limit: true,
-            ..Default::default()
         };
         assert!(matches!(
             check_capabilities(TrackerMode::Ring, &both),
