@@ -3,41 +3,67 @@
 //! Plain TCP is a bare `TcpStream` in each half: the bytes on the wire are the migration
 //! stream itself and the only cost is one branch per (buffered) read or write.
 //!
-//! TLS: a rustls connection is one state machine for both directions and cannot be cloned,
-//! yet the engine reads and writes through separate halves (the reader may even sit on
-//! another thread than the writer). Both halves share the connection behind a mutex and
-//! each keeps its own clone of the socket; **no blocking socket I/O ever happens while the
-//! connection is locked**, so a writer blocked on a full socket never stalls the reader
-//! (and the reader waiting for bytes never stalls the writer):
+//! TLS: rustls runs the handshake (mutual x509, TLS 1.3 only), then hands over the
+//! negotiated traffic keys and sequence numbers and the channel runs the TLS 1.3 record
+//! layer itself, one direction per half ([`crate::record`]), as kernel TLS offload does.
+//! The halves share nothing but the socket, so the reader and the writer never wait for
+//! each other and may live on different threads:
 //!
-//! - reading: raw bytes are read from the socket outside the lock, then fed to
-//!   `read_tls` + `process_new_packets` under it, and plaintext is taken with `reader()`;
-//! - writing: under a write mutex (which orders records on the wire), the plaintext is
-//!   encrypted and drained with `write_tls` into a buffer under the connection lock, and
-//!   that buffer is written to the socket after the connection lock is released. Records
-//!   the reader side produces (alerts, key-update answers) go out the same way.
+//! - writing: each `write` seals up to [`WRITE_BATCH`] bytes as 16 KiB records in place in
+//!   one reused buffer and writes them with one `write_all`, so the next batch is encrypted
+//!   while the peer decrypts this one;
+//! - reading: ciphertext is read in large chunks into one reused buffer, records are
+//!   opened in place there, and as much plaintext as the caller's buffer holds is copied
+//!   out per call. A socket read that would block waits in `poll` only when
+//!   [`ChannelReader::read_before`] has a deadline, so the socket's own read timeout (which
+//!   the caller owns) is never changed and costs nothing per read.
 //!
-//! Socket timeouts apply as on plain TCP: each raw read honours the socket's read timeout,
-//! and [`ChannelReader::read_before`] bounds a whole read by a deadline (a peer trickling
-//! partial TLS records cannot stretch it).
+//! Neither direction updates its keys: a direction stops with [`RecordError::KeyLimit`]
+//! after 2^24 records under AES-GCM (256 GiB; no limit under ChaCha20-Poly1305), and a
+//! peer's key update or session ticket is refused. Any malformed, altered, reordered or
+//! truncated record is a [`RecordError`] (inside an `io::Error`), and the reader stays failed
+//! after it; the end of the stream is the peer's close_notify, a TCP end without it is
+//! [`RecordError::NoCloseNotify`].
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustls::Connection;
 
 use crate::identity::PeerIdentity;
-use crate::{Result, TlsError};
+use crate::record::{
+    record_len, Opened, Opener, RecordError, Sealer, CLOSE_NOTIFY, CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA, HEADER_LEN, MAX_PLAINTEXT, MAX_RECORD,
+};
+use crate::{sys, Result, TlsError};
 
-/// Raw bytes read from the socket at a time (a TLS record is at most ~16 KiB).
-const RAW_CHUNK: usize = 32 << 10;
+/// Plaintext sealed and written per socket write: large enough to keep syscalls few,
+/// small enough that the peer decrypts one batch while the next is encrypted.
+pub const WRITE_BATCH: usize = 256 << 10;
+
+/// The reader's ciphertext buffer (room for many records per socket read).
+const READ_BUF: usize = 256 << 10;
+
+/// Raw bytes read from the socket at a time during the handshake.
+const HANDSHAKE_READ: usize = 16 << 10;
 
 /// One connection, before it is split.
 pub struct Channel {
     sock: TcpStream,
-    tls: Option<(Connection, PeerIdentity)>,
+    tls: Option<Box<TlsParts>>,
+}
+
+/// The record layer's state for both directions, taken over from rustls.
+struct TlsParts {
+    peer: PeerIdentity,
+    sealer: Sealer,
+    opener: Opener,
+    /// Ciphertext read during the handshake after its last record (the peer's first
+    /// records, when they arrived with its last handshake flight).
+    cipher: Vec<u8>,
+    /// Plaintext rustls decrypted during the handshake (none, normally).
+    plain: Vec<u8>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -55,18 +81,38 @@ impl Channel {
         Channel { sock, tls: None }
     }
 
-    pub(crate) fn tls(sock: TcpStream, mut conn: Connection) -> Result<Channel> {
-        // Each write is drained right away, so the buffer holds at most one write's records;
-        // without a limit a 1 MiB write is encrypted in one call instead of 16.
-        conn.set_buffer_limit(None);
+    /// Takes a connection whose handshake [`handshake`] completed over from rustls; `cipher`
+    /// is what `handshake` read past the handshake's last record.
+    pub(crate) fn tls(sock: TcpStream, mut conn: Connection, cipher: Vec<u8>) -> Result<Channel> {
         let peer = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .map(PeerIdentity::from_cert)
             .unwrap_or_default();
+        let mut plain = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match conn.reader().read(&mut chunk) {
+                Ok(0) => return Err(TlsError::HandshakeEof),
+                Ok(n) => plain.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .map_err(TlsError::Handshake)?;
+        let sealer = Sealer::new(secrets.tx.0, &secrets.tx.1)?;
+        let opener = Opener::new(secrets.rx.0, &secrets.rx.1)?;
         Ok(Channel {
             sock,
-            tls: Some((conn, peer)),
+            tls: Some(Box::new(TlsParts {
+                peer,
+                sealer,
+                opener,
+                cipher,
+                plain,
+            })),
         })
     }
 
@@ -77,7 +123,7 @@ impl Channel {
 
     /// The verified peer's identity (TLS only).
     pub fn peer(&self) -> Option<&PeerIdentity> {
-        self.tls.as_ref().map(|(_, p)| p)
+        self.tls.as_ref().map(|t| &t.peer)
     }
 
     /// The socket (for timeouts, `TCP_NODELAY`, and `shutdown` to wake a blocked reader).
@@ -88,8 +134,8 @@ impl Channel {
     /// Splits into a reader and a writer over clones of the socket.
     pub fn split(self) -> io::Result<(ChannelReader, ChannelWriter)> {
         let rsock = self.sock.try_clone()?;
-        match self.tls {
-            None => Ok((
+        let Some(t) = self.tls else {
+            return Ok((
                 ChannelReader {
                     sock: rsock,
                     tls: None,
@@ -98,86 +144,180 @@ impl Channel {
                     sock: self.sock,
                     tls: None,
                 },
-            )),
-            Some((conn, _)) => {
-                let shared = Arc::new(Shared {
-                    conn: Mutex::new(conn),
-                    out: Mutex::new(Vec::new()),
-                });
-                Ok((
-                    ChannelReader {
-                        sock: rsock,
-                        tls: Some(TlsRead {
-                            shared: shared.clone(),
-                            raw: vec![0; RAW_CHUNK],
-                            pos: 0,
-                            end: 0,
-                            eof: false,
-                        }),
-                    },
-                    ChannelWriter {
-                        sock: self.sock,
-                        tls: Some(shared),
-                    },
-                ))
-            }
+            ));
+        };
+        let TlsParts {
+            sealer,
+            opener,
+            cipher,
+            plain,
+            ..
+        } = *t;
+        Ok((
+            ChannelReader {
+                sock: rsock,
+                tls: Some(Box::new(TlsRead::new(opener, &plain, &cipher))),
+            },
+            ChannelWriter {
+                sock: self.sock,
+                tls: Some(TlsWrite {
+                    sealer,
+                    out: Vec::with_capacity(WRITE_BATCH / MAX_PLAINTEXT * MAX_RECORD),
+                    unusable: None,
+                }),
+            },
+        ))
+    }
+}
+
+/// The receiving direction's record layer.
+struct TlsRead {
+    opener: Opener,
+    /// `plain` (decrypted, not yet delivered) lies before `start..end` (ciphertext not yet
+    /// opened); the rest is free.
+    buf: Vec<u8>,
+    plain: (usize, usize),
+    start: usize,
+    end: usize,
+    /// The socket reached its end.
+    eof: bool,
+    /// The peer's close_notify arrived.
+    closed: bool,
+    /// A record failed: every later read fails the same way.
+    failed: Option<RecordError>,
+}
+
+impl TlsRead {
+    fn new(opener: Opener, plain: &[u8], cipher: &[u8]) -> TlsRead {
+        let mut buf = vec![0u8; READ_BUF.max(plain.len() + cipher.len() + MAX_RECORD)];
+        let p = plain.len();
+        buf[..p].copy_from_slice(plain);
+        buf[p..p + cipher.len()].copy_from_slice(cipher);
+        TlsRead {
+            opener,
+            buf,
+            plain: (0, p),
+            start: p,
+            end: p + cipher.len(),
+            eof: false,
+            closed: false,
+            failed: None,
         }
     }
-}
 
-/// The rustls connection both halves share, and the ciphertext waiting to go out.
-struct Shared {
-    conn: Mutex<Connection>,
-    /// Held for the whole of draining and writing, so records reach the socket in the order
-    /// rustls made them.
-    out: Mutex<Vec<u8>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic under the lock leaves a connection that errors on its next use: still safe.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-impl Shared {
-    /// Encrypts `plain` (if any) and writes every pending record to `sock`; the socket write
-    /// happens with only the write mutex held.
-    fn send(&self, sock: &TcpStream, plain: &[u8]) -> io::Result<usize> {
-        let mut out = lock(&self.out);
-        let n = {
-            let mut c = lock(&self.conn);
-            let n = if plain.is_empty() {
-                0
-            } else {
-                c.writer().write(plain)?
-            };
-            while c.wants_write() {
-                c.write_tls(&mut *out)?;
-            }
-            n
+    /// Opens the next record if it is all in the buffer: `Ok(false)` if it is not.
+    fn next_record(&mut self) -> std::result::Result<bool, RecordError> {
+        let avail = &mut self.buf[self.start..self.end];
+        let Some(header) = avail.first_chunk::<HEADER_LEN>() else {
+            return Ok(false);
         };
-        let r = (&*sock).write_all(&out);
-        out.clear();
-        r.map(|()| n)
+        let len = record_len(header)?;
+        let Some(record) = avail.get_mut(..len) else {
+            return Ok(false);
+        };
+        let at = self.start;
+        match self.opener.open(record)? {
+            Opened::Data(n) => self.plain = (at + HEADER_LEN, at + HEADER_LEN + n),
+            Opened::CloseNotify => self.closed = true,
+        }
+        self.start += len;
+        Ok(true)
+    }
+
+    /// Reads more ciphertext (only when no plaintext is pending), moving a partial record
+    /// to the front first.
+    fn fill(&mut self, sock: &TcpStream, deadline: Option<Instant>) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.plain = (0, 0);
+        }
+        // A partial record is under MAX_RECORD and the buffer over it: never empty.
+        let n = raw_read(sock, &mut self.buf[self.end..], deadline)?;
+        if n == 0 {
+            self.eof = true;
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Copies as much plaintext as `out` holds and is available without waiting; waits
+    /// for the socket only when nothing has been copied yet.
+    fn read(
+        &mut self,
+        sock: &TcpStream,
+        out: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        let mut n = 0;
+        while n < out.len() {
+            let (a, b) = self.plain;
+            if a < b {
+                let k = (b - a).min(out.len() - n);
+                out[n..n + k].copy_from_slice(&self.buf[a..a + k]);
+                self.plain.0 += k;
+                n += k;
+                continue;
+            }
+            if let Some(e) = &self.failed {
+                return if n > 0 { Ok(n) } else { Err(e.clone().into()) };
+            }
+            if self.closed {
+                break;
+            }
+            match self.next_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed = Some(e);
+                    continue;
+                }
+            }
+            if n > 0 {
+                break;
+            }
+            if self.eof {
+                self.failed = Some(match self.end - self.start {
+                    0 => RecordError::NoCloseNotify,
+                    partial => RecordError::Truncated(partial),
+                });
+                continue;
+            }
+            self.fill(sock, deadline)?;
+        }
+        Ok(n)
     }
 }
 
-struct TlsRead {
-    shared: Arc<Shared>,
-    /// Ciphertext read from the socket; `pos..end` not yet given to rustls.
-    raw: Vec<u8>,
-    pos: usize,
-    end: usize,
-    eof: bool,
+/// One socket read into `buf`. With a deadline: bytes already queued are taken without a
+/// wait, else it waits in `poll` at most until the deadline (`TimedOut` once it has
+/// passed). Without one: a blocking read that honours the socket's read timeout.
+fn raw_read(sock: &TcpStream, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+    let Some(deadline) = deadline else {
+        if let Some(n) = sys::recv_nowait(sock, buf)? {
+            return Ok(n);
+        }
+        return (&*sock).read(buf);
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if let Some(n) = sys::recv_nowait(sock, buf)? {
+            return Ok(n);
+        }
+        if !sys::wait_readable(sock, left)? {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+    }
 }
 
 /// The reading half (`Read`).
 pub struct ChannelReader {
     sock: TcpStream,
-    tls: Option<TlsRead>,
+    tls: Option<Box<TlsRead>>,
 }
 
 impl std::fmt::Debug for ChannelReader {
@@ -195,76 +335,72 @@ impl ChannelReader {
     }
 
     /// Reads like [`Read::read`], but no blocking socket read waits past `deadline`
-    /// (`TimedOut` once it has passed). The socket's read timeout is changed to fit.
+    /// (`TimedOut` once it has passed). On a plain channel the socket's read timeout is
+    /// changed to fit; a TLS channel waits in `poll` and leaves it alone.
     pub fn read_before(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
-        self.read_inner(buf, Some(deadline))
-    }
-
-    fn read_inner(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
-        let set_timeout = |sock: &TcpStream| -> io::Result<()> {
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                sock.set_read_timeout(Some(left))?;
-            }
-            Ok(())
-        };
-        // A socket read timeout shows as WouldBlock on Linux: under a deadline it is TimedOut.
-        let raw_read = |sock: &mut TcpStream, buf: &mut [u8]| -> io::Result<usize> {
-            set_timeout(sock)?;
-            match sock.read(buf) {
-                Err(e) if deadline.is_some() && is_timeout(&e) => {
-                    Err(io::ErrorKind::TimedOut.into())
-                }
-                r => r,
-            }
-        };
-        let Some(t) = self.tls.as_mut() else {
-            return raw_read(&mut self.sock, buf);
-        };
-        loop {
-            match lock(&t.shared.conn).reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if t.pos == t.end && !t.eof {
-                let n = raw_read(&mut self.sock, &mut t.raw)?;
-                (t.pos, t.end, t.eof) = (0, n, n == 0);
-            }
-            let (state, wants_write) = {
-                let mut c = lock(&t.shared.conn);
-                let mut rd = &t.raw[t.pos..t.end];
-                let k = c.read_tls(&mut rd)?;
-                t.pos += k;
-                let state = c.process_new_packets();
-                (state, c.wants_write())
-            };
-            if wants_write {
-                // An alert after an error, or an answer the peer asked for: best effort
-                // when the connection is already failing.
-                let sent = t.shared.send(&self.sock, &[]);
-                if state.is_ok() {
-                    sent?;
-                }
-            }
-            state.map_err(tls_err)?;
+        match self.tls.as_mut() {
+            Some(t) => t.read(&self.sock, buf, Some(deadline)),
+            None => plain_read_before(&mut self.sock, buf, deadline),
         }
+    }
+}
+
+fn plain_read_before(sock: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    sock.set_read_timeout(Some(left))?;
+    // A socket read timeout shows as WouldBlock on Linux: under a deadline it is TimedOut.
+    match sock.read(buf) {
+        Err(e) if is_timeout(&e) => Err(io::ErrorKind::TimedOut.into()),
+        r => r,
     }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_inner(buf, None)
+        match self.tls.as_mut() {
+            Some(t) => t.read(&self.sock, buf, None),
+            None => self.sock.read(buf),
+        }
+    }
+}
+
+/// The sending direction's record layer.
+struct TlsWrite {
+    sealer: Sealer,
+    /// Sealed records of one batch (reused).
+    out: Vec<u8>,
+    /// Why nothing more may be sent (closed, or a failed write left a record cut off).
+    unusable: Option<&'static str>,
+}
+
+impl TlsWrite {
+    /// Seals `plain` as records of inner type `content_type` and writes them whole.
+    fn send(&mut self, sock: &TcpStream, content_type: u8, plain: &[u8]) -> io::Result<()> {
+        if let Some(why) = self.unusable {
+            return Err(RecordError::Unusable(why).into());
+        }
+        self.out.clear();
+        for chunk in plain.chunks(MAX_PLAINTEXT) {
+            if let Err(e) = self.sealer.seal(content_type, chunk, &mut self.out) {
+                self.unusable = Some("failed (a record could not be sealed)");
+                return Err(e.into());
+            }
+        }
+        let r = (&*sock).write_all(&self.out);
+        if r.is_err() {
+            self.unusable = Some("broken (a failed write may have cut a record off)");
+        }
+        r
     }
 }
 
 /// The writing half (`Write`).
 pub struct ChannelWriter {
     sock: TcpStream,
-    tls: Option<Arc<Shared>>,
+    tls: Option<TlsWrite>,
 }
 
 impl std::fmt::Debug for ChannelWriter {
@@ -281,24 +417,28 @@ impl ChannelWriter {
         &self.sock
     }
 
-    /// TLS: sends `close_notify` (best effort); plain: nothing.
+    /// TLS: sends `close_notify` (best effort), after which every write fails; plain:
+    /// nothing.
     pub fn close_notify(&mut self) {
-        if let Some(s) = &self.tls {
-            lock(&s.conn).send_close_notify();
-            let _ = s.send(&self.sock, &[]);
+        if let Some(t) = self.tls.as_mut() {
+            if t.unusable.is_none() {
+                let _ = t.send(&self.sock, CONTENT_ALERT, &CLOSE_NOTIFY);
+                t.unusable = Some("closed (close_notify sent)");
+            }
         }
     }
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &self.tls {
+        match self.tls.as_mut() {
             None => self.sock.write(buf),
             Some(_) if buf.is_empty() => Ok(0),
-            Some(s) => match s.send(&self.sock, buf)? {
-                0 => Err(io::ErrorKind::WriteZero.into()),
-                n => Ok(n),
-            },
+            Some(t) => {
+                let n = buf.len().min(WRITE_BATCH);
+                t.send(&self.sock, CONTENT_APPLICATION_DATA, &buf[..n])?;
+                Ok(n)
+            }
         }
     }
 
@@ -314,10 +454,23 @@ impl Write for ChannelWriter {
 /// Runs a handshake on `sock` to its end (the last flight written), within `timeout`. A
 /// rustls error is sent to the peer as an alert (best effort) before it is returned. The
 /// socket's timeouts are left set to what is left of `timeout`: the caller sets its own.
-pub(crate) fn handshake(conn: &mut Connection, sock: &TcpStream, timeout: Duration) -> Result<()> {
+///
+/// rustls never gets a byte past the end of the record it is reading, and nothing after
+/// the record that completes the handshake: what the peer sent after it (its first records
+/// under the traffic keys) is returned, for the record layer to open. (Within a record bytes
+/// go to rustls as they arrive, so a header it refuses fails at once.)
+pub(crate) fn handshake(
+    conn: &mut Connection,
+    sock: &TcpStream,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     let deadline = Instant::now() + timeout;
     let mut s = sock;
     sock.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+    // `pending` starts at the record being read; rustls has its first `fed` bytes.
+    let mut pending = Vec::new();
+    let mut fed = 0;
+    let mut chunk = vec![0u8; HANDSHAKE_READ];
     loop {
         while conn.wants_write() {
             match conn.write_tls(&mut s) {
@@ -327,23 +480,49 @@ pub(crate) fn handshake(conn: &mut Connection, sock: &TcpStream, timeout: Durati
             }
         }
         if !conn.is_handshaking() {
-            return Ok(());
+            pending.drain(..fed);
+            return Ok(pending);
+        }
+        let end = record_end(&pending);
+        let avail = end.min(pending.len());
+        if fed < avail {
+            let mut part = &pending[fed..avail];
+            while !part.is_empty() {
+                if conn.read_tls(&mut part)? == 0 {
+                    return Err(TlsError::Io(io::ErrorKind::InvalidData.into()));
+                }
+                if let Err(e) = conn.process_new_packets() {
+                    let _ = conn.write_tls(&mut s);
+                    return Err(TlsError::Handshake(e));
+                }
+            }
+            fed = avail;
+            if fed == end {
+                pending.drain(..end);
+                fed = 0;
+            }
+            continue;
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(TlsError::HandshakeTimeout(timeout));
         }
         sock.set_read_timeout(Some(left))?;
-        match conn.read_tls(&mut s) {
+        match s.read(&mut chunk) {
             Ok(0) => return Err(TlsError::HandshakeEof),
-            Ok(_) => {}
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
             Err(e) if is_timeout(&e) => return Err(TlsError::HandshakeTimeout(timeout)),
             Err(e) => return Err(e.into()),
         }
-        if let Err(e) = conn.process_new_packets() {
-            let _ = conn.write_tls(&mut s);
-            return Err(TlsError::Handshake(e));
-        }
+    }
+}
+
+/// Where the record at the front of `bytes` ends (unknown until its header is there: any
+/// record type and length, rustls judges them; the length field bounds it to 64 KiB + 5).
+fn record_end(bytes: &[u8]) -> usize {
+    match bytes.first_chunk::<HEADER_LEN>() {
+        Some(h) => HEADER_LEN + usize::from(u16::from_be_bytes([h[3], h[4]])),
+        None => usize::MAX,
     }
 }
 

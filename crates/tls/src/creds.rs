@@ -118,6 +118,8 @@ impl ServerTls {
             .map_err(|e| config_err(dir, e))?;
         // One connection per migration, never resumed: no session tickets to send.
         config.send_tls13_tickets = 0;
+        // The channel runs the record layer itself after the handshake.
+        config.enable_secret_extraction = true;
         Ok(ServerTls {
             config: Arc::new(config),
             authz: authz.to_vec(),
@@ -151,8 +153,8 @@ impl ServerTls {
     pub fn accept(&self, sock: TcpStream, timeout: Duration) -> Result<Channel> {
         let conn = ServerConnection::new(self.config.clone()).map_err(TlsError::Handshake)?;
         let mut conn = rustls::Connection::Server(conn);
-        handshake(&mut conn, &sock, timeout)?;
-        Channel::tls(sock, conn)
+        let rest = handshake(&mut conn, &sock, timeout)?;
+        Channel::tls(sock, conn, rest)
     }
 
     /// Checks the peer of an accepted channel against `tls-authz`.
@@ -192,6 +194,7 @@ impl ClientTls {
             .with_client_auth_cert(certs(&dir.join(CLIENT_CERT))?, key(&dir.join(CLIENT_KEY))?)
             .map_err(|e| config_err(dir, e))?;
         config.resumption = rustls::client::Resumption::disabled();
+        config.enable_secret_extraction = true;
         if let Some(h) = hostname {
             server_name(h)?;
         }
@@ -224,8 +227,8 @@ impl ClientTls {
         let name = server_name(self.verify_name(host))?;
         let conn = ClientConnection::new(self.config.clone(), name).map_err(TlsError::Handshake)?;
         let mut conn = rustls::Connection::Client(conn);
-        handshake(&mut conn, &sock, timeout)?;
-        let chan = Channel::tls(sock, conn)?;
+        let rest = handshake(&mut conn, &sock, timeout)?;
+        let chan = Channel::tls(sock, conn, rest)?;
         check_authz(chan.peer(), &self.authz)?;
         Ok(chan)
     }

@@ -9,21 +9,27 @@
 //!   `tls-authz` check against a list of allowed names.
 //! - [`channel`]: one connection, plain or TLS, split into a reader and a writer that may be
 //!   used from different threads; plain TCP stays a bare `TcpStream` underneath (the same
-//!   bytes, one branch per buffered read or write).
+//!   bytes, one branch per buffered read or write); TLS runs rustls for the handshake and
+//!   then the record layer per direction itself.
+//! - [`record`]: the TLS 1.3 record layer (`ring::aead`) after the handshake.
 //! - [`generate`]: a fresh test CA and the five files (`ringvisor tls-creds`).
 //!
 //! The crate knows nothing of the migration protocol; it may not touch guests or KVM.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod channel;
 pub mod creds;
 pub mod generate;
 pub mod identity;
+pub mod record;
+mod sys;
 
 pub use channel::{Channel, ChannelReader, ChannelWriter};
 pub use creds::{ClientTls, ServerTls, CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 pub use generate::{generate, GenerateOptions};
 pub use identity::PeerIdentity;
+pub use record::RecordError;
 
 use std::path::PathBuf;
 
@@ -71,6 +77,9 @@ pub enum TlsError {
     /// The socket failed during the handshake.
     #[error("TLS handshake: socket: {0}")]
     Io(#[from] std::io::Error),
+    /// The negotiated traffic keys could not be taken over by the record layer.
+    #[error("TLS record layer: {0}")]
+    Record(#[from] RecordError),
     /// The peer's certificate was valid but names no identity in the `tls-authz` list.
     #[error("TLS peer identity {presented:?} is not authorized (tls-authz allows {allowed:?})")]
     NotAuthorized {

@@ -6,7 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tls::{generate, Channel, ClientTls, GenerateOptions, ServerTls, TlsError};
+use tls::channel::WRITE_BATCH;
+use tls::{generate, Channel, ClientTls, GenerateOptions, RecordError, ServerTls, TlsError};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -184,4 +185,239 @@ fn generate_refuses_to_overwrite_without_force_and_keys_are_private() {
     };
     generate(&dir, &opts).unwrap();
     assert_ne!(before, std::fs::read(dir.join(tls::CA_CERT)).unwrap());
+}
+
+/// A connected, handshaken TLS pair over loopback: (client channel, server channel).
+fn tls_pair(tag: &str) -> (Channel, Channel) {
+    let dir = creds(tag, "src");
+    let server = ServerTls::load(&dir, &[]).unwrap();
+    let client = ClientTls::load(&dir, &[], None).unwrap();
+    let (sock, h) = serve(move |s| server.accept(s, T).unwrap());
+    let c = client.connect(sock, "127.0.0.1", T).unwrap();
+    (c, h.join().unwrap())
+}
+
+fn record_error(e: &std::io::Error) -> Option<&RecordError> {
+    e.get_ref().and_then(|i| i.downcast_ref::<RecordError>())
+}
+
+#[test]
+fn writes_of_every_size_arrive_whole_and_in_order_through_reads_of_every_size() {
+    let (c, s) = tls_pair("sizes");
+    let sizes = [
+        0usize,
+        1,
+        2,
+        100,
+        16383,
+        16384,
+        16385,
+        65536,
+        WRITE_BATCH - 1,
+        WRITE_BATCH,
+        WRITE_BATCH + 1,
+        (1 << 20) + 7,
+    ];
+    let total: usize = sizes.iter().sum();
+    let data: Vec<u8> = (0..total).map(|i| (i * 13 + i / 251) as u8).collect();
+    let expect = data.clone();
+    let reader = std::thread::spawn(move || {
+        let (mut r, _w) = s.split().unwrap();
+        let mut got = Vec::with_capacity(total);
+        // Read sizes that cut records at every kind of place.
+        for (i, len) in [1usize, 7, 4096, 16384, 16385, 100_000, 1 << 20]
+            .iter()
+            .cycle()
+            .enumerate()
+        {
+            let mut b = vec![0u8; *len];
+            let n = r.read(&mut b).unwrap();
+            if n == 0 {
+                return (got, i);
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+        unreachable!()
+    });
+    let (_r, mut w) = c.split().unwrap();
+    let mut at = 0;
+    for len in sizes {
+        w.write_all(&data[at..at + len]).unwrap();
+        at += len;
+    }
+    w.close_notify();
+    let (got, _) = reader.join().unwrap();
+    assert_eq!(got.len(), expect.len());
+    assert!(got == expect, "the bytes read are the bytes written");
+    // After close_notify the writer refuses to send.
+    let e = w.write(b"late").unwrap_err();
+    assert!(
+        matches!(record_error(&e), Some(RecordError::Unusable(_))),
+        "{e}"
+    );
+}
+
+#[test]
+fn close_notify_ends_the_stream_cleanly_and_a_bare_tcp_end_is_an_error() {
+    let (c, s) = tls_pair("close");
+    let (mut cr, mut cw) = c.split().unwrap();
+    let (mut sr, mut sw) = s.split().unwrap();
+    cw.write_all(b"last words").unwrap();
+    cw.close_notify();
+    let mut v = Vec::new();
+    sr.read_to_end(&mut v).unwrap();
+    assert_eq!(v, b"last words");
+    assert_eq!(sr.read(&mut [0u8; 8]).unwrap(), 0, "the end stays the end");
+
+    // The other direction ends with a TCP FIN and no close_notify: a truncation, not an end.
+    sw.write_all(b"cut").unwrap();
+    sw.socket().shutdown(std::net::Shutdown::Write).unwrap();
+    let mut b = [0u8; 3];
+    cr.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"cut");
+    let e = cr.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(record_error(&e), Some(&RecordError::NoCloseNotify));
+}
+
+#[test]
+fn read_before_returns_what_arrived_and_leaves_the_socket_read_timeout_alone() {
+    let (c, s) = tls_pair("rb");
+    let (_cr, mut cw) = c.split().unwrap();
+    let (mut sr, _sw) = s.split().unwrap();
+    sr.socket()
+        .set_read_timeout(Some(Duration::from_secs(7)))
+        .unwrap();
+    cw.write_all(b"0123456789").unwrap();
+    let mut b = [0u8; 64];
+    let n = sr
+        .read_before(&mut b, Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(&b[..n], b"0123456789");
+    let e = sr
+        .read_before(&mut b, Instant::now() + Duration::from_millis(100))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        sr.socket().read_timeout().unwrap(),
+        Some(Duration::from_secs(7))
+    );
+    // A timeout is not a failure of the stream: the next record still arrives.
+    cw.write_all(b"more").unwrap();
+    let n = sr.read(&mut b).unwrap();
+    assert_eq!(&b[..n], b"more");
+}
+
+/// What the relay does to the first record the source sends after the handshake.
+#[derive(Clone, Copy)]
+enum Tamper {
+    FlipBodyBit,
+    OuterType(u8),
+    Length(u16),
+    /// Forward half of it, then end the stream.
+    Truncate,
+    /// Drop it and forward the rest.
+    Drop,
+}
+
+/// Runs a TLS connection through a relay that forwards whole records and alters the first
+/// application record after the handshake; returns the destination's read error.
+fn read_through_tampering_relay(tag: &str, tamper: Tamper) -> std::io::Error {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    let dir = creds(tag, "src");
+    let server = ServerTls::load(&dir, &[]).unwrap();
+    let client = ClientTls::load(&dir, &[], None).unwrap();
+    let dl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest_addr = dl.local_addr().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let dest = std::thread::spawn(move || {
+        let ch = server.accept(dl.accept().unwrap().0, T).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut r, _w) = ch.split().unwrap();
+        let mut got = vec![0u8; 100_000];
+        r.read_exact(&mut got).unwrap_err()
+    });
+    let rl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = rl.local_addr().unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let armed2 = armed.clone();
+    std::thread::spawn(move || {
+        let mut src = rl.accept().unwrap().0;
+        let mut dst = TcpStream::connect(dest_addr).unwrap();
+        let (mut back_r, mut back_w) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_r, &mut back_w));
+        loop {
+            let mut rec = vec![0u8; 5];
+            if src.read_exact(&mut rec).is_err() {
+                return;
+            }
+            let len = usize::from(u16::from_be_bytes([rec[3], rec[4]]));
+            rec.resize(5 + len, 0);
+            if src.read_exact(&mut rec[5..]).is_err() {
+                return;
+            }
+            if armed2.swap(false, Ordering::SeqCst) {
+                match tamper {
+                    Tamper::FlipBodyBit => rec[5 + len / 2] ^= 0x10,
+                    Tamper::OuterType(t) => rec[0] = t,
+                    Tamper::Length(l) => rec[3..5].copy_from_slice(&l.to_be_bytes()),
+                    Tamper::Truncate => {
+                        let _ = dst.write_all(&rec[..rec.len() / 2]);
+                        let _ = dst.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    Tamper::Drop => continue,
+                }
+            }
+            if dst.write_all(&rec).is_err() {
+                return;
+            }
+        }
+    });
+    let ch = client
+        .connect(TcpStream::connect(relay_addr).unwrap(), "127.0.0.1", T)
+        .unwrap();
+    // The destination has finished its handshake: every handshake record went through.
+    ready_rx.recv().unwrap();
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_r, mut w) = ch.split().unwrap();
+    let _ = w.write_all(&[7u8; 100_000]);
+    dest.join().unwrap()
+}
+
+#[test]
+fn a_flipped_bit_on_the_wire_is_bad_record_mac_and_no_data() {
+    let e = read_through_tampering_relay("flip", Tamper::FlipBodyBit);
+    assert_eq!(
+        record_error(&e),
+        Some(&RecordError::BadRecordMac { seq: 0 })
+    );
+}
+
+#[test]
+fn a_dropped_record_breaks_the_sequence() {
+    let e = read_through_tampering_relay("drop", Tamper::Drop);
+    assert_eq!(
+        record_error(&e),
+        Some(&RecordError::BadRecordMac { seq: 0 })
+    );
+}
+
+#[test]
+fn a_wrong_record_type_or_an_oversized_length_is_refused_from_the_header() {
+    let e = read_through_tampering_relay("type", Tamper::OuterType(22));
+    assert_eq!(record_error(&e), Some(&RecordError::WrongOuterType(22)));
+    let e = read_through_tampering_relay("len", Tamper::Length(0xffff));
+    assert_eq!(record_error(&e), Some(&RecordError::Oversized(0xffff)));
+}
+
+#[test]
+fn a_record_cut_off_by_the_end_of_the_stream_is_truncated() {
+    let e = read_through_tampering_relay("trunc", Tamper::Truncate);
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert!(
+        matches!(record_error(&e), Some(RecordError::Truncated(n)) if *n > 0),
+        "{e}"
+    );
 }
