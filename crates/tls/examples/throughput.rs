@@ -23,18 +23,20 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 /// Moves `total` bytes from a writer thread to this thread; returns MiB/s (first byte
-/// written to last byte read).
-fn run(total: u64, tls: Option<(&ServerTls, &ClientTls)>) -> f64 {
+/// written to last byte read) and the client's connect (and handshake) time in ms.
+fn run(total: u64, tls: Option<(&ServerTls, &ClientTls)>) -> (f64, f64) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let client = tls.map(|(_, c)| c.clone());
     let writer = std::thread::spawn(move || {
+        let t0 = Instant::now();
         let s = TcpStream::connect(addr).expect("connect");
         s.set_nodelay(true).expect("nodelay");
         let ch = match &client {
             Some(c) => c.connect(s, "127.0.0.1", T).expect("TLS connect"),
             None => Channel::plain(s),
         };
+        let connect_ms = t0.elapsed().as_secs_f64() * 1e3;
         let (_r, mut w) = ch.split().expect("split");
         let chunk: Vec<u8> = (0..WRITE).map(|i| (i * 31 + i / 4096) as u8).collect();
         let mut sent = 0u64;
@@ -44,7 +46,7 @@ fn run(total: u64, tls: Option<(&ServerTls, &ClientTls)>) -> f64 {
             sent += WRITE as u64;
         }
         w.close_notify();
-        t
+        (t, connect_ms)
     });
     let s = l.accept().expect("accept").0;
     s.set_nodelay(true).expect("nodelay");
@@ -61,8 +63,11 @@ fn run(total: u64, tls: Option<(&ServerTls, &ClientTls)>) -> f64 {
         got += n as u64;
     }
     let end = Instant::now();
-    let start = writer.join().expect("writer");
-    total as f64 / (1u64 << 20) as f64 / (end - start).as_secs_f64()
+    let (start, connect_ms) = writer.join().expect("writer");
+    (
+        total as f64 / (1u64 << 20) as f64 / (end - start).as_secs_f64(),
+        connect_ms,
+    )
 }
 
 fn main() {
@@ -81,12 +86,26 @@ fn main() {
         total >> 30,
         WRITE >> 10
     );
-    println!("| run | plain MiB/s | TLS MiB/s | TLS / plain |");
-    println!("|---|---|---|---|");
+    println!("| run | plain MiB/s | TLS MiB/s | TLS / plain | TCP connect ms | TLS connect + handshake ms |");
+    println!("|---|---|---|---|---|---|");
     for i in 0..runs {
-        let p = run(total, None);
-        let t = run(total, Some((&server, &client)));
-        println!("| {} | {p:.0} | {t:.0} | {:.2} |", i + 1, t / p);
+        let (p, pc) = run(total, None);
+        let (t, tc) = run(total, Some((&server, &client)));
+        println!(
+            "| {} | {p:.0} | {t:.0} | {:.2} | {pc:.2} | {tc:.2} |",
+            i + 1,
+            t / p
+        );
+    }
+    let n = arg("--handshakes", 0);
+    if n > 0 {
+        let mut ms: Vec<f64> = (0..n).map(|_| run(0, Some((&server, &client))).1).collect();
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{n} TLS handshakes: median {:.2} ms, min {:.2} ms",
+            ms[ms.len() / 2],
+            ms[0]
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

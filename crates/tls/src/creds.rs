@@ -77,9 +77,16 @@ fn config_err(dir: &Path, e: impl std::fmt::Display) -> TlsError {
 /// rustls with *ring* (no aws-lc: it needs cmake and a C toolchain at build time). rustls
 /// deprecates the *ring* provider for lacking post-quantum key exchange; the migration
 /// channel accepts that (TLS 1.3 with X25519 / P-256 / P-384, AES-GCM, ChaCha20-Poly1305).
+///
+/// X25519 comes first: the provider's default order starts with P-384, whose *ring*
+/// implementation (generic bignum arithmetic) made the key exchange the larger part of a
+/// handshake's CPU time; both groups stay available to a peer that asks.
 #[allow(deprecated)]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::kx_group;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    Arc::new(p)
 }
 
 /// The destination's side: its certificate and key, the CA its sources' certificates must
@@ -256,6 +263,20 @@ pub fn host_of(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x25519_is_offered_first_and_the_nist_groups_stay_available() {
+        use rustls::NamedGroup;
+        let names: Vec<NamedGroup> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            names,
+            [
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1
+            ]
+        );
+    }
 
     #[test]
     fn host_of_takes_the_host_of_every_address_form() {
