@@ -685,7 +685,8 @@ impl<M: GuestMem> Gic<M> {
                     if width == 2 || width == 4 {
                         let dev = self.msi_device_id;
                         // Errors are recorded by the ITS; the bus write itself succeeds.
-                        let _ = self.send_msi(i, dev, value as u32);
+                        // The update at the end of this write covers the MSI's effects.
+                        let _ = self.translate_msi(i, dev, value as u32);
                         Ok(())
                     } else {
                         Err(MmioError::WidthNotPermitted { offset: off, width })
@@ -728,6 +729,13 @@ impl<M: GuestMem> Gic<M> {
     /// An MSI from `device` with `event` arriving at ITS `its` (what a GITS_TRANSLATER write
     /// carrying that DeviceID does).
     pub fn send_msi(&mut self, its: usize, device: u32, event: u32) -> Result<(), MsiError> {
+        let r = self.translate_msi(its, device, event);
+        self.update();
+        r
+    }
+
+    /// [`Gic::send_msi`] without the update (for callers that end with their own).
+    fn translate_msi(&mut self, its: usize, device: u32, event: u32) -> Result<(), MsiError> {
         let Gic {
             its: all,
             rds,
@@ -747,7 +755,6 @@ impl<M: GuestMem> Gic<M> {
             device,
             event,
         );
-        self.update();
         r.map_err(MsiError::from)
     }
 
@@ -952,10 +959,15 @@ impl<M: GuestMem> Gic<M> {
         best
     }
 
-    /// Whether PE `pe` has an interrupt of `group` it may take now.
-    fn signalled(&self, pe: usize, group: Group) -> bool {
-        self.hppi(pe)
-            .is_some_and(|c| c.group == group && self.cpus[pe].can_signal(group, c.prio))
+    /// The IRQ (Group 1) and FIQ (Group 0) levels PE `pe`'s cached candidate drives: one
+    /// look at the candidate, which can only be of one group.
+    fn signalled_lines(&self, pe: usize) -> (bool, bool) {
+        match self.hppi(pe) {
+            Some(c) if self.cpus[pe].can_signal(c.group, c.prio) => {
+                (c.group == Group::G1, c.group == Group::G0)
+            }
+            _ => (false, false),
+        }
     }
 
     /// Recomputes the highest priority pending interrupt and the IRQ and FIQ lines of every
@@ -968,34 +980,66 @@ impl<M: GuestMem> Gic<M> {
             self.recompute_spis();
         }
         for pe in 0..self.levels.len() {
-            let touched = std::mem::take(&mut self.rds[pe].touched);
-            let stale = std::mem::take(&mut self.stale[pe]);
-            if all || touched || stale == STALE_HPPI {
-                self.hppi_cache[pe] = self.compute_hppi(pe);
-            } else if stale == STALE_NONE {
+            // Read first and clear only what is set: most PEs are clean on most accesses.
+            let touched = self.rds[pe].touched;
+            let stale = self.stale[pe];
+            if !all && !touched && stale == STALE_NONE {
                 continue;
             }
-            let irq = self.signalled(pe, Group::G1);
-            let fiq = self.signalled(pe, Group::G0);
-            if fiq == self.fiq_levels[pe] && irq == self.levels[pe] {
-                continue;
-            }
-            self.fiq_levels[pe] = fiq;
-            if irq != self.levels[pe] {
-                self.levels[pe] = irq;
-                if let Some(h) = self.irq_hook.as_mut() {
-                    h(pe, irq);
-                }
-            }
-            // Nobody else can read the shared lines unless they hold a clone, which only
-            // `irq_lines` hands out (after publishing every level): skip the atomic store,
-            // a full barrier on x86, when nobody can look.
-            if Arc::strong_count(&self.lines) > 1 {
-                self.lines.set(pe, irq, fiq);
-            }
+            self.rds[pe].touched = false;
+            self.stale[pe] = STALE_NONE;
+            self.refresh(pe, all || touched || stale == STALE_HPPI);
         }
         #[cfg(debug_assertions)]
         self.check_fast_path();
+    }
+
+    /// [`Gic::update`] for an access that can only have changed PE `pe`'s own state (its
+    /// redistributor, its CPU interface), when no SPI or global state changed: every other
+    /// PE is clean, since every entry point ends with an update, so only `pe` is looked at.
+    fn update_pe(&mut self, pe: usize) {
+        if self.all_stale || self.spi_stale {
+            self.update();
+            return;
+        }
+        #[cfg(debug_assertions)]
+        for other in (0..self.levels.len()).filter(|o| *o != pe) {
+            assert!(
+                !self.rds[other].touched && self.stale[other] == STALE_NONE,
+                "PE {other} changed by an access update_pe({pe}) assumed private"
+            );
+        }
+        let touched = std::mem::take(&mut self.rds[pe].touched);
+        let stale = std::mem::take(&mut self.stale[pe]);
+        if touched || stale != STALE_NONE {
+            self.refresh(pe, touched || stale == STALE_HPPI);
+        }
+        #[cfg(debug_assertions)]
+        self.check_fast_path();
+    }
+
+    /// Recomputes PE `pe`'s candidate (if `hppi`) and lines, and reports a line change.
+    fn refresh(&mut self, pe: usize, hppi: bool) {
+        if hppi {
+            self.hppi_cache[pe] = self.compute_hppi(pe);
+        }
+        let (irq, fiq) = self.signalled_lines(pe);
+        if fiq == self.fiq_levels[pe] && irq == self.levels[pe] {
+            return;
+        }
+        self.fiq_levels[pe] = fiq;
+        if irq != self.levels[pe] {
+            self.levels[pe] = irq;
+            if let Some(h) = self.irq_hook.as_mut() {
+                h(pe, irq);
+            }
+        }
+        // Nobody else can read the shared lines unless they hold a clone, which only
+        // `irq_lines` hands out (after publishing every level): skip the atomic store,
+        // a full barrier on x86, when nobody can look.
+        if Arc::strong_count(&self.lines) > 1 {
+            self.lines.set(pe, irq, fiq);
+        }
     }
 
     /// Level of PE `pe`'s FIQ line (Group 0 interrupts; false for an unknown PE).
@@ -1021,7 +1065,8 @@ impl<M: GuestMem> Gic<M> {
                 };
                 let v = self.acknowledge(pe, group) as u64;
                 self.stale[pe] = STALE_HPPI;
-                self.update();
+                // An acknowledged SPI marks the SPI summary stale: then every PE is looked at.
+                self.update_pe(pe);
                 v
             }
             IccReg::Hppir1 => hppir(self, Group::G1),
@@ -1080,7 +1125,13 @@ impl<M: GuestMem> Gic<M> {
         };
         let need = if hppi_input { STALE_HPPI } else { STALE_LINES };
         self.stale[pe] = self.stale[pe].max(need);
-        self.update();
+        if matches!(reg, IccReg::Sgi1r | IccReg::Sgi0r) {
+            // SGIs reach other PEs' redistributors.
+            self.update();
+        } else {
+            // A deactivated SPI marks the SPI summary stale: then every PE is looked at.
+            self.update_pe(pe);
+        }
         Ok(())
     }
 

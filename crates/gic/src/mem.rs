@@ -119,13 +119,23 @@ const COMPACT_AT: usize = 4096;
 /// into a vector (skipping a repeat of the last page), which is sorted and deduplicated in
 /// place when it fills up and when it is drained, so its length stays bounded by twice the
 /// number of distinct pages written (or 4096 entries, whichever is larger).
-#[derive(Default)]
 pub struct WriteLog {
     pages: Vec<u64>,
     /// Pages recorded since the last drain, direct-mapped (page + 1; 0 = empty slot).
     recent: [u64; RECENT_SLOTS],
     writes: u64,
     hook: Option<WriteHook>,
+}
+
+impl Default for WriteLog {
+    fn default() -> Self {
+        WriteLog {
+            pages: Vec::new(),
+            recent: [0; RECENT_SLOTS],
+            writes: 0,
+            hook: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for WriteLog {
@@ -151,9 +161,11 @@ impl WriteLog {
             let page = p * LOG_PAGE_SIZE;
             // The model's writes cycle over a few pages (each PE's pending table, the ITS
             // tables): a page already recorded since the last drain is found in a small
-            // direct-mapped set (slot = page number mod RECENT_SLOTS, holding page + 1 so
-            // that 0 means empty) and not pushed again.
-            let slot = (p as usize) % RECENT_SLOTS;
+            // direct-mapped set (holding page + 1 so that 0 means empty) and not pushed
+            // again. The slot is a multiplicative (Fibonacci) hash of the page number: the
+            // pending tables of consecutive PEs lie a fixed stride apart (64 KiB in `bench
+            // gic`), which a plain `page mod slots` folds onto the same slots.
+            let slot = recent_slot(p);
             if self.recent[slot] != page.wrapping_add(1) {
                 if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
                     self.compact();
@@ -205,9 +217,15 @@ impl WriteLog {
     }
 }
 
-/// How many of the most recently logged pages a write checks before logging its page again.
 /// Slots of the recently-recorded page set (a power of two).
-const RECENT_SLOTS: usize = 32;
+const RECENT_SLOTS: usize = 64;
+
+/// Slot of page number `p` in the recently-recorded page set: the top bits of `p` times
+/// 2^64 / golden ratio, which spreads strided page numbers over all slots.
+fn recent_slot(p: u64) -> usize {
+    const BITS: u32 = RECENT_SLOTS.trailing_zeros();
+    (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - BITS)) as usize
+}
 
 /// Guest memory plus the write log: the only path by which the model touches guest memory.
 #[derive(Debug)]
