@@ -915,45 +915,52 @@ impl<M: GuestMem> Gic<M> {
         if !g0 && !g1 {
             return None;
         }
-        // Selects, from a word of IGROUPR bits, the INTIDs whose group is enabled.
-        let sel = |group_bits: u32| {
-            (if g1 { group_bits } else { 0 }) | (if g0 { !group_bits } else { 0 })
-        };
-        let group_of = |group_bits: u32, i: u32| {
-            if group_bits & (1 << i) != 0 {
-                Group::G1
-            } else {
-                Group::G0
-            }
-        };
         let rd = &self.rds[pe];
+        // The best is the smallest (priority, INTID): SGIs/PPIs, SPIs and LPIs occupy
+        // ascending INTID ranges, so within each source the first of equal priority wins.
         let mut best: Option<Candidate> = None;
-        let mut offer = |intid: u32, prio: u8, group: Group| {
-            if best.map_or(true, |b| prio < b.prio) {
-                best = Some(Candidate { intid, prio, group });
-            }
+        let better = |c: Candidate, best: Option<Candidate>| {
+            best.map_or(true, |b| (c.prio, c.intid) < (b.prio, b.intid))
         };
-        let mut bits = rd.pending_word() & rd.enable & !rd.active & sel(rd.group);
+        // Selects, from the IGROUPR0 bits, the private INTIDs whose group is enabled.
+        let sel = (if g1 { rd.group } else { 0 }) | (if g0 { !rd.group } else { 0 });
+        let mut bits = rd.pending_word() & rd.enable & !rd.active & sel;
         while bits != 0 {
             let i = bits.trailing_zeros();
             bits &= bits - 1;
-            offer(i, rd.priority[i as usize], group_of(rd.group, i));
-        }
-        // SPIs from the running summary, in INTID order so ties go to the lower INTID.
-        let [s0, s1] = self.spi_best[pe];
-        let mut spis = [s0.filter(|_| g0), s1.filter(|_| g1)];
-        if let [Some(a), Some(b)] = spis {
-            if b.intid < a.intid {
-                spis.swap(0, 1);
+            let prio = rd.priority[i as usize];
+            if best.map_or(true, |b| prio < b.prio) {
+                let group = if rd.group & (1 << i) != 0 {
+                    Group::G1
+                } else {
+                    Group::G0
+                };
+                best = Some(Candidate {
+                    intid: i,
+                    prio,
+                    group,
+                });
             }
         }
-        for c in spis.into_iter().flatten() {
-            offer(c.intid, c.prio, c.group);
+        // SPIs from the running summary (the best per group).
+        let [s0, s1] = self.spi_best[pe];
+        for (c, enabled) in [(s0, g0), (s1, g1)] {
+            match c {
+                Some(c) if enabled && better(c, best) => best = Some(c),
+                _ => {}
+            }
         }
         // LPIs are always Group 1; the running summary keeps the best one first.
         if g1 && rd.enable_lpis {
             if let Some((prio, intid)) = rd.best_lpi() {
-                offer(intid, prio, Group::G1);
+                let c = Candidate {
+                    intid,
+                    prio,
+                    group: Group::G1,
+                };
+                if better(c, best) {
+                    best = Some(c);
+                }
             }
         }
         best

@@ -52,6 +52,7 @@ impl VecMem {
         self.range(addr, len).is_some()
     }
 
+    #[inline]
     fn range(&self, addr: u64, len: u64) -> Option<std::ops::Range<usize>> {
         let start = addr.checked_sub(self.base)?;
         let end = start.checked_add(len)?;
@@ -63,6 +64,7 @@ impl VecMem {
 }
 
 impl GuestMem for VecMem {
+    #[inline]
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let len = buf.len() as u64;
         let r = self
@@ -72,6 +74,7 @@ impl GuestMem for VecMem {
         Ok(())
     }
 
+    #[inline]
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
         let len = data.len() as u64;
         let r = self
@@ -150,6 +153,7 @@ impl std::fmt::Debug for WriteLog {
 
 impl WriteLog {
     /// Notes a write of `len` bytes at `addr`.
+    #[inline]
     pub(crate) fn record(&mut self, addr: u64, len: u64) {
         if len == 0 {
             return;
@@ -157,26 +161,41 @@ impl WriteLog {
         self.writes += 1;
         let first = addr / LOG_PAGE_SIZE;
         let last = addr.saturating_add(len - 1) / LOG_PAGE_SIZE;
-        for p in first..=last {
-            let page = p * LOG_PAGE_SIZE;
-            // The model's writes cycle over a few pages (each PE's pending table, the ITS
-            // tables): a page already recorded since the last drain is found in a small
-            // direct-mapped set (holding page + 1 so that 0 means empty) and not pushed
-            // again. The slot is a multiplicative (Fibonacci) hash of the page number: the
-            // pending tables of consecutive PEs lie a fixed stride apart (64 KiB in `bench
-            // gic`), which a plain `page mod slots` folds onto the same slots.
-            let slot = recent_slot(p);
-            if self.recent[slot] != page.wrapping_add(1) {
-                if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
-                    self.compact();
-                }
-                self.pages.push(page);
-                self.recent[slot] = page.wrapping_add(1);
-            }
+        // Almost every write of the model (a pending-table byte, an ITE, a table entry) lies
+        // within one page.
+        self.note_page(first);
+        if last != first {
+            (first + 1..=last).for_each(|p| self.note_page(p));
         }
         if let Some(h) = self.hook.as_mut() {
             h(addr, len);
         }
+    }
+
+    /// Records page number `p` unless it was recorded since the last drain.
+    ///
+    /// The model's writes cycle over a few pages (each PE's pending table, the ITS tables): a
+    /// page already recorded since the last drain is found in a small direct-mapped set
+    /// (holding page + 1 so that 0 means empty) and not pushed again. The slot is a
+    /// multiplicative (Fibonacci) hash of the page number: the pending tables of consecutive
+    /// PEs lie a fixed stride apart (64 KiB in `bench gic`), which a plain `page mod slots`
+    /// folds onto the same slots.
+    #[inline]
+    fn note_page(&mut self, p: u64) {
+        let page = p * LOG_PAGE_SIZE;
+        let slot = recent_slot(p);
+        if self.recent[slot] != page.wrapping_add(1) {
+            self.push_page(slot, page);
+        }
+    }
+
+    #[cold]
+    fn push_page(&mut self, slot: usize, page: u64) {
+        if self.pages.len() >= COMPACT_AT.max(self.pages.capacity()) {
+            self.compact();
+        }
+        self.pages.push(page);
+        self.recent[slot] = page.wrapping_add(1);
     }
 
     fn compact(&mut self) {
@@ -235,28 +254,33 @@ pub(crate) struct LoggedMem<M> {
 }
 
 impl<M: GuestMem> LoggedMem<M> {
+    #[inline]
     pub(crate) fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         self.mem.read(addr, buf)
     }
 
+    #[inline]
     pub(crate) fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         let mut b = [0u8; 8];
         self.mem.read(addr, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
+    #[inline]
     pub(crate) fn read_u8(&self, addr: u64) -> Result<u8, MemError> {
         let mut b = [0u8; 1];
         self.mem.read(addr, &mut b)?;
         Ok(b[0])
     }
 
+    #[inline]
     pub(crate) fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
         self.mem.write(addr, data)?;
         self.log.record(addr, data.len() as u64);
         Ok(())
     }
 
+    #[inline]
     pub(crate) fn write_u64(&mut self, addr: u64, v: u64) -> Result<(), MemError> {
         self.write(addr, &v.to_le_bytes())
     }
