@@ -710,6 +710,35 @@ struct Translation {
     icid: u16,
 }
 
+/// The table a GITS_BASER<n> register describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TableGeom {
+    valid: bool,
+    indirect: bool,
+    /// Physical address of the table (the level-1 table when indirect).
+    base: u64,
+    /// Entry size in bytes.
+    esz: u64,
+    /// Size of the (level-1) table in bytes.
+    bytes: u64,
+    /// Page size in bytes.
+    page: u64,
+}
+
+impl TableGeom {
+    fn of(baser: u64) -> TableGeom {
+        let page = baser_page_size(baser);
+        TableGeom {
+            valid: baser & GITS_BASER_VALID != 0,
+            indirect: baser & GITS_BASER_INDIRECT != 0,
+            base: baser_address(baser),
+            esz: ((baser >> GITS_BASER_ENTRY_SIZE_SHIFT) & 0x1F) + 1,
+            bytes: ((baser & GITS_BASER_SIZE_MASK) + 1) * page,
+            page,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Its {
     cfg: ItsConfig,
@@ -719,6 +748,8 @@ pub(crate) struct Its {
     creadr: u64,
     stalled: bool,
     baser: [u64; GITS_BASER_COUNT],
+    /// `baser`, decoded whenever one is written (every translation looks tables up).
+    geom: [TableGeom; GITS_BASER_COUNT],
     errors: VecDeque<ItsErrorRecord>,
     error_count: u64,
     commands_processed: u64,
@@ -808,6 +839,7 @@ impl Its {
             creadr: 0,
             stalled: false,
             baser: [0; GITS_BASER_COUNT],
+            geom: [TableGeom::default(); GITS_BASER_COUNT],
             errors: VecDeque::new(),
             error_count: 0,
             commands_processed: 0,
@@ -819,13 +851,19 @@ impl Its {
             } else {
                 0
             };
-            its.baser[n] = its.baser_ro_bits(n) | page;
+            its.set_baser(n, its.baser_ro_bits(n) | page);
         }
         its
     }
 
     pub(crate) fn config(&self) -> &ItsConfig {
         &self.cfg
+    }
+
+    /// Sets GITS_BASER<n> (the only way it changes) and its decoded table.
+    fn set_baser(&mut self, n: usize, v: u64) {
+        self.baser[n] = v;
+        self.geom[n] = TableGeom::of(v);
     }
 
     /// A GICv4.0 ITS (v4.0 command forms, per-vLPI doorbells only).
@@ -1016,7 +1054,7 @@ impl Its {
                     if (v >> GITS_BASER_PAGE_SIZE_SHIFT) & GITS_BASER_PAGE_SIZE_FIELD == 3 {
                         v &= !(1 << GITS_BASER_PAGE_SIZE_SHIFT);
                     }
-                    self.baser[n] = v | self.baser_ro_bits(n);
+                    self.set_baser(n, v | self.baser_ro_bits(n));
                 }
                 Ok(false)
             }
@@ -1105,15 +1143,18 @@ impl Its {
         n: usize,
         index: u64,
     ) -> Result<Slot, MemError> {
-        let baser = self.baser[n];
-        if baser & GITS_BASER_VALID == 0 {
+        let TableGeom {
+            valid,
+            indirect,
+            base,
+            esz,
+            bytes,
+            page,
+        } = self.geom[n];
+        if !valid {
             return Ok(Slot::OutOfRange);
         }
-        let esz = ((baser >> GITS_BASER_ENTRY_SIZE_SHIFT) & 0x1F) + 1;
-        let page = baser_page_size(baser);
-        let bytes = ((baser & GITS_BASER_SIZE_MASK) + 1) * page;
-        let base = baser_address(baser);
-        if baser & GITS_BASER_INDIRECT == 0 {
+        if !indirect {
             return Ok(if (index + 1) * esz <= bytes {
                 Slot::At(base + index * esz)
             } else {
@@ -1289,8 +1330,10 @@ impl Its {
                 event,
                 icid,
             } => self.map_event(env, device, event, event, icid),
-            ItsCommand::Int { device, event } => self.deliver(env, device, event, true),
-            ItsCommand::Clear { device, event } => self.deliver(env, device, event, false),
+            ItsCommand::Int { device, event } => self.deliver(env, device, event, true).map(drop),
+            ItsCommand::Clear { device, event } => {
+                self.deliver(env, device, event, false).map(drop)
+            }
             ItsCommand::Inv { device, event } => {
                 if let Some(vt) = self.vtranslation(env, device, event)? {
                     if let Some(v4) = env.v41.as_deref_mut() {
@@ -1388,13 +1431,16 @@ impl Its {
         Ok(())
     }
 
+    /// Sets or clears an event's pending state. Returns the PE whose redistributor holds
+    /// the physical LPI (the only state changed), or `None` for a virtual LPI (which may
+    /// also ring a doorbell elsewhere).
     fn deliver<M: GuestMem>(
         &mut self,
         env: &mut ItsEnv<'_, M>,
         device: u32,
         event: u32,
         pending: bool,
-    ) -> Result<(), ItsCommandError> {
+    ) -> Result<Option<usize>, ItsCommandError> {
         if let Some(vt) = self.vtranslation(env, device, event)? {
             if let Some(v4) = env.v41.as_deref_mut() {
                 if self.is_v40() {
@@ -1404,21 +1450,23 @@ impl Its {
                 }
                 v4.set_vlpi_pending(env.rds, env.mem, vt.vpeid, vt.vintid, pending, vt.db)?;
             }
-            return Ok(());
+            return Ok(None);
         }
         let t = self.translation(env.mem, device, event)?;
         let pe = self.collection_target(env.mem, env.gic, t.icid)?;
         env.rds[pe].set_lpi_pending(env.mem, t.intid, pending)?;
-        Ok(())
+        Ok(Some(pe))
     }
 
     /// An MSI write to GITS_TRANSLATER from `device` with `event`. Errors are recorded.
+    /// Returns what [`Its::deliver`] does: the PE whose redistributor alone changed, if
+    /// that is known.
     pub(crate) fn translate<M: GuestMem>(
         &mut self,
         env: &mut ItsEnv<'_, M>,
         device: u32,
         event: u32,
-    ) -> Result<(), ItsCommandError> {
+    ) -> Result<Option<usize>, ItsCommandError> {
         let r = if self.enabled {
             self.deliver(env, device, event, true)
         } else {
@@ -1971,11 +2019,12 @@ impl Its {
         self.creadr = s.creadr & GITS_CMDQ_OFFSET_MASK;
         self.stalled = s.stalled;
         for n in 0..GITS_BASER_COUNT {
-            self.baser[n] = if self.baser_type(n) == GITS_BASER_TYPE_NONE {
+            let v = if self.baser_type(n) == GITS_BASER_TYPE_NONE {
                 0
             } else {
                 (s.baser[n] & GITS_BASER_RW_MASK) | self.baser_ro_bits(n)
             };
+            self.set_baser(n, v);
         }
         self.errors = s
             .errors

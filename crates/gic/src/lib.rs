@@ -680,31 +680,36 @@ impl<M: GuestMem> Gic<M> {
                     Ok(())
                 }
             }
-            Frame::Its(i, off) => {
-                if off == GITS_TRANSLATER {
-                    if width == 2 || width == 4 {
-                        let dev = self.msi_device_id;
-                        // Errors are recorded by the ITS; the bus write itself succeeds.
-                        // The update at the end of this write covers the MSI's effects.
-                        let _ = self.translate_msi(i, dev, value as u32);
-                        Ok(())
-                    } else {
-                        Err(MmioError::WidthNotPermitted { offset: off, width })
-                    }
-                } else {
-                    match self.its[i].write_reg(off, width, value) {
-                        Ok(true) => {
-                            self.run_its(i);
-                            Ok(())
-                        }
-                        Ok(false) => Ok(()),
-                        Err(e) => Err(e),
-                    }
+            Frame::Its(i, GITS_TRANSLATER) => return self.write_translater(i, width, value),
+            Frame::Its(i, off) => match self.its[i].write_reg(off, width, value) {
+                Ok(true) => {
+                    self.run_its(i);
+                    Ok(())
                 }
-            }
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            },
         };
         self.update();
         r
+    }
+
+    /// A GITS_TRANSLATER write: an MSI from the DeviceID set by [`Gic::set_msi_device_id`].
+    /// A physical LPI changes one redistributor, so only its PE is updated.
+    fn write_translater(&mut self, its: usize, width: u8, value: u64) -> Result<(), MmioError> {
+        if width != 2 && width != 4 {
+            return Err(MmioError::WidthNotPermitted {
+                offset: GITS_TRANSLATER,
+                width,
+            });
+        }
+        let dev = self.msi_device_id;
+        // Errors are recorded by the ITS; the bus write itself succeeds.
+        match self.translate_msi(its, dev, value as u32) {
+            Ok(Some(pe)) => self.update_pe(pe),
+            _ => self.update(),
+        }
+        Ok(())
     }
 
     fn run_its(&mut self, i: usize) {
@@ -730,12 +735,21 @@ impl<M: GuestMem> Gic<M> {
     /// carrying that DeviceID does).
     pub fn send_msi(&mut self, its: usize, device: u32, event: u32) -> Result<(), MsiError> {
         let r = self.translate_msi(its, device, event);
-        self.update();
-        r
+        match r {
+            Ok(Some(pe)) => self.update_pe(pe),
+            _ => self.update(),
+        }
+        r.map(drop)
     }
 
-    /// [`Gic::send_msi`] without the update (for callers that end with their own).
-    fn translate_msi(&mut self, its: usize, device: u32, event: u32) -> Result<(), MsiError> {
+    /// [`Gic::send_msi`] without the update (for callers that end with their own). Returns
+    /// the PE whose redistributor alone the MSI changed, if that is known (a physical LPI).
+    fn translate_msi(
+        &mut self,
+        its: usize,
+        device: u32,
+        event: u32,
+    ) -> Result<Option<usize>, MsiError> {
         let Gic {
             its: all,
             rds,

@@ -68,6 +68,7 @@ impl Default for ReadySet {
 impl ReadySet {
     const SMALL: usize = 64;
 
+    #[inline]
     pub(crate) fn insert(&mut self, k: (u8, u32)) {
         match self {
             ReadySet::Small(v) => {
@@ -75,9 +76,7 @@ impl ReadySet {
                     if v.len() < Self::SMALL {
                         v.insert(i, k);
                     } else {
-                        let mut b: BTreeSet<(u8, u32)> = v.drain(..).collect();
-                        b.insert(k);
-                        *self = ReadySet::Large(b);
+                        self.grow(k);
                     }
                 }
             }
@@ -87,23 +86,48 @@ impl ReadySet {
         }
     }
 
+    /// Switches a full vector to a B-tree holding its keys and `k`.
+    #[cold]
+    fn grow(&mut self, k: (u8, u32)) {
+        if let ReadySet::Small(v) = self {
+            let mut b: BTreeSet<(u8, u32)> = v.drain(..).collect();
+            b.insert(k);
+            *self = ReadySet::Large(b);
+        }
+    }
+
+    #[inline]
     pub(crate) fn remove(&mut self, k: (u8, u32)) {
         match self {
             ReadySet::Small(v) => {
                 if let Ok(i) = v.binary_search(&k) {
-                    v.remove(i);
+                    // Usually the only or the last key: no move of the rest.
+                    if i + 1 == v.len() {
+                        v.pop();
+                    } else {
+                        v.remove(i);
+                    }
                 }
             }
             ReadySet::Large(b) => {
                 b.remove(&k);
                 if b.len() < Self::SMALL / 4 {
-                    let v: Vec<(u8, u32)> = b.iter().copied().collect();
-                    *self = ReadySet::Small(v);
+                    self.shrink();
                 }
             }
         }
     }
 
+    /// Switches a B-tree that has become small back to a sorted vector.
+    #[cold]
+    fn shrink(&mut self) {
+        if let ReadySet::Large(b) = self {
+            let v: Vec<(u8, u32)> = b.iter().copied().collect();
+            *self = ReadySet::Small(v);
+        }
+    }
+
+    #[inline]
     pub(crate) fn first(&self) -> Option<(u8, u32)> {
         match self {
             ReadySet::Small(v) => v.first().copied(),
