@@ -980,10 +980,10 @@ impl<M: GuestMem> Gic<M> {
         best
     }
 
-    /// The IRQ (Group 1) and FIQ (Group 0) levels PE `pe`'s cached candidate drives: one
-    /// look at the candidate, which can only be of one group.
-    fn signalled_lines(&self, pe: usize) -> (bool, bool) {
-        match self.hppi(pe) {
+    /// The IRQ (Group 1) and FIQ (Group 0) levels candidate `c` drives at PE `pe`: one look
+    /// at the candidate, which can only be of one group.
+    fn signalled_lines(&self, pe: usize, c: Option<Candidate>) -> (bool, bool) {
+        match c {
             Some(c) if self.cpus[pe].can_signal(c.group, c.prio) => {
                 (c.group == Group::G1, c.group == Group::G0)
             }
@@ -1041,10 +1041,14 @@ impl<M: GuestMem> Gic<M> {
 
     /// Recomputes PE `pe`'s candidate (if `hppi`) and lines, and reports a line change.
     fn refresh(&mut self, pe: usize, hppi: bool) {
-        if hppi {
-            self.hppi_cache[pe] = self.compute_hppi(pe);
-        }
-        let (irq, fiq) = self.signalled_lines(pe);
+        let c = if hppi {
+            let c = self.compute_hppi(pe);
+            self.hppi_cache[pe] = c;
+            c
+        } else {
+            self.hppi(pe)
+        };
+        let (irq, fiq) = self.signalled_lines(pe, c);
         if fiq == self.fiq_levels[pe] && irq == self.levels[pe] {
             return;
         }

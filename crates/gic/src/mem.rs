@@ -336,7 +336,10 @@ mod tests {
         assert_eq!(log.total_writes(), 10_000);
         let mut out = Vec::new();
         log.drain_pages_into(&mut out);
-        assert_eq!(out, vec![0x4001_0000, 0x4002_0000, 0x4003_0000, 0x4004_0000]);
+        assert_eq!(
+            out,
+            vec![0x4001_0000, 0x4002_0000, 0x4003_0000, 0x4004_0000]
+        );
     }
 
     #[test]
