@@ -143,6 +143,7 @@ impl CpuIf {
     }
 
     /// Whether the CPU interface accepts interrupts of `group` (ICC_IGRPEN0/1).
+    #[inline]
     pub(crate) fn group_enabled(&self, group: Group) -> bool {
         match group {
             Group::G0 => self.igrpen0,
@@ -152,6 +153,7 @@ impl CpuIf {
 
     /// Group priority of `prio` under its group's binary point: bits \[7:BPR0+1\] for
     /// Group 0, bits \[7:BPR1\] for Group 1.
+    #[inline]
     pub(crate) fn group_priority(&self, group: Group, prio: u8) -> u8 {
         let shift = match group {
             Group::G0 => (self.bpr0 + 1).min(BPR_MAX + 1),
@@ -162,6 +164,7 @@ impl CpuIf {
 
     /// ICC_RPR_EL1: group priority of the highest priority active interrupt of either group,
     /// or idle.
+    #[inline]
     pub(crate) fn running_priority(&self) -> u8 {
         let ap = self.ap0r0 | self.ap1r0;
         if ap == 0 {
@@ -174,11 +177,13 @@ impl CpuIf {
     /// Whether an interrupt of `group` and priority `prio` may be signalled now: below the
     /// priority mask and able to preempt the running priority (group enables are applied
     /// when the highest priority pending interrupt is chosen).
+    #[inline]
     pub(crate) fn can_signal(&self, group: Group, prio: u8) -> bool {
         prio < self.pmr && self.group_priority(group, prio) < self.running_priority()
     }
 
     /// Records the activation of an interrupt in its group's active priorities.
+    #[inline]
     pub(crate) fn activate_priority(&mut self, group: Group, prio: u8) {
         let level = self.group_priority(group, prio) >> (8 - PRIORITY_BITS);
         match group {
@@ -190,6 +195,7 @@ impl CpuIf {
     /// Priority drop for `group`: clears the highest priority active level if it belongs to
     /// that group. Returns false (and changes nothing) when no priority is active or the
     /// highest active priority belongs to the other group (UNPREDICTABLE in the architecture).
+    #[inline]
     pub(crate) fn drop_priority(&mut self, group: Group) -> bool {
         let lowest = |v: u32| if v == 0 { 32 } else { v.trailing_zeros() };
         let (mine, other) = match group {
