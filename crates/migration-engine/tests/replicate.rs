@@ -265,6 +265,11 @@ fn assert_image_is_epoch(r: &Run) {
     );
     let blobs: Vec<Vec<u8>> = last.states.iter().map(|s| s.2.clone()).collect();
     assert_eq!(blobs, r.vcpu_writes[i]);
+    // The checkpoint carried its epoch's output (what a failover replays).
+    assert_eq!(
+        String::from_utf8_lossy(&last.output),
+        format!("epoch {}\n", last.epoch)
+    );
 }
 
 fn guest_runs_on(vm: &FakeVm) {
@@ -299,6 +304,17 @@ fn twenty_checkpoints_are_applied_and_the_standby_image_is_the_primary_at_the_la
         assert_eq!(r.standby.applied, 20);
         assert_eq!(r.standby.last.as_ref().unwrap().epoch, 20);
         assert_image_is_epoch(&r);
+        let cps = &r.sum.checkpoints;
+        if tracker == TrackerMode::Ring {
+            // Pre-copy ran (pages copied while the guest ran, some copied again) and the
+            // image is still the primary at the pause, above.
+            assert!(cps.iter().map(|c| c.precopy_pages).sum::<u64>() > 0);
+        } else {
+            // The bitmap trackers collect only in the pause: everything is copied there.
+            assert!(cps
+                .iter()
+                .all(|c| c.precopy_pages == 0 && c.pause_copy_pages == c.pages));
+        }
         // Output commit: every line of every epoch came out, in order.
         let all: Vec<u8> = r.released.concat();
         let want: String = (1..=20).map(|e| format!("epoch {e}\n")).collect();

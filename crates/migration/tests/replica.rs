@@ -3,10 +3,13 @@
 
 use migration::wire::replica::{
     CheckpointBuf, ReplicaAck, ReplicaAckReader, ReplicaAckWriter, ReplicaLimits, ReplicaMessage,
-    ReplicaReader, ReplicaSink, ReplicaState, ReplicaWriter,
+    ReplicaReader, ReplicaSink, ReplicaState, ReplicaWriter, MAX_CHECKPOINT_OUTPUT,
+    MAX_OUTPUT_FRAME,
 };
 use migration::wire::{Hello, MemoryLayout, Region, WireError};
 use migration::TrackerMode;
+
+mod common;
 
 const PAGES: u64 = 64;
 
@@ -14,6 +17,7 @@ const PAGES: u64 = 64;
 struct Sink {
     seeded: Vec<(u64, Option<Vec<u8>>)>,
     staged: Vec<(u64, Option<Vec<u8>>)>,
+    output: Vec<u8>,
 }
 
 impl ReplicaSink for Sink {
@@ -22,6 +26,9 @@ impl ReplicaSink for Sink {
     }
     fn stage_page(&mut self, gpa: u64, data: Option<&[u8]>) {
         self.staged.push((gpa, data.map(<[u8]>::to_vec)));
+    }
+    fn stage_output(&mut self, data: &[u8]) {
+        self.output.extend_from_slice(data);
     }
 }
 
@@ -41,8 +48,9 @@ fn page(v: u8) -> Vec<u8> {
     p
 }
 
-/// A stream: open, seed of 4 pages, then `epochs` checkpoints of 3 pages (one zero) and two
-/// state blobs each. Returns the bytes and where each checkpoint starts and ends.
+/// A stream: open, seed of 4 pages, then `epochs` checkpoints of 3 pages (one zero), two
+/// state blobs and the output `out N` each. Returns the bytes and where each checkpoint
+/// starts and ends.
 fn stream(epochs: u64) -> (Vec<u8>, Vec<(usize, usize)>) {
     let mut w = ReplicaWriter::with_batch_pages(Vec::new(), 2);
     w.open(&Hello::new(TrackerMode::Ring, 2), &layout())
@@ -66,6 +74,7 @@ fn stream(epochs: u64) -> (Vec<u8>, Vec<(usize, usize)>) {
         cp.push_zero(3 * 4096);
         cp.push_state(1, 0, b"vcpu0");
         cp.push_state(1, 1, b"vcpu1-state");
+        assert!(cp.push_output(format!("out {e}\n").as_bytes()));
         let start = w.get_ref().len();
         w.send_checkpoint(&cp).unwrap();
         bounds.push((start, w.get_ref().len()));
@@ -132,6 +141,85 @@ fn checkpoints_round_trip_with_their_pages_states_and_epochs() {
         })
         .collect();
     assert_eq!(ends, vec![1, 2, 3]);
+    assert_eq!(sink.output, b"out 1\nout 2\nout 3\n");
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| matches!(m, ReplicaMessage::Output(6)))
+            .count(),
+        3
+    );
+}
+
+/// Checkpoint `k`'s Begin frame in `bytes` rewritten with `output` announced (and its
+/// `bytes` adjusted by as much), its frame CRC recomputed.
+fn with_begin_output(bytes: &[u8], start: usize, output: u32) -> Vec<u8> {
+    let hdr = &bytes[start..start + 16];
+    assert_eq!(hdr[0], 0x45, "a Begin frame");
+    let seq = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+    let mut payload = bytes[start + 16..start + 16 + 32].to_vec();
+    let old = u32::from_le_bytes(payload[28..32].try_into().unwrap());
+    let total = u64::from_le_bytes(payload[16..24].try_into().unwrap());
+    let total = total - u64::from(old) + u64::from(output);
+    payload[16..24].copy_from_slice(&total.to_le_bytes());
+    payload[28..32].copy_from_slice(&output.to_le_bytes());
+    let mut b = bytes[..start].to_vec();
+    b.extend_from_slice(&common::raw_frame(0x45, seq, &payload));
+    b.extend_from_slice(&bytes[start + 16 + 32..]);
+    b
+}
+
+#[test]
+fn a_checkpoint_with_less_output_than_its_begin_announced_never_ends() {
+    let (bytes, bounds) = stream(2);
+    let b = with_begin_output(&bytes, bounds[1].0, 7);
+    let (applied, err, _) = read_all(&b);
+    assert_eq!(applied, vec![1]);
+    assert!(
+        matches!(err, Some(WireError::Malformed { what }) if what.contains("less than")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_checkpoint_with_more_output_than_its_begin_announced_fails_at_that_frame() {
+    let (bytes, bounds) = stream(2);
+    let b = with_begin_output(&bytes, bounds[1].0, 5);
+    let (applied, err, _) = read_all(&b);
+    assert_eq!(applied, vec![1]);
+    assert!(
+        matches!(err, Some(WireError::Malformed { what }) if what.contains("more than its Begin")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_begin_announcing_more_output_than_a_checkpoint_may_carry_is_refused() {
+    let (bytes, bounds) = stream(2);
+    let b = with_begin_output(&bytes, bounds[1].0, MAX_CHECKPOINT_OUTPUT + 1);
+    let (applied, err, _) = read_all(&b);
+    assert_eq!(applied, vec![1]);
+    assert!(
+        matches!(err, Some(WireError::Malformed { what }) if what.contains("guest output")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn output_larger_than_a_frame_goes_in_several_and_arrives_whole() {
+    let mut w = ReplicaWriter::new(Vec::new());
+    w.open(&Hello::new(TrackerMode::Ring, 1), &layout())
+        .unwrap();
+    w.finish_seed().unwrap();
+    let mut cp = CheckpointBuf::with_capacity(1);
+    cp.reset(1);
+    let out: Vec<u8> = (0..MAX_OUTPUT_FRAME * 2 + 10).map(|i| i as u8).collect();
+    assert!(cp.push_output(&out));
+    w.send_checkpoint(&cp).unwrap();
+    w.send_shutdown("done").unwrap();
+    let (applied, err, sink) = read_all(w.get_ref());
+    assert_eq!(applied, vec![1]);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(sink.output, out);
 }
 
 #[test]
@@ -225,4 +313,49 @@ fn acks_must_start_with_ready_and_count_epochs_in_order() {
 
 fn w_bytes(w: ReplicaAckWriter<Vec<u8>>) -> Vec<u8> {
     w.get_ref().clone()
+}
+
+fn fill(v: u8) -> impl FnOnce(&mut [u8]) -> Result<(), ()> {
+    move |b: &mut [u8]| {
+        b.copy_from_slice(&page(v));
+        if v == 0 {
+            b.fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_page_put_again_replaces_its_copy_and_goes_out_once() {
+    let mut cp = CheckpointBuf::with_capacity(1);
+    cp.reset(1);
+    cp.put_page_with(4096, fill(1)).unwrap();
+    cp.put_page_with(2 * 4096, fill(0)).unwrap();
+    cp.put_page_with(3 * 4096, fill(3)).unwrap();
+    // Copied again after the guest wrote them: data to data, zero to data, data to zero.
+    cp.put_page_with(4096, fill(9)).unwrap();
+    cp.put_page_with(2 * 4096, fill(8)).unwrap();
+    cp.put_page_with(3 * 4096, fill(0)).unwrap();
+    let pages: Vec<(u64, Option<Vec<u8>>)> = cp
+        .iter_pages()
+        .map(|(g, d)| (g, d.map(<[u8]>::to_vec)))
+        .collect();
+    assert_eq!(
+        pages,
+        vec![
+            (4096, Some(page(9))),
+            (2 * 4096, Some(page(8))),
+            (3 * 4096, None)
+        ]
+    );
+    assert_eq!((cp.pages(), cp.zero_pages()), (3, 1));
+    let mut w = ReplicaWriter::new(Vec::new());
+    w.open(&Hello::new(TrackerMode::Ring, 1), &layout())
+        .unwrap();
+    w.finish_seed().unwrap();
+    w.send_checkpoint(&cp).unwrap();
+    w.send_shutdown("done").unwrap();
+    let (applied, err, sink) = read_all(w.get_ref());
+    assert_eq!(applied, vec![1], "{err:?}");
+    assert_eq!(sink.staged, pages);
 }

@@ -196,7 +196,8 @@ pub enum BenchCmd {
     },
     /// Continuous replication per checkpoint (real KVM, in process, loopback standby that
     /// verifies and discards): pause (median, p99; collect/copy/state), pause-to-ack latency,
-    /// bytes, stalls; per tracker, guest size (sparse), dirty pages per epoch and epoch.
+    /// bytes, stalls, the guest's progress versus unreplicated; per tracker, guest size
+    /// (sparse), dirty pages per epoch and epoch. Then failover times with a real standby.
     Replicate {
         /// Trackers.
         #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
@@ -216,6 +217,19 @@ pub enum BenchCmd {
         /// Dirty ring entries per vCPU.
         #[arg(long, default_value_t = 65536)]
         ring_entries: u32,
+        /// Failovers per guest size and way of losing the primary (link closed, silent),
+        /// with a real standby; 0: no failover table.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+        failover_runs: u32,
+        /// The standby's heartbeat timeout in the failover runs, ms.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600000))]
+        heartbeat_timeout_ms: u64,
+        /// Also run the copy probe: the dirty pages' copy timed several ways (ring).
+        #[arg(long)]
+        copy_probe: bool,
+        /// Write an SVG plot of the pause versus guest size here.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -467,6 +481,10 @@ pub fn run(which: BenchCmd) -> Result<i32> {
             epochs_ms,
             checkpoints,
             ring_entries,
+            failover_runs,
+            heartbeat_timeout_ms,
+            copy_probe,
+            plot,
             json,
         } => {
             let trackers = trackers
@@ -487,9 +505,13 @@ pub fn run(which: BenchCmd) -> Result<i32> {
                 epochs_ms,
                 checkpoints,
                 ring_entries,
+                failover_runs,
+                heartbeat_timeout: std::time::Duration::from_millis(heartbeat_timeout_ms),
+                copy_probe,
+                plot,
             };
             let r = bench::replicate::run(&o, &mut Bar::new(json))?;
-            print(json, &r, || bench::replicate::to_markdown(&r))
+            print(json, &r, || r.to_markdown())
         }
         BenchCmd::Gic {
             pes,

@@ -160,7 +160,7 @@ pub fn standby(o: StandbyOpts) -> Result<i32> {
     let t = std::time::Instant::now();
     let vm = failover(image, &last).context("failing over")?;
     eprintln!(
-        "[standby] primary lost ({reason}); resumed the guest from checkpoint {} ({} applied{}) in {:.1} ms",
+        "[standby] primary lost ({reason}); resumed the guest from checkpoint {} ({} applied{}) in {:.1} ms, after replaying its epoch's {} bytes of output",
         last.epoch,
         rep.applied,
         if rep.dropped_partial {
@@ -168,11 +168,13 @@ pub fn standby(o: StandbyOpts) -> Result<i32> {
         } else {
             ""
         },
-        t.elapsed().as_secs_f64() * 1e3
+        t.elapsed().as_secs_f64() * 1e3,
+        last.output.len()
     );
     if o.json {
         let mut r = report;
         r["resumed_epoch"] = serde_json::json!(last.epoch);
+        r["replayed_output_bytes"] = serde_json::json!(last.output.len());
         println!("{r}");
     }
     std::io::stdout().flush()?;

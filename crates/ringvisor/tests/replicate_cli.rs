@@ -2,9 +2,9 @@
 //! PVH guest that dirties memory and prints per-CPU progress reports is replicated every
 //! 50 ms; the primary is SIGKILLed at random moments; every time the standby resumes the
 //! guest from its last applied checkpoint, and the console output the primary released
-//! (output commit) is a prefix of the resumed guest's: no report released by the primary is
-//! printed again by the standby (the resumed state is never behind what the outside saw),
-//! and the standby continues the numbering. Needs /dev/kvm (else `SKIP(kvm)`).
+//! (output commit) followed by the standby's (the replayed output of the last applied
+//! checkpoint, then the resumed guest's) is the guest's output with no report missing: at
+//! least once, the last epoch's lines possibly twice. Needs /dev/kvm (else `SKIP(kvm)`).
 //! `RINGVISOR_REPLICATE_KILLS=N` sets the number of kills (default 5).
 
 use std::io::{BufRead, BufReader};
@@ -28,6 +28,29 @@ fn reports(text: &str, cpu: u64) -> Vec<u64> {
             }
         })
         .collect()
+}
+
+/// Whether `text` (complete lines only) holds each CPU's reports as 1, 2, 3, ... with none
+/// missing or repeated.
+fn consecutive(text: &str) -> bool {
+    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    (0..2).all(|cpu| {
+        reports(whole, cpu)
+            .iter()
+            .enumerate()
+            .all(|(k, r)| *r == k as u64 + 1)
+    })
+}
+
+/// The length of the standby output's start that repeats the end of the released output,
+/// such that released + the rest of the standby's output is seamless (`None`: there is a gap
+/// or a repeat that is not one).
+fn seamless_overlap(released: &str, standby: &str) -> Option<usize> {
+    let (a, b) = (released.as_bytes(), standby.as_bytes());
+    (0..=a.len().min(b.len())).rev().find(|&o| {
+        a.ends_with(&b[..o])
+            && consecutive(&(released.to_string() + &String::from_utf8_lossy(&b[o..])))
+    })
 }
 
 fn one_kill(kernel: &std::path::Path, kill_after: Duration, i: u32) {
@@ -107,31 +130,22 @@ fn one_kill(kernel: &std::path::Path, kill_after: Duration, i: u32) {
         a.len(),
         b.len()
     );
-    // Output is released up to a checkpoint, which may fall inside a console line: only the
-    // complete lines of what was released are counted (the resumed guest completes the cut
-    // line, and its own first line may start in the middle of one).
-    let released_lines = &a[..a.rfind('\n').map_or(0, |i| i + 1)];
+    // The standby first replays the output of the last checkpoint it applied (the primary
+    // may have died before releasing it), then the resumed guest continues. So the console
+    // the outside saw, released + standby, is the guest's output with nothing missing: the
+    // standby's output starts either right where the released output ends or with a repeat
+    // of its end (the last epoch's output, if the primary had released it).
+    let repeat = seamless_overlap(&a, &b).unwrap_or_else(|| {
+        panic!("released + standby output is not the guest's output without a gap:\n--- released\n{a}\n--- standby\n{b}\n{log}")
+    });
+    let resumed_part = &b[repeat..];
     for cpu in 0..2 {
-        let (ra, rb) = (reports(released_lines, cpu), reports(&b, cpu));
         assert!(
-            ra.iter().enumerate().all(|(k, r)| *r == k as u64 + 1),
-            "cpu {cpu}: released reports are not 1, 2, 3...: {ra:?}"
-        );
-        assert!(
-            !rb.is_empty(),
+            !reports(resumed_part, cpu).is_empty(),
             "cpu {cpu}: the resumed guest printed nothing:\n{b}\n{log}"
         );
-        assert!(
-            rb.windows(2).all(|w| w[1] == w[0] + 1),
-            "cpu {cpu}: standby reports {rb:?}"
-        );
-        let released = ra.last().copied().unwrap_or(0);
-        assert!(
-            rb[0] > released,
-            "cpu {cpu}: the primary released report {released}, the resumed guest printed {} again",
-            rb[0]
-        );
     }
+    eprintln!("kill {i}: the standby repeated {repeat} bytes the primary had released");
     let _ = std::fs::remove_file(pc);
     let _ = std::fs::remove_file(sc);
 }

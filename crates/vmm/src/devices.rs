@@ -301,6 +301,16 @@ impl Devices {
             .unwrap_or(0)
     }
 
+    /// Writes `bytes` to the console as if the guest had written them (captured and echoed
+    /// where its output goes), without touching the UART's registers: a replication standby
+    /// replays the output of the last checkpoint it applied before the guest resumes.
+    pub fn replay_output(&self, bytes: &[u8]) -> std::io::Result<()> {
+        match self.uart().as_mut() {
+            Some(u) => u.writer_mut().write_all(bytes),
+            None => Ok(()),
+        }
+    }
+
     /// The console output so far.
     pub fn capture(&self) -> Capture {
         self.capture

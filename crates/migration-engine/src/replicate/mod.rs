@@ -75,6 +75,11 @@ pub struct CheckpointStats {
     pub pages: u64,
     /// Of which zero markers.
     pub zero_pages: u64,
+    /// Page copies made while the guest ran (ring pre-copy; a page the guest wrote again
+    /// after its copy is copied again).
+    pub precopy_pages: u64,
+    /// Pages copied inside the pause.
+    pub pause_copy_pages: u64,
     /// Bytes on the wire.
     pub bytes: u64,
     /// Pause to resume, µs.
@@ -83,7 +88,8 @@ pub struct CheckpointStats {
     pub park_us: u64,
     /// The final collect, µs.
     pub collect_us: u64,
-    /// Copying the dirty pages into the checkpoint buffer, µs.
+    /// Copying the dirty pages not copied yet (ring: those written since the last harvest)
+    /// into the checkpoint buffer, µs.
     pub copy_us: u64,
     /// vCPU and device state (and the output capture), µs.
     pub state_us: u64,

@@ -78,6 +78,16 @@ impl OutputCommit {
         self.marks.push_back((epoch, self.held.len()));
     }
 
+    /// What the last [`OutputCommit::capture`] took (the output of its epoch, held until
+    /// that checkpoint is applied): the checkpoint carries it, so a standby that fails over
+    /// can show it if the primary died before releasing it.
+    pub fn last_captured(&self) -> &[u8] {
+        let n = self.marks.len();
+        let end = self.marks.back().map_or(0, |m| m.1);
+        let start = if n >= 2 { self.marks[n - 2].1 } else { 0 };
+        &self.held[start..end]
+    }
+
     /// The standby applied `epoch`: releases the output of every epoch up to it. Output
     /// captured after that checkpoint stays held.
     pub fn release(&mut self, epoch: u64) -> std::io::Result<u64> {
@@ -183,6 +193,24 @@ mod tests {
         assert_eq!(c.release(4).unwrap(), 3);
         assert_eq!(&out.0.lock().unwrap()[..], b"a1 b2 c3 ");
         assert_eq!(c.released_bytes(), 9);
+    }
+
+    #[test]
+    fn last_captured_is_exactly_the_output_of_the_epoch_just_captured() {
+        let out = Shared::default();
+        let mut c = OutputCommit::new(Box::new(out.clone()));
+        c.capture(&mut Src(b"one ".to_vec()), 1);
+        assert_eq!(c.last_captured(), b"one ");
+        c.capture(&mut Src(b"two ".to_vec()), 2);
+        assert_eq!(c.last_captured(), b"two ");
+        c.release(1).unwrap();
+        assert_eq!(c.last_captured(), b"two ");
+        c.release(2).unwrap();
+        c.capture(&mut Src(Vec::new()), 3);
+        assert_eq!(c.last_captured(), b"");
+        c.capture(&mut Src(b"four".to_vec()), 4);
+        assert_eq!(c.last_captured(), b"four");
+        assert_eq!(&out.0.lock().unwrap()[..], b"one two ");
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //!
 //! Handshake (Hello, Layout, the standby's Ready), the tracker started, the seed (all of
 //! memory, sent while the guest runs), then epochs: the guest runs; with the ring the dirty
-//! pages are harvested every `harvest_interval` meanwhile, so the pause only takes the last
-//! entries; pause; final collect; the dirty pages and the vCPU and device state copied into
-//! the reused checkpoint buffer; the guest's output of the epoch captured (output commit);
-//! resume; the checkpoint sent while the guest runs. One checkpoint is in flight: the next
-//! pause waits for the standby's ack of the previous one (counted and timed as a stall),
-//! nothing is dropped. A standby that fails, closes, or does not ack within `ack_timeout`
+//! pages are harvested every `harvest_interval` meanwhile and copied into the reused
+//! checkpoint buffer at once (pre-copy: the harvest re-protected them before the copy, so a
+//! later write shows up in a later harvest and the page is copied again), so the pause only
+//! takes and copies what the guest wrote since the last harvest; pause; final collect; those
+//! pages and the vCPU and device state copied into the checkpoint buffer; the guest's output
+//! of the epoch captured (output commit); resume; the checkpoint sent while the guest runs.
+//! The bitmap trackers collect only in the pause, so they copy every page there. One
+//! checkpoint is in flight: the next pause waits for the standby's ack of the previous one
+//! (counted and timed as a stall), nothing is dropped. A standby that fails, closes, or does not ack within `ack_timeout`
 //! is reported lost and the guest runs on here.
 
 use std::io::BufWriter;
@@ -27,6 +30,11 @@ use crate::error::MigrationError;
 use crate::seam::MigratableVm;
 use crate::source::Populated;
 use crate::{unix_ns, STATE_KIND_MACHINE, STATE_KIND_VCPU};
+
+/// Ring: at most this many harvest-and-copy rounds right before a pause ...
+const FINAL_HARVESTS: u32 = 3;
+/// ... stopping after a round that copied no more than this many pages.
+const FINAL_HARVEST_ENOUGH: u64 = 64;
 
 /// Primary parameters (QEMU's COLO calls the epoch `x-checkpoint-delay`).
 #[derive(Debug, Clone)]
@@ -135,6 +143,8 @@ struct Primary<'a> {
     dirty: DirtyPageSet,
     ones: Vec<u64>,
     cp: CheckpointBuf,
+    /// Pages copied into `cp` while the guest ran (ring), for the checkpoint being built.
+    precopied: u64,
     paused: bool,
     last_sent: Instant,
     /// The checkpoint in flight: (epoch, when its pause began, when it was sent).
@@ -209,6 +219,7 @@ impl<'a> Primary<'a> {
             dirty: DirtyPageSet::new(&slots),
             ones: vec![u64::MAX; words],
             cp: CheckpointBuf::with_capacity(1024),
+            precopied: 0,
             paused: false,
             last_sent: Instant::now(),
             in_flight: None,
@@ -234,6 +245,7 @@ impl<'a> Primary<'a> {
         let mut t = self.vm.tracker()?;
         t.start().map_err(MigrationError::from)?;
         self.tracker = Some(t);
+        self.cp.reset(1);
         self.ctl.update(|i| i.status = ReplicationStatus::Seeding);
         self.seed()?;
         self.ctl.update(|i| i.status = ReplicationStatus::Active);
@@ -290,13 +302,28 @@ impl<'a> Primary<'a> {
         Ok(())
     }
 
-    /// Ring tracker: moves the pages dirtied so far into the next checkpoint's set, so the
-    /// pause collects only the last entries.
+    /// Ring tracker: collects the pages dirtied so far and copies them into the next
+    /// checkpoint while the guest runs, so the pause collects and copies only the last ones.
     fn harvest(&mut self) -> std::result::Result<(), Stop> {
         if self.vm.tracker_mode() == TrackerMode::Ring {
             self.collect()?;
+            self.precopied += self.copy_dirty()?;
         }
         Ok(())
+    }
+
+    /// Copies every page of the dirty set into the checkpoint (replacing an earlier copy of
+    /// the same page) and empties the set; returns the pages copied. Sound while the guest
+    /// runs because the tracker re-protected the pages before `collect` returned them.
+    fn copy_dirty(&mut self) -> std::result::Result<u64, Stop> {
+        let vm = self.vm;
+        let mut n = 0;
+        for gpa in self.dirty.iter_gpa() {
+            self.cp.put_page_with(gpa, |b| vm.read_page(gpa, b))?;
+            n += 1;
+        }
+        self.dirty.clear();
+        Ok(n)
     }
 
     fn collect(&mut self) -> std::result::Result<(), Stop> {
@@ -432,18 +459,30 @@ impl<'a> Primary<'a> {
     /// Pause, collect, copy, state, output, resume; then send. Returns when the guest
     /// resumed.
     fn checkpoint(&mut self, epoch: u64) -> std::result::Result<Instant, Stop> {
+        // Ring: harvest and copy right before pausing (again while that copied many pages),
+        // so the pause copies only what the guest wrote during the last of these copies.
+        if self.vm.tracker_mode() == TrackerMode::Ring {
+            for _ in 0..FINAL_HARVESTS {
+                let before = self.precopied;
+                self.harvest()?;
+                if self.precopied - before <= FINAL_HARVEST_ENOUGH {
+                    break;
+                }
+            }
+        }
         let t0 = Instant::now();
         self.vm.pause(self.opts.pause_timeout)?;
         self.paused = true;
         let t_parked = Instant::now();
         self.collect()?;
         let t1 = Instant::now();
-        self.cp.reset(epoch);
-        let vm = self.vm;
-        for gpa in self.dirty.iter_gpa() {
-            self.cp.push_page_with(gpa, |b| vm.read_page(gpa, b))?;
+        if self.cp.epoch() != epoch {
+            return Err(Stop::Vm(MigrationError::Internal(format!(
+                "checkpoint buffer of epoch {} at checkpoint {epoch}",
+                self.cp.epoch()
+            ))));
         }
-        self.dirty.clear();
+        let copied = self.copy_dirty()?;
         let t2 = Instant::now();
         for (i, blob) in self.vm.save_vcpus()?.iter().enumerate() {
             self.cp.push_state(STATE_KIND_VCPU, i as u32, blob);
@@ -453,12 +492,22 @@ impl<'a> Primary<'a> {
         }
         if let Some(o) = self.output.as_mut() {
             o.commit.capture(&mut *o.src, epoch);
+            if !self.cp.push_output(o.commit.last_captured()) {
+                tracing::warn!(
+                    epoch,
+                    "the epoch's output exceeds what a checkpoint carries"
+                );
+            }
         }
         let t3 = Instant::now();
         self.vm.resume();
         self.paused = false;
         let resumed = Instant::now();
         let bytes = self.w.send_checkpoint(&self.cp)?;
+        let (pages, zero_pages) = (self.cp.pages(), self.cp.zero_pages());
+        // Sent (and flushed): the buffer takes the next epoch's pages from now on.
+        self.cp.reset(epoch + 1);
+        let precopied = std::mem::take(&mut self.precopied);
         self.last_sent = Instant::now();
         self.in_flight = Some((epoch, t0, self.last_sent));
         let us = |a: Instant, b: Instant| b.duration_since(a).as_micros() as u64;
@@ -469,8 +518,10 @@ impl<'a> Primary<'a> {
         }
         self.sum.checkpoints.push(CheckpointStats {
             epoch,
-            pages: self.cp.pages(),
-            zero_pages: self.cp.zero_pages(),
+            pages,
+            zero_pages,
+            precopy_pages: precopied,
+            pause_copy_pages: copied,
             bytes,
             pause_us: us(t0, resumed),
             park_us: us(t0, t_parked),

@@ -144,10 +144,16 @@ impl ReplicaImage for VmImage {
 
 /// Restores `cp` (the last applied checkpoint) into the image's VM and starts its vCPUs: the
 /// guest resumes from that checkpoint. Every vCPU state is checked against the image first.
+/// The output of the checkpoint's epoch (which the primary may have died before releasing)
+/// goes out on the console first: output is shown at least once, never lost (the last
+/// epoch's may be shown twice).
 pub fn failover(image: VmImage, cp: &AppliedCheckpoint) -> Result<Vm> {
     let (vcpus, machine) = image.decode(&cp.states)?;
     let mut sum = crate::dest::IncomingSummary::default();
     crate::dest::restore(&image.vm, &vcpus, machine.as_ref(), &mut sum)?;
+    if let (Some(d), false) = (image.vm.devices(), cp.output.is_empty()) {
+        d.replay_output(&cp.output)?;
+    }
     let mut vm = image.vm;
     vm.start(None)?;
     Ok(vm)
@@ -182,6 +188,9 @@ pub struct AppliedCheckpoint {
     pub epoch: u64,
     /// Its state blobs (kind, instance, bytes).
     pub states: Vec<(u32, u32, Vec<u8>)>,
+    /// The guest's output during its epoch (released by the primary only once it read the
+    /// ack of this checkpoint; replayed by [`failover`]).
+    pub output: Vec<u8>,
 }
 
 /// How the primary's stream ended.
@@ -236,6 +245,7 @@ struct Staging {
     words: Vec<u64>,
     data: Vec<u8>,
     states: Vec<(u32, u32, Vec<u8>)>,
+    output: Vec<u8>,
 }
 
 struct Sink<'a, I: ReplicaImage> {
@@ -262,6 +272,9 @@ impl<I: ReplicaImage> ReplicaSink for Sink<'_, I> {
             }
             None => self.staging.words.push(gpa | 1),
         }
+    }
+    fn stage_output(&mut self, data: &[u8]) {
+        self.staging.output.extend_from_slice(data);
     }
 }
 
@@ -424,6 +437,7 @@ fn receive<I: ReplicaImage>(
                 staging.words.clear();
                 staging.data.clear();
                 staging.states.clear();
+                staging.output.clear();
             }
             ReplicaMessage::State {
                 kind,
@@ -469,9 +483,11 @@ fn apply<I: ReplicaImage>(
     let last = rep.last.get_or_insert_with(AppliedCheckpoint::default);
     last.epoch = epoch;
     std::mem::swap(&mut last.states, &mut staging.states);
+    std::mem::swap(&mut last.output, &mut staging.output);
     staging.words.clear();
     staging.data.clear();
     staging.states.clear();
+    staging.output.clear();
     rep.applied += 1;
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! of the checkpoint). [`ReplicaReader`] returns `End` only once the checkpoint is complete
 //! and every count and the checksum agree; a standby applies its staged pages only then.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 
 use super::frame::{Cursor, FrameReader, FrameWriter};
@@ -22,10 +23,16 @@ use crate::PAGE_SIZE;
 
 /// First 8 bytes of each direction of a replication stream.
 pub const REPLICA_MAGIC: [u8; 8] = *b"RVREPLIC";
-/// Replication protocol version this build speaks (and the only one it accepts).
-pub const REPLICA_VERSION: u32 = 1;
+/// Replication protocol version this build speaks (and the only one it accepts). Version 2
+/// carries each epoch's guest output inside its checkpoint (`Output`, Begin's `output`).
+pub const REPLICA_VERSION: u32 = 2;
 /// Most state blobs in one checkpoint (one per vCPU up to 1024, plus devices).
 pub const MAX_CHECKPOINT_STATES: u32 = 1024 + 16;
+/// Most guest output one checkpoint carries (the VMM's console capture holds as much in
+/// all); a primary keeps the first this many bytes of an epoch's output.
+pub const MAX_CHECKPOINT_OUTPUT: u32 = 64 << 20;
+/// Most output bytes in one `Output` frame.
+pub const MAX_OUTPUT_FRAME: usize = 1 << 20;
 
 /// Frame tags of the replication stream (primary to standby below 0xc0, answers above).
 pub mod rtag {
@@ -37,7 +44,7 @@ pub mod rtag {
     pub const SEED_PAGES: u8 = 0x43;
     /// End of the initial copy: `pages u64`.
     pub const SEED_DONE: u8 = 0x44;
-    /// A checkpoint begins: `epoch u64, pages u64, bytes u64, states u32, reserved u32`.
+    /// A checkpoint begins: `epoch u64, pages u64, bytes u64, states u32, output u32`.
     pub const BEGIN: u8 = 0x45;
     /// A batch of a checkpoint's pages (staged on the standby).
     pub const PAGES: u8 = 0x46;
@@ -49,6 +56,9 @@ pub mod rtag {
     pub const HEARTBEAT: u8 = 0x49;
     /// The primary ends replication on purpose (the standby must not take over): reason.
     pub const SHUTDOWN: u8 = 0x4a;
+    /// Part of a checkpoint's guest output (what the guest sent out during the epoch the
+    /// checkpoint ends, held on the primary until the standby applied it): bytes.
+    pub const OUTPUT: u8 = 0x4b;
     /// Standby: image built, send the seed.
     pub const READY: u8 = 0xc1;
     /// Standby: checkpoint `epoch u64` applied.
@@ -68,29 +78,49 @@ pub struct CheckpointHeader {
     pub bytes: u64,
     /// State blobs it carries.
     pub states: u32,
+    /// Bytes of guest output it carries.
+    pub output: u32,
 }
 
 /// A checkpoint held on the primary: the dirty pages and the state captured while the guest
-/// was paused, sent after it resumed. Built in place and reused from one epoch to the next,
-/// so after the first few epochs a checkpoint allocates nothing.
+/// was paused, sent after it resumed. Built in place and reused from one epoch to the next:
+/// its page area only grows (and is written once when it does, so it is faulted in before
+/// any pause needs it), so after the first few epochs a checkpoint neither allocates nor
+/// zero-fills: a page is read straight into its place. A page can be put again (its copy
+/// replaced in place), so pages can be copied while the guest runs and copied again in the
+/// pause only if the guest wrote them since.
 #[derive(Debug, Default)]
 pub struct CheckpointBuf {
     epoch: u64,
     /// One address word per page: GPA, bit 0 set for a zero page.
     words: Vec<u64>,
-    /// The data pages, in the order of their words.
+    /// Per word: its page's slot in `data` (meaningful for a data page only).
+    slots: Vec<u32>,
+    /// Page slots; `data[..data_len]` is in use, the rest is room already faulted in.
     data: Vec<u8>,
+    data_len: usize,
+    /// Data pages (words without the zero bit).
+    live: u64,
+    /// GPA to word index, for putting a page again.
+    index: HashMap<u64, u32>,
     /// (kind, instance, bytes); vectors beyond `nstates` are kept for reuse.
     states: Vec<(u32, u32, Vec<u8>)>,
     nstates: usize,
+    /// The epoch's guest output (at most [`MAX_CHECKPOINT_OUTPUT`] bytes).
+    output: Vec<u8>,
 }
 
+const PAGE: usize = PAGE_SIZE as usize;
+
 impl CheckpointBuf {
-    /// An empty buffer with room for `pages` data pages.
+    /// An empty buffer with room for `pages` data pages, faulted in now.
     pub fn with_capacity(pages: usize) -> Self {
         CheckpointBuf {
             words: Vec::with_capacity(pages),
-            data: Vec::with_capacity(pages * PAGE_SIZE as usize),
+            slots: Vec::with_capacity(pages),
+            // Written (not calloc'd zero pages), so no pause takes the first-touch faults.
+            data: vec![0xa5; pages * PAGE],
+            index: HashMap::with_capacity(pages),
             ..Self::default()
         }
     }
@@ -99,8 +129,12 @@ impl CheckpointBuf {
     pub fn reset(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.words.clear();
-        self.data.clear();
+        self.slots.clear();
+        self.index.clear();
+        self.data_len = 0;
+        self.live = 0;
         self.nstates = 0;
+        self.output.clear();
     }
 
     /// The checkpoint's epoch.
@@ -115,40 +149,101 @@ impl CheckpointBuf {
 
     /// Pages held as zero markers.
     pub fn zero_pages(&self) -> u64 {
-        self.words.len() as u64 - (self.data.len() as u64 / PAGE_SIZE)
+        self.words.len() as u64 - self.live
     }
 
     /// Bytes of memory this buffer holds (data pages and state), for capacity reports.
     pub fn held_bytes(&self) -> u64 {
         let st: usize = self.states[..self.nstates].iter().map(|s| s.2.len()).sum();
-        (self.data.len() + st) as u64
+        self.live * PAGE_SIZE + st as u64
+    }
+
+    /// The next free slot, growing the page area if needed (at least doubling, so growth is
+    /// rare and its new room is faulted in once).
+    fn free_slot(&mut self) -> usize {
+        let end = self.data_len + PAGE;
+        if self.data.len() < end {
+            let want = end.max(self.data.len() * 2);
+            self.data.resize(want, 0xa5);
+        }
+        self.data_len / PAGE
+    }
+
+    /// Reads into slot `slot`; whether the page is all zero.
+    fn fill<E>(
+        &mut self,
+        slot: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let page = &mut self.data[slot * PAGE..(slot + 1) * PAGE];
+        read(page)?;
+        Ok(is_zero_page(page))
     }
 
     /// Adds the page at `gpa`, filled by `read` (4096 bytes) straight into the buffer; an
-    /// all-zero page is kept as a marker only.
+    /// all-zero page is kept as a marker only. (A page added twice goes out twice; see
+    /// [`CheckpointBuf::put_page_with`].)
     pub fn push_page_with<E>(
         &mut self,
         gpa: u64,
         read: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let at = self.data.len();
-        self.data.resize(at + PAGE_SIZE as usize, 0);
-        if let Err(e) = read(&mut self.data[at..]) {
-            self.data.truncate(at);
-            return Err(e);
-        }
-        if is_zero_page(&self.data[at..]) {
-            self.data.truncate(at);
+        let slot = self.free_slot();
+        let zero = self.fill(slot, read)?;
+        self.index.insert(gpa, self.words.len() as u32);
+        if zero {
             self.words.push(gpa | PAGE_ZERO_FLAG);
+            self.slots.push(0);
         } else {
             self.words.push(gpa);
+            self.slots.push(slot as u32);
+            self.data_len += PAGE;
+            self.live += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds the page at `gpa` like [`CheckpointBuf::push_page_with`], or, if the buffer
+    /// already holds it, replaces its copy in place. After an error the buffer must be
+    /// reset (the page's old copy may be half overwritten).
+    pub fn put_page_with<E>(
+        &mut self,
+        gpa: u64,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(&i) = self.index.get(&gpa) else {
+            return self.push_page_with(gpa, read);
+        };
+        let i = i as usize;
+        let had_data = self.words[i] & PAGE_ZERO_FLAG == 0;
+        let slot = if had_data {
+            self.slots[i] as usize
+        } else {
+            self.free_slot()
+        };
+        let zero = self.fill(slot, read)?;
+        match (had_data, zero) {
+            // Its slot stays allocated (unused) until the next reset.
+            (true, true) => {
+                self.words[i] |= PAGE_ZERO_FLAG;
+                self.live -= 1;
+            }
+            (false, false) => {
+                self.words[i] &= !PAGE_ZERO_FLAG;
+                self.slots[i] = slot as u32;
+                self.data_len += PAGE;
+                self.live += 1;
+            }
+            _ => {}
         }
         Ok(())
     }
 
     /// Adds a zero marker for `gpa`.
     pub fn push_zero(&mut self, gpa: u64) {
+        self.index.insert(gpa, self.words.len() as u32);
         self.words.push(gpa | PAGE_ZERO_FLAG);
+        self.slots.push(0);
     }
 
     /// Adds a state blob (copied into a reused vector).
@@ -164,6 +259,20 @@ impl CheckpointBuf {
         self.nstates += 1;
     }
 
+    /// Adds the guest's output of the epoch (kept up to [`MAX_CHECKPOINT_OUTPUT`] bytes in
+    /// all; returns false if some was left out).
+    pub fn push_output(&mut self, data: &[u8]) -> bool {
+        let room = MAX_CHECKPOINT_OUTPUT as usize - self.output.len();
+        let n = data.len().min(room);
+        self.output.extend_from_slice(&data[..n]);
+        n == data.len()
+    }
+
+    /// The guest output held.
+    pub fn output(&self) -> &[u8] {
+        &self.output
+    }
+
     /// The state blobs held.
     pub fn states(&self) -> impl Iterator<Item = (u32, u32, &[u8])> {
         self.states[..self.nstates]
@@ -173,14 +282,12 @@ impl CheckpointBuf {
 
     /// The pages held: (GPA, `Some(data)` or `None` for a zero page).
     pub fn iter_pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> {
-        let mut off = 0usize;
-        self.words.iter().map(move |&w| {
+        self.words.iter().zip(&self.slots).map(move |(&w, &slot)| {
             if w & PAGE_ZERO_FLAG != 0 {
                 (w & !PAGE_FLAG_MASK, None)
             } else {
-                let d = &self.data[off..off + PAGE_SIZE as usize];
-                off += PAGE_SIZE as usize;
-                (w, Some(d))
+                let at = slot as usize * PAGE;
+                (w, Some(&self.data[at..at + PAGE]))
             }
         })
     }
@@ -196,8 +303,13 @@ impl CheckpointBuf {
         CheckpointHeader {
             epoch: self.epoch,
             pages,
-            bytes: batches * 8 + pages * 8 + self.data.len() as u64 + states,
+            bytes: batches * 8
+                + pages * 8
+                + self.live * PAGE_SIZE
+                + states
+                + self.output.len() as u64,
             states: self.nstates as u32,
+            output: self.output.len() as u32,
         }
     }
 }
@@ -355,7 +467,7 @@ impl<W: Write> ReplicaWriter<W> {
         self.fw.put_u64(h.pages);
         self.fw.put_u64(h.bytes);
         self.fw.put_u32(h.states);
-        self.fw.put_u32(0);
+        self.fw.put_u32(h.output);
         self.fw.finish()?;
         let mut crc = 0u32;
         let mut pages = cp.iter_pages().peekable();
@@ -391,6 +503,12 @@ impl<W: Write> ReplicaWriter<W> {
             self.fw.put_u32(kind);
             self.fw.put_u32(instance);
             self.fw.buf.extend_from_slice(data);
+            crc = crc32c::crc32c_append(crc, &self.fw.buf[HEADER_LEN..]);
+            self.fw.finish()?;
+        }
+        for chunk in cp.output().chunks(MAX_OUTPUT_FRAME) {
+            self.fw.start(rtag::OUTPUT);
+            self.fw.buf.extend_from_slice(chunk);
             crc = crc32c::crc32c_append(crc, &self.fw.buf[HEADER_LEN..]);
             self.fw.finish()?;
         }
@@ -444,6 +562,8 @@ pub trait ReplicaSink {
     fn seed_page(&mut self, gpa: u64, data: Option<&[u8]>);
     /// A page of the open checkpoint (`None`: all zero).
     fn stage_page(&mut self, gpa: u64, data: Option<&[u8]>);
+    /// Part of the open checkpoint's guest output, in order.
+    fn stage_output(&mut self, _data: &[u8]) {}
 }
 
 /// One message of the replication stream, as [`ReplicaReader::recv`] returns it.
@@ -470,6 +590,8 @@ pub enum ReplicaMessage {
         /// Its bytes.
         data: Vec<u8>,
     },
+    /// Part of the open checkpoint's guest output (this many bytes) went to the sink.
+    Output(u32),
     /// The open checkpoint arrived completely and verified: it may be applied.
     End(CheckpointHeader),
     /// The primary is alive.
@@ -541,6 +663,7 @@ struct Open {
     pages: u64,
     bytes: u64,
     states: u32,
+    output: u64,
     crc: u32,
 }
 
@@ -626,6 +749,7 @@ impl<R: Read> ReplicaReader<R> {
             rtag::STATE => Some(8 + MAX_STATE_BLOB as usize),
             rtag::END | rtag::HEARTBEAT => Some(16),
             rtag::SHUTDOWN => Some(MAX_REASON_LEN),
+            rtag::OUTPUT => Some(MAX_OUTPUT_FRAME),
             _ => None,
         })?;
         use ReplicaState as S;
@@ -653,6 +777,7 @@ impl<R: Read> ReplicaReader<R> {
             (rtag::BEGIN, S::Idle) => self.on_begin(),
             (rtag::PAGES, S::InCheckpoint) => self.on_checkpoint_pages(sink),
             (rtag::STATE, S::InCheckpoint) => self.on_state(),
+            (rtag::OUTPUT, S::InCheckpoint) => self.on_output(sink),
             (rtag::END, S::InCheckpoint) => self.on_end(),
             (rtag::HEARTBEAT, S::Seeding | S::Idle) => {
                 let mut c = Cursor::new(&self.fr.buf, "Heartbeat payload");
@@ -741,9 +866,7 @@ impl<R: Read> ReplicaReader<R> {
         let what = "Begin payload";
         let mut c = Cursor::new(&self.fr.buf, what);
         let (epoch, pages, bytes, states) = (c.u64()?, c.u64()?, c.u64()?, c.u32()?);
-        if c.u32()? != 0 {
-            return Err(WireError::Malformed { what });
-        }
+        let output = c.u32()?;
         c.end()?;
         if epoch != self.last_epoch.wrapping_add(1) {
             return Err(WireError::Malformed {
@@ -754,6 +877,11 @@ impl<R: Read> ReplicaReader<R> {
         if pages > total || states > MAX_CHECKPOINT_STATES {
             return Err(WireError::Malformed {
                 what: "Begin: more pages than guest memory or too many state blobs",
+            });
+        }
+        if output > MAX_CHECKPOINT_OUTPUT || u64::from(output) > bytes {
+            return Err(WireError::Malformed {
+                what: "Begin: more guest output than a checkpoint may carry",
             });
         }
         let max = self.max_checkpoint();
@@ -769,12 +897,14 @@ impl<R: Read> ReplicaReader<R> {
             pages,
             bytes,
             states,
+            output,
         };
         self.open = Some(Open {
             h,
             pages: 0,
             bytes: 0,
             states: 0,
+            output: 0,
             crc: 0,
         });
         self.state = ReplicaState::InCheckpoint;
@@ -782,7 +912,7 @@ impl<R: Read> ReplicaReader<R> {
     }
 
     /// Accounts a checkpoint frame's payload against what Begin announced.
-    fn account(&mut self, pages: u64, states: u32) -> Result<(), WireError> {
+    fn account(&mut self, pages: u64, states: u32, output: u64) -> Result<(), WireError> {
         let len = self.fr.buf.len() as u64;
         let o = self.open.as_mut().ok_or(WireError::Malformed {
             what: "checkpoint frame outside a checkpoint",
@@ -790,7 +920,12 @@ impl<R: Read> ReplicaReader<R> {
         o.pages += pages;
         o.bytes += len;
         o.states += states;
-        if o.pages > o.h.pages || o.bytes > o.h.bytes || o.states > o.h.states {
+        o.output += output;
+        if o.pages > o.h.pages
+            || o.bytes > o.h.bytes
+            || o.states > o.h.states
+            || o.output > u64::from(o.h.output)
+        {
             return Err(WireError::Malformed {
                 what: "checkpoint carries more than its Begin announced",
             });
@@ -807,7 +942,7 @@ impl<R: Read> ReplicaReader<R> {
         // Begin announced is staged.
         let mut c = Cursor::new(&self.fr.buf, "page batch payload");
         let count = c.u32()?;
-        self.account(u64::from(count), 0)?;
+        self.account(u64::from(count), 0, 0)?;
         let n = self.on_pages(sink, false)?;
         Ok(ReplicaMessage::Pages(n))
     }
@@ -816,12 +951,24 @@ impl<R: Read> ReplicaReader<R> {
         let mut c = Cursor::new(&self.fr.buf, "State payload");
         let (kind, instance) = (c.u32()?, c.u32()?);
         let data = c.rest().to_vec();
-        self.account(0, 1)?;
+        self.account(0, 1, 0)?;
         Ok(ReplicaMessage::State {
             kind,
             instance,
             data,
         })
+    }
+
+    fn on_output(&mut self, sink: &mut dyn ReplicaSink) -> Result<ReplicaMessage, WireError> {
+        let n = self.fr.buf.len();
+        if n == 0 {
+            return Err(WireError::Malformed {
+                what: "an empty Output frame",
+            });
+        }
+        self.account(0, 0, n as u64)?;
+        sink.stage_output(&self.fr.buf);
+        Ok(ReplicaMessage::Output(n as u32))
     }
 
     fn on_end(&mut self) -> Result<ReplicaMessage, WireError> {
@@ -838,7 +985,11 @@ impl<R: Read> ReplicaReader<R> {
                 what: "End: epoch differs from its Begin",
             });
         }
-        if o.pages != o.h.pages || o.bytes != o.h.bytes || o.states != o.h.states {
+        if o.pages != o.h.pages
+            || o.bytes != o.h.bytes
+            || o.states != o.h.states
+            || o.output != u64::from(o.h.output)
+        {
             return Err(WireError::Malformed {
                 what: "End: the checkpoint carried less than its Begin announced",
             });
@@ -866,6 +1017,7 @@ fn tag_name(t: u8) -> &'static str {
         rtag::END => "End",
         rtag::HEARTBEAT => "Heartbeat",
         rtag::SHUTDOWN => "Shutdown",
+        rtag::OUTPUT => "Output",
         _ => "unknown",
     }
 }
