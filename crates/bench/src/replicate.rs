@@ -35,6 +35,8 @@ const DATA_GPA: u64 = 1 << 32;
 const COMPUTE_VCPU: usize = 1;
 /// Checkpoints before the measured ones.
 const WARMUP: u64 = 3;
+/// The progress windows last at least this long (short epochs measure more checkpoints).
+const MIN_WINDOW_MS: u64 = 1000;
 
 /// Options of the replication benchmark.
 #[derive(Debug, Clone)]
@@ -48,7 +50,8 @@ pub struct ReplicateOpts {
     pub dirty_pages: Vec<u64>,
     /// Epoch lengths (`checkpoint-delay`), ms.
     pub epochs_ms: Vec<u64>,
-    /// Measured checkpoints per cell (after 3 warm-up checkpoints).
+    /// Measured checkpoints per cell (after 3 warm-up checkpoints; more where they would
+    /// take less than 1 s, so the progress windows are at least 1 s long).
     pub checkpoints: u64,
     /// Dirty ring entries per vCPU.
     pub ring_entries: u32,
@@ -236,7 +239,8 @@ fn cell(
 ) -> Result<ReplicateCell> {
     let mut vm = guest(t, o.ring_entries, gib, dirty, epoch_ms)?;
     std::thread::sleep(Duration::from_millis(300));
-    let window = Duration::from_millis(epoch_ms * o.checkpoints);
+    let n = o.checkpoints.max(MIN_WINDOW_MS.div_ceil(epoch_ms));
+    let window = Duration::from_millis(epoch_ms * n);
     let before = unreplicated_rate(&vm, window)?;
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("binding the standby"))?;
     let addr = l.local_addr().map_err(io("standby address"))?;
@@ -249,21 +253,21 @@ fn cell(
     });
     let opts = PrimaryOptions {
         checkpoint_delay: Duration::from_millis(epoch_ms),
-        max_checkpoints: Some(o.checkpoints + WARMUP),
+        max_checkpoints: Some(n + WARMUP),
         ..PrimaryOptions::default()
     };
     let ctl = ReplicaControl::new();
     let stream = TcpStream::connect(addr).map_err(io("connecting to the standby"))?;
     let (sum, during) = std::thread::scope(|sc| {
         let (vm, ctl) = (&vm, &*ctl);
-        let poll = sc.spawn(move || replicated_rate(vm, ctl, WARMUP, o.checkpoints + WARMUP));
+        let poll = sc.spawn(move || replicated_rate(vm, ctl, WARMUP, n + WARMUP));
         let sum = replicate(vm, stream, &opts, ctl, None);
         (sum, poll.join().ok().flatten())
     });
     let applied = standby.join().ok().flatten();
     let after = unreplicated_rate(&vm, window);
     let _ = vm.stop();
-    if sum.info.status != ReplicationStatus::Stopped || applied != Some(o.checkpoints + WARMUP) {
+    if sum.info.status != ReplicationStatus::Stopped || applied != Some(n + WARMUP) {
         return Err(BenchError::Invalid(format!(
             "replication did not complete: {:?} {:?}, standby applied {applied:?}",
             sum.info.status, sum.info.reason

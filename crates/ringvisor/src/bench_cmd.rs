@@ -211,7 +211,8 @@ pub enum BenchCmd {
         /// Epochs (checkpoint-delay), ms.
         #[arg(long, value_delimiter = ',', default_values_t = [25u64])]
         epochs_ms: Vec<u64>,
-        /// Measured checkpoints per cell.
+        /// Measured checkpoints per cell (more where they would take less than 1 s, so the
+        /// progress windows are at least 1 s long).
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=100000))]
         checkpoints: u64,
         /// Dirty ring entries per vCPU.
