@@ -244,12 +244,12 @@ fn cell(
     let before = unreplicated_rate(&vm, window)?;
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("binding the standby"))?;
     let addr = l.local_addr().map_err(io("standby address"))?;
-    let standby = std::thread::spawn(move || -> Option<u64> {
-        let (s, _) = l.accept().ok()?;
+    let standby = std::thread::spawn(move || -> std::result::Result<(u64, String), String> {
+        let (s, _) = l.accept().map_err(|e| e.to_string())?;
         let mut make = |_: &migration::wire::Hello, _: &migration::wire::MemoryLayout| Ok(Discard);
         run_standby(s, &StandbyOptions::default(), &mut make, &mut |_| {})
-            .ok()
-            .map(|(_, r)| r.applied)
+            .map(|(_, r)| (r.applied, format!("{:?}", r.end)))
+            .map_err(|e| e.to_string())
     });
     let opts = PrimaryOptions {
         checkpoint_delay: Duration::from_millis(epoch_ms),
@@ -264,13 +264,16 @@ fn cell(
         let sum = replicate(vm, stream, &opts, ctl, None);
         (sum, poll.join().ok().flatten())
     });
-    let applied = standby.join().ok().flatten();
+    let standby = standby
+        .join()
+        .unwrap_or_else(|_| Err("the standby thread panicked".into()));
+    let applied = standby.as_ref().ok().map(|r| r.0);
     let after = unreplicated_rate(&vm, window);
     let _ = vm.stop();
     if sum.info.status != ReplicationStatus::Stopped || applied != Some(n + WARMUP) {
         return Err(BenchError::Invalid(format!(
-            "replication did not complete: {:?} {:?}, standby applied {applied:?}",
-            sum.info.status, sum.info.reason
+            "replication did not complete: {:?} {:?} ({} ring overruns); the standby: {standby:?}",
+            sum.info.status, sum.info.reason, sum.tracking_lost_events
         )));
     }
     let base = (before + after?) / 2.0;

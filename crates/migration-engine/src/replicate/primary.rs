@@ -315,12 +315,18 @@ impl<'a> Primary<'a> {
     /// Copies every page of the dirty set into the checkpoint (replacing an earlier copy of
     /// the same page) and empties the set; returns the pages copied. Sound while the guest
     /// runs because the tracker re-protected the pages before `collect` returned them.
+    /// Heartbeats keep going out during a long copy (all of memory after a ring overrun
+    /// can take longer than the standby's heartbeat timeout).
     fn copy_dirty(&mut self) -> std::result::Result<u64, Stop> {
         let vm = self.vm;
-        let mut n = 0;
+        let mut n = 0u64;
         for gpa in self.dirty.iter_gpa() {
             self.cp.put_page_with(gpa, |b| vm.read_page(gpa, b))?;
             n += 1;
+            if n.is_multiple_of(4096) && self.last_sent.elapsed() >= self.opts.heartbeat_interval {
+                self.w.send_heartbeat(self.sum.info.epoch, unix_ns())?;
+                self.last_sent = Instant::now();
+            }
         }
         self.dirty.clear();
         Ok(n)

@@ -522,8 +522,10 @@ impl<W: Write> ReplicaWriter<W> {
         Ok(self.fw.bytes - b0)
     }
 
-    /// Writes a heartbeat (the last epoch sent, the time) and flushes.
+    /// Writes a heartbeat (the last epoch sent, the time) and flushes (during the seed, after
+    /// the seed batch being built, which goes out first).
     pub fn send_heartbeat(&mut self, epoch: u64, unix_ns: u64) -> Result<(), WireError> {
+        self.flush_seed()?;
         self.fw.start(rtag::HEARTBEAT);
         self.fw.put_u64(epoch);
         self.fw.put_u64(unix_ns);
