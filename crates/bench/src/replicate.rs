@@ -272,8 +272,8 @@ fn cell(
     let _ = vm.stop();
     if sum.info.status != ReplicationStatus::Stopped || applied != Some(n + WARMUP) {
         return Err(BenchError::Invalid(format!(
-            "replication did not complete: {:?} {:?} ({} ring overruns); the standby: {standby:?}",
-            sum.info.status, sum.info.reason, sum.tracking_lost_events
+            "replication did not complete: {:?} {:?} (checkpoint {} taken, {} ring overruns, {:.0} ms); the standby: {standby:?}",
+            sum.info.status, sum.info.reason, sum.info.epoch, sum.tracking_lost_events, sum.total_ms
         )));
     }
     let base = (before + after?) / 2.0;

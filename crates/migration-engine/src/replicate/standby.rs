@@ -315,7 +315,10 @@ pub fn run_standby<I: ReplicaImage>(
         layout.total_bytes() >> 20,
         hello.tracker.name()
     ));
-    sock.set_read_timeout(Some(opts.heartbeat_timeout))?;
+    // Until a checkpoint is applied there is nothing to fail over to: the primary gets the
+    // (longer) handshake timeout to start tracking and seed; the heartbeat timeout applies
+    // from the first applied checkpoint on.
+    sock.set_read_timeout(Some(opts.handshake_timeout.max(opts.heartbeat_timeout)))?;
     let mut rep = StandbyReport {
         hello,
         layout,
@@ -330,7 +333,9 @@ pub fn run_standby<I: ReplicaImage>(
         },
         ended_at: Instant::now(),
     };
-    rep.end = receive(&mut rd, &mut acks, &mut image, &mut rep, opts, on_event);
+    rep.end = receive(
+        &mut rd, &mut acks, &mut image, &mut rep, opts, &sock, on_event,
+    );
     rep.ended_at = Instant::now();
     rep.bytes = rd.bytes();
     if let PrimaryEnd::Invalid { reason } = &rep.end {
@@ -404,6 +409,7 @@ fn receive<I: ReplicaImage>(
     image: &mut I,
     rep: &mut StandbyReport,
     opts: &StandbyOptions,
+    sock: &TcpStream,
     on_event: &mut dyn FnMut(&str),
 ) -> PrimaryEnd {
     let mut staging = Staging::default();
@@ -424,7 +430,12 @@ fn receive<I: ReplicaImage>(
             Ok(m) => m,
             Err(e) => {
                 rep.dropped_partial = in_checkpoint;
-                return classify(e, opts.heartbeat_timeout);
+                let timeout = if rep.applied == 0 {
+                    opts.handshake_timeout.max(opts.heartbeat_timeout)
+                } else {
+                    opts.heartbeat_timeout
+                };
+                return classify(e, timeout);
             }
         };
         match m {
@@ -450,6 +461,13 @@ fn receive<I: ReplicaImage>(
                     return PrimaryEnd::Invalid {
                         reason: format!("checkpoint {} not applied: {e}", h.epoch),
                     };
+                }
+                if rep.applied == 1 {
+                    if let Err(e) = sock.set_read_timeout(Some(opts.heartbeat_timeout)) {
+                        return PrimaryEnd::Lost {
+                            reason: format!("setting the heartbeat timeout: {e}"),
+                        };
+                    }
                 }
                 if let Err(e) = acks.send(&ReplicaAck::Applied(h.epoch)) {
                     return classify(e, opts.heartbeat_timeout);
