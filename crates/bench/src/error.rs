@@ -47,6 +47,13 @@ pub enum BenchError {
     /// The PVH test kernel could not be built.
     #[error("building the test kernel")]
     TestKernel(#[source] ::pvh::PvhError),
+    /// The Linux guest is not built, or its directory lacks a file (`bench migrate --linux`
+    /// skips).
+    #[error("no Linux guest: {0}")]
+    NoLinuxGuest(String),
+    /// A Linux guest did not boot or did not go on after a migration.
+    #[error("{0}")]
+    Linux(String),
     /// A QEMU migration could not be measured.
     #[error(transparent)]
     Qemu(#[from] crate::qemu::QemuError),

@@ -7,6 +7,8 @@
 //!   `ringvisor run` source process and a real `ringvisor incoming` destination process
 //!   (the binary is passed in), on loopback or across two tc-shaped network namespaces.
 //! - [`pvh`]: the PVH-guest rows, ringvisor versus QEMU.
+//! - [`linux`]: the Linux-guest rows, ringvisor versus QEMU: a chain of migrations per boot,
+//!   the heartbeat checked after each, and the time to user space.
 //! - [`qemu`]: the QEMU migration harness (two `qemu-system-x86_64` processes driven over
 //!   QMP).
 //! - [`replicate`]: continuous replication's pause, latency and bytes per checkpoint, per
@@ -18,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod linux;
 pub mod migrate;
 pub mod plot;
 pub mod procs;

@@ -83,6 +83,10 @@ pub struct Row {
     /// The guest's write rate during the migration, MiB/s, from its progress reports on the
     /// source console ([`guest_rate`]).
     pub guest_mib_s: Option<f64>,
+    /// Host time from the guest's last heartbeat line on the source console to its next one on
+    /// the destination's, ms (the Linux rows: [`crate::linux`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_gap_ms: Option<f64>,
 }
 
 /// The guest's write rate over the last `window_ms` of the source console (the migration):
@@ -261,6 +265,7 @@ fn ringvisor_one(
             verified,
             source_cpu_s: cpu,
             guest_mib_s: guest,
+            heartbeat_gap_ms: None,
         },
         verified == Some(false),
     ))
@@ -304,6 +309,7 @@ fn qemu_one(
         verified: None,
         source_cpu_s: r.source_cpu_s,
         guest_mib_s: guest,
+        heartbeat_gap_ms: None,
     })
 }
 
@@ -407,26 +413,29 @@ struct Med {
     mib_sent: f64,
     dest_progress: bool,
     passes: f64,
-    guest_mib_s: f64,
-    source_cpu_s: f64,
+    guest_mib_s: Option<f64>,
+    source_cpu_s: Option<f64>,
+    heartbeat_gap_ms: Option<f64>,
 }
 
-fn medians(rep: &Report) -> Vec<Med> {
+/// The median (the upper one of an even count); `None` for no values.
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+fn medians(rows: &[Row]) -> Vec<Med> {
     let mut keys: Vec<(String, String, String)> = Vec::new();
-    for r in &rep.rows {
+    for r in rows {
         let k = (r.scenario.clone(), r.tracker.clone(), r.vmm.clone());
         if !keys.contains(&k) {
             keys.push(k);
         }
     }
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
+    let med = |v: Vec<f64>| median(v).unwrap_or(f64::NAN);
     keys.into_iter()
         .map(|(scenario, tracker, vmm)| {
-            let rs: Vec<&Row> = rep
-                .rows
+            let rs: Vec<&Row> = rows
                 .iter()
                 .filter(|r| r.scenario == scenario && r.tracker == tracker && r.vmm == vmm)
                 .collect();
@@ -439,8 +448,9 @@ fn medians(rep: &Report) -> Vec<Med> {
                 mib_sent: med(rs.iter().map(|r| r.mib_sent).collect()),
                 dest_progress: rs.iter().all(|r| r.dest_progress),
                 passes: med(rs.iter().map(|r| r.passes as f64).collect()),
-                guest_mib_s: med(rs.iter().filter_map(|r| r.guest_mib_s).collect()),
-                source_cpu_s: med(rs.iter().filter_map(|r| r.source_cpu_s).collect()),
+                guest_mib_s: median(rs.iter().filter_map(|r| r.guest_mib_s).collect()),
+                source_cpu_s: median(rs.iter().filter_map(|r| r.source_cpu_s).collect()),
+                heartbeat_gap_ms: median(rs.iter().filter_map(|r| r.heartbeat_gap_ms).collect()),
                 scenario,
                 tracker,
                 vmm,
@@ -460,9 +470,7 @@ fn markdown(rep: &Report) -> String {
     let mut s = format!(
         "PVH test kernel, {} MiB, {} vCPU(s), downtime-limit {} ms, max-bandwidth {} MB/s, ring {} entries/vCPU, loopback{}\n\
          idle: `{}`; dirtying: `{}`\n\
-         QEMU: {}\n\n\
-         | scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | guest MiB/s during | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         QEMU: {}\n\n",
         rep.memory_mib,
         rep.vcpus,
         rep.downtime_limit_ms,
@@ -473,7 +481,28 @@ fn markdown(rep: &Report) -> String {
         rep.dirty_cmdline,
         rep.qemu.as_deref().unwrap_or("not available"),
     );
-    let m = medians(rep);
+    s += &table(&rep.rows);
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`).\n";
+    s
+}
+
+/// The migration table: one line per (scenario, tracker, VMM) with the medians of its rows,
+/// ringvisor's against QEMU's for the same scenario and tracker (clear-log against QEMU's
+/// bitmap). A heartbeat-gap column appears when a row has one; a value no row of a cell has
+/// is `-`.
+pub(crate) fn table(rows: &[Row]) -> String {
+    let m = medians(rows);
+    let gap = m.iter().any(|c| c.heartbeat_gap_ms.is_some());
+    let mut s = format!(
+        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | {}guest MiB/s during | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|\n",
+        if gap { "heartbeat gap ms | " } else { "" },
+        if gap { "---|" } else { "" },
+    );
+    let opt = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "-".to_string(),
+    };
     for c in &m {
         let q = m.iter().find(|x| {
             x.scenario == c.scenario
@@ -488,7 +517,7 @@ fn markdown(rep: &Report) -> String {
             _ => (String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {} | {rt} | {rd} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {rt} | {rd} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -499,19 +528,23 @@ fn markdown(rep: &Report) -> String {
             c.downtime_source_ms,
             c.mib_sent,
             c.passes,
-            c.guest_mib_s,
-            c.source_cpu_s,
+            if gap {
+                format!("{} | ", opt(c.heartbeat_gap_ms, 0))
+            } else {
+                String::new()
+            },
+            opt(c.guest_mib_s, 0),
+            opt(c.source_cpu_s, 2),
             if c.dest_progress { "yes" } else { "NO" }
         );
     }
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`).\n";
     s
 }
 
 fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
     use crate::plot::plot_err;
     use plotters::prelude::*;
-    let m = medians(rep);
+    let m = medians(&rep.rows);
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let max = m.iter().map(|x| x.downtime_ms).fold(1.0f64, f64::max) * 1.15;

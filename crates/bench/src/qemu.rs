@@ -275,7 +275,51 @@ fn validate(run: &QemuRun) -> Result<()> {
 /// QEMU's command line for one side (`incoming`: the destination, waiting for
 /// `migrate-incoming`).
 fn qemu_args(run: &QemuRun, qmp: &Path, serial: &Path, incoming: bool) -> Vec<String> {
-    let accel = match run.dirty_ring {
+    guest_args(
+        &QemuGuest {
+            machine: MACHINE,
+            // The TSC-deadline timer, as ringvisor's PVH platform offers it (CPUID.1:ECX[24]);
+            // the test kernel's `timer=tsc-deadline` needs it.
+            cpu: "qemu64,+tsc-deadline",
+            kernel: &run.kernel,
+            initrd: None,
+            cmdline: &run.cmdline,
+            memory_mib: run.memory_mib,
+            vcpus: run.vcpus,
+            dirty_ring: run.dirty_ring,
+        },
+        qmp,
+        serial,
+        incoming,
+    )
+}
+
+/// The guest and platform of one QEMU process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QemuGuest<'a> {
+    /// `-M` value.
+    pub machine: &'a str,
+    /// `-cpu` value.
+    pub cpu: &'a str,
+    /// `-kernel` (a PVH ELF).
+    pub kernel: &'a Path,
+    /// `-initrd`.
+    pub initrd: Option<&'a Path>,
+    /// `-append`.
+    pub cmdline: &'a str,
+    /// `-m`, MiB.
+    pub memory_mib: u64,
+    /// `-smp`.
+    pub vcpus: u32,
+    /// `-accel kvm,dirty-ring-size=N`; `None` = the bitmap.
+    pub dirty_ring: Option<u32>,
+}
+
+/// QEMU's command line for a guest (`incoming`: `-incoming defer`, waiting for
+/// `migrate-incoming`): no default devices, QMP on a unix socket, COM1 to a file, the exit
+/// device on port 0x501.
+pub(crate) fn guest_args(g: &QemuGuest, qmp: &Path, serial: &Path, incoming: bool) -> Vec<String> {
+    let accel = match g.dirty_ring {
         Some(n) => format!("kvm,dirty-ring-size={n}"),
         None => "kvm".to_string(),
     };
@@ -283,11 +327,9 @@ fn qemu_args(run: &QemuRun, qmp: &Path, serial: &Path, incoming: bool) -> Vec<St
         "-accel",
         &accel,
         "-M",
-        MACHINE,
+        g.machine,
         "-cpu",
-        // The TSC-deadline timer, as ringvisor's PVH platform offers it (CPUID.1:ECX[24]);
-        // the test kernel's `timer=tsc-deadline` needs it.
-        "qemu64,+tsc-deadline",
+        g.cpu,
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -301,13 +343,18 @@ fn qemu_args(run: &QemuRun, qmp: &Path, serial: &Path, incoming: bool) -> Vec<St
     .collect();
     a.extend([
         "-m".into(),
-        format!("{}M", run.memory_mib),
+        format!("{}M", g.memory_mib),
         "-smp".into(),
-        run.vcpus.to_string(),
+        g.vcpus.to_string(),
         "-kernel".into(),
-        run.kernel.display().to_string(),
+        g.kernel.display().to_string(),
+    ]);
+    if let Some(initrd) = g.initrd {
+        a.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    a.extend([
         "-append".into(),
-        run.cmdline.clone(),
+        g.cmdline.to_string(),
         "-qmp".into(),
         format!(
             "unix:{},server=on,wait=off",
@@ -340,74 +387,42 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
     validate(run)?;
     // Declared first so it is dropped last, after both processes are dead.
     let scratch = Scratch::new()?;
-    let mut dest = Qemu::spawn("destination", run, &scratch, true)?;
-    let mut src = Qemu::spawn("source", run, &scratch, false)?;
+    let spawn = |name: &str, incoming| {
+        let (qmp, serial) = scratch.paths(name);
+        VmProcess::spawn(
+            name,
+            QEMU,
+            &qemu_args(run, &qmp, &serial, incoming),
+            &scratch,
+            ExitCode::QemuDebugExit,
+        )
+    };
+    let mut dest = spawn("destination", true)?;
+    let mut src = spawn("source", false)?;
     let boot_deadline = Instant::now() + BOOT_TIMEOUT;
     let (mut dq, _) = dest.connect(boot_deadline)?;
     let (mut sq, greeting) = src.connect(boot_deadline)?;
     let qemu_version = version_from_greeting(&greeting)
         .ok_or_else(|| QemuError::Qmp(format!("source QMP greeting has no version: {greeting}")))?;
-
-    dq.execute("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))
-        .step("destination: migrate-incoming")?;
-    let listening = dq.execute("query-migrate", json!({}))?;
-    let port = listen_port(&listening).ok_or_else(|| {
-        QemuError::Qmp(format!(
-            "destination reports no listening port in query-migrate: {listening}"
-        ))
-    })?;
+    let port = incoming(&mut dq)?;
 
     src.wait_for_progress(boot_deadline)?;
     std::thread::sleep(run.warmup);
     src.check_running()?;
 
-    let bandwidth = run.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH);
-    sq.execute(
-        "migrate-set-parameters",
-        json!({ "downtime-limit": run.downtime_limit_ms, "max-bandwidth": bandwidth }),
-    )
-    .step("source: migrate-set-parameters")?;
-    if extras.auto_converge {
-        sq.execute(
-            "migrate-set-capabilities",
-            json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] }),
-        )
-        .step("source: migrate-set-capabilities auto-converge")?;
-    }
-    if let Some(mb) = extras.vcpu_dirty_limit_mb {
-        sq.execute("set-vcpu-dirty-limit", json!({ "dirty-rate": mb }))
-            .step("source: set-vcpu-dirty-limit")?;
-    }
-    let started = Instant::now();
-    sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
-        .step("source: migrate")?;
-
-    let mut info;
-    let mut timed_out = false;
-    loop {
-        let reply = match sq.execute("query-migrate", json!({})) {
-            Ok(r) => r,
-            Err(e) => return Err(e).step(src.describe_exit()),
-        };
-        info = parse_migrate_info(&reply)?;
-        if info.is_final() {
-            break;
-        }
-        if started.elapsed() >= run.timeout {
-            timed_out = true;
-            break;
-        }
-        std::thread::sleep(POLL);
-    }
-    if timed_out {
-        let waited = started.elapsed();
-        sq.execute("migrate_cancel", json!({}))
-            .step("source: migrate_cancel")?;
-        let cancel_deadline = Instant::now() + STOP_TIMEOUT;
-        while !info.is_final() && Instant::now() < cancel_deadline {
-            std::thread::sleep(POLL);
-            info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
-        }
+    let driven = drive(
+        &mut sq,
+        &mut src,
+        port,
+        &Drive {
+            downtime_limit_ms: run.downtime_limit_ms,
+            max_bandwidth: run.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH),
+            timeout: run.timeout,
+            extras: *extras,
+        },
+    )?;
+    let info = driven.info;
+    if let Some(waited) = driven.timed_out {
         let result = QemuResult {
             completed: info.status == "completed",
             status: if info.status == "completed" {
@@ -427,17 +442,6 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
         dq.quit();
         sq.quit();
         return Ok(result);
-    }
-
-    // QEMU 7.2 sets `completed` before it computes total-time and downtime (both read 0 in
-    // that window, seen under load): poll until total-time is set.
-    let settle_deadline = Instant::now() + STOP_TIMEOUT;
-    while info.status == "completed"
-        && info.total_ms.unwrap_or(0) == 0
-        && Instant::now() < settle_deadline
-    {
-        std::thread::sleep(Duration::from_millis(2));
-        info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
     }
     let mut dest_progress_ok = false;
     if info.status == "completed" {
@@ -463,8 +467,112 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
     Ok(result)
 }
 
+/// A destination started with `-incoming defer` (QEMU) or `--incoming defer` (ringvisor):
+/// `migrate-incoming` on a free loopback port; returns the port.
+pub(crate) fn incoming(dq: &mut Qmp) -> Result<u16> {
+    dq.execute("migrate-incoming", json!({ "uri": "tcp:127.0.0.1:0" }))
+        .step(format!("{}: migrate-incoming", dq.name))?;
+    let listening = dq.execute("query-migrate", json!({}))?;
+    listen_port(&listening).ok_or_else(|| {
+        QemuError::Qmp(format!(
+            "{} reports no listening port in query-migrate: {listening}",
+            dq.name
+        ))
+    })
+}
+
+/// The migration settings [`drive`] applies on the source.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Drive {
+    /// `downtime-limit` (ms).
+    pub downtime_limit_ms: u64,
+    /// `max-bandwidth` (bytes/s; finite: QEMU's 0 stalls).
+    pub max_bandwidth: u64,
+    /// Bound on `migrate` to a final status; past it the migration is cancelled.
+    pub timeout: Duration,
+    /// Capabilities and limits.
+    pub extras: QemuExtras,
+}
+
+/// How a driven migration ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Driven {
+    /// The last `query-migrate` (final, except after a cancel that did not finish in time).
+    pub info: MigrateInfo,
+    /// The migration ran past [`Drive::timeout`] and was cancelled after this long.
+    pub timed_out: Option<Duration>,
+}
+
+/// Runs one migration from the VM process behind `sq` (QEMU or ringvisor: the commands are
+/// QEMU's) to `127.0.0.1:port`: sets the parameters and capabilities, `migrate`, polls
+/// `query-migrate` until a final status or the timeout (then `migrate_cancel`, waiting up to
+/// 5 s for it to take effect).
+pub(crate) fn drive(sq: &mut Qmp, src: &mut VmProcess, port: u16, d: &Drive) -> Result<Driven> {
+    let name = sq.name.clone();
+    sq.execute(
+        "migrate-set-parameters",
+        json!({ "downtime-limit": d.downtime_limit_ms, "max-bandwidth": d.max_bandwidth }),
+    )
+    .step(format!("{name}: migrate-set-parameters"))?;
+    if d.extras.auto_converge {
+        sq.execute(
+            "migrate-set-capabilities",
+            json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] }),
+        )
+        .step(format!("{name}: migrate-set-capabilities auto-converge"))?;
+    }
+    if let Some(mb) = d.extras.vcpu_dirty_limit_mb {
+        sq.execute("set-vcpu-dirty-limit", json!({ "dirty-rate": mb }))
+            .step(format!("{name}: set-vcpu-dirty-limit"))?;
+    }
+    let started = Instant::now();
+    sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
+        .step(format!("{name}: migrate"))?;
+
+    let mut info;
+    loop {
+        let reply = match sq.execute("query-migrate", json!({})) {
+            Ok(r) => r,
+            Err(e) => return Err(e).step(src.describe_exit()),
+        };
+        info = parse_migrate_info(&reply)?;
+        if info.is_final() {
+            break;
+        }
+        if started.elapsed() >= d.timeout {
+            let waited = started.elapsed();
+            sq.execute("migrate_cancel", json!({}))
+                .step(format!("{name}: migrate_cancel"))?;
+            let cancel_deadline = Instant::now() + STOP_TIMEOUT;
+            while !info.is_final() && Instant::now() < cancel_deadline {
+                std::thread::sleep(POLL);
+                info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
+            }
+            return Ok(Driven {
+                info,
+                timed_out: Some(waited),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+    // QEMU 7.2 sets `completed` before it computes total-time and downtime (both read 0 in
+    // that window, seen under load): poll until total-time is set.
+    let settle_deadline = Instant::now() + STOP_TIMEOUT;
+    while info.status == "completed"
+        && info.total_ms.unwrap_or(0) == 0
+        && Instant::now() < settle_deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+        info = parse_migrate_info(&sq.execute("query-migrate", json!({}))?)?;
+    }
+    Ok(Driven {
+        info,
+        timed_out: None,
+    })
+}
+
 /// `{"QMP": {"version": {"qemu": {major, minor, micro}, "package": P}}}` -> `7.2.22 (P)`.
-fn version_from_greeting(g: &Value) -> Option<String> {
+pub(crate) fn version_from_greeting(g: &Value) -> Option<String> {
     let v = g.get("QMP")?.get("version")?;
     let q = v.get("qemu")?;
     let n = |k: &str| q.get(k).and_then(Value::as_u64);
@@ -492,10 +600,10 @@ fn listen_port(reply: &Value) -> Option<u16> {
 
 /// The fields of a `query-migrate` reply this harness uses.
 #[derive(Debug, Default, Clone, PartialEq)]
-struct MigrateInfo {
-    status: String,
-    total_ms: Option<u64>,
-    downtime_ms: Option<u64>,
+pub(crate) struct MigrateInfo {
+    pub(crate) status: String,
+    pub(crate) total_ms: Option<u64>,
+    pub(crate) downtime_ms: Option<u64>,
     setup_ms: Option<u64>,
     transferred: u64,
     phase_bytes: Option<u64>,
@@ -509,7 +617,7 @@ impl MigrateInfo {
         matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
     }
 
-    fn result(&self, qemu_version: String, dest_progress_ok: bool) -> QemuResult {
+    pub(crate) fn result(&self, qemu_version: String, dest_progress_ok: bool) -> QemuResult {
         let status = match (&*self.status, &self.error_desc) {
             ("failed", Some(e)) => format!("failed: {e}"),
             (s, _) => s.to_string(),
@@ -585,70 +693,97 @@ fn all_advanced(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> bool
             .all(|(cpu, r)| after.get(cpu).is_some_and(|a| a > r))
 }
 
-/// A QMP client for one QEMU process (the project's `qmp::client`), with its errors named
+/// A QMP client for one VM process (the project's `qmp::client`), with its errors named
 /// after the process and the command.
-struct Qmp {
-    name: &'static str,
+pub(crate) struct Qmp {
+    pub(crate) name: String,
     client: qmp::client::QmpClient,
 }
 
 impl Qmp {
     /// Connects (greeting and capability negotiation included); returns the greeting.
-    fn start(name: &'static str, path: &Path) -> std::result::Result<(Qmp, Value), ClientError> {
+    fn start(name: &str, path: &Path) -> std::result::Result<(Qmp, Value), ClientError> {
         let client = qmp::client::QmpClient::connect(path, QMP_REPLY_TIMEOUT)?;
         let greeting = client.greeting().clone();
+        let name = name.to_string();
         Ok((Qmp { name, client }, greeting))
     }
 
     /// Runs `cmd` and returns its `return` value; a QMP error is an error.
-    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+    pub(crate) fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
         self.client
             .execute(cmd, args)
             .map_err(|e| QemuError::Qmp(format!("{}: {cmd}: {e}", self.name)))
     }
 
-    /// Asks QEMU to exit; errors are irrelevant here (it may be gone already).
-    fn quit(&mut self) {
+    /// Asks the process to exit; errors are irrelevant here (it may be gone already).
+    pub(crate) fn quit(&mut self) {
         let _ = self.client.execute("quit", Value::Null);
     }
 }
 
-/// One QEMU process with its QMP socket, serial file and stderr log; killed on drop.
-struct Qemu {
-    name: &'static str,
-    child: Child,
+/// How a VM process's exit status carries the guest's power-off status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitCode {
+    /// QEMU's `isa-debug-exit`: the process exits with `(status << 1) | 1`.
+    QemuDebugExit,
+    /// ringvisor: the process exits with the status itself.
+    Direct,
+}
+
+/// One VM process (QEMU, or a ringvisor VM process) with its QMP socket, console file and
+/// output log; killed on drop.
+pub(crate) struct VmProcess {
+    pub(crate) name: String,
+    pub(crate) child: Child,
     qmp: PathBuf,
     serial: PathBuf,
     log: PathBuf,
+    exit_code: ExitCode,
 }
 
-impl Qemu {
-    fn spawn(name: &'static str, run: &QemuRun, dir: &Scratch, incoming: bool) -> Result<Qemu> {
-        let qmp = dir.0.join(format!("{name}.qmp"));
-        let serial = dir.0.join(format!("{name}.serial"));
+impl VmProcess {
+    /// Starts `program args` with stdin closed and stdout and stderr in `NAME.log` of `dir`;
+    /// its QMP socket and console file must be [`Scratch::paths`]`(name)`.
+    pub(crate) fn spawn(
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[String],
+        dir: &Scratch,
+        exit_code: ExitCode,
+    ) -> Result<VmProcess> {
+        let (qmp, serial) = dir.paths(name);
         let log = dir.0.join(format!("{name}.log"));
-        let stderr = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
-        let child = Command::new(QEMU)
-            .args(qemu_args(run, &qmp, &serial, incoming))
+        let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io_err(format!("opening {}", log.display())))?;
+        let program = program.as_ref();
+        let child = Command::new(program)
+            .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
+            .stdout(out)
+            .stderr(err)
             .spawn()
-            .map_err(io_err(format!("starting {QEMU} ({name})")))?;
-        Ok(Qemu {
-            name,
+            .map_err(io_err(format!(
+                "starting {} ({name})",
+                program.to_string_lossy()
+            )))?;
+        Ok(VmProcess {
+            name: name.to_string(),
             child,
             qmp,
             serial,
             log,
+            exit_code,
         })
     }
 
-    /// Connects to QMP once QEMU has created its socket.
-    fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
+    /// Connects to QMP once the process has created its socket.
+    pub(crate) fn connect(&mut self, deadline: Instant) -> Result<(Qmp, Value)> {
         loop {
-            let attempt = match Qmp::start(self.name, &self.qmp) {
-                // Not created or not listening yet: QEMU is still starting.
+            let attempt = match Qmp::start(&self.name, &self.qmp) {
+                // Not created or not listening yet: the process is still starting.
                 Err(ClientError::Connect { .. }) => None,
                 other => Some(other),
             };
@@ -665,11 +800,7 @@ impl Qemu {
             }
             self.check_running()?;
             if Instant::now() >= deadline {
-                fail!(
-                    Timeout,
-                    "{}: no QMP socket within {BOOT_TIMEOUT:?}",
-                    self.name
-                );
+                fail!(Timeout, "{}: no QMP socket in time", self.name);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -694,19 +825,18 @@ impl Qemu {
         }
     }
 
-    /// Fails with the exit status, the serial tail and the stderr tail if QEMU has exited.
-    fn check_running(&mut self) -> Result<()> {
+    /// Fails with the exit status, the serial tail and the log tail if the process has exited.
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             _ => Err(QemuError::Exited(self.describe_exit())),
         }
     }
 
-    fn describe_exit(&mut self) -> String {
+    pub(crate) fn describe_exit(&mut self) -> String {
         let how = match self.child.try_wait() {
-            Ok(Some(s)) => match s.code() {
-                // isa-debug-exit: QEMU exits with (status << 1) | 1.
-                Some(c) if c & 1 == 1 => {
+            Ok(Some(s)) => match (s.code(), self.exit_code) {
+                (Some(c), ExitCode::QemuDebugExit) if c & 1 == 1 => {
                     format!("exited: the guest powered off with status {}", c >> 1)
                 }
                 _ => format!("exited: {s}"),
@@ -714,8 +844,12 @@ impl Qemu {
             Ok(None) => "is still running".to_string(),
             Err(e) => format!("cannot be waited for: {e}"),
         };
+        let program = match self.exit_code {
+            ExitCode::QemuDebugExit => "QEMU",
+            ExitCode::Direct => "ringvisor",
+        };
         format!(
-            "QEMU ({}) {how}\n-- serial (last lines) --\n{}\n-- stderr (last lines) --\n{}",
+            "{program} ({}) {how}\n-- serial (last lines) --\n{}\n-- stderr (last lines) --\n{}",
             self.name,
             tail(&self.serial(), 10),
             tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 10)
@@ -729,12 +863,12 @@ impl Qemu {
     }
 
     /// Waits for an exit after `quit`; the drop kills it if it does not come.
-    fn reap(&mut self, limit: Duration) {
+    pub(crate) fn reap(&mut self, limit: Duration) {
         let _ = wait_timeout(&mut self.child, limit);
     }
 }
 
-impl Drop for Qemu {
+impl Drop for VmProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
@@ -744,7 +878,7 @@ impl Drop for Qemu {
 }
 
 /// Polls for a child's exit for at most `limit`.
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+pub(crate) fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
@@ -755,16 +889,16 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A private directory for sockets, serial files and logs; removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Scratch> {
+    pub(crate) fn new() -> Result<Scratch> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ringvisor-qemu-{}-{}",
@@ -775,6 +909,16 @@ impl Scratch {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         Ok(Scratch(dir))
+    }
+}
+
+impl Scratch {
+    /// The QMP socket and console file of the process `name`.
+    pub(crate) fn paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        (
+            self.0.join(format!("{name}.qmp")),
+            self.0.join(format!("{name}.serial")),
+        )
     }
 }
 

@@ -92,6 +92,62 @@ pub fn pvh(profile: &str, scenarios: &[String], o: bench::pvh::PvhOpts, json: bo
     print(json, &r, || r.to_markdown())
 }
 
+/// The Linux rows' options but the guest, which is looked up first.
+pub struct LinuxArgs {
+    exe: std::path::PathBuf,
+    memory: u64,
+    vcpus: u64,
+    trackers: Vec<String>,
+    ring_entries: u32,
+    downtime_limit: u64,
+    max_bandwidth: u64,
+    timeout: f64,
+    period_ms: u64,
+    dirty_kb: u64,
+    repeat: u32,
+    boots: u32,
+    idle: bool,
+    dirtying: bool,
+}
+
+/// `ringvisor bench migrate --linux`: a guest that is not built is a skip (a note, exit
+/// status 0), not a failure.
+pub fn linux(dir: Option<&std::path::Path>, a: LinuxArgs, json: bool) -> Result<()> {
+    let mut bar = Bar::new(json);
+    let guest = match bench::linux::find_guest(dir, &mut bar) {
+        Ok(g) => g,
+        Err(e @ bench::BenchError::NoLinuxGuest(_)) => {
+            eprintln!("SKIP(linux): bench migrate --linux: {e}; build it with scripts/linux-guest/build.sh");
+            if json {
+                println!("{}", serde_json::json!({ "skipped": e.to_string() }));
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let o = bench::linux::LinuxOpts {
+        exe: a.exe,
+        guest,
+        memory: a.memory,
+        vcpus: a.vcpus,
+        trackers: a.trackers,
+        ring_entries: a.ring_entries,
+        downtime_limit: a.downtime_limit,
+        max_bandwidth: a.max_bandwidth,
+        timeout: a.timeout,
+        period_ms: a.period_ms,
+        dirty_kb: a.dirty_kb,
+        repeat: a.repeat,
+        boots: a.boots,
+        idle: a.idle,
+        dirtying: a.dirtying,
+        // Two minutes on a quiet PVM host, several times that on a loaded one.
+        boot_timeout: 1200.0,
+    };
+    let r = bench::linux::run(&o, &mut bar)?;
+    print(json, &r, || r.to_markdown())
+}
+
 /// `ringvisor bench first-touch`.
 pub fn first_touch(mib: u64, runs: u32, json: bool) -> Result<()> {
     let o = bench::sync::TouchOpts {
@@ -264,9 +320,9 @@ pub struct MigrateArgs {
     /// Written sets: `all` (random over all memory) and/or a hot-set size like `256M`.
     #[arg(long, value_delimiter = ',', default_values_t = ["all".to_string(), "256M".to_string()])]
     pub sets: Vec<String>,
-    /// Trackers to compare.
-    #[arg(long, value_delimiter = ',', default_values_t = ["ring".to_string(), "bitmap".to_string(), "clear-log".to_string()])]
-    pub trackers: Vec<String>,
+    /// Trackers to compare [default: ring,bitmap,clear-log; with --linux: ring,bitmap].
+    #[arg(long, value_delimiter = ',')]
+    pub trackers: Option<Vec<String>>,
     /// Dirty ring entries per vCPU.
     #[arg(long, default_value_t = 65536, value_parser = ring_entries_arg)]
     pub ring_entries: u32,
@@ -277,7 +333,7 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "loopback")]
     pub link: String,
     /// Seconds before a non-converging migration is aborted [default: 30; with
-    /// `--profile third-party`: 60].
+    /// `--profile third-party` or `--linux`: 60].
     #[arg(long, value_parser = seconds_arg)]
     pub timeout: Option<f64>,
     /// downtime-limit in ms (0..=2000000, QEMU's range).
@@ -286,7 +342,8 @@ pub struct MigrateArgs {
     /// Write an SVG plot here.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
-    /// max-bandwidth for every migration (e.g. 128M).
+    /// max-bandwidth for every migration (e.g. 128M) [--pvh and --linux default: 10^9 bytes/s, so
+    /// that QEMU, whose 0 is not "unlimited", gets the same].
     #[arg(long, value_parser = checked_bandwidth)]
     pub max_bandwidth: Option<String>,
     /// dirty-limit for every migration: off, auto or a per-vCPU rate.
@@ -297,7 +354,7 @@ pub struct MigrateArgs {
     pub auto_converge: bool,
     /// Run every cell twice, plain TCP then TLS 1.3 with fresh credentials, and add a
     /// table of the TLS cost (total-time ratio and throughput).
-    #[arg(long, conflicts_with = "pvh")]
+    #[arg(long, conflicts_with_all = ["pvh", "linux"])]
     pub tls: bool,
     /// The PVH-guest rows instead of the matrix: the project's PVH test kernel under
     /// ringvisor and under QEMU (`qemu-system-x86_64 -accel kvm[,dirty-ring-size=N]
@@ -321,7 +378,8 @@ pub struct MigrateArgs {
     /// `--profile third-party`: 3, and longer where a scenario must populate memory].
     #[arg(long, value_parser = seconds_arg)]
     pub pvh_warmup: Option<f64>,
-    /// PVH rows: migrations per cell (the table shows medians).
+    /// PVH and Linux rows: migrations per cell (the table shows medians); Linux: hops per
+    /// tracker along each chain.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub repeat: u32,
     /// PVH rows: `default` (the rows above) or `third-party`, a guest shaped like one we
@@ -334,6 +392,37 @@ pub struct MigrateArgs {
     /// `--profile third-party`: only these scenarios (a name, or a prefix ending in `*`).
     #[arg(long, value_delimiter = ';', requires = "pvh")]
     pub scenarios: Vec<String>,
+    /// The Linux-guest rows instead of the matrix: the project's Linux guest
+    /// (`scripts/linux-guest/build.sh`) under ringvisor and under QEMU (`-M pc -kernel
+    /// vmlinux -initrd ... -append ...`), idle and dirtying, one boot per (VMM, workload)
+    /// migrated along a chain of processes (`--repeat` hops per tracker), the heartbeat
+    /// checked after every hop; and the time to user space. Skipped, with a note, when the
+    /// guest is not built; the QEMU rows when QEMU is missing.
+    #[arg(long, conflicts_with = "pvh")]
+    pub linux: bool,
+    /// Linux rows: the guest's build directory [default: RINGVISOR_LINUX_GUEST_DIR, else
+    /// what `scripts/linux-guest/build.sh --print-dir --no-install` prints].
+    #[arg(long, requires = "linux")]
+    pub linux_guest: Option<std::path::PathBuf>,
+    /// Linux rows: guest memory.
+    #[arg(long, default_value = "128M", value_parser = size_arg)]
+    pub linux_memory: u64,
+    /// Linux rows: the heartbeat period in ms (`rv_period_ms`).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub linux_period_ms: u64,
+    /// Linux rows, dirtying: the buffer the guest rewrites every period (`rv_buf_kb`);
+    /// rate = this / the period. /init maps it with MAP_POPULATE, at emulated kernel speed
+    /// on a PVM host (seconds per MiB on a loaded one).
+    #[arg(long, default_value = "8M", value_parser = size_arg)]
+    pub linux_dirty: u64,
+    /// Linux rows: boots per VMM for the time to user space (each workload's chain boots
+    /// once; more boot to the banner only).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub linux_boots: u32,
+    /// Linux rows: the workloads, `idle` and/or `dirtying`.
+    #[arg(long, value_delimiter = ',', default_values_t = ["idle".to_string(), "dirtying".to_string()],
+          value_parser = ["idle", "dirtying"])]
+    pub linux_workloads: Vec<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -365,9 +454,50 @@ fn migrate_cmd(args: MigrateArgs) -> Result<()> {
         repeat,
         profile,
         scenarios,
+        linux,
+        linux_guest,
+        linux_memory,
+        linux_period_ms,
+        linux_dirty,
+        linux_boots,
+        linux_workloads,
         json,
     } = args;
     let exe = std::env::current_exe()?;
+    let all = || {
+        vec![
+            "ring".to_string(),
+            "bitmap".to_string(),
+            "clear-log".to_string(),
+        ]
+    };
+    if linux {
+        let bw = match &max_bandwidth {
+            Some(b) => bandwidth_arg(b).map_err(|e| anyhow::anyhow!("--max-bandwidth: {e}"))?,
+            None => 1_000_000_000,
+        };
+        return self::linux(
+            linux_guest.as_deref(),
+            LinuxArgs {
+                exe,
+                memory: linux_memory,
+                vcpus,
+                trackers: trackers.unwrap_or_else(|| vec!["ring".into(), "bitmap".into()]),
+                ring_entries,
+                downtime_limit,
+                max_bandwidth: bw,
+                timeout: timeout.unwrap_or(60.0),
+                period_ms: linux_period_ms,
+                dirty_kb: linux_dirty >> 10,
+                repeat,
+                boots: linux_boots,
+                idle: linux_workloads.iter().any(|w| w == "idle"),
+                dirtying: linux_workloads.iter().any(|w| w == "dirtying"),
+            },
+            json,
+        );
+    }
+    let trackers = trackers.unwrap_or_else(all);
     if pvh {
         // The third-party profile's defaults are issue 14's: 10 GiB/s, 3 s of warm-up,
         // 60 s before a migration that does not converge is aborted.
