@@ -1107,8 +1107,8 @@ mod tests {
     }
 
     /// `heartbeat 0 sum ...` and `heartbeat 1 sum ...` of a boot with `rv_buf_kb=4`.
-    const GUEST_SUM_0_4K: u64 = 0;
-    const GUEST_SUM_1_4K: u64 = 0;
+    const GUEST_SUM_0_4K: u64 = 0x24f7_bfc1_5c2b_a434;
+    const GUEST_SUM_1_4K: u64 = 0x2574_033c_e3ce_1074;
 
     #[test]
     fn console_text_stamps_complete_lines_and_keeps_the_unfinished_one() {
