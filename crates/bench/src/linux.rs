@@ -254,7 +254,7 @@ fn pattern(beat: u64, i: u64) -> u64 {
 pub fn beat_sum(n: u64, buf_kb: u64) -> u64 {
     let words = buf_kb.max(4) * 1024 / 8;
     (0..words).fold(0u64, |sum, i| {
-        (sum ^ pattern(n, i)).wrapping_mul(0x1_0000_0001_b3)
+        (sum ^ pattern(n, i)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
