@@ -147,8 +147,8 @@ pub struct LinuxOpts {
     pub dirty_kb: u64,
     /// Migrations per tracker and chain (the table shows medians).
     pub repeat: u32,
-    /// Boots per VMM for the time to user space (at least one per workload: the chains'
-    /// boots; more boot to the banner and stop).
+    /// Boots per VMM for the time to user space: each workload's chain boots once; boots
+    /// beyond those stop at the banner (fewer than the chains' adds none).
     pub boots: u32,
     /// Run the idle workload.
     pub idle: bool,

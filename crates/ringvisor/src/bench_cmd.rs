@@ -415,10 +415,10 @@ pub struct MigrateArgs {
     /// on a PVM host (seconds per MiB on a loaded one).
     #[arg(long, default_value = "8M", value_parser = size_arg)]
     pub linux_dirty: u64,
-    /// Linux rows: boots per VMM for the time to user space (each workload's chain boots
-    /// once; more boot to the banner only).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
-    pub linux_boots: u32,
+    /// Linux rows: boots per VMM for the time to user space [default: one per workload,
+    /// its chain's]; boots beyond the chains' stop at the banner.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub linux_boots: Option<u32>,
     /// Linux rows: the workloads, `idle` and/or `dirtying`.
     #[arg(long, value_delimiter = ',', default_values_t = ["idle".to_string(), "dirtying".to_string()],
           value_parser = ["idle", "dirtying"])]
@@ -490,7 +490,7 @@ fn migrate_cmd(args: MigrateArgs) -> Result<()> {
                 period_ms: linux_period_ms,
                 dirty_kb: linux_dirty >> 10,
                 repeat,
-                boots: linux_boots,
+                boots: linux_boots.unwrap_or(0),
                 idle: linux_workloads.iter().any(|w| w == "idle"),
                 dirtying: linux_workloads.iter().any(|w| w == "dirtying"),
             },
