@@ -128,6 +128,22 @@ const CASES: &[(&[&str], &str)] = &[
         "greater than 0 and at most 1000000",
     ),
     (&["bench", "gic", "--lpis", "0"], "1..=1000000000"),
+    (
+        &["bench", "migrate", "--linux", "--linux-period-ms", "5"],
+        "10..=10000",
+    ),
+    (
+        &["bench", "migrate", "--linux", "--linux-boots", "0"],
+        "1..=20",
+    ),
+    (
+        &["bench", "migrate", "--linux", "--linux-workloads", "busy"],
+        "idle, dirtying",
+    ),
+    (
+        &["bench", "migrate", "--linux", "--linux-memory", "lots"],
+        "lots",
+    ),
     // The sandbox switch.
     (&["--seccomp", "maybe", "caps"], "enforce, log, off"),
 ];
