@@ -695,20 +695,25 @@ fn tracker_wire_numbers_are_frozen_and_unknown_ones_rejected() {
     ));
 }
 
-/// The encoder's stream with every page given through `push_page_with`; the page at
-/// `fail` (if any) is tried first with a fill that fails.
-fn encode_filled(l: &migration::wire::MemoryLayout, mem: &[Vec<u8>], fail: Option<u64>) -> Vec<u8> {
+/// An encoder past Hello, Layout and the marker of one final pass over every page of `l`.
+fn one_pass_encoder(l: &migration::wire::MemoryLayout) -> Encoder<Vec<u8>> {
     let mut enc = Encoder::with_batch_pages(Vec::new(), 5);
     enc.send_hello(&Hello::new(TrackerMode::Ring, 2)).unwrap();
     enc.send_layout(l).unwrap();
-    let pass = all_pages(l);
     enc.begin_iteration(&IterationMarker {
         iteration: 0,
-        pages: pass.len() as u64,
+        pages: all_pages(l).len() as u64,
         final_pass: true,
     })
     .unwrap();
-    for &gpa in &pass {
+    enc
+}
+
+/// The encoder's stream with every page given through `push_page_with`; the page at
+/// `fail` (if any) is tried first with a fill that fails.
+fn encode_filled(l: &migration::wire::MemoryLayout, mem: &[Vec<u8>], fail: Option<u64>) -> Vec<u8> {
+    let mut enc = one_pass_encoder(l);
+    for gpa in all_pages(l) {
         if fail == Some(gpa) {
             let r = enc.push_page_with(gpa, |dst: &mut [u8]| {
                 dst[..4].copy_from_slice(b"half");
@@ -735,17 +740,8 @@ fn pages_filled_in_place_make_the_same_stream_and_a_failed_fill_leaves_no_trace(
     let l = layout();
     let mem = memory();
     let copied = {
-        let mut enc = Encoder::with_batch_pages(Vec::new(), 5);
-        enc.send_hello(&Hello::new(TrackerMode::Ring, 2)).unwrap();
-        enc.send_layout(&l).unwrap();
-        let pass = all_pages(&l);
-        enc.begin_iteration(&IterationMarker {
-            iteration: 0,
-            pages: pass.len() as u64,
-            final_pass: true,
-        })
-        .unwrap();
-        for &gpa in &pass {
+        let mut enc = one_pass_encoder(&l);
+        for gpa in all_pages(&l) {
             let (idx, off) = l.locate(gpa).unwrap();
             let off = off as usize;
             enc.push_page(gpa, &mem[idx][off..off + PAGE]).unwrap();

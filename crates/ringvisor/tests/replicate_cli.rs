@@ -5,7 +5,7 @@
 //! (output commit) followed by the standby's (the replayed output of the last applied
 //! checkpoint, then the resumed guest's) is the guest's output with no report missing: at
 //! least once, the last epoch's lines possibly twice. Needs /dev/kvm (else `SKIP(kvm)`).
-//! `RINGVISOR_REPLICATE_KILLS=N` sets the number of kills (default 5).
+//! `RINGVISOR_REPLICATE_KILLS=N` sets the number of kills (default 20, the count).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -167,7 +167,7 @@ fn primary_sigkilled_at_random_moments_the_standby_resumes_and_released_output_i
     let kills: u32 = std::env::var("RINGVISOR_REPLICATE_KILLS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(20);
     let mut x = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
