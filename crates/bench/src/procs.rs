@@ -114,8 +114,12 @@ pub fn reap_destination(dest: &mut Destination) {
 }
 
 /// The JSON summary a `ringvisor run --json` source printed, or why there is none.
+///
+/// With `RINGVISOR_BENCH_SUMMARY_DIR` set, each summary is also kept there as
+/// `<n>-source.json` (per-pass numbers for explaining a cell).
 pub fn source_summary(out: &Output) -> Result<serde_json::Value> {
     let text = String::from_utf8_lossy(&out.stdout);
+    keep_file("source", "json", &text);
     serde_json::from_str(text.trim()).map_err(|_| {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(6).collect();
@@ -124,6 +128,22 @@ pub fn source_summary(out: &Output) -> Result<serde_json::Value> {
             stderr_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
         }
     })
+}
+
+/// With `RINGVISOR_BENCH_SUMMARY_DIR` set, writes `text` there as `<n>-<kind>.<ext>`, `n`
+/// counting the files already there (best effort: an aid for explaining a cell).
+pub(crate) fn keep_file(kind: &str, ext: &str, text: &str) {
+    let Some(dir) = std::env::var_os("RINGVISOR_BENCH_SUMMARY_DIR") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let _ = std::fs::create_dir_all(dir);
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let kind: String = kind
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let _ = std::fs::write(dir.join(format!("{n:03}-{kind}.{ext}")), text);
 }
 
 /// `scripts/netns.sh` of this repository.

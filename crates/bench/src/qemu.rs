@@ -530,13 +530,20 @@ pub(crate) fn drive(sq: &mut Qmp, src: &mut VmProcess, port: u16, d: &Drive) -> 
         .step(format!("{name}: migrate"))?;
 
     let mut info;
+    // Every reply with its time, kept with RINGVISOR_BENCH_SUMMARY_DIR (throttle and passes
+    // over time, for explaining a cell).
+    let mut timeline = String::new();
     loop {
         let reply = match sq.execute("query-migrate", json!({})) {
             Ok(r) => r,
             Err(e) => return Err(e).step(src.describe_exit()),
         };
         info = parse_migrate_info(&reply)?;
+        let t_ms = started.elapsed().as_secs_f64() * 1e3;
+        timeline.push_str(&json!({ "t_ms": t_ms, "reply": reply }).to_string());
+        timeline.push('\n');
         if info.is_final() {
+            crate::procs::keep_file(&format!("{name}-timeline"), "jsonl", &timeline);
             break;
         }
         if started.elapsed() >= d.timeout {

@@ -162,15 +162,11 @@ pub fn receive(
         limit: opts.handshake_timeout,
         expired: false,
     };
-    let mut dec = Decoder::with_limits(BufReader::with_capacity(1 << 20, reader), limits);
-    let old_nice = vmm::renice_current_thread(crate::source::MIGRATION_NICE);
+    let mut dec = Decoder::with_limits(BufReader::with_capacity(64 << 10, reader), limits);
     // An authenticated peer that tls-authz refuses is told why (over TLS) and nothing else.
     let r = authorized
         .map_err(MigrationError::Tls)
         .and_then(|()| receive_inner(&mut dec, &mut acks, opts, on_event, t0));
-    if let Some(n) = old_nice {
-        vmm::renice_current_thread(n);
-    }
     if let Err(e) = &r {
         // Best effort: tell the source why, so it resumes its guest at once.
         tracing::debug!(error = %e, "incoming migration failed");

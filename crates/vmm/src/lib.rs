@@ -34,10 +34,9 @@ pub use memory::{GuestRam, RamBacking, RegionSpec, ThpMode};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
 pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};
 
-/// Lowers (or restores) the calling thread's CPU priority: migration threads run at a higher
-/// nice value than vCPU threads, so that on a host with few cores the guest keeps its CPU (and
-/// its timer ticks) while it is being migrated. Returns the previous nice value, or `None` if
-/// it could not be changed.
+/// Lowers (or restores) the calling thread's CPU priority (the source's after-commit digest
+/// check runs at nice 19, off the resumed guest's way). Returns the previous nice value, or
+/// `None` if it could not be changed.
 pub fn renice_current_thread(nice: i32) -> Option<i32> {
     sys::renice_current_thread(nice)
 }

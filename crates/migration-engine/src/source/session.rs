@@ -568,7 +568,7 @@ impl<'a> Session<'a> {
         if self.opts.verify && !self.opts.verify_before_commit {
             // Off the critical path, and the resumed guest may share this host's cores:
             // lowest priority, so it never delays the guest's vCPUs.
-            vmm::renice_current_thread(19);
+            let old_nice = vmm::renice_current_thread(19);
             // The source's vCPUs stay paused for good: its memory is the memory at pause.
             let t = Instant::now();
             match memory_digest(self.vm) {
@@ -581,6 +581,9 @@ impl<'a> Session<'a> {
                     .summary
                     .log
                     .push(format!("the source's memory digest failed: {e}")),
+            }
+            if let Some(n) = old_nice {
+                vmm::renice_current_thread(n);
             }
         }
         self.totals();

@@ -197,8 +197,9 @@ impl<W: Write> Encoder<W> {
         self.open_batch();
         let at = self.fw.buf.len();
         self.fw.put_u64(gpa);
-        self.fw.buf.resize(at + 8 + PAGE_SIZE as usize, 0);
-        if let Err(e) = fill(&mut self.fw.buf[at + 8..]) {
+        // Stale bytes, not zeros: `fill` overwrites the whole page (no memset per page).
+        let page = self.fw.buf.grow_stale(PAGE_SIZE as usize);
+        if let Err(e) = fill(page) {
             self.fw.buf.truncate(at);
             return Err(e);
         }

@@ -8,11 +8,71 @@ use std::io::{self, Read, Write};
 
 use super::{WireError, HEADER_LEN, MAGIC, MIN_PROTOCOL_VERSION, PREAMBLE_LEN, PROTOCOL_VERSION};
 
+/// A frame under construction: a byte vector whose storage is never shrunk between frames,
+/// so space handed out by [`FrameBuf::grow_stale`] is not zeroed again for every page (the
+/// source fills it from guest memory at once). Derefs to the frame's bytes.
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuf {
+    /// Storage; only `v[..len]` is the frame.
+    v: Vec<u8>,
+    len: usize,
+}
+
+impl FrameBuf {
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub(crate) fn push(&mut self, b: u8) {
+        self.extend_from_slice(&[b]);
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, data: &[u8]) {
+        let end = self.len + data.len();
+        if self.v.len() < end {
+            self.v.truncate(self.len);
+            self.v.extend_from_slice(data);
+        } else {
+            self.v[self.len..end].copy_from_slice(data);
+        }
+        self.len = end;
+    }
+
+    /// Appends `n` bytes whose contents are unspecified (stale bytes of earlier frames, or
+    /// zeros) and returns them; the caller overwrites all of them or truncates them away.
+    pub(crate) fn grow_stale(&mut self, n: usize) -> &mut [u8] {
+        let start = self.len;
+        let end = start + n;
+        if self.v.len() < end {
+            self.v.resize(end, 0);
+        }
+        self.len = end;
+        &mut self.v[start..end]
+    }
+}
+
+impl std::ops::Deref for FrameBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for FrameBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
 /// Builds frames in one reusable buffer and writes each with a single `write_all`.
 #[derive(Debug)]
 pub(crate) struct FrameWriter<W> {
     pub(crate) w: W,
-    pub(crate) buf: Vec<u8>,
+    pub(crate) buf: FrameBuf,
     seq: u32,
     pub(crate) bytes: u64,
     pub(crate) frames: u64,
@@ -28,7 +88,7 @@ impl<W: Write> FrameWriter<W> {
     pub(crate) fn new(w: W) -> Self {
         FrameWriter {
             w,
-            buf: Vec::new(),
+            buf: FrameBuf::default(),
             seq: 0,
             bytes: 0,
             frames: 0,
@@ -88,17 +148,17 @@ impl<W: Write> FrameWriter<W> {
             self.fold_start = from.clamp(HEADER_LEN, self.buf.len());
             self.fold_end = self.fold_start;
         }
-        self.fold_crc = crc32c::crc32c_append(self.fold_crc, &self.buf[self.fold_end..]);
+        self.fold_crc = super::crc::append(self.fold_crc, &self.buf[self.fold_end..]);
         self.fold_end = self.buf.len();
     }
 
     /// The frame's CRC-32C: the first 12 header bytes, then the payload, with the folded
     /// stretch combined in rather than read again.
     fn crc(&self) -> u32 {
-        let mut crc = crc32c::crc32c(&self.buf[..12]);
-        crc = crc32c::crc32c_append(crc, &self.buf[HEADER_LEN..self.fold_start]);
-        crc = crc32c::crc32c_combine(crc, self.fold_crc, self.fold_end - self.fold_start);
-        crc32c::crc32c_append(crc, &self.buf[self.fold_end..])
+        let mut crc = super::crc::crc32c(&self.buf[..12]);
+        crc = super::crc::append(crc, &self.buf[HEADER_LEN..self.fold_start]);
+        crc = super::crc::combine(crc, self.fold_crc, (self.fold_end - self.fold_start) as u64);
+        super::crc::append(crc, &self.buf[self.fold_end..])
     }
 
     /// Fills in the header of the frame in the buffer and writes it.
@@ -263,7 +323,7 @@ impl<R: Read> FrameReader<R> {
                 got,
             });
         }
-        let found = crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &self.buf);
+        let found = super::crc::append(super::crc::crc32c(&h[..12]), &self.buf);
         if found != crc {
             return Err(WireError::ChecksumMismatch {
                 seq,

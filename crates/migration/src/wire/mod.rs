@@ -13,6 +13,7 @@
 //!   of its pages reach the [`PageSink`], and never panics on any input.
 //! - [`AckWriter`] / [`AckReader`] carry the destination's answers back.
 
+mod crc;
 mod decode;
 mod encode;
 mod frame;

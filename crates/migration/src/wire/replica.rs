@@ -488,7 +488,7 @@ impl<W: Write> ReplicaWriter<W> {
                 n += 1;
             }
             self.fw.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&n.to_le_bytes());
-            crc = crc32c::crc32c_append(crc, &self.fw.buf[HEADER_LEN..]);
+            crc = super::crc::append(crc, &self.fw.buf[HEADER_LEN..]);
             self.fw.finish()?;
         }
         for (kind, instance, data) in cp.states() {
@@ -503,13 +503,13 @@ impl<W: Write> ReplicaWriter<W> {
             self.fw.put_u32(kind);
             self.fw.put_u32(instance);
             self.fw.buf.extend_from_slice(data);
-            crc = crc32c::crc32c_append(crc, &self.fw.buf[HEADER_LEN..]);
+            crc = super::crc::append(crc, &self.fw.buf[HEADER_LEN..]);
             self.fw.finish()?;
         }
         for chunk in cp.output().chunks(MAX_OUTPUT_FRAME) {
             self.fw.start(rtag::OUTPUT);
             self.fw.buf.extend_from_slice(chunk);
-            crc = crc32c::crc32c_append(crc, &self.fw.buf[HEADER_LEN..]);
+            crc = super::crc::append(crc, &self.fw.buf[HEADER_LEN..]);
             self.fw.finish()?;
         }
         self.fw.start(rtag::END);
@@ -932,7 +932,7 @@ impl<R: Read> ReplicaReader<R> {
                 what: "checkpoint carries more than its Begin announced",
             });
         }
-        o.crc = crc32c::crc32c_append(o.crc, &self.fr.buf);
+        o.crc = super::crc::append(o.crc, &self.fr.buf);
         Ok(())
     }
 
