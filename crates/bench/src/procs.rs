@@ -221,6 +221,27 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     Some(t as f64 / USER_HZ)
 }
 
+/// User + system CPU seconds the threads of process `pid` whose name `is_vcpu` accepts have
+/// used so far (`/proc/PID/task/TID/stat`); `None` if the process cannot be read.
+pub fn vcpu_threads_cpu_s(pid: u32, is_vcpu: impl Fn(&str) -> bool) -> Option<f64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !is_vcpu(comm.trim_end()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some(f) = stat_fields(&stat) else {
+            continue;
+        };
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += t(11) + t(12);
+    }
+    Some(total as f64 / USER_HZ)
+}
+
 /// User + system CPU seconds of this process's reaped children so far (`/proc/self/stat`
 /// cutime, cstime): the difference around one child's run is that child's CPU time.
 pub fn reaped_children_cpu_s() -> Option<f64> {

@@ -165,6 +165,9 @@ pub struct QemuResult {
     /// CPU time (user + system) the source QEMU process used from its start until the
     /// migration ended, seconds (`/proc/PID/stat`); `None` where it could not be read.
     pub source_cpu_s: Option<f64>,
+    /// The part of [`QemuResult::source_cpu_s`] its vCPU threads (`CPU N/KVM`) used; the
+    /// rest is the migration thread's, the main loop's and the boot's.
+    pub source_vcpu_cpu_s: Option<f64>,
     /// The source guest's console at the end of the migration.
     pub source_console: String,
 }
@@ -459,6 +462,9 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
     }
     let mut result = info.result(qemu_version, dest_progress_ok);
     result.source_cpu_s = crate::procs::process_cpu_s(src.child.id());
+    result.source_vcpu_cpu_s = crate::procs::vcpu_threads_cpu_s(src.child.id(), |c| {
+        c.starts_with("CPU ") && c.ends_with("/KVM")
+    });
     result.source_console = src.serial();
     sq.quit();
     dq.quit();
@@ -641,6 +647,7 @@ impl MigrateInfo {
             dest_progress_ok,
             qemu_version,
             source_cpu_s: None,
+            source_vcpu_cpu_s: None,
             source_console: String::new(),
         }
     }
@@ -981,6 +988,7 @@ mod tests {
                 dest_progress_ok: true,
                 qemu_version: "7.2.22".into(),
                 source_cpu_s: None,
+                source_vcpu_cpu_s: None,
                 source_console: String::new(),
             }
         );
