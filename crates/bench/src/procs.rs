@@ -225,7 +225,10 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
 /// used so far (`/proc/PID/task/TID/stat`); `None` if the process cannot be read.
 pub fn vcpu_threads_cpu_s(pid: u32, is_vcpu: impl Fn(&str) -> bool) -> Option<f64> {
     let mut total = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if !is_vcpu(comm.trim_end()) {
             continue;

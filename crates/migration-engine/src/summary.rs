@@ -51,6 +51,9 @@ pub struct IterationStats {
     pub vcpu_dirty_rates: Option<Vec<f64>>,
     /// Bandwidth estimate after this pass, bytes/s.
     pub bandwidth_bytes_per_s: f64,
+    /// Dirty pages this pass left for the next collect (the tail that would fit the
+    /// downtime limit, while the rest did not: `migration::convergence` rule 8).
+    pub deferred_pages: u64,
 }
 
 /// Everything `ringvisor migrate --json` reports.

@@ -62,6 +62,9 @@ struct Precopy {
     iteration: u32,
     last_collect: Instant,
     last_pass_bytes: u64,
+    /// Pages the last pass left unsent (`Step::defer_pages`); they go back into the set at
+    /// the next collect. Reused.
+    carried: Vec<u64>,
 }
 
 /// What the switchover hands to the commit.
@@ -200,6 +203,7 @@ impl<'a> Session<'a> {
             iteration: 0,
             last_collect: Instant::now(),
             last_pass_bytes: 0,
+            carried: Vec::new(),
         };
         let actions = pre.policy.start();
         self.apply(&mut pre, actions)?;
@@ -228,7 +232,7 @@ impl<'a> Session<'a> {
             .pass(0, total, false, &mut all, self.progress, total)?;
         pre.last_pass_bytes = b;
         let vcpu_rates = pre.collector.as_ref().map(|c| c.rates());
-        self.record_pass(0, (n, z, b, secs), 0.0, vcpu_rates);
+        self.record_pass(0, (n, z, b, secs), 0.0, vcpu_rates, 0);
         Ok(())
     }
 
@@ -238,6 +242,7 @@ impl<'a> Session<'a> {
         (pages, zero_pages, bytes, secs): (u64, u64, u64, f64),
         rate: f64,
         vcpu_dirty_rates: Option<Vec<f64>>,
+        deferred_pages: u64,
     ) {
         self.summary.push_iteration(IterationStats {
             iteration,
@@ -248,6 +253,7 @@ impl<'a> Session<'a> {
             dirty_rate_pages_per_s: rate,
             vcpu_dirty_rates,
             bandwidth_bytes_per_s: self.s.bandwidth(self.fallback_bw),
+            deferred_pages,
         });
     }
 
@@ -258,6 +264,11 @@ impl<'a> Session<'a> {
         if !keep {
             pre.dirty.clear();
         }
+        // The tail the last pass deferred is still dirty: back into the set first.
+        for &gpa in &pre.carried {
+            pre.dirty.insert_gpa(gpa);
+        }
+        pre.carried.clear();
         let st = pre.tracker.get()?.collect(&mut pre.dirty)?;
         self.ctl.dirty_synced();
         if st.tracking_lost {
@@ -325,6 +336,7 @@ impl<'a> Session<'a> {
         loop {
             self.ctl.check()?;
             self.retune(pre)?;
+            let carried_pages = pre.carried.len() as u64;
             let pages = self.collect(pre, false)?;
             let now = Instant::now();
             let rate = pages as f64 / now.duration_since(pre.last_collect).as_secs_f64().max(1e-6);
@@ -336,6 +348,7 @@ impl<'a> Session<'a> {
                 last_pass_bytes: pre.last_pass_bytes,
                 bandwidth_bytes_per_s: self.s.bandwidth(self.fallback_bw),
                 vcpu_dirty_rates: vcpu_rates.clone(),
+                carried_pages,
             });
             let expected_ms = (step.expected_downtime.as_secs_f64() * 1e3).round() as u64;
             let (throttle, limit) = (pre.policy.throttle_percent(), pre.policy.dirty_limit());
@@ -362,12 +375,21 @@ impl<'a> Session<'a> {
                 }
             }
             pre.iteration += 1;
+            // Rule 8: the last `defer_pages` pages wait for the next collect.
+            let send = pages - step.defer_pages.min(pages);
             let mut it = pre.dirty.iter_gpa();
-            let r = self
-                .s
-                .pass(pre.iteration, pages, false, &mut it, self.progress, pages)?;
+            let r = self.s.pass(
+                pre.iteration,
+                send,
+                false,
+                &mut it.by_ref().take(send as usize),
+                self.progress,
+                pages,
+            )?;
+            pre.carried.extend(it);
             pre.last_pass_bytes = r.2;
-            self.record_pass(pre.iteration, r, rate, vcpu_rates);
+            let deferred = pre.carried.len() as u64;
+            self.record_pass(pre.iteration, r, rate, vcpu_rates, deferred);
             if let Some(at) = hold {
                 self.hold_until(self.t_start + at)?;
             }
@@ -446,7 +468,7 @@ impl<'a> Session<'a> {
             .s
             .pass(pre.iteration, pages, true, &mut it, self.progress, pages)?;
         marks.push(("final pass", Instant::now()));
-        self.record_pass(pre.iteration, r, 0.0, vcpu_rates);
+        self.record_pass(pre.iteration, r, 0.0, vcpu_rates, 0);
         for (i, blob) in self.vm.save_vcpus()?.iter().enumerate() {
             self.s.enc.send_state(STATE_KIND_VCPU, i as u32, blob)?;
         }
