@@ -32,7 +32,11 @@
 //! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P pace=0|1`
 //! - `memmap entries=N ram_kib=K`
 //! - `cpu I up` (each AP)
-//! - `cpu I progress R pages P ticks T` (P = pages written by that CPU so far, T = its ticks)
+//! - `cpu I tsc_per_tick N` (each CPU, with `pace=1`: its TSC ticks per timer tick, measured
+//!   over 32 ticks; the report schedule starts right after this line)
+//! - `cpu I progress R pages P ticks T tsc X` (P = pages written by that CPU so far, T = its
+//!   ticks, X = TSC ticks from the start of its report schedule to this report: `rdtsc` when
+//!   the pacing wait ended, in ring 3, where it is native on PVM; parsed by [`Progress`])
 //! - `poweroff E`
 //!
 //! Exceptions other than #UD have no handler: they end in a triple fault, reported by the VMM
@@ -111,8 +115,8 @@ const BOOT_REQ: u64 = 0xd0;
 const ISR_SPAN: u64 = 0xd8;
 /// Per-CPU position (byte offset from `WS_GPA`) of the timer ISR's next write (u64 each).
 const ISR_POS: u64 = 0x700;
-/// Per-CPU TSC at the start of the report schedule, and TSC ticks per timer tick (u64 each),
-/// for `pace=1`.
+/// Per-CPU TSC at the start of the report schedule (every CPU: reports print their TSC from
+/// it), and TSC ticks per timer tick (`pace=1`), u64 each.
 const TSC_BASE: u64 = 0x680;
 const TSC_PER_TICK: u64 = 0x6c0;
 /// `timer=tsc-deadline` present: 0; absent: 1 (the kernel's parser returns 0 for a key with
@@ -290,6 +294,80 @@ impl Cmdline {
     }
 }
 
+/// One progress line of the kernel, `cpu I progress R pages P ticks T tsc X`.
+///
+/// Kernels before the TSC field printed the line without `tsc X`; it parses, with `tsc`
+/// `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// CPU index.
+    pub cpu: u64,
+    /// Report number (1, 2, ...).
+    pub report: u64,
+    /// Pages that CPU has written so far.
+    pub pages: u64,
+    /// Timer ticks that CPU has taken so far.
+    pub ticks: u64,
+    /// TSC ticks from the start of that CPU's report schedule (the end of its `pace=1`
+    /// calibration, else the start of its work) to this report.
+    pub tsc: Option<u64>,
+}
+
+impl Progress {
+    /// Parses one line (without its `\n`); `None` for any other line, a malformed one or a
+    /// number out of range.
+    pub fn parse(line: &str) -> Option<Progress> {
+        let w: Vec<&str> = line.split_ascii_whitespace().collect();
+        let (fixed, tsc) = match w.as_slice() {
+            ["cpu", c, "progress", r, "pages", p, "ticks", t] => ([c, r, p, t], None),
+            ["cpu", c, "progress", r, "pages", p, "ticks", t, "tsc", x] => {
+                ([c, r, p, t], Some(x.parse().ok()?))
+            }
+            _ => return None,
+        };
+        let [cpu, report, pages, ticks] = fixed.map(|v| v.parse::<u64>().ok());
+        Some(Progress {
+            cpu: cpu?,
+            report: report?,
+            pages: pages?,
+            ticks: ticks?,
+            tsc,
+        })
+    }
+
+    /// Every progress line of `console`, in order.
+    pub fn all(console: &str) -> Vec<Progress> {
+        console.lines().filter_map(Progress::parse).collect()
+    }
+}
+
+impl std::fmt::Display for Progress {
+    /// The line as the kernel prints it (without `\n`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cpu {} progress {} pages {} ticks {}",
+            self.cpu, self.report, self.pages, self.ticks
+        )?;
+        match self.tsc {
+            Some(x) => write!(f, " tsc {x}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `cpu`'s TSC ticks per timer tick from its `cpu I tsc_per_tick N` line in `console`
+/// (printed with `pace=1`): what its report pacing waits for, per tick of `period_ticks`.
+pub fn tsc_per_tick(console: &str, cpu: u64) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_ascii_whitespace().collect();
+        match w.as_slice() {
+            ["cpu", c, "tsc_per_tick", n] if c.parse::<u64>().ok()? == cpu => n.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
 /// Data page builder: fixed variables, then NUL-terminated strings.
 struct Data {
     page: Vec<u8>,
@@ -417,6 +495,8 @@ struct Strings {
     progress: u64,
     pages: u64,
     ticks: u64,
+    tsc: u64,
+    tsc_per_tick: u64,
     poweroff: u64,
     empty: u64,
 }
@@ -454,6 +534,8 @@ fn strings(d: &mut Data) -> Result<Strings> {
         progress: d.string(" progress ")?,
         pages: d.string(" pages ")?,
         ticks: d.string(" ticks ")?,
+        tsc: d.string(" tsc ")?,
+        tsc_per_tick: d.string(" tsc_per_tick ")?,
         poweroff: d.string("poweroff ")?,
         empty: d.string("")?,
     })
@@ -522,7 +604,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     bsp_start(&mut a, &mut l, s)?;
     bsp_memory(&mut a, &mut l, s)?;
     bsp_timer_and_aps(&mut a, &mut l, s)?;
-    worker_start(&mut a, &mut l)?;
+    worker_start(&mut a, &mut l, s)?;
     worker_pace(&mut a, &mut l)?;
     worker_report(&mut a, &mut l, s)?;
     subroutines(&mut a, &mut l)?;
@@ -825,7 +907,7 @@ fn bsp_timer_and_aps(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm 
 
 /// The worker (every CPU): TSC calibration for paced reports, its working set, and the
 /// report loop with its writes; the pacing and the report line follow.
-fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
+fn worker_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     // Worker: r12 = working set base, r14 = its pages, rbx = position, rbp = report number,
     // r10 = pages written.
     let mut write = a.create_label();
@@ -833,47 +915,7 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     let mut print = a.create_label();
     let mut ws_ok = a.create_label();
     a.set_label(&mut l.worker)?;
-    // pace=1 (with the timer on and reports paced): measure TSC ticks per timer tick over
-    // CALIBRATION_TICKS ticks, from a tick edge, and start the schedule there.
-    let mut no_calibration = a.create_label();
-    let mut edge = a.create_label();
-    let mut span = a.create_label();
-    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
-    a.je(no_calibration)?;
-    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
-    a.je(no_calibration)?;
-    a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
-    a.je(no_calibration)?;
-    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
-    a.set_label(&mut edge)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
-    a.je(edge)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(r9, rax)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
-    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
-    a.add(r8, CALIBRATION_TICKS)?;
-    a.set_label(&mut span)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
-    a.jb(span)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.sub(rax, r9)?;
-    a.xor(edx, edx)?;
-    a.mov(ecx, CALIBRATION_TICKS as u32)?;
-    a.div(rcx)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
-    // The schedule starts now (report r is due r periods from here).
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
-    a.set_label(&mut no_calibration)?;
+    worker_calibrate(a, l, s)?;
     a.mov(r14, qword_ptr(r13 + P_WS as i32))?;
     a.shl(r14, 8)?;
     a.test(r14, r14)?;
@@ -923,6 +965,66 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     Ok(())
 }
 
+/// `pace=1` (with the timer on and reports paced): this CPU measures its TSC ticks per timer
+/// tick over `CALIBRATION_TICKS` ticks from a tick edge and prints them; then, for every CPU,
+/// the report schedule starts (`TSC_BASE`: reports are due, and their `tsc` counted, from
+/// here).
+fn worker_calibrate(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
+    let mut no_calibration = a.create_label();
+    let mut edge = a.create_label();
+    let mut span = a.create_label();
+    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
+    a.je(no_calibration)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.set_label(&mut edge)?;
+    a.call(l.wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.je(edge)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r9, rax)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.add(r8, CALIBRATION_TICKS)?;
+    a.set_label(&mut span)?;
+    a.call(l.wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.jb(span)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r9)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, CALIBRATION_TICKS as u32)?;
+    a.div(rcx)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
+    // "cpu I tsc_per_tick N": what the pacing uses, so a reader can check the schedule.
+    a.call(l.lock)?;
+    a.mov(rsi, s.cpu)?;
+    a.call(l.puts)?;
+    a.mov(rax, r15)?;
+    a.call(l.putdec)?;
+    a.mov(rsi, s.tsc_per_tick)?;
+    a.call(l.puts)?;
+    a.mov(rax, qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32))?;
+    a.call(l.putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(l.putc)?;
+    a.call(l.unlock)?;
+    a.set_label(&mut no_calibration)?;
+    // The schedule starts now (report r is due r periods from here with pace=1; every
+    // report's `tsc` counts from here).
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
+    Ok(())
+}
+
 /// The pacing wait before a report line.
 fn worker_pace(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // Pacing: wait until this CPU has seen report * period_ticks ticks (pace=0), or until its
@@ -961,6 +1063,13 @@ fn worker_pace(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
 
 /// The report line, the power-off request, and the end of the run.
 fn worker_report(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
+    // r9 = TSC since the schedule start, read when the pacing wait ended (before the print
+    // lock, which another CPU may hold). Ring 3 (CR4.TSD clear): native on PVM.
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, qword_ptr(r13 + r15 * 8 + TSC_BASE as i32))?;
+    a.mov(r9, rax)?;
     a.call(l.lock)?;
     a.mov(rsi, s.cpu)?;
     a.call(l.puts)?;
@@ -977,6 +1086,10 @@ fn worker_report(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.mov(rsi, s.ticks)?;
     a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.call(l.putdec)?;
+    a.mov(rsi, s.tsc)?;
+    a.call(l.puts)?;
+    a.mov(rax, r9)?;
     a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
     a.call(l.putc)?;
@@ -1404,6 +1517,49 @@ mod tests {
             assert_eq!(img.segments.len(), 1);
             assert_eq!(img.segments[0].paddr, KERNEL_GPA);
             assert!(img.segments[0].memsz > img.segments[0].filesz);
+        }
+    }
+
+    #[test]
+    fn progress_line_round_trips_and_the_old_form_still_parses() {
+        let p = Progress {
+            cpu: 3,
+            report: 17,
+            pages: 4352,
+            ticks: 170,
+            tsc: Some(u64::MAX),
+        };
+        let line = p.to_string();
+        assert_eq!(
+            line,
+            "cpu 3 progress 17 pages 4352 ticks 170 tsc 18446744073709551615"
+        );
+        assert_eq!(Progress::parse(&line), Some(p));
+        let old = Progress { tsc: None, ..p };
+        assert_eq!(old.to_string(), "cpu 3 progress 17 pages 4352 ticks 170");
+        assert_eq!(Progress::parse(&old.to_string()), Some(old));
+        let console = format!("{BANNER}\ncpu 0 tsc_per_tick 4200000\n{line}\ncpu 1 up\n{old}\n");
+        assert_eq!(Progress::all(&console), vec![p, old]);
+        assert_eq!(tsc_per_tick(&console, 0), Some(4_200_000));
+        assert_eq!(tsc_per_tick(&console, 1), None);
+    }
+
+    #[test]
+    fn malformed_progress_lines_are_not_reports() {
+        for bad in [
+            "",
+            "cpu 0 up",
+            "cpu 0 progress 1 pages 2",
+            "cpu 0 progress 1 pages 2 ticks",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc 4 5",
+            "cpu 0 progress 1 pages 2 ticks 3 tsx 4",
+            "cpu 0 progress 1 pages -2 ticks 3",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc 18446744073709551616",
+            "cpu x progress 1 pages 2 ticks 3 tsc 4",
+            "cpu 0 progress 1 pages 2 ticks 3\u{0}",
+        ] {
+            assert_eq!(Progress::parse(bad), None, "{bad:?}");
         }
     }
 
