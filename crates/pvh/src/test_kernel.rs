@@ -127,13 +127,17 @@ const P_TIMER_PERIODIC: u64 = 0xe0;
 /// in the RAM above 4 GiB), so `ws_mb` can cover all of a guest's RAM.
 const HOLE_AT: u64 = 0xe8;
 const HOLE_SKIP: u64 = 0xf0;
-/// Per-CPU flag: this CPU's LAPIC timer is in TSC-deadline mode (u64 each).
+/// Per-CPU TSC deadline last armed (u64 each); non-zero once this CPU's LAPIC timer is in
+/// TSC-deadline mode.
 const DL_ON: u64 = 0x740;
 /// TSC ticks per timer tick, measured by the BSP; non-zero switches every CPU's timer ISR to
 /// TSC-deadline mode (re-armed with `wrmsr IA32_TSC_DEADLINE` at every tick).
 const DL_PER_TICK: u64 = 0x780;
-/// Periodic ticks over which the BSP measures the TSC rate for `timer=tsc-deadline`.
-const DL_CALIBRATION_TICKS: i32 = 8;
+/// LAPIC timer counts (ns) over which the BSP measures the TSC rate for
+/// `timer=tsc-deadline`.
+const DL_CALIBRATION_NS: u32 = 20_000_000;
+/// LVT timer: masked (bit 16), one-shot mode.
+const LVT_MASKED: i32 = 0x1_0000;
 /// `IA32_TSC_DEADLINE`.
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// LVT timer mode bits 17-18 = 0b10: TSC-deadline.
@@ -232,11 +236,13 @@ pub struct Cmdline {
     /// page, cycling over all CPUs' working sets (an interrupt handler touching memory).
     /// 0 (the default) = only the tick counter.
     pub isr_writes: u64,
-    /// `timer=tsc-deadline`: after measuring the TSC rate over 8 periodic ticks (BSP, before
-    /// the APs start; prints `timer tsc-deadline T` with T TSC ticks per tick), every CPU's
-    /// LAPIC timer runs in TSC-deadline mode, re-armed by its ISR with a CPL0
-    /// `wrmsr IA32_TSC_DEADLINE` one tick ahead, the CPU halting between ticks: how Linux
-    /// and the third-party guest of issue 14 keep time. False (the default) = periodic mode.
+    /// `timer=tsc-deadline`: after measuring the TSC rate against the LAPIC timer's count
+    /// over 20 ms (BSP, before the APs start, no interrupts involved; prints `timer
+    /// tsc-deadline T` with T TSC ticks per tick), every CPU's LAPIC timer runs in
+    /// TSC-deadline mode, re-armed by its ISR with a CPL0 `wrmsr IA32_TSC_DEADLINE` one tick
+    /// after the last deadline (ticks on a TSC grid, whatever the ISR's latency), the CPU
+    /// halting between ticks: how Linux and the third-party guest of issue 14 keep time.
+    /// With `pace=1` the pacing uses T. False (the default) = periodic mode.
     pub tsc_deadline: bool,
 }
 
@@ -829,38 +835,52 @@ fn bsp_timer_and_aps(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm 
     a.call(l.putc)?;
     a.set_label(&mut no_boot_writes)?;
     a.call(l.timer_start)?;
-    // timer=tsc-deadline: TSC ticks per timer tick over DL_CALIBRATION_TICKS periodic ticks,
-    // from a tick edge; storing it switches every CPU's ISR to TSC-deadline mode.
+    // timer=tsc-deadline: the TSC rate against the LAPIC timer's own count, which KVM derives
+    // from the host's monotonic clock (1 count = 1 ns: KVM's APIC bus runs at 1 GHz), with
+    // the timer one-shot and masked, counting down from the maximum for DL_CALIBRATION_NS.
+    // No interrupt is involved, so a tick the host coalesces (a vCPU that did not run when
+    // it fired: one in eight periodic ticks under load) cannot bias it. Then the periodic
+    // timer again; storing DL_PER_TICK switches every CPU's ISR to TSC-deadline mode. A
+    // count that does not run leaves the timer periodic (no `timer tsc-deadline` line).
     let mut no_dl = a.create_label();
-    let mut dl_edge = a.create_label();
-    let mut dl_span = a.create_label();
+    let mut dl_wait = a.create_label();
     a.cmp(qword_ptr(r13 + P_TIMER_PERIODIC as i32), 0)?;
     a.jne(no_dl)?;
     a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
     a.je(no_dl)?;
-    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
-    a.set_label(&mut dl_edge)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
-    a.je(dl_edge)?;
+    a.mov(rcx, LAPIC)?;
+    a.mov(dword_ptr(rcx + 0x320), LVT_MASKED | TIMER_VECTOR as i32)?;
+    a.mov(dword_ptr(rcx + 0x3e0), 0xb)?;
+    a.mov(dword_ptr(rcx + 0x380), -1)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
     a.mov(r9, rax)?;
-    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
-    a.add(r8, DL_CALIBRATION_TICKS)?;
-    a.set_label(&mut dl_span)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
-    a.jb(dl_span)?;
+    a.mov(r10d, dword_ptr(rcx + 0x390))?;
+    a.test(r10d, r10d)?;
+    a.jz(no_dl)?;
+    a.set_label(&mut dl_wait)?;
+    a.pause()?;
+    a.mov(eax, dword_ptr(rcx + 0x390))?;
+    a.mov(edx, r10d)?;
+    a.sub(edx, eax)?;
+    a.cmp(edx, DL_CALIBRATION_NS)?;
+    a.jb(dl_wait)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
     a.sub(rax, r9)?;
-    a.xor(edx, edx)?;
-    a.mov(ecx, DL_CALIBRATION_TICKS as u32)?;
-    a.div(rcx)?;
+    a.mov(r9, rax)?;
+    a.mov(eax, dword_ptr(rcx + 0x390))?;
+    a.mov(r8d, r10d)?;
+    a.sub(r8d, eax)?;
+    // DL_PER_TICK = TSC ticks * tick ns / count ns (128-bit product).
+    a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
+    a.imul_3(rax, rax, 1000)?;
+    a.mul(r9)?;
+    a.div(r8)?;
     a.mov(qword_ptr(r13 + DL_PER_TICK as i32), rax)?;
+    a.call(l.timer_start)?;
     a.mov(rsi, s.timer_dl)?;
     a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
@@ -965,12 +985,14 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     Ok(())
 }
 
-/// `pace=1` (with the timer on and reports paced): this CPU measures its TSC ticks per timer
-/// tick over `CALIBRATION_TICKS` ticks from a tick edge and prints them; then, for every CPU,
-/// the report schedule starts (`TSC_BASE`: reports are due, and their `tsc` counted, from
-/// here).
+/// `pace=1` (with the timer on and reports paced): this CPU's TSC ticks per timer tick, the
+/// BSP's `timer=tsc-deadline` calibration if there is one (the deadline ticks' own period,
+/// measured without interrupts), else measured over `CALIBRATION_TICKS` periodic ticks from
+/// a tick edge; printed. Then, for every CPU, the report schedule starts (`TSC_BASE`: reports
+/// are due, and their `tsc` counted, from here).
 fn worker_calibrate(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     let mut no_calibration = a.create_label();
+    let mut calibrated = a.create_label();
     let mut edge = a.create_label();
     let mut span = a.create_label();
     a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
@@ -979,6 +1001,9 @@ fn worker_calibrate(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.je(no_calibration)?;
     a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
     a.je(no_calibration)?;
+    a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
+    a.test(rax, rax)?;
+    a.jnz(calibrated)?;
     a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
     a.set_label(&mut edge)?;
     a.call(l.wait_tick)?;
@@ -1001,6 +1026,7 @@ fn worker_calibrate(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.xor(edx, edx)?;
     a.mov(ecx, CALIBRATION_TICKS as u32)?;
     a.div(rcx)?;
+    a.set_label(&mut calibrated)?;
     a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
     // "cpu I tsc_per_tick N": what the pacing uses, so a reader can check the schedule.
     a.call(l.lock)?;
@@ -1280,9 +1306,15 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.inc(qword_ptr(rax + r15 * 8))?;
     // TSC-deadline mode (once DL_PER_TICK is measured): on this CPU's first tick after that,
     // switch its LVT timer to TSC-deadline mode; every tick, arm the next deadline one tick
-    // from now (a CPL0 WRMSR, as Linux's lapic_next_deadline).
+    // after the last one (a CPL0 WRMSR), so ticks stay on a grid of DL_PER_TICK TSC ticks
+    // however late the interrupt is handled, as Linux's tick keeps absolute expiry times
+    // (arming from now would stretch every tick by the ISR's latency: 2-8% at 2 ms on PVM,
+    // more under one VMM than the other, and `pace=1` calibrates on these ticks). If the
+    // last deadline is not within one tick before now (the first tick, ticks coalesced while
+    // the vCPU did not run, or a TSC that moved with a migration), arm from now.
     let mut no_deadline = a.create_label();
     let mut dl_armed = a.create_label();
+    let mut dl_from_now = a.create_label();
     a.mov(rax, DATA_GPA)?;
     a.cmp(qword_ptr(rax + DL_PER_TICK as i32), 0)?;
     a.je(no_deadline)?;
@@ -1292,7 +1324,6 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.mov(r8, rax)?;
     a.cmp(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 0)?;
     a.jne(dl_armed)?;
-    a.mov(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 1)?;
     a.mov(rcx, LAPIC)?;
     a.mov(
         dword_ptr(rcx + 0x320),
@@ -1302,7 +1333,15 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
+    // rcx = now - last (unsigned: a last deadline after now wraps to a huge value).
+    a.mov(rcx, rax)?;
+    a.sub(rcx, qword_ptr(r8 + r15 * 8 + DL_ON as i32))?;
+    a.cmp(rcx, qword_ptr(r8 + DL_PER_TICK as i32))?;
+    a.jae(dl_from_now)?;
+    a.mov(rax, qword_ptr(r8 + r15 * 8 + DL_ON as i32))?;
+    a.set_label(&mut dl_from_now)?;
     a.add(rax, qword_ptr(r8 + DL_PER_TICK as i32))?;
+    a.mov(qword_ptr(r8 + r15 * 8 + DL_ON as i32), rax)?;
     a.mov(rdx, rax)?;
     a.shr(rdx, 32)?;
     a.mov(ecx, MSR_TSC_DEADLINE)?;
