@@ -103,8 +103,11 @@ pub struct GuestRate {
     /// fired); kept as a check.
     pub guest_mib_s_ticks: Option<f64>,
     /// The guest's own TSC rate, Hz: its `pace=1` calibration (TSC ticks per timer tick)
-    /// times its ticks per second. Shows the guest runs on the host's TSC rate (a tick
-    /// coalesced during the calibration biases it upwards).
+    /// times its ticks per second, against which it paces its writes. Beside the host's
+    /// rate it shows the guest runs at it and the rate it was asked for is the one it aims
+    /// at: with `timer=tsc-deadline` (the third-party profile) the kernel measures it
+    /// against the LAPIC timer's count, without ticks; in periodic mode on ticks, where a
+    /// coalesced tick biases it upwards and the guest then writes below its nominal rate.
     pub guest_tsc_hz: Option<f64>,
 }
 
