@@ -31,9 +31,13 @@
 //! - `ringvisor PVH test kernel v1`
 //! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P pace=0|1`
 //! - `memmap entries=N ram_kib=K`
+//! - `boot writes N` (with `boot_writes`)
+//! - `timer tsc-deadline T` (with `timer=tsc-deadline`: TSC ticks per timer tick, measured
+//!   against the LAPIC timer's count, without interrupts)
 //! - `cpu I up` (each AP)
-//! - `cpu I tsc_per_tick N` (each CPU, with `pace=1`: its TSC ticks per timer tick, measured
-//!   over 32 ticks; the report schedule starts right after this line)
+//! - `cpu I tsc_per_tick N` (each CPU, with `pace=1`: the TSC ticks per timer tick it paces
+//!   with, the `timer tsc-deadline` calibration or else measured over 32 periodic ticks; the
+//!   report schedule starts right after this line)
 //! - `cpu I progress R pages P ticks T tsc X` (P = pages written by that CPU so far, T = its
 //!   ticks, X = TSC ticks from the start of its report schedule to this report: `rdtsc` when
 //!   the pacing wait ended, in ring 3, where it is native on PVM; parsed by [`Progress`])
