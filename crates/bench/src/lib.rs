@@ -15,9 +15,11 @@
 //!   tracker, guest size, dirty set and epoch (in process).
 //! - [`procs`]: starting and reaping the `ringvisor` processes, the network namespaces.
 //! - [`plot`]: SVG line plots.
+//! - [`tsc`]: the host's TSC rate, the clock of the PVH guests' own write rate.
 //!
 //! Long runs report progress through [`Progress`]; nothing here prints to stdout.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod error;
 pub mod linux;
@@ -28,6 +30,8 @@ pub mod pvh;
 pub mod qemu;
 pub mod replicate;
 pub mod sync;
+mod sys;
+pub mod tsc;
 
 pub use error::{error_chain, BenchError, Result};
 

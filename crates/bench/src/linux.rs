@@ -828,7 +828,7 @@ fn ringvisor_row_from(v: &Value) -> Row {
         dest_progress: false,
         verified: s["verified"].as_bool(),
         source_cpu_s: None,
-        guest_mib_s: None,
+        guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
     }
 }
@@ -855,7 +855,7 @@ fn qemu_row(d: &qemu::Driven) -> Row {
         dest_progress: false,
         verified: None,
         source_cpu_s: None,
-        guest_mib_s: None,
+        guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
     }
 }

@@ -15,6 +15,7 @@ use crate::error::{error_chain, BenchError, Result};
 use crate::migrate::check_trackers;
 use crate::procs::{reap_destination, source_summary, spawn_destination};
 use crate::{qemu, Progress};
+use ::pvh::test_kernel::Progress as KernelReport;
 
 /// Options of the PVH rows.
 #[derive(Debug, Clone)]
@@ -80,40 +81,116 @@ pub struct Row {
     pub verified: Option<bool>,
     /// CPU seconds (user + system) of the source process, boot and warm-up included.
     pub source_cpu_s: Option<f64>,
-    /// The guest's write rate during the migration, MiB/s, from its progress reports on the
-    /// source console ([`guest_rate`]).
-    pub guest_mib_s: Option<f64>,
+    /// The guest's write rate during the migration, from its progress reports on the source
+    /// console.
+    #[serde(flatten)]
+    pub guest: GuestRate,
     /// Host time from the guest's last heartbeat line on the source console to its next one on
     /// the destination's, ms (the Linux rows: [`crate::linux`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_gap_ms: Option<f64>,
 }
 
-/// The guest's write rate over the last `window_ms` of the source console (the migration):
-/// pages between the last progress report and the first report at least `window_ms` of timer
-/// ticks before it, over those ticks (`tick_us` each). MiB/s; `None` with fewer than two
-/// reports in the window.
-pub fn guest_rate(console: &str, window_ms: f64, tick_us: u64) -> Option<f64> {
-    let reports: Vec<(u64, u64)> = console
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_ascii_whitespace().collect();
-            match w.as_slice() {
-                ["cpu", "0", "progress", _, "pages", p, "ticks", t] => {
-                    Some((p.parse().ok()?, t.parse().ok()?))
-                }
-                _ => None,
-            }
-        })
-        .collect();
-    let &(p1, t1) = reports.last()?;
-    let window_ticks = (window_ms * 1e3 / tick_us.max(1) as f64) as u64;
-    let &(p0, t0) = reports.iter().find(|(_, t)| *t + window_ticks >= t1)?;
-    if t1 <= t0 {
+/// The guest's write rate during the migration, from cpu 0's progress reports on the source
+/// console (the last report there is the one before the pause), two ways.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct GuestRate {
+    /// MiB/s with the reports' TSC as the clock, converted with the host's TSC rate
+    /// ([`guest_rate_tsc`]): the same clock under both VMMs.
+    pub guest_mib_s: Option<f64>,
+    /// MiB/s with the guest's timer ticks as the clock ([`guest_rate_ticks`]): biased
+    /// upwards wherever ticks are coalesced (a vCPU that was not running when its timer
+    /// fired); kept as a check.
+    pub guest_mib_s_ticks: Option<f64>,
+    /// The guest's own TSC rate, Hz: its `pace=1` calibration (TSC ticks per timer tick)
+    /// times its ticks per second, against which it paces its writes. Beside the host's
+    /// rate it shows the guest runs at it and the rate it was asked for is the one it aims
+    /// at: with `timer=tsc-deadline` (the third-party profile) the kernel measures it
+    /// against the LAPIC timer's count, without ticks; in periodic mode on ticks, where a
+    /// coalesced tick biases it upwards and the guest then writes below its nominal rate.
+    pub guest_tsc_hz: Option<f64>,
+}
+
+/// The clocks the guest's reports are read with.
+#[derive(Clone, Copy, Debug)]
+pub struct Clocks {
+    /// The guest's timer period, µs.
+    pub tick_us: u64,
+    /// The host's TSC rate, Hz ([`crate::tsc::host_tsc_hz`]); `None` leaves the TSC-based
+    /// rate out.
+    pub tsc_hz: Option<f64>,
+}
+
+impl Clocks {
+    /// The guest's write rate over the last `window_ms` of `console`, both ways.
+    pub fn guest_rate(&self, console: &str, window_ms: f64) -> GuestRate {
+        let reports = cpu0_reports(console);
+        GuestRate {
+            guest_mib_s: self.tsc_hz.and_then(|hz| rate_tsc(&reports, window_ms, hz)),
+            guest_mib_s_ticks: rate_ticks(&reports, window_ms, self.tick_us),
+            guest_tsc_hz: ::pvh::test_kernel::tsc_per_tick(console, 0)
+                .map(|n| n as f64 * 1e6 / self.tick_us.max(1) as f64),
+        }
+    }
+}
+
+fn cpu0_reports(console: &str) -> Vec<KernelReport> {
+    KernelReport::all(console)
+        .into_iter()
+        .filter(|p| p.cpu == 0)
+        .collect()
+}
+
+/// MiB/s for `pages` written over `secs`.
+fn mib_s(pages: u64, secs: f64) -> f64 {
+    pages as f64 * 4096.0 / secs / f64::from(1u32 << 20)
+}
+
+/// The guest's write rate over the last `window_ms` of the source console (the migration),
+/// on the TSC: pages between cpu 0's last progress report and its first report whose TSC is
+/// at most `window_ms` before the last one's, over the TSC between them in seconds at
+/// `tsc_hz`. MiB/s; `None` with fewer than two such reports, reports without a TSC, or a
+/// `tsc_hz` that is not a positive rate.
+pub fn guest_rate_tsc(console: &str, window_ms: f64, tsc_hz: f64) -> Option<f64> {
+    rate_tsc(&cpu0_reports(console), window_ms, tsc_hz)
+}
+
+fn rate_tsc(reports: &[KernelReport], window_ms: f64, tsc_hz: f64) -> Option<f64> {
+    if !(tsc_hz.is_finite() && tsc_hz > 0.0) {
         return None;
     }
-    let secs = (t1 - t0) as f64 * tick_us as f64 / 1e6;
-    Some((p1 - p0) as f64 * 4096.0 / secs / f64::from(1u32 << 20))
+    let last = reports.last()?;
+    let x1 = last.tsc?;
+    let window = (window_ms.max(0.0) / 1e3 * tsc_hz) as u64;
+    let first = reports
+        .iter()
+        .find(|p| p.tsc.is_some_and(|x| x.saturating_add(window) >= x1))?;
+    let x0 = first.tsc?;
+    if x1 <= x0 || last.pages < first.pages {
+        return None;
+    }
+    Some(mib_s(last.pages - first.pages, (x1 - x0) as f64 / tsc_hz))
+}
+
+/// The guest's write rate over the last `window_ms` of the source console, on its timer
+/// ticks: pages between cpu 0's last progress report and the first report at least
+/// `window_ms` of ticks (`tick_us` each) before it, over those ticks. MiB/s; `None` with
+/// fewer than two reports in the window.
+pub fn guest_rate_ticks(console: &str, window_ms: f64, tick_us: u64) -> Option<f64> {
+    rate_ticks(&cpu0_reports(console), window_ms, tick_us)
+}
+
+fn rate_ticks(reports: &[KernelReport], window_ms: f64, tick_us: u64) -> Option<f64> {
+    let last = reports.last()?;
+    let window_ticks = (window_ms.max(0.0) * 1e3 / tick_us.max(1) as f64) as u64;
+    let first = reports
+        .iter()
+        .find(|p| p.ticks.saturating_add(window_ticks) >= last.ticks)?;
+    if last.ticks <= first.ticks || last.pages < first.pages {
+        return None;
+    }
+    let secs = (last.ticks - first.ticks) as f64 * tick_us as f64 / 1e6;
+    Some(mib_s(last.pages - first.pages, secs))
 }
 
 /// The PVH rows.
@@ -137,6 +214,9 @@ pub struct Report {
     pub idle_cmdline: String,
     /// The dirtying scenario's kernel command line.
     pub dirty_cmdline: String,
+    /// The host's TSC rate (Hz) the guest's TSC-stamped reports were converted with,
+    /// measured by [`crate::tsc::host_tsc_hz`] at the start of the run.
+    pub host_tsc_hz: Option<f64>,
     /// Every migration that was measured.
     pub rows: Vec<Row>,
 }
@@ -173,7 +253,7 @@ fn ringvisor_one(
     tracker: &str,
     dir: &Path,
     extra: &[&str],
-    tick_us: u64,
+    clocks: &Clocks,
 ) -> Result<(Row, bool)> {
     let console = dir.join(format!("dest-{tracker}.console"));
     let _ = std::fs::remove_file(&console);
@@ -243,8 +323,8 @@ fn ringvisor_one(
     let verified = v["verified"].as_bool();
     let total_ms = v["total_ms"].as_f64().unwrap_or(0.0);
     let guest = std::fs::read_to_string(&src_console)
-        .ok()
-        .and_then(|c| guest_rate(&c, total_ms, tick_us));
+        .map(|c| clocks.guest_rate(&c, total_ms))
+        .unwrap_or_default();
     Ok((
         Row {
             vmm: "ringvisor".into(),
@@ -264,7 +344,7 @@ fn ringvisor_one(
             dest_progress: progress_lines(&console) >= 2 * o.vcpus as usize,
             verified,
             source_cpu_s: cpu,
-            guest_mib_s: guest,
+            guest,
             heartbeat_gap_ms: None,
         },
         verified == Some(false),
@@ -277,7 +357,7 @@ fn qemu_one(
     cmdline: &str,
     tracker: &str,
     extras: &qemu::QemuExtras,
-    tick_us: u64,
+    clocks: &Clocks,
 ) -> Result<Row> {
     let r = qemu::migrate_with(
         &qemu::QemuRun {
@@ -293,7 +373,7 @@ fn qemu_one(
         },
         extras,
     )?;
-    let guest = guest_rate(&r.source_console, r.total_ms, tick_us);
+    let guest = clocks.guest_rate(&r.source_console, r.total_ms);
     Ok(Row {
         vmm: "qemu".into(),
         scenario: String::new(),
@@ -308,7 +388,7 @@ fn qemu_one(
         dest_progress: r.dest_progress_ok,
         verified: None,
         source_cpu_s: r.source_cpu_s,
-        guest_mib_s: guest,
+        guest,
         heartbeat_gap_ms: None,
     })
 }
@@ -344,6 +424,10 @@ pub fn run(o: &PvhOpts, progress: &mut dyn Progress) -> Result<Report> {
     if qemu_version.is_none() {
         progress.note("qemu-system-x86_64 is not usable here: the QEMU rows are left out");
     }
+    let clocks = Clocks {
+        tick_us: TICK_US,
+        tsc_hz: crate::tsc::host_tsc_hz(crate::tsc::MEASURE),
+    };
     let scenarios = [("idle", false), ("dirtying", true)];
     let mut cells = Vec::new();
     for (name, dirty) in scenarios {
@@ -362,8 +446,8 @@ pub fn run(o: &PvhOpts, progress: &mut dyn Progress) -> Result<Report> {
         progress.step(&format!("{which} {name} {tracker}"));
         let line = cmdline(o, dirty);
         let r = match which {
-            "qemu" => qemu_one(o, &kernel, &line, tracker, &Default::default(), TICK_US),
-            _ => ringvisor_one(o, &kernel, &line, tracker, &dir, &[], TICK_US).map(|(r, bad)| {
+            "qemu" => qemu_one(o, &kernel, &line, tracker, &Default::default(), &clocks),
+            _ => ringvisor_one(o, &kernel, &line, tracker, &dir, &[], &clocks).map(|(r, bad)| {
                 if bad {
                     progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
                 }
@@ -392,6 +476,7 @@ pub fn run(o: &PvhOpts, progress: &mut dyn Progress) -> Result<Report> {
         max_bandwidth: o.max_bandwidth,
         idle_cmdline: cmdline(o, false),
         dirty_cmdline: cmdline(o, true),
+        host_tsc_hz: clocks.tsc_hz,
         rows,
     };
     if let Some(p) = &o.plot {
@@ -414,6 +499,7 @@ struct Med {
     dest_progress: bool,
     passes: f64,
     guest_mib_s: Option<f64>,
+    guest_mib_s_ticks: Option<f64>,
     source_cpu_s: Option<f64>,
     heartbeat_gap_ms: Option<f64>,
 }
@@ -448,7 +534,12 @@ fn medians(rows: &[Row]) -> Vec<Med> {
                 mib_sent: med(rs.iter().map(|r| r.mib_sent).collect()),
                 dest_progress: rs.iter().all(|r| r.dest_progress),
                 passes: med(rs.iter().map(|r| r.passes as f64).collect()),
-                guest_mib_s: median(rs.iter().filter_map(|r| r.guest_mib_s).collect()),
+                guest_mib_s: median(rs.iter().filter_map(|r| r.guest.guest_mib_s).collect()),
+                guest_mib_s_ticks: median(
+                    rs.iter()
+                        .filter_map(|r| r.guest.guest_mib_s_ticks)
+                        .collect(),
+                ),
                 source_cpu_s: median(rs.iter().filter_map(|r| r.source_cpu_s).collect()),
                 heartbeat_gap_ms: median(rs.iter().filter_map(|r| r.heartbeat_gap_ms).collect()),
                 scenario,
@@ -470,7 +561,7 @@ fn markdown(rep: &Report) -> String {
     let mut s = format!(
         "PVH test kernel, {} MiB, {} vCPU(s), downtime-limit {} ms, max-bandwidth {} MB/s, ring {} entries/vCPU, loopback{}\n\
          idle: `{}`; dirtying: `{}`\n\
-         QEMU: {}\n\n",
+         QEMU: {}\n",
         rep.memory_mib,
         rep.vcpus,
         rep.downtime_limit_ms,
@@ -481,9 +572,35 @@ fn markdown(rep: &Report) -> String {
         rep.dirty_cmdline,
         rep.qemu.as_deref().unwrap_or("not available"),
     );
+    s += &tsc_line(rep);
     s += &table(&rep.rows);
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`).\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
     s
+}
+
+/// The TSC line under the header: the host's rate the reports were converted with, and
+/// each VMM's guests' own calibration (medians), which should agree with it.
+fn tsc_line(rep: &Report) -> String {
+    let mhz = |v: Option<f64>| match v {
+        Some(hz) => format!("{:.1} MHz", hz / 1e6),
+        None => "-".to_string(),
+    };
+    let guest = |vmm: &str| {
+        median(
+            rep.rows
+                .iter()
+                .filter(|r| r.vmm == vmm)
+                .filter_map(|r| r.guest.guest_tsc_hz)
+                .collect(),
+        )
+    };
+    format!(
+        "TSC: host {} (rdtsc against CLOCK_MONOTONIC over {} ms); the guests' own calibrations (median): ringvisor {}, QEMU {}\n\n",
+        mhz(rep.host_tsc_hz),
+        crate::tsc::MEASURE.as_millis(),
+        mhz(guest("ringvisor")),
+        mhz(guest("qemu")),
+    )
 }
 
 /// The migration table: one line per (scenario, tracker, VMM) with the medians of its rows,
@@ -494,8 +611,8 @@ pub(crate) fn table(rows: &[Row]) -> String {
     let m = medians(rows);
     let gap = m.iter().any(|c| c.heartbeat_gap_ms.is_some());
     let mut s = format!(
-        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | {}guest MiB/s during | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|\n",
+        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|\n",
         if gap { "heartbeat gap ms | " } else { "" },
         if gap { "---|" } else { "" },
     );
@@ -517,7 +634,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
             _ => (String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {rt} | {rd} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {rt} | {rd} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -534,6 +651,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
                 String::new()
             },
             opt(c.guest_mib_s, 0),
+            opt(c.guest_mib_s_ticks, 0),
             opt(c.source_cpu_s, 2),
             if c.dest_progress { "yes" } else { "NO" }
         );
@@ -732,6 +850,10 @@ pub fn run_third_party(
     if qemu_version.is_none() {
         progress.note("qemu-system-x86_64 is not usable here: the QEMU rows are left out");
     }
+    let clocks = Clocks {
+        tick_us: THIRD_PARTY_TICK_US,
+        tsc_hz: crate::tsc::host_tsc_hz(crate::tsc::MEASURE),
+    };
     let scenarios: Vec<Scenario> = third_party_scenarios(o)
         .into_iter()
         .filter(|s| {
@@ -776,22 +898,15 @@ pub fn run_third_party(
         };
         let line = third_party_cmdline(s);
         let r = match which {
-            "qemu" => qemu_one(&oo, &kernel, &line, mode, &s.qemu, THIRD_PARTY_TICK_US),
-            _ => ringvisor_one(
-                &oo,
-                &kernel,
-                &line,
-                mode,
-                &dir,
-                &s.ringvisor_args,
-                THIRD_PARTY_TICK_US,
-            )
-            .map(|(r, bad)| {
-                if bad {
-                    progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
-                }
-                r
-            }),
+            "qemu" => qemu_one(&oo, &kernel, &line, mode, &s.qemu, &clocks),
+            _ => ringvisor_one(&oo, &kernel, &line, mode, &dir, &s.ringvisor_args, &clocks).map(
+                |(r, bad)| {
+                    if bad {
+                        progress.note(&format!("WARNING: memory digest mismatch in {r:?}"));
+                    }
+                    r
+                },
+            ),
         };
         match r {
             Ok(mut r) => {
@@ -824,6 +939,7 @@ pub fn run_third_party(
         max_bandwidth: o.max_bandwidth,
         idle_cmdline: first,
         dirty_cmdline: last,
+        host_tsc_hz: clocks.tsc_hz,
         rows,
     })
 }
@@ -832,29 +948,145 @@ pub fn run_third_party(
 mod tests {
     use super::*;
 
+    /// A console of cpu 0 reports: (pages, ticks, tsc) each.
+    fn console(reports: &[(u64, u64, u64)]) -> String {
+        let mut c = String::from(
+            "ringvisor PVH test kernel v1\nboot writes 5\ncpu 0 tsc_per_tick 4200000\n",
+        );
+        for (i, &(pages, ticks, tsc)) in reports.iter().enumerate() {
+            let p = KernelReport {
+                cpu: 0,
+                report: i as u64 + 1,
+                pages,
+                ticks,
+                tsc: Some(tsc),
+            };
+            c += &format!("{p}\ncpu 1 progress 1 pages 9999999 ticks 1 tsc 1\n");
+        }
+        c
+    }
+
+    /// 2.1 GHz TSC, 2 ms ticks: 4.2 M TSC ticks per timer tick.
+    const HZ: f64 = 2.1e9;
+    const PER_TICK: u64 = 4_200_000;
+
     #[test]
     fn guest_rate_uses_the_reports_inside_the_window() {
-        // 2 ms ticks; 256 pages (1 MiB) per 10 ticks (20 ms) = 50 MiB/s, then a stall.
-        let mut c = String::from("ringvisor PVH test kernel v1\nboot writes 5\n");
-        for r in 1..=100u64 {
-            c += &format!("cpu 0 progress {r} pages {} ticks {}\n", r * 256, r * 10);
-        }
-        // The last 200 ms (100 ticks) of a steady 50 MiB/s.
-        let rate = guest_rate(&c, 200.0, 2000).unwrap();
-        assert!((rate - 50.0).abs() < 1e-9, "{rate}");
+        // 256 pages (1 MiB) per 10 ticks (20 ms) = 50 MiB/s, on both clocks.
+        let mut r: Vec<(u64, u64, u64)> = (1..=100u64)
+            .map(|i| (i * 256, i * 10, i * 10 * PER_TICK))
+            .collect();
+        let c = console(&r);
+        let clocks = Clocks {
+            tick_us: 2000,
+            tsc_hz: Some(HZ),
+        };
+        let g = clocks.guest_rate(&c, 200.0);
+        assert!((g.guest_mib_s.unwrap() - 50.0).abs() < 1e-9, "{g:?}");
+        assert!((g.guest_mib_s_ticks.unwrap() - 50.0).abs() < 1e-9, "{g:?}");
+        assert_eq!(g.guest_tsc_hz, Some(HZ));
         // Half the rate over the last 20 reports: 128 pages per 10 ticks.
-        for r in 101..=120u64 {
-            c += &format!(
-                "cpu 0 progress {r} pages {} ticks {}\n",
-                100 * 256 + (r - 100) * 128,
-                r * 10
-            );
-        }
-        let rate = guest_rate(&c, 400.0, 2000).unwrap();
-        assert!((rate - 25.0).abs() < 1e-9, "{rate}");
+        r.extend((101..=120u64).map(|i| (100 * 256 + (i - 100) * 128, i * 10, i * 10 * PER_TICK)));
+        let c = console(&r);
+        assert!((guest_rate_tsc(&c, 400.0, HZ).unwrap() - 25.0).abs() < 1e-9);
+        assert!((guest_rate_ticks(&c, 400.0, 2000).unwrap() - 25.0).abs() < 1e-9);
         assert_eq!(
-            guest_rate("cpu 0 progress 1 pages 5 ticks 3\n", 100.0, 2000),
+            guest_rate_tsc("cpu 0 progress 1 pages 5 ticks 3 tsc 9\n", 100.0, HZ),
             None
         );
+        assert_eq!(
+            guest_rate_ticks("cpu 0 progress 1 pages 5 ticks 3\n", 100.0, 2000),
+            None
+        );
+    }
+
+    #[test]
+    fn lost_ticks_overstate_the_tick_rate_but_not_the_tsc_rate() {
+        // 50 MiB/s on the TSC (a report every 20 ms of TSC), but the timer counts only 8 of
+        // every 10 ticks (2 coalesced while the vCPU did not run): the tick clock runs slow
+        // and the tick-based rate reads 62.5 MiB/s.
+        let r: Vec<(u64, u64, u64)> = (1..=50u64)
+            .map(|i| (i * 256, i * 8, i * 10 * PER_TICK))
+            .collect();
+        let c = console(&r);
+        let g = Clocks {
+            tick_us: 2000,
+            tsc_hz: Some(HZ),
+        }
+        .guest_rate(&c, 500.0);
+        assert!((g.guest_mib_s.unwrap() - 50.0).abs() < 1e-9, "{g:?}");
+        assert!((g.guest_mib_s_ticks.unwrap() - 62.5).abs() < 1e-9, "{g:?}");
+    }
+
+    #[test]
+    fn reports_without_a_tsc_or_a_bad_tsc_rate_give_no_tsc_rate() {
+        let old = "cpu 0 progress 1 pages 256 ticks 10\ncpu 0 progress 2 pages 512 ticks 20\n";
+        assert_eq!(guest_rate_tsc(old, 1e3, HZ), None);
+        assert!((guest_rate_ticks(old, 1e3, 2000).unwrap() - 50.0).abs() < 1e-9);
+        let c = console(&[(256, 10, 10 * PER_TICK), (512, 20, 20 * PER_TICK)]);
+        for hz in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(guest_rate_tsc(&c, 1e3, hz), None, "{hz}");
+        }
+        let g = Clocks {
+            tick_us: 2000,
+            tsc_hz: None,
+        }
+        .guest_rate(&c, 1e3);
+        assert_eq!(g.guest_mib_s, None);
+        assert!(g.guest_mib_s_ticks.is_some());
+        // A TSC that went backwards (not this kernel's) is no rate either.
+        let back = console(&[(256, 10, 20 * PER_TICK), (512, 20, 10 * PER_TICK)]);
+        assert_eq!(guest_rate_tsc(&back, 1e3, HZ), None);
+    }
+
+    #[test]
+    fn the_table_shows_both_rates_and_the_header_the_tsc_rates() {
+        let row = |vmm: &str, tsc: f64, ticks: f64| Row {
+            vmm: vmm.into(),
+            scenario: "50 MiB/s".into(),
+            tracker: "bitmap".into(),
+            completed: true,
+            outcome: "completed".into(),
+            total_ms: 100.0,
+            downtime_ms: 1.0,
+            downtime_source_ms: 1.0,
+            mib_sent: 10.0,
+            passes: 3,
+            dest_progress: true,
+            verified: None,
+            source_cpu_s: None,
+            guest: GuestRate {
+                guest_mib_s: Some(tsc),
+                guest_mib_s_ticks: Some(ticks),
+                guest_tsc_hz: Some(HZ),
+            },
+            heartbeat_gap_ms: None,
+        };
+        let rep = Report {
+            pvm_host: true,
+            qemu: Some("7.2".into()),
+            memory_mib: 64,
+            vcpus: 1,
+            ring_entries: 0,
+            downtime_limit_ms: 300,
+            max_bandwidth: 1 << 30,
+            idle_cmdline: String::new(),
+            dirty_cmdline: String::new(),
+            host_tsc_hz: Some(2.1e9),
+            rows: vec![row("ringvisor", 50.2, 52.0), row("qemu", 50.1, 57.0)],
+        };
+        let md = rep.to_markdown();
+        assert!(md.contains("TSC: host 2100.0 MHz"), "{md}");
+        assert!(md.contains("ringvisor 2100.0 MHz, QEMU 2100.0 MHz"), "{md}");
+        assert!(
+            md.contains("| guest MiB/s during (TSC) | guest MiB/s during (ticks) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 3 | 50 | 52 | - |"), "{md}");
+        assert!(md.contains("| 3 | 50 | 57 | - |"), "{md}");
+        let v = serde_json::to_value(&rep.rows[1]).unwrap();
+        assert_eq!(v["guest_mib_s"], 50.1);
+        assert_eq!(v["guest_mib_s_ticks"], 57.0);
+        assert_eq!(v["guest_tsc_hz"], 2.1e9);
     }
 }

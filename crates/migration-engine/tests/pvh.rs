@@ -102,17 +102,14 @@ fn reports(c: &vmm::Capture) -> Vec<Report> {
     c.lines()
         .into_iter()
         .filter_map(|(at_ns, l)| {
-            let w: Vec<&str> = l.split(' ').collect();
-            match w.as_slice() {
-                ["cpu", c, "progress", r, "pages", p, "ticks", t] => Some(Report {
-                    cpu: c.parse().ok()?,
-                    report: r.parse().ok()?,
-                    pages: p.parse().ok()?,
-                    ticks: t.parse().ok()?,
-                    at_ns,
-                }),
-                _ => None,
-            }
+            let p = pvh::test_kernel::Progress::parse(&l)?;
+            Some(Report {
+                cpu: p.cpu,
+                report: p.report,
+                pages: p.pages,
+                ticks: p.ticks,
+                at_ns,
+            })
         })
         .collect()
 }

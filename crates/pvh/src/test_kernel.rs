@@ -31,8 +31,16 @@
 //! - `ringvisor PVH test kernel v1`
 //! - `params ws_mb=W dirty_mb=D reports=R cpus=C exit=E tick_us=T period_ticks=P pace=0|1`
 //! - `memmap entries=N ram_kib=K`
+//! - `boot writes N` (with `boot_writes`)
+//! - `timer tsc-deadline T` (with `timer=tsc-deadline`: TSC ticks per timer tick, measured
+//!   against the LAPIC timer's count, without interrupts)
 //! - `cpu I up` (each AP)
-//! - `cpu I progress R pages P ticks T` (P = pages written by that CPU so far, T = its ticks)
+//! - `cpu I tsc_per_tick N` (each CPU, with `pace=1`: the TSC ticks per timer tick it paces
+//!   with, the `timer tsc-deadline` calibration or else measured over 32 periodic ticks; the
+//!   report schedule starts right after this line)
+//! - `cpu I progress R pages P ticks T tsc X` (P = pages written by that CPU so far, T = its
+//!   ticks, X = TSC ticks from the start of its report schedule to this report: `rdtsc` when
+//!   the pacing wait ended, in ring 3, where it is native on PVM; parsed by [`Progress`])
 //! - `poweroff E`
 //!
 //! Exceptions other than #UD have no handler: they end in a triple fault, reported by the VMM
@@ -111,8 +119,8 @@ const BOOT_REQ: u64 = 0xd0;
 const ISR_SPAN: u64 = 0xd8;
 /// Per-CPU position (byte offset from `WS_GPA`) of the timer ISR's next write (u64 each).
 const ISR_POS: u64 = 0x700;
-/// Per-CPU TSC at the start of the report schedule, and TSC ticks per timer tick (u64 each),
-/// for `pace=1`.
+/// Per-CPU TSC at the start of the report schedule (every CPU: reports print their TSC from
+/// it), and TSC ticks per timer tick (`pace=1`), u64 each.
 const TSC_BASE: u64 = 0x680;
 const TSC_PER_TICK: u64 = 0x6c0;
 /// `timer=tsc-deadline` present: 0; absent: 1 (the kernel's parser returns 0 for a key with
@@ -123,13 +131,17 @@ const P_TIMER_PERIODIC: u64 = 0xe0;
 /// in the RAM above 4 GiB), so `ws_mb` can cover all of a guest's RAM.
 const HOLE_AT: u64 = 0xe8;
 const HOLE_SKIP: u64 = 0xf0;
-/// Per-CPU flag: this CPU's LAPIC timer is in TSC-deadline mode (u64 each).
+/// Per-CPU TSC deadline last armed (u64 each); non-zero once this CPU's LAPIC timer is in
+/// TSC-deadline mode.
 const DL_ON: u64 = 0x740;
 /// TSC ticks per timer tick, measured by the BSP; non-zero switches every CPU's timer ISR to
 /// TSC-deadline mode (re-armed with `wrmsr IA32_TSC_DEADLINE` at every tick).
 const DL_PER_TICK: u64 = 0x780;
-/// Periodic ticks over which the BSP measures the TSC rate for `timer=tsc-deadline`.
-const DL_CALIBRATION_TICKS: i32 = 8;
+/// LAPIC timer counts (ns) over which the BSP measures the TSC rate for
+/// `timer=tsc-deadline`.
+const DL_CALIBRATION_NS: u32 = 20_000_000;
+/// LVT timer: masked (bit 16), one-shot mode.
+const LVT_MASKED: i32 = 0x1_0000;
 /// `IA32_TSC_DEADLINE`.
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 /// LVT timer mode bits 17-18 = 0b10: TSC-deadline.
@@ -228,11 +240,13 @@ pub struct Cmdline {
     /// page, cycling over all CPUs' working sets (an interrupt handler touching memory).
     /// 0 (the default) = only the tick counter.
     pub isr_writes: u64,
-    /// `timer=tsc-deadline`: after measuring the TSC rate over 8 periodic ticks (BSP, before
-    /// the APs start; prints `timer tsc-deadline T` with T TSC ticks per tick), every CPU's
-    /// LAPIC timer runs in TSC-deadline mode, re-armed by its ISR with a CPL0
-    /// `wrmsr IA32_TSC_DEADLINE` one tick ahead, the CPU halting between ticks: how Linux
-    /// and the third-party guest of issue 14 keep time. False (the default) = periodic mode.
+    /// `timer=tsc-deadline`: after measuring the TSC rate against the LAPIC timer's count
+    /// over 20 ms (BSP, before the APs start, no interrupts involved; prints `timer
+    /// tsc-deadline T` with T TSC ticks per tick), every CPU's LAPIC timer runs in
+    /// TSC-deadline mode, re-armed by its ISR with a CPL0 `wrmsr IA32_TSC_DEADLINE` one tick
+    /// after the last deadline (ticks on a TSC grid, whatever the ISR's latency), the CPU
+    /// halting between ticks: how Linux and the third-party guest of issue 14 keep time.
+    /// With `pace=1` the pacing uses T. False (the default) = periodic mode.
     pub tsc_deadline: bool,
 }
 
@@ -288,6 +302,80 @@ impl Cmdline {
     pub fn memory_needed(&self) -> u64 {
         WS_GPA + self.cpus.clamp(1, MAX_CPUS) * (self.ws_mb << 20).max(4096)
     }
+}
+
+/// One progress line of the kernel, `cpu I progress R pages P ticks T tsc X`.
+///
+/// Kernels before the TSC field printed the line without `tsc X`; it parses, with `tsc`
+/// `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// CPU index.
+    pub cpu: u64,
+    /// Report number (1, 2, ...).
+    pub report: u64,
+    /// Pages that CPU has written so far.
+    pub pages: u64,
+    /// Timer ticks that CPU has taken so far.
+    pub ticks: u64,
+    /// TSC ticks from the start of that CPU's report schedule (the end of its `pace=1`
+    /// calibration, else the start of its work) to this report.
+    pub tsc: Option<u64>,
+}
+
+impl Progress {
+    /// Parses one line (without its `\n`); `None` for any other line, a malformed one or a
+    /// number out of range.
+    pub fn parse(line: &str) -> Option<Progress> {
+        let w: Vec<&str> = line.split_ascii_whitespace().collect();
+        let (fixed, tsc) = match w.as_slice() {
+            ["cpu", c, "progress", r, "pages", p, "ticks", t] => ([c, r, p, t], None),
+            ["cpu", c, "progress", r, "pages", p, "ticks", t, "tsc", x] => {
+                ([c, r, p, t], Some(x.parse().ok()?))
+            }
+            _ => return None,
+        };
+        let [cpu, report, pages, ticks] = fixed.map(|v| v.parse::<u64>().ok());
+        Some(Progress {
+            cpu: cpu?,
+            report: report?,
+            pages: pages?,
+            ticks: ticks?,
+            tsc,
+        })
+    }
+
+    /// Every progress line of `console`, in order.
+    pub fn all(console: &str) -> Vec<Progress> {
+        console.lines().filter_map(Progress::parse).collect()
+    }
+}
+
+impl std::fmt::Display for Progress {
+    /// The line as the kernel prints it (without `\n`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cpu {} progress {} pages {} ticks {}",
+            self.cpu, self.report, self.pages, self.ticks
+        )?;
+        match self.tsc {
+            Some(x) => write!(f, " tsc {x}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `cpu`'s TSC ticks per timer tick from its `cpu I tsc_per_tick N` line in `console`
+/// (printed with `pace=1`): what its report pacing waits for, per tick of `period_ticks`.
+pub fn tsc_per_tick(console: &str, cpu: u64) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_ascii_whitespace().collect();
+        match w.as_slice() {
+            ["cpu", c, "tsc_per_tick", n] if c.parse::<u64>().ok()? == cpu => n.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 /// Data page builder: fixed variables, then NUL-terminated strings.
@@ -417,6 +505,8 @@ struct Strings {
     progress: u64,
     pages: u64,
     ticks: u64,
+    tsc: u64,
+    tsc_per_tick: u64,
     poweroff: u64,
     empty: u64,
 }
@@ -454,6 +544,8 @@ fn strings(d: &mut Data) -> Result<Strings> {
         progress: d.string(" progress ")?,
         pages: d.string(" pages ")?,
         ticks: d.string(" ticks ")?,
+        tsc: d.string(" tsc ")?,
+        tsc_per_tick: d.string(" tsc_per_tick ")?,
         poweroff: d.string("poweroff ")?,
         empty: d.string("")?,
     })
@@ -522,7 +614,7 @@ fn code64(s: &Strings) -> std::result::Result<(Vec<u8>, Isrs), IcedError> {
     bsp_start(&mut a, &mut l, s)?;
     bsp_memory(&mut a, &mut l, s)?;
     bsp_timer_and_aps(&mut a, &mut l, s)?;
-    worker_start(&mut a, &mut l)?;
+    worker_start(&mut a, &mut l, s)?;
     worker_pace(&mut a, &mut l)?;
     worker_report(&mut a, &mut l, s)?;
     subroutines(&mut a, &mut l)?;
@@ -747,38 +839,52 @@ fn bsp_timer_and_aps(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm 
     a.call(l.putc)?;
     a.set_label(&mut no_boot_writes)?;
     a.call(l.timer_start)?;
-    // timer=tsc-deadline: TSC ticks per timer tick over DL_CALIBRATION_TICKS periodic ticks,
-    // from a tick edge; storing it switches every CPU's ISR to TSC-deadline mode.
+    // timer=tsc-deadline: the TSC rate against the LAPIC timer's own count, which KVM derives
+    // from the host's monotonic clock (1 count = 1 ns: KVM's APIC bus runs at 1 GHz), with
+    // the timer one-shot and masked, counting down from the maximum for DL_CALIBRATION_NS.
+    // No interrupt is involved, so a tick the host coalesces (a vCPU that did not run when
+    // it fired: one in eight periodic ticks under load) cannot bias it. Then the periodic
+    // timer again; storing DL_PER_TICK switches every CPU's ISR to TSC-deadline mode. A
+    // count that does not run leaves the timer periodic (no `timer tsc-deadline` line).
     let mut no_dl = a.create_label();
-    let mut dl_edge = a.create_label();
-    let mut dl_span = a.create_label();
+    let mut dl_wait = a.create_label();
     a.cmp(qword_ptr(r13 + P_TIMER_PERIODIC as i32), 0)?;
     a.jne(no_dl)?;
     a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
     a.je(no_dl)?;
-    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
-    a.set_label(&mut dl_edge)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
-    a.je(dl_edge)?;
+    a.mov(rcx, LAPIC)?;
+    a.mov(dword_ptr(rcx + 0x320), LVT_MASKED | TIMER_VECTOR as i32)?;
+    a.mov(dword_ptr(rcx + 0x3e0), 0xb)?;
+    a.mov(dword_ptr(rcx + 0x380), -1)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
     a.mov(r9, rax)?;
-    a.mov(r8, qword_ptr(r13 + TICKS as i32))?;
-    a.add(r8, DL_CALIBRATION_TICKS)?;
-    a.set_label(&mut dl_span)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + TICKS as i32), r8)?;
-    a.jb(dl_span)?;
+    a.mov(r10d, dword_ptr(rcx + 0x390))?;
+    a.test(r10d, r10d)?;
+    a.jz(no_dl)?;
+    a.set_label(&mut dl_wait)?;
+    a.pause()?;
+    a.mov(eax, dword_ptr(rcx + 0x390))?;
+    a.mov(edx, r10d)?;
+    a.sub(edx, eax)?;
+    a.cmp(edx, DL_CALIBRATION_NS)?;
+    a.jb(dl_wait)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
     a.sub(rax, r9)?;
-    a.xor(edx, edx)?;
-    a.mov(ecx, DL_CALIBRATION_TICKS as u32)?;
-    a.div(rcx)?;
+    a.mov(r9, rax)?;
+    a.mov(eax, dword_ptr(rcx + 0x390))?;
+    a.mov(r8d, r10d)?;
+    a.sub(r8d, eax)?;
+    // DL_PER_TICK = TSC ticks * tick ns / count ns (128-bit product).
+    a.mov(rax, qword_ptr(r13 + P_TICK_US as i32))?;
+    a.imul_3(rax, rax, 1000)?;
+    a.mul(r9)?;
+    a.div(r8)?;
     a.mov(qword_ptr(r13 + DL_PER_TICK as i32), rax)?;
+    a.call(l.timer_start)?;
     a.mov(rsi, s.timer_dl)?;
     a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
@@ -825,7 +931,7 @@ fn bsp_timer_and_aps(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm 
 
 /// The worker (every CPU): TSC calibration for paced reports, its working set, and the
 /// report loop with its writes; the pacing and the report line follow.
-fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
+fn worker_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     // Worker: r12 = working set base, r14 = its pages, rbx = position, rbp = report number,
     // r10 = pages written.
     let mut write = a.create_label();
@@ -833,47 +939,7 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     let mut print = a.create_label();
     let mut ws_ok = a.create_label();
     a.set_label(&mut l.worker)?;
-    // pace=1 (with the timer on and reports paced): measure TSC ticks per timer tick over
-    // CALIBRATION_TICKS ticks, from a tick edge, and start the schedule there.
-    let mut no_calibration = a.create_label();
-    let mut edge = a.create_label();
-    let mut span = a.create_label();
-    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
-    a.je(no_calibration)?;
-    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
-    a.je(no_calibration)?;
-    a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
-    a.je(no_calibration)?;
-    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
-    a.set_label(&mut edge)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
-    a.je(edge)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(r9, rax)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
-    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
-    a.add(r8, CALIBRATION_TICKS)?;
-    a.set_label(&mut span)?;
-    a.call(l.wait_tick)?;
-    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
-    a.jb(span)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.sub(rax, r9)?;
-    a.xor(edx, edx)?;
-    a.mov(ecx, CALIBRATION_TICKS as u32)?;
-    a.div(rcx)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
-    // The schedule starts now (report r is due r periods from here).
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
-    a.set_label(&mut no_calibration)?;
+    worker_calibrate(a, l, s)?;
     a.mov(r14, qword_ptr(r13 + P_WS as i32))?;
     a.shl(r14, 8)?;
     a.test(r14, r14)?;
@@ -923,6 +989,72 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     Ok(())
 }
 
+/// `pace=1` (with the timer on and reports paced): this CPU's TSC ticks per timer tick, the
+/// BSP's `timer=tsc-deadline` calibration if there is one (the deadline ticks' own period,
+/// measured without interrupts), else measured over `CALIBRATION_TICKS` periodic ticks from
+/// a tick edge; printed. Then, for every CPU, the report schedule starts (`TSC_BASE`: reports
+/// are due, and their `tsc` counted, from here).
+fn worker_calibrate(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
+    let mut no_calibration = a.create_label();
+    let mut calibrated = a.create_label();
+    let mut edge = a.create_label();
+    let mut span = a.create_label();
+    a.cmp(qword_ptr(r13 + P_PACE as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_TICK_US as i32), 0)?;
+    a.je(no_calibration)?;
+    a.cmp(qword_ptr(r13 + P_PERIOD as i32), 0)?;
+    a.je(no_calibration)?;
+    a.mov(rax, qword_ptr(r13 + DL_PER_TICK as i32))?;
+    a.test(rax, rax)?;
+    a.jnz(calibrated)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.set_label(&mut edge)?;
+    a.call(l.wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.je(edge)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(r9, rax)?;
+    a.mov(r8, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.add(r8, CALIBRATION_TICKS)?;
+    a.set_label(&mut span)?;
+    a.call(l.wait_tick)?;
+    a.cmp(qword_ptr(r13 + r15 * 8 + TICKS as i32), r8)?;
+    a.jb(span)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r9)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, CALIBRATION_TICKS as u32)?;
+    a.div(rcx)?;
+    a.set_label(&mut calibrated)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32), rax)?;
+    // "cpu I tsc_per_tick N": what the pacing uses, so a reader can check the schedule.
+    a.call(l.lock)?;
+    a.mov(rsi, s.cpu)?;
+    a.call(l.puts)?;
+    a.mov(rax, r15)?;
+    a.call(l.putdec)?;
+    a.mov(rsi, s.tsc_per_tick)?;
+    a.call(l.puts)?;
+    a.mov(rax, qword_ptr(r13 + r15 * 8 + TSC_PER_TICK as i32))?;
+    a.call(l.putdec)?;
+    a.mov(al, b'\n' as u32)?;
+    a.call(l.putc)?;
+    a.call(l.unlock)?;
+    a.set_label(&mut no_calibration)?;
+    // The schedule starts now (report r is due r periods from here with pace=1; every
+    // report's `tsc` counts from here).
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r13 + r15 * 8 + TSC_BASE as i32), rax)?;
+    Ok(())
+}
+
 /// The pacing wait before a report line.
 fn worker_pace(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     // Pacing: wait until this CPU has seen report * period_ticks ticks (pace=0), or until its
@@ -961,6 +1093,13 @@ fn worker_pace(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
 
 /// The report line, the power-off request, and the end of the run.
 fn worker_report(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
+    // r9 = TSC since the schedule start, read when the pacing wait ended (before the print
+    // lock, which another CPU may hold). Ring 3 (CR4.TSD clear): native on PVM.
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, qword_ptr(r13 + r15 * 8 + TSC_BASE as i32))?;
+    a.mov(r9, rax)?;
     a.call(l.lock)?;
     a.mov(rsi, s.cpu)?;
     a.call(l.puts)?;
@@ -977,6 +1116,10 @@ fn worker_report(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.mov(rsi, s.ticks)?;
     a.call(l.puts)?;
     a.mov(rax, qword_ptr(r13 + r15 * 8 + TICKS as i32))?;
+    a.call(l.putdec)?;
+    a.mov(rsi, s.tsc)?;
+    a.call(l.puts)?;
+    a.mov(rax, r9)?;
     a.call(l.putdec)?;
     a.mov(al, b'\n' as u32)?;
     a.call(l.putc)?;
@@ -1167,9 +1310,15 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.inc(qword_ptr(rax + r15 * 8))?;
     // TSC-deadline mode (once DL_PER_TICK is measured): on this CPU's first tick after that,
     // switch its LVT timer to TSC-deadline mode; every tick, arm the next deadline one tick
-    // from now (a CPL0 WRMSR, as Linux's lapic_next_deadline).
+    // after the last one (a CPL0 WRMSR), so ticks stay on a grid of DL_PER_TICK TSC ticks
+    // however late the interrupt is handled, as Linux's tick keeps absolute expiry times
+    // (arming from now would stretch every tick by the ISR's latency: 2-8% at 2 ms on PVM,
+    // more under one VMM than the other, and `pace=1` calibrates on these ticks). If the
+    // last deadline is not within one tick before now (the first tick, ticks coalesced while
+    // the vCPU did not run, or a TSC that moved with a migration), arm from now.
     let mut no_deadline = a.create_label();
     let mut dl_armed = a.create_label();
+    let mut dl_from_now = a.create_label();
     a.mov(rax, DATA_GPA)?;
     a.cmp(qword_ptr(rax + DL_PER_TICK as i32), 0)?;
     a.je(no_deadline)?;
@@ -1179,7 +1328,6 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.mov(r8, rax)?;
     a.cmp(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 0)?;
     a.jne(dl_armed)?;
-    a.mov(qword_ptr(r8 + r15 * 8 + DL_ON as i32), 1)?;
     a.mov(rcx, LAPIC)?;
     a.mov(
         dword_ptr(rcx + 0x320),
@@ -1189,7 +1337,15 @@ fn timer_isr(a: &mut CodeAssembler, l: &mut Shared) -> Asm {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
+    // rcx = now - last (unsigned: a last deadline after now wraps to a huge value).
+    a.mov(rcx, rax)?;
+    a.sub(rcx, qword_ptr(r8 + r15 * 8 + DL_ON as i32))?;
+    a.cmp(rcx, qword_ptr(r8 + DL_PER_TICK as i32))?;
+    a.jae(dl_from_now)?;
+    a.mov(rax, qword_ptr(r8 + r15 * 8 + DL_ON as i32))?;
+    a.set_label(&mut dl_from_now)?;
     a.add(rax, qword_ptr(r8 + DL_PER_TICK as i32))?;
+    a.mov(qword_ptr(r8 + r15 * 8 + DL_ON as i32), rax)?;
     a.mov(rdx, rax)?;
     a.shr(rdx, 32)?;
     a.mov(ecx, MSR_TSC_DEADLINE)?;
@@ -1404,6 +1560,49 @@ mod tests {
             assert_eq!(img.segments.len(), 1);
             assert_eq!(img.segments[0].paddr, KERNEL_GPA);
             assert!(img.segments[0].memsz > img.segments[0].filesz);
+        }
+    }
+
+    #[test]
+    fn progress_line_round_trips_and_the_old_form_still_parses() {
+        let p = Progress {
+            cpu: 3,
+            report: 17,
+            pages: 4352,
+            ticks: 170,
+            tsc: Some(u64::MAX),
+        };
+        let line = p.to_string();
+        assert_eq!(
+            line,
+            "cpu 3 progress 17 pages 4352 ticks 170 tsc 18446744073709551615"
+        );
+        assert_eq!(Progress::parse(&line), Some(p));
+        let old = Progress { tsc: None, ..p };
+        assert_eq!(old.to_string(), "cpu 3 progress 17 pages 4352 ticks 170");
+        assert_eq!(Progress::parse(&old.to_string()), Some(old));
+        let console = format!("{BANNER}\ncpu 0 tsc_per_tick 4200000\n{line}\ncpu 1 up\n{old}\n");
+        assert_eq!(Progress::all(&console), vec![p, old]);
+        assert_eq!(tsc_per_tick(&console, 0), Some(4_200_000));
+        assert_eq!(tsc_per_tick(&console, 1), None);
+    }
+
+    #[test]
+    fn malformed_progress_lines_are_not_reports() {
+        for bad in [
+            "",
+            "cpu 0 up",
+            "cpu 0 progress 1 pages 2",
+            "cpu 0 progress 1 pages 2 ticks",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc 4 5",
+            "cpu 0 progress 1 pages 2 ticks 3 tsx 4",
+            "cpu 0 progress 1 pages -2 ticks 3",
+            "cpu 0 progress 1 pages 2 ticks 3 tsc 18446744073709551616",
+            "cpu x progress 1 pages 2 ticks 3 tsc 4",
+            "cpu 0 progress 1 pages 2 ticks 3\u{0}",
+        ] {
+            assert_eq!(Progress::parse(bad), None, "{bad:?}");
         }
     }
 

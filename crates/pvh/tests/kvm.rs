@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pvh::test_kernel::{self, Cmdline, TestKernelParams, BANNER};
+use pvh::test_kernel::{self, Cmdline, Progress, TestKernelParams, BANNER};
 use pvh::{ExitStatus, PvhConfig};
 
 fn kvm_available() -> bool {
@@ -14,22 +14,9 @@ fn kvm_available() -> bool {
 }
 
 /// Boots the kernel with `cmdline` on `vcpus` vCPUs; returns the status and the serial text.
-/// Progress lines as (cpu, report, pages, ticks).
-fn progress(out: &str) -> Vec<(u64, u64, u64, u64)> {
-    out.lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split(' ').collect();
-            match w.as_slice() {
-                ["cpu", c, "progress", r, "pages", p, "ticks", t] => Some((
-                    c.parse().ok()?,
-                    r.parse().ok()?,
-                    p.parse().ok()?,
-                    t.parse().ok()?,
-                )),
-                _ => None,
-            }
-        })
-        .collect()
+/// Progress lines, in order.
+fn progress(out: &str) -> Vec<Progress> {
+    Progress::all(out)
 }
 
 fn run(params: TestKernelParams, cmdline: &str, vcpus: usize) -> (ExitStatus, String, Duration) {
@@ -87,11 +74,21 @@ fn test_kernel_boots_prints_banner_honours_cmdline_and_powers_off_with_status() 
         lines[2],
         format!("memmap entries=2 ram_kib={}", 65536 - 384)
     );
+    // Each report line carries the TSC since the start of the work, strictly increasing.
+    let mut last_tsc = 0;
     for r in 1..=4u64 {
+        let p = Progress::parse(lines[2 + r as usize]).unwrap_or_else(|| panic!("{out}"));
         assert_eq!(
-            lines[2 + r as usize],
-            format!("cpu 0 progress {r} pages {} ticks 0", r * 256)
+            (p.cpu, p.report, p.pages, p.ticks),
+            (0, r, r * 256, 0),
+            "{out}"
         );
+        let tsc = p.tsc.unwrap_or_else(|| panic!("no tsc field:\n{out}"));
+        assert!(
+            tsc > last_tsc,
+            "report {r}: tsc {tsc} after {last_tsc}:\n{out}"
+        );
+        last_tsc = tsc;
     }
     assert_eq!(lines[7], "poweroff 42");
     assert_eq!(lines.len(), 8);
@@ -122,8 +119,8 @@ fn with_two_vcpus_the_ap_starts_by_init_sipi_and_both_report_in() {
     for cpu in 0..2 {
         let mine: Vec<(u64, u64)> = p
             .iter()
-            .filter(|x| x.0 == cpu)
-            .map(|x| (x.1, x.2))
+            .filter(|x| x.cpu == cpu)
+            .map(|x| (x.report, x.pages))
             .collect();
         assert_eq!(
             mine,
@@ -251,7 +248,13 @@ fn lapic_timer_fires_in_ring_3_and_paces_the_reports() {
     assert_eq!(status, ExitStatus::PowerOff(9), "serial:\n{out}");
     let p = progress(&out);
     assert_eq!(p.len(), 5, "{out}");
-    for (i, &(_, r, _, ticks)) in p.iter().enumerate() {
+    for (
+        i,
+        &Progress {
+            report: r, ticks, ..
+        },
+    ) in p.iter().enumerate()
+    {
         assert_eq!(r, i as u64 + 1);
         assert!(
             ticks >= r * 20,
@@ -288,15 +291,83 @@ fn tsc_paced_reports_keep_the_schedule_and_the_timer_still_ticks() {
     for w in p.windows(2) {
         // Tick counts never go back. A report that catches up with its TSC schedule after a
         // host stall may come without a tick in between, so per pair only order is asserted.
-        assert!(w[1].3 >= w[0].3, "ticks {:?} -> {:?}:\n{out}", w[0], w[1]);
+        assert!(
+            w[1].ticks >= w[0].ticks,
+            "ticks {:?} -> {:?}:\n{out}",
+            w[0],
+            w[1]
+        );
     }
     // The timer keeps ticking over the run (about 20 ticks per report; how many depends on
     // how many ticks a busy host coalesces, so only that it ticked is asserted).
-    assert!(p[4].3 > p[0].3, "ticks {:?} -> {:?}:\n{out}", p[0], p[4]);
+    assert!(
+        p[4].ticks > p[0].ticks,
+        "ticks {:?} -> {:?}:\n{out}",
+        p[0],
+        p[4]
+    );
+    assert_tsc_schedule(&out, &c);
     assert!(
         took >= Duration::from_millis(125),
         "132 ms of schedule passed in {took:?}"
     );
+}
+
+/// Checks every CPU's TSC-stamped reports against its pacing rule: with `pace=1` report `r`
+/// goes out only once the TSC has advanced `r * period_ticks * N` from the schedule start
+/// (`N` = the CPU's `tsc_per_tick` line), and its `tsc` field is read after that wait. So
+/// the TSC values strictly increase, each is at least its due time, and the write rate
+/// they give from the schedule start (pages over TSC, the TSC converted with the kernel's
+/// own calibration) never exceeds the nominal `dirty_mb` per `period_ticks * tick_us`.
+fn assert_tsc_schedule(out: &str, c: &Cmdline) {
+    let p = progress(out);
+    for cpu in 0..c.cpus {
+        let n = test_kernel::tsc_per_tick(out, cpu)
+            .unwrap_or_else(|| panic!("cpu {cpu}: no tsc_per_tick line:\n{out}"));
+        assert!(n > 0, "cpu {cpu}: tsc_per_tick 0:\n{out}");
+        let mine: Vec<&Progress> = p.iter().filter(|x| x.cpu == cpu).collect();
+        assert_eq!(mine.len() as u64, c.reports, "cpu {cpu}:\n{out}");
+        let mut last = 0;
+        for x in mine {
+            let tsc = x
+                .tsc
+                .unwrap_or_else(|| panic!("no tsc field in {x}:\n{out}"));
+            assert!(tsc > last, "cpu {cpu}: tsc {tsc} after {last}:\n{out}");
+            last = tsc;
+            let due = x.report * c.period_ticks * n;
+            assert!(tsc >= due, "{x}: due at tsc {due}:\n{out}");
+            let secs = tsc as f64 / (n as f64 * 1e6 / c.tick_us as f64);
+            let mib_s = x.pages as f64 / 256.0 / secs;
+            let nominal = c.dirty_mb as f64 / (c.period_ticks * c.tick_us) as f64 * 1e6;
+            assert!(
+                mib_s <= nominal * (1.0 + 1e-12),
+                "{x}: {mib_s} MiB/s against a nominal {nominal}:\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tsc_paced_reports_carry_a_tsc_at_or_after_their_due_time_on_every_cpu() {
+    if !kvm_available() {
+        return;
+    }
+    // Two CPUs, 1 ms ticks, 1 MiB per 10 ticks (100 MiB/s nominal each), 6 reports.
+    let c = Cmdline {
+        ws_mb: 2,
+        dirty_mb: 1,
+        reports: 6,
+        cpus: 2,
+        exit: 13,
+        tick_us: 1000,
+        period_ticks: 10,
+        tsc_pace: true,
+        ..Cmdline::default()
+    };
+    let (status, out, _) = run(TestKernelParams::default(), &c.render(), 2);
+    println!("{out}");
+    assert_eq!(status, ExitStatus::PowerOff(13), "serial:\n{out}");
+    assert_tsc_schedule(&out, &c);
 }
 
 /// A one-segment PVH kernel at 1 MiB from 32-bit code (`body` gets the assembler positioned
@@ -546,7 +617,7 @@ fn unbounded_run_powers_off_when_q_arrives_on_the_serial_port() {
     // ~150 ms at one report per 10 ms per CPU: several reports from each CPU before the stop.
     let p = progress(&out);
     for cpu in 0..2 {
-        let n = p.iter().filter(|x| x.0 == cpu).count();
+        let n = p.iter().filter(|x| x.cpu == cpu).count();
         assert!(n >= 3, "cpu {cpu} reported {n} times:\n{out}");
     }
     assert_eq!(out.lines().last(), Some("poweroff 21"), "{out}");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pvh::test_kernel::{self, Cmdline, TestKernelParams};
+use pvh::test_kernel::{self, Cmdline, Progress, TestKernelParams};
 use pvh::{ExitStatus, PvhConfig};
 
 /// LVT timer register offset in the LAPIC page, and its mode field (bits 17-18).
@@ -58,13 +58,19 @@ fn tsc_deadline_timer_paces_reports_and_leaves_the_lapic_in_deadline_mode() {
         .unwrap_or_else(|| panic!("no calibration line: {out}"));
     assert!(per_tick > 0, "{out}");
     // The last report came after at least 4 periods of deadline-mode ticks.
-    let ticks: Vec<u64> = out
-        .lines()
-        .filter(|l| l.contains(" progress "))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let reports = Progress::all(&out);
+    let ticks: Vec<u64> = reports.iter().map(|p| p.ticks).collect();
     assert_eq!(ticks.len(), 4, "{out}");
     assert!(ticks.windows(2).all(|w| w[1] > w[0]), "ticks {ticks:?}");
+    // Each report's TSC (from the schedule start) is at least its due time under pace=1.
+    let n = test_kernel::tsc_per_tick(&out, 0).unwrap_or_else(|| panic!("{out}"));
+    // pace=1 paces with the deadline timer's own calibration (the ticks' TSC period), not
+    // with a second measurement on ticks that the host may coalesce.
+    assert_eq!(n, per_tick, "{out}");
+    for p in &reports {
+        let tsc = p.tsc.unwrap_or_else(|| panic!("no tsc in {p}"));
+        assert!(tsc >= p.report * 25 * n, "{p}: tsc_per_tick {n}");
+    }
     let states = vm.vm().save_vcpus().expect("save vCPU state");
     let lapic = states[0].lapic.as_ref().expect("in-kernel LAPIC state");
     let lvt = u32::from_le_bytes(
