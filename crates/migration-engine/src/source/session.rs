@@ -304,6 +304,11 @@ impl<'a> Session<'a> {
                     self.vm.set_cpu_throttle(percent);
                     if percent > 0 {
                         self.summary.dirty_limit_events += 1;
+                        self.summary.log.push(format!(
+                            "after pass {} ({:.1} s): cpu throttle {percent}%",
+                            pre.iteration,
+                            self.t_start.elapsed().as_secs_f64()
+                        ));
                     }
                 }
                 Action::SetDirtyLimit { bytes_per_s, vcpus } => {
