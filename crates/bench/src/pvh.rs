@@ -71,6 +71,10 @@ pub struct Row {
     /// ringvisor: from the pause until the source commits (after the destination restored
     /// and answered ReadyToResume); QEMU: same as `downtime_ms`.
     pub downtime_source_ms: f64,
+    /// Downtime on QEMU's definition, from the pause until the source has sent the last
+    /// state: ringvisor's breakdown up to (not including) the destination's restore
+    /// ([`sent_downtime_ms`]); QEMU: same as `downtime_ms`.
+    pub downtime_sent_ms: f64,
     /// MiB sent.
     pub mib_sent: f64,
     /// Passes.
@@ -124,6 +128,7 @@ pub struct Clocks {
 impl Clocks {
     /// The guest's write rate over the last `window_ms` of `console`, both ways.
     pub fn guest_rate(&self, console: &str, window_ms: f64) -> GuestRate {
+        crate::procs::keep_file("source-console", "txt", console);
         let reports = cpu0_reports(console);
         GuestRate {
             guest_mib_s: self.tsc_hz.and_then(|hz| rate_tsc(&reports, window_ms, hz)),
@@ -335,6 +340,7 @@ fn ringvisor_one(
             total_ms: v["total_ms"].as_f64().unwrap_or(0.0),
             downtime_ms: v["downtime_ms"].as_f64().unwrap_or(0.0),
             downtime_source_ms: v["downtime_source_ms"].as_f64().unwrap_or(0.0),
+            downtime_sent_ms: sent_downtime_ms(&v),
             mib_sent: v["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             passes: v["iterations"]
                 .as_array()
@@ -383,6 +389,7 @@ fn qemu_one(
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
         downtime_source_ms: r.downtime_ms,
+        downtime_sent_ms: r.downtime_ms,
         mib_sent: r.bytes_sent as f64 / (1 << 20) as f64,
         passes: r.passes,
         dest_progress: r.dest_progress_ok,
@@ -495,6 +502,7 @@ struct Med {
     total_ms: f64,
     downtime_ms: f64,
     downtime_source_ms: f64,
+    downtime_sent_ms: f64,
     mib_sent: f64,
     dest_progress: bool,
     passes: f64,
@@ -531,6 +539,7 @@ fn medians(rows: &[Row]) -> Vec<Med> {
                 total_ms: med(rs.iter().map(|r| r.total_ms).collect()),
                 downtime_ms: med(rs.iter().map(|r| r.downtime_ms).collect()),
                 downtime_source_ms: med(rs.iter().map(|r| r.downtime_source_ms).collect()),
+                downtime_sent_ms: med(rs.iter().map(|r| r.downtime_sent_ms).collect()),
                 mib_sent: med(rs.iter().map(|r| r.mib_sent).collect()),
                 dest_progress: rs.iter().all(|r| r.dest_progress),
                 passes: med(rs.iter().map(|r| r.passes as f64).collect()),
@@ -574,7 +583,7 @@ fn markdown(rep: &Report) -> String {
     );
     s += &tsc_line(rep);
     s += &table(&rep.rows);
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination. QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
     s
 }
 
@@ -611,8 +620,8 @@ pub(crate) fn table(rows: &[Row]) -> String {
     let m = medians(rows);
     let gap = m.iter().any(|c| c.heartbeat_gap_ms.is_some());
     let mut s = format!(
-        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | dest progress | total vs QEMU | downtime vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|\n",
+        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | downtime to last state sent ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | dest progress | total vs QEMU | downtime vs QEMU | downtime to last state sent vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|\n",
         if gap { "heartbeat gap ms | " } else { "" },
         if gap { "---|" } else { "" },
     );
@@ -626,15 +635,17 @@ pub(crate) fn table(rows: &[Row]) -> String {
                 && (x.tracker == c.tracker || (c.tracker == "clear-log" && x.tracker == "bitmap"))
                 && x.vmm == "qemu"
         });
-        let (rt, rd) = match (q, c.vmm.as_str()) {
+        // QEMU reports downtime in whole ms (a 0 is under 1 ms): ratios against at least 0.1.
+        let (rt, rd, rs) = match (q, c.vmm.as_str()) {
             (Some(q), "ringvisor") => (
                 format!("{:.2}x", c.total_ms / q.total_ms),
                 format!("{:.2}x", c.downtime_ms / q.downtime_ms.max(0.1)),
+                format!("{:.2}x", c.downtime_sent_ms / q.downtime_ms.max(0.1)),
             ),
-            _ => (String::new(), String::new()),
+            _ => (String::new(), String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {rt} | {rd} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {rt} | {rd} | {rs} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -643,6 +654,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
             c.total_ms,
             c.downtime_ms,
             c.downtime_source_ms,
+            c.downtime_sent_ms,
             c.mib_sent,
             c.passes,
             if gap {
@@ -708,6 +720,20 @@ fn plot(rep: &Report, path: &std::path::Path) -> Result<()> {
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+/// Downtime on QEMU's definition from a ringvisor summary: the `downtime_breakdown_ms`
+/// stages before the destination's restore (pause, final collect, final pass, state and
+/// Complete), ms; the whole source-side downtime when there is no breakdown.
+pub fn sent_downtime_ms(summary: &serde_json::Value) -> f64 {
+    let Some(stages) = summary["downtime_breakdown_ms"].as_array() else {
+        return summary["downtime_source_ms"].as_f64().unwrap_or(0.0);
+    };
+    stages
+        .iter()
+        .take_while(|st| !st[0].as_str().is_some_and(|n| n.starts_with("destination")))
+        .filter_map(|st| st[1].as_f64())
+        .sum()
 }
 
 /// One scenario of the third-party guest profile.
@@ -1050,6 +1076,7 @@ mod tests {
             total_ms: 100.0,
             downtime_ms: 1.0,
             downtime_source_ms: 1.0,
+            downtime_sent_ms: 1.0,
             mib_sent: 10.0,
             passes: 3,
             dest_progress: true,
@@ -1088,5 +1115,21 @@ mod tests {
         assert_eq!(v["guest_mib_s"], 50.1);
         assert_eq!(v["guest_mib_s_ticks"], 57.0);
         assert_eq!(v["guest_tsc_hz"], 2.1e9);
+    }
+
+    #[test]
+    fn sent_downtime_stops_before_the_destination_restore() {
+        let v = serde_json::json!({
+            "downtime_source_ms": 1.6,
+            "downtime_breakdown_ms": [
+                ["pause", 0.05], ["final collect", 0.02], ["final pass", 0.35],
+                ["vCPU state + complete", 0.18],
+                ["destination restore (ReadyToResume)", 0.98],
+                ["commit + resume (Resumed)", 0.13]
+            ]
+        });
+        assert!((sent_downtime_ms(&v) - 0.60).abs() < 1e-9);
+        let old = serde_json::json!({ "downtime_source_ms": 1.6 });
+        assert_eq!(sent_downtime_ms(&old), 1.6);
     }
 }
