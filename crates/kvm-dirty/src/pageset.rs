@@ -125,6 +125,52 @@ impl DirtyPageSet {
         Some(new)
     }
 
+    /// Marks every `(slot, offset)` of `entries` (ring entries, in ring order); returns how many
+    /// named no page of the set (those are skipped).
+    ///
+    /// Dirty pages spread over a large slot each land in their own bitmap cache line, and
+    /// with a cold bitmap the misses are most of the cost; the words
+    /// [`PREFETCH_AHEAD`](Self::PREFETCH_AHEAD) entries ahead are prefetched so the misses
+    /// overlap instead of queueing behind each other.
+    pub fn insert_entries(&mut self, entries: &[(u32, u64)]) -> u64 {
+        let mut bad = 0u64;
+        let mut cache: Option<(u32, usize)> = None;
+        for (k, &(slot, off)) in entries.iter().enumerate() {
+            if let (Some(&(ps, po)), Some((cs, ci))) =
+                (entries.get(k + Self::PREFETCH_AHEAD), cache)
+            {
+                if ps == cs {
+                    self.prefetch(ci, po);
+                }
+            }
+            let idx = match cache {
+                Some((s, i)) if s == slot => Some(i),
+                _ => self.slot_index(slot),
+            };
+            match idx {
+                Some(i) if self.insert_at(i, off).is_some() => cache = Some((slot, i)),
+                _ => bad += 1,
+            }
+        }
+        bad
+    }
+
+    /// How far ahead [`insert_entries`](Self::insert_entries) prefetches: enough entries to
+    /// cover a memory latency at a few nanoseconds per insert.
+    pub const PREFETCH_AHEAD: usize = 16;
+
+    /// Prefetches the bitmap and summary words of page `offset` of the slot at `idx`.
+    fn prefetch(&self, idx: usize, offset: u64) {
+        let wi = (offset / 64) as usize;
+        if let (Some(w), Some(s)) = (
+            self.bits.get(idx).and_then(|b| b.get(wi)),
+            self.summary.get(idx).and_then(|b| b.get(wi / 64)),
+        ) {
+            crate::sys::prefetch(w);
+            crate::sys::prefetch(s);
+        }
+    }
+
     /// Marks the page holding guest physical address `gpa`; false if no slot holds it.
     pub fn insert_gpa(&mut self, gpa: u64) -> bool {
         match self.slots.iter().position(|s| s.contains_gpa(gpa)) {
@@ -338,6 +384,25 @@ mod tests {
         assert_eq!(g, vec![0x2000, 0x3000, 0x1_0000_0000 + 99 * 4096]);
         a.clear();
         assert!(a.is_empty());
+    }
+
+    #[test]
+    fn insert_entries_marks_every_valid_entry_and_counts_the_rest() {
+        let slots = [spec(0, 0, 300_000), spec(7, 1 << 32, 1000)];
+        let mut s = DirtyPageSet::new(&slots);
+        // Longer than the prefetch distance, switching slots, with bad entries in the middle.
+        let mut entries: Vec<(u32, u64)> = (0..100).map(|i| (0, i * 2999)).collect();
+        entries.insert(10, (7, 999));
+        entries.insert(20, (7, 1000)); // past the slot's end
+        entries.insert(30, (3, 5)); // no such slot
+        entries.push((0, 300_000)); // past the slot's end
+        entries.push((0, 0)); // again
+        assert_eq!(s.insert_entries(&entries), 3);
+        let got: Vec<(usize, u64)> = s.iter().collect();
+        let mut want: Vec<(usize, u64)> = (0..100).map(|i| (0, i * 2999)).collect();
+        want.push((1, 999));
+        assert_eq!(got, want);
+        assert_eq!(s.insert_entries(&[]), 0);
     }
 
     proptest::proptest! {

@@ -40,6 +40,22 @@ pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u64> {
     }
 }
 
+/// Hints the CPU to bring the cache line holding `x` into L1 (a no-op off x86-64). Page sets
+/// use it to overlap the cache misses of scattered bitmap words.
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 (baseline on x86-64, SSE) never faults and has no architectural
+    // effect; the address comes from a live reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const T).cast(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// `KVM_GET_DIRTY_LOG` for `slot` into `bitmap`, which must hold one bit per page of the slot.
 pub(crate) fn get_dirty_log(vm: &impl AsRawFd, slot: u32, bitmap: &mut [u64]) -> io::Result<()> {
     let mut arg = kvm_dirty_log {
