@@ -56,6 +56,24 @@ pub(crate) fn prefetch<T>(x: &T) {
     let _ = x;
 }
 
+/// Advises the kernel to back `words` with transparent huge pages (`MADV_HUGEPAGE`); a
+/// refusal only costs speed, so it is ignored. `words` must not have been touched yet for the
+/// advice to take effect at the first write.
+pub(crate) fn advise_huge_pages(words: &[u64]) {
+    let addr = words.as_ptr() as usize;
+    let page = host_page_size() as usize;
+    let start = addr.next_multiple_of(page);
+    let end = addr + std::mem::size_of_val(words);
+    if end <= start {
+        return;
+    }
+    // SAFETY: the range lies inside `words`, memory this process owns; MADV_HUGEPAGE changes
+    // only how the kernel backs it, never its contents or mapping.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}
+
 /// `KVM_GET_DIRTY_LOG` for `slot` into `bitmap`, which must hold one bit per page of the slot.
 pub(crate) fn get_dirty_log(vm: &impl AsRawFd, slot: u32, bitmap: &mut [u64]) -> io::Result<()> {
     let mut arg = kvm_dirty_log {
