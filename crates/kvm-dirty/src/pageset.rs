@@ -190,39 +190,44 @@ impl DirtyPageSet {
     /// Marks every `(slot, offset)` of `entries` (ring entries, in ring order); returns how many
     /// named no page of the set (those are skipped).
     ///
-    /// Dirty pages spread over a large slot each land in their own bitmap cache line, and
-    /// with a cold bitmap the misses are most of the cost; the words
-    /// [`PREFETCH_AHEAD`](Self::PREFETCH_AHEAD) entries ahead are prefetched so the misses
-    /// overlap instead of queueing behind each other.
+    /// The hot loop of a ring collect: each run of entries of one slot is marked through that
+    /// slot's three levels directly (one slot lookup per run, no per-entry indirection), a
+    /// few instructions per page; the cache misses of a cold bitmap are the caller's to hide
+    /// with [`prefetch`](Self::prefetch).
     pub fn insert_entries(&mut self, entries: &[(u32, u64)]) -> u64 {
         let mut bad = 0u64;
-        let mut cache: Option<(u32, usize)> = None;
-        for (k, &(slot, off)) in entries.iter().enumerate() {
-            if let (Some(&(ps, po)), Some((cs, ci))) =
-                (entries.get(k + Self::PREFETCH_AHEAD), cache)
-            {
-                if ps == cs {
-                    self.prefetch(ci, po);
-                }
-            }
-            let idx = match cache {
-                Some((s, i)) if s == slot => Some(i),
-                _ => self.slot_index(slot),
+        let mut rest = entries;
+        while let Some(&(slot, _)) = rest.first() {
+            let run = rest
+                .iter()
+                .position(|&(s, _)| s != slot)
+                .unwrap_or(rest.len());
+            let (now, next) = rest.split_at(run);
+            rest = next;
+            let Some(i) = self.slot_index(slot) else {
+                bad += now.len() as u64;
+                continue;
             };
-            match idx {
-                Some(i) if self.insert_at(i, off).is_some() => cache = Some((slot, i)),
-                _ => bad += 1,
+            let pages = self.slots[i].pages;
+            let (bits, sum, top) = (&mut self.bits[i], &mut self.summary[i], &mut self.top[i]);
+            for &(_, off) in now {
+                if off >= pages {
+                    bad += 1;
+                    continue;
+                }
+                let wi = (off / 64) as usize;
+                bits[wi] |= 1u64 << (off % 64);
+                flag(sum, wi);
+                flag(top, wi / 64);
             }
         }
         bad
     }
 
-    /// How far ahead [`insert_entries`](Self::insert_entries) prefetches: enough entries to
-    /// cover a memory latency at a few nanoseconds per insert.
-    pub const PREFETCH_AHEAD: usize = 16;
-
-    /// Prefetches the bitmap and summary words of page `offset` of the slot at `idx`.
-    fn prefetch(&self, idx: usize, offset: u64) {
+    /// Hints the CPU to fetch the bitmap and summary words of page `offset` of the slot at
+    /// `idx` (nothing if out of range): issued while a harvest runs, the misses complete
+    /// during the reset that follows, before [`insert_entries`](Self::insert_entries) needs them.
+    pub fn prefetch(&self, idx: usize, offset: u64) {
         let wi = (offset / 64) as usize;
         if let (Some(w), Some(s)) = (
             self.bits.get(idx).and_then(|b| b.get(wi)),
@@ -452,7 +457,7 @@ mod tests {
     fn insert_entries_marks_every_valid_entry_and_counts_the_rest() {
         let slots = [spec(0, 0, 300_000), spec(7, 1 << 32, 1000)];
         let mut s = DirtyPageSet::new(&slots);
-        // Longer than the prefetch distance, switching slots, with bad entries in the middle.
+        // Runs of two slots, with bad entries in the middle.
         let mut entries: Vec<(u32, u64)> = (0..100).map(|i| (0, i * 2999)).collect();
         entries.insert(10, (7, 999));
         entries.insert(20, (7, 1000)); // past the slot's end

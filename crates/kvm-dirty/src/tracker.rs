@@ -625,9 +625,10 @@ impl RingSet {
     /// when something was staged: nothing proportional to guest size. `tracking_lost` is set
     /// when an overrun was detected since the previous collect.
     ///
-    /// The harvest appends to a reused list, exactly what the bare kernel sequence does, and
-    /// the pages go into `out` afterwards in one batch that prefetches ahead
-    /// ([`DirtyPageSet::insert_entries`]); `out` is not readable before this returns, so
+    /// The harvest appends to a reused list, as the bare kernel sequence does, and prefetches
+    /// each page's bitmap words, so their cache misses complete while the kernel resets; the
+    /// pages go into `out` after the reset in one tight batch
+    /// ([`DirtyPageSet::insert_entries`]). `out` is not readable before this returns, so
     /// marking its pages after the reset changes nothing for the caller.
     pub fn collect_into(&self, out: &mut DirtyPageSet) -> Result<CollectStats> {
         let mut g = self.lock();
@@ -637,7 +638,20 @@ impl RingSet {
         }
         let mut list = std::mem::take(&mut g.scratch);
         list.clear();
-        let r = self.harvest_locked(&mut g, None, &mut |_, slot, off| list.push((slot, off)));
+        let seen: &DirtyPageSet = out;
+        let mut cache: Option<(u32, usize)> = None;
+        let r = self.harvest_locked(&mut g, None, &mut |_, slot, off| {
+            list.push((slot, off));
+            // The page's bitmap words arrive while the kernel resets.
+            let idx = match cache {
+                Some((s, i)) if s == slot => Some(i),
+                _ => seen.slot_index(slot),
+            };
+            if let Some(i) = idx {
+                seen.prefetch(i, off);
+                cache = Some((slot, i));
+            }
+        });
         let bad = out.insert_entries(&list);
         g.scratch = list;
         let r = r?;
