@@ -40,6 +40,40 @@ pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u64> {
     }
 }
 
+/// Hints the CPU to bring the cache line holding `x` into L1 (a no-op off x86-64). Page sets
+/// use it to overlap the cache misses of scattered bitmap words.
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 (baseline on x86-64, SSE) never faults and has no architectural
+    // effect; the address comes from a live reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const T).cast(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// Advises the kernel to back `words` with transparent huge pages (`MADV_HUGEPAGE`); a
+/// refusal only costs speed, so it is ignored. `words` must not have been touched yet for the
+/// advice to take effect at the first write.
+pub(crate) fn advise_huge_pages(words: &[u64]) {
+    let addr = words.as_ptr() as usize;
+    let page = host_page_size() as usize;
+    let start = addr.next_multiple_of(page);
+    let end = addr + std::mem::size_of_val(words);
+    if end <= start {
+        return;
+    }
+    // SAFETY: the range lies inside `words`, memory this process owns; MADV_HUGEPAGE changes
+    // only how the kernel backs it, never its contents or mapping.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}
+
 /// `KVM_GET_DIRTY_LOG` for `slot` into `bitmap`, which must hold one bit per page of the slot.
 pub(crate) fn get_dirty_log(vm: &impl AsRawFd, slot: u32, bitmap: &mut [u64]) -> io::Result<()> {
     let mut arg = kvm_dirty_log {
@@ -106,7 +140,10 @@ unsafe impl Send for MmapRing {}
 unsafe impl Sync for MmapRing {}
 
 impl MmapRing {
-    /// Maps the ring of `entries` entries from a vCPU fd.
+    /// Maps the ring of `entries` entries from a vCPU fd, populated up front
+    /// (`MAP_POPULATE`): otherwise each of its pages is faulted in by the first harvest that
+    /// reaches it, a few microseconds each on a nested host, paid inside collects for the
+    /// whole first lap of the ring.
     pub fn map(vcpu: &impl AsRawFd, entries: u32) -> io::Result<Self> {
         if !entries.is_power_of_two() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -114,13 +151,13 @@ impl MmapRing {
         let bytes = entries as usize * DIRTY_GFN_SIZE;
         let offset = (KVM_DIRTY_LOG_PAGE_OFFSET * host_page_size()) as libc::off_t;
         // SAFETY: a fresh shared mapping chosen by the kernel (no MAP_FIXED), so it cannot alias
-        // any Rust object; the result is checked before use.
+        // any Rust object; the result is checked before use. MAP_POPULATE only prefaults it.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 vcpu.as_raw_fd(),
                 offset,
             )

@@ -238,6 +238,12 @@ struct RingInner {
     consumers: Vec<RingConsumer<MmapRing>>,
     staged: DirtyPageSet,
     staged_entries: u64,
+    /// `staged` may hold pages: only then does a collect merge and clear it (both read the
+    /// set's summary words, cold by then: a fixed cost a collect need not pay).
+    staged_pages: bool,
+    /// `(slot, offset)` of the entries the current collect harvested, in ring order: reused,
+    /// so a collect allocates only while the largest harvest so far grows.
+    scratch: Vec<(u32, u64)>,
     /// An overrun was detected since the last collect (or discard).
     lost: bool,
 }
@@ -285,6 +291,8 @@ impl RingSet {
                 consumers: rings.into_iter().map(RingConsumer::new).collect(),
                 staged: DirtyPageSet::new(slots),
                 staged_entries: 0,
+                staged_pages: false,
+                scratch: Vec::new(),
                 lost: false,
             }),
             per_vcpu: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -542,6 +550,7 @@ impl RingSet {
         inner.staged = staged;
         let mut r = r?;
         inner.staged_entries += r.entries;
+        inner.staged_pages |= r.entries > 0;
         r.bad_entries = bad;
         self.bad_entries.fetch_add(bad, Ordering::Relaxed);
         Ok(r)
@@ -593,6 +602,7 @@ impl RingSet {
             _ => bad += 1,
         });
         self.bad_entries.fetch_add(bad, Ordering::Relaxed);
+        inner.staged_pages |= rs.harvested > 0;
         if rs.to_reset == 0 {
             // Consistent after all (another thread harvested and reset this ring first).
             return Ok(rs);
@@ -610,26 +620,41 @@ impl RingSet {
     }
 
     /// Moves the staged pages (from ring-full handlers and polls) into `out`, then harvests
-    /// every ring straight into `out` and resets, under one lock. Costs O(entries + staged
-    /// words) plus a scan of the set's top level (64 words for 64 GiB): nothing proportional
-    /// to guest size. `tracking_lost` is set when an overrun was detected since the previous
-    /// collect.
+    /// every ring and resets, under one lock, and marks the harvested pages in `out`. Costs
+    /// O(entries + staged words), plus a scan of the set's top level (64 words for 64 GiB)
+    /// when something was staged: nothing proportional to guest size. `tracking_lost` is set
+    /// when an overrun was detected since the previous collect.
+    ///
+    /// The harvest appends to a reused list, as the bare kernel sequence does, and prefetches
+    /// each page's bitmap words, so their cache misses complete while the kernel resets; the
+    /// pages go into `out` after the reset in one tight batch
+    /// ([`DirtyPageSet::insert_entries`]). `out` is not readable before this returns, so
+    /// marking its pages after the reset changes nothing for the caller.
     pub fn collect_into(&self, out: &mut DirtyPageSet) -> Result<CollectStats> {
         let mut g = self.lock();
-        out.merge(&g.staged);
-        g.staged.clear();
-        let mut bad = 0u64;
+        if std::mem::take(&mut g.staged_pages) {
+            out.merge(&g.staged);
+            g.staged.clear();
+        }
+        let mut list = std::mem::take(&mut g.scratch);
+        list.clear();
+        let seen: &DirtyPageSet = out;
         let mut cache: Option<(u32, usize)> = None;
         let r = self.harvest_locked(&mut g, None, &mut |_, slot, off| {
+            list.push((slot, off));
+            // The page's bitmap words arrive while the kernel resets.
             let idx = match cache {
                 Some((s, i)) if s == slot => Some(i),
-                _ => out.slot_index(slot),
+                _ => seen.slot_index(slot),
             };
-            match idx {
-                Some(i) if out.insert_at(i, off).is_some() => cache = Some((slot, i)),
-                _ => bad += 1,
+            if let Some(i) = idx {
+                seen.prefetch(i, off);
+                cache = Some((slot, i));
             }
-        })?;
+        });
+        let bad = out.insert_entries(&list);
+        g.scratch = list;
+        let r = r?;
         self.bad_entries.fetch_add(bad, Ordering::Relaxed);
         let mut st = CollectStats {
             ring_entries: g.staged_entries + r.entries,
@@ -648,6 +673,57 @@ impl RingSet {
         Ok(st)
     }
 
+    /// The bare kernel sequence, for benchmarks: every ring's DIRTY entries appended to `list`
+    /// as `slot << 48 | offset` (the consumer loop of api.rst and nothing else: no timers, no
+    /// overrun checks), then one `KVM_RESET_DIRTY_RINGS` for all rings, repeated only while
+    /// it resets something and entries remain. What any VMM pays for a page list;
+    /// `ringvisor bench sync` times it next to [`RingSet::collect_into`] on the same rings.
+    /// Returns the entries harvested. If the rings' flags show a harvested entry the kernel
+    /// did not recycle, the ring is out of step: [`DirtyError::ResetCountMismatch`] (use the
+    /// tracker, which resynchronises).
+    pub fn harvest_bare(&self, list: &mut Vec<u64>) -> Result<u64> {
+        let mut g = self.lock();
+        let mut total = 0u64;
+        for (i, c) in g.consumers.iter_mut().enumerate() {
+            let (st, tok) = c.harvest(|slot, off| list.push(u64::from(slot) << 48 | off));
+            total += tok.count;
+            self.per_vcpu[i].fetch_add(st.entries, Ordering::Relaxed);
+        }
+        let mut reset = 0u64;
+        while reset < total {
+            match sys::reset_dirty_rings(&*self.vm) {
+                Ok(0) => break,
+                Ok(n) => reset += n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(source) => {
+                    return Err(DirtyError::Ioctl {
+                        op: "KVM_RESET_DIRTY_RINGS",
+                        source,
+                    })
+                }
+            }
+        }
+        if reset == total {
+            g.consumers.iter_mut().for_each(|c| c.reset_complete());
+            return Ok(total);
+        }
+        // Short (a signal can cut the count): the flags decide.
+        let mut recycled = 0u64;
+        for c in g.consumers.iter_mut() {
+            recycled += c.confirm_reset();
+            if c.unreset() == 0 {
+                c.reset_complete();
+            }
+        }
+        if recycled != total {
+            return Err(DirtyError::ResetCountMismatch {
+                harvested: total,
+                reset: recycled,
+            });
+        }
+        Ok(total)
+    }
+
     /// Drops every staged page and harvests-and-discards what is in the rings.
     /// Tracking starts afresh, so an overrun detected before is forgotten (one detected later
     /// is reported by the next collect).
@@ -656,6 +732,7 @@ impl RingSet {
         let mut g = self.lock();
         g.staged.clear();
         g.staged_entries = 0;
+        g.staged_pages = false;
         g.lost = false;
         Ok(())
     }

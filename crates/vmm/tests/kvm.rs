@@ -116,6 +116,69 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
     vm.stop().unwrap();
 }
 
+#[test]
+fn bare_ring_harvest_lists_exactly_the_written_pages_and_leaves_the_tracker_in_step() {
+    if !have_kvm() {
+        return;
+    }
+    let mut vm = Vm::create(&config(1, Tracking::Ring { entries: 4096 }, 16 << 20)).unwrap();
+    vm.set_workload(
+        0,
+        &VcpuCtrl {
+            base: DATA_GPA,
+            pages: 64,
+            stride: 3,
+            pattern: Pattern::Sequential,
+            unique_values: true,
+            burst_pages: 0,
+            burst_tsc: 0,
+            sleep_min_tsc: 0,
+        },
+    )
+    .unwrap();
+    let mut tracker = vm.tracker().unwrap();
+    tracker.start().unwrap();
+    vm.start(None).unwrap();
+    let sweep = |vm: &Vm| {
+        let start = vm.nr_writes(0).unwrap();
+        vm.set_stop(false).unwrap();
+        vm.vcpus().unwrap().resume_all();
+        wait_until("the guest ran a full sweep", || {
+            vm.nr_writes(0).unwrap() >= start + 64
+        });
+        vm.set_stop(true).unwrap();
+        vm.vcpus().unwrap().wait_all_synced(PATIENCE).unwrap();
+    };
+    sweep(&vm);
+    let rs = vm.ring_set().unwrap().clone();
+    let mut list = Vec::with_capacity(256);
+    let n = rs.harvest_bare(&mut list).unwrap();
+    assert_eq!(n, list.len() as u64);
+    let mut data: Vec<u64> = list
+        .iter()
+        .filter(|&&e| e >> 48 == 1)
+        .map(|&e| e & ((1 << 48) - 1))
+        .collect();
+    data.sort_unstable();
+    assert_eq!(data, (0..64).map(|i| i * 3).collect::<Vec<_>>());
+    list.clear();
+    assert_eq!(
+        rs.harvest_bare(&mut list).unwrap(),
+        0,
+        "everything was reset"
+    );
+    // The consumer is still in step: the tracker's next collect resets exactly what it
+    // harvests and reports the next sweep's pages.
+    sweep(&vm);
+    let mut out = DirtyPageSet::new(&vm.ram().slot_specs());
+    let st = tracker.collect(&mut out).unwrap();
+    assert_eq!(st.reset, st.ring_entries, "{st:?}");
+    assert!(!st.tracking_lost);
+    let pages: Vec<u64> = out.iter_gpa().filter(|&g| g >= DATA_GPA).collect();
+    assert_eq!(pages.len(), 64);
+    vm.stop().unwrap();
+}
+
 fn selftest(
     mode: kvm_dirty::TrackerMode,
     ring_entries: u32,
