@@ -89,6 +89,50 @@ pub struct Row {
     pub progress_during: Vec<f64>,
     /// The stream ran over TLS 1.3.
     pub tls: bool,
+    /// Where the CPU went over the migration (from the two processes' summaries).
+    pub cpu: CellCpu,
+}
+
+/// CPU seconds per thread over one migration: the source's migration thread and vCPU
+/// threads from its start to the destination's resume, the destination's receive thread
+/// from its first byte to the resume, and the host's idle CPU-seconds over the source's
+/// span (all CPUs; 10 ms ticks). `None`: not reported (an older binary, or no summary).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct CellCpu {
+    /// Wall-clock seconds the source's figures cover.
+    pub wall_s: Option<f64>,
+    /// The source's migration thread.
+    pub source_thread_s: Option<f64>,
+    /// The destination's receive thread.
+    pub dest_thread_s: Option<f64>,
+    /// The source's vCPU threads, per vCPU.
+    pub vcpu_s: Vec<f64>,
+    /// The host's CPUs.
+    pub host_cpus: Option<u64>,
+    /// Idle CPU-seconds of the host over the source's span.
+    pub host_idle_s: Option<f64>,
+    /// CPU-seconds the hypervisor gave to other guests over the span.
+    pub host_steal_s: Option<f64>,
+}
+
+impl CellCpu {
+    fn from_summaries(src: &serde_json::Value, dst: &serde_json::Value) -> CellCpu {
+        let (s, d) = (&src["cpu"], &dst["cpu"]);
+        CellCpu {
+            wall_s: s["wall_s"].as_f64(),
+            source_thread_s: s["thread_s"].as_f64(),
+            dest_thread_s: d["thread_s"].as_f64(),
+            vcpu_s: floats(&s["vcpu_s"]),
+            host_cpus: s["host_cpus"].as_u64(),
+            host_idle_s: s["host_idle_s"].as_f64(),
+            host_steal_s: s["host_steal_s"].as_f64(),
+        }
+    }
+
+    /// The vCPU threads together.
+    pub fn vcpus_s(&self) -> f64 {
+        self.vcpu_s.iter().sum()
+    }
 }
 
 impl Row {
@@ -237,8 +281,14 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         .stderr(Stdio::piped())
         .output()
         .map_err(BenchError::io("running the source"));
-    reap_destination(&mut dest);
+    let dest_out = reap_destination(&mut dest);
     let v = source_summary(&out?)?;
+    // `incoming --json` prints its summary as one line once the guest resumed.
+    let dv: serde_json::Value = dest_out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .unwrap_or_default();
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     Ok(Row {
         memory_gib: mem,
@@ -257,6 +307,7 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         progress_before: floats(&v["progress_before"]),
         progress_during: floats(&v["progress_during"]),
         tls: tls.is_some(),
+        cpu: CellCpu::from_summaries(&v, &dv),
     })
 }
 
@@ -660,6 +711,48 @@ fn markdown(r: &Report, trackers: &[String]) -> String {
     }
     if r.rows.iter().any(|x| x.tls) {
         s.push_str(&tls_markdown(r));
+        s.push_str(&cpu_markdown(r));
+    }
+    s
+}
+
+/// Per-thread CPU seconds of each migration (plain and TLS rows of a cell together), and
+/// the host's idle CPU-seconds over it: CPU on top of a saturated host (idle near 0), or
+/// waiting (idle left over)?
+fn cpu_markdown(r: &Report) -> String {
+    let mut s = String::from(
+        "\nCPU seconds per thread over each migration (source: start to resume; destination: first byte to resume), \
+         and the host's idle CPU-seconds over the source's span (all CPUs, 10 ms ticks):\n\n\
+         | memory | dirty rate | tracker | channel | total s | source migration thread | destination receive thread | vCPU threads | host idle | host steal | idle share |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    for x in &r.rows {
+        let c = &x.cpu;
+        let share = match (c.host_idle_s, c.wall_s, c.host_cpus) {
+            (Some(i), Some(w), Some(n)) if w > 0.0 && n > 0 => {
+                format!("{:.0}%", 100.0 * i / (w * n as f64))
+            }
+            _ => "-".into(),
+        };
+        s.push_str(&format!(
+            "| {} GiB | {} MB/s | {} | {} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
+            x.memory_gib,
+            x.dirty_rate_mb_s,
+            x.tracker,
+            if x.tls { "TLS" } else { "plain" },
+            x.total_s,
+            f(c.source_thread_s),
+            f(c.dest_thread_s),
+            if c.vcpu_s.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.3}", c.vcpus_s())
+            },
+            f(c.host_idle_s),
+            f(c.host_steal_s),
+            share,
+        ));
     }
     s
 }

@@ -94,8 +94,8 @@ pub fn spawn_destination(mut cmd: Command) -> Result<Destination> {
 
 /// Waits for a destination process: it exits on its own after a resume, or with an error after
 /// an abort; if the source never reached it, it would wait forever: 10 s, then it is killed.
-/// The rest of its output is drained.
-pub fn reap_destination(dest: &mut Destination) {
+/// The rest of its stdout (with `--json`, the destination's summary) is returned.
+pub fn reap_destination(dest: &mut Destination) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match dest.child.try_wait() {
@@ -111,6 +111,7 @@ pub fn reap_destination(dest: &mut Destination) {
     }
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut dest.stdout, &mut rest);
+    rest
 }
 
 /// The JSON summary a `ringvisor run --json` source printed, or why there is none.

@@ -82,6 +82,9 @@ pub struct IncomingSummary {
     pub resumed_unix_ns: u64,
     /// Where the restore time went (devices, vCPUs, clock, digest), ms.
     pub restore_breakdown_ms: Vec<(String, f64)>,
+    /// The receive thread's CPU time (read, open TLS records, check frames, apply pages)
+    /// and the host's idle time, from the first byte to the resume.
+    pub cpu: Option<crate::cpu::CpuReport>,
 }
 
 /// Writes received pages into guest memory and keeps the incremental digest current.
@@ -126,6 +129,7 @@ pub fn receive(
     on_event: &mut dyn FnMut(&str),
 ) -> Result<(Vm, IncomingSummary)> {
     let t0 = Instant::now();
+    let cpu = crate::cpu::CpuSpan::start(&[]);
     // Everything from here on reads what the peer sent: the calling thread is filtered
     // (for good: run this on a thread of its own).
     sandbox::apply(sandbox::ThreadKind::Incoming)?;
@@ -166,7 +170,7 @@ pub fn receive(
     // An authenticated peer that tls-authz refuses is told why (over TLS) and nothing else.
     let r = authorized
         .map_err(MigrationError::Tls)
-        .and_then(|()| receive_inner(&mut dec, &mut acks, opts, on_event, t0));
+        .and_then(|()| receive_inner(&mut dec, &mut acks, opts, on_event, t0, &cpu));
     if let Err(e) = &r {
         // Best effort: tell the source why, so it resumes its guest at once.
         tracing::debug!(error = %e, "incoming migration failed");
@@ -248,6 +252,7 @@ fn receive_inner(
     opts: &DestOptions,
     on_event: &mut dyn FnMut(&str),
     t0: Instant,
+    cpu: &crate::cpu::CpuSpan,
 ) -> Result<(Vm, IncomingSummary)> {
     let mut sum = IncomingSummary::default();
     let (hello, platform, layout, vm) = handshake(dec, acks, opts, &mut sum, on_event)?;
@@ -291,6 +296,7 @@ fn receive_inner(
     sum.zero_pages = st.zero_pages;
     sum.bytes = st.bytes;
     sum.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    sum.cpu = Some(cpu.finish());
     sum.restore_ms = t_complete.elapsed().as_secs_f64() * 1e3;
     on_event("resumed: the guest runs here");
     Ok((vm, sum))

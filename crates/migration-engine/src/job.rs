@@ -452,6 +452,11 @@ impl MigrationJob {
         let ctl = Arc::new(Control::new(opts, events));
         ctl.set_status(MigrationStatus::Setup);
         let c = ctl.clone();
+        // Listed here: the migration thread's filter does not allow reading a directory.
+        let vcpus: Vec<u32> = crate::cpu::vcpu_threads()
+            .into_iter()
+            .map(|(_, tid)| tid)
+            .collect();
         let thread = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
@@ -461,7 +466,14 @@ impl MigrationJob {
                     sandbox::apply(sandbox::ThreadKind::Migration)?;
                     Ok(s)
                 });
-                run_job(&*vm, stream, tls::creds::host_of(&addr), &c, &mut |_| {})
+                run_job(
+                    &*vm,
+                    stream,
+                    tls::creds::host_of(&addr),
+                    &c,
+                    &mut |_| {},
+                    &vcpus,
+                )
             })?;
         Ok(MigrationJob {
             ctl,

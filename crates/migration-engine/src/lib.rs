@@ -10,13 +10,15 @@
 //! - [`dirtyrate`], [`dirtylimit`], [`rate`]: dirty-rate measurement and the dirty limit.
 //! - [`replicate`]: continuous replication to a hot standby (checkpoints, failover, output
 //!   commit).
-//! - [`summary`], [`error`]: what a migration reports, and why one failed.
+//! - [`summary`], [`error`]: what a migration reports, and why one failed; [`cpu`]: the
+//!   per-thread CPU time and host idle time the summaries carry.
 //!
 //! The ring path peeks the rings continuously from a collector thread (per-vCPU dirty
 //! rates, no reset) and harvests and resets a ring only at a high-water mark or at a pass
 //! boundary, so a hot page costs one write-protect fault per pass, as with the bitmap.
 #![deny(missing_docs)]
 
+pub mod cpu;
 pub mod dest;
 pub mod dirtylimit;
 pub mod dirtyrate;

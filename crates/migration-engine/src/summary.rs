@@ -112,6 +112,9 @@ pub struct MigrationSummary {
     /// What the engine decided and noticed, in order (switchover reason, lost tracking,
     /// problems after the commit).
     pub log: Vec<String>,
+    /// Where the CPU went from the start to the destination's resume (or to the failure):
+    /// the migration thread, each vCPU thread, and the host's idle time.
+    pub cpu: Option<crate::cpu::CpuReport>,
 }
 
 impl MigrationSummary {
@@ -141,6 +144,7 @@ impl MigrationSummary {
             switchover_sync_ms: 0.0,
             tracking_lost_events: 0,
             log: Vec::new(),
+            cpu: None,
         }
     }
 

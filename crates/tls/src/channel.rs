@@ -57,6 +57,8 @@ pub struct Channel {
 /// The record layer's state for both directions, taken over from rustls.
 struct TlsParts {
     peer: PeerIdentity,
+    /// The peers agreed on [`crate::ALPN_AEAD_INTEGRITY`].
+    aead_integrity: bool,
     sealer: Sealer,
     opener: Opener,
     /// Ciphertext read during the handshake after its last record (the peer's first
@@ -99,6 +101,7 @@ impl Channel {
                 Err(e) => return Err(e.into()),
             }
         }
+        let aead_integrity = conn.alpn_protocol() == Some(crate::ALPN_AEAD_INTEGRITY);
         let secrets = conn
             .dangerous_extract_secrets()
             .map_err(TlsError::Handshake)?;
@@ -108,6 +111,7 @@ impl Channel {
             sock,
             tls: Some(Box::new(TlsParts {
                 peer,
+                aead_integrity,
                 sealer,
                 opener,
                 cipher,
@@ -119,6 +123,15 @@ impl Channel {
     /// Whether the channel is TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// Whether both peers agreed ([`crate::ALPN_AEAD_INTEGRITY`]) that the stream relies on
+    /// the record layer's authentication alone: every byte is checked by the AEAD (an
+    /// altered, dropped, replayed or reordered record is a [`RecordError::BadRecordMac`]),
+    /// so the protocol on top may drop its own checksums. Always false on plain TCP and with
+    /// a peer that predates the capability.
+    pub fn aead_integrity(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.aead_integrity)
     }
 
     /// The verified peer's identity (TLS only).

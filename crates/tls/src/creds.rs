@@ -99,6 +99,26 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// ALPN name of the capability "every byte of this stream is authenticated by the TLS
+/// record layer, the protocol on top may drop its own checksums" (the migration stream's
+/// frame CRC-32C). Both sides offer it; it is in force only when the server selected it, so
+/// a peer that predates it (and sends or answers no ALPN) keeps the checksums.
+pub const ALPN_AEAD_INTEGRITY: &[u8] = b"ringvisor-migration/aead-integrity";
+/// ALPN name of the base protocol (checksums kept), offered after
+/// [`ALPN_AEAD_INTEGRITY`] so that a peer which knows ALPN but not the capability still
+/// finds a protocol in common.
+pub const ALPN_BASE: &[u8] = b"ringvisor-migration/base";
+
+/// The ALPN list both sides offer, in preference order.
+fn alpn(aead_integrity: bool) -> Vec<Vec<u8>> {
+    let mut v = Vec::with_capacity(2);
+    if aead_integrity {
+        v.push(ALPN_AEAD_INTEGRITY.to_vec());
+    }
+    v.push(ALPN_BASE.to_vec());
+    v
+}
+
 /// The destination's side: its certificate and key, the CA its sources' certificates must
 /// chain to, and the identities allowed to connect (`tls-authz`; empty = any certificate
 /// from the CA).
@@ -137,6 +157,7 @@ impl ServerTls {
         config.send_tls13_tickets = 0;
         // The channel runs the record layer itself after the handshake.
         config.enable_secret_extraction = true;
+        config.alpn_protocols = alpn(true);
         Ok(ServerTls {
             config: Arc::new(config),
             authz: authz.to_vec(),
@@ -159,6 +180,17 @@ impl ServerTls {
     pub fn with_authz(&self, authz: &[String]) -> ServerTls {
         ServerTls {
             authz: authz.to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability (as a peer that
+    /// predates it: the stream keeps its own checksums).
+    pub fn without_aead_integrity(&self) -> ServerTls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = alpn(false);
+        ServerTls {
+            config: Arc::new(config),
             ..self.clone()
         }
     }
@@ -212,6 +244,7 @@ impl ClientTls {
             .map_err(|e| config_err(dir, e))?;
         config.resumption = rustls::client::Resumption::disabled();
         config.enable_secret_extraction = true;
+        config.alpn_protocols = alpn(true);
         if let Some(h) = hostname {
             server_name(h)?;
         }
@@ -226,6 +259,17 @@ impl ClientTls {
     /// The credentials directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability (as a peer that
+    /// predates it: the stream keeps its own checksums).
+    pub fn without_aead_integrity(&self) -> ClientTls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = alpn(false);
+        ClientTls {
+            config: Arc::new(config),
+            ..self.clone()
+        }
     }
 
     /// The name the server's certificate is verified for when connecting to `host`:

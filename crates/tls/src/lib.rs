@@ -26,7 +26,10 @@ pub mod record;
 mod sys;
 
 pub use channel::{Channel, ChannelReader, ChannelWriter};
-pub use creds::{ClientTls, ServerTls, CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+pub use creds::{
+    ClientTls, ServerTls, ALPN_AEAD_INTEGRITY, ALPN_BASE, CA_CERT, CLIENT_CERT, CLIENT_KEY,
+    SERVER_CERT, SERVER_KEY,
+};
 pub use generate::{generate, GenerateOptions};
 pub use identity::PeerIdentity;
 pub use record::RecordError;

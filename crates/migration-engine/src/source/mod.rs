@@ -275,21 +275,28 @@ pub fn migrate_over(
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
-    run_job(vm, Ok(stream), &host, &ctl, progress)
+    let vcpus: Vec<u32> = crate::cpu::vcpu_threads()
+        .into_iter()
+        .map(|(_, tid)| tid)
+        .collect();
+    run_job(vm, Ok(stream), &host, &ctl, progress, &vcpus)
 }
 
 /// Runs a whole migration on the calling thread and returns its summary; the job's status
 /// ends `completed`, `failed` or `cancelled`. A completed source stays paused. `host` is
 /// what a TLS handshake verifies the destination's certificate for (unless `tls-hostname`
-/// is set).
+/// is set). `vcpu_tids` are the vCPU threads whose CPU time the summary reports
+/// ([`crate::cpu::vcpu_threads`], listed before this thread's seccomp filter is on).
 pub(crate) fn run_job(
     vm: &dyn MigratableVm,
     stream: Result<TcpStream>,
     host: &str,
     ctl: &Control,
     progress: &mut dyn FnMut(&Progress),
+    vcpu_tids: &[u32],
 ) -> MigrationSummary {
     let t_start = Instant::now();
+    let cpu = crate::cpu::CpuSpan::start(vcpu_tids);
     let opts = ctl.opts();
     let mut summary = MigrationSummary::new(vm.tracker_mode().name(), &opts);
     // This thread keeps the process's priority, as QEMU's migration thread does. (It used to
@@ -298,7 +305,8 @@ pub(crate) fn run_job(
     // limit are the tools that trade guest speed for convergence.)
     let mut paused = false;
     let r = stream.and_then(|stream| {
-        let mut s = session::Session::open(vm, stream, host, ctl, &mut summary, progress, t_start)?;
+        let mut s =
+            session::Session::open(vm, stream, host, ctl, &mut summary, progress, t_start, &cpu)?;
         let r = s.run();
         paused = s.paused();
         if r.is_err() && (ctl.cancelled() || matches!(r, Err(MigrationError::Cancelled))) {
@@ -310,6 +318,9 @@ pub(crate) fn run_job(
     // the source's post-commit digest check.
     if summary.total_ms == 0.0 {
         summary.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    }
+    if summary.cpu.is_none() {
+        summary.cpu = Some(cpu.finish());
     }
     // An operator's cancel that raced with a timeout abort is reported as the cancel.
     if matches!(r, Ok(())) && ctl.cancelled() && matches!(summary.outcome, Outcome::Aborted { .. })

@@ -14,6 +14,7 @@ use migration::wire::{Ack, Complete, Hello, MemoryLayout};
 use super::collector::Collector;
 use super::sender::{Acks, Sender};
 use super::{memory_digest, FailPoint, Progress, SourceOptions};
+use crate::cpu::CpuSpan;
 use crate::error::{MigrationError, Result};
 use crate::job::{Control, MigrationStatus};
 use crate::seam::{DirtyLimitActuator, MigratableVm};
@@ -94,6 +95,8 @@ pub(super) struct Session<'a> {
     progress: &'a mut dyn FnMut(&Progress),
     opts: SourceOptions,
     t_start: Instant,
+    /// CPU accounting from the start; reported when the destination confirms the resume.
+    cpu: &'a CpuSpan,
     paused: bool,
     fallback_bw: f64,
 }
@@ -107,6 +110,7 @@ impl<'a> Session<'a> {
         summary: &'a mut MigrationSummary,
         progress: &'a mut dyn FnMut(&Progress),
         t_start: Instant,
+        cpu: &'a CpuSpan,
     ) -> Result<Self> {
         let opts = ctl.opts();
         let (s, acks) = Sender::open(vm, stream, host, ctl, &opts)?;
@@ -120,6 +124,7 @@ impl<'a> Session<'a> {
             fallback_bw: opts.max_bandwidth.map(|b| b as f64).unwrap_or(1e9),
             opts,
             t_start,
+            cpu,
             paused: false,
         })
     }
@@ -555,6 +560,7 @@ impl<'a> Session<'a> {
                     prev = *t;
                 }
                 self.summary.total_ms = self.t_start.elapsed().as_secs_f64() * 1e3;
+                self.summary.cpu = Some(self.cpu.finish());
                 self.summary.downtime_ms = resumed.saturating_sub(sw.pause_ns) as f64 / 1e6;
                 self.summary.outcome = Outcome::Completed;
             }

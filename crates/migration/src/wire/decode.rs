@@ -160,6 +160,15 @@ impl<R: Read> Decoder<R> {
         }
     }
 
+    /// Whether frames carry a CRC-32C to check (on by default). Off only on a channel that
+    /// authenticates every byte and whose peer agreed to it (see
+    /// [`Encoder::with_frame_crc`](super::Encoder::with_frame_crc)); every frame's CRC field
+    /// must then be 0.
+    pub fn with_frame_crc(mut self, on: bool) -> Self {
+        self.fr.crc = on;
+        self
+    }
+
     /// Current receive state.
     pub fn state(&self) -> RxState {
         self.state
@@ -520,6 +529,15 @@ impl<R: Read> AckReader<R> {
             state: AckState::AwaitAccepted,
             preamble_read: false,
         }
+    }
+
+    /// Whether frames carry a CRC-32C to check (on by default). Off only on a channel that
+    /// authenticates every byte and whose peer agreed to it (see
+    /// [`Encoder::with_frame_crc`](super::Encoder::with_frame_crc)); every frame's CRC field
+    /// must then be 0.
+    pub fn with_frame_crc(mut self, on: bool) -> Self {
+        self.fr.crc = on;
+        self
     }
 
     /// The underlying reader.

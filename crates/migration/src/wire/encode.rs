@@ -90,6 +90,15 @@ impl<W: Write> Encoder<W> {
         }
     }
 
+    /// Whether frames carry a CRC-32C (on by default). Turn it off only on a channel that
+    /// authenticates every byte and whose peer agreed to it (TLS with the
+    /// `ringvisor-migration/aead-integrity` ALPN protocol): the CRC field is then 0, and a
+    /// receiver expecting CRCs refuses the stream at its first frame.
+    pub fn with_frame_crc(mut self, on: bool) -> Self {
+        self.fw.crc = on;
+        self
+    }
+
     /// Writes the preamble and the Hello frame. Must be the first call.
     pub fn send_hello(&mut self, hello: &Hello) -> Result<(), WireError> {
         self.fw.write_preamble(hello.version)?;
@@ -387,6 +396,15 @@ impl<W: Write> AckWriter<W> {
         AckWriter {
             fw: FrameWriter::new(w),
         }
+    }
+
+    /// Whether frames carry a CRC-32C (on by default). Turn it off only on a channel that
+    /// authenticates every byte and whose peer agreed to it (TLS with the
+    /// `ringvisor-migration/aead-integrity` ALPN protocol): the CRC field is then 0, and a
+    /// source expecting CRCs refuses the first answer.
+    pub fn with_frame_crc(mut self, on: bool) -> Self {
+        self.fw.crc = on;
+        self
     }
 
     /// Writes `ack` and flushes.
