@@ -91,6 +91,8 @@ pub struct Row {
     pub tls: bool,
     /// Where the CPU went over the migration (from the two processes' summaries).
     pub cpu: CellCpu,
+    /// The frames carried CRC-32Cs (`None`: not reported).
+    pub frame_crc: Option<bool>,
 }
 
 /// CPU seconds per thread over one migration: the source's migration thread and vCPU
@@ -308,6 +310,7 @@ fn one(o: &MigrateOpts, src: &Endpoint, dst: &Endpoint, c: Cell<'_>) -> Result<R
         progress_during: floats(&v["progress_during"]),
         tls: tls.is_some(),
         cpu: CellCpu::from_summaries(&v, &dv),
+        frame_crc: v["frame_crc"].as_bool(),
     })
 }
 
@@ -723,11 +726,17 @@ fn cpu_markdown(r: &Report) -> String {
     let mut s = String::from(
         "\nCPU seconds per thread over each migration (source: start to resume; destination: first byte to resume), \
          and the host's idle CPU-seconds over the source's span (all CPUs, 10 ms ticks):\n\n\
-         | memory | dirty rate | tracker | channel | total s | source migration thread | destination receive thread | vCPU threads | host idle | host steal | idle share |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | memory | dirty rate | tracker | channel | frame CRC | total s | MiB | source migration thread | destination receive thread | source ms/MiB | destination ms/MiB | vCPU threads | host idle | host steal | idle share |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     for x in &r.rows {
+        // CPU per MiB moved: what a thread costs per unit of work, whatever the number of
+        // passes the noise of a shared host made the cell take.
+        let per_mib = |cpu: Option<f64>| match cpu {
+            Some(c) if x.mib_sent >= 1.0 => format!("{:.2}", c * 1e3 / x.mib_sent),
+            _ => "-".to_string(),
+        };
         let c = &x.cpu;
         let share = match (c.host_idle_s, c.wall_s, c.host_cpus) {
             (Some(i), Some(w), Some(n)) if w > 0.0 && n > 0 => {
@@ -736,14 +745,22 @@ fn cpu_markdown(r: &Report) -> String {
             _ => "-".into(),
         };
         s.push_str(&format!(
-            "| {} GiB | {} MB/s | {} | {} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} GiB | {} MB/s | {} | {} | {} | {:.3} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             x.memory_gib,
             x.dirty_rate_mb_s,
             x.tracker,
             if x.tls { "TLS" } else { "plain" },
+            match x.frame_crc {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "-",
+            },
             x.total_s,
+            x.mib_sent,
             f(c.source_thread_s),
             f(c.dest_thread_s),
+            per_mib(c.source_thread_s),
+            per_mib(c.dest_thread_s),
             if c.vcpu_s.is_empty() {
                 "-".to_string()
             } else {

@@ -1,6 +1,6 @@
 //! The destination side: accept one migration, restore, resume, report.
 
-use std::io::{self, BufReader, BufWriter, Read};
+use std::io::{self, BufWriter, Read};
 use std::net::TcpStream;
 
 use std::time::{Duration, Instant};
@@ -85,6 +85,9 @@ pub struct IncomingSummary {
     /// The receive thread's CPU time (read, open TLS records, check frames, apply pages)
     /// and the host's idle time, from the first byte to the resume.
     pub cpu: Option<crate::cpu::CpuReport>,
+    /// Whether the stream's frames carried CRC-32Cs (false: TLS with a source that agreed
+    /// the AEAD authenticates every byte).
+    pub frame_crc: bool,
 }
 
 /// Writes received pages into guest memory and keeps the incremental digest current.
@@ -153,8 +156,11 @@ pub fn receive(
     if let Some(peer) = chan.peer() {
         tracing::info!(%peer, "TLS peer verified");
     }
+    // No frame CRCs where the peer agreed that the TLS record layer authenticates every
+    // byte (an altered byte is a record MAC failure instead); plain TCP keeps them.
+    let frame_crc = !chan.aead_integrity();
     let (reader, writer) = chan.split()?;
-    let mut acks = AckWriter::new(BufWriter::new(writer));
+    let mut acks = AckWriter::new(BufWriter::new(writer)).with_frame_crc(frame_crc);
     let limits = DecoderLimits {
         max_guest_bytes,
         ..DecoderLimits::default()
@@ -166,7 +172,9 @@ pub fn receive(
         limit: opts.handshake_timeout,
         expired: false,
     };
-    let mut dec = Decoder::with_limits(BufReader::with_capacity(64 << 10, reader), limits);
+    // The channel reader is its own buffer: a TLS record's plaintext goes from where it was
+    // opened straight into the frame decoder's buffer.
+    let mut dec = Decoder::with_limits(reader, limits).with_frame_crc(frame_crc);
     // An authenticated peer that tls-authz refuses is told why (over TLS) and nothing else.
     let r = authorized
         .map_err(MigrationError::Tls)
@@ -214,7 +222,7 @@ impl Read for DeadlineReader {
     }
 }
 
-type Dec = Decoder<BufReader<DeadlineReader>>;
+type Dec = Decoder<DeadlineReader>;
 type Acks = AckWriter<BufWriter<ChannelWriter>>;
 
 /// Reads the next message; during the handshake against its deadline, after Complete within
@@ -227,7 +235,7 @@ fn recv(dec: &mut Dec, sink: &mut dyn PageSink, opts: &DestOptions) -> Result<Me
         RxState::Completed => ("commit", Some(opts.commit_timeout)),
         _ => ("progress", Some(opts.progress_timeout)),
     };
-    let r = dec.get_mut().get_mut();
+    let r = dec.get_mut();
     if let Some(limit) = limit {
         r.deadline = Instant::now() + limit;
         r.phase = phase;
@@ -235,8 +243,8 @@ fn recv(dec: &mut Dec, sink: &mut dyn PageSink, opts: &DestOptions) -> Result<Me
     }
     match dec.recv(sink) {
         Ok(m) => Ok(m),
-        Err(WireError::Io(_)) if dec.get_ref().get_ref().expired => {
-            let r = dec.get_ref().get_ref();
+        Err(WireError::Io(_)) if dec.get_ref().expired => {
+            let r = dec.get_ref();
             Err(MigrationError::Stalled {
                 phase: r.phase,
                 limit: r.limit,
@@ -254,7 +262,10 @@ fn receive_inner(
     t0: Instant,
     cpu: &crate::cpu::CpuSpan,
 ) -> Result<(Vm, IncomingSummary)> {
-    let mut sum = IncomingSummary::default();
+    let mut sum = IncomingSummary {
+        frame_crc: dec.frame_crc(),
+        ..IncomingSummary::default()
+    };
     let (hello, platform, layout, vm) = handshake(dec, acks, opts, &mut sum, on_event)?;
     let mut sink = MemSink {
         ram: vm.ram(),

@@ -115,6 +115,9 @@ pub struct MigrationSummary {
     /// Where the CPU went from the start to the destination's resume (or to the failure):
     /// the migration thread, each vCPU thread, and the host's idle time.
     pub cpu: Option<crate::cpu::CpuReport>,
+    /// Whether the stream's frames carried CRC-32Cs (false: TLS with a destination that
+    /// agreed the AEAD authenticates every byte).
+    pub frame_crc: bool,
 }
 
 impl MigrationSummary {
@@ -145,6 +148,7 @@ impl MigrationSummary {
             tracking_lost_events: 0,
             log: Vec::new(),
             cpu: None,
+            frame_crc: true,
         }
     }
 

@@ -13,10 +13,12 @@
 //!   one reused buffer and writes them with one `write_all`, so the next batch is encrypted
 //!   while the peer decrypts this one;
 //! - reading: ciphertext is read in large chunks into one reused buffer, records are
-//!   opened in place there, and as much plaintext as the caller's buffer holds is copied
-//!   out per call. A socket read that would block waits in `poll` only when
-//!   [`ChannelReader::read_before`] has a deadline, so the socket's own read timeout (which
-//!   the caller owns) is never changed and costs nothing per read.
+//!   opened in place there, and the plaintext is handed out from there: copied straight
+//!   into the caller's buffer by `read`, or lent by [`BufRead::fill_buf`]. The reader is
+//!   its own buffer (on plain TCP too), so a caller needs no `BufReader` on top, which
+//!   would cost one more copy of every byte. A socket read that would block waits in
+//!   `poll` only when [`ChannelReader::read_before`] has a deadline, so the socket's own
+//!   read timeout (which the caller owns) is never changed and costs nothing per read.
 //!
 //! Neither direction updates its keys: a direction stops with [`RecordError::KeyLimit`]
 //! after 2^24 records under AES-GCM (256 GiB; no limit under ChaCha20-Poly1305), and a
@@ -25,7 +27,7 @@
 //! after it; the end of the stream is the peer's close_notify, a TCP end without it is
 //! [`RecordError::NoCloseNotify`].
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,10 @@ pub const WRITE_BATCH: usize = 256 << 10;
 
 /// The reader's ciphertext buffer (room for many records per socket read).
 const READ_BUF: usize = 256 << 10;
+
+/// The plain reader's buffer: small reads (frame headers) are served from it; a read at
+/// least this large goes from the socket straight into the caller's buffer.
+const PLAIN_BUF: usize = 64 << 10;
 
 /// Raw bytes read from the socket at a time during the handshake.
 const HANDSHAKE_READ: usize = 16 << 10;
@@ -152,6 +158,7 @@ impl Channel {
                 ChannelReader {
                     sock: rsock,
                     tls: None,
+                    plain: PlainRead::default(),
                 },
                 ChannelWriter {
                     sock: self.sock,
@@ -170,6 +177,7 @@ impl Channel {
             ChannelReader {
                 sock: rsock,
                 tls: Some(Box::new(TlsRead::new(opener, &plain, &cipher))),
+                plain: PlainRead::default(),
             },
             ChannelWriter {
                 sock: self.sock,
@@ -255,6 +263,42 @@ impl TlsRead {
         Ok(())
     }
 
+    /// Opens records (reading the socket as needed) until plaintext is pending; returns
+    /// its range in `buf`, empty at the peer's close_notify.
+    fn fill_buf(
+        &mut self,
+        sock: &TcpStream,
+        deadline: Option<Instant>,
+    ) -> io::Result<(usize, usize)> {
+        loop {
+            if self.plain.0 < self.plain.1 {
+                return Ok(self.plain);
+            }
+            if let Some(e) = &self.failed {
+                return Err(e.clone().into());
+            }
+            if self.closed {
+                return Ok((0, 0));
+            }
+            match self.next_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed = Some(e);
+                    continue;
+                }
+            }
+            if self.eof {
+                self.failed = Some(match self.end - self.start {
+                    0 => RecordError::NoCloseNotify,
+                    partial => RecordError::Truncated(partial),
+                });
+                continue;
+            }
+            self.fill(sock, deadline)?;
+        }
+    }
+
     /// Copies as much plaintext as `out` holds and is available without waiting; waits
     /// for the socket only when nothing has been copied yet.
     fn read(
@@ -327,10 +371,52 @@ fn raw_read(sock: &TcpStream, buf: &mut [u8], deadline: Option<Instant>) -> io::
     }
 }
 
-/// The reading half (`Read`).
+/// The plain direction's read buffer: `buf[pos..end]` is read and not yet delivered.
+#[derive(Default)]
+struct PlainRead {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl PlainRead {
+    /// Reads the socket into the empty buffer (allocated on first use).
+    fn fill(&mut self, sock: &TcpStream, deadline: Option<Instant>) -> io::Result<()> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; PLAIN_BUF];
+        }
+        let n = raw_read(sock, &mut self.buf, deadline)?;
+        self.pos = 0;
+        self.end = n;
+        Ok(())
+    }
+
+    fn read(
+        &mut self,
+        sock: &TcpStream,
+        out: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        if self.pos == self.end {
+            // A large read skips the buffer: the socket writes into the caller's memory.
+            if out.len() >= PLAIN_BUF {
+                return raw_read(sock, out, deadline);
+            }
+            self.fill(sock, deadline)?;
+        }
+        let k = (self.end - self.pos).min(out.len());
+        out[..k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
+        self.pos += k;
+        Ok(k)
+    }
+}
+
+/// The reading half (`Read`, and `BufRead` over its own buffer: no `BufReader` needed on
+/// top).
 pub struct ChannelReader {
     sock: TcpStream,
     tls: Option<Box<TlsRead>>,
+    plain: PlainRead,
 }
 
 impl std::fmt::Debug for ChannelReader {
@@ -348,26 +434,13 @@ impl ChannelReader {
     }
 
     /// Reads like [`Read::read`], but no blocking socket read waits past `deadline`
-    /// (`TimedOut` once it has passed). On a plain channel the socket's read timeout is
-    /// changed to fit; a TLS channel waits in `poll` and leaves it alone.
+    /// (`TimedOut` once it has passed); bytes already buffered are returned without a
+    /// wait. Both kinds wait in `poll` and leave the socket's read timeout alone.
     pub fn read_before(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
         match self.tls.as_mut() {
             Some(t) => t.read(&self.sock, buf, Some(deadline)),
-            None => plain_read_before(&mut self.sock, buf, deadline),
+            None => self.plain.read(&self.sock, buf, Some(deadline)),
         }
-    }
-}
-
-fn plain_read_before(sock: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    sock.set_read_timeout(Some(left))?;
-    // A socket read timeout shows as WouldBlock on Linux: under a deadline it is TimedOut.
-    match sock.read(buf) {
-        Err(e) if is_timeout(&e) => Err(io::ErrorKind::TimedOut.into()),
-        r => r,
     }
 }
 
@@ -375,7 +448,34 @@ impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.tls.as_mut() {
             Some(t) => t.read(&self.sock, buf, None),
-            None => self.sock.read(buf),
+            None => self.plain.read(&self.sock, buf, None),
+        }
+    }
+}
+
+impl BufRead for ChannelReader {
+    /// TLS: the plaintext of the record being read, opened in place in the record buffer
+    /// (no copy); plain: the read buffer.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        match self.tls.as_mut() {
+            Some(t) => {
+                let (a, b) = t.fill_buf(&self.sock, None)?;
+                Ok(&t.buf[a..b])
+            }
+            None => {
+                let p = &mut self.plain;
+                if p.pos == p.end {
+                    p.fill(&self.sock, None)?;
+                }
+                Ok(&p.buf[p.pos..p.end])
+            }
+        }
+    }
+
+    fn consume(&mut self, amt: usize) {
+        match self.tls.as_mut() {
+            Some(t) => t.plain.0 = (t.plain.0 + amt).min(t.plain.1),
+            None => self.plain.pos = (self.plain.pos + amt).min(self.plain.end),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::seam::MigratableVm;
 const CHECKPOINT_PAGES: u64 = 256;
 
 /// Reads the destination's answers.
-pub(super) type Acks = AckReader<std::io::BufReader<ChannelReader>>;
+pub(super) type Acks = AckReader<ChannelReader>;
 
 pub(super) struct Sender<'a> {
     pub(super) vm: &'a dyn MigratableVm,
@@ -57,8 +57,11 @@ impl<'a> Sender<'a> {
         };
         sock.set_write_timeout(Some(io_timeout))?;
         sock.set_read_timeout(Some(io_timeout))?;
+        // Frame CRCs only where nothing else checks the bytes: on a TLS channel whose peer
+        // agreed that the AEAD authenticates every byte, both directions leave them out.
+        let frame_crc = !chan.aead_integrity();
         let (reader, writer) = chan.split()?;
-        let acks = AckReader::new(std::io::BufReader::new(reader));
+        let acks = AckReader::new(reader).with_frame_crc(frame_crc);
         let s = Sender {
             vm,
             ctl,
@@ -71,7 +74,8 @@ impl<'a> Sender<'a> {
             enc: Encoder::with_batch_pages(
                 BufWriter::with_capacity(1 << 20, writer),
                 CHECKPOINT_PAGES as u32,
-            ),
+            )
+            .with_frame_crc(frame_crc),
             limiter: migration::bandwidth::TokenBucket::new(opts.max_bandwidth.unwrap_or(0)),
             bw_bytes: 0,
             bw_secs: 0.0,

@@ -591,6 +591,7 @@ impl<'a> Session<'a> {
         self.summary.pages_sent = st.pages;
         self.summary.zero_pages = st.zero_pages;
         self.summary.bytes_sent = st.bytes;
+        self.summary.frame_crc = self.s.enc.frame_crc();
         self.summary.ring_full_exits = self.vm.ring_full_exits();
         self.ctl.update(|l, _| l.record_tx(st));
     }

@@ -169,6 +169,11 @@ impl<R: Read> Decoder<R> {
         self
     }
 
+    /// Whether frames carry a CRC-32C that is checked.
+    pub fn frame_crc(&self) -> bool {
+        self.fr.crc
+    }
+
     /// Current receive state.
     pub fn state(&self) -> RxState {
         self.state

@@ -99,6 +99,11 @@ impl<W: Write> Encoder<W> {
         self
     }
 
+    /// Whether frames carry a CRC-32C.
+    pub fn frame_crc(&self) -> bool {
+        self.fw.crc
+    }
+
     /// Writes the preamble and the Hello frame. Must be the first call.
     pub fn send_hello(&mut self, hello: &Hello) -> Result<(), WireError> {
         self.fw.write_preamble(hello.version)?;
