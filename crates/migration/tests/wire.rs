@@ -757,3 +757,129 @@ fn pages_filled_in_place_make_the_same_stream_and_a_failed_fill_leaves_no_trace(
     assert_eq!(encode_filled(&l, &mem, Some(pages[0])), copied);
     assert_eq!(encode_filled(&l, &mem, Some(pages[7])), copied);
 }
+
+/// Offsets of every frame header in a stream (after the 16-byte preamble).
+fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
+    let mut at = 16;
+    let mut v = Vec::new();
+    while at + 16 <= bytes.len() {
+        v.push(at);
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+        at += 16 + len;
+    }
+    assert_eq!(at, bytes.len(), "frames tile the stream");
+    v
+}
+
+#[test]
+fn without_frame_crcs_a_stream_carries_zero_crcs_and_decodes_into_identical_memory() {
+    let l = layout();
+    let mem = memory();
+    let bytes = encode_with(&l, &mem, &round_trip_passes(), false);
+    let offsets = frame_offsets(&bytes);
+    assert!(offsets.len() > 5);
+    for &at in &offsets {
+        assert_eq!(
+            bytes[at + 12..at + 16],
+            [0u8; 4],
+            "frame at {at} has no CRC"
+        );
+    }
+    let (res, got) = decode_with(&bytes, false);
+    let msgs = res.unwrap();
+    assert_eq!(got, mem);
+    assert!(matches!(msgs.last(), Some(Message::Commit)));
+    // The same stream with CRCs differs only in the CRC fields.
+    let with = encode_with(&l, &mem, &round_trip_passes(), true);
+    assert_eq!(with.len(), bytes.len());
+    for &at in &offsets {
+        assert_ne!(with[at + 12..at + 16], [0u8; 4]);
+    }
+}
+
+#[test]
+fn crc_expectations_that_differ_fail_at_the_first_frame() {
+    let l = layout();
+    let mem = memory();
+    // A receiver that checks CRCs refuses a stream sent without them (what an old
+    // destination would do, had the capability not been negotiated)...
+    let bare = encode_with(&l, &mem, &round_trip_passes(), false);
+    let (res, got) = decode_with(&bare, true);
+    assert!(
+        matches!(
+            res,
+            Err(WireError::ChecksumMismatch {
+                seq: 0,
+                tag: tag::HELLO,
+                expected: 0,
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    assert!(got.iter().all(|r| r.iter().all(|&b| b == 0)));
+    // ...and one that agreed to go without refuses a frame that carries one.
+    let crc = encode_with(&l, &mem, &round_trip_passes(), true);
+    let (res, _) = decode_with(&crc, false);
+    assert!(
+        matches!(
+            res,
+            Err(WireError::ChecksumMismatch {
+                seq: 0,
+                tag: tag::HELLO,
+                found: 0,
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+}
+
+#[test]
+fn without_frame_crcs_a_flipped_page_byte_is_not_caught_by_the_frame_layer() {
+    // The decision this records: with CRCs off the frame layer trusts the channel (TLS
+    // authenticates every byte underneath); on a plain stream the same flip is a
+    // ChecksumMismatch (flipped_page_byte_fails_the_checksum_and_never_reaches_guest_memory).
+    let l = layout();
+    let mem = memory();
+    let mut bytes = encode_with(&l, &mem, &round_trip_passes(), false);
+    let pages_at = frame_offsets(&bytes)
+        .into_iter()
+        .find(|&at| bytes[at] == tag::PAGES)
+        .unwrap();
+    // The first batch holds pages 0..5 of region 0: 0 and 3 are zero markers (8 bytes),
+    // 1, 2 and 4 carry data; page 4 is not resent by a later pass.
+    let data = pages_at + 16 + 8 + 8 + (8 + PAGE) * 2 + 8 + 8;
+    bytes[data + 100] ^= 0x04;
+    let (res, got) = decode_with(&bytes, false);
+    assert!(res.is_ok(), "{res:?}");
+    assert_ne!(
+        got, mem,
+        "the flip reached memory: only the channel can catch it"
+    );
+}
+
+#[test]
+fn acks_without_frame_crcs_round_trip_and_an_ack_reader_expecting_crcs_refuses_them() {
+    let send = |crc: bool| {
+        let mut w = AckWriter::new(Vec::new()).with_frame_crc(crc);
+        w.send(&Ack::Accepted).unwrap();
+        w.send(&Ack::Synced(7)).unwrap();
+        w.into_inner()
+    };
+    let bare = send(false);
+    let mut r = AckReader::new(bare.as_slice()).with_frame_crc(false);
+    assert_eq!(r.recv().unwrap(), Ack::Accepted);
+    assert_eq!(r.recv().unwrap(), Ack::Synced(7));
+    let mut r = AckReader::new(bare.as_slice());
+    assert!(matches!(
+        r.recv(),
+        Err(WireError::ChecksumMismatch { seq: 0, .. })
+    ));
+    let with_crc = send(true);
+    let mut r = AckReader::new(with_crc.as_slice()).with_frame_crc(false);
+    assert!(matches!(
+        r.recv(),
+        Err(WireError::ChecksumMismatch { seq: 0, .. })
+    ));
+}

@@ -105,18 +105,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// a peer that predates it (and sends or answers no ALPN) keeps the checksums.
 pub const ALPN_AEAD_INTEGRITY: &[u8] = b"ringvisor-migration/aead-integrity";
 /// ALPN name of the base protocol (checksums kept), offered after
-/// [`ALPN_AEAD_INTEGRITY`] so that a peer which knows ALPN but not the capability still
-/// finds a protocol in common.
+/// [`ALPN_AEAD_INTEGRITY`] so that a later peer which offers other names but not this
+/// capability still finds a protocol in common (rustls refuses a handshake whose ALPN lists
+/// do not meet).
 pub const ALPN_BASE: &[u8] = b"ringvisor-migration/base";
 
-/// The ALPN list both sides offer, in preference order.
+/// The ALPN list a side offers, in preference order: none at all without the capability
+/// (exactly what a peer that predates it sends).
 fn alpn(aead_integrity: bool) -> Vec<Vec<u8>> {
-    let mut v = Vec::with_capacity(2);
     if aead_integrity {
-        v.push(ALPN_AEAD_INTEGRITY.to_vec());
+        vec![ALPN_AEAD_INTEGRITY.to_vec(), ALPN_BASE.to_vec()]
+    } else {
+        Vec::new()
     }
-    v.push(ALPN_BASE.to_vec());
-    v
 }
 
 /// The destination's side: its certificate and key, the CA its sources' certificates must
@@ -184,8 +185,8 @@ impl ServerTls {
         }
     }
 
-    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability (as a peer that
-    /// predates it: the stream keeps its own checksums).
+    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability and without
+    /// ALPN, as a peer that predates it (the stream keeps its own checksums).
     pub fn without_aead_integrity(&self) -> ServerTls {
         let mut config = (*self.config).clone();
         config.alpn_protocols = alpn(false);
@@ -261,8 +262,8 @@ impl ClientTls {
         &self.dir
     }
 
-    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability (as a peer that
-    /// predates it: the stream keeps its own checksums).
+    /// The same credentials without the [`ALPN_AEAD_INTEGRITY`] capability and without
+    /// ALPN, as a peer that predates it (the stream keeps its own checksums).
     pub fn without_aead_integrity(&self) -> ClientTls {
         let mut config = (*self.config).clone();
         config.alpn_protocols = alpn(false);

@@ -421,3 +421,95 @@ fn a_record_cut_off_by_the_end_of_the_stream_is_truncated() {
         "{e}"
     );
 }
+
+/// Connects `client` to `server` and returns both channels' `aead_integrity()` (client,
+/// server).
+fn agreed(server: ServerTls, client: &ClientTls) -> (bool, bool) {
+    let (sock, h) = serve(move |s| server.accept(s, T).unwrap().aead_integrity());
+    let c = client.connect(sock, "127.0.0.1", T).unwrap();
+    (c.aead_integrity(), h.join().unwrap())
+}
+
+#[test]
+fn aead_integrity_holds_only_when_both_peers_offer_it_and_never_on_plain_tcp() {
+    let dir = creds("alpn", "src");
+    let server = ServerTls::load(&dir, &[]).unwrap();
+    let client = ClientTls::load(&dir, &[], None).unwrap();
+    assert_eq!(agreed(server.clone(), &client), (true, true));
+    // A peer that predates the capability (it sends or answers no ALPN at all) on either
+    // side: the handshake succeeds and both keep their checksums.
+    assert_eq!(
+        agreed(server.without_aead_integrity(), &client),
+        (false, false)
+    );
+    assert_eq!(
+        agreed(server.clone(), &client.without_aead_integrity()),
+        (false, false)
+    );
+    let (sock, h) = serve(|s| Channel::plain(s).aead_integrity());
+    assert!(!Channel::plain(sock).aead_integrity());
+    assert!(!h.join().unwrap());
+}
+
+#[test]
+fn the_reader_is_its_own_buffer_on_both_kinds_fill_buf_lends_and_consume_advances() {
+    use std::io::BufRead;
+    let plain = {
+        let (sock, h) = serve(Channel::plain);
+        (Channel::plain(sock), h.join().unwrap())
+    };
+    for (kind, (c, s)) in [("plain", plain), ("TLS", tls_pair("bufread"))] {
+        let (_cr, mut cw) = c.split().unwrap();
+        let (mut sr, _sw) = s.split().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        cw.write_all(&data).unwrap();
+        // The end: close_notify on TLS, a FIN on plain TCP.
+        cw.close_notify();
+        cw.socket().shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        // A small read, then lent slices consumed in uneven steps, then the rest.
+        let mut head = [0u8; 16];
+        sr.read_exact(&mut head).unwrap();
+        got.extend_from_slice(&head);
+        for step in [1usize, 7, 4096, 30_000] {
+            let buf = sr.fill_buf().unwrap();
+            assert!(!buf.is_empty(), "{kind}: data pending");
+            let n = step.min(buf.len());
+            got.extend_from_slice(&buf[..n]);
+            sr.consume(n);
+        }
+        sr.read_to_end(&mut got).unwrap();
+        assert_eq!(got, data, "{kind}: every byte once, in order");
+        assert!(sr.fill_buf().unwrap().is_empty(), "{kind}: the end");
+    }
+}
+
+#[test]
+fn read_before_on_plain_tcp_returns_buffered_bytes_and_leaves_the_socket_read_timeout_alone() {
+    let (sock, h) = serve(Channel::plain);
+    let c = Channel::plain(sock);
+    let s = h.join().unwrap();
+    let (_cr, mut cw) = c.split().unwrap();
+    let (mut sr, _sw) = s.split().unwrap();
+    sr.socket()
+        .set_read_timeout(Some(Duration::from_secs(7)))
+        .unwrap();
+    cw.write_all(b"0123456789").unwrap();
+    let mut b = [0u8; 4];
+    sr.read_before(&mut b, Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(&b, b"0123");
+    // One write of 10 bytes on loopback is one segment, read whole into the buffer: the
+    // rest is served from there, even with a deadline that has already passed.
+    let mut rest = [0u8; 6];
+    let n = sr.read_before(&mut rest, Instant::now()).unwrap();
+    assert_eq!(&rest[..n], b"456789");
+    let e = sr
+        .read_before(&mut b, Instant::now() + Duration::from_millis(100))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        sr.socket().read_timeout().unwrap(),
+        Some(Duration::from_secs(7))
+    );
+}

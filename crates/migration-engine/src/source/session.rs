@@ -114,6 +114,7 @@ impl<'a> Session<'a> {
     ) -> Result<Self> {
         let opts = ctl.opts();
         let (s, acks) = Sender::open(vm, stream, host, ctl, &opts)?;
+        summary.frame_crc = s.enc.frame_crc();
         Ok(Session {
             vm,
             ctl,
@@ -591,7 +592,6 @@ impl<'a> Session<'a> {
         self.summary.pages_sent = st.pages;
         self.summary.zero_pages = st.zero_pages;
         self.summary.bytes_sent = st.bytes;
-        self.summary.frame_crc = self.s.enc.frame_crc();
         self.summary.ring_full_exits = self.vm.ring_full_exits();
         self.ctl.update(|l, _| l.record_tx(st));
     }

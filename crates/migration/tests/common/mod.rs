@@ -45,7 +45,17 @@ pub fn memory() -> Vec<Vec<u8>> {
 
 /// A passes is a list of page gpas; the last pass is the final one.
 pub fn encode(layout: &MemoryLayout, mem: &[Vec<u8>], passes: &[Vec<u64>]) -> Vec<u8> {
-    let mut enc = Encoder::with_batch_pages(Vec::new(), 5);
+    encode_with(layout, mem, passes, true)
+}
+
+/// [`encode`] with or without frame CRCs.
+pub fn encode_with(
+    layout: &MemoryLayout,
+    mem: &[Vec<u8>],
+    passes: &[Vec<u64>],
+    crc: bool,
+) -> Vec<u8> {
+    let mut enc = Encoder::with_batch_pages(Vec::new(), 5).with_frame_crc(crc);
     enc.send_hello(&Hello::new(TrackerMode::Ring, 2)).unwrap();
     enc.send_layout(layout).unwrap();
     for (i, pass) in passes.iter().enumerate() {
@@ -84,13 +94,18 @@ pub fn all_pages(layout: &MemoryLayout) -> Vec<u64> {
 
 /// Decodes until Commit, Abort or an error; returns the messages and the memory.
 pub fn decode(bytes: &[u8]) -> (Result<Vec<Message>, WireError>, Vec<Vec<u8>>) {
+    decode_with(bytes, true)
+}
+
+/// [`decode`] expecting frame CRCs or not.
+pub fn decode_with(bytes: &[u8], crc: bool) -> (Result<Vec<Message>, WireError>, Vec<Vec<u8>>) {
     let l = layout();
     let mut mem: Vec<Vec<u8>> = l
         .regions()
         .iter()
         .map(|r| vec![0u8; r.size as usize])
         .collect();
-    let mut dec = Decoder::new(bytes);
+    let mut dec = Decoder::new(bytes).with_frame_crc(crc);
     let mut msgs = Vec::new();
     let res = {
         let slices: Vec<&mut [u8]> = mem.iter_mut().map(|m| m.as_mut_slice()).collect();
