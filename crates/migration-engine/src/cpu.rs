@@ -131,6 +131,11 @@ impl CpuSpan {
         }
     }
 
+    /// When the span started.
+    pub fn started(&self) -> Instant {
+        self.t0
+    }
+
     /// The report from the start to now (call it on the same thread).
     pub fn finish(&self) -> CpuReport {
         let secs = |a: Option<u64>, b: Option<u64>| Some(b?.checked_sub(a?)? as f64 / 1e9);

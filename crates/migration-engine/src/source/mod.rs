@@ -14,7 +14,7 @@ mod session;
 pub use migration::convergence::DirtyLimitMode;
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_dirty::PAGE_SIZE;
 use migration::convergence::PolicyConfig;
@@ -295,8 +295,8 @@ pub(crate) fn run_job(
     progress: &mut dyn FnMut(&Progress),
     vcpu_tids: &[u32],
 ) -> MigrationSummary {
-    let t_start = Instant::now();
     let cpu = crate::cpu::CpuSpan::start(vcpu_tids);
+    let t_start = cpu.started();
     let opts = ctl.opts();
     let mut summary = MigrationSummary::new(vm.tracker_mode().name(), &opts);
     // This thread keeps the process's priority, as QEMU's migration thread does. (It used to
@@ -305,8 +305,7 @@ pub(crate) fn run_job(
     // limit are the tools that trade guest speed for convergence.)
     let mut paused = false;
     let r = stream.and_then(|stream| {
-        let mut s =
-            session::Session::open(vm, stream, host, ctl, &mut summary, progress, t_start, &cpu)?;
+        let mut s = session::Session::open(vm, stream, host, ctl, &mut summary, progress, &cpu)?;
         let r = s.run();
         paused = s.paused();
         if r.is_err() && (ctl.cancelled() || matches!(r, Err(MigrationError::Cancelled))) {

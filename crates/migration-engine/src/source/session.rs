@@ -109,7 +109,6 @@ impl<'a> Session<'a> {
         ctl: &'a Control,
         summary: &'a mut MigrationSummary,
         progress: &'a mut dyn FnMut(&Progress),
-        t_start: Instant,
         cpu: &'a CpuSpan,
     ) -> Result<Self> {
         let opts = ctl.opts();
@@ -124,7 +123,7 @@ impl<'a> Session<'a> {
             progress,
             fallback_bw: opts.max_bandwidth.map(|b| b as f64).unwrap_or(1e9),
             opts,
-            t_start,
+            t_start: cpu.started(),
             cpu,
             paused: false,
         })
