@@ -829,6 +829,8 @@ fn ringvisor_row_from(v: &Value) -> Row {
         dest_progress: false,
         verified: s["verified"].as_bool(),
         source_cpu_s: None,
+        migration_cpu_s: None,
+        dest_cpu_s: None,
         guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
     }
@@ -857,6 +859,8 @@ fn qemu_row(d: &qemu::Driven) -> Row {
         dest_progress: false,
         verified: None,
         source_cpu_s: None,
+        migration_cpu_s: None,
+        dest_cpu_s: None,
         guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
     }

@@ -85,6 +85,14 @@ pub struct Row {
     pub verified: Option<bool>,
     /// CPU seconds (user + system) of the source process, boot and warm-up included.
     pub source_cpu_s: Option<f64>,
+    /// CPU seconds of the source's migration side: ringvisor's migration thread over the
+    /// migration (scheduler run time); QEMU's process minus its vCPU threads, from its start.
+    #[serde(default)]
+    pub migration_cpu_s: Option<f64>,
+    /// CPU seconds of the destination's receive side: ringvisor's receive thread; QEMU's
+    /// whole destination process.
+    #[serde(default)]
+    pub dest_cpu_s: Option<f64>,
     /// The guest's write rate during the migration, from its progress reports on the source
     /// console.
     #[serde(flatten)]
@@ -322,8 +330,14 @@ fn ringvisor_one(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    reap_destination(&mut dest);
+    let dest_out = reap_destination(&mut dest);
     let v = source_summary(&out?)?;
+    // `incoming --json` prints its summary as one line once the guest resumed.
+    let dv: serde_json::Value = dest_out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .unwrap_or_default();
     let kind = v["outcome"]["kind"].as_str().unwrap_or("?").to_string();
     let verified = v["verified"].as_bool();
     let total_ms = v["total_ms"].as_f64().unwrap_or(0.0);
@@ -350,6 +364,8 @@ fn ringvisor_one(
             dest_progress: progress_lines(&console) >= 2 * o.vcpus as usize,
             verified,
             source_cpu_s: cpu,
+            migration_cpu_s: v["cpu"]["thread_s"].as_f64(),
+            dest_cpu_s: dv["cpu"]["thread_s"].as_f64(),
             guest,
             heartbeat_gap_ms: None,
         },
@@ -395,6 +411,11 @@ fn qemu_one(
         dest_progress: r.dest_progress_ok,
         verified: None,
         source_cpu_s: r.source_cpu_s,
+        migration_cpu_s: r
+            .source_cpu_s
+            .zip(r.source_vcpu_cpu_s)
+            .map(|(all, vcpus)| all - vcpus),
+        dest_cpu_s: r.dest_cpu_s,
         guest,
         heartbeat_gap_ms: None,
     })
@@ -509,6 +530,8 @@ struct Med {
     guest_mib_s: Option<f64>,
     guest_mib_s_ticks: Option<f64>,
     source_cpu_s: Option<f64>,
+    migration_cpu_s: Option<f64>,
+    dest_cpu_s: Option<f64>,
     heartbeat_gap_ms: Option<f64>,
 }
 
@@ -550,6 +573,8 @@ fn medians(rows: &[Row]) -> Vec<Med> {
                         .collect(),
                 ),
                 source_cpu_s: median(rs.iter().filter_map(|r| r.source_cpu_s).collect()),
+                migration_cpu_s: median(rs.iter().filter_map(|r| r.migration_cpu_s).collect()),
+                dest_cpu_s: median(rs.iter().filter_map(|r| r.dest_cpu_s).collect()),
                 heartbeat_gap_ms: median(rs.iter().filter_map(|r| r.heartbeat_gap_ms).collect()),
                 scenario,
                 tracker,
@@ -583,7 +608,7 @@ fn markdown(rep: &Report) -> String {
     );
     s += &tsc_line(rep);
     s += &table(&rep.rows);
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"source migration CPU s\": ringvisor's migration thread over the migration; QEMU's source process minus its vCPU threads (main loop and boot included). \"destination CPU s\": ringvisor's receive thread; QEMU's whole destination process. \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
     s
 }
 
@@ -620,8 +645,8 @@ pub(crate) fn table(rows: &[Row]) -> String {
     let m = medians(rows);
     let gap = m.iter().any(|c| c.heartbeat_gap_ms.is_some());
     let mut s = format!(
-        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | downtime to last state sent ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | dest progress | total vs QEMU | downtime vs QEMU | downtime to last state sent vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|\n",
+        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | downtime to last state sent ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | source migration CPU s | destination CPU s | dest progress | total vs QEMU | downtime vs QEMU | downtime to last state sent vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|\n",
         if gap { "heartbeat gap ms | " } else { "" },
         if gap { "---|" } else { "" },
     );
@@ -645,7 +670,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
             _ => (String::new(), String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {rt} | {rd} | {rs} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {} | {} | {rt} | {rd} | {rs} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -665,6 +690,8 @@ pub(crate) fn table(rows: &[Row]) -> String {
             opt(c.guest_mib_s, 0),
             opt(c.guest_mib_s_ticks, 0),
             opt(c.source_cpu_s, 2),
+            opt(c.migration_cpu_s, 2),
+            opt(c.dest_cpu_s, 2),
             if c.dest_progress { "yes" } else { "NO" }
         );
     }
@@ -1082,6 +1109,8 @@ mod tests {
             dest_progress: true,
             verified: None,
             source_cpu_s: None,
+            migration_cpu_s: None,
+            dest_cpu_s: None,
             guest: GuestRate {
                 guest_mib_s: Some(tsc),
                 guest_mib_s_ticks: Some(ticks),

@@ -168,6 +168,9 @@ pub struct QemuResult {
     /// The part of [`QemuResult::source_cpu_s`] its vCPU threads (`CPU N/KVM`) used; the
     /// rest is the migration thread's, the main loop's and the boot's.
     pub source_vcpu_cpu_s: Option<f64>,
+    /// CPU time the destination QEMU process used from its start, its vCPU threads' left out
+    /// (they run the guest after the switchover), seconds.
+    pub dest_cpu_s: Option<f64>,
     /// The source guest's console at the end of the migration.
     pub source_console: String,
 }
@@ -338,6 +341,10 @@ pub(crate) fn guest_args(g: &QemuGuest, qmp: &Path, serial: &Path, incoming: boo
         "-display",
         "none",
         "-no-reboot",
+        // Thread names (`CPU 0/KVM`, `live_migration`), so the vCPUs' CPU time can be told
+        // apart from the migration's.
+        "-name",
+        "debug-threads=on",
         "-device",
         EXIT_DEVICE,
     ]
@@ -462,9 +469,11 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
     }
     let mut result = info.result(qemu_version, dest_progress_ok);
     result.source_cpu_s = crate::procs::process_cpu_s(src.child.id());
-    result.source_vcpu_cpu_s = crate::procs::vcpu_threads_cpu_s(src.child.id(), |c| {
-        c.starts_with("CPU ") && c.ends_with("/KVM")
-    });
+    let is_vcpu = |c: &str| c.starts_with("CPU ") && c.ends_with("/KVM");
+    result.dest_cpu_s = crate::procs::process_cpu_s(dest.child.id())
+        .zip(crate::procs::vcpu_threads_cpu_s(dest.child.id(), is_vcpu))
+        .map(|(all, vcpus)| all - vcpus);
+    result.source_vcpu_cpu_s = crate::procs::vcpu_threads_cpu_s(src.child.id(), is_vcpu);
     result.source_console = src.serial();
     sq.quit();
     dq.quit();
@@ -648,6 +657,7 @@ impl MigrateInfo {
             qemu_version,
             source_cpu_s: None,
             source_vcpu_cpu_s: None,
+            dest_cpu_s: None,
             source_console: String::new(),
         }
     }
@@ -989,6 +999,8 @@ mod tests {
                 qemu_version: "7.2.22".into(),
                 source_cpu_s: None,
                 source_vcpu_cpu_s: None,
+                dest_cpu_s: None,
+                dest_cpu_s: None,
                 source_console: String::new(),
             }
         );
