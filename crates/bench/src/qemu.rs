@@ -1000,7 +1000,6 @@ mod tests {
                 source_cpu_s: None,
                 source_vcpu_cpu_s: None,
                 dest_cpu_s: None,
-                dest_cpu_s: None,
                 source_console: String::new(),
             }
         );
