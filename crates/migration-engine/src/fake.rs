@@ -87,6 +87,11 @@ struct Inner {
     tracking: AtomicBool,
     /// The next collect reports `tracking_lost` and drops what it found.
     lose_next: AtomicBool,
+    /// The next collect drops what it found without saying so, and counts a ring-full exit:
+    /// a ring overrun no index shows (PVM's emulator overwriting entries of a full ring).
+    lose_silently_next: AtomicBool,
+    /// Ring-full exits reported by [`MigratableVm::ring_full_exits`].
+    ring_full_exits: AtomicU64,
     collects: AtomicU64,
     vcpus: Vec<FakeVcpu>,
     /// Fast path for the guest threads: a pause or quit is pending.
@@ -204,6 +209,8 @@ impl FakeVm {
             cfg,
             tracking: AtomicBool::new(false),
             lose_next: AtomicBool::new(false),
+            lose_silently_next: AtomicBool::new(false),
+            ring_full_exits: AtomicU64::new(0),
             collects: AtomicU64::new(0),
             stop_flag: AtomicBool::new(false),
             ctl: Mutex::new(RunCtl::default()),
@@ -287,6 +294,12 @@ impl FakeVm {
     /// that overran does.
     pub fn lose_tracking_once(&self) {
         self.inner.lose_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next collect drop the pages it found without reporting a loss, and count a
+    /// ring-full exit, as an overrun of a full ring that no index shows would.
+    pub fn lose_silently_once(&self) {
+        self.inner.lose_silently_next.store(true, Ordering::SeqCst);
     }
 
     /// Collects so far (by any tracker of this VM).
@@ -431,6 +444,10 @@ impl DirtyTracker for FakeTracker {
         }
         self.inner.collects.fetch_add(1, Ordering::SeqCst);
         let lost = self.inner.lose_next.swap(false, Ordering::SeqCst);
+        let silent = self.inner.lose_silently_next.swap(false, Ordering::SeqCst);
+        if silent {
+            self.inner.ring_full_exits.fetch_add(1, Ordering::SeqCst);
+        }
         let mut st = CollectStats {
             tracking_lost: lost,
             ..CollectStats::default()
@@ -440,7 +457,7 @@ impl DirtyTracker for FakeTracker {
             self.buf
                 .extend(d.iter().map(|w| w.swap(0, Ordering::Acquire)));
             // A lost ring drops what it held: those pages are not reported.
-            if lost {
+            if lost || silent {
                 continue;
             }
             st.ring_entries += self
@@ -500,6 +517,9 @@ impl Drop for FakeLimiter {
 impl MigratableVm for FakeVm {
     fn machine(&self) -> u32 {
         FAKE_MACHINE
+    }
+    fn ring_full_exits(&self) -> u64 {
+        self.inner.ring_full_exits.load(Ordering::SeqCst)
     }
     fn tracker_mode(&self) -> TrackerMode {
         self.inner.cfg.tracker

@@ -309,6 +309,50 @@ fn lost_dirty_tracking_resends_all_memory() {
 }
 
 #[test]
+fn a_ring_overrun_no_index_shows_fails_before_the_commit_and_the_guest_stays() {
+    // One collect loses its pages silently and a ring-full exit is counted (PVM's emulator
+    // overwriting a full ring). The guest writes 20,000 of its 768 pages a second and the
+    // switchover follows within a pass, so some lost page is not written again: only the
+    // digest can tell. It is checked before the commit, the destination refuses, and the
+    // source's guest runs on.
+    let vm = guest(TrackerMode::Ring, 20_000);
+    let (addr, dest) = destination(FakeDestination::default());
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(32 << 20),
+        ..SourceOptions::default()
+    };
+    let job = start(&vm, addr, opts);
+    wait_for(&job, "a dirty pass", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 1)
+    });
+    let collects = vm.collects();
+    vm.lose_silently_once();
+    wait_until("the silent loss", || vm.collects() > collects);
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    assert!(
+        matches!(s.outcome, Outcome::Failed { .. }),
+        "{}",
+        s.to_text()
+    );
+    assert!(
+        s.log
+            .iter()
+            .any(|l| l.contains("checked before the commit")),
+        "logged: {:?}",
+        s.log
+    );
+    assert!(!vm.is_paused(), "the source's guest runs on");
+    let before = vm.writes();
+    wait_until("the guest writes on", || vm.writes() > before);
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination discarded it"
+    );
+}
+
+#[test]
 fn auto_converge_throttles_a_non_converging_guest_and_cancel_lifts_it() {
     // As in QEMU, the throttle does not depend on the tracker: the ring gets it too.
     for tracker in [TrackerMode::Bitmap, TrackerMode::Ring] {

@@ -99,6 +99,9 @@ pub(super) struct Session<'a> {
     cpu: &'a CpuSpan,
     paused: bool,
     fallback_bw: f64,
+    /// Ring-full exits before this migration: one during it makes the digest check run
+    /// before the commit (see [`Session::switchover`]).
+    ring_full_at_open: u64,
 }
 
 impl<'a> Session<'a> {
@@ -126,6 +129,7 @@ impl<'a> Session<'a> {
             t_start: cpu.started(),
             cpu,
             paused: false,
+            ring_full_at_open: vm.ring_full_exits(),
         })
     }
 
@@ -488,8 +492,24 @@ impl<'a> Session<'a> {
         // Verified before the commit: the digest of the paused memory travels in Complete
         // and the destination checks it before it restores anything (ReadyToResume); it
         // also comes back in ReadyToResume for the source's own comparison.
+        //
+        // A dirty ring that filled up during the migration makes this check run too: on a
+        // host whose instruction emulator overruns a full ring (PVM; `pvm-host.md`), entries
+        // are overwritten before they are read and no index shows it, so only the digest
+        // proves nothing was lost. A mismatch then fails the migration before the commit and
+        // the guest keeps running here, instead of resuming on the destination with stale
+        // pages.
+        let ring_filled = self.vm.ring_full_exits() > self.ring_full_at_open;
+        let before = self.opts.verify && (self.opts.verify_before_commit || ring_filled);
+        if before && !self.opts.verify_before_commit {
+            self.summary.log.push(format!(
+                "a dirty ring filled up during the migration ({} ring-full exits): the memory \
+                 digest is checked before the commit",
+                self.vm.ring_full_exits() - self.ring_full_at_open
+            ));
+        }
         let t_verify = Instant::now();
-        let own = if self.opts.verify && self.opts.verify_before_commit {
+        let own = if before {
             Some(memory_digest(self.vm)?)
         } else {
             None
@@ -598,7 +618,7 @@ impl<'a> Session<'a> {
     /// After the commit: the digest check (unless done before), the totals, the tracker
     /// stopped. Nothing here can fail the migration any more; problems are logged.
     fn finish(&mut self, pre: Precopy, dest_digest: Option<MemoryDigest>) {
-        if self.opts.verify && !self.opts.verify_before_commit {
+        if self.opts.verify && self.summary.verified.is_none() {
             // Off the critical path, and the resumed guest may share this host's cores:
             // lowest priority, so it never delays the guest's vCPUs.
             let old_nice = vmm::renice_current_thread(19);
