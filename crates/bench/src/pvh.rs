@@ -760,7 +760,9 @@ pub fn sent_downtime_ms(summary: &serde_json::Value) -> f64 {
         .iter()
         .take_while(|st| !st[0].as_str().is_some_and(|n| n.starts_with("destination")))
         .filter_map(|st| st[1].as_f64())
-        .sum()
+        .sum::<f64>()
+        // An empty sum is -0.0.
+        + 0.0
 }
 
 /// One scenario of the third-party guest profile.
