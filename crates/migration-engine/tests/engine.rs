@@ -72,6 +72,21 @@ fn start(vm: &Arc<FakeVm>, addr: String, opts: SourceOptions) -> MigrationJob {
     MigrationJob::start(vm.clone(), addr, opts, Box::new(|_| {})).unwrap()
 }
 
+/// A migration held in pre-copy (a 1 ms downtime limit at `max_bandwidth` never fits),
+/// returned once it has sent `passes` dirty passes; raise the limit to let it finish.
+fn start_held(vm: &Arc<FakeVm>, addr: String, max_bandwidth: u64, passes: u32) -> MigrationJob {
+    let opts = SourceOptions {
+        downtime_limit: Duration::from_millis(1),
+        max_bandwidth: Some(max_bandwidth),
+        ..SourceOptions::default()
+    };
+    let job = start(vm, addr, opts);
+    wait_for(&job, "dirty passes", |i| {
+        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= passes)
+    });
+    job
+}
+
 /// Every page of the destination equals the source's.
 fn assert_same_memory(src: &FakeVm, dst: &FakeVm) {
     let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
@@ -239,15 +254,7 @@ fn a_live_downtime_limit_change_lets_a_non_converging_migration_switch_over() {
     let vm = guest(TrackerMode::Ring, 100_000);
     let (addr, dest) = destination(FakeDestination::default());
     // A 1 ms limit at 8 MiB/s with a guest rewriting 3 MiB at 100k pages/s: never fits.
-    let opts = SourceOptions {
-        downtime_limit: Duration::from_millis(1),
-        max_bandwidth: Some(8 << 20),
-        ..SourceOptions::default()
-    };
-    let job = start(&vm, addr, opts);
-    wait_for(&job, "three dirty passes", |i| {
-        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 3)
-    });
+    let job = start_held(&vm, addr, 8 << 20, 3);
     assert_eq!(job.info().status, MigrationStatus::Active, "not converged");
     job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
     let s = job.wait();
@@ -269,15 +276,7 @@ fn lost_dirty_tracking_resends_all_memory() {
     let vm = guest(TrackerMode::Ring, 20_000);
     let total_pages: u64 = vm.slots().iter().map(|s| s.pages).sum();
     let (addr, dest) = destination(FakeDestination::default());
-    let opts = SourceOptions {
-        downtime_limit: Duration::from_millis(1),
-        max_bandwidth: Some(32 << 20),
-        ..SourceOptions::default()
-    };
-    let job = start(&vm, addr, opts);
-    wait_for(&job, "a dirty pass", |i| {
-        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 1)
-    });
+    let job = start_held(&vm, addr, 32 << 20, 1);
     // The next collect drops what it found and reports the loss.
     vm.lose_tracking_once();
     wait_for(&job, "the loss noticed", |i| {
@@ -317,15 +316,7 @@ fn a_ring_overrun_no_index_shows_fails_before_the_commit_and_the_guest_stays() {
     // source's guest runs on.
     let vm = guest(TrackerMode::Ring, 20_000);
     let (addr, dest) = destination(FakeDestination::default());
-    let opts = SourceOptions {
-        downtime_limit: Duration::from_millis(1),
-        max_bandwidth: Some(32 << 20),
-        ..SourceOptions::default()
-    };
-    let job = start(&vm, addr, opts);
-    wait_for(&job, "a dirty pass", |i| {
-        i.x_ringvisor.as_ref().is_some_and(|x| x.pass >= 1)
-    });
+    let job = start_held(&vm, addr, 32 << 20, 1);
     let collects = vm.collects();
     vm.lose_silently_once();
     wait_until("the silent loss", || vm.collects() > collects);

@@ -79,13 +79,14 @@ fn creds(tag: &str) -> PathBuf {
     dir
 }
 
-#[test]
-fn a_tls_job_completes_with_matching_digests_and_the_destination_requires_the_client_cert() {
-    if !have_kvm() {
-        return;
-    }
-    let dir = creds("ok");
-    let server = tls::ServerTls::load(&dir, &["src-1".into()]).unwrap();
+/// A destination (ring tracker, `server`'s TLS) receiving one migration on a thread; its
+/// address and the thread.
+fn tls_destination(
+    server: tls::ServerTls,
+) -> (
+    String,
+    std::thread::JoinHandle<migration_engine::Result<migration_engine::IncomingSummary>>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let dest = std::thread::spawn(move || {
@@ -97,6 +98,17 @@ fn a_tls_job_completes_with_matching_digests_and_the_destination_requires_the_cl
         };
         receive(s, &opts, &mut |_| {}).map(|(_vm, sum)| sum)
     });
+    (addr, dest)
+}
+
+#[test]
+fn a_tls_job_completes_with_matching_digests_and_the_destination_requires_the_client_cert() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = creds("ok");
+    let server = tls::ServerTls::load(&dir, &["src-1".into()]).unwrap();
+    let (addr, dest) = tls_destination(server);
     let vm = guest();
     let opts = SourceOptions {
         tls: Some(tls::ClientTls::load(&dir, &[], None).unwrap()),
@@ -124,17 +136,7 @@ fn a_tls_job_completes_with_matching_digests_and_the_destination_requires_the_cl
 /// Migrates a fresh guest over TLS from a source with `client` to a destination with
 /// `server`; returns the source's and the destination's frame-CRC flags.
 fn frame_crcs(server: tls::ServerTls, client: tls::ClientTls) -> (bool, bool) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let dest = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let opts = DestOptions {
-            tracking: Tracking::Ring { entries: 4096 },
-            tls: Some(server),
-            ..DestOptions::default()
-        };
-        receive(s, &opts, &mut |_| {}).map(|(_vm, sum)| sum)
-    });
+    let (addr, dest) = tls_destination(server);
     let vm = guest();
     let opts = SourceOptions {
         tls: Some(client),
