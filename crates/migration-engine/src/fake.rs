@@ -87,9 +87,10 @@ struct Inner {
     tracking: AtomicBool,
     /// The next collect reports `tracking_lost` and drops what it found.
     lose_next: AtomicBool,
-    /// The next collect drops what it found without saying so, and counts a ring-full exit:
-    /// a ring overrun no index shows (PVM's emulator overwriting entries of a full ring).
-    lose_silently_next: AtomicBool,
+    /// Every collect from now on drops what it found without saying so, and counts a
+    /// ring-full exit: ring overruns no index shows (PVM's emulator overwriting entries of a
+    /// full ring).
+    lose_silently: AtomicBool,
     /// Ring-full exits reported by [`MigratableVm::ring_full_exits`].
     ring_full_exits: AtomicU64,
     collects: AtomicU64,
@@ -209,7 +210,7 @@ impl FakeVm {
             cfg,
             tracking: AtomicBool::new(false),
             lose_next: AtomicBool::new(false),
-            lose_silently_next: AtomicBool::new(false),
+            lose_silently: AtomicBool::new(false),
             ring_full_exits: AtomicU64::new(0),
             collects: AtomicU64::new(0),
             stop_flag: AtomicBool::new(false),
@@ -296,10 +297,11 @@ impl FakeVm {
         self.inner.lose_next.store(true, Ordering::SeqCst);
     }
 
-    /// Makes the next collect drop the pages it found without reporting a loss, and count a
-    /// ring-full exit, as an overrun of a full ring that no index shows would.
-    pub fn lose_silently_once(&self) {
-        self.inner.lose_silently_next.store(true, Ordering::SeqCst);
+    /// Makes every later collect drop the pages it found without reporting a loss, and count
+    /// a ring-full exit, as overruns of a full ring that no index shows would: every page the
+    /// guest writes from now on is lost to the tracker.
+    pub fn lose_silently(&self) {
+        self.inner.lose_silently.store(true, Ordering::SeqCst);
     }
 
     /// Collects so far (by any tracker of this VM).
@@ -444,7 +446,7 @@ impl DirtyTracker for FakeTracker {
         }
         self.inner.collects.fetch_add(1, Ordering::SeqCst);
         let lost = self.inner.lose_next.swap(false, Ordering::SeqCst);
-        let silent = self.inner.lose_silently_next.swap(false, Ordering::SeqCst);
+        let silent = self.inner.lose_silently.load(Ordering::SeqCst);
         if silent {
             self.inner.ring_full_exits.fetch_add(1, Ordering::SeqCst);
         }
