@@ -87,11 +87,9 @@ pub struct Row {
     pub source_cpu_s: Option<f64>,
     /// CPU seconds of the source's migration side: ringvisor's migration thread over the
     /// migration (scheduler run time); QEMU's process minus its vCPU threads, from its start.
-    #[serde(default)]
     pub migration_cpu_s: Option<f64>,
     /// CPU seconds of the destination's receive side: ringvisor's receive thread; QEMU's
     /// whole destination process.
-    #[serde(default)]
     pub dest_cpu_s: Option<f64>,
     /// The guest's write rate during the migration, from its progress reports on the source
     /// console.
