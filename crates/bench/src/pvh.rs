@@ -89,7 +89,7 @@ pub struct Row {
     /// migration (scheduler run time); QEMU's process minus its vCPU threads, from its start.
     pub migration_cpu_s: Option<f64>,
     /// CPU seconds of the destination's receive side: ringvisor's receive thread; QEMU's
-    /// whole destination process.
+    /// destination process minus its vCPU threads.
     pub dest_cpu_s: Option<f64>,
     /// The guest's write rate during the migration, from its progress reports on the source
     /// console.
@@ -606,7 +606,7 @@ fn markdown(rep: &Report) -> String {
     );
     s += &tsc_line(rep);
     s += &table(&rep.rows);
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"source migration CPU s\": ringvisor's migration thread over the migration; QEMU's source process minus its vCPU threads (main loop and boot included). \"destination CPU s\": ringvisor's receive thread; QEMU's whole destination process. \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"source migration CPU s\": ringvisor's migration thread over the migration; QEMU's source process minus its vCPU threads (main loop and boot included). \"destination CPU s\": ringvisor's receive thread; QEMU's destination process minus its vCPU threads. \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
     s
 }
 
