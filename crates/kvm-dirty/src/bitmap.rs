@@ -56,6 +56,38 @@ pub fn get_dirty_log(vm: &VmFd, slot: &SlotSpec, buf: &mut [u64]) -> Result<()> 
     })
 }
 
+/// Re-protects and clears the log of every page in the words `[first_word, first_word +
+/// ones.len())` of `slot` (`ones` all ones: the whole words), in runs whose page count fits the
+/// ioctl; returns the number of `KVM_CLEAR_DIRTY_LOG` calls made.
+pub fn clear_words(vm: &VmFd, slot: &SlotSpec, first_word: usize, ones: &[u64]) -> Result<u64> {
+    let words = slot.bitmap_words();
+    let end_word = first_word.saturating_add(ones.len());
+    if end_word > words {
+        return Err(DirtyError::BufferTooSmall {
+            needed: end_word,
+            got: words,
+        });
+    }
+    const MAX_RUN_WORDS: usize = (u32::MAX as usize / 64) & !63;
+    let mut calls = 0;
+    let mut w = first_word;
+    while w < end_word {
+        let end = end_word.min(w + MAX_RUN_WORDS);
+        let first_page = w as u64 * 64;
+        let num_pages = ((end as u64 * 64).min(slot.pages) - first_page) as u32;
+        let mask = &ones[w - first_word..end - first_word];
+        sys::clear_dirty_log(vm, slot.id.0, first_page, num_pages, mask).map_err(|source| {
+            DirtyError::Ioctl {
+                op: "KVM_CLEAR_DIRTY_LOG",
+                source,
+            }
+        })?;
+        calls += 1;
+        w = end;
+    }
+    Ok(calls)
+}
+
 /// Re-protects every page whose bit is set in `bitmap` (bit 0 = page 0 of the slot), in
 /// 64-page-aligned runs; returns the number of `KVM_CLEAR_DIRTY_LOG` calls made.
 pub fn clear_dirty_log(vm: &VmFd, slot: &SlotSpec, bitmap: &[u64]) -> Result<u64> {

@@ -27,6 +27,16 @@ impl SlotSpec {
     pub fn bytes(&self) -> u64 {
         self.pages * PAGE_SIZE
     }
+    /// Bitmap word `w` with every page of the slot it covers set (the last word of a slot
+    /// whose size is not a multiple of 64 pages has only its low bits).
+    pub fn word_mask(&self, w: usize) -> u64 {
+        let valid = self.pages.saturating_sub(w as u64 * 64);
+        if valid >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << valid) - 1
+        }
+    }
     /// True if `gpa` lies inside the slot.
     pub fn contains_gpa(&self, gpa: u64) -> bool {
         gpa >= self.guest_phys_addr && gpa - self.guest_phys_addr < self.bytes()

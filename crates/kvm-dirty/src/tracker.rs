@@ -76,6 +76,24 @@ pub trait DirtyTracker: Send {
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats>;
     /// Ends tracking.
     fn stop(&mut self) -> Result<()>;
+    /// Begins tracking for a caller that will read every page once, after this call (a
+    /// migration's bulk pass): a tracker may then leave pages unprotected until
+    /// [`protect_before_read`](Self::protect_before_read) covers them, reporting them dirty in
+    /// any collect before that. QEMU does this with `KVM_DIRTY_LOG_INITIALLY_SET`, clearing the
+    /// log one chunk at a time just before it sends the chunk, so a guest pays no write-protect
+    /// fault on memory not sent yet and a page it writes before its first send is sent once.
+    /// The default is [`start`](Self::start).
+    fn start_deferred(&mut self) -> Result<()> {
+        self.start()
+    }
+    /// The caller is about to read the `pages` pages from `gpa` (guest-physical; pages outside
+    /// the tracked slots are ignored): a write to them from now on is reported by a later
+    /// collect; a write before need not be, since the read sees it. The default does nothing:
+    /// the tracker protected every page when it started.
+    fn protect_before_read(&mut self, gpa: u64, pages: u64) -> Result<()> {
+        let _ = (gpa, pages);
+        Ok(())
+    }
 }
 
 fn check_logged(slots: &[SlotSpec]) -> Result<()> {
@@ -173,10 +191,21 @@ impl DirtyTracker for BitmapTracker {
 /// Manual-protect tracking: GET (no side effect) then CLEAR exactly the pages returned.
 ///
 /// The slots start with every bit set (`INITIALLY_SET`, which spares KVM write-protecting all
-/// memory when logging is enabled); `start` collects and clears that initial set, so later
-/// collects report only pages written after `start`, as in the other modes.
+/// memory when logging is enabled). `start` collects and clears that initial set, so later
+/// collects report only pages written after `start`, as in the other modes. `start_deferred`
+/// leaves it: every 64-page word stays *pending* (unprotected, reported dirty) until
+/// `protect_before_read` or a collect clears it, QEMU's lazy clear of the bulk pass.
 #[derive(Debug)]
-pub struct ClearLogTracker(LogCore);
+pub struct ClearLogTracker {
+    core: LogCore,
+    /// Per slot, one bit per 64-page word of its dirty log: not yet cleared since
+    /// `start_deferred`.
+    pending: Vec<Vec<u64>>,
+    /// Some word is pending.
+    any_pending: bool,
+    /// All ones, one slot's worth of words: the mask that clears pending words.
+    ones: Vec<u64>,
+}
 
 impl ClearLogTracker {
     /// A tracker over `slots`; `_proof` shows manual protect was enabled before the slots.
@@ -186,7 +215,46 @@ impl ClearLogTracker {
         slots: &[SlotSpec],
         vmm_log: Option<Arc<VmmWriteLog>>,
     ) -> Result<Self> {
-        Ok(ClearLogTracker(LogCore::new(vm, slots, vmm_log)?))
+        let core = LogCore::new(vm, slots, vmm_log)?;
+        let words = core.buf.len();
+        Ok(ClearLogTracker {
+            pending: slots
+                .iter()
+                .map(|s| vec![0; s.bitmap_words().div_ceil(64)])
+                .collect(),
+            any_pending: false,
+            ones: vec![u64::MAX; words],
+            core,
+        })
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending.iter_mut().for_each(|p| p.fill(0));
+        self.any_pending = false;
+    }
+
+    /// CLEARs the pending words of slot `i` in `[w0, w1)` and marks them done; returns the
+    /// ioctls issued.
+    fn protect_words(&mut self, i: usize, w0: usize, w1: usize) -> Result<u64> {
+        let s = self.core.slots[i];
+        let pending = &mut self.pending[i];
+        let mut calls = 0;
+        let mut w = w0;
+        while w < w1 {
+            if pending[w / 64] >> (w % 64) & 1 == 0 {
+                w += 1;
+                continue;
+            }
+            // A run of pending words: one CLEAR with an all-ones mask. Only pending words:
+            // clearing a word cleared before would drop the writes logged since.
+            let start = w;
+            while w < w1 && pending[w / 64] >> (w % 64) & 1 == 1 {
+                pending[w / 64] &= !(1 << (w % 64));
+                w += 1;
+            }
+            calls += bitmap::clear_words(&self.core.vm, &s, start, &self.ones[..w - start])?;
+        }
+        Ok(calls)
     }
 }
 
@@ -199,7 +267,8 @@ impl DirtyTracker for ClearLogTracker {
         // CLEAR exactly what was returned, which write-protects those pages. Without this the
         // first collect would report every page, and a migration would resend all of memory
         // right after its bulk pass.
-        let c = &mut self.0;
+        self.clear_pending();
+        let c = &mut self.core;
         for s in &c.slots {
             let words = s.bitmap_words();
             bitmap::get_dirty_log(&c.vm, s, &mut c.buf)?;
@@ -208,11 +277,77 @@ impl DirtyTracker for ClearLogTracker {
         c.started = true;
         Ok(())
     }
+    fn start_deferred(&mut self) -> Result<()> {
+        // Nothing is cleared: with INITIALLY_SET the pages are unprotected and logged dirty
+        // (and a page cleared by an earlier user is protected, so a write to it is logged).
+        for (p, s) in self.pending.iter_mut().zip(&self.core.slots) {
+            let words = s.bitmap_words();
+            p.fill(0);
+            for w in 0..words {
+                p[w / 64] |= 1 << (w % 64);
+            }
+        }
+        self.any_pending = self.core.slots.iter().any(|s| s.pages > 0);
+        self.core.started = true;
+        Ok(())
+    }
+    fn protect_before_read(&mut self, gpa: u64, pages: u64) -> Result<()> {
+        if !self.core.started {
+            return Err(DirtyError::NotStarted);
+        }
+        if !self.any_pending {
+            return Ok(());
+        }
+        let end = gpa.saturating_add(pages.saturating_mul(crate::PAGE_SIZE));
+        for i in 0..self.core.slots.len() {
+            let s = self.core.slots[i];
+            let (lo, hi) = (
+                s.guest_phys_addr,
+                s.guest_phys_addr + s.pages * crate::PAGE_SIZE,
+            );
+            if end <= lo || gpa >= hi {
+                continue;
+            }
+            // Whole words: the CLEAR works on 64-page words, and a word protected early is
+            // still read afterwards by the caller, who reads every page.
+            let first = (gpa.max(lo) - lo) / crate::PAGE_SIZE;
+            let last = (end.min(hi) - lo).div_ceil(crate::PAGE_SIZE);
+            self.protect_words(i, (first / 64) as usize, last.div_ceil(64) as usize)?;
+        }
+        Ok(())
+    }
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
-        self.0.collect(out, true)
+        if !self.any_pending {
+            return self.core.collect(out, true);
+        }
+        // Words still pending are reported dirty, and cleared (protected) with the rest.
+        if !self.core.started {
+            return Err(DirtyError::NotStarted);
+        }
+        let mut st = CollectStats::default();
+        for (s, pending) in self.core.slots.iter().zip(&self.pending) {
+            let words = s.bitmap_words();
+            bitmap::get_dirty_log(&self.core.vm, s, &mut self.core.buf)?;
+            st.ioctls += 1;
+            for (w, word) in self.core.buf[..words].iter_mut().enumerate() {
+                if pending[w / 64] >> (w % 64) & 1 == 1 {
+                    *word = s.word_mask(w);
+                }
+            }
+            st.ioctls += bitmap::clear_dirty_log(&self.core.vm, s, &self.core.buf[..words])?;
+            if let Some(i) = out.slot_index(s.id.0) {
+                out.or_words(i, &self.core.buf[..words]);
+            }
+        }
+        self.clear_pending();
+        if let Some(l) = &self.core.vmm_log {
+            st.vmm_pages = l.drain_into(out);
+        }
+        Ok(st)
     }
     fn stop(&mut self) -> Result<()> {
-        self.0.started = false;
+        self.clear_pending();
+        self.core.started = false;
         Ok(())
     }
 }

@@ -225,3 +225,58 @@ fn trackers_refuse_slots_without_the_dirty_log_flag() {
         Err(DirtyError::SlotNotLogged { .. })
     ));
 }
+
+#[test]
+fn clear_log_deferred_start_protects_only_what_is_about_to_be_read() {
+    let Some(kvm) = kvm() else { return };
+    // 200 pages: words 0-2 full, word 3 holds 8 pages.
+    let mem = HostMem::new(200 * 4096);
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let proof = enable_manual_protect(&vm).unwrap();
+    let base = 0x1_0000_0000;
+    let slot = add_slot(&vm, 1, base, &mem, true);
+    let mut t = ClearLogTracker::new(vm.clone(), proof, &[slot], None).unwrap();
+    let count = |buf: &mut Vec<u64>| {
+        get_dirty_log(&vm, &slot, buf).unwrap();
+        buf.iter().map(|w| w.count_ones()).sum::<u32>()
+    };
+    let mut buf = vec![0u64; slot.bitmap_words()];
+    t.start_deferred().unwrap();
+    assert_eq!(
+        count(&mut buf),
+        200,
+        "a deferred start clears (protects) nothing"
+    );
+    // Pages 70-79 lie in word 1: that whole word is cleared, nothing else.
+    t.protect_before_read(base + 70 * 4096, 10).unwrap();
+    assert_eq!(count(&mut buf), 136);
+    assert_eq!(buf[1], 0, "word 1 cleared");
+    assert_eq!(buf[0], u64::MAX);
+    // Outside the slot: ignored.
+    t.protect_before_read(0, 16).unwrap();
+    t.protect_before_read(base + 200 * 4096, 64).unwrap();
+    assert_eq!(count(&mut buf), 136);
+    // A collect before the rest was read reports the pending pages (still dirty: never
+    // read since the start) and protects them.
+    let mut out = DirtyPageSet::new(&[slot]);
+    t.collect(&mut out).unwrap();
+    assert_eq!(
+        out.count(),
+        136,
+        "words 0, 2 and 3 (its 8 pages), not word 1"
+    );
+    assert!(!out.contains_gpa(base + 70 * 4096));
+    assert!(out.contains_gpa(base + 199 * 4096));
+    assert_eq!(count(&mut buf), 0, "the collect cleared every pending word");
+    out.clear();
+    t.collect(&mut out).unwrap();
+    assert_eq!(out.count(), 0, "nothing pending any more");
+    // A plain start after a stop clears everything at once, as before.
+    t.stop().unwrap();
+    t.start_deferred().unwrap();
+    t.stop().unwrap();
+    assert!(matches!(
+        t.protect_before_read(base, 64),
+        Err(DirtyError::NotStarted)
+    ));
+}

@@ -94,6 +94,15 @@ struct Inner {
     /// Ring-full exits reported by [`MigratableVm::ring_full_exits`].
     ring_full_exits: AtomicU64,
     collects: AtomicU64,
+    /// Clear-log after a deferred start: per slot, one bit per 64-page dirty word not yet
+    /// protected (all dirty, as KVM's `INITIALLY_SET` log).
+    pending: Vec<Vec<AtomicU64>>,
+    /// Some word is pending.
+    any_pending: AtomicBool,
+    /// Pages read while their word was pending (a bulk pass that reads before it protects).
+    reads_unprotected: AtomicU64,
+    /// `protect_before_read` calls that protected something.
+    protects: AtomicU64,
     vcpus: Vec<FakeVcpu>,
     /// Fast path for the guest threads: a pause or quit is pending.
     stop_flag: AtomicBool,
@@ -139,6 +148,17 @@ impl Inner {
         if self.tracking.load(Ordering::Relaxed) {
             // Release: a collect that sees the bit sees the data.
             self.dirty[slot][word].fetch_or(bit, Ordering::Release);
+        }
+    }
+
+    fn is_pending(&self, slot: usize, word: usize) -> bool {
+        self.pending[slot][word / 64].load(Ordering::SeqCst) >> (word % 64) & 1 == 1
+    }
+
+    fn clear_pending(&self) {
+        self.any_pending.store(false, Ordering::SeqCst);
+        for p in self.pending.iter().flatten() {
+            p.store(0, Ordering::SeqCst);
         }
     }
 
@@ -201,6 +221,14 @@ impl FakeVm {
                 "fake regions must be page aligned and not empty".into(),
             ));
         }
+        let pending = slots
+            .iter()
+            .map(|s| {
+                (0..s.bitmap_words().div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            })
+            .collect();
         let inner = Inner {
             mem: slots.iter().map(words).collect(),
             dirty: slots.iter().map(bits).collect(),
@@ -213,6 +241,10 @@ impl FakeVm {
             lose_silently: AtomicBool::new(false),
             ring_full_exits: AtomicU64::new(0),
             collects: AtomicU64::new(0),
+            pending,
+            any_pending: AtomicBool::new(false),
+            reads_unprotected: AtomicU64::new(0),
+            protects: AtomicU64::new(0),
             stop_flag: AtomicBool::new(false),
             ctl: Mutex::new(RunCtl::default()),
             cv: Condvar::new(),
@@ -302,6 +334,17 @@ impl FakeVm {
     /// guest writes from now on is lost to the tracker.
     pub fn lose_silently(&self) {
         self.inner.lose_silently.store(true, Ordering::SeqCst);
+    }
+
+    /// Pages read for sending while still unprotected after a deferred start (a bulk pass
+    /// must protect a chunk before it reads it).
+    pub fn reads_before_protect(&self) -> u64 {
+        self.inner.reads_unprotected.load(Ordering::SeqCst)
+    }
+
+    /// `protect_before_read` calls that protected pending pages (clear-log).
+    pub fn protected_chunks(&self) -> u64 {
+        self.inner.protects.load(Ordering::SeqCst)
     }
 
     /// Collects so far (by any tracker of this VM).
@@ -433,6 +476,7 @@ impl DirtyTracker for FakeTracker {
         self.inner.cfg.tracker
     }
     fn start(&mut self) -> kvm_dirty::Result<()> {
+        self.inner.clear_pending();
         for d in &self.inner.dirty {
             d.iter().for_each(|w| w.store(0, Ordering::Relaxed));
         }
@@ -440,11 +484,65 @@ impl DirtyTracker for FakeTracker {
         self.started = true;
         Ok(())
     }
+    /// Clear-log: KVM's `INITIALLY_SET` log, every page dirty and pending until protected.
+    fn start_deferred(&mut self) -> kvm_dirty::Result<()> {
+        if self.inner.cfg.tracker != TrackerMode::ClearLog {
+            return self.start();
+        }
+        for (s, (d, p)) in self
+            .inner
+            .slots
+            .iter()
+            .zip(self.inner.dirty.iter().zip(&self.inner.pending))
+        {
+            for (w, word) in d.iter().enumerate() {
+                word.store(s.word_mask(w), Ordering::SeqCst);
+                p[w / 64].fetch_or(1 << (w % 64), Ordering::SeqCst);
+            }
+        }
+        self.inner.any_pending.store(true, Ordering::SeqCst);
+        self.inner.tracking.store(true, Ordering::SeqCst);
+        self.started = true;
+        Ok(())
+    }
+    fn protect_before_read(&mut self, gpa: u64, pages: u64) -> kvm_dirty::Result<()> {
+        if !self.started {
+            return Err(kvm_dirty::DirtyError::NotStarted);
+        }
+        if !self.inner.any_pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let end = gpa.saturating_add(pages.saturating_mul(PAGE_SIZE));
+        let mut protected = false;
+        for (i, s) in self.inner.slots.iter().enumerate() {
+            let hi = s.guest_phys_addr + s.bytes();
+            if end <= s.guest_phys_addr || gpa >= hi {
+                continue;
+            }
+            let first = (gpa.max(s.guest_phys_addr) - s.guest_phys_addr) / PAGE_SIZE / 64;
+            let last = (end.min(hi) - s.guest_phys_addr).div_ceil(PAGE_SIZE * 64);
+            for w in first as usize..last as usize {
+                if self.inner.is_pending(i, w) {
+                    // Protect (the dirty bits go), then no longer pending.
+                    self.inner.dirty[i][w].store(0, Ordering::SeqCst);
+                    self.inner.pending[i][w / 64].fetch_and(!(1 << (w % 64)), Ordering::SeqCst);
+                    protected = true;
+                }
+            }
+        }
+        if protected {
+            self.inner.protects.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
     fn collect(&mut self, out: &mut DirtyPageSet) -> kvm_dirty::Result<CollectStats> {
         if !self.started {
             return Err(kvm_dirty::DirtyError::NotStarted);
         }
         self.inner.collects.fetch_add(1, Ordering::SeqCst);
+        // Pending words are still all dirty in `dirty`: this collect reports and protects
+        // them.
+        self.inner.clear_pending();
         let lost = self.inner.lose_next.swap(false, Ordering::SeqCst);
         let silent = self.inner.lose_silently.load(Ordering::SeqCst);
         if silent {
@@ -474,6 +572,7 @@ impl DirtyTracker for FakeTracker {
         Ok(st)
     }
     fn stop(&mut self) -> kvm_dirty::Result<()> {
+        self.inner.clear_pending();
         self.inner.tracking.store(false, Ordering::SeqCst);
         self.started = false;
         Ok(())
@@ -534,6 +633,9 @@ impl MigratableVm for FakeVm {
     }
     fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         let (slot, page) = self.inner.locate(gpa)?;
+        if self.inner.any_pending.load(Ordering::SeqCst) && self.inner.is_pending(slot, page / 64) {
+            self.inner.reads_unprotected.fetch_add(1, Ordering::SeqCst);
+        }
         let base = page * WORDS_PER_PAGE;
         for (i, c) in buf.chunks_exact_mut(8).enumerate().take(WORDS_PER_PAGE) {
             c.copy_from_slice(

@@ -119,7 +119,11 @@ fn check_completed(vm: &FakeVm, s: &MigrationSummary, dest: DestThread) -> FakeI
 
 #[test]
 fn a_migration_completes_and_the_destination_memory_equals_the_source() {
-    for tracker in [TrackerMode::Ring, TrackerMode::Bitmap] {
+    for tracker in [
+        TrackerMode::Ring,
+        TrackerMode::Bitmap,
+        TrackerMode::ClearLog,
+    ] {
         let vm = guest(tracker, 20_000);
         let (addr, dest) = destination(FakeDestination::default());
         let (ev, sink) = recorder();
@@ -138,6 +142,40 @@ fn a_migration_completes_and_the_destination_memory_equals_the_source() {
         );
         vm.stop();
     }
+}
+
+#[test]
+fn a_clear_log_bulk_pass_protects_each_chunk_just_before_reading_it() {
+    // 2 MiB + 72 MiB: one 64 MiB chunk in the first region, two in the second.
+    let vm = Arc::new(
+        FakeVm::new(FakeConfig {
+            regions: vec![(0, 2 << 20), (1 << 32, 72 << 20)],
+            vcpus: 1,
+            rate_pages_per_s: 0,
+            working_set_pages: 0,
+            tracker: TrackerMode::ClearLog,
+        })
+        .unwrap(),
+    );
+    vm.start().unwrap();
+    for gpa in [0x3000, (1 << 32) + (70 << 20)] {
+        vm.write_page(gpa, &[0xa5; 4096]).unwrap();
+    }
+    let (addr, dest) = destination(FakeDestination::default());
+    let s = start(&vm, addr, SourceOptions::default()).wait();
+    check_completed(&vm, &s, dest);
+    assert_eq!(
+        vm.reads_before_protect(),
+        0,
+        "no page is read before its chunk is protected"
+    );
+    assert_eq!(vm.protected_chunks(), 3, "one protect per 64 MiB chunk");
+    assert_eq!(
+        s.pages_sent,
+        (74 << 20) / PAGE_SIZE,
+        "every page sent once: the log's initial set never reached a collect"
+    );
+    vm.stop();
 }
 
 /// Cancels and checks the invariant: cancelled, the guest still writing on the source.

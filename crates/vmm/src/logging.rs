@@ -10,8 +10,10 @@
 //! comes on:
 //! - bitmap: KVM allocates an empty bitmap and write-protects the slot, so the first GET
 //!   reports exactly the pages written since;
-//! - clear-log (`INITIALLY_SET`): the new bitmap is all ones; `ClearLogTracker::start` GETs
-//!   and CLEARs it, so its collects report pages written after `start`, as before;
+//! - clear-log (`INITIALLY_SET`): the new bitmap is all ones and nothing is write-protected;
+//!   `ClearLogTracker::start` GETs and CLEARs it, so its collects report pages written after
+//!   `start`, as before; `start_deferred` (a migration's bulk pass) leaves it and clears one
+//!   chunk at a time just before the chunk is sent, as QEMU does;
 //! - ring: entries appear only for writes after the flag is set.
 //!
 //! When logging goes off the rings are drained and discarded, so nothing stale reaches the
@@ -166,6 +168,23 @@ impl LoggedTracker {
     }
 }
 
+impl LoggedTracker {
+    /// Logging on (first), then the inner tracker's start; logging back off if that fails.
+    fn start_with(
+        &mut self,
+        start: impl FnOnce(&mut dyn DirtyTracker) -> kvm_dirty::Result<()>,
+    ) -> kvm_dirty::Result<()> {
+        if self.guard.is_none() {
+            self.guard = Some(self.ctl.acquire().map_err(ioctl_error)?);
+        }
+        let r = start(&mut *self.inner);
+        if r.is_err() {
+            self.guard = None;
+        }
+        r
+    }
+}
+
 fn ioctl_error(e: VmmError) -> DirtyError {
     match e {
         VmmError::Kvm { op, source } => DirtyError::Ioctl {
@@ -185,14 +204,13 @@ impl DirtyTracker for LoggedTracker {
         self.inner.mode()
     }
     fn start(&mut self) -> kvm_dirty::Result<()> {
-        if self.guard.is_none() {
-            self.guard = Some(self.ctl.acquire().map_err(ioctl_error)?);
-        }
-        let r = self.inner.start();
-        if r.is_err() {
-            self.guard = None;
-        }
-        r
+        self.start_with(|t| t.start())
+    }
+    fn start_deferred(&mut self) -> kvm_dirty::Result<()> {
+        self.start_with(|t| t.start_deferred())
+    }
+    fn protect_before_read(&mut self, gpa: u64, pages: u64) -> kvm_dirty::Result<()> {
+        self.inner.protect_before_read(gpa, pages)
     }
     fn collect(&mut self, out: &mut DirtyPageSet) -> kvm_dirty::Result<CollectStats> {
         self.inner.collect(out)

@@ -240,6 +240,69 @@ impl<'a> Populated<'a> {
     }
 }
 
+/// The bulk pass's pages in GPA order, telling the tracker before the first page of each
+/// [`POPULATED_CHUNK`] is read, so a tracker started deferred (clear-log) re-protects memory
+/// a chunk at a time just before it is sent, as QEMU clears its dirty log per chunk.
+pub(crate) struct BulkPages<'a> {
+    tracker: &'a mut dyn kvm_dirty::DirtyTracker,
+    /// `(first gpa, pages)` per region.
+    regions: Vec<(u64, u64)>,
+    region: usize,
+    page: u64,
+    /// Pages of the current region before this one are protected.
+    protected: u64,
+    /// The tracker's error, if it failed: the iteration stopped there.
+    pub(crate) error: Option<kvm_dirty::DirtyError>,
+}
+
+impl<'a> BulkPages<'a> {
+    pub(crate) fn new(
+        tracker: &'a mut dyn kvm_dirty::DirtyTracker,
+        regions: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Self {
+        BulkPages {
+            tracker,
+            regions: regions.into_iter().collect(),
+            region: 0,
+            page: 0,
+            protected: 0,
+            error: None,
+        }
+    }
+}
+
+impl Iterator for BulkPages<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        loop {
+            let &(gpa, pages) = self.regions.get(self.region)?;
+            if self.page >= pages {
+                self.region += 1;
+                self.page = 0;
+                self.protected = 0;
+                continue;
+            }
+            if self.error.is_some() {
+                return None;
+            }
+            if self.page >= self.protected {
+                let n = (pages - self.page).min(POPULATED_CHUNK);
+                if let Err(e) = self
+                    .tracker
+                    .protect_before_read(gpa + self.page * PAGE_SIZE, n)
+                {
+                    self.error = Some(e);
+                    return None;
+                }
+                self.protected = self.page + n;
+            }
+            self.page += 1;
+            return Some(gpa + (self.page - 1) * PAGE_SIZE);
+        }
+    }
+}
+
 /// Migrates `vm` (running) over `stream`, blocking. On success the source VM is stopped and
 /// the guest runs on the destination. On any failure before commit the guest keeps running
 /// here, and the summary says why (`Outcome::Aborted` / `Outcome::Failed`). For a migration

@@ -13,7 +13,7 @@ use migration::wire::{Ack, Complete, Hello, MemoryLayout};
 
 use super::collector::Collector;
 use super::sender::{Acks, Sender};
-use super::{memory_digest, FailPoint, Progress, SourceOptions};
+use super::{memory_digest, BulkPages, FailPoint, Progress, SourceOptions};
 use crate::cpu::CpuSpan;
 use crate::error::{MigrationError, Result};
 use crate::job::{Control, MigrationStatus};
@@ -195,7 +195,8 @@ impl<'a> Session<'a> {
     /// later), the rate collector and the policy's initial actions.
     fn start_precopy(&mut self, layout: &MemoryLayout) -> Result<Precopy> {
         let mut tracker = TrackerGuard(Some(self.vm.tracker()?));
-        tracker.get()?.start()?;
+        // Deferred: a clear-log tracker protects each chunk just before the bulk pass sends it.
+        tracker.get()?.start_deferred()?;
         let collector = self
             .vm
             .dirty_counters()
@@ -232,13 +233,16 @@ impl<'a> Session<'a> {
         self.ctl.dirty_synced();
         pre.last_collect = Instant::now();
         let total = layout.total_pages();
-        let mut all =
-            layout.regions().to_vec().into_iter().flat_map(|r| {
-                (0..r.size / PAGE_SIZE).map(move |p| r.guest_phys_addr + p * PAGE_SIZE)
-            });
-        let (n, z, b, secs) = self
-            .s
-            .pass(0, total, false, &mut all, self.progress, total)?;
+        let regions = layout
+            .regions()
+            .iter()
+            .map(|r| (r.guest_phys_addr, r.size / PAGE_SIZE));
+        let mut all = BulkPages::new(&mut **pre.tracker.get()?, regions);
+        let sent = self.s.pass(0, total, false, &mut all, self.progress, total);
+        if let Some(e) = all.error.take() {
+            return Err(e.into());
+        }
+        let (n, z, b, secs) = sent?;
         pre.last_pass_bytes = b;
         let vcpu_rates = pre.collector.as_ref().map(|c| c.rates());
         self.record_pass(0, (n, z, b, secs), 0.0, vcpu_rates, 0);
