@@ -1,7 +1,9 @@
 //! Memory digests for the end-to-end check that the destination's memory equals the source's
 //! memory at the moment of pause.
 //!
-//! A region's digest is the wrapping sum over its pages of `mix(gpa, xxh3_64(page))`. A sum
+//! A region's digest is the wrapping sum over its pages of `mix(gpa, crc64(page))` (CRC-64/NVME
+//! by `crc-fast`, which uses the carry-less multiply the CPU has: 2-4x the speed of xxh3's
+//! SSE2 path here, which mattered because the destination hashes every page it receives). A sum
 //! is order independent and can be updated one page at a time, which is what lets the
 //! destination keep its digest current while pages arrive ([`IncrementalDigest`]) instead of
 //! hashing all of guest memory inside the downtime window. The source hashes its real
@@ -12,7 +14,6 @@
 //! This is a corruption check, not a cryptographic one.
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::wire::{check_slices, MemoryLayout, MemoryShapeError};
 use crate::PAGE_SIZE;
@@ -59,14 +60,14 @@ fn mix(gpa: u64, h: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Content hash of one page (xxh3-64).
+/// Content hash of one page (CRC-64/NVME).
 pub fn page_hash(data: &[u8]) -> u64 {
-    xxh3_64(data)
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, data)
 }
 
 /// Content hash of an all-zero page.
 pub fn zero_page_hash() -> u64 {
-    xxh3_64(&[0u8; PAGE_SIZE as usize])
+    page_hash(&[0u8; PAGE_SIZE as usize])
 }
 
 /// Digest contribution of the page at `gpa` whose content hash is `hash`.
@@ -83,7 +84,7 @@ pub fn digest_pages(base_gpa: u64, mem: &[u8]) -> u64 {
     mem.chunks(PAGE_SIZE as usize)
         .enumerate()
         .fold(0u64, |acc, (i, page)| {
-            acc.wrapping_add(mix(base_gpa + i as u64 * PAGE_SIZE, xxh3_64(page)))
+            acc.wrapping_add(mix(base_gpa + i as u64 * PAGE_SIZE, page_hash(page)))
         })
 }
 
@@ -178,7 +179,7 @@ impl IncrementalDigest {
 
     /// Records that the page at `gpa` now holds `data`; false if `gpa` is outside the layout.
     pub fn record_page(&mut self, gpa: u64, data: &[u8]) -> bool {
-        self.set(gpa, xxh3_64(data))
+        self.set(gpa, page_hash(data))
     }
 
     /// Records that the page at `gpa` is now all zero; false if `gpa` is outside the layout.

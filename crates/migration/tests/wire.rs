@@ -115,8 +115,8 @@ fn other_protocol_version_is_rejected_before_any_frame() {
         res,
         Err(WireError::VersionMismatch {
             found: 1,
-            min: 2,
-            max: 2
+            min: 3,
+            max: 3
         })
     ));
 }

@@ -31,10 +31,11 @@ use crate::TrackerMode;
 
 /// First 8 bytes of each direction of a migration stream.
 pub const MAGIC: [u8; 8] = *b"RVMIGRAT";
-/// Protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Protocol version this build speaks (3: the memory digest's page hash is CRC-64/NVME; a
+/// version-2 peer's digest would not compare).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest peer version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
+pub const MIN_PROTOCOL_VERSION: u32 = 3;
 /// Bytes of the preamble (magic, version, reserved).
 pub const PREAMBLE_LEN: usize = 16;
 /// Bytes of a frame header (tag, flags, reserved, sequence, length, crc).
