@@ -309,6 +309,9 @@ fn ringvisor_one(
             &dest.addr,
             "--migrate-after",
             &o.warmup.to_string(),
+            // From the guest's first progress report, as the QEMU rows count their warm-up.
+            "--migrate-after-output",
+            " progress 1 ",
             "--downtime-limit",
             &o.downtime_limit.to_string(),
             "--max-bandwidth",

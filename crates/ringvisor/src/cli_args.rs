@@ -62,6 +62,14 @@ pub fn delay_arg(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A console text to wait for: 1 to 256 bytes.
+pub fn output_arg(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 256 {
+        return Err("give 1 to 256 bytes of console text".into());
+    }
+    Ok(s.to_string())
+}
+
 /// A positive rate (a dirty limit): `0` is not a limit.
 pub fn limit_arg(s: &str) -> Result<u64, String> {
     match bandwidth_arg(s)? {

@@ -24,8 +24,8 @@ mod sys;
 mod vm_cmd;
 
 use cli_args::{
-    delay_arg, limit_arg, qmp_arg, seconds_arg, DestLimitArgs, GuestArgs, MigrateArgs, SeccompArg,
-    TrackArgs,
+    delay_arg, limit_arg, output_arg, qmp_arg, seconds_arg, DestLimitArgs, GuestArgs, MigrateArgs,
+    SeccompArg, TrackArgs,
 };
 
 /// Dirty tracking mode of `selftest`.
@@ -345,6 +345,10 @@ struct RunArgs {
     /// Seconds to run before migrating (0..=1000000).
     #[arg(long, default_value = "2", value_parser = delay_arg)]
     migrate_after: f64,
+    /// Start the --migrate-after clock when the guest's console first prints this text (e.g.
+    /// its first progress line, or "login:"), not at start.
+    #[arg(long, requires = "migrate_to", value_parser = output_arg)]
+    migrate_after_output: Option<String>,
     #[command(flatten)]
     params: MigrateArgs,
     /// Stop after this many seconds (default: run until migrated away, quit or killed).
@@ -395,6 +399,7 @@ fn run(r: RunArgs) -> Result<i32> {
         qmp: r.qmp,
         migrate_to: r.migrate_to,
         migrate_after: r.migrate_after,
+        migrate_after_output: r.migrate_after_output,
         params: r.params,
         duration: r.duration,
         exit_after_migrate: r.exit_after_migrate,

@@ -211,6 +211,7 @@ pub struct RunOpts {
     pub qmp: Option<PathBuf>,
     pub migrate_to: Option<String>,
     pub migrate_after: f64,
+    pub migrate_after_output: Option<String>,
     pub params: MigrateArgs,
     pub duration: Option<f64>,
     pub exit_after_migrate: bool,
@@ -346,6 +347,7 @@ pub fn run(o: RunOpts) -> Result<i32> {
             svc: svc.clone(),
             uri: control::uri::with_scheme(&to),
             after: Duration::from_secs_f64(o.migrate_after),
+            after_output: o.migrate_after_output.clone(),
             exit_after: o.exit_after_migrate,
             monitor: o.qmp.is_some(),
             json: o.json,
@@ -366,6 +368,8 @@ struct AutoMigrate {
     svc: VmService,
     uri: String,
     after: Duration,
+    /// Start the `after` clock when the console first prints this.
+    after_output: Option<String>,
     exit_after: bool,
     /// A monitor is attached: a migrated-away source then waits in `postmigrate` for `quit`
     /// (unless --exit-after-migrate), as QEMU does.
@@ -378,16 +382,48 @@ impl AutoMigrate {
         self.svc.vm().map(|vm| writes(&vm)).unwrap_or_default()
     }
 
+    /// Waits until the guest's console has printed `text`; false if the VM finished first.
+    fn wait_for_output(&self, text: &str) -> bool {
+        let needle = text.as_bytes();
+        let (mut at, mut buf) = (0usize, Vec::new());
+        loop {
+            if let Some(d) = self.svc.vm().and_then(|vm| vm.devices().cloned()) {
+                // Keep the last needle-1 bytes, so a match split across two reads is found.
+                let keep = buf.len().min(needle.len().saturating_sub(1));
+                buf.drain(..buf.len() - keep);
+                at = d.serial_output_since(at, &mut buf);
+                if buf.windows(needle.len().max(1)).any(|w| w == needle) {
+                    return true;
+                }
+            }
+            if self.svc.wait_done(Some(Duration::from_millis(5))).is_some() {
+                return false;
+            }
+        }
+    }
+
     fn run(self) {
-        if self.svc.wait_done(Some(self.after)).is_some() {
+        if let Some(text) = &self.after_output {
+            if !self.wait_for_output(text) {
+                return;
+            }
+        }
+        // Guest progress (writes/s per vCPU) over the last second of the wait (or all of a
+        // shorter one) and during the migration: what the migration's throttling costs each
+        // vCPU.
+        let window = self.after.min(Duration::from_secs(1));
+        if self.svc.wait_done(Some(self.after - window)).is_some() {
             return;
         }
-        // Guest progress (writes/s per vCPU) in the second before and during the migration:
-        // what the migration's throttling costs each vCPU.
         let b0 = self.guest_writes();
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(window);
         let b1 = self.guest_writes();
-        let before: Vec<f64> = b0.iter().zip(&b1).map(|(a, b)| (b - a) as f64).collect();
+        let secs = window.as_secs_f64().max(1e-3);
+        let before: Vec<f64> = b0
+            .iter()
+            .zip(&b1)
+            .map(|(a, b)| (b - a) as f64 / secs)
+            .collect();
         let t0 = Instant::now();
         let m0 = self.guest_writes();
         if let Err(e) = self.svc.migrate(&self.uri) {

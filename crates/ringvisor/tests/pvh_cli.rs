@@ -111,7 +111,10 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
         .args(["--cmdline", cmdline, "--vcpus", "2", "--memory", "256M"])
         .args(["--tracker", "ring", "--ring-entries", "4096", "--console"])
         .arg(&src_console)
-        .args(["--migrate-to", &addr, "--migrate-after", "0.5"])
+        .args(["--migrate-to", &addr, "--migrate-after", "0.2"])
+        // The clock starts at the guest's third report (a VMM that boots slower or faster
+        // than another migrates at the same point of the guest's work).
+        .args(["--migrate-after-output", " progress 3 "])
         .args(["--downtime-limit", "50", "--exit-after-migrate", "--json"])
         // The migration threads yield to the vCPUs: on a busy host they may send slower than
         // the guest dirties, and pre-copy would never end. Converged or forced, the console
@@ -162,6 +165,10 @@ fn pvh_guest_migrates_between_two_processes_and_its_console_continues_there() {
     let a = std::fs::read_to_string(&src_console).expect("source console");
     let b = std::fs::read_to_string(&dst_console).expect("destination console");
     assert!(a.starts_with("ringvisor PVH test kernel v1\n"), "{a}");
+    assert!(
+        a.contains(" progress 3 "),
+        "the migration waited for the third report:\n{a}"
+    );
     // The two files are one console: a line the pause cut is finished in the second. Every
     // CPU's reports run on without a gap or a repeat, and the destination printed some of
     // its own.
