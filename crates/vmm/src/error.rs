@@ -80,6 +80,14 @@ pub enum VmmError {
     /// Saved vCPU state could not be decoded.
     #[error("bad vCPU state blob: {0}")]
     State(String),
+    /// A vCPU's KVM binary statistics could not be opened or read.
+    #[error("vCPU {vcpu}'s KVM statistics: {reason}")]
+    Stats {
+        /// vCPU index.
+        vcpu: usize,
+        /// What went wrong.
+        reason: String,
+    },
     /// A migrated state blob was refused by its strict decoding or its sanity checks, before
     /// anything was restored.
     #[error("invalid migrated state: {0}")]

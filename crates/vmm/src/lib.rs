@@ -4,7 +4,7 @@
 //! threads with a reliable kick.
 //!
 //! Unsafe code lives only in [`sys`] (memslot registration, the `immediate_exit` byte, the kick
-//! signal).
+//! signal, `KVM_GET_STATS_FD`).
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -19,7 +19,7 @@ pub mod machine;
 pub mod memory;
 pub mod selftest;
 pub mod state;
-mod stats;
+pub mod stats;
 mod sys;
 pub mod vcpu;
 pub mod vm;
@@ -31,8 +31,9 @@ pub use guest::{Pattern, VcpuCtrl};
 pub use logging::DirtyLogGuard;
 pub use machine::{MachineState, Platform};
 pub use memory::{GuestRam, RamBacking, RegionSpec, ThpMode};
+pub use stats::{KvmStats, StatsError};
 pub use vcpu::{Parked, VcpuShared, Vcpus};
-pub use vm::{open_kvm, Tracking, Vm, VmConfig, UNPACED};
+pub use vm::{open_kvm, Tracking, Vm, VmConfig, GUEST_FAULTS_STAT, UNPACED};
 
 /// Lowers (or restores) the calling thread's CPU priority (the source's after-commit digest
 /// check runs at nice 19, off the resumed guest's way). Returns the previous nice value, or

@@ -141,14 +141,20 @@ pub(crate) fn set_xsave(
     })
 }
 
-/// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`): a file with the vCPU's binary statistics.
+/// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`): a file with a vCPU's or VM's binary statistics.
 const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
 
-/// Opens the binary statistics file of a vCPU (Linux 5.14+).
-pub(crate) fn vcpu_stats_fd(fd: &VcpuFd) -> std::io::Result<std::fs::File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+/// The KVM file descriptors `KVM_GET_STATS_FD` is defined on (a vCPU and a VM), so
+/// [`stats_fd`] never issues the ioctl on another kind of file.
+pub(crate) trait StatsSource: std::os::fd::AsRawFd {}
+impl StatsSource for VcpuFd {}
+impl StatsSource for kvm_ioctls::VmFd {}
+
+/// Opens the binary statistics file of a vCPU or VM (Linux 5.14+).
+pub(crate) fn stats_fd(fd: &impl StatsSource) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
     // SAFETY: KVM_GET_STATS_FD takes no argument and only returns a new file descriptor (or
-    // -1); `fd` is a live vCPU fd for the duration of the call.
+    // -1); `fd` is a live vCPU or VM fd (`StatsSource`) for the duration of the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());

@@ -20,6 +20,7 @@ use crate::guest::{self, VcpuCtrl};
 use crate::logging::{DirtyLogGuard, DirtyLogging, LoggedTracker};
 use crate::machine::{MachineState, Platform, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::memory::{GuestRam, RamBacking, RegionSpec};
+use crate::stats::KvmStats;
 use crate::vcpu::{RingFullHook, VcpuShared, Vcpus};
 use crate::x86::{self, CODE_GPA, CTRL_GPA, MAX_VCPUS};
 
@@ -69,6 +70,9 @@ pub struct Vm {
     // guest memory last, so KVM never sees a slot whose mapping is gone while a vCPU can run.
     vcpus: Option<Vcpus>,
     created: Vec<Arc<VcpuShared>>,
+    /// Each vCPU's binary statistics, opened once at creation (the vCPU thread holds the
+    /// vCPU fd while it runs); the reason where they could not be.
+    stats: Vec<std::result::Result<KvmStats, String>>,
     logging: Arc<DirtyLogging>,
     ring: Option<Arc<RingSet>>,
     manual: Option<ManualProtect>,
@@ -81,6 +85,13 @@ pub struct Vm {
     msrs: Vec<u32>,
     ram: Arc<GuestRam>,
 }
+
+/// The KVM vCPU statistic [`Vm::guest_faults`] sums: `pf_taken`, every page fault KVM's MMU
+/// handled for the guest (`kvm_mmu_page_fault`), whether fixed on the fast path (`pf_fast`:
+/// a write-protect fault of dirty logging), by installing a mapping (`pf_fixed`), by
+/// emulation or found spurious. It is the count that includes the write-protect faults that
+/// re-protecting a pass's pages costs the guest.
+pub const GUEST_FAULTS_STAT: &str = "pf_taken";
 
 /// KVM's real-mode TSS area on the PVH platform (three pages in the MMIO hole, not RAM; Intel
 /// VMX needs it inside the 4 GiB space).
@@ -300,9 +311,14 @@ impl Vm {
             let fd = v0.fd();
             msrs.retain(|&m| crate::state::msr_readable(&fd, m));
         }
+        let stats = created
+            .iter()
+            .map(|v| KvmStats::open_vcpu(&v.fd()).map_err(|e| e.to_string()))
+            .collect();
         Ok(Vm {
             vcpus: None,
             created,
+            stats,
             logging: Arc::new(logging),
             ring,
             manual,
@@ -599,19 +615,46 @@ impl Vm {
         Ok(())
     }
 
+    /// The binary statistics of vCPU `i` (`KVM_GET_STATS_FD`, opened when the vCPU was
+    /// created); an error if there is no such vCPU or this KVM has none.
+    pub fn vcpu_stats(&self, i: usize) -> Result<&KvmStats> {
+        match self.stats.get(i) {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(reason)) => Err(VmmError::Stats {
+                vcpu: i,
+                reason: reason.clone(),
+            }),
+            None => Err(VmmError::Config(format!("no vCPU {i}"))),
+        }
+    }
+
     /// The value of KVM's binary statistic `name` (e.g. `halt_exits`, `halt_wakeup`) of vCPU
     /// `i`; `None` if this KVM does not have it.
     pub fn vcpu_stat(&self, i: usize, name: &str) -> Result<Option<u64>> {
-        let v = self
-            .created
-            .get(i)
-            .ok_or_else(|| VmmError::Config(format!("no vCPU {i}")))?;
-        let f = crate::sys::vcpu_stats_fd(&v.fd()).map_err(|e| VmmError::Kvm {
-            op: "KVM_GET_STATS_FD",
-            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
-        crate::stats::read_stat(&f, name)
-            .map_err(|e| VmmError::Config(format!("reading vCPU {i}'s KVM statistics: {e}")))
+        let s = self.vcpu_stats(i)?;
+        s.read(name).map_err(|e| VmmError::Stats {
+            vcpu: i,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The sum over every vCPU of KVM's statistic `name` (a counter such as
+    /// [`GUEST_FAULTS_STAT`]); `None` if any vCPU lacks it.
+    pub fn vcpu_stat_sum(&self, name: &str) -> Result<Option<u64>> {
+        let mut sum = 0u64;
+        for i in 0..self.stats.len() {
+            match self.vcpu_stat(i, name)? {
+                Some(v) => sum = sum.wrapping_add(v),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(sum))
+    }
+
+    /// Page faults the guest took that KVM handled, summed over the vCPUs
+    /// ([`GUEST_FAULTS_STAT`]); `None` if this KVM does not count them.
+    pub fn guest_faults(&self) -> Result<Option<u64>> {
+        self.vcpu_stat_sum(GUEST_FAULTS_STAT)
     }
 
     /// The created vCPUs (for register access before start or while parked).

@@ -397,3 +397,71 @@ fn memslots_log_dirty_pages_only_while_a_tracker_or_guard_is_held_recorded_and_s
         vm.stop().unwrap();
     }
 }
+
+#[test]
+fn kvm_counts_a_page_fault_for_each_fresh_page_and_each_re_protected_page_the_guest_writes() {
+    if !have_kvm() {
+        return;
+    }
+    const PAGES: u64 = 256;
+    let mut vm = Vm::create(&config(1, Tracking::Ring { entries: 4096 }, 16 << 20)).unwrap();
+    let stats = vm.vcpu_stats(0).unwrap();
+    let names: Vec<&str> = stats.names().collect();
+    eprintln!("this KVM's vCPU statistics: {}", names.join(" "));
+    assert!(
+        names.contains(&vmm::GUEST_FAULTS_STAT),
+        "{} missing from {names:?}",
+        vmm::GUEST_FAULTS_STAT
+    );
+    vm.set_workload(
+        0,
+        &VcpuCtrl {
+            base: DATA_GPA,
+            pages: PAGES,
+            stride: 1,
+            pattern: Pattern::Sequential,
+            unique_values: false,
+            burst_pages: 0,
+            burst_tsc: 0,
+            sleep_min_tsc: 0,
+        },
+    )
+    .unwrap();
+    let mut tracker = vm.tracker().unwrap();
+    tracker.start().unwrap();
+    vm.start(None).unwrap();
+    let faults = |vm: &Vm| vm.guest_faults().unwrap().unwrap();
+    // One sweep of the data pages, then the guest waits at its sync point.
+    let sweep = |vm: &Vm| {
+        let start = vm.nr_writes(0).unwrap();
+        vm.set_stop(false).unwrap();
+        vm.vcpus().unwrap().resume_all();
+        wait_until("the guest ran a full sweep", || {
+            vm.nr_writes(0).unwrap() >= start + PAGES
+        });
+        vm.set_stop(true).unwrap();
+        vm.vcpus().unwrap().wait_all_synced(PATIENCE).unwrap();
+    };
+    vm.set_stop(true).unwrap();
+    vm.vcpus().unwrap().wait_all_synced(PATIENCE).unwrap();
+    let f0 = faults(&vm);
+    sweep(&vm);
+    let f1 = faults(&vm);
+    assert!(f1 - f0 >= PAGES, "fresh pages: {f0} -> {f1}");
+    // Re-protect them (harvest + reset): each first write afterwards faults again.
+    let mut out = DirtyPageSet::new(&vm.ram().slot_specs());
+    tracker.collect(&mut out).unwrap();
+    assert!(out.iter_gpa().filter(|&g| g >= DATA_GPA).count() as u64 >= PAGES);
+    let f2 = faults(&vm);
+    sweep(&vm);
+    let f3 = faults(&vm);
+    assert!(f3 - f2 >= PAGES, "re-protected pages: {f2} -> {f3}");
+    eprintln!(
+        "pf_taken: fresh sweep {}, re-protected sweep {}; pf_fast {:?} pf_fixed {:?}",
+        f1 - f0,
+        f3 - f2,
+        vm.vcpu_stat(0, "pf_fast").unwrap(),
+        vm.vcpu_stat(0, "pf_fixed").unwrap()
+    );
+    vm.stop().unwrap();
+}
