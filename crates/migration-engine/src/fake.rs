@@ -93,6 +93,8 @@ struct Inner {
     lose_silently: AtomicBool,
     /// Ring-full exits reported by [`MigratableVm::ring_full_exits`].
     ring_full_exits: AtomicU64,
+    /// Simulated write-protect faults, reported by [`MigratableVm::guest_faults`].
+    guest_faults: AtomicU64,
     collects: AtomicU64,
     /// Clear-log after a deferred start: per slot, one bit per 64-page dirty word not yet
     /// protected (all dirty, as KVM's `INITIALLY_SET` log).
@@ -147,7 +149,12 @@ impl Inner {
         self.populated[slot][word].fetch_or(bit, Ordering::Relaxed);
         if self.tracking.load(Ordering::Relaxed) {
             // Release: a collect that sees the bit sees the data.
-            self.dirty[slot][word].fetch_or(bit, Ordering::Release);
+            let old = self.dirty[slot][word].fetch_or(bit, Ordering::Release);
+            // As KVM: the first write to a page since tracking started or a collect
+            // re-protected it is a write-protect fault.
+            if old & bit == 0 {
+                self.guest_faults.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -240,6 +247,7 @@ impl FakeVm {
             lose_next: AtomicBool::new(false),
             lose_silently: AtomicBool::new(false),
             ring_full_exits: AtomicU64::new(0),
+            guest_faults: AtomicU64::new(0),
             collects: AtomicU64::new(0),
             pending,
             any_pending: AtomicBool::new(false),
@@ -621,6 +629,9 @@ impl MigratableVm for FakeVm {
     }
     fn ring_full_exits(&self) -> u64 {
         self.inner.ring_full_exits.load(Ordering::SeqCst)
+    }
+    fn guest_faults(&self) -> Option<u64> {
+        Some(self.inner.guest_faults.load(Ordering::SeqCst))
     }
     fn tracker_mode(&self) -> TrackerMode {
         self.inner.cfg.tracker

@@ -75,6 +75,13 @@ pub trait MigratableVm: Send + Sync {
     fn ring_full_exits(&self) -> u64 {
         0
     }
+    /// Page faults the guest's vCPUs took that the hypervisor handled, summed over the vCPUs
+    /// and monotonic (the real VM: KVM's `pf_taken`, which counts the write-protect fault of
+    /// each first write to a page after dirty tracking re-protected it); `None` if the VM
+    /// cannot count them.
+    fn guest_faults(&self) -> Option<u64> {
+        None
+    }
 
     /// The layout of the VM's memory for the wire.
     fn layout(&self) -> Result<MemoryLayout> {
@@ -164,6 +171,9 @@ impl MigratableVm for Vm {
     }
     fn save_machine(&self) -> Result<Option<Vec<u8>>> {
         Ok(Vm::save_machine(self)?.map(|m| m.encode()))
+    }
+    fn guest_faults(&self) -> Option<u64> {
+        Vm::guest_faults(self).ok().flatten()
     }
     fn ring_full_exits(&self) -> u64 {
         self.ring_set()

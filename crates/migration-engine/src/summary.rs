@@ -54,6 +54,10 @@ pub struct IterationStats {
     /// Dirty pages this pass left for the next collect (the tail that would fit the
     /// downtime limit, while the rest did not: `migration::convergence` rule 8).
     pub deferred_pages: u64,
+    /// Page faults the guest took during this pass (from the end of the previous pass, or
+    /// from just before the tracker started, to the end of this one): KVM's `pf_taken`
+    /// summed over the vCPUs; null where the VM cannot count them.
+    pub guest_faults: Option<u64>,
 }
 
 /// Everything `ringvisor migrate --json` reports.
@@ -97,6 +101,10 @@ pub struct MigrationSummary {
     pub bandwidth_bytes_per_s: f64,
     /// Ring-full exits during the migration (ring mode).
     pub ring_full_exits: u64,
+    /// Page faults the guest took from just before the tracker started to the end of the
+    /// final pass (the sum of the passes' `guest_faults`); null where the VM cannot count
+    /// them.
+    pub guest_faults: Option<u64>,
     /// Times a dirty limit or CPU throttle was applied or raised.
     pub dirty_limit_events: u32,
     /// The last automatic per-vCPU dirty quota, bytes/s.
@@ -141,6 +149,7 @@ impl MigrationSummary {
             bytes_sent: 0,
             bandwidth_bytes_per_s: 0.0,
             ring_full_exits: 0,
+            guest_faults: None,
             dirty_limit_events: 0,
             dirty_limit_bytes_per_s: None,
             cpu_throttle: 0.0,
@@ -211,16 +220,24 @@ impl MigrationSummary {
         for l in &self.log {
             s.push_str(&format!("note: {l}\n"));
         }
-        s.push_str("pass | pages | zero | MiB | ms | dirty pages/s | per-vCPU pages/s\n");
+        if let Some(f) = self.guest_faults {
+            s.push_str(&format!("guest page faults during pre-copy: {f}\n"));
+        }
+        s.push_str(
+            "pass | pages | zero | MiB | ms | dirty pages/s | guest faults | per-vCPU pages/s\n",
+        );
         for it in &self.iterations {
             s.push_str(&format!(
-                "{:>4} | {:>8} | {:>8} | {:>7.1} | {:>7.1} | {:>10.0} | {}\n",
+                "{:>4} | {:>8} | {:>8} | {:>7.1} | {:>7.1} | {:>10.0} | {:>8} | {}\n",
                 it.iteration,
                 it.pages,
                 it.zero_pages,
                 it.bytes as f64 / (1 << 20) as f64,
                 it.ms,
                 it.dirty_rate_pages_per_s,
+                it.guest_faults
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 it.vcpu_dirty_rates
                     .as_ref()
                     .map(|v| v

@@ -522,3 +522,35 @@ fn a_page_corrupted_past_the_checksums_is_caught_by_the_complete_digest_before_r
     let s = start(&vm, addr, opts).wait();
     check_completed(&vm, &s, dest);
 }
+
+#[test]
+fn each_pass_reports_the_guest_faults_taken_during_it_and_they_sum_to_the_migration_total() {
+    let vm = guest(TrackerMode::Ring, 20_000);
+    let before = vm.guest_faults().unwrap();
+    let (addr, dest) = destination(FakeDestination::default());
+    // Held in pre-copy for a few passes, each re-protecting the pages the guest rewrites.
+    let job = start_held(&vm, addr, 8 << 20, 3);
+    job.set_options(|o| o.downtime_limit = Duration::from_secs(600));
+    let s = job.wait();
+    check_completed(&vm, &s, dest);
+    // The source stays paused and untracked after the commit: its counter is final.
+    let taken = vm.guest_faults().unwrap() - before;
+    let per_pass: Vec<u64> = s
+        .iterations
+        .iter()
+        .map(|it| it.guest_faults.expect("the fake counts faults"))
+        .collect();
+    assert_eq!(
+        per_pass.iter().sum::<u64>(),
+        taken,
+        "the passes partition the migration's faults: {per_pass:?}"
+    );
+    assert_eq!(s.guest_faults, Some(taken));
+    // Deltas, not the running counter: several passes had faults, and their sum is still the
+    // total (a running count would add the earlier passes' faults again).
+    assert!(
+        per_pass.iter().filter(|&&f| f > 0).count() >= 2,
+        "{per_pass:?}"
+    );
+    vm.stop();
+}

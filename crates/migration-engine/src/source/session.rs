@@ -102,6 +102,9 @@ pub(super) struct Session<'a> {
     /// Ring-full exits before this migration: one during it makes the digest check run
     /// before the commit (see [`Session::switchover`]).
     ring_full_at_open: u64,
+    /// The VM's guest-fault counter at the end of the last recorded pass (or just before the
+    /// tracker started): each pass's `guest_faults` is the difference to it.
+    faults_mark: Option<u64>,
 }
 
 impl<'a> Session<'a> {
@@ -130,6 +133,7 @@ impl<'a> Session<'a> {
             cpu,
             paused: false,
             ring_full_at_open: vm.ring_full_exits(),
+            faults_mark: None,
         })
     }
 
@@ -195,6 +199,7 @@ impl<'a> Session<'a> {
     /// later), the rate collector and the policy's initial actions.
     fn start_precopy(&mut self, layout: &MemoryLayout) -> Result<Precopy> {
         let mut tracker = TrackerGuard(Some(self.vm.tracker()?));
+        self.faults_mark = self.vm.guest_faults();
         // Deferred: a clear-log tracker protects each chunk just before the bulk pass sends it.
         tracker.get()?.start_deferred()?;
         let collector = self
@@ -257,6 +262,15 @@ impl<'a> Session<'a> {
         vcpu_dirty_rates: Option<Vec<f64>>,
         deferred_pages: u64,
     ) {
+        let faults_now = self.vm.guest_faults();
+        let guest_faults = self
+            .faults_mark
+            .zip(faults_now)
+            .map(|(a, b)| b.wrapping_sub(a));
+        self.faults_mark = faults_now;
+        if let Some(f) = guest_faults {
+            *self.summary.guest_faults.get_or_insert(0) += f;
+        }
         self.summary.push_iteration(IterationStats {
             iteration,
             pages,
@@ -267,6 +281,7 @@ impl<'a> Session<'a> {
             vcpu_dirty_rates,
             bandwidth_bytes_per_s: self.s.bandwidth(self.fallback_bw),
             deferred_pages,
+            guest_faults,
         });
     }
 
