@@ -90,6 +90,16 @@ fn migrate_ok(tracking: Tracking, rate: u64) {
     assert_eq!(s.verified, Some(true), "memory digests must match");
     // A switchover happened (its length is the benchmarks' to measure).
     assert!(s.downtime_ms > 0.0, "{}", s.downtime_ms);
+    // KVM counts the guest's page faults for every pass (vmm::Vm::guest_faults); a dirtying
+    // guest takes write-protect faults on the pages each collect re-protected.
+    assert!(s.iterations.iter().all(|it| it.guest_faults.is_some()));
+    if rate > 0 {
+        assert!(
+            s.guest_faults.is_some_and(|f| f > 0),
+            "{:?}",
+            s.guest_faults
+        );
+    }
     assert!(
         src.vcpus().is_err(),
         "the source VM stopped after the commit"
