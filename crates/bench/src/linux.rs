@@ -833,6 +833,7 @@ fn ringvisor_row_from(v: &Value) -> Row {
         dest_cpu_s: None,
         guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
+        guest_faults: s["guest_faults"].as_u64(),
     }
 }
 
@@ -863,6 +864,7 @@ fn qemu_row(d: &qemu::Driven) -> Row {
         dest_cpu_s: None,
         guest: crate::pvh::GuestRate::default(),
         heartbeat_gap_ms: None,
+        guest_faults: d.guest_faults,
     }
 }
 

@@ -99,6 +99,12 @@ pub struct Row {
     /// the destination's, ms (the Linux rows: [`crate::linux`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_gap_ms: Option<f64>,
+    /// Page faults the source's vCPUs took during the migration, KVM's `pf_taken` summed
+    /// over them (each first write to a page after dirty tracking re-protected it is one):
+    /// ringvisor's from its summary (`guest_faults`, from just before the tracker started
+    /// to the final pass); QEMU's from `query-stats` just before `migrate` and after its
+    /// end.
+    pub guest_faults: Option<u64>,
 }
 
 /// The guest's write rate during the migration, from cpu 0's progress reports on the source
@@ -369,6 +375,7 @@ fn ringvisor_one(
             dest_cpu_s: dv["cpu"]["thread_s"].as_f64(),
             guest,
             heartbeat_gap_ms: None,
+            guest_faults: v["guest_faults"].as_u64(),
         },
         verified == Some(false),
     ))
@@ -419,6 +426,7 @@ fn qemu_one(
         dest_cpu_s: r.dest_cpu_s,
         guest,
         heartbeat_gap_ms: None,
+        guest_faults: r.guest_faults,
     })
 }
 
@@ -534,6 +542,7 @@ struct Med {
     migration_cpu_s: Option<f64>,
     dest_cpu_s: Option<f64>,
     heartbeat_gap_ms: Option<f64>,
+    guest_faults: Option<f64>,
 }
 
 /// The median (the upper one of an even count); `None` for no values.
@@ -577,6 +586,11 @@ fn medians(rows: &[Row]) -> Vec<Med> {
                 migration_cpu_s: median(rs.iter().filter_map(|r| r.migration_cpu_s).collect()),
                 dest_cpu_s: median(rs.iter().filter_map(|r| r.dest_cpu_s).collect()),
                 heartbeat_gap_ms: median(rs.iter().filter_map(|r| r.heartbeat_gap_ms).collect()),
+                guest_faults: median(
+                    rs.iter()
+                        .filter_map(|r| r.guest_faults.map(|f| f as f64))
+                        .collect(),
+                ),
                 scenario,
                 tracker,
                 vmm,
@@ -609,7 +623,7 @@ fn markdown(rep: &Report) -> String {
     );
     s += &tsc_line(rep);
     s += &table(&rep.rows);
-    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"source migration CPU s\": ringvisor's migration thread over the migration; QEMU's source process minus its vCPU threads (main loop and boot included). \"destination CPU s\": ringvisor's receive thread; QEMU's destination process minus its vCPU threads. \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced.\n";
+    s += "\nCells are medians over the repeats. ringvisor's downtime runs from the pause until the destination reports the guest resumed (its two-phase commit waits for the destination's restore); its source-side downtime ends at the commit. QEMU's `downtime` ends when the source has sent the last state, without waiting for the destination, in whole ms; \"downtime to last state sent\" is ringvisor's on that definition (its stages up to the destination's restore). QEMU's `bitmap` uses KVM_CLEAR_DIRTY_LOG (manual protect) when the host has it, so ringvisor's clear-log row is compared with it too. QEMU 7.2 reports RAM bytes only (`ram.transferred`). \"source migration CPU s\": ringvisor's migration thread over the migration; QEMU's source process minus its vCPU threads (main loop and boot included). \"destination CPU s\": ringvisor's receive thread; QEMU's destination process minus its vCPU threads. \"guest MiB/s during\" is cpu 0's write rate over the migration from its progress reports on the source console: (TSC) with the reports' TSC as the clock at the host's TSC rate, the same clock for both VMMs; (ticks) with its timer ticks, which overstates the rate wherever ticks were coalesced. \"guest faults during\": page faults the source's vCPUs took during the migration, KVM's `pf_taken` summed over the vCPUs (every first write to a page after dirty tracking re-protected it is one; on a PVM host also every fault the guest's own page tables cause): ringvisor's from just before its tracker started to the final pass (its summary's `guest_faults`, per pass in `iterations`), QEMU's from `query-stats` just before `migrate` to its end.\n";
     s
 }
 
@@ -646,8 +660,8 @@ pub(crate) fn table(rows: &[Row]) -> String {
     let m = medians(rows);
     let gap = m.iter().any(|c| c.heartbeat_gap_ms.is_some());
     let mut s = format!(
-        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | downtime to last state sent ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | source CPU s | source migration CPU s | destination CPU s | dest progress | total vs QEMU | downtime vs QEMU | downtime to last state sent vs QEMU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|\n",
+        "| scenario | tracker | VMM | completed | total ms | downtime ms | source-side downtime ms | downtime to last state sent ms | MiB sent | passes | {}guest MiB/s during (TSC) | guest MiB/s during (ticks) | guest faults during | source CPU s | source migration CPU s | destination CPU s | dest progress | total vs QEMU | downtime vs QEMU | downtime to last state sent vs QEMU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|\n",
         if gap { "heartbeat gap ms | " } else { "" },
         if gap { "---|" } else { "" },
     );
@@ -671,7 +685,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
             _ => (String::new(), String::new(), String::new()),
         };
         s += &format!(
-            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {} | {} | {rt} | {rd} | {rs} |\n",
+            "| {} | {} | {} | {}/{} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {}{} | {} | {} | {} | {} | {} | {} | {rt} | {rd} | {rs} |\n",
             c.scenario,
             c.tracker,
             c.vmm,
@@ -690,6 +704,7 @@ pub(crate) fn table(rows: &[Row]) -> String {
             },
             opt(c.guest_mib_s, 0),
             opt(c.guest_mib_s_ticks, 0),
+            opt(c.guest_faults, 0),
             opt(c.source_cpu_s, 2),
             opt(c.migration_cpu_s, 2),
             opt(c.dest_cpu_s, 2),
@@ -1097,7 +1112,7 @@ mod tests {
 
     #[test]
     fn the_table_shows_both_rates_and_the_header_the_tsc_rates() {
-        let row = |vmm: &str, tsc: f64, ticks: f64| Row {
+        let row = |vmm: &str, tsc: f64, ticks: f64, faults: Option<u64>| Row {
             vmm: vmm.into(),
             scenario: "50 MiB/s".into(),
             tracker: "bitmap".into(),
@@ -1120,6 +1135,7 @@ mod tests {
                 guest_tsc_hz: Some(HZ),
             },
             heartbeat_gap_ms: None,
+            guest_faults: faults,
         };
         let rep = Report {
             pvm_host: true,
@@ -1132,21 +1148,29 @@ mod tests {
             idle_cmdline: String::new(),
             dirty_cmdline: String::new(),
             host_tsc_hz: Some(2.1e9),
-            rows: vec![row("ringvisor", 50.2, 52.0), row("qemu", 50.1, 57.0)],
+            rows: vec![
+                row("ringvisor", 50.2, 52.0, Some(1234)),
+                row("qemu", 50.1, 57.0, None),
+            ],
         };
         let md = rep.to_markdown();
         assert!(md.contains("TSC: host 2100.0 MHz"), "{md}");
         assert!(md.contains("ringvisor 2100.0 MHz, QEMU 2100.0 MHz"), "{md}");
         assert!(
-            md.contains("| guest MiB/s during (TSC) | guest MiB/s during (ticks) |"),
+            md.contains(
+                "| guest MiB/s during (TSC) | guest MiB/s during (ticks) | guest faults during |"
+            ),
             "{md}"
         );
-        assert!(md.contains("| 3 | 50 | 52 | - |"), "{md}");
-        assert!(md.contains("| 3 | 50 | 57 | - |"), "{md}");
+        assert!(md.contains("| 3 | 50 | 52 | 1234 | - |"), "{md}");
+        assert!(md.contains("| 3 | 50 | 57 | - | - |"), "{md}");
         let v = serde_json::to_value(&rep.rows[1]).unwrap();
         assert_eq!(v["guest_mib_s"], 50.1);
         assert_eq!(v["guest_mib_s_ticks"], 57.0);
         assert_eq!(v["guest_tsc_hz"], 2.1e9);
+        assert_eq!(v["guest_faults"], serde_json::Value::Null);
+        let v = serde_json::to_value(&rep.rows[0]).unwrap();
+        assert_eq!(v["guest_faults"], 1234);
     }
 
     #[test]

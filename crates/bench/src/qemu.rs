@@ -173,6 +173,10 @@ pub struct QemuResult {
     pub dest_cpu_s: Option<f64>,
     /// The source guest's console at the end of the migration.
     pub source_console: String,
+    /// Page faults the source's vCPUs took from just before `migrate` to its end: KVM's
+    /// `pf_taken` summed over the vCPUs, from `query-stats` (QEMU 7.1+) before and after
+    /// ([`guest_faults`]); `None` where the source does not answer it.
+    pub guest_faults: Option<u64>,
 }
 
 /// Migration settings beyond [`QemuRun`] (for the comparisons with ringvisor's throttles).
@@ -447,6 +451,7 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
             total_ms: info
                 .total_ms
                 .map_or(waited.as_secs_f64() * 1e3, |t| t as f64),
+            guest_faults: driven.guest_faults,
             ..info.result(qemu_version, false)
         };
         dq.quit();
@@ -468,6 +473,7 @@ pub fn migrate_with(run: &QemuRun, extras: &QemuExtras) -> Result<QemuResult> {
         }
     }
     let mut result = info.result(qemu_version, dest_progress_ok);
+    result.guest_faults = driven.guest_faults;
     result.source_cpu_s = crate::procs::process_cpu_s(src.child.id());
     let is_vcpu = |c: &str| c.starts_with("CPU ") && c.ends_with("/KVM");
     result.dest_cpu_s = crate::procs::process_cpu_s(dest.child.id())
@@ -516,6 +522,51 @@ pub(crate) struct Driven {
     pub info: MigrateInfo,
     /// The migration ran past [`Drive::timeout`] and was cancelled after this long.
     pub timed_out: Option<Duration>,
+    /// Page faults the source's vCPUs took from just before `migrate` to its end
+    /// ([`guest_faults`] before and after); `None` where the source does not answer
+    /// `query-stats`.
+    pub guest_faults: Option<u64>,
+}
+
+/// KVM's statistic QEMU's `query-stats` is asked for: the one ringvisor's summary sums
+/// ([`vmm::GUEST_FAULTS_STAT`], `pf_taken`).
+const FAULTS_STAT: &str = vmm::GUEST_FAULTS_STAT;
+
+/// KVM's `pf_taken` summed over the vCPUs of the process behind `q`, with the raw reply:
+/// `query-stats` `{"target": "vcpu", "providers": [{"provider": "kvm", "names":
+/// ["pf_taken"]}]}` (QEMU 7.1+). `None` where it does not answer (a ringvisor VM process,
+/// an older QEMU) or a vCPU has no such value.
+pub(crate) fn guest_faults(q: &mut Qmp) -> Option<(u64, Value)> {
+    let reply = q
+        .execute(
+            "query-stats",
+            json!({
+                "target": "vcpu",
+                "providers": [{ "provider": "kvm", "names": [FAULTS_STAT] }],
+            }),
+        )
+        .ok()?;
+    Some((sum_vcpu_stat(&reply, FAULTS_STAT)?, reply))
+}
+
+/// The sum over the vCPUs of a `query-stats` reply (`[{"provider": "kvm", "qom-path": ...,
+/// "stats": [{"name": N, "value": V}]}]`) of the integer statistic `name`; `None` for no
+/// vCPU or one without it.
+fn sum_vcpu_stat(reply: &Value, name: &str) -> Option<u64> {
+    let vcpus = reply.as_array()?;
+    if vcpus.is_empty() {
+        return None;
+    }
+    vcpus.iter().try_fold(0u64, |sum, v| {
+        let value = v
+            .get("stats")?
+            .as_array()?
+            .iter()
+            .find(|s| s.get("name").and_then(Value::as_str) == Some(name))?
+            .get("value")?
+            .as_u64()?;
+        sum.checked_add(value)
+    })
 }
 
 /// Runs one migration from the VM process behind `sq` (QEMU or ringvisor: the commands are
@@ -540,6 +591,7 @@ pub(crate) fn drive(sq: &mut Qmp, src: &mut VmProcess, port: u16, d: &Drive) -> 
         sq.execute("set-vcpu-dirty-limit", json!({ "dirty-rate": mb }))
             .step(format!("{name}: set-vcpu-dirty-limit"))?;
     }
+    let faults_before = guest_faults(sq);
     let started = Instant::now();
     sq.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
         .step(format!("{name}: migrate"))?;
@@ -573,6 +625,7 @@ pub(crate) fn drive(sq: &mut Qmp, src: &mut VmProcess, port: u16, d: &Drive) -> 
             return Ok(Driven {
                 info,
                 timed_out: Some(waited),
+                guest_faults: faults_since(sq, faults_before),
             });
         }
         std::thread::sleep(POLL);
@@ -590,7 +643,20 @@ pub(crate) fn drive(sq: &mut Qmp, src: &mut VmProcess, port: u16, d: &Drive) -> 
     Ok(Driven {
         info,
         timed_out: None,
+        guest_faults: faults_since(sq, faults_before),
     })
+}
+
+/// The faults since `before` ([`guest_faults`] now); both replies kept with
+/// RINGVISOR_BENCH_SUMMARY_DIR.
+fn faults_since(sq: &mut Qmp, before: Option<(u64, Value)>) -> Option<u64> {
+    let after = guest_faults(sq);
+    let name = sq.name.clone();
+    if let (Some(b), Some(a)) = (&before, &after) {
+        let kept = json!({ "stat": FAULTS_STAT, "before": b.1, "after": a.1, "faults": a.0.wrapping_sub(b.0) });
+        crate::procs::keep_file(&format!("{name}-stats"), "json", &kept.to_string());
+    }
+    Some(after?.0.checked_sub(before?.0)?)
 }
 
 /// `{"QMP": {"version": {"qemu": {major, minor, micro}, "package": P}}}` -> `7.2.22 (P)`.
@@ -659,6 +725,7 @@ impl MigrateInfo {
             source_vcpu_cpu_s: None,
             dest_cpu_s: None,
             source_console: String::new(),
+            guest_faults: None,
         }
     }
 }
@@ -1001,8 +1068,28 @@ mod tests {
                 source_vcpu_cpu_s: None,
                 dest_cpu_s: None,
                 source_console: String::new(),
+                guest_faults: None,
             }
         );
+    }
+
+    #[test]
+    fn query_stats_faults_are_summed_over_the_vcpus_and_absent_when_any_vcpu_lacks_them() {
+        // QEMU 7.2's reply on this host, with a second vCPU.
+        let reply = value_of(
+            r#"{"return": [{"provider": "kvm", "stats": [{"name": "pf_taken", "value": 1200}],
+            "qom-path": "/machine/unattached/device[0]"}, {"provider": "kvm", "stats":
+            [{"name": "pf_taken", "value": 34}], "qom-path": "/machine/unattached/device[1]"}]}"#,
+        );
+        assert_eq!(sum_vcpu_stat(&reply, "pf_taken"), Some(1234));
+        assert_eq!(sum_vcpu_stat(&reply, "pf_fixed"), None);
+        let lacking = value_of(
+            r#"{"return": [{"provider": "kvm", "stats": [{"name": "pf_taken", "value": 5}]},
+            {"provider": "kvm", "stats": []}]}"#,
+        );
+        assert_eq!(sum_vcpu_stat(&lacking, "pf_taken"), None);
+        assert_eq!(sum_vcpu_stat(&json!([]), "pf_taken"), None);
+        assert_eq!(sum_vcpu_stat(&json!({"error": 1}), "pf_taken"), None);
     }
 
     #[test]
