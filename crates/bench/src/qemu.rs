@@ -656,7 +656,7 @@ fn faults_since(sq: &mut Qmp, before: Option<(u64, Value)>) -> Option<u64> {
         let kept = json!({ "stat": FAULTS_STAT, "before": b.1, "after": a.1, "faults": a.0.wrapping_sub(b.0) });
         crate::procs::keep_file(&format!("{name}-stats"), "json", &kept.to_string());
     }
-    Some(after?.0.checked_sub(before?.0)?)
+    after?.0.checked_sub(before?.0)
 }
 
 /// `{"QMP": {"version": {"qemu": {major, minor, micro}, "package": P}}}` -> `7.2.22 (P)`.

@@ -192,7 +192,7 @@ impl StatsLayout {
             if size == 0 || size > MAX_VALUES {
                 return Err(StatsError::BadSize { name, size });
             }
-            if offset % 8 != 0 {
+            if !offset.is_multiple_of(8) {
                 return Err(StatsError::Misaligned { name, offset });
             }
             descs.push(StatDesc {
