@@ -81,7 +81,7 @@ pub fn summary_text(info: &Value, s: &Value) -> String {
         out.push_str(&format!("downtime: {}\n", parts.join(", ")));
     }
     out.push_str(
-        "pass |    pages |     zero |     MiB |      ms | dirty pages/s | per-vCPU dirty pages/s\n",
+        "pass |    pages |     zero |     MiB |      ms | dirty pages/s | guest faults | per-vCPU dirty pages/s\n",
     );
     for it in &passes {
         let per = it["vcpu_dirty_rates"]
@@ -94,13 +94,16 @@ pub fn summary_text(info: &Value, s: &Value) -> String {
             })
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:>4} | {:>8} | {:>8} | {:>7.1} | {:>7.1} | {:>13.0} | {per}\n",
+            "{:>4} | {:>8} | {:>8} | {:>7.1} | {:>7.1} | {:>13.0} | {:>12} | {per}\n",
             u(&it["iteration"]),
             u(&it["pages"]),
             u(&it["zero_pages"]),
             it["bytes"].as_f64().unwrap_or(0.0) / MIB,
             it["ms"].as_f64().unwrap_or(0.0),
             it["dirty_rate_pages_per_s"].as_f64().unwrap_or(0.0),
+            it["guest_faults"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |f| f.to_string()),
         ));
     }
     out
