@@ -179,6 +179,13 @@ impl DirtyTracker for BitmapTracker {
         c.started = true;
         Ok(())
     }
+    /// Nothing is discarded: the first collect may report pages written before the start
+    /// as well (a superset). A slot whose logging goes on after this starts with an empty log
+    /// (KVM allocates it), which is how a VMM defers logging to the bulk pass.
+    fn start_deferred(&mut self) -> Result<()> {
+        self.0.started = true;
+        Ok(())
+    }
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
         self.0.collect(out, false)
     }

@@ -1,5 +1,8 @@
-//! Guest RAM: one region below the 32-bit MMIO hole and, for guests larger than the hole's
-//! start, one above 4 GiB (memslots 0 and 1 of a `vmm::Vm` on the PVH platform).
+//! Guest RAM: one range below the 32-bit MMIO hole and, for guests larger than the hole's
+//! start, one above 4 GiB. Each range is registered as memslots of at most [`slot_bytes`]
+//! (a quarter GiB, or a sixteenth of a larger guest), numbered from 0 in address order: a
+//! migration turns dirty logging on one memslot at a time as its bulk pass reaches it, so the
+//! guest takes no write-protect fault on memory not sent yet.
 
 use std::sync::Arc;
 
@@ -41,24 +44,38 @@ pub fn ram_ranges(memory: u64) -> Vec<RamRange> {
     v
 }
 
-/// The memslot regions of a guest with `memory` bytes of RAM (slot 0 below the hole, slot 1
-/// above 4 GiB), with dirty logging when `log_dirty` (for a guest that may be migrated).
+/// Largest memslot of a guest with `memory` bytes: 256 MiB, or a sixteenth of the guest
+/// (rounded up to 2 MiB, so huge pages stay whole) when that is larger; a guest has at most
+/// about 17 memslots.
+pub fn slot_bytes(memory: u64) -> u64 {
+    (256u64 << 20).max(memory.div_ceil(16).next_multiple_of(2 << 20))
+}
+
+/// The memslot regions of a guest with `memory` bytes of RAM (the RAM ranges in
+/// [`slot_bytes`] pieces, slots numbered from 0 in address order), with dirty logging when
+/// `log_dirty` (for a guest that may be migrated).
 pub fn region_specs(memory: u64, log_dirty: bool) -> Result<Vec<vmm::RegionSpec>> {
     if memory < MIN_MEMORY || memory & 0xfff != 0 {
         return Err(PvhError::Config(format!(
             "memory must be a multiple of 4 KiB and at least {MIN_MEMORY} bytes, got {memory}"
         )));
     }
-    Ok(ram_ranges(memory)
-        .iter()
-        .enumerate()
-        .map(|(i, r)| vmm::RegionSpec {
-            slot: i as u16,
-            gpa: r.gpa,
-            bytes: r.bytes,
-            log_dirty,
-        })
-        .collect())
+    let piece = slot_bytes(memory);
+    let mut v = Vec::new();
+    for r in ram_ranges(memory) {
+        let mut gpa = r.gpa;
+        while gpa < r.end() {
+            let bytes = piece.min(r.end() - gpa);
+            v.push(vmm::RegionSpec {
+                slot: v.len() as u16,
+                gpa,
+                bytes,
+                log_dirty,
+            });
+            gpa += bytes;
+        }
+    }
+    Ok(v)
 }
 
 /// Guest RAM as the loader sees it: the RAM ranges over the VM's memory.
@@ -84,14 +101,17 @@ impl GuestRam {
 
     /// The loader's view of a VM's memory.
     pub fn of(ram: Arc<vmm::GuestRam>) -> GuestRam {
-        let ranges = ram
-            .regions()
-            .iter()
-            .map(|r| RamRange {
-                gpa: r.gpa,
-                bytes: r.bytes,
-            })
-            .collect();
+        // Adjacent memslots are one RAM range (`regions` is sorted by address).
+        let mut ranges: Vec<RamRange> = Vec::new();
+        for r in ram.regions() {
+            match ranges.last_mut() {
+                Some(last) if last.end() == r.gpa => last.bytes += r.bytes,
+                _ => ranges.push(RamRange {
+                    gpa: r.gpa,
+                    bytes: r.bytes,
+                }),
+            }
+        }
         GuestRam { ram, ranges }
     }
 

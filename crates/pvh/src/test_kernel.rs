@@ -131,6 +131,8 @@ const P_TIMER_PERIODIC: u64 = 0xe0;
 /// in the RAM above 4 GiB), so `ws_mb` can cover all of a guest's RAM.
 const HOLE_AT: u64 = 0xe8;
 const HOLE_SKIP: u64 = 0xf0;
+/// `random=1`: each write goes to a pseudo-random page of the working set (an LCG per CPU).
+const P_RANDOM: u64 = 0xf8;
 /// Per-CPU TSC deadline last armed (u64 each); non-zero once this CPU's LAPIC timer is in
 /// TSC-deadline mode.
 const DL_ON: u64 = 0x740;
@@ -248,6 +250,11 @@ pub struct Cmdline {
     /// halting between ticks: how Linux and the third-party guest of issue 14 keep time.
     /// With `pace=1` the pacing uses T. False (the default) = periodic mode.
     pub tsc_deadline: bool,
+    /// `random=1`: every write goes to a pseudo-random page of the CPU's working set (a
+    /// 64-bit LCG per CPU, the page taken from its high 32 bits), as a guest whose writes are
+    /// spread at random over its memory; `random=0` (the default) writes the working set in
+    /// order, wrapping around.
+    pub random: bool,
 }
 
 impl Default for Cmdline {
@@ -265,6 +272,7 @@ impl Default for Cmdline {
             boot_writes: 0,
             isr_writes: 0,
             tsc_deadline: false,
+            random: false,
         }
     }
 }
@@ -282,6 +290,9 @@ impl Cmdline {
         }
         if self.tsc_deadline {
             extra += " timer=tsc-deadline";
+        }
+        if self.random {
+            extra += " random=1";
         }
         format!(
             "ws_mb={} dirty_mb={} reports={} cpus={} exit={} tick_us={} period_ticks={} pace={}{extra}",
@@ -495,7 +506,7 @@ struct Strings {
     bad_magic: u64,
     no_fit: u64,
     params: u64,
-    keys: [(u64, usize, u64, u64); 11], // (address, length, data offset, default)
+    keys: [(u64, usize, u64, u64); 12], // (address, length, data offset, default)
     boot_writes: u64,
     timer_dl: u64,
     memmap: u64,
@@ -528,6 +539,7 @@ fn strings(d: &mut Data) -> Result<Strings> {
         key("boot_writes=", P_BOOT_WRITES, def.boot_writes)?,
         key("isr_writes=", P_ISR_WRITES, def.isr_writes)?,
         key("timer=tsc-deadline", P_TIMER_PERIODIC, 1)?,
+        key("random=", P_RANDOM, u64::from(def.random))?,
     ];
     Ok(Strings {
         banner: d.string(&format!("{BANNER}\n"))?,
@@ -968,11 +980,29 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.shl(rcx, 8)?;
     a.jz(print)?;
     a.set_label(&mut write)?;
+    let mut in_order = a.create_label();
+    let mut have_page = a.create_label();
+    a.cmp(qword_ptr(r13 + P_RANDOM as i32), 0)?;
+    a.je(in_order)?;
+    // random=1: rbx is the LCG state (Knuth's MMIX constants); page = (state >> 32) * pages
+    // >> 32, in [0, pages).
+    a.mov(rax, 6_364_136_223_846_793_005u64)?;
+    a.imul_2(rbx, rax)?;
+    a.mov(rax, 1_442_695_040_888_963_407u64)?;
+    a.add(rbx, rax)?;
+    a.mov(rax, rbx)?;
+    a.shr(rax, 32)?;
+    a.imul_2(rax, r14)?;
+    a.shr(rax, 32)?;
+    a.jmp(have_page)?;
+    a.set_label(&mut in_order)?;
     a.cmp(rbx, r14)?;
     a.jb(nowrap)?;
     a.xor(ebx, ebx)?;
     a.set_label(&mut nowrap)?;
     a.mov(rax, rbx)?;
+    a.inc(rbx)?;
+    a.set_label(&mut have_page)?;
     a.shl(rax, 12)?;
     a.add(rax, r12)?;
     let mut below_hole = a.create_label();
@@ -982,7 +1012,6 @@ fn worker_start(a: &mut CodeAssembler, l: &mut Shared, s: &Strings) -> Asm {
     a.set_label(&mut below_hole)?;
     a.inc(r10)?;
     a.mov(qword_ptr(rax), r10)?;
-    a.inc(rbx)?;
     a.dec(rcx)?;
     a.jnz(write)?;
     a.set_label(&mut print)?;

@@ -53,3 +53,52 @@ fn a_working_set_larger_than_low_ram_continues_above_4_gib() {
         pages
     );
 }
+
+#[test]
+fn random_writes_land_on_pages_spread_over_the_working_set() {
+    if !vmm::kvm_available() {
+        println!("SKIP(kvm): /dev/kvm is absent, the PVH boot tests need real KVM");
+        return;
+    }
+    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    // 1024 pages, 256 writes at random.
+    let c = Cmdline {
+        ws_mb: 4,
+        dirty_mb: 1,
+        reports: 1,
+        tick_us: 0,
+        exit: 6,
+        random: true,
+        ..Cmdline::default()
+    };
+    let cfg = PvhConfig {
+        cmdline: c.render(),
+        memory: 64 << 20,
+        vcpus: 1,
+        ..PvhConfig::new(kernel)
+    };
+    let mut vm = pvh::boot(&cfg).expect("boot");
+    let st = vm
+        .run_until_exit(Some(Duration::from_secs(300)))
+        .expect("run");
+    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert_eq!(st, ExitStatus::PowerOff(6), "{out}");
+    assert!(out.contains("progress 1 pages 256 "), "{out}");
+    let ram = vm.ram();
+    let values: Vec<u64> = (0..1024u64)
+        .map(|p| ram.read_u64(WS_GPA + p * 4096).unwrap())
+        .collect();
+    let written: Vec<u64> = (0..1024u64).filter(|&p| values[p as usize] != 0).collect();
+    // Each write stores the count so far (1..=256); a page written twice keeps the later.
+    assert!(values.iter().all(|&v| v <= 256), "{values:?}");
+    assert!(values.contains(&256), "the last write is there");
+    assert!(
+        (150..256).contains(&written.len()),
+        "256 draws from 1024 pages hit about 226 distinct ones: {}",
+        written.len()
+    );
+    assert!(
+        written.iter().filter(|&&p| p >= 512).count() > 50,
+        "not the in-order prefix: {written:?}"
+    );
+}

@@ -23,11 +23,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
-use kvm_dirty::{CollectStats, DirtyError, DirtyPageSet, DirtyTracker, RingSet, TrackerMode};
+use kvm_dirty::{
+    CollectStats, DirtyError, DirtyPageSet, DirtyTracker, RingSet, SlotSpec, TrackerMode,
+};
 use kvm_ioctls::VmFd;
 
 use crate::error::{Result, VmmError};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RegionSpec};
 use crate::sys;
 
 #[derive(Debug)]
@@ -91,18 +93,67 @@ impl DirtyLogging {
         Ok(())
     }
 
-    /// Adds a user; turns logging on if it is the first.
+    /// Adds a user; turns logging on for every slot still without it (all of them for the
+    /// first user; those a lazy first user has not reached yet otherwise).
     pub(crate) fn acquire(self: &Arc<Self>) -> Result<DirtyLogGuard> {
         let mut st = self.lock();
-        if st.users == 0 {
+        if st.flags.iter().any(|&(_, f)| f == 0) {
             if let Err(e) = self.apply(&mut st, true) {
-                // Leave every slot as it was (off) rather than half on.
-                let _ = self.apply(&mut st, false);
+                // Leave every slot as it was (off) rather than half on, unless a user holds it.
+                if st.users == 0 {
+                    let _ = self.apply(&mut st, false);
+                }
                 return Err(e);
             }
         }
         st.users += 1;
         Ok(DirtyLogGuard { ctl: self.clone() })
+    }
+
+    /// Adds a user that turns logging on one slot at a time ([`Self::enable_range`], a bulk
+    /// pass reaching the slot), if it is the first user; returns the guard and whether it is
+    /// lazy (false: logging was already on, as [`Self::acquire`]).
+    pub(crate) fn acquire_lazy(self: &Arc<Self>) -> Result<(DirtyLogGuard, bool)> {
+        {
+            let mut st = self.lock();
+            if st.users == 0 {
+                st.users = 1;
+                return Ok((DirtyLogGuard { ctl: self.clone() }, true));
+            }
+        }
+        Ok((self.acquire()?, false))
+    }
+
+    /// Turns logging on for the eligible slots that overlap `[gpa, gpa + pages × 4 KiB)` and
+    /// are still off; returns those slots.
+    pub(crate) fn enable_range(&self, gpa: u64, pages: u64) -> Result<Vec<SlotSpec>> {
+        let end = gpa.saturating_add(pages.saturating_mul(kvm_dirty::PAGE_SIZE));
+        self.enable_where(|s| gpa < s.end() && s.gpa < end)
+    }
+
+    /// Turns logging on for every eligible slot still off; returns those slots.
+    pub(crate) fn enable_all(&self) -> Result<Vec<SlotSpec>> {
+        self.enable_where(|_| true)
+    }
+
+    fn enable_where(&self, pick: impl Fn(&RegionSpec) -> bool) -> Result<Vec<SlotSpec>> {
+        let mut st = self.lock();
+        let mut enabled = Vec::new();
+        if st.users == 0 {
+            return Ok(enabled);
+        }
+        for (s, region) in self.ram.mmap_regions() {
+            let Some(f) = st.flags.iter_mut().find(|(slot, _)| *slot == s.slot) else {
+                continue;
+            };
+            if !s.log_dirty || f.1 != 0 || !pick(s) {
+                continue;
+            }
+            sys::register_slot(&self.vm, u32::from(s.slot), s.gpa, region, true)?;
+            f.1 = KVM_MEM_LOG_DIRTY_PAGES;
+            enabled.push(s.slot_spec());
+        }
+        Ok(enabled)
     }
 
     fn release(&self) {
@@ -156,6 +207,8 @@ pub(crate) struct LoggedTracker {
     inner: Box<dyn DirtyTracker>,
     ctl: Arc<DirtyLogging>,
     guard: Option<DirtyLogGuard>,
+    /// Started deferred as the only user: slots get logging as the bulk pass reaches them.
+    lazy: bool,
 }
 
 impl LoggedTracker {
@@ -164,6 +217,7 @@ impl LoggedTracker {
             inner,
             ctl,
             guard: None,
+            lazy: false,
         }
     }
 }
@@ -204,19 +258,53 @@ impl DirtyTracker for LoggedTracker {
         self.inner.mode()
     }
     fn start(&mut self) -> kvm_dirty::Result<()> {
+        if self.lazy {
+            self.ctl.enable_all().map_err(ioctl_error)?;
+            self.lazy = false;
+        }
         self.start_with(|t| t.start())
     }
+    /// Clear-log defers its protection itself (`INITIALLY_SET`). The ring and the bitmap,
+    /// whose logging write-protects a slot when it goes on, defer logging instead: a slot gets
+    /// it when the bulk pass reaches it, so the guest takes no write-protect fault on memory
+    /// not sent yet (QEMU's per-chunk clear, by memslot).
     fn start_deferred(&mut self) -> kvm_dirty::Result<()> {
-        self.start_with(|t| t.start_deferred())
+        if self.inner.mode() == TrackerMode::ClearLog || self.guard.is_some() {
+            self.lazy = false;
+            return self.start_with(|t| t.start_deferred());
+        }
+        let (guard, lazy) = self.ctl.acquire_lazy().map_err(ioctl_error)?;
+        self.guard = Some(guard);
+        self.lazy = lazy;
+        let r = self.inner.start_deferred();
+        if r.is_err() {
+            self.guard = None;
+            self.lazy = false;
+        }
+        r
     }
     fn protect_before_read(&mut self, gpa: u64, pages: u64) -> kvm_dirty::Result<()> {
+        if self.lazy {
+            self.ctl.enable_range(gpa, pages).map_err(ioctl_error)?;
+        }
         self.inner.protect_before_read(gpa, pages)
     }
     fn collect(&mut self, out: &mut DirtyPageSet) -> kvm_dirty::Result<CollectStats> {
+        if self.lazy {
+            // Slots the bulk pass never reached were never read since the start: all dirty.
+            for s in self.ctl.enable_all().map_err(ioctl_error)? {
+                if let Some(i) = out.slot_index(s.id.0) {
+                    let ones: Vec<u64> = (0..s.bitmap_words()).map(|w| s.word_mask(w)).collect();
+                    out.or_words(i, &ones);
+                }
+            }
+            self.lazy = false;
+        }
         self.inner.collect(out)
     }
     fn stop(&mut self) -> kvm_dirty::Result<()> {
         let r = self.inner.stop();
+        self.lazy = false;
         self.guard = None;
         r
     }

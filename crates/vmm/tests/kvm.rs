@@ -465,3 +465,106 @@ fn kvm_counts_a_page_fault_for_each_fresh_page_and_each_re_protected_page_the_gu
     );
     vm.stop().unwrap();
 }
+
+#[test]
+fn a_deferred_ring_or_bitmap_tracker_turns_logging_on_one_memslot_at_a_time() {
+    if !have_kvm() {
+        return;
+    }
+    let log = kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+    const MIB4: u64 = 4 << 20;
+    for tracking in [Tracking::Ring { entries: 4096 }, Tracking::Bitmap] {
+        let mode = tracking.mode();
+        let mut cfg = config(1, tracking, MIB4);
+        for i in 1..3u16 {
+            cfg.memory.push(RegionSpec {
+                slot: 1 + i,
+                gpa: DATA_GPA + u64::from(i) * MIB4,
+                bytes: MIB4,
+                log_dirty: true,
+            });
+        }
+        let mut vm = Vm::create(&cfg).unwrap();
+        // The guest writes the first 256 pages of slot 1, over and over.
+        vm.set_workload(
+            0,
+            &VcpuCtrl {
+                base: DATA_GPA,
+                pages: 256,
+                stride: 1,
+                pattern: Pattern::Sequential,
+                unique_values: true,
+                burst_pages: 0,
+                burst_tsc: 0,
+                sleep_min_tsc: 0,
+            },
+        )
+        .unwrap();
+        vm.start(None).unwrap();
+        wait_until("the guest runs", || vm.nr_writes(0).unwrap() > 0);
+        let flag = |vm: &Vm, slot: u16| {
+            vm.memslot_flags()
+                .iter()
+                .find(|f| f.0 == slot)
+                .map(|f| f.1)
+                .unwrap()
+        };
+        let mut t = vm.tracker().unwrap();
+        t.start_deferred().unwrap();
+        assert_eq!(vm.dirty_logging_users(), 1);
+        for slot in 1..=3 {
+            assert_eq!(
+                flag(&vm, slot),
+                0,
+                "{mode:?}: slot {slot} waits for the bulk pass"
+            );
+        }
+        // The bulk pass reaches slot 2: logging goes on there only.
+        t.protect_before_read(DATA_GPA + MIB4 + 4096, 16).unwrap();
+        assert_eq!(flag(&vm, 2), log, "{mode:?}");
+        assert_eq!(flag(&vm, 1), 0, "{mode:?}");
+        assert_eq!(flag(&vm, 3), 0, "{mode:?}");
+        // A collect before the pass reached slots 1 and 3 reports all of them (never read
+        // since the start), and nothing of slot 2 (nobody writes there); logging is on.
+        let mut out = DirtyPageSet::new(&vm.ram().slot_specs());
+        t.collect(&mut out).unwrap();
+        for slot in 1..=3 {
+            assert_eq!(
+                flag(&vm, slot),
+                log,
+                "{mode:?}: slot {slot} on after a collect"
+            );
+        }
+        let in_slot = |out: &DirtyPageSet, i: u64| {
+            (0..1024)
+                .filter(|p| out.contains_gpa(DATA_GPA + i * MIB4 + p * 4096))
+                .count()
+        };
+        assert_eq!(in_slot(&out, 0), 1024, "{mode:?}: slot 1 whole");
+        assert_eq!(in_slot(&out, 1), 0, "{mode:?}: slot 2 clean");
+        assert_eq!(in_slot(&out, 2), 1024, "{mode:?}: slot 3 whole");
+        // From now on only what the guest writes: pages of slot 1, never slot 3.
+        out.clear();
+        wait_until("the guest writes on", || {
+            t.collect(&mut out).unwrap();
+            in_slot(&out, 0) > 0
+        });
+        assert_eq!(in_slot(&out, 2), 0, "{mode:?}: slot 3 not reported again");
+        t.stop().unwrap();
+        assert!(vm.memslot_flags().iter().all(|f| f.1 == 0), "{mode:?}: off");
+        // With another user holding logging, a deferred start is not lazy: all on.
+        let guard = vm.dirty_logging().unwrap();
+        t.start_deferred().unwrap();
+        assert!(
+            vm.memslot_flags()
+                .iter()
+                .filter(|f| f.0 >= 1)
+                .all(|f| f.1 == log),
+            "{mode:?}"
+        );
+        t.stop().unwrap();
+        drop(guard);
+        assert!(vm.memslot_flags().iter().all(|f| f.1 == 0), "{mode:?}: off");
+        vm.stop().unwrap();
+    }
+}
