@@ -174,16 +174,72 @@ pub fn layout_of(vm: &dyn MigratableVm) -> Result<MemoryLayout> {
     vm.layout()
 }
 
-/// Digest of the VM's memory as it is now (the vCPUs must be paused).
+/// Digest of the VM's memory as it is now (the vCPUs must be paused). The work is split in
+/// [`POPULATED_CHUNK`] pieces over up to [`DIGEST_THREADS`] threads (the paused vCPUs leave
+/// the cores free; a digest before the commit is inside the downtime): partial sums add up.
 pub fn memory_digest(vm: &dyn MigratableVm) -> Result<migration::digest::MemoryDigest> {
+    let slots = vm.slots();
+    let mut chunks = Vec::new();
+    for (i, r) in slots.iter().enumerate() {
+        let mut p = 0;
+        while p < r.pages {
+            let n = (r.pages - p).min(POPULATED_CHUNK);
+            chunks.push((i, r.guest_phys_addr + p * PAGE_SIZE, n));
+            p += n;
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, DIGEST_THREADS)
+        .min(chunks.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || digest_chunks(vm, slots.len(), &chunks, &next);
+    let partials: Vec<Result<Vec<u64>>> = if threads == 1 {
+        vec![work()]
+    } else {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..threads).map(|_| sc.spawn(work)).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(MigrationError::Internal("a digest thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut regions = vec![0u64; slots.len()];
+    for p in partials {
+        for (sum, part) in regions.iter_mut().zip(p?) {
+            *sum = sum.wrapping_add(part);
+        }
+    }
+    Ok(migration::digest::MemoryDigest { regions })
+}
+
+/// Threads a memory digest uses at most.
+pub const DIGEST_THREADS: usize = 4;
+
+/// Takes chunks `(region, gpa, pages)` off `next` until none is left; returns the per-region
+/// partial sums.
+fn digest_chunks(
+    vm: &dyn MigratableVm,
+    regions: usize,
+    chunks: &[(usize, u64, u64)],
+    next: &std::sync::atomic::AtomicUsize,
+) -> Result<Vec<u64>> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let zero_hash = migration::digest::page_hash(&page);
-    let mut regions = Vec::new();
     let mut populated = Populated::new(vm);
-    for r in vm.slots() {
+    let mut sums = vec![0u64; regions];
+    while let Some(&(r, gpa0, pages)) =
+        chunks.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    {
         let mut sum = 0u64;
-        for p in 0..r.pages {
-            let gpa = r.guest_phys_addr + p * PAGE_SIZE;
+        for p in 0..pages {
+            let gpa = gpa0 + p * PAGE_SIZE;
             // A page never populated is zero: hashed without faulting it in.
             let h = if populated.may_hold_data(gpa)? {
                 vm.read_page(gpa, &mut page)?;
@@ -193,9 +249,9 @@ pub fn memory_digest(vm: &dyn MigratableVm) -> Result<migration::digest::MemoryD
             };
             sum = sum.wrapping_add(migration::digest::page_term(gpa, h));
         }
-        regions.push(sum);
+        sums[r] = sums[r].wrapping_add(sum);
     }
-    Ok(migration::digest::MemoryDigest { regions })
+    Ok(sums)
 }
 
 /// Which pages were ever populated, a chunk at a time: the bulk pass sends a
