@@ -97,7 +97,12 @@ impl DirtyLogging {
     /// first user; those a lazy first user has not reached yet otherwise).
     pub(crate) fn acquire(self: &Arc<Self>) -> Result<DirtyLogGuard> {
         let mut st = self.lock();
-        if st.flags.iter().any(|&(_, f)| f == 0) {
+        let off = |st: &State, slot: u16| st.flags.iter().any(|&(s, f)| s == slot && f == 0);
+        if self
+            .ram
+            .mmap_regions()
+            .any(|(s, _)| s.log_dirty && off(&st, s.slot))
+        {
             if let Err(e) = self.apply(&mut st, true) {
                 // Leave every slot as it was (off) rather than half on, unless a user holds it.
                 if st.users == 0 {
