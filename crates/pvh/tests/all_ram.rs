@@ -8,13 +8,31 @@ use std::time::Duration;
 use pvh::test_kernel::{self, Cmdline, TestKernelParams, WS_GPA};
 use pvh::{ExitStatus, PvhConfig};
 
+/// Boots the test kernel with `c` on one vCPU and `memory` bytes, runs it until it powers off
+/// with `c.exit`; returns the VM and its console.
+fn run_to_exit(c: &Cmdline, memory: u64) -> (pvh::PvhVm, String) {
+    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
+    let cfg = PvhConfig {
+        cmdline: c.render(),
+        memory,
+        vcpus: 1,
+        ..PvhConfig::new(kernel)
+    };
+    let mut vm = pvh::boot(&cfg).expect("boot");
+    let st = vm
+        .run_until_exit(Some(Duration::from_secs(300)))
+        .expect("run");
+    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
+    assert_eq!(st, ExitStatus::PowerOff(c.exit), "{out}");
+    (vm, out)
+}
+
 #[test]
 fn a_working_set_larger_than_low_ram_continues_above_4_gib() {
     if !vmm::kvm_available() {
         println!("SKIP(kvm): /dev/kvm is absent, the PVH boot tests need real KVM");
         return;
     }
-    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
     // 3 GiB + 64 MiB of RAM: 3 GiB below the hole, 64 MiB at 4 GiB. The working set is all
     // of it past the kernel's 16 MiB, written once.
     let memory = (3u64 << 30) + (64 << 20);
@@ -28,18 +46,7 @@ fn a_working_set_larger_than_low_ram_continues_above_4_gib() {
         ..Cmdline::default()
     };
     assert_eq!(c.memory_needed(), memory);
-    let cfg = PvhConfig {
-        cmdline: c.render(),
-        memory,
-        vcpus: 1,
-        ..PvhConfig::new(kernel)
-    };
-    let mut vm = pvh::boot(&cfg).expect("boot");
-    let st = vm
-        .run_until_exit(Some(Duration::from_secs(300)))
-        .expect("run");
-    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
-    assert_eq!(st, ExitStatus::PowerOff(4), "{out}");
+    let (vm, out) = run_to_exit(&c, memory);
     let pages = ws_mb << 8;
     assert!(out.contains(&format!("progress 1 pages {pages} ")), "{out}");
     // Page i of the working set holds i + 1; the last low page is just below 3 GiB, the
@@ -60,7 +67,6 @@ fn random_writes_land_on_pages_spread_over_the_working_set() {
         println!("SKIP(kvm): /dev/kvm is absent, the PVH boot tests need real KVM");
         return;
     }
-    let kernel = test_kernel::build(&TestKernelParams::default()).expect("assemble");
     // 1024 pages, 256 writes at random.
     let c = Cmdline {
         ws_mb: 4,
@@ -71,18 +77,7 @@ fn random_writes_land_on_pages_spread_over_the_working_set() {
         random: true,
         ..Cmdline::default()
     };
-    let cfg = PvhConfig {
-        cmdline: c.render(),
-        memory: 64 << 20,
-        vcpus: 1,
-        ..PvhConfig::new(kernel)
-    };
-    let mut vm = pvh::boot(&cfg).expect("boot");
-    let st = vm
-        .run_until_exit(Some(Duration::from_secs(300)))
-        .expect("run");
-    let out = String::from_utf8_lossy(&vm.serial_output()).into_owned();
-    assert_eq!(st, ExitStatus::PowerOff(6), "{out}");
+    let (vm, out) = run_to_exit(&c, 64 << 20);
     assert!(out.contains("progress 1 pages 256 "), "{out}");
     let ram = vm.ram();
     let values: Vec<u64> = (0..1024u64)

@@ -30,6 +30,26 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Starts vCPU 0 writing the first 256 pages at `DATA_GPA` over and over (unique values,
+/// unpaced).
+fn write_256_pages_over_and_over(vm: &mut Vm) {
+    vm.set_workload(
+        0,
+        &VcpuCtrl {
+            base: DATA_GPA,
+            pages: 256,
+            stride: 1,
+            pattern: Pattern::Sequential,
+            unique_values: true,
+            burst_pages: 0,
+            burst_tsc: 0,
+            sleep_min_tsc: 0,
+        },
+    )
+    .unwrap();
+    vm.start(None).unwrap();
+}
+
 fn config(vcpus: usize, tracking: Tracking, bytes: u64) -> VmConfig {
     VmConfig {
         vcpus,
@@ -340,21 +360,7 @@ fn memslots_log_dirty_pages_only_while_a_tracker_or_guard_is_held_recorded_and_s
         let mode = tracking.mode();
         let mut vm = Vm::create(&config(1, tracking, 16 << 20)).unwrap();
         // The guest writes 256 pages over and over (unique values, unpaced).
-        vm.set_workload(
-            0,
-            &VcpuCtrl {
-                base: DATA_GPA,
-                pages: 256,
-                stride: 1,
-                pattern: Pattern::Sequential,
-                unique_values: true,
-                burst_pages: 0,
-                burst_tsc: 0,
-                sleep_min_tsc: 0,
-            },
-        )
-        .unwrap();
-        vm.start(None).unwrap();
+        write_256_pages_over_and_over(&mut vm);
         let all = |vm: &Vm, f: u32| vm.memslot_flags().iter().all(|&(_, v)| v == f);
         assert!(
             all(&vm, 0),
@@ -486,21 +492,7 @@ fn a_deferred_ring_or_bitmap_tracker_turns_logging_on_one_memslot_at_a_time() {
         }
         let mut vm = Vm::create(&cfg).unwrap();
         // The guest writes the first 256 pages of slot 1, over and over.
-        vm.set_workload(
-            0,
-            &VcpuCtrl {
-                base: DATA_GPA,
-                pages: 256,
-                stride: 1,
-                pattern: Pattern::Sequential,
-                unique_values: true,
-                burst_pages: 0,
-                burst_tsc: 0,
-                sleep_min_tsc: 0,
-            },
-        )
-        .unwrap();
-        vm.start(None).unwrap();
+        write_256_pages_over_and_over(&mut vm);
         wait_until("the guest runs", || vm.nr_writes(0).unwrap() > 0);
         let flag = |vm: &Vm, slot: u16| {
             vm.memslot_flags()
