@@ -902,11 +902,12 @@ fn third_party_cmdline(s: &Scenario) -> String {
 
 /// `bench migrate --pvh --profile third-party`: issue 14's guest (1 vCPU, 4 GiB, the test
 /// kernel with CPL0 boot stores, an ISR store per tick, the TSC-deadline timer at 2 ms with
-/// HLT between ticks, writes at random over its working set) in every scenario of [`third_party_scenarios`] named in `only` (a name
-/// ending in `*` is a prefix; all when empty), for ringvisor's ring (4096 and 65536 entries), bitmap and
-/// clear-log trackers (those named in `o.trackers`) and QEMU's ring (4096, 65536) and bitmap.
-/// `o.memory`, `o.vcpus`, `o.ring_entries`, `o.ws_mb`, `o.dirty_mb` and `o.period_ticks` are
-/// replaced by the profile's.
+/// HLT between ticks, writes at random over its working set) in every scenario of
+/// [`third_party_scenarios`] named in `only` (a name ending in `*` is a prefix; all when
+/// empty), for ringvisor's ring (4096 and 65536 entries), bitmap and clear-log trackers (those
+/// named in `o.trackers`) and QEMU's ring (4096, 65536) and bitmap. `o.memory`, `o.vcpus`,
+/// `o.ring_entries`, `o.ws_mb`, `o.dirty_mb` and `o.period_ticks` are replaced by the
+/// profile's.
 pub fn run_third_party(
     o: &PvhOpts,
     only: &[String],
