@@ -126,16 +126,29 @@ impl LogCore {
         })
     }
 
-    /// GET every slot (and CLEAR what it returned when `clear`), then OR into `out`.
-    fn collect(&mut self, out: &mut DirtyPageSet, clear: bool) -> Result<CollectStats> {
+    /// GET every slot (and CLEAR what it returned when `clear`), then OR into `out`. The
+    /// 64-page words `pending` marks (per slot, one bit per word) count as wholly dirty.
+    fn collect(
+        &mut self,
+        out: &mut DirtyPageSet,
+        clear: bool,
+        pending: Option<&[Vec<u64>]>,
+    ) -> Result<CollectStats> {
         if !self.started {
             return Err(DirtyError::NotStarted);
         }
         let mut st = CollectStats::default();
-        for s in &self.slots {
+        for (i, s) in self.slots.iter().enumerate() {
             let words = s.bitmap_words();
             bitmap::get_dirty_log(&self.vm, s, &mut self.buf)?;
             st.ioctls += 1;
+            if let Some(p) = pending.and_then(|p| p.get(i)) {
+                for (w, word) in self.buf[..words].iter_mut().enumerate() {
+                    if p[w / 64] >> (w % 64) & 1 == 1 {
+                        *word = s.word_mask(w);
+                    }
+                }
+            }
             if clear {
                 // Re-protect before publishing: a write after this point is reported next time.
                 st.ioctls += bitmap::clear_dirty_log(&self.vm, s, &self.buf[..words])?;
@@ -187,7 +200,7 @@ impl DirtyTracker for BitmapTracker {
         Ok(())
     }
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
-        self.0.collect(out, false)
+        self.0.collect(out, false, None)
     }
     fn stop(&mut self) -> Result<()> {
         self.0.started = false;
@@ -324,32 +337,10 @@ impl DirtyTracker for ClearLogTracker {
         Ok(())
     }
     fn collect(&mut self, out: &mut DirtyPageSet) -> Result<CollectStats> {
-        if !self.any_pending {
-            return self.core.collect(out, true);
-        }
         // Words still pending are reported dirty, and cleared (protected) with the rest.
-        if !self.core.started {
-            return Err(DirtyError::NotStarted);
-        }
-        let mut st = CollectStats::default();
-        for (s, pending) in self.core.slots.iter().zip(&self.pending) {
-            let words = s.bitmap_words();
-            bitmap::get_dirty_log(&self.core.vm, s, &mut self.core.buf)?;
-            st.ioctls += 1;
-            for (w, word) in self.core.buf[..words].iter_mut().enumerate() {
-                if pending[w / 64] >> (w % 64) & 1 == 1 {
-                    *word = s.word_mask(w);
-                }
-            }
-            st.ioctls += bitmap::clear_dirty_log(&self.core.vm, s, &self.core.buf[..words])?;
-            if let Some(i) = out.slot_index(s.id.0) {
-                out.or_words(i, &self.core.buf[..words]);
-            }
-        }
+        let pending = self.any_pending.then_some(&self.pending[..]);
+        let st = self.core.collect(out, true, pending)?;
         self.clear_pending();
-        if let Some(l) = &self.core.vmm_log {
-            st.vmm_pages = l.drain_into(out);
-        }
         Ok(st)
     }
     fn stop(&mut self) -> Result<()> {

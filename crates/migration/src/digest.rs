@@ -2,8 +2,8 @@
 //! memory at the moment of pause.
 //!
 //! A region's digest is the wrapping sum over its pages of `mix(gpa, crc64(page))` (CRC-64/NVME
-//! by `crc-fast`, which uses the carry-less multiply the CPU has: 2-4x the speed of xxh3's
-//! SSE2 path here, which mattered because the destination hashes every page it receives). A sum
+//! by `crc-fast`, which uses the carry-less multiply the CPU has at run time, where xxh3 gets
+//! only the build's baseline SSE2; the destination hashes every page it receives). A sum
 //! is order independent and can be updated one page at a time, which is what lets the
 //! destination keep its digest current while pages arrive ([`IncrementalDigest`]) instead of
 //! hashing all of guest memory inside the downtime window. The source hashes its real

@@ -347,7 +347,7 @@ struct RunArgs {
     migrate_after: f64,
     /// Start the --migrate-after clock when the guest's console first prints this text (e.g.
     /// its first progress line, or "login:"), not at start.
-    #[arg(long, requires = "migrate_to", value_parser = output_arg)]
+    #[arg(long, requires_all = ["migrate_to", "kernel"], value_parser = output_arg)]
     migrate_after_output: Option<String>,
     #[command(flatten)]
     params: MigrateArgs,

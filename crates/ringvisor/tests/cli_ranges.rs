@@ -39,6 +39,29 @@ const CASES: &[(&[&str], &str)] = &[
         &["incoming", "--duration", "inf", "--listen", "127.0.0.1:0"],
         "greater than 0",
     ),
+    // A console text: not empty, and only for a guest with a console (--kernel).
+    (
+        &[
+            "run",
+            "--kernel",
+            "/nonexistent",
+            "--migrate-to",
+            "127.0.0.1:1",
+            "--migrate-after-output",
+            "",
+        ],
+        "1 to 256 bytes",
+    ),
+    (
+        &[
+            "run",
+            "--migrate-to",
+            "127.0.0.1:1",
+            "--migrate-after-output",
+            "login:",
+        ],
+        "--kernel",
+    ),
     // Counts and their relations.
     (&["run", "--vcpus", "0"], "1..=64"),
     (

@@ -97,19 +97,12 @@ impl DirtyLogging {
     /// first user; those a lazy first user has not reached yet otherwise).
     pub(crate) fn acquire(self: &Arc<Self>) -> Result<DirtyLogGuard> {
         let mut st = self.lock();
-        let off = |st: &State, slot: u16| st.flags.iter().any(|&(s, f)| s == slot && f == 0);
-        if self
-            .ram
-            .mmap_regions()
-            .any(|(s, _)| s.log_dirty && off(&st, s.slot))
-        {
-            if let Err(e) = self.apply(&mut st, true) {
-                // Leave every slot as it was (off) rather than half on, unless a user holds it.
-                if st.users == 0 {
-                    let _ = self.apply(&mut st, false);
-                }
-                return Err(e);
+        if let Err(e) = self.enable_locked(&mut st, |_| true) {
+            // Leave every slot as it was (off) rather than half on, unless a user holds it.
+            if st.users == 0 {
+                let _ = self.apply(&mut st, false);
             }
+            return Err(e);
         }
         st.users += 1;
         Ok(DirtyLogGuard { ctl: self.clone() })
@@ -143,10 +136,19 @@ impl DirtyLogging {
 
     fn enable_where(&self, pick: impl Fn(&RegionSpec) -> bool) -> Result<Vec<SlotSpec>> {
         let mut st = self.lock();
-        let mut enabled = Vec::new();
         if st.users == 0 {
-            return Ok(enabled);
+            return Ok(Vec::new());
         }
+        self.enable_locked(&mut st, pick)
+    }
+
+    /// Turns logging on for the eligible slots `pick` chooses that are still off; returns them.
+    fn enable_locked(
+        &self,
+        st: &mut State,
+        pick: impl Fn(&RegionSpec) -> bool,
+    ) -> Result<Vec<SlotSpec>> {
+        let mut enabled = Vec::new();
         for (s, region) in self.ram.mmap_regions() {
             let Some(f) = st.flags.iter_mut().find(|(slot, _)| *slot == s.slot) else {
                 continue;

@@ -30,23 +30,26 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// vCPU 0's workload over `pages` pages from `DATA_GPA`: every `stride`-th page in
+/// `pattern` order, unpaced.
+fn writer(pages: u64, stride: u64, pattern: Pattern, unique_values: bool) -> VcpuCtrl {
+    VcpuCtrl {
+        base: DATA_GPA,
+        pages,
+        stride,
+        pattern,
+        unique_values,
+        burst_pages: 0,
+        burst_tsc: 0,
+        sleep_min_tsc: 0,
+    }
+}
+
 /// Starts vCPU 0 writing the first 256 pages at `DATA_GPA` over and over (unique values,
 /// unpaced).
 fn write_256_pages_over_and_over(vm: &mut Vm) {
-    vm.set_workload(
-        0,
-        &VcpuCtrl {
-            base: DATA_GPA,
-            pages: 256,
-            stride: 1,
-            pattern: Pattern::Sequential,
-            unique_values: true,
-            burst_pages: 0,
-            burst_tsc: 0,
-            sleep_min_tsc: 0,
-        },
-    )
-    .unwrap();
+    vm.set_workload(0, &writer(256, 1, Pattern::Sequential, true))
+        .unwrap();
     vm.start(None).unwrap();
 }
 
@@ -69,20 +72,8 @@ fn cpl3_guest_writes_pages_syncs_and_the_ring_reports_them() {
         return;
     }
     let mut vm = Vm::create(&config(1, Tracking::Ring { entries: 4096 }, 16 << 20)).unwrap();
-    vm.set_workload(
-        0,
-        &VcpuCtrl {
-            base: DATA_GPA,
-            pages: 64,
-            stride: 1,
-            pattern: Pattern::Sequential,
-            unique_values: false,
-            burst_pages: 0,
-            burst_tsc: 0,
-            sleep_min_tsc: 0,
-        },
-    )
-    .unwrap();
+    vm.set_workload(0, &writer(64, 1, Pattern::Sequential, false))
+        .unwrap();
     vm.set_iteration(7).unwrap();
     let mut tracker = vm.tracker().unwrap();
     tracker.start().unwrap();
@@ -142,20 +133,8 @@ fn bare_ring_harvest_lists_exactly_the_written_pages_and_leaves_the_tracker_in_s
         return;
     }
     let mut vm = Vm::create(&config(1, Tracking::Ring { entries: 4096 }, 16 << 20)).unwrap();
-    vm.set_workload(
-        0,
-        &VcpuCtrl {
-            base: DATA_GPA,
-            pages: 64,
-            stride: 3,
-            pattern: Pattern::Sequential,
-            unique_values: true,
-            burst_pages: 0,
-            burst_tsc: 0,
-            sleep_min_tsc: 0,
-        },
-    )
-    .unwrap();
+    vm.set_workload(0, &writer(64, 3, Pattern::Sequential, true))
+        .unwrap();
     let mut tracker = vm.tracker().unwrap();
     tracker.start().unwrap();
     vm.start(None).unwrap();
@@ -260,20 +239,8 @@ fn vcpu_state_and_memory_move_to_a_fresh_vm_and_the_guest_continues() {
     }
     let cfg = config(1, Tracking::Bitmap, 8 << 20);
     let mut a = Vm::create(&cfg).unwrap();
-    a.set_workload(
-        0,
-        &VcpuCtrl {
-            base: DATA_GPA,
-            pages: 2048,
-            stride: 1,
-            pattern: Pattern::Random,
-            unique_values: true,
-            burst_pages: 0,
-            burst_tsc: 0,
-            sleep_min_tsc: 0,
-        },
-    )
-    .unwrap();
+    a.set_workload(0, &writer(2048, 1, Pattern::Random, true))
+        .unwrap();
     a.start(None).unwrap();
     wait_until("the guest writes", || a.nr_writes(0).unwrap() > 0);
     a.vcpus().unwrap().pause_all(PATIENCE).unwrap();
@@ -419,22 +386,13 @@ fn kvm_counts_a_page_fault_for_each_fresh_page_and_each_re_protected_page_the_gu
         "{} missing from {names:?}",
         vmm::GUEST_FAULTS_STAT
     );
-    vm.set_workload(
-        0,
-        &VcpuCtrl {
-            base: DATA_GPA,
-            pages: PAGES,
-            stride: 1,
-            pattern: Pattern::Sequential,
-            unique_values: false,
-            burst_pages: 0,
-            burst_tsc: 0,
-            sleep_min_tsc: 0,
-        },
-    )
-    .unwrap();
+    vm.set_workload(0, &writer(PAGES, 1, Pattern::Sequential, false))
+        .unwrap();
     let mut tracker = vm.tracker().unwrap();
     tracker.start().unwrap();
+    // Held at its sync point before its first write (the workload checks the stop flag
+    // before every page), so the first sweep below is the first touch of every page.
+    vm.set_stop(true).unwrap();
     vm.start(None).unwrap();
     let faults = |vm: &Vm| vm.guest_faults().unwrap().unwrap();
     // One sweep of the data pages, then the guest waits at its sync point.
@@ -448,8 +406,12 @@ fn kvm_counts_a_page_fault_for_each_fresh_page_and_each_re_protected_page_the_gu
         vm.set_stop(true).unwrap();
         vm.vcpus().unwrap().wait_all_synced(PATIENCE).unwrap();
     };
-    vm.set_stop(true).unwrap();
     vm.vcpus().unwrap().wait_all_synced(PATIENCE).unwrap();
+    assert_eq!(
+        vm.nr_writes(0).unwrap(),
+        0,
+        "no write before the first sweep"
+    );
     let f0 = faults(&vm);
     sweep(&vm);
     let f1 = faults(&vm);
